@@ -1,0 +1,1 @@
+"""Framework-free pieces shared by every rdbroker service: settings, logs, lifecycle, gRPC serving."""

@@ -1,0 +1,52 @@
+"""Settings shared by every service. Each service builds its own settings class once, in `__main__`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServiceSettings(BaseSettings):
+    """Fields every service has. Read from flags and `RDBROKER_*` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="RDBROKER_", frozen=True, extra="ignore")
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    shutdown_grace_s: float = Field(default=10.0, ge=0, le=3600)
+    otlp_endpoint: str = ""
+
+
+def split_host_port(value: str, *, default_port: int | None = None) -> tuple[str, int]:
+    """Parse `host:port`, `[v6]:port` or (with a default port) a bare host. Raises ValueError."""
+    text = value.strip()
+    if not text:
+        raise ValueError("empty address")
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep:
+            raise ValueError(f"unterminated IPv6 address: {value!r}")
+        port_text = rest[1:] if rest.startswith(":") else ""
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"bad address: {value!r}")
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    elif ":" in text:
+        host, port_text = text, ""  # a bare IPv6 address
+    else:
+        host, port_text = text, ""
+    if not host:
+        raise ValueError(f"missing host in {value!r}")
+    if not port_text:
+        if default_port is None:
+            raise ValueError(f"missing port in {value!r}")
+        return host, default_port
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"bad port in {value!r}")
+    return host, int(port_text)
+
+
+def join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,0 +1,1 @@
+"""The broker: session directory and routing policy over PostgreSQL (or embedded SQLite), gRPC + REST."""

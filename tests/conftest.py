@@ -1,0 +1,42 @@
+"""Markers by folder, and the real PostgreSQL every database test uses (never a mock)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import postgres
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        parts = Path(str(item.fspath)).relative_to(ROOT / "tests").parts
+        if parts[0] == "integration":
+            item.add_marker(pytest.mark.integration)
+        elif parts[0] == "e2e":
+            item.add_marker(pytest.mark.e2e)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    postgres.stop_throwaway()
+
+
+@pytest.fixture(scope="session")
+def pg_server_url() -> str:
+    """libpq URL (no database) of a reachable PostgreSQL server."""
+    return postgres.server_url()
+
+
+@pytest.fixture
+def pg_database_url(pg_server_url: str) -> Iterator[str]:
+    """libpq URL of a fresh, empty database, dropped after the test."""
+    url = postgres.create_database(pg_server_url)
+    try:
+        yield url
+    finally:
+        postgres.drop_database(url)
