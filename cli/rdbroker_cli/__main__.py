@@ -13,7 +13,11 @@ from collections.abc import Callable, Sequence
 # command -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "broker": ("rdbroker_broker.__main__", "main", "run the broker (gRPC + REST) on a database"),
-    "migrate": ("rdbroker_broker.__main__", "migrate_main", "bring the database schema to the newest version"),
+    "migrate": (
+        "rdbroker_broker.__main__",
+        "migrate_main",
+        "upgrade the database schema to head",
+    ),
     "apply": ("rdbroker_broker.__main__", "apply_main", "apply a farm file (pools, servers) to the database"),
     "proxy": ("rdbroker_proxy.__main__", "main", "run an RDP proxy replica"),
     "health": ("rdbroker_health.__main__", "main", "run a health-probe replica"),

@@ -90,8 +90,18 @@ class Cluster:
     def init(self) -> Cluster:
         bindir = pg_bindir()
         self._own()
-        self._run(str(bindir / "initdb"), "-D", str(self.datadir), "-U", "postgres", "-A", "trust",
-                  "--no-sync", "-E", "UTF8")
+        self._run(
+            str(bindir / "initdb"),
+            "-D",
+            str(self.datadir),
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
+        )
         self.configure(
             f"listen_addresses = '127.0.0.1'\nport = {self.port}\nunix_socket_directories = '{self.root}'\n"
             "fsync = off\nmax_connections = 200\n" + self.extra_conf
@@ -105,8 +115,17 @@ class Cluster:
     def start(self, wait_s: float = 30.0) -> Cluster:
         bindir = pg_bindir()
         self._own()
-        self._run(str(bindir / "pg_ctl"), "-D", str(self.datadir), "-l", str(self.root / "log"),
-                  "-w", "-t", str(int(wait_s)), "start")
+        self._run(
+            str(bindir / "pg_ctl"),
+            "-D",
+            str(self.datadir),
+            "-l",
+            str(self.root / "log"),
+            "-w",
+            "-t",
+            str(int(wait_s)),
+            "start",
+        )
         return self
 
     def stop(self, mode: str = "fast") -> None:

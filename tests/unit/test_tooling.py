@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,13 +12,32 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 PACKAGES = [
-    "rdbroker_common", "rdbroker_rdp", "rdbroker_broker", "rdbroker_proxy",
-    "rdbroker_health", "rdbroker_agent", "rdbroker_cli",
+    "rdbroker_common",
+    "rdbroker_rdp",
+    "rdbroker_broker",
+    "rdbroker_proxy",
+    "rdbroker_health",
+    "rdbroker_agent",
+    "rdbroker_cli",
+]
+
+
+SOURCE_ROOTS = [
+    "services/broker",
+    "services/proxy",
+    "services/health",
+    "services/agent",
+    "libs/rdp",
+    "libs/common",
+    "libs/proto",
+    "cli",
 ]
 
 
 def run(*cmd: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    # import-linter resolves packages from sys.path, which the editable install's hook does not feed.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(ROOT / r) for r in SOURCE_ROOTS)}
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
 
 def existing_packages() -> list[str]:

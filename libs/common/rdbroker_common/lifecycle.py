@@ -17,7 +17,7 @@ def run(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
         import uvloop
     except ImportError:
         return asyncio.run(main())
-    return uvloop.run(main())  # type: ignore[no-any-return]
+    return uvloop.run(main())
 
 
 def stop_event_on_signals(

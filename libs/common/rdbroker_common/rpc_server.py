@@ -9,9 +9,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 
-def add_standard_services(
-    server: grpc.aio.Server, service_names: Iterable[str]
-) -> health.aio.HealthServicer:
+def add_standard_services(server: grpc.aio.Server, service_names: Iterable[str]) -> health.aio.HealthServicer:
     """Register grpc.health.v1 (every name SERVING, plus the overall "") and reflection.
 
     Returns the health servicer so the caller can `enter_graceful_shutdown()` on SIGTERM.
@@ -19,9 +17,7 @@ def add_standard_services(
     names = list(service_names)
     servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    reflection.enable_server_reflection(
-        [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-    )
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     return servicer
 
 
