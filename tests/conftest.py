@@ -40,3 +40,20 @@ def pg_database_url(pg_server_url: str) -> Iterator[str]:
         yield url
     finally:
         postgres.drop_database(url)
+
+
+@pytest.fixture(scope="session")
+def telemetry() -> Iterator[tuple[object, object]]:
+    """The process's telemetry (set up once), with an in-memory span exporter and a Prometheus port.
+
+    Yields (Telemetry, InMemorySpanExporter). Tests clear the exporter before use.
+    """
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from rdbroker_common import telemetry as tel
+
+    handle = tel.setup("rdbroker-tests", metrics_listen="127.0.0.1:0")
+    exporter = InMemorySpanExporter()
+    handle.add_span_exporter(exporter)
+    yield handle, exporter
+    handle.shutdown()

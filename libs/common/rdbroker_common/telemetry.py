@@ -1,0 +1,189 @@
+"""OpenTelemetry set-up shared by every service: traces, metrics, and their way across gRPC.
+
+`setup()` runs once per process (a second call returns the same providers, so `rdbroker up`, which runs
+several services in one process, and tests that do the same share one pipeline). Traces and metrics go
+out by OTLP when an endpoint is set (`RDBROKER_OTLP_ENDPOINT` or the standard
+`OTEL_EXPORTER_OTLP_ENDPOINT`); metrics are also served for Prometheus when `metrics_listen` is set.
+Trace context crosses gRPC in the request metadata (W3C `traceparent`), through the interceptors below.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import metrics, propagate, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from rdbroker_common.settings import split_host_port
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Telemetry:
+    tracer_provider: TracerProvider
+    meter_provider: MeterProvider
+    metrics_port: int | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add_span_exporter(self, exporter: SpanExporter, *, batch: bool = False) -> None:
+        """Add an exporter (tests use an in-memory one, synchronously)."""
+        processor = BatchSpanProcessor(exporter) if batch else SimpleSpanProcessor(exporter)
+        self.tracer_provider.add_span_processor(processor)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self.tracer_provider.force_flush()
+            self.meter_provider.force_flush()
+
+
+_current: Telemetry | None = None
+_setup_lock = threading.Lock()
+
+
+def otlp_endpoint_from(setting: str) -> str:
+    return setting or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")
+
+
+def setup(
+    service_name: str,
+    *,
+    otlp_endpoint: str = "",
+    metrics_listen: str = "",
+    extra_metric_readers: tuple[MetricReader, ...] = (),
+) -> Telemetry:
+    """Install the process's tracer and meter providers (once) and answer them."""
+    global _current
+    with _setup_lock:
+        if _current is not None:
+            return _current
+        resource = Resource.create({"service.name": service_name})
+        tracer_provider = TracerProvider(resource=resource)
+        readers: list[MetricReader] = list(extra_metric_readers)
+        endpoint = otlp_endpoint_from(otlp_endpoint)
+        if endpoint:
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+            tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+            readers.append(PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=endpoint)))
+        metrics_port = None
+        if metrics_listen:
+            metrics_port = _start_prometheus(metrics_listen, readers)
+        meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+        trace.set_tracer_provider(tracer_provider)
+        metrics.set_meter_provider(meter_provider)
+        _current = Telemetry(tracer_provider, meter_provider, metrics_port)
+        return _current
+
+
+def current() -> Telemetry | None:
+    return _current
+
+
+def _start_prometheus(listen: str, readers: list[MetricReader]) -> int:
+    """Serve /metrics for Prometheus on `listen` (host:port; port 0 picks one). Answers the bound port."""
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from prometheus_client import start_http_server
+
+    host, port = split_host_port(listen)
+    readers.append(PrometheusMetricReader())
+    server, _thread = start_http_server(port, addr=host)
+    bound = int(server.server_address[1])
+    log.info("prometheus metrics on http://%s:%d/metrics", host, bound)
+    return bound
+
+
+# --- gRPC: trace context in metadata ------------------------------------------------------------
+
+
+class _ClientTracing(grpc.aio.UnaryUnaryClientInterceptor):
+    """A client span per call, its context injected into the call's metadata."""
+
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Awaitable[Any]],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        method = _method_name(client_call_details.method)
+        tracer = trace.get_tracer("rdbroker.grpc")
+        with tracer.start_as_current_span(method, kind=SpanKind.CLIENT) as span:
+            carrier: dict[str, str] = {}
+            propagate.inject(carrier)
+            metadata = grpc.aio.Metadata(*(client_call_details.metadata or ()), *carrier.items())
+            details = grpc.aio.ClientCallDetails(
+                client_call_details.method,
+                client_call_details.timeout,
+                metadata,
+                client_call_details.credentials,
+                client_call_details.wait_for_ready,
+            )
+            call = await continuation(details, request)
+            code = await call.code()
+            span.set_attribute("rpc.grpc.status_code", code.value[0])
+            if code != grpc.StatusCode.OK:
+                span.set_status(Status(StatusCode.ERROR, code.name))
+            return call
+
+
+class _ServerTracing(grpc.aio.ServerInterceptor):
+    """Continue the caller's trace in a server span around each unary call."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner = handler.unary_unary
+        method = _method_name(handler_call_details.method)
+        carrier = {
+            key: value
+            for key, value in (handler_call_details.invocation_metadata or ())
+            if isinstance(value, str)
+        }
+
+        async def behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            token = otel_context.attach(propagate.extract(carrier))
+            try:
+                tracer = trace.get_tracer("rdbroker.grpc")
+                with tracer.start_as_current_span(method, kind=SpanKind.SERVER):
+                    return await inner(request, context)  # type: ignore[arg-type]
+            finally:
+                otel_context.detach(token)
+
+        return grpc.unary_unary_rpc_method_handler(
+            behavior,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def _method_name(method: str | bytes) -> str:
+    text = method.decode() if isinstance(method, bytes) else method
+    return text.lstrip("/")
+
+
+def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
+    """Pass as `interceptors=` to `grpc.aio.insecure_channel` / `secure_channel`."""
+    return [_ClientTracing()]
+
+
+def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
+    """Pass as `interceptors=` to `grpc.aio.server`."""
+    return [_ServerTracing()]
