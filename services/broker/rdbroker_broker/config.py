@@ -1,0 +1,56 @@
+"""Broker settings: flags and `RDBROKER_*` environment variables, built once in `__main__`."""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr, field_validator
+
+from rdbroker_common.settings import ServiceSettings, split_host_port
+
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///rdbroker.db"
+
+
+class BrokerSettings(ServiceSettings):
+    database_url: SecretStr = SecretStr(DEFAULT_DATABASE_URL)
+    grpc_listen: str = "127.0.0.1:50051"
+    http_listen: str = "127.0.0.1:8080"
+    # Upgrade the schema at start. The embedded SQLite default always does; PostgreSQL needs
+    # `rdbroker migrate` (a k8s Job) unless this is set.
+    migrate: bool = False
+
+    # Proxies heartbeat this often; after `heartbeat_misses` missed intervals their active
+    # sessions become disconnected.
+    heartbeat_interval_s: float = Field(default=5.0, gt=0, le=3600)
+    heartbeat_misses: int = Field(default=3, ge=1, le=100)
+    # A routed session the proxy never reports as opened is ended after this long.
+    pending_timeout_s: float = Field(default=30.0, gt=0, le=86400)
+    # How often each replica expires sessions and silent proxies (safe on every replica at once).
+    sweep_interval_s: float = Field(default=5.0, gt=0, le=3600)
+
+    # Probe leases and the defaults handed to health replicas with each target.
+    lease_ms: int = Field(default=10_000, ge=100, le=3_600_000)
+    probe_interval_ms: int = Field(default=2_000, ge=100, le=3_600_000)
+    probe_timeout_ms: int = Field(default=2_000, ge=100, le=3_600_000)
+    probe_rise: int = Field(default=2, ge=1, le=100)
+    probe_fall: int = Field(default=3, ge=1, le=100)
+
+    # Input bounds for Route.
+    max_cookie_chars: int = Field(default=256, ge=9, le=4096)
+    db_pool_size: int = Field(default=10, ge=1, le=200)
+
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+
+    @field_validator("grpc_listen", "http_listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        split_host_port(value)
+        return value
+
+    @property
+    def database_url_text(self) -> str:
+        return self.database_url.get_secret_value()
+
+    @property
+    def proxy_silence_s(self) -> float:
+        return self.heartbeat_interval_s * self.heartbeat_misses

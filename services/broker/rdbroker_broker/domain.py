@@ -1,0 +1,334 @@
+"""The broker's vocabulary as plain dataclasses, and the pure routing rules (DESIGN §4).
+
+Nothing here touches the database or the network, so every rule is unit-tested on its own.
+"""
+
+from __future__ import annotations
+
+import enum
+import socket
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from rdbroker_broker.errors import InvalidInput
+
+MAX_USER_CHARS = 256
+MAX_TOKEN_CHARS = 128
+MAX_CONNECTION_ID_CHARS = 128
+MAX_POOL_CHARS = 128
+MAX_PRECONNECTION_BLOB_BYTES = 4096
+# mstsc truncates the mstshash user name to this many characters.
+TRUNCATED_COOKIE_CHARS = 9
+
+
+class AdminState(enum.StrEnum):
+    ENABLED = "enabled"
+    DRAINING = "draining"  # reconnects only
+    MAINTENANCE = "maintenance"  # nothing
+
+
+class Health(enum.StrEnum):
+    UNKNOWN = "unknown"  # no probe result yet: routable
+    UP = "up"
+    DOWN = "down"
+
+
+class AgentState(enum.StrEnum):
+    NONE = "none"  # no agent, or no answer from it
+    UP = "up"
+    DRAIN = "drain"
+    MAINT = "maint"
+    DOWN = "down"
+
+
+class SessionState(enum.StrEnum):
+    PENDING = "pending"
+    ACTIVE = "active"
+    DISCONNECTED = "disconnected"
+    ENDED = "ended"
+
+
+LIVE_STATES = (SessionState.PENDING, SessionState.ACTIVE, SessionState.DISCONNECTED)
+
+
+class RouteReason(enum.StrEnum):
+    TOKEN = "token"
+    RECONNECT = "reconnect"
+    NEW = "new"
+    NO_IDENTITY = "no_identity"
+
+
+@dataclass(frozen=True)
+class Pool:
+    name: str
+    is_default: bool = False
+    disconnect_timeout_s: float = 8 * 3600.0
+
+
+@dataclass(frozen=True)
+class Server:
+    address: str
+    pool: str
+    weight: int = 100
+    max_sessions: int = 0  # 0 = no limit
+    admin_state: AdminState = AdminState.ENABLED
+    health: Health = Health.UNKNOWN
+    agent_state: AgentState = AgentState.NONE
+    load: int = -1  # 0..100 as last reported, -1 if never
+    placements_since_report: int = 0
+    live_sessions: int = 0
+    agent_url: str = ""
+    sessions_url: str = ""
+    health_detail: str = ""
+    health_changed_at: datetime | None = None
+
+    @property
+    def effective_admin_state(self) -> AdminState:
+        """The operator's state, tightened by what the server's own agent says."""
+        if self.admin_state is AdminState.MAINTENANCE or self.agent_state is AgentState.MAINT:
+            return AdminState.MAINTENANCE
+        if self.admin_state is AdminState.DRAINING or self.agent_state is AgentState.DRAIN:
+            return AdminState.DRAINING
+        return AdminState.ENABLED
+
+    @property
+    def is_down(self) -> bool:
+        return self.health is Health.DOWN or self.agent_state is AgentState.DOWN
+
+
+@dataclass(frozen=True)
+class Session:
+    session_id: str
+    user: str
+    pool: str
+    server_address: str
+    state: SessionState
+    created_at: datetime
+    updated_at: datetime
+    disconnected_at: datetime | None = None
+    expires_at: datetime | None = None
+    end_reason: str = ""
+
+    def is_live_at(self, now: datetime) -> bool:
+        if self.state not in LIVE_STATES:
+            return False
+        return self.expires_at is None or self.expires_at > now
+
+
+@dataclass(frozen=True)
+class RouteRequest:
+    connection_id: str
+    proxy_id: str = ""
+    pool: str = ""
+    cookie: str = ""
+    routing_token: str = ""
+    preconnection_blob: bytes = b""
+    client_address: str = ""
+    preconnection_id: int = 0
+    attempt: int = 0
+    failed_server_address: str = ""
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    server_address: str
+    session_id: str
+    reason: RouteReason
+    user: str
+    pool: str
+
+
+@dataclass(frozen=True)
+class ProbeTarget:
+    address: str
+    pool: str
+    agent_url: str
+    sessions_url: str
+    health: Health
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    address: str
+    health: Health
+    rdp_ok: bool
+    rdp_detail: str
+    load: int
+    agent_state: AgentState
+    agent_detail: str
+    probed_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class ReportedSession:
+    user: str
+    state: SessionState
+
+
+@dataclass(frozen=True)
+class ReconcileCounts:
+    ended: int = 0
+    recorded: int = 0
+    linked: int = 0
+    ambiguous: int = 0
+
+
+@dataclass
+class FarmPlan:
+    """What `rdbroker apply` will change: lines for the operator, in order."""
+
+    changes: list[str] = field(default_factory=list)
+    refusals: list[str] = field(default_factory=list)
+
+
+# --- identities --------------------------------------------------------------------------------
+
+
+def user_key(user: str) -> str:
+    """Users compare case-insensitively (Windows account names do)."""
+    return user.casefold()
+
+
+def _check_text(name: str, value: str, limit: int) -> None:
+    if len(value) > limit:
+        raise InvalidInput(f"{name} is too long ({len(value)} characters, at most {limit})")
+    if any(ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0 for ch in value):
+        raise InvalidInput(f"{name} contains control characters")
+
+
+def identity_from(request: RouteRequest, max_cookie_chars: int) -> str:
+    """The user name a connection is keyed on, or "" when the client sent none.
+
+    The cookie wins; the preconnection blob (Hyper-V/VDI console clients) is the fallback.
+    mstsc may pad the truncated name with spaces, so surrounding spaces are dropped.
+    """
+    _check_text("cookie", request.cookie, max_cookie_chars)
+    cookie = request.cookie.strip()
+    if cookie:
+        return cookie
+    if not request.preconnection_blob:
+        return ""
+    if len(request.preconnection_blob) > MAX_PRECONNECTION_BLOB_BYTES:
+        raise InvalidInput(f"preconnection_blob is too long (at most {MAX_PRECONNECTION_BLOB_BYTES} bytes)")
+    try:
+        blob = request.preconnection_blob.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput("preconnection_blob is not UTF-8") from exc
+    blob = blob.rstrip("\x00").strip()
+    _check_text("preconnection_blob", blob, max_cookie_chars)
+    return blob
+
+
+def validate_route_request(request: RouteRequest) -> None:
+    """Every field but the identity (see `identity_from`); raises InvalidInput naming the field."""
+    if not request.connection_id:
+        raise InvalidInput("connection_id is required")
+    _check_text("connection_id", request.connection_id, MAX_CONNECTION_ID_CHARS)
+    _check_text("proxy_id", request.proxy_id, MAX_CONNECTION_ID_CHARS)
+    _check_text("pool", request.pool, MAX_POOL_CHARS)
+    _check_text("routing_token", request.routing_token, MAX_TOKEN_CHARS)
+    _check_text("client_address", request.client_address, MAX_USER_CHARS)
+    _check_text("failed_server_address", request.failed_server_address, MAX_USER_CHARS)
+    if request.attempt > 100:
+        raise InvalidInput("attempt is out of range (at most 100)")
+
+
+def cookie_matches(cookie: str, full_user: str) -> bool:
+    """Whether a (possibly 9-character truncated) cookie names `full_user` (DOMAIN\\user or user).
+
+    mstsc truncates "DOMAIN\\user" to 9 characters and may pad with spaces; FreeRDP drops the domain.
+    """
+    want = user_key(cookie.strip())
+    if not want:
+        return False
+    candidates = {full_user}
+    if "\\" in full_user:
+        candidates.add(full_user.split("\\", 1)[1])
+    for name in candidates:
+        key = user_key(name)
+        if key == want or user_key(name[:TRUNCATED_COOKIE_CHARS].rstrip()) == want:
+            return True
+    return False
+
+
+def looks_truncated(user: str) -> bool:
+    return len(user) == TRUNCATED_COOKIE_CHARS
+
+
+# --- routing tokens ----------------------------------------------------------------------------
+
+
+def decode_routing_token(token: str) -> tuple[str, int] | None:
+    """`3640205228.15629.0000` -> ("172.31.249.216", 3389); None when the value is not an address.
+
+    IPv4 as a little-endian u32, the port byte-swapped, then a required dot and a reserved part.
+    Other products put opaque values after `msts=`: those are tolerated and never treated as an address.
+    """
+    parts = token.strip().split(".")
+    if len(parts) < 3 or not parts[0].isdigit() or not parts[1].isdigit():
+        return None
+    if len(parts[0]) > 10 or len(parts[1]) > 5:
+        return None
+    address, port = int(parts[0]), int(parts[1])
+    if address > 0xFFFFFFFF or port > 0xFFFF:
+        return None
+    host = socket.inet_ntoa(struct.pack("<I", address))
+    real_port = struct.unpack("<H", struct.pack(">H", port))[0]
+    if real_port == 0:
+        return None
+    return host, int(real_port)
+
+
+def encode_routing_token(host: str, port: int) -> str:
+    address = struct.unpack("<I", socket.inet_aton(host))[0]
+    swapped = struct.unpack("<H", struct.pack(">H", port))[0]
+    return f"{address}.{swapped}.0000"
+
+
+# --- placement ---------------------------------------------------------------------------------
+
+
+def session_unit(server: Server) -> float:
+    """How much load one session adds, in the agent's 0..100 scale when a limit gives it one."""
+    return 100.0 / server.max_sessions if server.max_sessions > 0 else 1.0
+
+
+def effective_load(server: Server) -> float:
+    """Last reported load plus placements since that report, divided by weight.
+
+    Without any agent report, the server's own session count stands in for its load (DESIGN §5).
+    Counting recent placements is what spreads a logon storm: the idle-looking server stops looking
+    idle after the first placement instead of at its next load report.
+    """
+    unit = session_unit(server)
+    if server.load >= 0:
+        raw = server.load + server.placements_since_report * unit
+    else:
+        raw = server.live_sessions * unit
+    return raw / max(server.weight, 1)
+
+
+def takes_new_sessions(server: Server) -> bool:
+    if server.is_down or server.effective_admin_state is not AdminState.ENABLED:
+        return False
+    if server.weight <= 0 or server.load >= 100:
+        return False
+    return not (server.max_sessions > 0 and server.live_sessions >= server.max_sessions)
+
+
+def takes_reconnects(server: Server) -> bool:
+    """Draining servers still take their own users back; down and maintenance servers do not."""
+    return not server.is_down and server.effective_admin_state is not AdminState.MAINTENANCE
+
+
+def rank_for_new_session(servers: Iterable[Server], exclude: Sequence[str] = ()) -> list[Server]:
+    """Servers that can take a new session, best first (lowest effective load, then fewest sessions)."""
+    eligible = [s for s in servers if takes_new_sessions(s) and s.address not in exclude]
+    return sorted(eligible, key=lambda s: (effective_load(s), s.live_sessions, s.address))
+
+
+def choose_server(servers: Iterable[Server], exclude: Sequence[str] = ()) -> Server | None:
+    ranked = rank_for_new_session(servers, exclude)
+    return ranked[0] if ranked else None

@@ -1,0 +1,40 @@
+"""Errors the broker's use cases raise. The edges translate them (rpc/status.py, the REST app).
+
+BrokerError
+├── NotFound           unknown pool, server or session
+├── PermissionDenied   a routing token naming an address that is not a registered server
+├── NoCapacity         no server can take a new session
+├── InvalidInput       malformed request fields, farm file errors
+├── Unavailable        the database, or the server holding the user's session, cannot be reached
+└── Conflict           the request contradicts the directory (e.g. a second live session)
+"""
+
+from __future__ import annotations
+
+
+class BrokerError(Exception):
+    """Base of every error the broker raises on purpose; the message is safe to show a caller."""
+
+
+class NotFound(BrokerError):
+    pass
+
+
+class PermissionDenied(BrokerError):
+    pass
+
+
+class NoCapacity(BrokerError):
+    pass
+
+
+class InvalidInput(BrokerError):
+    pass
+
+
+class Unavailable(BrokerError):
+    pass
+
+
+class Conflict(BrokerError):
+    pass

@@ -1,0 +1,157 @@
+"""The pure routing rules of DESIGN §4, without a database."""
+
+from __future__ import annotations
+
+import pytest
+
+from rdbroker_broker import domain as d
+from rdbroker_broker.errors import InvalidInput
+
+
+def srv(address: str, **kw) -> d.Server:
+    return d.Server(address=address, pool="default", **kw)
+
+
+def test_token_decodes_the_design_example():
+    assert d.decode_routing_token("3640205228.15629.0000") == ("172.31.249.216", 3389)
+    assert d.decode_routing_token("83886090.15629.0000") == ("10.0.0.5", 3389)
+
+
+@pytest.mark.parametrize(
+    "token", ["", "abc", "123", "1.2", "99999999999.15629.0000", "1.70000.0", "1.0.0", "opaque-value.x.y"]
+)
+def test_opaque_or_malformed_tokens_are_not_addresses(token):
+    assert d.decode_routing_token(token) is None
+
+
+def test_token_round_trip():
+    assert d.decode_routing_token(d.encode_routing_token("10.1.2.3", 3390)) == ("10.1.2.3", 3390)
+
+
+def test_users_compare_case_insensitively():
+    assert d.user_key("CORP\\Alice") == d.user_key("corp\\alice")
+
+
+def test_identity_prefers_cookie_then_blob_and_strips_padding():
+    assert d.identity_from(d.RouteRequest("c", cookie="FTBCO\\A70  "), 256) == "FTBCO\\A70"
+    blob = d.RouteRequest("c", preconnection_blob=b"vm-guid-1\x00")
+    assert d.identity_from(blob, 256) == "vm-guid-1"
+    assert d.identity_from(d.RouteRequest("c"), 256) == ""
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (d.RouteRequest("c", cookie="x" * 300), "cookie"),
+        (d.RouteRequest("c", cookie="bob\r\nX-Evil: 1"), "cookie"),
+        (d.RouteRequest("c", cookie="a\x00b"), "cookie"),
+        (d.RouteRequest("c", preconnection_blob=b"\xff\xfe"), "preconnection_blob"),
+    ],
+)
+def test_bad_identity_is_invalid_input(request_, field):
+    with pytest.raises(InvalidInput, match=field):
+        d.identity_from(request_, 256)
+
+
+def test_non_ascii_user_is_accepted():
+    assert d.identity_from(d.RouteRequest("c", cookie="Jürgen"), 256) == "Jürgen"
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (d.RouteRequest(""), "connection_id"),
+        (d.RouteRequest("c" * 200), "connection_id"),
+        (d.RouteRequest("c", routing_token="1" * 200), "routing_token"),
+        (d.RouteRequest("c", routing_token="1.2\x01"), "routing_token"),
+        (d.RouteRequest("c", pool="p\n"), "pool"),
+        (d.RouteRequest("c", attempt=1000), "attempt"),
+    ],
+)
+def test_bad_request_fields(request_, field):
+    with pytest.raises(InvalidInput, match=field):
+        d.validate_route_request(request_)
+
+
+def test_lowest_effective_load_wins_and_weight_divides():
+    servers = [srv("a", load=40), srv("b", load=30), srv("c", load=50, weight=200)]
+    assert d.choose_server(servers).address == "c"  # 50/200 < 30/100
+
+
+def test_placements_since_report_count_against_a_server():
+    idle = srv("a", load=0, max_sessions=10)
+    busy = srv("b", load=25, max_sessions=10)
+    assert d.choose_server([idle, busy]).address == "a"
+    # three placements on the idle one since its last report: 30 > 25
+    stormed = srv("a", load=0, max_sessions=10, placements_since_report=3)
+    assert d.choose_server([stormed, busy]).address == "b"
+
+
+def test_logon_storm_spreads_when_placements_are_counted():
+    servers = {name: srv(name, load=0, max_sessions=50) for name in "abcd"}
+    chosen = []
+    for _ in range(40):
+        best = d.choose_server(servers.values())
+        chosen.append(best.address)
+        servers[best.address] = srv(
+            best.address, load=0, max_sessions=50, placements_since_report=best.placements_since_report + 1
+        )
+    assert {chosen.count(name) for name in "abcd"} == {10}
+
+
+def test_without_reports_the_session_count_is_the_load():
+    assert d.choose_server([srv("a", live_sessions=5), srv("b", live_sessions=2)]).address == "b"
+
+
+@pytest.mark.parametrize(
+    "server",
+    [
+        srv("x", admin_state=d.AdminState.DRAINING),
+        srv("x", admin_state=d.AdminState.MAINTENANCE),
+        srv("x", health=d.Health.DOWN),
+        srv("x", agent_state=d.AgentState.DOWN),
+        srv("x", agent_state=d.AgentState.DRAIN),
+        srv("x", agent_state=d.AgentState.MAINT),
+        srv("x", load=100),
+        srv("x", max_sessions=2, live_sessions=2),
+        srv("x", weight=0),
+    ],
+)
+def test_servers_that_take_no_new_sessions(server):
+    assert not d.takes_new_sessions(server)
+    assert d.choose_server([server]) is None
+
+
+def test_unknown_health_and_up_are_routable():
+    assert d.takes_new_sessions(srv("x"))
+    assert d.takes_new_sessions(srv("x", health=d.Health.UP, load=99, max_sessions=3, live_sessions=2))
+
+
+def test_reconnects_go_to_draining_but_not_down_or_maintenance():
+    assert d.takes_reconnects(srv("x", admin_state=d.AdminState.DRAINING))
+    assert d.takes_reconnects(srv("x", load=100, max_sessions=1, live_sessions=1))
+    assert not d.takes_reconnects(srv("x", admin_state=d.AdminState.MAINTENANCE))
+    assert not d.takes_reconnects(srv("x", health=d.Health.DOWN))
+    assert not d.takes_reconnects(srv("x", agent_state=d.AgentState.MAINT))
+
+
+def test_excluded_servers_are_skipped():
+    assert d.choose_server([srv("a"), srv("b", live_sessions=3)], exclude=["a"]).address == "b"
+
+
+@pytest.mark.parametrize(
+    ("cookie", "user", "match"),
+    [
+        ("FTBCO\\A70", "FTBCO\\A7006799", True),
+        ("ftbco\\a70", "FTBCO\\A7006799", True),
+        ("AWAKECODI", "AWAKECODING\\bob", True),
+        ("alice", "CORP\\alice", True),
+        ("ALICE", "alice", True),
+        ("CORP\\al  ", "CORP\\al", True),
+        ("bob", "CORP\\alice", False),
+        ("", "alice", False),
+        ("CORP\\ali", "CORP\\bob", False),
+    ],
+)
+def test_cookie_matches_full_user(cookie, user, match):
+    assert d.cookie_matches(cookie, user) is match
