@@ -1,0 +1,109 @@
+"""The fault-injection harness tested on its own: PostgreSQL failover keeps committed rows, a stopped
+primary hangs and comes back, and cleanup leaves no process and no directory behind."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.support.cluster import Harness, HarnessError, tcp_open
+from tests.support.postgres import free_port
+
+
+@pytest.fixture
+def harness() -> Iterator[Harness]:
+    h = Harness()
+    try:
+        yield h
+    finally:
+        h.cleanup()
+    assert h.leaked_processes() == []
+    assert not h.root.exists()
+
+
+def insert_rows(dsn: str, first: int, count: int) -> None:
+    """One transaction (one synchronous commit) per row."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for n in range(first, first + count):
+            conn.execute("INSERT INTO t (n) VALUES (%s)", (n,))
+
+
+def read_rows(dsn: str) -> list[int]:
+    with psycopg.connect(dsn) as conn:
+        return [row[0] for row in conn.execute("SELECT n FROM t ORDER BY n").fetchall()]
+
+
+@pytest.mark.timeout(120)
+def test_failover_to_the_synchronous_standby_keeps_every_committed_row(harness: Harness) -> None:
+    pg = harness.start_pg()
+    dsn = pg.create_database("failover")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (n integer PRIMARY KEY)")
+    insert_rows(dsn, 0, 200)
+    with psycopg.connect(f"{pg.standby.url}/failover") as conn:
+        assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
+
+    pg.kill_primary()
+    assert pg.primary.postmaster_pid() is None or not tcp_open("127.0.0.1", pg.primary.port)
+    with pytest.raises(psycopg.OperationalError):  # nothing accepts writes until the promotion
+        psycopg.connect(dsn).close()
+    pg.promote_standby()
+
+    assert read_rows(dsn) == list(range(200))
+    insert_rows(dsn, 200, 10)  # the promoted standby commits without waiting for a standby of its own
+    assert read_rows(dsn) == list(range(210))
+
+
+@pytest.mark.timeout(120)
+def test_a_stopped_primary_hangs_then_recovers(harness: Harness) -> None:
+    pg = harness.start_pg()
+    dsn = pg.create_database("stopped")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (n integer PRIMARY KEY)")
+    insert_rows(dsn, 0, 5)
+
+    pg.stop_primary()
+    with pytest.raises(psycopg.OperationalError):  # connect_timeout=2 in the DSN bounds the hang
+        psycopg.connect(dsn).close()
+    pg.continue_primary()
+
+    insert_rows(dsn, 5, 5)
+    assert read_rows(dsn) == list(range(10))
+
+
+@pytest.mark.timeout(60)
+def test_supervisor_starts_kills_and_cleans_up() -> None:
+    h = Harness()
+    try:
+        port = free_port()
+        host = h.supervisor.start(
+            "host",
+            ["-m", "tests.support.rdp_host", "--listen", f"127.0.0.1:{port}"],
+            ports={"rdp": port},
+            tcp_ready=["rdp"],
+        )
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(bytes.fromhex("030000130ee000000000000100080003000000"))
+            assert sock.recv(19) == bytes.fromhex("030000130ed000001234000200080000000000")
+            sock.sendall(b"WHO?\n")
+            assert sock.recv(100) == f"SERVER 127.0.0.1:{port}\n".encode()
+        other = h.supervisor.start(
+            "other", ["-m", "tests.support.rdp_host", "--listen", f"127.0.0.1:{free_port()}"]
+        )
+        assert h.leaked_processes() != []  # the check sees running processes
+        h.supervisor.kill("host")
+        assert not host.alive()
+        assert not tcp_open("127.0.0.1", port)
+        assert other.alive()
+        with pytest.raises(HarnessError, match="exited"):
+            h.supervisor.start("broken", ["-c", "raise SystemExit(3)"], ports={"x": 1}, tcp_ready=["x"])
+        log = Path(host.log)
+        assert "accepted cookie=" in log.read_text()
+    finally:
+        h.cleanup()
+    assert h.leaked_processes() == []
+    assert not h.root.exists()
