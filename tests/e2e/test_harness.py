@@ -3,7 +3,9 @@ primary hangs and comes back, and cleanup leaves no process and no directory beh
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +14,16 @@ import pytest
 
 from tests.support.cluster import Harness, HarnessError, tcp_open
 from tests.support.postgres import free_port
+from tests.support.storm import (
+    LoginStorm,
+    StormSettings,
+    failed,
+    failed_after_retry,
+    first_servers,
+    recovery_s,
+    summary,
+    wrong_server,
+)
 
 
 @pytest.fixture
@@ -107,3 +119,47 @@ def test_supervisor_starts_kills_and_cleans_up() -> None:
         h.cleanup()
     assert h.leaked_processes() == []
     assert not h.root.exists()
+
+
+@pytest.mark.timeout(60)
+async def test_storm_driver_records_landing_failure_and_retry() -> None:
+    """Two terminal-server stand-ins play the two proxies; one is killed mid-storm."""
+    h = Harness()
+    try:
+        ports = [free_port(), free_port()]
+        for i, port in enumerate(ports):
+            h.supervisor.start(
+                f"host{i}",
+                ["-m", "tests.support.rdp_host", "--listen", f"127.0.0.1:{port}"],
+                ports={"rdp": port},
+                tcp_ready=["rdp"],
+            )
+        addresses = [f"127.0.0.1:{p}" for p in ports]
+        storm = LoginStorm(addresses, StormSettings(users=6, hold_s=(0.05, 0.1), pause_s=(0.2, 0.4)))
+        await storm.logon_all_once()
+        assert all(a.ok and a.server == a.proxy for a in storm.attempts)
+        homes = first_servers(storm.attempts)
+        assert set(homes) == set(storm.users)
+
+        async def kill_later() -> float:
+            await asyncio.sleep(1.0)
+            h.supervisor.kill("host0")
+            return time.monotonic()
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(storm.run(3.0))
+            killed = tg.create_task(kill_later())
+        fault_at = killed.result()
+        after = [a for a in storm.attempts if a.started > fault_at]
+        assert after
+        assert all(a.server == addresses[1] for a in after if a.ok)
+        assert failed(after)  # users of host0 failed once...
+        assert failed_after_retry(after) == []  # ...and their retry through the other address worked
+        moved = wrong_server(storm.attempts, homes)
+        assert moved  # host0's users landed on host1: "wrong" unless host0 is declared dead
+        assert wrong_server(storm.attempts, homes, dead=frozenset({addresses[0]})) == []
+        assert 0 < recovery_s(storm.attempts, fault_at) < 3.0
+        assert "failed=" in summary(storm.attempts, fault_at)
+    finally:
+        h.cleanup()
+    assert h.leaked_processes() == []

@@ -255,13 +255,13 @@ class Supervisor:
         grpc_ready: str | None = None,
         tcp_ready: Sequence[str] = (),
         timeout_s: float = 60.0,
+        env: dict[str, str] | None = None,
     ) -> Service:
         """Run `python ARGS...`; ready when `grpc_ready` (a port name) answers SERVING and every
         `tcp_ready` port accepts connections."""
         if name in self.services and self.services[name].alive():
             raise HarnessError(f"{name} is already running")
         log = self.root / f"{name}.log"
-        env = {**os.environ, "PYTHONPATH": str(REPO), "RDBROKER_LOG_FORMAT": "text", **self.env}
         with open(log, "ab") as out:
             popen = subprocess.Popen(
                 [sys.executable, *args],
@@ -269,7 +269,7 @@ class Supervisor:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=self.root,
-                env=env,
+                env=self._env(env),
                 start_new_session=True,
             )
         service = Service(name, list(args), log, popen, dict(ports or {}))
@@ -297,14 +297,13 @@ class Supervisor:
 
     def run(self, name: str, args: Sequence[str], timeout_s: float = 120.0) -> str:
         """Run a one-shot command (migrate, apply) to completion; answers its output, raises on failure."""
-        env = {**os.environ, "PYTHONPATH": str(REPO), "RDBROKER_LOG_FORMAT": "text", **self.env}
         done = subprocess.run(
             [sys.executable, *args],
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
             cwd=self.root,
-            env=env,
+            env=self._env(None),
             timeout=timeout_s,
             check=False,
         )
@@ -312,6 +311,16 @@ class Supervisor:
         if done.returncode != 0:
             raise HarnessError(f"{name} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
         return done.stdout
+
+    def _env(self, extra: dict[str, str] | None) -> dict[str, str]:
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("RDBROKER_")}
+        return {
+            **inherited,
+            "PYTHONPATH": str(REPO),
+            "RDBROKER_LOG_FORMAT": "text",
+            **self.env,
+            **(extra or {}),
+        }
 
     def kill(self, name: str) -> None:
         self.services[name].kill()
