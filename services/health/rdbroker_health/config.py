@@ -1,0 +1,78 @@
+"""HealthSettings: flags and `RDBROKER_*` variables of a health replica, built once in `__main__`."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from rdbroker_common.settings import ServiceSettings, split_host_port
+
+
+class HealthSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="RDBROKER_", frozen=True, extra="ignore")
+
+    # Comma-separated `host:port` list of broker replicas, tried in order with failover.
+    broker: str = "127.0.0.1:50051"
+    grpc_listen: str = "127.0.0.1:50052"
+    # Empty: hostname-pid-random, unique per process (replicas are stateless).
+    replica_id: str = ""
+
+    # Defaults for probe targets whose pool leaves them at 0 (HAProxy: inter 2 s, rise 2, fall 3).
+    probe_interval_s: float = Field(default=2.0, gt=0, le=3600)
+    probe_timeout_s: float = Field(default=1.5, gt=0, le=600)
+    # Each wait is interval * (1 +- jitter), so replicas started together do not probe in step.
+    probe_jitter: float = Field(default=0.1, ge=0, le=0.5)
+    rise: int = Field(default=2, ge=1, le=100)
+    fall: int = Field(default=3, ge=1, le=100)
+
+    # Leases are renewed every lease/3. A dead replica's servers are claimed by another once its
+    # leases expire, so keep the lease at or under ~1.5 probe intervals to re-probe within 3.
+    lease_ms: int = Field(default=3000, ge=30, le=600_000)
+    # Results are sent to the broker in batches gathered over this window.
+    report_batch_s: float = Field(default=0.25, gt=0, le=60)
+    # How often a server's session list (its `sessions_url`) is fetched and reported.
+    sessions_interval_s: float = Field(default=10.0, gt=0, le=3600)
+    # Deadline of each broker RPC (one address); failover tries the next address after it.
+    rpc_timeout_s: float = Field(default=2.0, gt=0, le=120)
+    # Upper bound on the timeout an operator may ask of ProbeServer.
+    max_on_demand_timeout_s: float = Field(default=30.0, gt=0, le=600)
+
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+
+    @field_validator("broker")
+    @classmethod
+    def _check_broker(cls, value: str) -> str:
+        addresses = [part.strip() for part in value.split(",") if part.strip()]
+        if not addresses:
+            raise ValueError("at least one broker address is needed")
+        for address in addresses:
+            split_host_port(address)
+        return ",".join(addresses)
+
+    @field_validator("grpc_listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        split_host_port(value)
+        return value
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> HealthSettings:
+        given = [bool(self.tls_ca), bool(self.tls_cert), bool(self.tls_key)]
+        if any(given) and not all(given):
+            raise ValueError("mutual TLS needs all of tls_ca, tls_cert and tls_key")
+        return self
+
+    @property
+    def broker_addresses(self) -> list[str]:
+        return self.broker.split(",")
+
+    def effective_replica_id(self) -> str:
+        if self.replica_id:
+            return self.replica_id
+        return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
