@@ -21,6 +21,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "apply": ("rdbroker_broker.__main__", "apply_main", "apply a farm file (pools, servers) to the database"),
     "proxy": ("rdbroker_proxy.__main__", "main", "run an RDP proxy replica"),
     "health": ("rdbroker_health.__main__", "main", "run a health-probe replica"),
+    "up": ("rdbroker_cli.up", "up_main", "run proxy, broker and health in one process (embedded SQLite)"),
+    "demo": ("rdbroker_cli.up", "demo_main", "`up` with a few fake RDP servers on loopback, to try it out"),
+    "demo-connect": ("rdbroker_cli.demo_connect", "main", "connect once as USER (through `up`/`demo`)"),
+    "servers": ("rdbroker_cli.admin", "servers_main", "list, drain, enable... servers (REST API)"),
+    "sessions": ("rdbroker_cli.admin", "sessions_main", "look up, list and end sessions (REST API)"),
+    "pools": ("rdbroker_cli.admin", "pools_main", "list pools (REST API)"),
 }
 
 

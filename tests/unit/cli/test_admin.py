@@ -1,0 +1,208 @@
+"""The admin verbs against a contract-serving FastAPI app on 127.0.0.1: tables, --json, env vars, errors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+
+from rdbroker_cli.__main__ import main as rdbroker
+from rdbroker_cli.client import ApiClient, ApiError
+from tests.support.postgres import free_port
+from tests.unit.cli.contract_app import ADMIN_TOKEN, READ_TOKEN, build_app, serve
+
+READ = ("--token", READ_TOKEN)
+ADMIN = ("--token", ADMIN_TOKEN)
+
+
+@pytest.fixture
+def api() -> Iterator[tuple[str, object]]:
+    app = build_app()
+    with serve(app, free_port()) as url:
+        yield url, app
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = rdbroker(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_servers_list_is_a_table(api, capsys):
+    url, _ = api
+    code, out, err = run(capsys, "servers", "list", "--url", url, *READ)
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0].split() == ["POOL", "ADDRESS", "STATE", "HEALTH", "LOAD", "SESSIONS", "WEIGHT", "MAX"]
+    assert lines[1].split() == ["default", "10.0.0.11:3389", "enabled", "up", "35", "1", "100", "0"]
+    assert lines[2].split() == ["default", "10.0.0.12:3389", "enabled", "down", "-", "0", "100", "0"]
+
+
+def test_servers_list_json_is_the_api_answer(api, capsys):
+    url, _ = api
+    code, out, _ = run(capsys, "servers", "list", "--json", "--url", url, *READ)
+    assert code == 0
+    assert [s["address"] for s in json.loads(out)["servers"]] == ["10.0.0.11:3389", "10.0.0.12:3389"]
+
+
+def test_url_and_token_come_from_the_environment(api, capsys, monkeypatch):
+    url, app = api
+    monkeypatch.setenv("RDBROKER_URL", url)
+    monkeypatch.setenv("RDBROKER_TOKEN", ADMIN_TOKEN)
+    code, out, err = run(capsys, "servers", "drain", "10.0.0.11:3389")
+    assert (code, err) == (0, "")
+    assert "draining" in out.splitlines()[1]
+    assert ("POST", "/v1/servers/10.0.0.11:3389/drain", "") in app.state.calls
+
+
+@pytest.mark.parametrize(("verb", "state"), [("maintenance", "maintenance"), ("enable", "enabled")])
+def test_server_state_verbs(api, capsys, verb, state):
+    url, _ = api
+    code, out, _ = run(capsys, "servers", verb, "10.0.0.12:3389", "--json", "--url", url, *ADMIN)
+    assert code == 0
+    assert json.loads(out)["admin_state"] == state
+
+
+def test_agent_tightened_state_is_shown(api, capsys):
+    url, _ = api
+    rdbroker(["servers", "set", "10.0.0.11:3389", "--weight", "50", "--url", url, *ADMIN])
+    capsys.readouterr()
+    code, out, _ = run(capsys, "servers", "list", "--url", url, *READ)
+    assert code == 0
+    assert " 50 " in out.splitlines()[1]
+
+
+def test_add_and_remove_server(api, capsys):
+    url, _ = api
+    code, out, _ = run(
+        capsys, "servers", "add", "10.0.0.13:3389", "--max-sessions", "20", "--url", url, *ADMIN
+    )
+    assert code == 0
+    assert "10.0.0.13:3389" in out
+    code, out, _ = run(capsys, "servers", "remove", "10.0.0.13:3389", "--url", url, *ADMIN)
+    assert (code, out) == (0, "removed 10.0.0.13:3389\n")
+
+
+def test_remove_refused_then_forced(api, capsys):
+    url, app = api
+    code, out, err = run(capsys, "servers", "remove", "10.0.0.11:3389", "--url", url, *ADMIN)
+    assert (code, out) == (1, "")
+    assert err == "rdbroker: 409 Server holds live sessions: 10.0.0.11:3389 holds 1 live session\n"
+    code, _, _ = run(capsys, "servers", "remove", "10.0.0.11:3389", "--force", "--url", url, *ADMIN)
+    assert code == 0
+    assert ("DELETE", "/v1/servers/10.0.0.11:3389", "force=true") in app.state.calls
+
+
+def test_set_with_nothing_to_change_is_refused(api, capsys):
+    url, _ = api
+    code, _, err = run(capsys, "servers", "set", "10.0.0.11:3389", "--url", url, *ADMIN)
+    assert code == 1
+    assert err.startswith("rdbroker: nothing to change")
+
+
+def test_lookup_shows_the_users_server(api, capsys):
+    url, _ = api
+    code, out, _ = run(capsys, "sessions", "lookup", "ALICE", "--url", url, *READ)
+    assert code == 0
+    header, row = out.splitlines()
+    assert header.split()[:5] == ["ID", "USER", "POOL", "SERVER", "STATE"]
+    assert row.split()[:5] == ["s-1", "alice", "default", "10.0.0.11:3389", "active"]
+    assert "2026-11-27 09:30:00" in row
+
+
+def test_lookup_escapes_a_domain_user_and_says_when_nothing_is_found(api, capsys):
+    url, app = api
+    code, out, _ = run(capsys, "sessions", "lookup", "CORP\\bob", "--url", url, *READ)
+    assert (code, out) == (0, "no sessions for CORP\\bob\n")
+    assert b"/v1/users/CORP%5Cbob/sessions" in app.state.raw_paths
+    assert any(call[1] == "/v1/users/CORP\\bob/sessions" for call in app.state.calls)
+    code, out, _ = run(
+        capsys, "sessions", "lookup", "CORP\\bob", "--include-ended", "--json", "--url", url, *READ
+    )
+    assert json.loads(out)["sessions"][0]["state"] == "ended"
+
+
+def test_sessions_list_filters_and_pages(api, capsys):
+    url, app = api
+    code, out, _ = run(
+        capsys,
+        "sessions", "list", "--state", "active", "--state", "ended", "--pool", "default", "--limit", "1",
+        "--url", url, *READ,
+    )  # fmt: skip
+    assert code == 0
+    assert out.splitlines()[-1] == "1 of 2 sessions; next page: --offset 1"
+    query = "pool=default&state=active&state=ended&limit=1&offset=0"
+    assert ("GET", "/v1/sessions", query) in app.state.calls
+
+
+def test_end_session(api, capsys):
+    url, _ = api
+    code, out, _ = run(capsys, "sessions", "end", "s-1", "--json", "--url", url, *ADMIN)
+    assert code == 0
+    assert json.loads(out)["state"] == "ended"
+
+
+def test_pools_list(api, capsys):
+    url, _ = api
+    code, out, _ = run(capsys, "pools", "list", "--url", url, *READ)
+    assert code == 0
+    assert out.splitlines()[1].split() == ["default", "yes", "8h", "2", "1"]
+
+
+NEEDS_ADMIN = "403 Admin token required: this change needs the admin token"
+NOT_REGISTERED = "404 Server not found: no server is registered at 10.9.9.9:3389"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["servers", "list"], "401 Authentication required: send Authorization: Bearer <token>"),
+        (
+            ["servers", "drain", "10.0.0.11:3389", *READ],
+            "403 Admin token required: this change needs the admin token",
+        ),
+        (["servers", "enable", "10.9.9.9:3389", *ADMIN], NOT_REGISTERED),
+        (["sessions", "end", "nope", *ADMIN], "404 Session not found: no session nope"),
+        (["servers", "list", "--pool", "x", *READ], "404 Pool not found: no pool named x"),
+    ],
+)
+def test_api_errors_are_one_line_and_exit_1(api, capsys, monkeypatch, argv, message):
+    url, _ = api
+    monkeypatch.delenv("RDBROKER_TOKEN", raising=False)
+    code, out, err = run(capsys, *argv, "--url", url)
+    assert (code, out, err) == (1, "", f"rdbroker: {message}\n")
+
+
+def test_unreachable_broker_is_one_line(capsys):
+    url = f"http://127.0.0.1:{free_port()}"
+    code, out, err = run(capsys, "servers", "list", "--url", url)
+    assert (code, out) == (1, "")
+    assert err.startswith(f"rdbroker: cannot reach the broker at {url}: ")
+    assert err.count("\n") == 1
+
+
+def test_a_non_json_error_answer_is_one_line(api):
+    url, _ = api
+    with pytest.raises(ApiError, match=r"^502 Bad Gateway$"), ApiClient(url) as client:
+        client.request("GET", "/broken")
+
+
+def test_bad_url_and_bad_command_lines(capsys):
+    code, _, err = run(capsys, "servers", "list", "--url", "ftp://x")
+    assert (code, err) == (1, "rdbroker: the API URL must start with http:// or https://, got 'ftp://x'\n")
+    code, _, err = run(capsys, "servers")
+    assert code == 2
+    assert err == "rdbroker servers: error: the following arguments are required: VERB\n"
+    code, _, err = run(capsys, "sessions", "list", "--state", "bogus")
+    assert code == 2
+    assert "invalid choice: 'bogus'" in err
+    code, _, err = run(capsys, "servers", "set", "a:1", "--weight", "-3")
+    assert code == 2
+    assert err == "rdbroker servers set: error: argument --weight: must not be negative: -3\n"
+
+
+def test_help_exits_0(capsys):
+    code, out, _ = run(capsys, "sessions", "--help")
+    assert code == 0
+    assert "lookup" in out
