@@ -1,0 +1,87 @@
+"""The proxy's settings: flags, `RDBROKER_*` environment variables, defaults (flags win)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import SettingsConfigDict
+
+from rdbroker_common.settings import ServiceSettings, split_host_port
+from rdbroker_rdp import MAX_FIRST_PACKET
+
+
+def default_proxy_id() -> str:
+    # The pod name in Kubernetes; the pid keeps two replicas on one host apart.
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class ProxySettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="RDBROKER_", frozen=True, extra="ignore")
+
+    listen: str = Field(default="0.0.0.0:3389", description="HOST:PORT for RDP clients")
+    broker: str = Field(default="127.0.0.1:50051", description="comma-separated broker HOST:PORT list")
+    pool: str = Field(default="", description="pool for clients that name none (empty = the default pool)")
+    grpc_listen: str = Field(default="127.0.0.1:50053", description="HOST:PORT of the grpc.health.v1 server")
+    proxy_id: str = Field(default_factory=default_proxy_id, description="this replica's id for the broker")
+    tls_ca: str = Field(default="", description="CA bundle for gRPC (mutual TLS when set)")
+    tls_cert: str = Field(default="", description="certificate for gRPC mutual TLS")
+    tls_key: str = Field(default="", description="private key for gRPC mutual TLS")
+
+    first_packet_timeout_s: float = Field(default=5.0, gt=0, le=300, description="first packet deadline")
+    max_first_packet: int = Field(
+        default=MAX_FIRST_PACKET, ge=11, le=MAX_FIRST_PACKET, description="bytes read before a decision"
+    )
+    route_timeout_s: float = Field(default=5.0, gt=0, le=120, description="Route deadline, retries included")
+    route_attempt_timeout_s: float = Field(default=2.0, gt=0, le=120, description="one Route call")
+    connect_timeout_s: float = Field(default=5.0, gt=0, le=120, description="server connect timeout")
+    idle_timeout_s: float = Field(default=0.0, ge=0, description="idle close (0 = off)")
+    max_connections: int = Field(default=10000, ge=1, description="clients at once (more: closed)")
+    backlog: int = Field(default=1024, ge=1, description="listen backlog")
+    heartbeat_interval_s: float = Field(default=5.0, gt=0, le=300, description="until the broker names one")
+    report_buffer: int = Field(default=10000, ge=1, description="reports held for brokers")
+    report_timeout_s: float = Field(default=2.0, gt=0, le=60, description="deadline of one report call")
+    log_identity: Literal["hash", "cookie"] = Field(default="hash", description="cookie or its hash in logs")
+
+    @field_validator("listen", "grpc_listen")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        split_host_port(value)
+        return value
+
+    @field_validator("broker")
+    @classmethod
+    def _brokers(cls, value: str) -> str:
+        addresses = [a.strip() for a in value.split(",") if a.strip()]
+        if not addresses:
+            raise ValueError("at least one broker address is needed")
+        for address in addresses:
+            split_host_port(address)
+        return ",".join(addresses)
+
+    @property
+    def broker_addresses(self) -> list[str]:
+        return self.broker.split(",")
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def parse_args(argv: Sequence[str]) -> ProxySettings:
+    """Flags for every settings field; what is not given comes from RDBROKER_* or the default."""
+    parser = argparse.ArgumentParser(
+        prog="rdbroker proxy",
+        description="RDP proxy replica: reads the first packet, asks the broker, splices to the server.",
+        argument_default=argparse.SUPPRESS,
+    )
+    for name, info in ProxySettings.model_fields.items():
+        env = "RDBROKER_" + name.upper()
+        help_ = f"{info.description or ''} [{env}]"
+        parser.add_argument(flag_name(name), dest=name, metavar="VALUE", help=help_)
+    given: dict[str, Any] = vars(parser.parse_args(list(argv)))
+    return ProxySettings(**given)

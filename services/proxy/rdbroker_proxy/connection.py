@@ -1,0 +1,324 @@
+"""One client connection: first packet, route, connect, replay, then hand over to the splice.
+
+The client side is an asyncio Protocol (no task while it is idle or spliced). Only the routing step,
+which awaits the broker and the server connect, runs as a short task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from rdbroker_common.settings import split_host_port
+from rdbroker_proto.v1 import broker_pb2 as pb
+from rdbroker_proxy.config import ProxySettings
+from rdbroker_proxy.errors import BrokerUnavailable, RouteRefused
+from rdbroker_proxy.routing import BrokerClient
+from rdbroker_proxy.splice import Splice
+from rdbroker_rdp import FirstPacket, X224Error, decode_cookie, parse_first_packet
+
+log = logging.getLogger(__name__)
+
+Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None]"]
+
+# A connection to a server that the broker placed afresh may be re-placed once; a reconnect or a
+# token target names where the user's session is, so only the broker may decide to move it.
+MOVABLE = frozenset({pb.ROUTE_REASON_NEW, pb.ROUTE_REASON_NO_IDENTITY})
+
+FIRST_PACKET, ROUTING, SPLICING, CLOSED = range(4)
+
+
+@dataclass
+class ProxyContext:
+    """What every connection of one proxy shares."""
+
+    settings: ProxySettings
+    broker: BrokerClient
+    spawn: Spawn
+    connections: set[ClientConnection] = field(default_factory=set)
+    accepted: int = 0
+    refused_over_cap: int = 0
+    drained: asyncio.Event | None = None  # set when the last connection ends, once shutdown asks
+
+    def forget(self, connection: ClientConnection) -> None:
+        self.connections.discard(connection)
+        if self.drained is not None and not self.connections:
+            self.drained.set()
+
+    def connection_ids(self) -> list[str]:
+        return [c.connection_id for c in self.connections if c.connection_id]
+
+
+def identity_for_log(cookie: str, mode: str) -> str:
+    if not cookie or mode == "cookie":
+        return cookie
+    return "sha256:" + hashlib.sha256(cookie.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+class ClientConnection(asyncio.Protocol):
+    __slots__ = (
+        "_buf",
+        "_task",
+        "_timer",
+        "client",
+        "client_eof",
+        "connection_id",
+        "context",
+        "cookie",
+        "pool",
+        "reason",
+        "server_address",
+        "session_id",
+        "splice",
+        "started",
+        "state",
+        "transport",
+    )
+
+    def __init__(self, context: ProxyContext) -> None:
+        self.context = context
+        self.transport: asyncio.Transport | None = None
+        self.client = ""
+        self.state = FIRST_PACKET
+        self._buf = bytearray()
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.splice: Splice | None = None
+        self.client_eof = False
+        self.started = time.monotonic()
+        self.connection_id = ""
+        self.cookie = ""
+        self.pool = ""
+        self.session_id = ""
+        self.server_address = ""
+        self.reason = ""
+
+    # -- asyncio callbacks ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else ""
+        ctx = self.context
+        ctx.accepted += 1
+        if len(ctx.connections) >= ctx.settings.max_connections:
+            ctx.refused_over_cap += 1
+            self.finish("over_capacity", abort=True)
+            return
+        ctx.connections.add(self)
+        self._timer = asyncio.get_running_loop().call_later(
+            ctx.settings.first_packet_timeout_s, self.finish, "first_packet_timeout"
+        )
+
+    def data_received(self, data: bytes) -> None:
+        if self.state == SPLICING:
+            assert self.splice is not None
+            self.splice.client_data(data)
+            return
+        self._buf += data
+        if self.state != FIRST_PACKET:
+            return  # routing: kept and replayed in order
+        try:
+            first = parse_first_packet(bytes(self._buf))
+        except X224Error as exc:
+            log.debug("malformed first packet: %s", exc)
+            self.finish("malformed_first_packet", abort=True)
+            return
+        if first is not None:
+            self._route(first)
+        elif len(self._buf) >= self.context.settings.max_first_packet:
+            self.finish("first_packet_too_large", abort=True)
+
+    def eof_received(self) -> bool:
+        if self.state == SPLICING:
+            assert self.splice is not None
+            self.splice.client_eof_received()
+            return True
+        if self.state == ROUTING:
+            self.client_eof = True  # forwarded as a half-close after the replay
+            return True
+        self.finish("client_closed_early")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.state == SPLICING and self.splice is not None:
+            self.splice.client_lost(exc)
+        else:
+            self.finish("client_closed_early" if self.state == FIRST_PACKET else "client_closed")
+
+    def pause_writing(self) -> None:
+        if self.splice is not None:
+            self.splice.client_write_paused()
+
+    def resume_writing(self) -> None:
+        if self.splice is not None:
+            self.splice.client_write_resumed()
+
+    # -- routing --------------------------------------------------------------------------------
+
+    def _route(self, first: FirstPacket) -> None:
+        assert self.transport is not None
+        self.state = ROUTING
+        self.transport.pause_reading()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.connection_id = str(uuid.uuid4())
+        self._task = self.context.spawn(self._establish(first))
+
+    def _route_request(self, first: FirstPacket) -> pb.RouteRequest:
+        request = first.request
+        if request.cookie is not None:
+            self.cookie = decode_cookie(request.cookie)
+        self.pool = request.collection or self.context.settings.pool
+        route = pb.RouteRequest(
+            connection_id=self.connection_id,
+            proxy_id=self.context.broker.proxy_id,
+            pool=self.pool,
+            cookie=self.cookie,
+            client_address=self.client,
+        )
+        if request.routing_token is not None:
+            route.routing_token = decode_cookie(request.routing_token)
+        pre = first.preconnection
+        if pre is not None:
+            route.preconnection_id = pre.id
+            if pre.blob:
+                route.preconnection_blob = pre.blob.encode("utf-8", "surrogatepass")
+        return route
+
+    async def _establish(self, first: FirstPacket) -> None:
+        try:
+            request = self._route_request(first)
+            answer = await self.context.broker.route(request)
+            self._take(answer)
+            splice = await self._connect(answer.server_address)
+            if splice is None and answer.reason in MOVABLE:
+                # Tell the broker, which ends that pending session and places again elsewhere.
+                request.attempt = 1
+                request.failed_server_address = answer.server_address
+                answer = await self.context.broker.route(request)
+                self._take(answer)
+                splice = await self._connect(answer.server_address)
+            if splice is None:
+                self.finish("connect_failed")
+                return
+            if self.state != ROUTING:  # the client went away meanwhile
+                splice.close()
+                return
+            self.splice = splice
+            self.state = SPLICING
+            replay, self._buf = bytes(self._buf), bytearray()
+            splice.start(replay, self.client_eof)
+            self.context.broker.report_opened(
+                pb.ConnectionOpenedRequest(
+                    session_id=self.session_id,
+                    connection_id=self.connection_id,
+                    proxy_id=self.context.broker.proxy_id,
+                    server_address=self.server_address,
+                )
+            )
+        except RouteRefused as exc:
+            log.info("broker refused the route: %s", exc, extra={"connection_id": self.connection_id})
+            self.finish(exc.end_reason)
+        except BrokerUnavailable as exc:
+            log.warning("%s", exc, extra={"connection_id": self.connection_id})
+            self.finish(exc.end_reason)
+        except asyncio.CancelledError:
+            self.finish("shutdown", abort=True)  # a no-op when the client's departure cancelled us
+            raise
+        except Exception:  # a bug must not take the other connections down with it
+            log.exception("connection set-up failed", extra={"connection_id": self.connection_id})
+            self.finish("internal_error", abort=True)
+        finally:
+            self._task = None
+
+    def _take(self, answer: pb.RouteResponse) -> None:
+        self.session_id = answer.session_id
+        self.server_address = answer.server_address
+        self.reason = pb.RouteReason.Name(answer.reason).removeprefix("ROUTE_REASON_").lower()
+        if answer.pool:
+            self.pool = answer.pool
+
+    async def _connect(self, address: str) -> Splice | None:
+        assert self.transport is not None
+        settings = self.context.settings
+        try:
+            host, port = split_host_port(address)
+            splice = Splice(self, self.transport, settings.idle_timeout_s)
+            async with asyncio.timeout(settings.connect_timeout_s):
+                await asyncio.get_running_loop().create_connection(lambda: splice, host, port)
+        except (OSError, TimeoutError, ValueError) as exc:
+            log.info(
+                "cannot connect to server %s: %s",
+                address,
+                exc or type(exc).__name__,
+                extra={"connection_id": self.connection_id, "server": address},
+            )
+            return None
+        return splice
+
+    # -- the end --------------------------------------------------------------------------------
+
+    def finish(self, reason: str, *, abort: bool = False) -> None:
+        """End this connection once: close both sides, report to the broker, log one line."""
+        if self.state == CLOSED:
+            return
+        routed = self.state in (ROUTING, SPLICING)
+        self.state = CLOSED
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._task is not None and self._task is not asyncio.current_task():
+            self._task.cancel()
+        if self.transport is not None:
+            if abort:
+                self.transport.abort()
+            else:
+                self.transport.close()
+        from_client = from_server = 0
+        if self.splice is not None:
+            self.splice.close(abort=abort)
+            from_client, from_server = self.splice.from_client, self.splice.from_server
+        else:
+            from_client = len(self._buf)
+        self._buf = bytearray()
+        ctx = self.context
+        ctx.forget(self)
+        duration_ms = int((time.monotonic() - self.started) * 1000)
+        if routed and self.session_id:
+            ctx.broker.report_closed(
+                pb.ConnectionClosedRequest(
+                    session_id=self.session_id,
+                    connection_id=self.connection_id,
+                    proxy_id=ctx.broker.proxy_id,
+                    bytes_from_client=from_client,
+                    bytes_from_server=from_server,
+                    duration_ms=duration_ms,
+                    end_reason=reason,
+                )
+            )
+        log.info(
+            "connection ended: %s",
+            reason,
+            extra={
+                "client": self.client,
+                "connection_id": self.connection_id,
+                "session_id": self.session_id,
+                "pool": self.pool,
+                "identity": identity_for_log(self.cookie, ctx.settings.log_identity),
+                "server": self.server_address,
+                "route_reason": self.reason,
+                "bytes_from_client": from_client,
+                "bytes_from_server": from_server,
+                "duration_ms": duration_ms,
+                "end_reason": reason,
+            },
+        )

@@ -1,0 +1,275 @@
+"""The broker client: Route with failover across brokers, and reports that never block the data path.
+
+Brokers are stateless replicas over one database, so any of them answers any call. We keep one
+channel per address and rotate over them, preferring channels that are not in TRANSIENT_FAILURE, so
+a dead broker costs one failed call and not one per connection. Route is retried on another broker
+with the same connection_id (the broker is idempotent on it), within one overall deadline.
+
+Opened/Closed reports go into a bounded queue drained by one background task: the data path only
+appends. A broker that is briefly away delays reports; it does not lose them unless the queue
+overflows, and what overflows is counted and logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Literal, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+
+from rdbroker_proto.v1 import broker_pb2 as pb
+from rdbroker_proto.v1.broker_pb2_grpc import BrokerStub
+from rdbroker_proxy.errors import BrokerUnavailable, RouteRefused
+
+if TYPE_CHECKING:
+    from rdbroker_proto.v1.broker_pb2_grpc import BrokerAsyncStub
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=Message)
+
+# A broker that failed with one of these may be down or cut off: another broker may answer.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# Reports are worth retrying on anything but an answer that says the report itself is wrong.
+NOT_RETRYABLE_REPORT = frozenset(
+    {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION}
+)
+REPORT_BATCH = 64
+RETRY_PAUSE_S = 0.05
+MAX_BACKOFF_S = 5.0
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
+
+ReportKind = Literal["opened", "closed"]
+Report = tuple[ReportKind, pb.ConnectionOpenedRequest | pb.ConnectionClosedRequest]
+
+
+class BrokerClient:
+    """Talks to a set of broker replicas. Build it inside the event loop; `close()` it at the end."""
+
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        *,
+        proxy_id: str,
+        route_timeout_s: float = 5.0,
+        route_attempt_timeout_s: float = 2.0,
+        report_timeout_s: float = 2.0,
+        report_buffer: int = 10000,
+        heartbeat_interval_s: float = 5.0,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        if not addresses:
+            raise ValueError("no broker addresses")
+        self.addresses = list(addresses)
+        self.proxy_id = proxy_id
+        self.route_timeout_s = route_timeout_s
+        self.route_attempt_timeout_s = route_attempt_timeout_s
+        self.report_timeout_s = report_timeout_s
+        self.report_buffer = report_buffer
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self._channels = [
+            grpc.aio.secure_channel(a, credentials, options=CHANNEL_OPTIONS)
+            if credentials is not None
+            else grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS)
+            for a in self.addresses
+        ]
+        self._stubs: list[BrokerAsyncStub] = [BrokerStub(channel) for channel in self._channels]
+        self._next = 0
+        self._reports: deque[Report] = deque()
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.dropped_reports = 0
+        self.sent_reports = 0
+        self._last_drop_log = 0.0
+
+    # -- choosing a broker ---------------------------------------------------------------------
+
+    def _order(self) -> list[int]:
+        """Every broker once, rotated for balance, the ones known to be failing last."""
+        n = len(self._stubs)
+        start = self._next
+        self._next = (self._next + 1) % n
+        rotated = [(start + i) % n for i in range(n)]
+        if n == 1:
+            return rotated
+        failing = grpc.ChannelConnectivity.TRANSIENT_FAILURE
+        healthy = [i for i in rotated if self._channels[i].get_state() != failing]
+        return healthy + [i for i in rotated if i not in healthy]
+
+    # -- Route ---------------------------------------------------------------------------------
+
+    async def route(self, request: pb.RouteRequest) -> pb.RouteResponse:
+        """Ask the brokers where this connection goes. Raises RouteRefused or BrokerUnavailable.
+
+        A retry carries the same request (same connection_id and attempt), so a broker that
+        answered an earlier try returns the same session rather than creating a second one.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.route_timeout_s
+        last: grpc.aio.AioRpcError | None = None
+        # Each broker once, then once more after a short pause if time is left (a restarting
+        # broker or a single-broker set gets a second chance), never past the deadline.
+        for round_ in range(2):
+            for index in self._order():
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    return await self._stubs[index].Route(
+                        request, timeout=min(remaining, self.route_attempt_timeout_s)
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() not in RETRYABLE:
+                        raise RouteRefused(exc.code(), exc.details() or "") from exc
+                    last = exc
+                    log.debug(
+                        "broker %s failed Route: %s",
+                        self.addresses[index],
+                        exc.code().name,
+                        extra={"connection_id": request.connection_id},
+                    )
+            if round_ == 0 and deadline - loop.time() > RETRY_PAUSE_S:
+                await asyncio.sleep(RETRY_PAUSE_S)
+        detail = f"{last.code().name}: {last.details()}" if last is not None else "deadline reached"
+        raise BrokerUnavailable(f"no broker answered Route: {detail}")
+
+    # -- reports -------------------------------------------------------------------------------
+
+    def report_opened(self, request: pb.ConnectionOpenedRequest) -> None:
+        self._enqueue(("opened", request))
+
+    def report_closed(self, request: pb.ConnectionClosedRequest) -> None:
+        self._enqueue(("closed", request))
+
+    @property
+    def pending_reports(self) -> int:
+        return len(self._reports)
+
+    def _enqueue(self, report: Report) -> None:
+        if len(self._reports) >= self.report_buffer:
+            self._reports.popleft()  # the oldest goes first: newer reports describe the present
+            self.dropped_reports += 1
+            now = time.monotonic()
+            if now - self._last_drop_log >= 10.0:
+                self._last_drop_log = now
+                log.warning(
+                    "report buffer full: dropping the oldest reports",
+                    extra={"dropped_reports": self.dropped_reports, "report_buffer": self.report_buffer},
+                )
+        self._reports.append(report)
+        self._idle.clear()
+        self._wakeup.set()
+
+    async def run_reports(self) -> None:
+        """Drain the report queue forever (cancel to stop; `flush()` first to send what is left)."""
+        backoff = RETRY_PAUSE_S
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._reports:
+                batch = [self._reports.popleft() for _ in range(min(REPORT_BATCH, len(self._reports)))]
+                unsent = await self._send_batch(batch)
+                if unsent:
+                    self._reports.extendleft(reversed(unsent))
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, MAX_BACKOFF_S)
+                else:
+                    backoff = RETRY_PAUSE_S
+            self._idle.set()
+
+    async def flush(self, timeout_s: float) -> bool:
+        """Wait until every queued report is sent (True) or the timeout passes (False)."""
+        if not self._reports and self._idle.is_set():
+            return True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+                return True
+        return False
+
+    async def _send_batch(self, batch: list[Report]) -> list[Report]:
+        """Send a batch; answers what could not be sent, in order. One connection's reports stay in order."""
+        groups: dict[str, list[Report]] = {}
+        for report in batch:
+            groups.setdefault(report[1].connection_id, []).append(report)
+        results = await asyncio.gather(*(self._send_in_order(g) for g in groups.values()))
+        return [report for unsent in results for report in unsent]
+
+    async def _send_in_order(self, reports: list[Report]) -> list[Report]:
+        for i, (kind, request) in enumerate(reports):
+            index = self._order()[0]
+            stub = self._stubs[index]
+            try:
+                if kind == "opened":
+                    assert isinstance(request, pb.ConnectionOpenedRequest)
+                    await stub.ConnectionOpened(request, timeout=self.report_timeout_s)
+                else:
+                    assert isinstance(request, pb.ConnectionClosedRequest)
+                    await stub.ConnectionClosed(request, timeout=self.report_timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in NOT_RETRYABLE_REPORT:
+                    log.warning(
+                        "broker rejected a %s report: %s %s",
+                        kind,
+                        exc.code().name,
+                        exc.details(),
+                        extra={"connection_id": request.connection_id},
+                    )
+                    continue
+                log.debug("report to %s failed: %s", self.addresses[index], exc.code().name)
+                return reports[i:]
+            self.sent_reports += 1
+        return []
+
+    # -- heartbeats ----------------------------------------------------------------------------
+
+    async def run_heartbeats(self, connection_ids: Callable[[], Sequence[str]]) -> None:
+        """Heartbeat now and then every interval the broker asks for (cancel to stop).
+
+        A missed heartbeat is not queued: the next one carries the current state.
+        """
+        interval = self.heartbeat_interval_s
+        while True:
+            ids = list(connection_ids())
+            request = pb.ProxyHeartbeatRequest(
+                proxy_id=self.proxy_id, active_connections=len(ids), connection_ids=ids
+            )
+            try:
+                answer = await self._call_any(self._heartbeat_call(request))
+                if answer.heartbeat_interval_ms:
+                    interval = min(max(answer.heartbeat_interval_ms / 1000, 0.1), 300.0)
+            except BrokerUnavailable as exc:
+                log.warning("heartbeat failed: %s", exc)
+            await asyncio.sleep(interval)
+
+    def _heartbeat_call(
+        self, request: pb.ProxyHeartbeatRequest
+    ) -> Callable[[BrokerAsyncStub], Awaitable[pb.ProxyHeartbeatResponse]]:
+        return lambda stub: stub.ProxyHeartbeat(request, timeout=self.report_timeout_s)
+
+    async def _call_any(self, call: Callable[[BrokerAsyncStub], Awaitable[M]]) -> M:
+        last: grpc.aio.AioRpcError | None = None
+        for index in self._order():
+            try:
+                return await call(self._stubs[index])
+            except grpc.aio.AioRpcError as exc:
+                last = exc
+        assert last is not None
+        raise BrokerUnavailable(f"{last.code().name}: {last.details()}")
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close()

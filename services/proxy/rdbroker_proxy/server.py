@@ -1,0 +1,141 @@
+"""The proxy replica: the RDP listener, the health endpoint, the broker client, and shutdown.
+
+Shutdown order (STYLE §10): readiness goes NOT_SERVING, the listener closes, live connections get
+`shutdown_grace_s` to finish, the rest are closed with end reason "shutdown", reports are flushed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health
+
+from rdbroker_common.rpc_server import add_standard_services, mark_serving
+from rdbroker_common.settings import split_host_port
+from rdbroker_proxy.config import ProxySettings
+from rdbroker_proxy.connection import ClientConnection, ProxyContext
+from rdbroker_proxy.routing import BrokerClient
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "rdbroker.v1.Proxy"  # a name for the health service only: the proxy serves no RPCs
+FLUSH_TIMEOUT_S = 5.0
+
+
+def channel_credentials(settings: ProxySettings) -> grpc.ChannelCredentials | None:
+    if not settings.tls_ca:
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=Path(settings.tls_ca).read_bytes(),
+        private_key=Path(settings.tls_key).read_bytes() if settings.tls_key else None,
+        certificate_chain=Path(settings.tls_cert).read_bytes() if settings.tls_cert else None,
+    )
+
+
+def server_credentials(settings: ProxySettings) -> grpc.ServerCredentials | None:
+    if not (settings.tls_ca and settings.tls_cert and settings.tls_key):
+        return None
+    return grpc.ssl_server_credentials(
+        [(Path(settings.tls_key).read_bytes(), Path(settings.tls_cert).read_bytes())],
+        root_certificates=Path(settings.tls_ca).read_bytes(),
+        require_client_auth=True,
+    )
+
+
+class ProxyServer:
+    """Run with `await ProxyServer(settings).serve(stop)`; `ready` is set once both ports are bound."""
+
+    def __init__(self, settings: ProxySettings) -> None:
+        self.settings = settings
+        self.ready = asyncio.Event()
+        self.port = 0
+        self.grpc_port = 0
+        self.broker: BrokerClient | None = None
+        self.context: ProxyContext | None = None
+        self._health: health.aio.HealthServicer | None = None
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        settings = self.settings
+        loop = asyncio.get_running_loop()
+        broker = self.broker = BrokerClient(
+            settings.broker_addresses,
+            proxy_id=settings.proxy_id,
+            route_timeout_s=settings.route_timeout_s,
+            route_attempt_timeout_s=settings.route_attempt_timeout_s,
+            report_timeout_s=settings.report_timeout_s,
+            report_buffer=settings.report_buffer,
+            heartbeat_interval_s=settings.heartbeat_interval_s,
+            credentials=channel_credentials(settings),
+        )
+        grpc_server = grpc.aio.server()
+        self._health = add_standard_services(grpc_server, [SERVICE_NAME])
+        creds = server_credentials(settings)
+        if creds is None:
+            self.grpc_port = grpc_server.add_insecure_port(settings.grpc_listen)
+        else:
+            self.grpc_port = grpc_server.add_secure_port(settings.grpc_listen, creds)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                context = self.context = ProxyContext(settings=settings, broker=broker, spawn=tg.create_task)
+                host, port = split_host_port(settings.listen)
+                listener = await loop.create_server(
+                    lambda: ClientConnection(context),
+                    host,
+                    port,
+                    backlog=settings.backlog,
+                    reuse_address=True,
+                )
+                self.port = listener.sockets[0].getsockname()[1]
+                await grpc_server.start()
+                await mark_serving(self._health, [SERVICE_NAME])
+                reports = tg.create_task(broker.run_reports(), name="proxy-reports")
+                heartbeats = tg.create_task(
+                    broker.run_heartbeats(context.connection_ids), name="proxy-heartbeats"
+                )
+                log.info(
+                    "proxy listening",
+                    extra={
+                        "listen": settings.listen,
+                        "port": self.port,
+                        "grpc_port": self.grpc_port,
+                        "brokers": settings.broker_addresses,
+                        "proxy_id": settings.proxy_id,
+                    },
+                )
+                self.ready.set()
+                await stop.wait()
+
+                log.info("shutting down", extra={"connections": len(context.connections)})
+                await self._health.enter_graceful_shutdown()
+                listener.close()
+                await self._drain(context, settings.shutdown_grace_s)
+                heartbeats.cancel()
+                if not await broker.flush(FLUSH_TIMEOUT_S):
+                    log.warning("reports not sent at exit", extra={"pending_reports": broker.pending_reports})
+                reports.cancel()
+        finally:
+            await grpc_server.stop(None)
+            await broker.close()
+            log.info(
+                "proxy stopped",
+                extra={"sent_reports": broker.sent_reports, "dropped_reports": broker.dropped_reports},
+            )
+
+    async def _drain(self, context: ProxyContext, grace_s: float) -> None:
+        """Let live connections end on their own for `grace_s`, then close the rest."""
+        context.drained = asyncio.Event()
+        if not context.connections:
+            context.drained.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace_s):
+                await context.drained.wait()
+        left = list(context.connections)
+        if left:
+            log.info("closing connections at the end of the grace period", extra={"connections": len(left)})
+        for connection in left:
+            connection.finish("shutdown", abort=True)
+        await asyncio.sleep(0)  # let the aborted transports deliver connection_lost

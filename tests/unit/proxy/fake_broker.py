@@ -1,0 +1,143 @@
+"""An in-process Broker for proxy tests and the proxy bench: a real grpc.aio server, in-memory routing.
+
+`Directory` is the shared state (what PostgreSQL is to real brokers); several `FakeBroker` servicers
+over one Directory behave like broker replicas. Route follows the broker contract closely enough to
+test the proxy: token -> the registered server it names (else PERMISSION_DENIED), a known user ->
+their server (RECONNECT), else the least-used server (NEW, or NO_IDENTITY without a cookie), and one
+answer per (connection_id, attempt): a retried call never creates a second session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from rdbroker_proto.v1 import broker_pb2 as pb
+from rdbroker_proto.v1 import broker_pb2_grpc
+from rdbroker_rdp import decode_routing_token
+
+
+@dataclass
+class Directory:
+    pools: dict[str, list[str]]  # pool name ("" = default) -> server addresses
+    answers: dict[tuple[str, int], pb.RouteResponse] = field(default_factory=dict)
+    users: dict[tuple[str, str], str] = field(default_factory=dict)  # (pool, user) -> server
+    sessions_created: Counter[str] = field(default_factory=Counter)  # connection_id -> sessions made
+    placements: Counter[str] = field(default_factory=Counter)  # server -> sessions placed there
+    routes: list[pb.RouteRequest] = field(default_factory=list)
+    opened: list[pb.ConnectionOpenedRequest] = field(default_factory=list)
+    closed: list[pb.ConnectionClosedRequest] = field(default_factory=list)
+    heartbeats: list[pb.ProxyHeartbeatRequest] = field(default_factory=list)
+    heartbeat_interval_ms: int = 5000
+    error: tuple[grpc.StatusCode, str] | None = None  # answer every Route with this error
+    _ids: itertools.count[int] = field(default_factory=itertools.count)
+
+    def registered(self, address: str) -> bool:
+        return any(address in servers for servers in self.pools.values())
+
+    def route(self, request: pb.RouteRequest) -> pb.RouteResponse | tuple[grpc.StatusCode, str]:
+        self.routes.append(request)
+        if self.error is not None:
+            return self.error
+        key = (request.connection_id, request.attempt)
+        if key in self.answers:
+            return self.answers[key]
+        pool = request.pool
+        if pool not in self.pools:
+            return grpc.StatusCode.NOT_FOUND, f"no pool {pool!r}"
+        user = request.cookie.strip()
+        if request.routing_token:
+            target = decode_routing_token(request.routing_token)
+            address = f"{target[0]}:{target[1]}" if target else ""
+            if not address or not self.registered(address):
+                return grpc.StatusCode.PERMISSION_DENIED, "token names no registered server"
+            answer = self._answer(address, pb.ROUTE_REASON_TOKEN, user, pool, new=False)
+        elif user and (pool, user) in self.users and request.attempt == 0:
+            answer = self._answer(self.users[(pool, user)], pb.ROUTE_REASON_RECONNECT, user, pool, new=False)
+        else:
+            candidates = [s for s in self.pools[pool] if s != request.failed_server_address]
+            if not candidates:
+                return grpc.StatusCode.RESOURCE_EXHAUSTED, "no server can take a session"
+            server = min(candidates, key=lambda s: self.placements[s])
+            reason = pb.ROUTE_REASON_NEW if user else pb.ROUTE_REASON_NO_IDENTITY
+            answer = self._answer(server, reason, user, pool, new=True)
+            self.sessions_created[request.connection_id] += 1
+            self.placements[server] += 1
+            if user:
+                self.users[(pool, user)] = server
+        self.answers[key] = answer
+        return answer
+
+    def _answer(self, server: str, reason: int, user: str, pool: str, *, new: bool) -> pb.RouteResponse:
+        return pb.RouteResponse(
+            server_address=server,
+            session_id=f"s{next(self._ids)}",
+            reason=reason,  # type: ignore[arg-type]
+            user=user,
+            pool=pool or "default",
+        )
+
+
+class FakeBroker(broker_pb2_grpc.BrokerServicer):
+    """One broker replica over a shared Directory. `hang_routes` makes Route commit and never answer."""
+
+    def __init__(self, directory: Directory) -> None:
+        self.directory = directory
+        self.route_calls = 0
+        self.hang_routes = False
+        self.route_delay_s = 0.0
+
+    async def Route(self, request: pb.RouteRequest, context: grpc.aio.ServicerContext) -> pb.RouteResponse:  # type: ignore[override]
+        self.route_calls += 1
+        if self.route_delay_s:
+            await asyncio.sleep(self.route_delay_s)
+        answer = self.directory.route(request)
+        if self.hang_routes:
+            await asyncio.sleep(3600)  # committed, but the answer never leaves: the proxy must retry
+        if isinstance(answer, tuple):
+            await context.abort(answer[0], answer[1])
+        assert isinstance(answer, pb.RouteResponse)
+        return answer
+
+    async def ConnectionOpened(self, request, context):  # type: ignore[no-untyped-def]
+        self.directory.opened.append(request)
+        return pb.ConnectionOpenedResponse()
+
+    async def ConnectionClosed(self, request, context):  # type: ignore[no-untyped-def]
+        self.directory.closed.append(request)
+        return pb.ConnectionClosedResponse()
+
+    async def ProxyHeartbeat(self, request, context):  # type: ignore[no-untyped-def]
+        self.directory.heartbeats.append(request)
+        return pb.ProxyHeartbeatResponse(heartbeat_interval_ms=self.directory.heartbeat_interval_ms)
+
+
+class RunningBroker:
+    def __init__(self, servicer: FakeBroker, server: grpc.aio.Server, port: int) -> None:
+        self.servicer = servicer
+        self.server = server
+        self.port = port
+        self.address = f"127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        await self.server.stop(None)
+
+
+@contextlib.asynccontextmanager
+async def fake_broker(directory: Directory, port: int = 0) -> AsyncIterator[RunningBroker]:
+    """A FakeBroker served on 127.0.0.1 (a free port unless one is given)."""
+    server = grpc.aio.server()
+    servicer = FakeBroker(directory)
+    broker_pb2_grpc.add_BrokerServicer_to_server(servicer, server)
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    try:
+        yield RunningBroker(servicer, server, bound)
+    finally:
+        await server.stop(None)

@@ -1,0 +1,155 @@
+"""The broker client against in-process fake brokers: failover, refusals, buffered reports, heartbeats."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+
+from rdbroker_proto.v1 import broker_pb2 as pb
+from rdbroker_proxy.errors import BrokerUnavailable, RouteRefused
+from rdbroker_proxy.routing import BrokerClient
+from tests.support.postgres import free_port
+from tests.unit.proxy.fake_broker import Directory, fake_broker
+from tests.unit.proxy.support import wait_until
+
+SERVER = "127.0.0.1:40001"
+
+
+def request(connection_id: str, cookie: str = "alice") -> pb.RouteRequest:
+    return pb.RouteRequest(connection_id=connection_id, proxy_id="p", cookie=cookie)
+
+
+def client(addresses: list[str], **kw: float) -> BrokerClient:
+    options = {"route_timeout_s": 3.0, "route_attempt_timeout_s": 1.0, "report_timeout_s": 0.5}
+    options.update(kw)
+    return BrokerClient(addresses, proxy_id="p", **options)  # type: ignore[arg-type]
+
+
+async def test_route_answers_and_a_retry_reuses_the_answer() -> None:
+    directory = Directory({"": [SERVER]})
+    async with fake_broker(directory) as broker:
+        c = client([broker.address])
+        try:
+            first = await c.route(request("c1"))
+            again = await c.route(request("c1"))
+        finally:
+            await c.close()
+    assert first.server_address == SERVER
+    assert first.reason == pb.ROUTE_REASON_NEW
+    assert again == first
+    assert directory.sessions_created["c1"] == 1
+
+
+async def test_route_fails_over_to_another_broker() -> None:
+    directory = Directory({"": [SERVER]})
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+    async with fake_broker(directory) as broker:
+        c = client([dead, broker.address])
+        try:
+            answers = [await c.route(request(f"c{i}", cookie=f"u{i}")) for i in range(6)]
+        finally:
+            await c.close()
+    assert all(a.server_address == SERVER for a in answers)
+    assert broker.servicer.route_calls == 6
+
+
+async def test_a_broker_that_commits_but_never_answers_is_retried_with_the_same_connection_id() -> None:
+    directory = Directory({"": [SERVER]})
+    async with fake_broker(directory) as hung, fake_broker(directory) as good:
+        hung.servicer.hang_routes = True
+        c = client([hung.address, good.address], route_attempt_timeout_s=0.3)
+        try:
+            answers = [await c.route(request(f"c{i}", cookie=f"u{i}")) for i in range(4)]
+        finally:
+            await c.close()
+    assert hung.servicer.route_calls >= 1  # rotation sent at least one call into the hang
+    assert all(a.server_address == SERVER for a in answers)
+    assert set(directory.sessions_created.values()) == {1}  # no connection created two sessions
+    assert len(directory.sessions_created) == 4
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ],
+)
+async def test_refusals_are_not_retried(code: grpc.StatusCode) -> None:
+    directory = Directory({"": [SERVER]}, error=(code, "no"))
+    async with fake_broker(directory) as a, fake_broker(directory) as b:
+        c = client([a.address, b.address])
+        try:
+            with pytest.raises(RouteRefused) as caught:
+                await c.route(request("c1"))
+        finally:
+            await c.close()
+    assert caught.value.code == code
+    assert a.servicer.route_calls + b.servicer.route_calls == 1
+
+
+async def test_no_broker_reachable_is_unavailable_within_the_deadline() -> None:
+    c = client([f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"], route_timeout_s=1.0)
+    started = time.monotonic()
+    try:
+        with pytest.raises(BrokerUnavailable):
+            await c.route(request("c1"))
+    finally:
+        await c.close()
+    assert time.monotonic() - started < 5.0  # bounded by the deadline (loose: loaded machine)
+
+
+async def test_reports_wait_for_a_broker_that_comes_back() -> None:
+    directory = Directory({"": [SERVER]})
+    port = free_port()
+    c = client([f"127.0.0.1:{port}"])
+    try:
+        async with asyncio.TaskGroup() as tg:
+            drainer = tg.create_task(c.run_reports())
+            for i in range(5):
+                c.report_opened(pb.ConnectionOpenedRequest(connection_id=f"c{i}", session_id=f"s{i}"))
+                c.report_closed(pb.ConnectionClosedRequest(connection_id=f"c{i}", session_id=f"s{i}"))
+            assert not await c.flush(0.3)  # nobody listens yet
+            async with fake_broker(directory, port=port):
+                assert await c.flush(10.0)
+            drainer.cancel()
+    finally:
+        await c.close()
+    assert [r.connection_id for r in directory.opened] == [f"c{i}" for i in range(5)]
+    assert [r.connection_id for r in directory.closed] == [f"c{i}" for i in range(5)]
+    assert c.dropped_reports == 0
+
+
+async def test_reports_past_the_bound_are_dropped_and_counted() -> None:
+    c = client([f"127.0.0.1:{free_port()}"])
+    c.report_buffer = 3
+    try:
+        for i in range(5):
+            c.report_closed(pb.ConnectionClosedRequest(connection_id=f"c{i}"))
+    finally:
+        await c.close()
+    assert c.dropped_reports == 2
+    assert c.pending_reports == 3
+
+
+async def test_heartbeats_follow_the_interval_the_broker_names() -> None:
+    directory = Directory({"": [SERVER]}, heartbeat_interval_ms=100)
+    async with fake_broker(directory) as broker:
+        c = client([broker.address])
+        c.heartbeat_interval_s = 60.0
+        try:
+            async with asyncio.TaskGroup() as tg:
+                beats = tg.create_task(c.run_heartbeats(lambda: ["c1", "c2"]))
+                await wait_until(lambda: len(directory.heartbeats) >= 3)
+                beats.cancel()
+        finally:
+            await c.close()
+    beat = directory.heartbeats[0]
+    assert beat.proxy_id == "p"
+    assert beat.active_connections == 2
+    assert list(beat.connection_ids) == ["c1", "c2"]
