@@ -1,0 +1,268 @@
+// The rdbroker dashboard: servers of each pool, a user search, drain/maintenance/enable buttons.
+// Plain DOM, no build step. Every value from the API goes in through textContent, never as HTML.
+"use strict";
+
+const TOKEN_KEY = "rdbroker-token";
+const ACTIONS = [
+  ["drain", "Drain", "draining"],
+  ["maintenance", "Maintenance", "maintenance"],
+  ["enable", "Enable", "enabled"],
+];
+
+const $ = (selector) => document.querySelector(selector);
+let askedForReadToken = false;
+let refreshTimer = null;
+
+class ApiError extends Error {
+  constructor(status, message) {
+    super(message);
+    this.status = status;
+  }
+}
+
+function token() {
+  return sessionStorage.getItem(TOKEN_KEY) || "";
+}
+
+function setToken(value) {
+  if (value) sessionStorage.setItem(TOKEN_KEY, value);
+  else sessionStorage.removeItem(TOKEN_KEY);
+}
+
+async function api(method, path) {
+  const headers = { Accept: "application/json" };
+  if (token()) headers.Authorization = `Bearer ${token()}`;
+  let response;
+  try {
+    response = await fetch(path, { method, headers, cache: "no-store" });
+  } catch (err) {
+    throw new ApiError(0, `cannot reach the broker (${err.message})`);
+  }
+  if (response.status === 204) return null;
+  let body = null;
+  try {
+    body = await response.json();
+  } catch (err) {
+    body = null;
+  }
+  if (!response.ok) {
+    const title = (body && body.title) || response.statusText || "error";
+    const detail = body && typeof body.detail === "string" && body.detail !== title ? `: ${body.detail}` : "";
+    throw new ApiError(response.status, `${response.status} ${title}${detail}`);
+  }
+  return body;
+}
+
+// --- token dialog ---------------------------------------------------------------------------------
+
+function askToken(title, reason) {
+  const dialog = $("#token-dialog");
+  $("#token-title").textContent = title;
+  $("#token-reason").textContent = reason;
+  $("#token-input").value = "";
+  return new Promise((resolve) => {
+    const done = (value) => {
+      dialog.removeEventListener("close", onClose);
+      $("#token-cancel").removeEventListener("click", onCancel);
+      resolve(value);
+    };
+    const onClose = () => done(dialog.returnValue === "ok" ? $("#token-input").value.trim() : null);
+    const onCancel = () => {
+      dialog.close("cancel");
+    };
+    dialog.addEventListener("close", onClose);
+    $("#token-cancel").addEventListener("click", onCancel);
+    dialog.returnValue = "";
+    dialog.showModal();
+    $("#token-input").focus();
+  });
+}
+
+// --- servers ---------------------------------------------------------------------------------------
+
+function text(tag, value, className) {
+  const node = document.createElement(tag);
+  node.textContent = value;
+  if (className) node.className = className;
+  return node;
+}
+
+function formatDuration(seconds) {
+  if (typeof seconds !== "number" || seconds < 0) return "";
+  const h = Math.floor(seconds / 3600);
+  const m = Math.floor((seconds % 3600) / 60);
+  return h ? `${h}h${m ? ` ${m}m` : ""}` : `${m}m`;
+}
+
+function formatTime(value) {
+  if (!value) return "–";
+  const moment = new Date(value);
+  return Number.isNaN(moment.getTime()) ? String(value) : moment.toLocaleString();
+}
+
+function serverRow(server) {
+  const row = document.createElement("tr");
+  row.dataset.address = server.address;
+  row.className = `health-${server.health} state-${server.effective_admin_state || server.admin_state}`;
+  row.append(text("td", server.address, "address"));
+  const effective = server.effective_admin_state || server.admin_state;
+  const stateText = effective === server.admin_state ? server.admin_state : `${server.admin_state} (${effective} by agent)`;
+  row.append(text("td", stateText, "state"));
+  const health = text("td", server.health, "health");
+  if (server.health_detail) health.title = server.health_detail;
+  row.append(health);
+  row.append(text("td", server.load >= 0 ? `${server.load}` : "–", "load"));
+  row.append(text("td", `${server.live_sessions}`, "sessions"));
+  row.append(text("td", `${server.weight}`, "weight"));
+  row.append(text("td", server.max_sessions ? `${server.max_sessions}` : "∞", "max"));
+  const cell = document.createElement("td");
+  cell.className = "actions";
+  for (const [action, label, state] of ACTIONS) {
+    const button = text("button", label);
+    button.type = "button";
+    button.dataset.action = action;
+    button.disabled = server.admin_state === state;
+    button.addEventListener("click", () => changeState(server.address, action, label));
+    cell.append(button);
+  }
+  row.append(cell);
+  return row;
+}
+
+function render(servers, pools) {
+  const byPool = new Map(pools.map((pool) => [pool.name, { pool, servers: [] }]));
+  for (const server of servers) {
+    if (!byPool.has(server.pool)) byPool.set(server.pool, { pool: { name: server.pool }, servers: [] });
+    byPool.get(server.pool).servers.push(server);
+  }
+  const section = $("#pools");
+  const articles = [];
+  for (const { pool, servers: members } of byPool.values()) {
+    const article = $("#pool-template").content.firstElementChild.cloneNode(true);
+    article.dataset.pool = pool.name;
+    article.querySelector(".pool-name").textContent = pool.name;
+    const info = [];
+    if (pool.default) info.push("default");
+    if (pool.disconnect_timeout_s !== undefined) info.push(`disconnected sessions kept ${formatDuration(pool.disconnect_timeout_s)}`);
+    info.push(`${members.length} server${members.length === 1 ? "" : "s"}`);
+    article.querySelector(".pool-info").textContent = info.join(" · ");
+    article.querySelector("tbody").append(...members.map(serverRow));
+    articles.push(article);
+  }
+  if (articles.length) section.replaceChildren(...articles);
+  else section.replaceChildren(text("p", "No pools or servers yet.", "empty"));
+}
+
+function setStatus(message, isError) {
+  const status = $("#status");
+  status.textContent = message;
+  status.classList.toggle("error", Boolean(isError));
+}
+
+async function refresh() {
+  try {
+    const [serverList, poolList] = await Promise.all([api("GET", "/v1/servers"), api("GET", "/v1/pools")]);
+    render(serverList.servers, poolList.pools);
+    setStatus(`updated ${new Date().toLocaleTimeString()}`, false);
+  } catch (err) {
+    if (err.status === 401) {
+      setStatus("The API needs a token: use “Token…”.", true);
+      if (!askedForReadToken) {
+        askedForReadToken = true;
+        const value = await askToken("API token", "This broker needs a read or admin token to show its servers.");
+        if (value) {
+          setToken(value);
+          return refresh();
+        }
+      }
+    } else {
+      setStatus(err.message, true);
+    }
+  }
+  return undefined;
+}
+
+async function changeState(address, action, label) {
+  let asked = false;
+  if (!token()) {
+    const value = await askToken("Admin token", `${label} ${address} needs the admin token.`);
+    if (!value) return;
+    setToken(value);
+    asked = true;
+  }
+  for (;;) {
+    try {
+      await api("POST", `/v1/servers/${encodeURIComponent(address)}/${action}`);
+      break;
+    } catch (err) {
+      if ((err.status === 401 || err.status === 403) && !asked) {
+        asked = true;
+        const value = await askToken("Admin token", `${label} ${address} needs the admin token (${err.message}).`);
+        if (!value) return;
+        setToken(value);
+        continue;
+      }
+      setStatus(`${label} ${address}: ${err.message}`, true);
+      return;
+    }
+  }
+  await refresh();
+}
+
+// --- user search -----------------------------------------------------------------------------------
+
+async function search(event) {
+  event.preventDefault();
+  const user = $("#search-user").value.trim();
+  if (!user) return;
+  const query = $("#search-ended").checked ? "?include_ended=true" : "";
+  const table = $("#search-results");
+  const message = $("#search-message");
+  try {
+    const answer = await api("GET", `/v1/users/${encodeURIComponent(user)}/sessions${query}`);
+    const rows = answer.sessions.map((session) => {
+      const row = document.createElement("tr");
+      row.dataset.session = session.id;
+      row.append(
+        text("td", session.user || "–"),
+        text("td", session.pool),
+        text("td", session.server_address, "server"),
+        text("td", session.state, "state"),
+        text("td", formatTime(session.created_at)),
+        text("td", formatTime(session.expires_at)),
+        text("td", session.id, "id"),
+      );
+      return row;
+    });
+    table.querySelector("tbody").replaceChildren(...rows);
+    table.hidden = rows.length === 0;
+    message.textContent = rows.length ? "" : `No sessions for ${user}.`;
+  } catch (err) {
+    table.hidden = true;
+    message.textContent = err.message;
+  }
+}
+
+// --- start -----------------------------------------------------------------------------------------
+
+async function loop() {
+  if (!document.hidden) await refresh();
+  const every = Number(document.body.dataset.refreshMs) || 5000;
+  refreshTimer = setTimeout(loop, every);
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("#search-form").addEventListener("submit", search);
+  $("#token-button").addEventListener("click", async () => {
+    const value = await askToken("API token", "A read token shows the farm; the admin token also changes it.");
+    if (value !== null) {
+      setToken(value);
+      clearTimeout(refreshTimer);
+      loop();
+    }
+  });
+  document.addEventListener("visibilitychange", () => {
+    if (!document.hidden) refresh();
+  });
+  loop();
+});
