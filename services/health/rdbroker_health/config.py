@@ -6,7 +6,7 @@ import os
 import socket
 import uuid
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from rdbroker_common.settings import ServiceSettings, split_host_port
@@ -41,6 +41,9 @@ class HealthSettings(ServiceSettings):
     # Upper bound on the timeout an operator may ask of ProbeServer.
     max_on_demand_timeout_s: float = Field(default=30.0, gt=0, le=600)
 
+    # Prometheus /metrics (host:port); empty = off.
+    metrics_listen: str = ""
+    # Mutual TLS for the gRPC server and the broker client: all three or none.
     tls_ca: str = ""
     tls_cert: str = ""
     tls_key: str = ""
@@ -60,13 +63,6 @@ class HealthSettings(ServiceSettings):
     def _check_listen(cls, value: str) -> str:
         split_host_port(value)
         return value
-
-    @model_validator(mode="after")
-    def _check_tls(self) -> HealthSettings:
-        given = [bool(self.tls_ca), bool(self.tls_cert), bool(self.tls_key)]
-        if any(given) and not all(given):
-            raise ValueError("mutual TLS needs all of tls_ca, tls_cert and tls_key")
-        return self
 
     @property
     def broker_addresses(self) -> list[str]:

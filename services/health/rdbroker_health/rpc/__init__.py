@@ -1,0 +1,1 @@
+"""gRPC edges of the health service: the `rdbroker.v1.Health` servicer and the broker client."""

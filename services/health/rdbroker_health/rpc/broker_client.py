@@ -1,0 +1,108 @@
+"""The health replica's client of the broker: several addresses, failover on unavailability.
+
+Calls go to the last address that answered; on UNAVAILABLE or DEADLINE_EXCEEDED the next address is
+tried, once around the list. Every call used here is safe to repeat (a claim renews, a report
+overwrites), so a call that may have reached a broker before failing can be sent to another.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+import grpc
+
+from rdbroker_health import metrics
+from rdbroker_health.errors import BrokerRefused, BrokerUnavailable
+from rdbroker_proto.v1 import broker_pb2, broker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# Reconnect quickly when a broker comes back; the default backoff grows to two minutes.
+_CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+
+
+class BrokerClient:
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        *,
+        timeout_s: float,
+        credentials: grpc.ChannelCredentials | None = None,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+    ) -> None:
+        if not addresses:
+            raise ValueError("at least one broker address is needed")
+        self.addresses = list(addresses)
+        self.timeout_s = timeout_s
+        self._channels = [
+            grpc.aio.secure_channel(a, credentials, options=_CHANNEL_OPTIONS, interceptors=interceptors)
+            if credentials is not None
+            else grpc.aio.insecure_channel(a, options=_CHANNEL_OPTIONS, interceptors=interceptors)
+            for a in self.addresses
+        ]
+        self._stubs = [broker_pb2_grpc.BrokerStub(c) for c in self._channels]
+        self._current = 0
+
+    async def claim(self, replica_id: str, lease_ms: int) -> list[broker_pb2.ProbeTarget]:
+        request = broker_pb2.ClaimProbeTargetsRequest(replica_id=replica_id, lease_ms=lease_ms)
+        response = await self._call(
+            "ClaimProbeTargets", lambda stub: stub.ClaimProbeTargets(request, timeout=self.timeout_s)
+        )
+        return list(response.targets)
+
+    async def report_results(self, replica_id: str, results: Sequence[broker_pb2.ProbeResult]) -> list[str]:
+        """Send results; answers the addresses the broker refused (this replica holds no lease on them)."""
+        request = broker_pb2.ReportProbeResultsRequest(replica_id=replica_id, results=results)
+        response = await self._call(
+            "ReportProbeResults", lambda stub: stub.ReportProbeResults(request, timeout=self.timeout_s)
+        )
+        return list(response.rejected_addresses)
+
+    async def report_sessions(
+        self, replica_id: str, address: str, sessions: Sequence[broker_pb2.ReportedSession]
+    ) -> broker_pb2.ReportServerSessionsResponse:
+        request = broker_pb2.ReportServerSessionsRequest(
+            replica_id=replica_id, address=address, sessions=sessions
+        )
+        return await self._call(
+            "ReportServerSessions", lambda stub: stub.ReportServerSessions(request, timeout=self.timeout_s)
+        )
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close()
+
+    async def _call(self, name: str, send: Callable[[broker_pb2_grpc.BrokerAsyncStub], Awaitable[T]]) -> T:
+        last: grpc.aio.AioRpcError | None = None
+        for step in range(len(self._stubs)):
+            index = (self._current + step) % len(self._stubs)
+            try:
+                response = await send(self._stubs[index])
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in _FAILOVER_CODES:
+                    raise BrokerRefused(
+                        f"{name} at {self.addresses[index]}: {exc.code().name} {exc.details()}"
+                    ) from exc
+                log.warning(
+                    "broker %s unavailable for %s: %s",
+                    self.addresses[index],
+                    name,
+                    exc.details() or exc.code().name,
+                )
+                last = exc
+                continue
+            if index != self._current:
+                log.info("broker calls now go to %s", self.addresses[index])
+                self._current = index
+            return response
+        metrics.broker_unreachable.add(1, {"method": name})
+        raise BrokerUnavailable(f"{name}: no broker answered ({', '.join(self.addresses)})") from last

@@ -1,0 +1,194 @@
+"""The replica loop against an in-process fake Broker: claims, probes, reports, hand-over on death."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import httpx
+
+from rdbroker_proto.v1 import broker_pb2, broker_pb2_grpc
+from tests.support.postgres import free_port
+from tests.unit.health.fake_broker import FakeBroker, serving
+from tests.unit.health.support import ProbeLog, fast_settings, replica, wait_until
+
+UP, DOWN, UNKNOWN = broker_pb2.HEALTH_STATE_UP, broker_pb2.HEALTH_STATE_DOWN, broker_pb2.HEALTH_STATE_UNKNOWN
+
+
+def broker_with(count: int, **fields: object) -> FakeBroker:
+    broker = FakeBroker()
+    for i in range(count):
+        broker.add(f"10.0.0.{i + 1}:3389", **fields)
+    return broker
+
+
+async def test_one_replica_probes_every_server_and_reports() -> None:
+    broker = broker_with(3, health=UNKNOWN)
+    probes = ProbeLog()
+    async with (
+        serving(broker) as address,
+        replica(fast_settings(address), "r1", probes.probe_for("r1")) as (scheduler, _, _),
+    ):
+        await wait_until(lambda: all(broker.health(a) == UP for a in broker.targets))
+        assert scheduler.held == set(broker.targets)
+    reported = {r.result.address for r in broker.reports}
+    assert reported == set(broker.targets)
+    first = broker.reports[0].result
+    assert first.rdp_ok
+    assert first.rdp_detail == "neg_rsp protocol=1"
+    assert first.load == -1  # no agent
+    assert first.probed_at.seconds > 0
+
+
+async def test_fall_then_rise_with_the_targets_own_thresholds() -> None:
+    broker = broker_with(1, health=UP, rise=2, fall=2, interval_ms=100)
+    server = next(iter(broker.targets))
+    probes = ProbeLog(down={server})
+    async with (
+        serving(broker) as address,
+        replica(fast_settings(address, fall=5), "r1", probes.probe_for("r1")),
+    ):
+        await wait_until(lambda: broker.health(server) == DOWN)
+        downs = [r.result.health for r in broker.reports]
+        # the pool's fall=2 (not the replica's 5): second failure turns it DOWN
+        assert downs[:2] == [UP, DOWN]
+        probes.down.clear()
+        await wait_until(lambda: broker.health(server) == UP)
+    states = [r.result.health for r in broker.reports]
+    first_up = states.index(UP, 2)
+    assert states[first_up - 1] == DOWN
+    assert [r.result.rdp_ok for r in broker.reports][first_up - 1 : first_up + 1] == [True, True]
+
+
+async def test_a_replica_taking_over_keeps_the_brokers_state() -> None:
+    broker = broker_with(1, health=DOWN, rise=3)
+    server = next(iter(broker.targets))
+    probes = ProbeLog()
+    async with serving(broker) as address, replica(fast_settings(address), "r1", probes.probe_for("r1")):
+        await wait_until(lambda: broker.health(server) == UP)
+    assert [r.result.health for r in broker.reports][:3] == [DOWN, DOWN, UP]
+
+
+async def test_agent_load_is_reported() -> None:
+    broker = broker_with(2, agent_url="http://agent.test/load")
+    http = httpx.AsyncClient(
+        transport=httpx.MockTransport(lambda request: httpx.Response(200, text="75%,drain"))
+    )
+    async with (
+        serving(broker) as address,
+        replica(fast_settings(address), "r1", ProbeLog().probe_for("r1"), http),
+    ):
+        await wait_until(lambda: len({r.result.address for r in broker.reports}) == 2)
+    result = broker.reports[0].result
+    assert (result.load, result.agent_state, result.agent_detail) == (
+        25,
+        broker_pb2.AGENT_STATE_DRAIN,
+        "load=25 state=drain",
+    )
+
+
+async def test_failed_agent_reports_no_load_and_its_reason() -> None:
+    broker = broker_with(1, agent_url="http://agent.test/load")
+    http = httpx.AsyncClient(transport=httpx.MockTransport(lambda request: httpx.Response(500)))
+    async with (
+        serving(broker) as address,
+        replica(fast_settings(address), "r1", ProbeLog().probe_for("r1"), http),
+    ):
+        await wait_until(lambda: bool(broker.reports))
+    result = broker.reports[0].result
+    assert (result.load, result.agent_state, result.agent_detail) == (
+        -1,
+        broker_pb2.AGENT_STATE_UNSPECIFIED,
+        "http 500",
+    )
+    assert result.rdp_ok
+
+
+async def test_session_lists_are_reported() -> None:
+    broker = broker_with(1, sessions_url="http://agent.test/sessions")
+    body = b'[{"user": "CORP\\\\alice", "state": "active"}, {"user": "bob", "state": "disconnected"}]'
+    http = httpx.AsyncClient(transport=httpx.MockTransport(lambda request: httpx.Response(200, content=body)))
+    probes = ProbeLog()
+    async with serving(broker) as address:
+        settings = fast_settings(address, sessions_interval_s=0.5)
+        async with replica(settings, "r1", probes.probe_for("r1"), http):
+            await wait_until(lambda: len(broker.session_reports) >= 2)
+            probes_so_far = len(probes.calls)
+    report = broker.session_reports[0]
+    assert (report.replica_id, report.address) == ("r1", next(iter(broker.targets)))
+    assert [(s.user, s.state) for s in report.sessions] == [
+        ("CORP\\alice", broker_pb2.SESSION_STATE_ACTIVE),
+        ("bob", broker_pb2.SESSION_STATE_DISCONNECTED),
+    ]
+    # the list is fetched every sessions_interval_s, not on every probe
+    assert probes_so_far > len(broker.session_reports)
+
+
+async def test_rejected_results_stop_the_servers_loop() -> None:
+    broker = broker_with(2)
+    broker.refuse_results_from.add("r1")
+    probes = ProbeLog()
+    async with serving(broker) as address:
+        settings = fast_settings(address, lease_ms=3000)  # renewals far apart: only the rejection stops it
+        async with replica(settings, "r1", probes.probe_for("r1")) as (scheduler, _, _):
+            await wait_until(lambda: len(broker.rejected) >= 2)
+            await wait_until(lambda: not scheduler.held)
+
+
+async def test_probing_stops_when_the_lease_cannot_be_renewed() -> None:
+    broker = broker_with(2)
+    probes = ProbeLog()
+    server = grpc.aio.server()
+    broker_pb2_grpc.add_BrokerServicer_to_server(broker, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        settings = fast_settings(f"127.0.0.1:{port}", lease_ms=300)
+        async with replica(settings, "r1", probes.probe_for("r1")) as (scheduler, _, _):
+            await wait_until(lambda: len(scheduler.held) == 2)
+            await server.stop(0)
+            await wait_until(lambda: not scheduler.held)
+            calls = len(probes.calls)
+            await asyncio.sleep(0.5)  # more than two intervals: nothing is probed without a lease
+            assert len(probes.calls) == calls
+    finally:
+        await server.stop(0)
+
+
+async def test_failover_to_the_second_broker_address() -> None:
+    broker = broker_with(1)
+    probes = ProbeLog()
+    dead = f"127.0.0.1:{free_port()}"
+    async with (
+        serving(broker) as address,
+        replica(fast_settings(f"{dead},{address}"), "r1", probes.probe_for("r1")),
+    ):
+        await wait_until(lambda: bool(broker.reports))
+
+
+async def test_two_replicas_split_the_servers_and_one_takes_over_when_the_other_dies() -> None:
+    broker = broker_with(6)
+    everything = set(broker.targets)
+    probes = ProbeLog()
+    interval = 0.3
+    async with serving(broker) as address:
+        # lease 1.5 intervals, renewed every 0.5: a dead replica's servers are re-probed within 3 intervals
+        settings = fast_settings(address, probe_interval_s=interval, probe_timeout_s=0.2, lease_ms=450)
+        async with (
+            replica(settings, "a", probes.probe_for("a")) as (a, _, a_task),
+            replica(settings, "b", probes.probe_for("b")) as (b, _, _),
+        ):
+            await wait_until(lambda: len(a.held) == 3 and len(b.held) == 3 and a.held | b.held == everything)
+            steady = time.monotonic()
+            await asyncio.sleep(4 * interval)
+            for server in everything:
+                assert len(probes.by(server, since=steady)) == 1, f"{server} probed by both replicas"
+            a_servers = set(a.held)
+            a_task.cancel()  # dies without a word to the broker
+            killed = time.monotonic()
+            await wait_until(lambda: b.held == everything)
+            await wait_until(lambda: all(probes.first_after(s, killed, "b") for s in a_servers))
+            delays = [probes.first_after(s, killed, "b") - killed for s in a_servers]  # type: ignore[operator]
+            assert max(delays) <= 3 * interval, delays
+            assert probes.by(next(iter(a_servers)), since=killed + 0.05) == {"b"}
