@@ -125,15 +125,17 @@ class ClientConnection(asyncio.Protocol):
         self._buf += data
         if self.state != FIRST_PACKET:
             return  # routing: kept and replayed in order
+        limit = self.context.settings.max_first_packet
         try:
-            first = parse_first_packet(bytes(self._buf))
+            with memoryview(self._buf)[:limit] as head:  # never parse past the bound
+                first = parse_first_packet(head)
         except X224Error as exc:
             log.debug("malformed first packet: %s", exc)
             self.finish("malformed_first_packet", abort=True)
             return
         if first is not None:
             self._route(first)
-        elif len(self._buf) >= self.context.settings.max_first_packet:
+        elif len(self._buf) >= limit:
             self.finish("first_packet_too_large", abort=True)
 
     def eof_received(self) -> bool:

@@ -55,8 +55,15 @@ class ProxyServer:
         self.port = 0
         self.grpc_port = 0
         self.broker: BrokerClient | None = None
-        self.context: ProxyContext | None = None
+        self._context: ProxyContext | None = None
         self._health: health.aio.HealthServicer | None = None
+
+    @property
+    def context(self) -> ProxyContext:
+        """The live connections and counters (once `ready` is set)."""
+        if self._context is None:
+            raise RuntimeError("the proxy is not serving yet")
+        return self._context
 
     async def serve(self, stop: asyncio.Event) -> None:
         settings = self.settings
@@ -80,7 +87,7 @@ class ProxyServer:
             self.grpc_port = grpc_server.add_secure_port(settings.grpc_listen, creds)
         try:
             async with asyncio.TaskGroup() as tg:
-                context = self.context = ProxyContext(settings=settings, broker=broker, spawn=tg.create_task)
+                context = self._context = ProxyContext(settings=settings, broker=broker, spawn=tg.create_task)
                 host, port = split_host_port(settings.listen)
                 listener = await loop.create_server(
                     lambda: ClientConnection(context),

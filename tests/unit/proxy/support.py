@@ -93,12 +93,13 @@ def pattern(n: int, seed: int) -> bytes:
 
 
 class BulkServer:
-    """A terminal-server double for bulk tests: answers the Connection Confirm, sends `send` bytes
-    and half-closes (or not), and hashes everything it reads until the client's EOF."""
+    """A terminal-server double for bulk tests: answers the Connection Confirm, hashes everything it
+    reads until the client's EOF, and sends `send` bytes then half-closes: at once, or only after the
+    client's EOF (`send_after_eof`, to prove the other direction still flows after a half-close)."""
 
-    def __init__(self, send: bytes = b"", *, eof_after_send: bool = True) -> None:
+    def __init__(self, send: bytes = b"", *, send_after_eof: bool = False) -> None:
         self.send = send
-        self.eof_after_send = eof_after_send
+        self.send_after_eof = send_after_eof
         self.received = hashlib.sha256()
         self.received_bytes = 0
         self.done = asyncio.Event()
@@ -134,10 +135,13 @@ class BulkServer:
             self.received.update(rest)
             self.received_bytes += len(rest)
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._send(writer))
+                if not self.send_after_eof:
+                    tg.create_task(self._send(writer))
                 while chunk := await reader.read(1 << 18):
                     self.received.update(chunk)
                     self.received_bytes += len(chunk)
+            if self.send_after_eof:
+                await self._send(writer)
         finally:
             self.done.set()
             await close(writer)
@@ -147,8 +151,7 @@ class BulkServer:
         for offset in range(0, len(view), 1 << 18):
             writer.write(view[offset : offset + (1 << 18)])
             await writer.drain()
-        if self.eof_after_send:
-            writer.write_eof()
+        writer.write_eof()
 
 
 async def wait_until(predicate: Callable[[], bool], timeout_s: float = STEP_TIMEOUT_S) -> None:

@@ -47,7 +47,7 @@ def test_flags_win_over_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 )
 def test_bad_values_are_refused(field: str, value: str) -> None:
     with pytest.raises(ValidationError):
-        ProxySettings(**{field: value})
+        ProxySettings.model_validate({field: value})
 
 
 def test_unknown_flag_exits() -> None:

@@ -1,0 +1,42 @@
+"""A broker killed mid-run: connections keep being routed through the other, no session twice."""
+
+from __future__ import annotations
+
+from rdbroker_rdp import build_connection_request
+from tests.unit.proxy.fake_broker import Directory, fake_broker
+from tests.unit.proxy.support import BulkServer, close, handshake, running_proxy
+
+
+async def test_a_killed_broker_is_routed_around_and_no_session_is_created_twice() -> None:
+    async with BulkServer() as server:
+        directory = Directory({"": [server.address]})
+        async with fake_broker(directory) as a, fake_broker(directory) as b:
+            async with running_proxy([a.address, b.address]) as proxy:
+                for i in range(30):
+                    if i == 10:
+                        await a.stop()  # killed mid-run, connections keep coming
+                    _, writer, _ = await handshake(proxy.port, build_connection_request(cookie=f"user{i}"))
+                    await close(writer)
+            assert a.servicer.route_calls >= 1
+            assert b.servicer.route_calls >= 20
+    assert len(server.first_packets) == 30
+    assert len(directory.sessions_created) == 30
+    assert set(directory.sessions_created.values()) == {1}
+
+
+async def test_a_broker_that_dies_before_answering_does_not_cause_a_second_session() -> None:
+    async with BulkServer() as server:
+        directory = Directory({"": [server.address]})
+        async with fake_broker(directory) as hung, fake_broker(directory) as good:
+            hung.servicer.hang_routes = True  # records the session, never answers
+            async with running_proxy([hung.address, good.address], route_attempt_timeout_s=0.3) as proxy:
+                for i in range(6):
+                    _, writer, _ = await handshake(proxy.port, build_connection_request(cookie=f"user{i}"))
+                    await close(writer)
+            assert hung.servicer.route_calls >= 1
+    assert len(server.first_packets) == 6
+    # Each connection's retry carried the same connection_id and got the session already made.
+    assert len(directory.sessions_created) == 6
+    assert set(directory.sessions_created.values()) == {1}
+    retried = [r.connection_id for r in directory.routes]
+    assert len(retried) > len(set(retried))
