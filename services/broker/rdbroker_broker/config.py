@@ -26,6 +26,9 @@ class BrokerSettings(ServiceSettings):
     # How often each replica expires sessions and silent proxies (safe on every replica at once).
     sweep_interval_s: float = Field(default=5.0, gt=0, le=3600)
 
+    # Ended sessions, closed connections and silent proxies are deleted after this long.
+    retention_s: float = Field(default=7 * 86400.0, gt=0)
+
     # Probe leases and the defaults handed to health replicas with each target.
     lease_ms: int = Field(default=10_000, ge=100, le=3_600_000)
     probe_interval_ms: int = Field(default=2_000, ge=100, le=3_600_000)

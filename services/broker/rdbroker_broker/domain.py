@@ -6,6 +6,7 @@ Nothing here touches the database or the network, so every rule is unit-tested o
 from __future__ import annotations
 
 import enum
+import re
 import socket
 import struct
 from collections.abc import Iterable, Sequence
@@ -21,6 +22,7 @@ MAX_POOL_CHARS = 128
 MAX_PRECONNECTION_BLOB_BYTES = 4096
 # mstsc truncates the mstshash user name to this many characters.
 TRUNCATED_COOKIE_CHARS = 9
+_NUMERIC_TOKEN = re.compile(r"^[0-9]+(\.|$)")
 
 
 class AdminState(enum.StrEnum):
@@ -279,6 +281,25 @@ def decode_routing_token(token: str) -> tuple[str, int] | None:
     if real_port == 0:
         return None
     return host, int(real_port)
+
+
+def routing_token_address(token: str) -> str | None:
+    """The `host:port` a routing token names, None for no token or an opaque one.
+
+    A value in the numeric form that does not decode (out of range, missing the dot after the port)
+    is malformed: InvalidInput. Anything else is another product's opaque value and is ignored.
+    """
+    text = token.strip()
+    if not text:
+        return None
+    if not _NUMERIC_TOKEN.match(text):
+        return None
+    decoded = decode_routing_token(text)
+    if decoded is None:
+        raise InvalidInput(
+            f"malformed routing token {text[:40]!r}: expected <ipv4 u32>.<port u16>.<reserved>"
+        )
+    return f"{decoded[0]}:{decoded[1]}"
 
 
 def encode_routing_token(host: str, port: int) -> str:

@@ -155,3 +155,15 @@ def test_excluded_servers_are_skipped():
 )
 def test_cookie_matches_full_user(cookie, user, match):
     assert d.cookie_matches(cookie, user) is match
+
+
+def test_routing_token_address_forms():
+    assert d.routing_token_address("") is None
+    assert d.routing_token_address("3640205228.15629.0000") == "172.31.249.216:3389"
+    assert d.routing_token_address("vendor-opaque-value") is None  # tolerated, never an address
+
+
+@pytest.mark.parametrize("token", ["123", "1.2", "99999999999.15629.0000", "1.70000.0", "1.0.0", "12.x.0"])
+def test_numeric_tokens_that_do_not_decode_are_malformed(token):
+    with pytest.raises(InvalidInput, match="routing token"):
+        d.routing_token_address(token)

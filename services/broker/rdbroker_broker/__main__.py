@@ -1,0 +1,153 @@
+"""`rdbroker broker|migrate|apply ...` (and `python -m rdbroker_broker`): flags over `RDBROKER_*` env."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from rdbroker_broker.app import StartupError, serve
+from rdbroker_broker.config import BrokerSettings
+from rdbroker_broker.db import migrate
+from rdbroker_broker.db.engine import make_engine, redact
+from rdbroker_broker.errors import BrokerError
+from rdbroker_common import lifecycle, logs
+
+log = logging.getLogger("rdbroker_broker")
+
+
+def _common_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--database-url", help="postgresql://... or sqlite+aiosqlite:///file.db [RDBROKER_DATABASE_URL]"
+    )
+    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-format", choices=["json", "text"])
+
+
+def _settings(args: argparse.Namespace) -> BrokerSettings:
+    overrides: dict[str, Any] = {
+        k: v for k, v in vars(args).items() if v is not None and k in BrokerSettings.model_fields
+    }
+    return BrokerSettings(**overrides)
+
+
+def _fail(prog: str, message: str, code: int = 2) -> int:
+    sys.stderr.write(f"{prog}: {message}\n")
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rdbroker broker", description="Run the broker (gRPC + REST).")
+    _common_flags(parser)
+    parser.add_argument("--grpc-listen", help="HOST:PORT for gRPC [RDBROKER_GRPC_LISTEN, 127.0.0.1:50051]")
+    parser.add_argument("--http-listen", help="HOST:PORT for REST [RDBROKER_HTTP_LISTEN, 127.0.0.1:8080]")
+    parser.add_argument(
+        "--migrate", action="store_true", default=None, help="upgrade a PostgreSQL schema at start"
+    )
+    parser.add_argument("--shutdown-grace-s", type=float)
+    parser.add_argument("--heartbeat-interval-s", type=float)
+    parser.add_argument("--pending-timeout-s", type=float)
+    parser.add_argument("--sweep-interval-s", type=float)
+    parser.add_argument("--tls-ca")
+    parser.add_argument("--tls-cert")
+    parser.add_argument("--tls-key")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        settings = _settings(args)
+    except ValidationError as exc:
+        return _fail(parser.prog, f"bad settings:\n{exc}")
+    logs.configure(settings.log_level, settings.log_format)
+
+    async def run() -> None:
+        stop = lifecycle.stop_event_on_signals()
+        await serve(settings, stop=stop)
+
+    try:
+        lifecycle.run(run)
+    except (StartupError, BrokerError) as exc:
+        log.error("%s", exc)
+        return _fail(parser.prog, str(exc), 1)
+    return 0
+
+
+def migrate_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="rdbroker migrate", description="Upgrade the database schema to head."
+    )
+    _common_flags(parser)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        settings = _settings(args)
+    except ValidationError as exc:
+        return _fail(parser.prog, f"bad settings:\n{exc}")
+    logs.configure(settings.log_level, "text")
+
+    async def run() -> str | None:
+        engine = make_engine(settings.database_url_text)
+        try:
+            await migrate.upgrade(engine)
+            return await migrate.current_revision(engine)
+        finally:
+            await engine.dispose()
+
+    try:
+        revision = asyncio.run(run())
+    except (BrokerError, OSError) as exc:
+        return _fail(parser.prog, str(exc), 1)
+    except Exception as exc:  # the driver's own errors: unreachable, auth, ...
+        return _fail(parser.prog, f"cannot migrate {redact(settings.database_url_text)}: {exc}", 1)
+    sys.stdout.write(f"database at revision {revision}\n")
+    return 0
+
+
+def apply_main(argv: list[str] | None = None) -> int:
+    from rdbroker_broker.farm import FarmError, apply_farm, load_farm
+
+    parser = argparse.ArgumentParser(prog="rdbroker apply", description="Apply a farm file (pools, servers).")
+    _common_flags(parser)
+    parser.add_argument("-f", "--file", required=True, type=Path, help="farm YAML file")
+    parser.add_argument("--dry-run", action="store_true", help="show the changes, change nothing")
+    parser.add_argument("--prune", action="store_true", help="delete servers and pools not in the file")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="with --prune: also delete servers holding live sessions (ends them)",
+    )
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        settings = _settings(args)
+    except ValidationError as exc:
+        return _fail(parser.prog, f"bad settings:\n{exc}")
+    logs.configure(settings.log_level, "text")
+    try:
+        farm = load_farm(args.file.read_text(encoding="utf-8"), str(args.file))
+    except OSError as exc:
+        return _fail(parser.prog, f"cannot read {args.file}: {exc}")
+    except FarmError as exc:
+        return _fail(parser.prog, str(exc))
+
+    async def run() -> int:
+        engine = make_engine(settings.database_url_text)
+        try:
+            plan = await apply_farm(engine, farm, dry_run=args.dry_run, prune=args.prune, force=args.force)
+        finally:
+            await engine.dispose()
+        for line in plan.changes or ["no changes"]:
+            sys.stdout.write(f"{'would ' if args.dry_run else ''}{line}\n")
+        for line in plan.refusals:
+            sys.stderr.write(f"refused: {line}\n")
+        return 1 if plan.refusals else 0
+
+    try:
+        return asyncio.run(run())
+    except (BrokerError, FarmError) as exc:
+        return _fail(parser.prog, str(exc), 1)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

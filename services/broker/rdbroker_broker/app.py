@@ -1,0 +1,163 @@
+"""The broker process: gRPC (grpc.aio) and REST (uvicorn) in one event loop, one shutdown order.
+
+SIGTERM (or `stop`) -> grpc.health NOT_SERVING -> listeners stop, in-flight calls get
+`shutdown_grace_s` -> the sweeper stops -> the engine is disposed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import uvicorn
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from rdbroker_broker.config import BrokerSettings
+from rdbroker_broker.db import migrate
+from rdbroker_broker.db.engine import is_sqlite, make_engine, redact
+from rdbroker_broker.errors import BrokerError
+from rdbroker_broker.probing import ProbeService
+from rdbroker_broker.rest.app import create_app
+from rdbroker_broker.rpc.servicer import BrokerServicer
+from rdbroker_broker.service import BrokerService
+from rdbroker_broker.store import Store
+from rdbroker_common.rpc_server import add_standard_services, mark_serving
+from rdbroker_common.settings import split_host_port
+from rdbroker_proto.v1 import broker_pb2, broker_pb2_grpc
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = broker_pb2.DESCRIPTOR.services_by_name["Broker"].full_name
+
+
+class StartupError(Exception):
+    """The broker cannot start (bad listen address, schema not migrated, ...); the message says why."""
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling: the broker's stop event drives shutdown."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def prepare_database(settings: BrokerSettings, engine: AsyncEngine) -> None:
+    url = settings.database_url_text
+    if is_sqlite(url) or settings.migrate:
+        await migrate.upgrade(engine)
+        return
+    current, head = await migrate.current_revision(engine), migrate.head_revision()
+    if current != head:
+        raise StartupError(
+            f"database schema is at revision {current or 'none'}, the broker needs {head}: run "
+            f"`rdbroker migrate --database-url {redact(url)}` (or start with --migrate)"
+        )
+
+
+def _grpc_server(settings: BrokerSettings, servicer: BrokerServicer) -> tuple[grpc.aio.Server, int]:
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    broker_pb2_grpc.add_BrokerServicer_to_server(servicer, server)
+    try:
+        if settings.tls_cert or settings.tls_key:
+            key, cert = Path(settings.tls_key).read_bytes(), Path(settings.tls_cert).read_bytes()
+            ca = Path(settings.tls_ca).read_bytes() if settings.tls_ca else None
+            creds = grpc.ssl_server_credentials(
+                [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+            )
+            port = server.add_secure_port(settings.grpc_listen, creds)
+        else:
+            port = server.add_insecure_port(settings.grpc_listen)
+    except (OSError, RuntimeError) as exc:
+        raise StartupError(f"cannot listen for gRPC on {settings.grpc_listen}: {exc}") from exc
+    if not port:
+        raise StartupError(f"cannot listen for gRPC on {settings.grpc_listen}")
+    return server, port
+
+
+def _http_socket(listen: str) -> socket.socket:
+    host, port = split_host_port(listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"cannot listen for HTTP on {listen}: {exc}") from exc
+    # Listening now means clients that connect before uvicorn starts wait in the backlog.
+    sock.listen(1024)
+    return sock
+
+
+async def _sweep_forever(service: BrokerService, stop: asyncio.Event) -> None:
+    interval = service.settings.sweep_interval_s
+    while not stop.is_set():
+        try:
+            await service.sweep()
+        except BrokerError as exc:
+            log.warning("sweep failed: %s", exc)
+        except Exception:
+            log.exception("sweep failed")
+        # Jitter keeps replicas from sweeping in lockstep.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval * random.uniform(0.8, 1.2))
+
+
+async def serve(
+    settings: BrokerSettings,
+    ready: asyncio.Event | None = None,
+    stop: asyncio.Event | None = None,
+    bound: dict[str, int] | None = None,
+) -> None:
+    """Run the broker until `stop` is set. `bound` receives the ports actually listened on."""
+    stop = stop or asyncio.Event()
+    engine = make_engine(settings.database_url_text, pool_size=settings.db_pool_size)
+    try:
+        await prepare_database(settings, engine)
+        service = BrokerService(Store(engine), settings)
+        servicer = BrokerServicer(service, ProbeService(service))
+        grpc_server, grpc_port = _grpc_server(settings, servicer)
+        health = add_standard_services(grpc_server, [SERVICE_NAME])
+        sock = _http_socket(settings.http_listen)
+        http_port = int(sock.getsockname()[1])
+        config = uvicorn.Config(
+            create_app(service),
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=1,
+        )
+        http_server = _Uvicorn(config)
+        await grpc_server.start()
+        await mark_serving(health, [SERVICE_NAME])
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(http_server.serve(sockets=[sock]))
+            tasks.create_task(_sweep_forever(service, stop))
+            if bound is not None:
+                bound.update(grpc=grpc_port, http=http_port)
+            log.info(
+                "broker listening: gRPC on port %d, HTTP on port %d",
+                grpc_port,
+                http_port,
+                extra={
+                    "grpc_port": grpc_port,
+                    "http_port": http_port,
+                    "database": redact(settings.database_url_text),
+                },
+            )
+            if ready is not None:
+                ready.set()
+            await stop.wait()
+            log.info("shutting down")
+            await health.enter_graceful_shutdown()
+            http_server.should_exit = True
+            await grpc_server.stop(settings.shutdown_grace_s)
+        sock.close()
+    finally:
+        await engine.dispose()

@@ -1,0 +1,1 @@
+"""Storage: engine, tables, repositories and Alembic migrations (PostgreSQL or embedded SQLite)."""

@@ -1,0 +1,88 @@
+"""The async engine for a database URL: PostgreSQL through psycopg 3, or an embedded SQLite file.
+
+PostgreSQL URLs are handed to psycopg as libpq connection strings (through `async_creator`), so
+multi-host DSNs such as `postgresql://h1:5432,h2:5432/db?target_session_attrs=read-write` find the
+promoted primary without reconfiguration; SQLAlchemy's own URL parser does not accept them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from rdbroker_broker.errors import InvalidInput
+
+_PG_PREFIXES = ("postgresql+psycopg://", "postgresql+psycopg_async://", "postgresql://", "postgres://")
+_SQLITE_PREFIXES = ("sqlite+aiosqlite://", "sqlite://")
+
+
+def is_sqlite(url: str) -> bool:
+    return url.startswith(_SQLITE_PREFIXES)
+
+
+def libpq_dsn(url: str) -> str:
+    """`postgresql+psycopg://...` (or `postgres://`) -> the `postgresql://...` string libpq understands."""
+    for prefix in _PG_PREFIXES:
+        if url.startswith(prefix):
+            return "postgresql://" + url[len(prefix) :]
+    raise InvalidInput(f"not a PostgreSQL URL: {redact(url)}")
+
+
+def sqlite_url(url: str) -> str:
+    for prefix in _SQLITE_PREFIXES:
+        if url.startswith(prefix):
+            return "sqlite+aiosqlite://" + url[len(prefix) :]
+    raise InvalidInput(f"not a SQLite URL: {redact(url)}")
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for logs and error messages."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    creds, _, tail = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{tail}" if ":" in creds else url
+
+
+def make_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
+    if is_sqlite(url):
+        return _sqlite_engine(sqlite_url(url))
+    if url.startswith(_PG_PREFIXES):
+        return _postgres_engine(libpq_dsn(url), pool_size)
+    raise InvalidInput(
+        f"unsupported database URL {redact(url)!r}: use postgresql://... or sqlite+aiosqlite:///file.db"
+    )
+
+
+def _postgres_engine(dsn: str, pool_size: int) -> AsyncEngine:
+    async def connect() -> psycopg.AsyncConnection[Any]:
+        return await psycopg.AsyncConnection.connect(dsn)
+
+    return create_async_engine(
+        "postgresql+psycopg://",
+        async_creator=connect,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        pool_timeout=10,
+    )
+
+
+def _sqlite_engine(url: str) -> AsyncEngine:
+    # One connection: SQLite has one writer anyway, and sharing one connection serialises the
+    # read-then-write transactions (so no "database is locked" upgrades). One process per file.
+    engine = create_async_engine(url, pool_size=1, max_overflow=0, pool_timeout=30)
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=5000")
+        cursor.close()
+
+    return engine

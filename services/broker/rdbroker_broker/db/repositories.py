@@ -1,0 +1,470 @@
+"""Queries on pools, servers, sessions and connections. Repositories take a connection inside the
+caller's transaction, return domain objects, and never commit (the use case owns the transaction).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Row, case, delete, func, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from rdbroker_broker import domain as d
+from rdbroker_broker.db.tables import LIVE_STATES_SQL, connections, pools, servers, sessions
+
+LIVE = [s.value for s in d.LIVE_STATES]
+
+
+def upsert(conn: AsyncConnection, table: Any) -> Any:
+    """The dialect's INSERT with ON CONFLICT support (PostgreSQL and SQLite spell it the same)."""
+    return pg_insert(table) if conn.dialect.name == "postgresql" else sqlite_insert(table)
+
+
+def new_session_id() -> str:
+    return uuid.uuid4().hex
+
+
+_live_count = (
+    select(func.count())
+    .select_from(sessions)
+    .where(sessions.c.server_address == servers.c.address, sessions.c.state.in_(LIVE))
+    .scalar_subquery()
+    .label("live_sessions")
+)
+
+
+def server_from_row(row: Row[Any]) -> d.Server:
+    m = row._mapping
+    return d.Server(
+        address=m["address"],
+        pool=m["pool"],
+        weight=m["weight"],
+        max_sessions=m["max_sessions"],
+        admin_state=d.AdminState(m["admin_state"]),
+        health=d.Health(m["health"]),
+        agent_state=d.AgentState(m["agent_state"]),
+        load=m["load"],
+        placements_since_report=m["placements_since_report"],
+        live_sessions=m.get("live_sessions", 0) or 0,
+        agent_url=m["agent_url"],
+        sessions_url=m["sessions_url"],
+        health_detail=m["health_detail"],
+        health_changed_at=m["health_changed_at"],
+    )
+
+
+def session_from_row(row: Row[Any]) -> d.Session:
+    m = row._mapping
+    return d.Session(
+        session_id=m["id"],
+        user=m["user"],
+        pool=m["pool"],
+        server_address=m["server_address"],
+        state=d.SessionState(m["state"]),
+        created_at=m["created_at"],
+        updated_at=m["updated_at"],
+        disconnected_at=m["disconnected_at"],
+        expires_at=m["expires_at"],
+        end_reason=m["end_reason"],
+    )
+
+
+def pool_from_row(row: Row[Any]) -> d.Pool:
+    m = row._mapping
+    return d.Pool(name=m["name"], is_default=m["is_default"], disconnect_timeout_s=m["disconnect_timeout_s"])
+
+
+class PoolRepository:
+    def __init__(self, conn: AsyncConnection) -> None:
+        self.conn = conn
+
+    async def resolve(self, name: str) -> d.Pool | None:
+        """The pool named `name` (case-insensitively), or the default pool for ""."""
+        query = select(pools)
+        query = (
+            query.where(pools.c.is_default) if not name else query.where(pools.c.name_key == name.casefold())
+        )
+        row = (await self.conn.execute(query)).first()
+        return pool_from_row(row) if row else None
+
+    async def list(self) -> list[d.Pool]:
+        rows = await self.conn.execute(select(pools).order_by(pools.c.name))
+        return [pool_from_row(r) for r in rows]
+
+    async def upsert(self, pool: d.Pool, now: datetime) -> None:
+        values = {
+            "name": pool.name,
+            "name_key": pool.name.casefold(),
+            "is_default": pool.is_default,
+            "disconnect_timeout_s": pool.disconnect_timeout_s,
+            "updated_at": now,
+        }
+        stmt = upsert(self.conn, pools).values(**values, created_at=now)
+        stmt = stmt.on_conflict_do_update(index_elements=[pools.c.name], set_=values)
+        await self.conn.execute(stmt)
+
+    async def clear_default(self, except_name: str) -> None:
+        await self.conn.execute(
+            update(pools).where(pools.c.is_default, pools.c.name != except_name).values(is_default=False)
+        )
+
+    async def delete(self, name: str) -> None:
+        await self.conn.execute(delete(pools).where(pools.c.name == name))
+
+
+class ServerRepository:
+    def __init__(self, conn: AsyncConnection) -> None:
+        self.conn = conn
+
+    async def get(self, address: str) -> d.Server | None:
+        row = (
+            await self.conn.execute(select(servers, _live_count).where(servers.c.address == address))
+        ).first()
+        return server_from_row(row) if row else None
+
+    async def list(self, pool: str = "") -> list[d.Server]:
+        query = select(servers, _live_count).order_by(servers.c.pool, servers.c.address)
+        if pool:
+            query = query.where(servers.c.pool == pool)
+        return [server_from_row(r) for r in await self.conn.execute(query)]
+
+    async def lock_first(self, ranked: Sequence[str]) -> d.Server | None:
+        """Lock the best-ranked server no other transaction holds (SKIP LOCKED), fresh from the table.
+
+        Concurrent placements then fan out over the next-best servers instead of queueing on one
+        row. SQLite has no row locks; its single connection serialises transactions instead.
+        """
+        order = case({address: i for i, address in enumerate(ranked)}, value=servers.c.address)
+        query = (
+            select(servers)
+            .where(servers.c.address.in_(ranked))
+            .order_by(order)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        )
+        row = (await self.conn.execute(query)).first()
+        return server_from_row(row) if row else None
+
+    async def lock(self, address: str) -> d.Server | None:
+        """Wait for the row lock on one server (when every candidate is momentarily locked)."""
+        query = select(servers).where(servers.c.address == address).with_for_update()
+        row = (await self.conn.execute(query)).first()
+        return server_from_row(row) if row else None
+
+    async def live_sessions(self, address: str) -> int:
+        query = select(func.count()).where(sessions.c.server_address == address, sessions.c.state.in_(LIVE))
+        return int((await self.conn.execute(query)).scalar_one())
+
+    async def count_placement(self, address: str) -> None:
+        await self.conn.execute(
+            update(servers)
+            .where(servers.c.address == address)
+            .values(placements_since_report=servers.c.placements_since_report + 1)
+        )
+
+    async def set_admin_state(self, address: str, state: d.AdminState, now: datetime) -> bool:
+        result = await self.conn.execute(
+            update(servers)
+            .where(servers.c.address == address)
+            .values(admin_state=state.value, updated_at=now)
+        )
+        return bool(result.rowcount)
+
+    async def record_probe(self, result: d.ProbeResult, now: datetime) -> None:
+        values: dict[str, Any] = {
+            "health": result.health.value,
+            "health_changed_at": case(
+                (servers.c.health != result.health.value, now), else_=servers.c.health_changed_at
+            ),
+            "health_detail": result.rdp_detail[:255],
+            "agent_state": result.agent_state.value,
+            "agent_detail": result.agent_detail[:255],
+            "load": result.load,
+            "probed_at": result.probed_at or now,
+        }
+        if result.load >= 0:
+            # A fresh load figure already includes the sessions placed since the last one.
+            values["load_reported_at"] = result.probed_at or now
+            values["placements_since_report"] = 0
+        await self.conn.execute(update(servers).where(servers.c.address == result.address).values(**values))
+
+    async def upsert(self, server: d.Server, now: datetime) -> None:
+        values = {
+            "pool": server.pool,
+            "weight": server.weight,
+            "max_sessions": server.max_sessions,
+            "agent_url": server.agent_url,
+            "sessions_url": server.sessions_url,
+            "updated_at": now,
+        }
+        stmt = upsert(self.conn, servers).values(address=server.address, created_at=now, **values)
+        stmt = stmt.on_conflict_do_update(index_elements=[servers.c.address], set_=values)
+        await self.conn.execute(stmt)
+
+    async def delete(self, address: str) -> None:
+        await self.conn.execute(delete(servers).where(servers.c.address == address))
+
+
+class SessionRepository:
+    def __init__(self, conn: AsyncConnection) -> None:
+        self.conn = conn
+
+    async def get(self, session_id: str) -> d.Session | None:
+        row = (await self.conn.execute(select(sessions).where(sessions.c.id == session_id))).first()
+        return session_from_row(row) if row else None
+
+    async def live_for_user(self, pool: str, key: str) -> d.Session | None:
+        query = select(sessions).where(
+            sessions.c.pool == pool, sessions.c.user_key == key, sessions.c.state.in_(LIVE)
+        )
+        row = (await self.conn.execute(query)).first()
+        return session_from_row(row) if row else None
+
+    async def live_with_prefix(self, pool: str, prefix: str) -> list[d.Session]:
+        query = select(sessions).where(
+            sessions.c.pool == pool,
+            sessions.c.user_key.startswith(prefix, autoescape=True),
+            sessions.c.state.in_(LIVE),
+        )
+        return [session_from_row(r) for r in await self.conn.execute(query.limit(50))]
+
+    async def live_on_server(self, address: str) -> list[tuple[d.Session, str]]:
+        """Live sessions on a server with how each was learnt ("route" or "agent")."""
+        query = select(sessions).where(sessions.c.server_address == address, sessions.c.state.in_(LIVE))
+        return [(session_from_row(r), r._mapping["learnt_from"]) for r in await self.conn.execute(query)]
+
+    async def for_user(self, key: str, pool: str, include_ended: bool, limit: int = 100) -> list[d.Session]:
+        query = select(sessions).where(sessions.c.user_key == key)
+        if pool:
+            query = query.where(sessions.c.pool == pool)
+        if not include_ended:
+            query = query.where(sessions.c.state.in_(LIVE))
+        query = query.order_by(sessions.c.created_at.desc()).limit(limit)
+        return [session_from_row(r) for r in await self.conn.execute(query)]
+
+    async def insert(
+        self,
+        *,
+        pool: str,
+        user: str,
+        server_address: str,
+        state: d.SessionState,
+        now: datetime,
+        expires_at: datetime | None,
+        origin_connection_id: str | None = None,
+        proxy_id: str | None = None,
+        client_address: str = "",
+        learnt_from: str = "route",
+    ) -> str | None:
+        """Insert a session; None when the user already has a live one in the pool (the unique index)."""
+        session_id = new_session_id()
+        values = {
+            "id": session_id,
+            "pool": pool,
+            "user": user,
+            "user_key": d.user_key(user) if user else None,
+            "server_address": server_address,
+            "state": state.value,
+            "learnt_from": learnt_from,
+            "origin_connection_id": origin_connection_id,
+            "proxy_id": proxy_id,
+            "client_address": client_address,
+            "created_at": now,
+            "updated_at": now,
+            "disconnected_at": now if state is d.SessionState.DISCONNECTED else None,
+            "expires_at": expires_at,
+            "end_reason": "",
+        }
+        stmt = upsert(self.conn, sessions).values(**values)
+        if user:
+            stmt = stmt.on_conflict_do_nothing(
+                index_elements=[sessions.c.pool, sessions.c.user_key],
+                index_where=text(f"{LIVE_STATES_SQL} AND user_key IS NOT NULL"),
+            )
+        result = await self.conn.execute(stmt.returning(sessions.c.id))
+        return result.scalar_one_or_none()
+
+    async def end(self, session_id: str, reason: str, now: datetime) -> bool:
+        result = await self.conn.execute(
+            update(sessions)
+            .where(sessions.c.id == session_id, sessions.c.state.in_(LIVE))
+            .values(state="ended", end_reason=reason, ended_at=now, updated_at=now, expires_at=None)
+        )
+        return bool(result.rowcount)
+
+    async def open(self, session_id: str, connection_id: str, proxy_id: str, now: datetime) -> int:
+        result = await self.conn.execute(
+            update(sessions)
+            .where(sessions.c.id == session_id)
+            .values(
+                state="active",
+                connection_id=connection_id,
+                proxy_id=proxy_id,
+                opened_at=func.coalesce(sessions.c.opened_at, now),
+                disconnected_at=None,
+                expires_at=None,
+                ended_at=None,
+                end_reason="",
+                updated_at=now,
+            )
+        )
+        return int(result.rowcount)
+
+    async def disconnect(self, session_id: str, now: datetime, expires_at: datetime) -> bool:
+        result = await self.conn.execute(
+            update(sessions)
+            .where(sessions.c.id == session_id, sessions.c.state == "active")
+            .values(state="disconnected", disconnected_at=now, expires_at=expires_at, updated_at=now)
+        )
+        return bool(result.rowcount)
+
+    async def field(self, session_id: str, *names: str) -> Row[Any] | None:
+        columns = [sessions.c[name] for name in names]
+        return (await self.conn.execute(select(*columns).where(sessions.c.id == session_id))).first()
+
+    async def relabel(self, session_id: str, user: str, now: datetime) -> None:
+        await self.conn.execute(
+            update(sessions)
+            .where(sessions.c.id == session_id)
+            .values(user=user, user_key=d.user_key(user), updated_at=now)
+        )
+
+    async def set_state_from_agent(
+        self, session_id: str, state: d.SessionState, now: datetime, expires_at: datetime | None
+    ) -> None:
+        await self.conn.execute(
+            update(sessions)
+            .where(sessions.c.id == session_id, sessions.c.state != state.value)
+            .values(
+                state=state.value,
+                expires_at=expires_at,
+                disconnected_at=now if state is d.SessionState.DISCONNECTED else None,
+                updated_at=now,
+            )
+        )
+
+    async def expire(self, now: datetime) -> int:
+        """End pending and disconnected sessions whose time is up."""
+        total = 0
+        for state, reason in (("pending", "pending_expired"), ("disconnected", "disconnect_timeout")):
+            result = await self.conn.execute(
+                update(sessions)
+                .where(sessions.c.state == state, sessions.c.expires_at < now)
+                .values(state="ended", end_reason=reason, ended_at=now, updated_at=now, expires_at=None)
+            )
+            total += int(result.rowcount)
+        return total
+
+    async def disconnect_orphans(
+        self, pool: d.Pool, alive_proxies: Any, silent_since: datetime, now: datetime
+    ) -> int:
+        """Active sessions whose proxy has gone silent become disconnected (they keep their user)."""
+        result = await self.conn.execute(
+            update(sessions)
+            .where(
+                sessions.c.pool == pool.name,
+                sessions.c.state == "active",
+                sessions.c.learnt_from == "route",
+                sessions.c.proxy_id.is_not(None),
+                sessions.c.proxy_id.not_in(alive_proxies),
+                sessions.c.updated_at < silent_since,
+            )
+            .values(
+                state="disconnected",
+                disconnected_at=now,
+                expires_at=now + timedelta(seconds=pool.disconnect_timeout_s),
+                updated_at=now,
+                end_reason="proxy_silent",
+            )
+        )
+        return int(result.rowcount)
+
+    async def purge_ended(self, before: datetime) -> int:
+        result = await self.conn.execute(
+            delete(sessions).where(sessions.c.state == "ended", sessions.c.ended_at < before)
+        )
+        return int(result.rowcount)
+
+
+class ConnectionRepository:
+    def __init__(self, conn: AsyncConnection) -> None:
+        self.conn = conn
+
+    async def answers(self, connection_id: str) -> dict[int, d.RouteDecision]:
+        """Every answer already given for this connection, by attempt."""
+        query = select(
+            connections.c.attempt,
+            connections.c.server_address,
+            connections.c.session_id,
+            connections.c.reason,
+            connections.c.user,
+            connections.c.pool,
+        ).where(connections.c.connection_id == connection_id)
+        return {
+            row.attempt: d.RouteDecision(
+                server_address=row.server_address,
+                session_id=row.session_id,
+                reason=d.RouteReason(row.reason),
+                user=row.user,
+                pool=row.pool,
+            )
+            for row in await self.conn.execute(query)
+        }
+
+    async def record(self, request: d.RouteRequest, decision: d.RouteDecision, now: datetime) -> None:
+        await self.conn.execute(
+            connections.insert().values(
+                connection_id=request.connection_id,
+                attempt=request.attempt,
+                session_id=decision.session_id,
+                proxy_id=request.proxy_id,
+                server_address=decision.server_address,
+                reason=decision.reason.value,
+                user=decision.user,
+                pool=decision.pool,
+                client_address=request.client_address,
+                created_at=now,
+                bytes_from_client=0,
+                bytes_from_server=0,
+                duration_ms=0,
+                end_reason="",
+            )
+        )
+
+    async def opened(self, connection_id: str, now: datetime) -> None:
+        await self.conn.execute(
+            update(connections)
+            .where(connections.c.connection_id == connection_id, connections.c.opened_at.is_(None))
+            .values(opened_at=now)
+        )
+
+    async def closed(
+        self,
+        connection_id: str,
+        *,
+        bytes_from_client: int,
+        bytes_from_server: int,
+        duration_ms: int,
+        end_reason: str,
+        now: datetime,
+    ) -> None:
+        await self.conn.execute(
+            update(connections)
+            .where(connections.c.connection_id == connection_id, connections.c.closed_at.is_(None))
+            .values(
+                closed_at=now,
+                bytes_from_client=bytes_from_client,
+                bytes_from_server=bytes_from_server,
+                duration_ms=duration_ms,
+                end_reason=end_reason,
+            )
+        )
+
+    async def purge(self, before: datetime) -> int:
+        result = await self.conn.execute(delete(connections).where(connections.c.created_at < before))
+        return int(result.rowcount)

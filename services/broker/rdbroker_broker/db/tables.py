@@ -1,0 +1,191 @@
+"""The broker's schema as SQLAlchemy Core tables.
+
+Core rather than ORM classes: the Route hot path is a handful of statements per call, and Core
+keeps each one a single compiled, cached statement with no identity map to maintain.
+Times are UTC-aware; SQLite stores them naive (in UTC) and `UtcDateTime` puts the zone back.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    text,
+)
+from sqlalchemy.types import TypeDecorator
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+LIVE_STATES_SQL = "state IN ('pending', 'active', 'disconnected')"
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+pools = Table(
+    "pools",
+    metadata,
+    Column("name", String(128), primary_key=True),
+    Column(
+        "name_key", String(128), nullable=False, unique=True
+    ),  # lowercased: pools match case-insensitively
+    Column("is_default", Boolean, nullable=False, default=False),
+    Column("disconnect_timeout_s", Float, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+)
+Index(
+    "uq_pools_one_default",
+    pools.c.is_default,
+    unique=True,
+    postgresql_where=text("is_default"),
+    sqlite_where=text("is_default"),
+)
+
+servers = Table(
+    "servers",
+    metadata,
+    Column("address", String(255), primary_key=True),
+    Column("pool", String(128), ForeignKey("pools.name", onupdate="CASCADE"), nullable=False, index=True),
+    Column("weight", Integer, nullable=False, default=100),
+    Column("max_sessions", Integer, nullable=False, default=0),
+    Column("admin_state", String(16), nullable=False, default="enabled"),
+    Column("health", String(16), nullable=False, default="unknown"),
+    Column("health_detail", String(255), nullable=False, default=""),
+    Column("health_changed_at", UtcDateTime, nullable=True),
+    Column("agent_state", String(16), nullable=False, default="none"),
+    Column("agent_detail", String(255), nullable=False, default=""),
+    Column("load", Integer, nullable=False, default=-1),
+    Column("load_reported_at", UtcDateTime, nullable=True),
+    Column("placements_since_report", Integer, nullable=False, default=0),
+    Column("probed_at", UtcDateTime, nullable=True),
+    Column("agent_url", String(1024), nullable=False, default=""),
+    Column("sessions_url", String(1024), nullable=False, default=""),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+)
+
+sessions = Table(
+    "sessions",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    # No foreign keys: a session's history outlives the server or pool it was on.
+    Column("pool", String(128), nullable=False),
+    Column("user", String(256), nullable=False, default=""),
+    Column("user_key", String(256), nullable=True),  # casefolded user; NULL = no identity
+    Column("server_address", String(255), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("learnt_from", String(16), nullable=False, default="route"),  # route | agent
+    Column("origin_connection_id", String(128), nullable=True),
+    Column("connection_id", String(128), nullable=True),  # the connection last opened on it
+    Column("proxy_id", String(128), nullable=True),
+    Column("client_address", String(255), nullable=False, default=""),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+    Column("opened_at", UtcDateTime, nullable=True),
+    Column("disconnected_at", UtcDateTime, nullable=True),
+    Column("expires_at", UtcDateTime, nullable=True),
+    Column("ended_at", UtcDateTime, nullable=True),
+    Column("end_reason", String(64), nullable=False, default=""),
+)
+# One live session per (pool, user): this index is what makes concurrent replicas agree.
+Index(
+    "uq_sessions_live_user",
+    sessions.c.pool,
+    sessions.c.user_key,
+    unique=True,
+    postgresql_where=text(f"{LIVE_STATES_SQL} AND user_key IS NOT NULL"),
+    sqlite_where=text(f"{LIVE_STATES_SQL} AND user_key IS NOT NULL"),
+)
+Index("ix_sessions_server_state", sessions.c.server_address, sessions.c.state)
+Index("ix_sessions_state_expires", sessions.c.state, sessions.c.expires_at)
+Index("ix_sessions_user_key", sessions.c.user_key)
+Index("ix_sessions_proxy_state", sessions.c.proxy_id, sessions.c.state)
+
+connections = Table(
+    "connections",
+    metadata,
+    Column("connection_id", String(128), primary_key=True),
+    Column("attempt", Integer, primary_key=True),
+    Column("session_id", String(32), nullable=False, index=True),
+    Column("proxy_id", String(128), nullable=False, default=""),
+    Column("server_address", String(255), nullable=False),
+    Column("reason", String(16), nullable=False),
+    Column("user", String(256), nullable=False, default=""),
+    Column("pool", String(128), nullable=False),
+    Column("client_address", String(255), nullable=False, default=""),
+    Column("created_at", UtcDateTime, nullable=False, index=True),
+    Column("opened_at", UtcDateTime, nullable=True),
+    Column("closed_at", UtcDateTime, nullable=True),
+    Column("bytes_from_client", BigInteger, nullable=False, default=0),
+    Column("bytes_from_server", BigInteger, nullable=False, default=0),
+    Column("duration_ms", BigInteger, nullable=False, default=0),
+    Column("end_reason", String(64), nullable=False, default=""),
+)
+
+proxies = Table(
+    "proxies",
+    metadata,
+    Column("proxy_id", String(128), primary_key=True),
+    Column("first_seen_at", UtcDateTime, nullable=False),
+    Column("last_heartbeat_at", UtcDateTime, nullable=False),
+    Column("active_connections", Integer, nullable=False, default=0),
+)
+
+health_replicas = Table(
+    "health_replicas",
+    metadata,
+    Column("replica_id", String(128), primary_key=True),
+    Column("last_seen_at", UtcDateTime, nullable=False),
+    Column("lease_ms", Integer, nullable=False),
+)
+
+probe_leases = Table(
+    "probe_leases",
+    metadata,
+    Column(
+        "server_address",
+        String(255),
+        ForeignKey("servers.address", ondelete="CASCADE", onupdate="CASCADE"),
+        primary_key=True,
+    ),
+    Column("replica_id", String(128), nullable=False, index=True),
+    Column("expires_at", UtcDateTime, nullable=False),
+)

@@ -1,0 +1,294 @@
+"""The farm file (DESIGN §7): pools and servers, validated with line numbers, applied idempotently.
+
+Runtime state (an operator's drain/maintenance, health, load) is never touched by `apply`; only the
+declaration is. Servers missing from the file are reported, and deleted only with `prune`; one that
+still holds live sessions is refused unless `force` (which ends those sessions first).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import yaml
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from rdbroker_broker import domain as d
+from rdbroker_broker.db import migrate
+from rdbroker_broker.db.engine import is_sqlite
+from rdbroker_broker.db.repositories import LIVE, PoolRepository, ServerRepository, SessionRepository
+from rdbroker_broker.db.tables import sessions
+from rdbroker_broker.errors import Unavailable
+from rdbroker_common.settings import join_host_port, split_host_port
+
+DEFAULT_DISCONNECT_TIMEOUT_S = 8 * 3600.0
+_POOL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,127}$")
+_DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+_POOL_KEYS = {"name", "default", "disconnect_timeout"}
+_SERVER_KEYS = {"address", "pool", "weight", "max_sessions", "agent_url", "sessions_url"}
+
+
+class FarmError(Exception):
+    """The farm file is invalid; the message lists every problem as `file:line: field: problem`."""
+
+
+@dataclass
+class Farm:
+    pools: list[d.Pool] = field(default_factory=list)
+    servers: list[d.Server] = field(default_factory=list)
+
+
+class _Reader:
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.problems: list[str] = []
+        self.loader = yaml.SafeLoader("")
+
+    def problem(self, node: yaml.Node, where: str, message: str) -> None:
+        self.problems.append(f"{self.source}:{node.start_mark.line + 1}: {where}: {message}")
+
+    def value(self, node: yaml.Node) -> Any:
+        return self.loader.construct_object(node, deep=True)
+
+    def mapping(self, node: yaml.Node, where: str, allowed: set[str]) -> dict[str, yaml.Node] | None:
+        if not isinstance(node, yaml.MappingNode):
+            self.problem(node, where, "expected a mapping")
+            return None
+        out: dict[str, yaml.Node] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            if key not in allowed:
+                self.problem(
+                    key_node,
+                    f"{where}.{key}",
+                    f"unknown field (expected one of {', '.join(sorted(allowed))})",
+                )
+            elif key in out:
+                self.problem(key_node, f"{where}.{key}", "given twice")
+            else:
+                out[key] = value_node
+        return out
+
+    def text(self, fields: dict[str, yaml.Node], key: str, where: str, *, required: bool = False) -> str:
+        node = fields.get(key)
+        if node is None:
+            if required:
+                self.problems.append(f"{self.source}: {where}.{key}: required")
+            return ""
+        value = self.value(node)
+        if not isinstance(value, str) or not value.strip():
+            self.problem(node, f"{where}.{key}", "expected a non-empty string")
+            return ""
+        return value.strip()
+
+    def integer(self, fields: dict[str, yaml.Node], key: str, where: str, default: int, high: int) -> int:
+        node = fields.get(key)
+        if node is None:
+            return default
+        value = self.value(node)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+            self.problem(node, f"{where}.{key}", f"expected an integer from 0 to {high}")
+            return default
+        return value
+
+
+def parse_duration(value: Any) -> float | None:
+    """`8h`, `30m`, `1h30m`, `90s`, `2d` or a number of seconds; None if not a duration."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value) if value > 0 else None
+    match = _DURATION.match(str(value).strip())
+    if not match or not any(match.groups()):
+        return None
+    days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
+    total = days * 86400 + hours * 3600 + minutes * 60 + seconds
+    return float(total) if total > 0 else None
+
+
+def load_farm(text: str, source: str = "farm.yaml") -> Farm:
+    reader = _Reader(source)
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise FarmError(f"{source}{line}: not valid YAML: {getattr(exc, 'problem', exc)}") from exc
+    if root is None:
+        raise FarmError(f"{source}: the file is empty (expected `pools:` and `servers:`)")
+    top = reader.mapping(root, "farm", {"pools", "servers"})
+    if top is None:
+        raise FarmError("\n".join(reader.problems))
+    farm = Farm()
+    _read_pools(reader, top.get("pools"), farm)
+    _read_servers(reader, top.get("servers"), farm)
+    if reader.problems:
+        raise FarmError("\n".join(reader.problems))
+    return farm
+
+
+def _read_pools(reader: _Reader, node: yaml.Node | None, farm: Farm) -> None:
+    if node is None:
+        farm.pools.append(d.Pool("default", True, DEFAULT_DISCONNECT_TIMEOUT_S))
+        return
+    if not isinstance(node, yaml.SequenceNode):
+        reader.problem(node, "pools", "expected a list")
+        return
+    seen: set[str] = set()
+    for i, item in enumerate(node.value):
+        where = f"pools[{i}]"
+        fields = reader.mapping(item, where, _POOL_KEYS)
+        if fields is None:
+            continue
+        name = reader.text(fields, "name", where, required=True)
+        if name and not _POOL_NAME.match(name):
+            reader.problem(
+                fields["name"], f"{where}.name", "letters, digits, '.', '_', '-', ' ' only (128 at most)"
+            )
+        elif name.casefold() in seen:
+            reader.problem(fields["name"], f"{where}.name", f"pool {name!r} is declared twice")
+        seen.add(name.casefold())
+        is_default = False
+        if "default" in fields:
+            is_default = reader.value(fields["default"])
+            if not isinstance(is_default, bool):
+                reader.problem(fields["default"], f"{where}.default", "expected true or false")
+                is_default = False
+        timeout = DEFAULT_DISCONNECT_TIMEOUT_S
+        if "disconnect_timeout" in fields:
+            parsed = parse_duration(reader.value(fields["disconnect_timeout"]))
+            if parsed is None:
+                reader.problem(
+                    fields["disconnect_timeout"],
+                    f"{where}.disconnect_timeout",
+                    "expected a duration like 8h, 30m, 90s",
+                )
+            else:
+                timeout = parsed
+        farm.pools.append(d.Pool(name, is_default, timeout))
+    defaults = [p for p in farm.pools if p.is_default]
+    if len(farm.pools) == 1 and not defaults:
+        farm.pools[0] = d.Pool(farm.pools[0].name, True, farm.pools[0].disconnect_timeout_s)
+    elif len(defaults) != 1 and farm.pools:
+        reader.problem(node, "pools", f"exactly one pool must have `default: true` ({len(defaults)} do)")
+
+
+def _read_servers(reader: _Reader, node: yaml.Node | None, farm: Farm) -> None:
+    if node is None:
+        return
+    if not isinstance(node, yaml.SequenceNode):
+        reader.problem(node, "servers", "expected a list")
+        return
+    pools = {p.name.casefold(): p.name for p in farm.pools}
+    default = next((p.name for p in farm.pools if p.is_default), "")
+    seen: set[str] = set()
+    for i, item in enumerate(node.value):
+        where = f"servers[{i}]"
+        fields = reader.mapping(item, where, _SERVER_KEYS)
+        if fields is None:
+            continue
+        address = reader.text(fields, "address", where, required=True)
+        if address:
+            try:
+                host, port = split_host_port(address, default_port=3389)
+                if port == 0:
+                    raise ValueError("port 0")
+                address = join_host_port(host, port)
+            except ValueError as exc:
+                reader.problem(fields["address"], f"{where}.address", f"expected host:port ({exc})")
+            if address in seen:
+                reader.problem(fields["address"], f"{where}.address", f"server {address} is declared twice")
+            seen.add(address)
+        pool = reader.text(fields, "pool", where) or default
+        if pool and pool.casefold() not in pools:
+            reader.problem(fields["pool"], f"{where}.pool", f"unknown pool {pool!r} (declare it under pools)")
+        pool = pools.get(pool.casefold(), pool)
+        urls = {}
+        for key in ("agent_url", "sessions_url"):
+            url = reader.text(fields, key, where) if key in fields else ""
+            if url and not url.startswith(("http://", "https://")):
+                reader.problem(fields[key], f"{where}.{key}", "expected an http:// or https:// URL")
+            urls[key] = url
+        farm.servers.append(
+            d.Server(
+                address=address,
+                pool=pool,
+                weight=reader.integer(fields, "weight", where, 100, 1_000_000),
+                max_sessions=reader.integer(fields, "max_sessions", where, 0, 1_000_000),
+                agent_url=urls["agent_url"],
+                sessions_url=urls["sessions_url"],
+            )
+        )
+
+
+async def apply_farm(
+    engine: AsyncEngine, farm: Farm, *, dry_run: bool = False, prune: bool = False, force: bool = False
+) -> d.FarmPlan:
+    """Make the database match the file in one transaction; nothing is kept if anything is refused."""
+    if is_sqlite(str(engine.url)):
+        await migrate.upgrade(engine)
+    elif await migrate.current_revision(engine) != migrate.head_revision():
+        raise Unavailable("the database schema is not at head: run `rdbroker migrate` first")
+    plan = d.FarmPlan()
+    now = datetime.now(UTC)
+    async with engine.connect() as conn:
+        tx = await conn.begin()
+        pools, servers, live = PoolRepository(conn), ServerRepository(conn), SessionRepository(conn)
+        old_pools = {p.name: p for p in await pools.list()}
+        old_servers = {s.address: s for s in await servers.list()}
+        new_default = next(p.name for p in farm.pools if p.is_default)
+        await pools.clear_default(except_name=new_default)
+        for pool in farm.pools:
+            old = old_pools.get(pool.name)
+            if old != pool:
+                await pools.upsert(pool, now)
+                plan.changes.append(f"{'update' if old else 'create'} pool {pool.name}")
+        for server in farm.servers:
+            old_server = old_servers.get(server.address)
+            if old_server is None or _declared(old_server) != _declared(server):
+                await servers.upsert(server, now)
+                plan.changes.append(
+                    f"{'update' if old_server else 'create'} server {server.address} ({server.pool})"
+                )
+        declared = {s.address for s in farm.servers}
+        for address, old_server in sorted(old_servers.items()):
+            if address in declared:
+                continue
+            if not prune:
+                plan.changes.append(f"keep server {address}: not in the file (--prune deletes it)")
+            elif old_server.live_sessions and not force:
+                plan.refusals.append(
+                    f"server {address} holds {old_server.live_sessions} live sessions: not deleted "
+                    "(drain it and wait, or add --force to end them)"
+                )
+            else:
+                if old_server.live_sessions:
+                    for session_id in await _live_session_ids(conn, address):
+                        await live.end(session_id, "server_removed", now)
+                    plan.changes.append(f"end {old_server.live_sessions} live sessions on {address}")
+                await servers.delete(address)
+                plan.changes.append(f"delete server {address}")
+        if prune:
+            used = {s.pool for s in farm.servers}
+            for name in sorted(set(old_pools) - {p.name for p in farm.pools}):
+                if name in used:
+                    continue
+                await pools.delete(name)
+                plan.changes.append(f"delete pool {name}")
+        if dry_run or plan.refusals:
+            await tx.rollback()
+        else:
+            await tx.commit()
+    return plan
+
+
+def _declared(server: d.Server) -> tuple[str, int, int, str, str]:
+    return (server.pool, server.weight, server.max_sessions, server.agent_url, server.sessions_url)
+
+
+async def _live_session_ids(conn: Any, address: str) -> list[str]:
+    query = select(sessions.c.id).where(sessions.c.server_address == address, sessions.c.state.in_(LIVE))
+    return list((await conn.execute(query)).scalars())

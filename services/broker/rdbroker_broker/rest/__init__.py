@@ -1,0 +1,1 @@
+"""The REST edge (FastAPI): lookups for operators and other systems, health endpoints."""

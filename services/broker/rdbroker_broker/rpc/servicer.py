@@ -1,0 +1,156 @@
+"""The rdbroker.v1.Broker servicer: converts messages, calls the use cases, maps errors to statuses."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from rdbroker_broker import domain as d
+from rdbroker_broker.errors import BrokerError, InvalidInput
+from rdbroker_broker.probing import ProbeService
+from rdbroker_broker.rpc import convert
+from rdbroker_broker.rpc.status import status_for
+from rdbroker_broker.service import BrokerService
+from rdbroker_proto.v1 import broker_pb2 as pb
+from rdbroker_proto.v1 import broker_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Context = grpc.aio.ServicerContext[Any, Any]
+Handler = Callable[[Any, Req, Context], Awaitable[Resp]]
+
+
+def guarded(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
+    """Broker errors become their status code with the error's message; anything else is INTERNAL."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Req, context: Context) -> Resp:
+        try:
+            return await method(self, request, context)
+        except BrokerError as exc:
+            code = status_for(exc)
+            if code is grpc.StatusCode.UNAVAILABLE:
+                log.warning("%s: %s", method.__name__, exc)
+            await context.abort(code, str(exc))
+        except Exception:
+            log.exception("%s failed", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error in the broker (see its log)")
+
+    return wrapper
+
+
+class BrokerServicer(pb_grpc.BrokerServicer):
+    def __init__(self, service: BrokerService, probes: ProbeService) -> None:
+        self.service = service
+        self.probes = probes
+
+    @guarded
+    async def Route(self, request: pb.RouteRequest, context: Context) -> pb.RouteResponse:
+        decision = await self.service.route(convert.route_request(request))
+        return convert.route_response(decision)
+
+    @guarded
+    async def ConnectionOpened(
+        self, request: pb.ConnectionOpenedRequest, context: Context
+    ) -> pb.ConnectionOpenedResponse:
+        await self.service.connection_opened(request.session_id, request.connection_id, request.proxy_id)
+        return pb.ConnectionOpenedResponse()
+
+    @guarded
+    async def ConnectionClosed(
+        self, request: pb.ConnectionClosedRequest, context: Context
+    ) -> pb.ConnectionClosedResponse:
+        await self.service.connection_closed(
+            request.session_id,
+            request.connection_id,
+            bytes_from_client=request.bytes_from_client,
+            bytes_from_server=request.bytes_from_server,
+            duration_ms=request.duration_ms,
+            end_reason=request.end_reason,
+        )
+        return pb.ConnectionClosedResponse()
+
+    @guarded
+    async def ProxyHeartbeat(
+        self, request: pb.ProxyHeartbeatRequest, context: Context
+    ) -> pb.ProxyHeartbeatResponse:
+        interval_ms = await self.service.proxy_heartbeat(request.proxy_id, request.active_connections)
+        return pb.ProxyHeartbeatResponse(heartbeat_interval_ms=interval_ms)
+
+    @guarded
+    async def LookupUserSessions(
+        self, request: pb.LookupUserSessionsRequest, context: Context
+    ) -> pb.LookupUserSessionsResponse:
+        found = await self.service.lookup_user_sessions(request.user, request.pool, request.include_ended)
+        return pb.LookupUserSessionsResponse(sessions=[convert.session(s) for s in found])
+
+    @guarded
+    async def ListServers(self, request: pb.ListServersRequest, context: Context) -> pb.ListServersResponse:
+        found = await self.service.list_servers(request.pool)
+        return pb.ListServersResponse(servers=[convert.server(s) for s in found])
+
+    @guarded
+    async def SetServerState(
+        self, request: pb.SetServerStateRequest, context: Context
+    ) -> pb.SetServerStateResponse:
+        state = convert.ADMIN_IN.get(request.admin_state)
+        if state is None:
+            raise InvalidInput("admin_state must be ENABLED, DRAINING or MAINTENANCE")
+        server = await self.service.set_server_state(request.address, state)
+        return pb.SetServerStateResponse(server=convert.server(server))
+
+    @guarded
+    async def EndSession(self, request: pb.EndSessionRequest, context: Context) -> pb.EndSessionResponse:
+        session = await self.service.end_session(request.session_id)
+        return pb.EndSessionResponse(session=convert.session(session))
+
+    @guarded
+    async def ClaimProbeTargets(
+        self, request: pb.ClaimProbeTargetsRequest, context: Context
+    ) -> pb.ClaimProbeTargetsResponse:
+        held = await self.probes.claim_targets(request.replica_id, request.lease_ms)
+        settings = self.service.settings
+        targets = [
+            pb.ProbeTarget(
+                address=s.address,
+                pool=s.pool,
+                agent_url=s.agent_url,
+                sessions_url=s.sessions_url,
+                health=convert.HEALTH[s.health],
+                interval_ms=settings.probe_interval_ms,
+                timeout_ms=settings.probe_timeout_ms,
+                rise=settings.probe_rise,
+                fall=settings.probe_fall,
+            )
+            for s in held
+        ]
+        return pb.ClaimProbeTargetsResponse(targets=targets)
+
+    @guarded
+    async def ReportProbeResults(
+        self, request: pb.ReportProbeResultsRequest, context: Context
+    ) -> pb.ReportProbeResultsResponse:
+        results = [convert.probe_result(r) for r in request.results]
+        rejected = await self.probes.report_results(request.replica_id, results)
+        return pb.ReportProbeResultsResponse(rejected_addresses=rejected)
+
+    @guarded
+    async def ReportServerSessions(
+        self, request: pb.ReportServerSessionsRequest, context: Context
+    ) -> pb.ReportServerSessionsResponse:
+        reported = []
+        for item in request.sessions:
+            state = convert.SESSION_STATE_IN.get(item.state)
+            if state not in (d.SessionState.ACTIVE, d.SessionState.DISCONNECTED):
+                raise InvalidInput(f"session of {item.user[:40]!r}: state must be ACTIVE or DISCONNECTED")
+            reported.append(d.ReportedSession(item.user, state))
+        counts = await self.probes.report_sessions(request.replica_id, request.address, reported)
+        return pb.ReportServerSessionsResponse(
+            ended=counts.ended, recorded=counts.recorded, linked=counts.linked
+        )

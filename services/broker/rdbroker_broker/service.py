@@ -1,0 +1,420 @@
+"""The broker's use cases: routing, connection reports, lookups and operator actions.
+
+Each public method owns one transaction (through `Store`) and retries it when a concurrent replica
+wins a race on a unique index: the retry then sees the winner's rows and answers the same.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import TypeVar
+
+from sqlalchemy.exc import IntegrityError
+
+from rdbroker_broker import domain as d
+from rdbroker_broker.config import BrokerSettings
+from rdbroker_broker.errors import Conflict, InvalidInput, NoCapacity, NotFound, PermissionDenied, Unavailable
+from rdbroker_broker.store import Repos, Retryable, Store
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+MAX_TX_ATTEMPTS = 5
+# How many ranked servers a placement tries to lock before giving up on the pool.
+MAX_LOCK_TRIES = 16
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class BrokerService:
+    def __init__(
+        self, store: Store, settings: BrokerSettings, clock: Callable[[], datetime] = utcnow
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.now = clock
+
+    async def run_tx(self, work: Callable[[Repos], Awaitable[T]]) -> T:
+        for attempt in range(MAX_TX_ATTEMPTS):
+            try:
+                async with self.store.transaction() as r:
+                    return await work(r)
+            except Retryable as exc:
+                log.debug("transaction lost a race, retrying (%s): %s", attempt + 1, exc)
+        raise Conflict("too many concurrent changes to the same rows; retry the call")
+
+    # --- Route ---------------------------------------------------------------------------------
+
+    async def route(self, request: d.RouteRequest) -> d.RouteDecision:
+        d.validate_route_request(request)
+        user = d.identity_from(request, self.settings.max_cookie_chars)
+        token_address = d.routing_token_address(request.routing_token)
+        decision = await self.run_tx(lambda r: self._route(r, request, user, token_address))
+        if decision.reason is d.RouteReason.NO_IDENTITY:
+            log.info(
+                "no identity: placed without affinity",
+                extra={"connection_id": request.connection_id, "server": decision.server_address},
+            )
+        return decision
+
+    async def _route(
+        self, r: Repos, request: d.RouteRequest, user: str, token_address: str | None
+    ) -> d.RouteDecision:
+        now = self.now()
+        answers = await r.connections.answers(request.connection_id)
+        if request.attempt in answers:
+            return answers[request.attempt]  # a retried call: same answer, nothing new
+        pool = await r.pools.resolve(request.pool)
+        if pool is None:
+            raise NotFound(
+                f"unknown pool {request.pool!r}"
+                if request.pool
+                else "no default pool: apply a farm file with a pool marked `default: true`"
+            )
+        exclude: list[str] = []
+        if request.attempt > 0 and request.failed_server_address:
+            exclude = await self._after_failure(r, request, answers, now)
+
+        decision = None
+        if token_address is not None:
+            decision = await self._route_token(r, request, user, token_address, exclude, now)
+        if decision is None and user:
+            decision = await self._reconnect(r, pool, user, exclude, now)
+        if decision is None:
+            decision = await self._place_new(r, pool, user, exclude, request, now)
+        await r.connections.record(request, decision, now)
+        return decision
+
+    async def _after_failure(
+        self, r: Repos, request: d.RouteRequest, answers: dict[int, d.RouteDecision], now: datetime
+    ) -> list[str]:
+        """The proxy could not reach the server of an earlier answer for this connection."""
+        failed = request.failed_server_address
+        earlier = [answers[a] for a in sorted(answers) if a < request.attempt]
+        last = earlier[-1] if earlier else None
+        if last is None or last.server_address != failed:
+            return [failed]
+        if last.reason in (d.RouteReason.NEW, d.RouteReason.NO_IDENTITY):
+            # Nothing exists on that server yet: drop the pending session and place elsewhere.
+            await r.sessions.end(last.session_id, "connect_failed", now)
+            return [failed]
+        server = await r.servers.get(failed)
+        if server is not None and d.takes_reconnects(server):
+            raise Unavailable(
+                f"server {failed} holds this user's session but could not be reached, and it is not "
+                "marked down; not moving the session (the client should retry)"
+            )
+        if last.reason is d.RouteReason.RECONNECT:
+            await r.sessions.end(last.session_id, "server_down", now)
+        return [failed]
+
+    async def _route_token(
+        self, r: Repos, request: d.RouteRequest, user: str, address: str, exclude: list[str], now: datetime
+    ) -> d.RouteDecision | None:
+        server = await r.servers.get(address)
+        if server is None:
+            # Routing to an arbitrary address would make the proxy an open relay.
+            raise PermissionDenied(f"routing token names {address}, which is not a registered server")
+        if not d.takes_reconnects(server) or address in exclude:
+            log.info("routing token names %s, which is down or in maintenance: placing by policy", address)
+            return None
+        if user:
+            live = await r.sessions.live_for_user(server.pool, d.user_key(user))
+            if live is not None and live.server_address == address and live.is_live_at(now):
+                return d.RouteDecision(address, live.session_id, d.RouteReason.TOKEN, live.user, server.pool)
+        session_id = await self._insert_pending(r, server.pool, user, address, request, now)
+        if session_id is None:  # the user lives elsewhere in the pool: honour the token without affinity
+            user = ""
+            session_id = await self._insert_pending(r, server.pool, "", address, request, now)
+        assert session_id is not None
+        return d.RouteDecision(address, session_id, d.RouteReason.TOKEN, user, server.pool)
+
+    async def _reconnect(
+        self, r: Repos, pool: d.Pool, user: str, exclude: list[str], now: datetime
+    ) -> d.RouteDecision | None:
+        live = await r.sessions.live_for_user(pool.name, d.user_key(user))
+        if live is None and d.looks_truncated(user):
+            live = await self._truncated_match(r, pool, user)
+        if live is None:
+            return None
+        if not live.is_live_at(now):
+            await r.sessions.end(live.session_id, "expired", now)
+            return None
+        server = await r.servers.get(live.server_address)
+        if server is None:
+            await r.sessions.end(live.session_id, "server_removed", now)
+            return None
+        if not d.takes_reconnects(server) or server.address in exclude:
+            reason = "server_maintenance" if not server.is_down else "server_down"
+            log.info(
+                "user's session is on %s, which takes no reconnects (%s): placing anew",
+                server.address,
+                reason,
+            )
+            await r.sessions.end(live.session_id, reason, now)
+            return None
+        return d.RouteDecision(server.address, live.session_id, d.RouteReason.RECONNECT, live.user, pool.name)
+
+    async def _truncated_match(self, r: Repos, pool: d.Pool, cookie: str) -> d.Session | None:
+        """A 9-character mstsc cookie whose session was linked to the full user name."""
+        found = [
+            s
+            for s in await r.sessions.live_with_prefix(pool.name, d.user_key(cookie))
+            if d.cookie_matches(cookie, s.user)
+        ]
+        users = {d.user_key(s.user) for s in found}
+        if len(users) == 1:
+            return found[0]
+        if len(users) > 1:
+            log.warning("truncated cookie matches %d users' sessions: not reconnecting by it", len(users))
+        return None
+
+    async def _place_new(
+        self, r: Repos, pool: d.Pool, user: str, exclude: list[str], request: d.RouteRequest, now: datetime
+    ) -> d.RouteDecision:
+        candidates = await r.servers.list(pool.name)
+        ranked = [s.address for s in d.rank_for_new_session(candidates, exclude)]
+        chosen = await self._lock_server(r, ranked) if ranked else None
+        if chosen is None:
+            raise NoCapacity(
+                f"no server in pool {pool.name!r} can take a new session ({_summary(candidates)})"
+            )
+        session_id = await self._insert_pending(r, pool.name, user, chosen.address, request, now)
+        if session_id is None:
+            # Another replica placed this user a moment ago: answer with its session.
+            live = await r.sessions.live_for_user(pool.name, d.user_key(user))
+            if live is None:
+                raise Retryable("the competing session ended meanwhile")
+            return d.RouteDecision(
+                live.server_address, live.session_id, d.RouteReason.RECONNECT, live.user, pool.name
+            )
+        await r.servers.count_placement(chosen.address)
+        reason = d.RouteReason.NEW if user else d.RouteReason.NO_IDENTITY
+        return d.RouteDecision(chosen.address, session_id, reason, user, pool.name)
+
+    async def _lock_server(self, r: Repos, ranked: list[str]) -> d.Server | None:
+        """Lock the best server that still takes a new session, re-checked under its row lock."""
+        remaining = list(ranked)
+        for _ in range(MAX_LOCK_TRIES):
+            if not remaining:
+                return None
+            server = await r.servers.lock_first(remaining)
+            if server is None:  # every candidate is being placed on right now: queue for the best
+                server = await r.servers.lock(remaining[0])
+                if server is None:
+                    remaining.pop(0)
+                    continue
+            if server.max_sessions > 0:
+                # A separate statement: a fresh snapshot sees sessions committed while we waited.
+                server = replace(server, live_sessions=await r.servers.live_sessions(server.address))
+            if d.takes_new_sessions(server):
+                return server
+            remaining.remove(server.address)
+        return None
+
+    async def _insert_pending(
+        self, r: Repos, pool: str, user: str, address: str, request: d.RouteRequest, now: datetime
+    ) -> str | None:
+        return await r.sessions.insert(
+            pool=pool,
+            user=user,
+            server_address=address,
+            state=d.SessionState.PENDING,
+            now=now,
+            expires_at=now + timedelta(seconds=self.settings.pending_timeout_s),
+            origin_connection_id=request.connection_id,
+            proxy_id=request.proxy_id or None,
+            client_address=request.client_address,
+        )
+
+    # --- connection reports --------------------------------------------------------------------
+
+    async def connection_opened(self, session_id: str, connection_id: str, proxy_id: str) -> None:
+        _require("session_id", session_id)
+        _require("connection_id", connection_id)
+
+        async def work(r: Repos) -> None:
+            now = self.now()
+            row = await r.sessions.field(session_id, "state")
+            if row is None:
+                raise NotFound(f"unknown session {session_id!r}")
+            if row.state == d.SessionState.ENDED:
+                # Ended meanwhile (expired while the proxy connected): revive it unless the user
+                # already has a newer live session.
+                try:
+                    async with r.conn.begin_nested():
+                        await r.sessions.open(session_id, connection_id, proxy_id, now)
+                except IntegrityError as exc:
+                    raise Conflict(
+                        f"session {session_id} has ended and its user has a newer session"
+                    ) from exc
+            else:
+                await r.sessions.open(session_id, connection_id, proxy_id, now)
+            await r.connections.opened(connection_id, now)
+
+        await self.run_tx(work)
+
+    async def connection_closed(
+        self,
+        session_id: str,
+        connection_id: str,
+        *,
+        bytes_from_client: int = 0,
+        bytes_from_server: int = 0,
+        duration_ms: int = 0,
+        end_reason: str = "",
+    ) -> None:
+        _require("session_id", session_id)
+        _require("connection_id", connection_id)
+        if len(end_reason) > 64:
+            raise InvalidInput("end_reason is too long (at most 64 characters)")
+
+        async def work(r: Repos) -> None:
+            now = self.now()
+            row = await r.sessions.field(session_id, "state", "pool", "connection_id", "origin_connection_id")
+            if row is None:
+                raise NotFound(f"unknown session {session_id!r}")
+            await r.connections.closed(
+                connection_id,
+                bytes_from_client=bytes_from_client,
+                bytes_from_server=bytes_from_server,
+                duration_ms=duration_ms,
+                end_reason=end_reason,
+                now=now,
+            )
+            if row.state == d.SessionState.PENDING and row.origin_connection_id == connection_id:
+                # Never reached the server: nothing to keep for the user.
+                await r.sessions.end(session_id, end_reason or "closed_before_open", now)
+            elif row.state == d.SessionState.ACTIVE and row.connection_id == connection_id:
+                pool = await r.pools.resolve(row.pool)
+                timeout = pool.disconnect_timeout_s if pool else d.Pool("").disconnect_timeout_s
+                await r.sessions.disconnect(session_id, now, now + timedelta(seconds=timeout))
+
+        await self.run_tx(work)
+
+    async def proxy_heartbeat(self, proxy_id: str, active_connections: int) -> int:
+        _require("proxy_id", proxy_id)
+
+        async def work(r: Repos) -> None:
+            await r.proxies.heartbeat(proxy_id, active_connections, self.now())
+
+        await self.run_tx(work)
+        return int(self.settings.heartbeat_interval_s * 1000)
+
+    # --- lookups and operator actions ----------------------------------------------------------
+
+    async def lookup_user_sessions(
+        self, user: str, pool: str = "", include_ended: bool = False
+    ) -> list[d.Session]:
+        _require("user", user)
+
+        async def work(r: Repos) -> list[d.Session]:
+            pool_name = ""
+            if pool:
+                found = await r.pools.resolve(pool)
+                if found is None:
+                    raise NotFound(f"unknown pool {pool!r}")
+                pool_name = found.name
+            return await r.sessions.for_user(d.user_key(user.strip()), pool_name, include_ended)
+
+        return await self.run_tx(work)
+
+    async def list_servers(self, pool: str = "") -> list[d.Server]:
+        async def work(r: Repos) -> list[d.Server]:
+            if not pool:
+                return await r.servers.list()
+            found = await r.pools.resolve(pool)
+            if found is None:
+                raise NotFound(f"unknown pool {pool!r}")
+            return await r.servers.list(found.name)
+
+        return await self.run_tx(work)
+
+    async def list_pools(self) -> list[d.Pool]:
+        async def work(r: Repos) -> list[d.Pool]:
+            return await r.pools.list()
+
+        return await self.run_tx(work)
+
+    async def set_server_state(self, address: str, state: d.AdminState) -> d.Server:
+        _require("address", address)
+
+        async def work(r: Repos) -> d.Server:
+            if not await r.servers.set_admin_state(address, state, self.now()):
+                raise NotFound(f"unknown server {address!r}")
+            server = await r.servers.get(address)
+            assert server is not None
+            return server
+
+        server = await self.run_tx(work)
+        log.info("server %s is now %s", address, state.value)
+        return server
+
+    async def end_session(self, session_id: str, reason: str = "operator") -> d.Session:
+        _require("session_id", session_id)
+
+        async def work(r: Repos) -> d.Session:
+            if await r.sessions.get(session_id) is None:
+                raise NotFound(f"unknown session {session_id!r}")
+            await r.sessions.end(session_id, reason, self.now())
+            session = await r.sessions.get(session_id)
+            assert session is not None
+            return session
+
+        return await self.run_tx(work)
+
+    # --- housekeeping --------------------------------------------------------------------------
+
+    async def sweep(self) -> dict[str, int]:
+        """Expire sessions, disconnect silent proxies' sessions. Idempotent: every replica may run it."""
+
+        async def work(r: Repos) -> dict[str, int]:
+            now = self.now()
+            expired = await r.sessions.expire(now)
+            silent_since = now - timedelta(seconds=self.settings.proxy_silence_s)
+            alive = r.proxies.alive_since(silent_since)
+            orphaned = 0
+            for pool in await r.pools.list():
+                orphaned += await r.sessions.disconnect_orphans(pool, alive, silent_since, now)
+            before = now - timedelta(seconds=self.settings.retention_s)
+            purged = await r.sessions.purge_ended(before) + await r.connections.purge(before)
+            await r.proxies.purge(before)
+            return {"expired": expired, "disconnected": orphaned, "purged": purged}
+
+        counts = await self.run_tx(work)
+        if counts["expired"] or counts["disconnected"]:
+            log.info(
+                "sweep: %(expired)d sessions expired, %(disconnected)d disconnected (silent proxy)", counts
+            )
+        return counts
+
+
+def _require(name: str, value: str) -> None:
+    if not value:
+        raise InvalidInput(f"{name} is required")
+    if len(value) > 256:
+        raise InvalidInput(f"{name} is too long (at most 256 characters)")
+    if any(ord(ch) < 0x20 for ch in value):
+        raise InvalidInput(f"{name} contains control characters")
+
+
+def _summary(servers: list[d.Server]) -> str:
+    if not servers:
+        return "the pool has no servers"
+    states: dict[str, int] = {}
+    for s in servers:
+        if s.is_down:
+            key = "down"
+        elif s.effective_admin_state is not d.AdminState.ENABLED:
+            key = s.effective_admin_state.value
+        elif s.load >= 100 or (s.max_sessions and s.live_sessions >= s.max_sessions):
+            key = "full"
+        else:
+            key = "unavailable"
+        states[key] = states.get(key, 0) + 1
+    return ", ".join(f"{n} {k}" for k, n in sorted(states.items()))

@@ -1,0 +1,80 @@
+"""The database as the use cases see it: one transaction at a time, with every repository on it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from rdbroker_broker.db.health_repositories import LeaseRepository, ProxyRepository
+from rdbroker_broker.db.repositories import (
+    ConnectionRepository,
+    PoolRepository,
+    ServerRepository,
+    SessionRepository,
+)
+from rdbroker_broker.errors import Unavailable
+
+# serialization_failure, deadlock_detected: the transaction can simply run again.
+RETRYABLE_SQLSTATES = {"40001", "40P01"}
+
+
+class Retryable(Exception):
+    """A concurrent transaction won a race (unique index, deadlock): run the use case again."""
+
+
+@dataclass(frozen=True)
+class Repos:
+    conn: AsyncConnection
+    pools: PoolRepository
+    servers: ServerRepository
+    sessions: SessionRepository
+    connections: ConnectionRepository
+    proxies: ProxyRepository
+    leases: LeaseRepository
+
+
+class Store:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Repos]:
+        """Commit on exit, roll back on an exception; database trouble becomes `Unavailable`."""
+        try:
+            async with self.engine.begin() as conn:
+                yield Repos(
+                    conn=conn,
+                    pools=PoolRepository(conn),
+                    servers=ServerRepository(conn),
+                    sessions=SessionRepository(conn),
+                    connections=ConnectionRepository(conn),
+                    proxies=ProxyRepository(conn),
+                    leases=LeaseRepository(conn),
+                )
+        except IntegrityError as exc:
+            raise Retryable(str(exc.orig)) from exc
+        except DBAPIError as exc:
+            if getattr(exc.orig, "sqlstate", None) in RETRYABLE_SQLSTATES:
+                raise Retryable(str(exc.orig)) from exc
+            if exc.connection_invalidated or _is_connectivity(exc):
+                raise Unavailable("the database is unreachable") from exc
+            raise
+        except (PoolTimeout, OSError) as exc:
+            raise Unavailable("the database is unreachable") from exc
+
+    async def ping(self) -> None:
+        async with self.transaction() as r:
+            await r.conn.exec_driver_sql("SELECT 1")
+
+
+def _is_connectivity(exc: DBAPIError) -> bool:
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    # 08xxx connection exceptions, 57P0x admin shutdown / cannot connect now, 25006 read-only (a standby).
+    if sqlstate is not None:
+        return bool(sqlstate.startswith(("08", "57P0")) or sqlstate == "25006")
+    return type(exc.orig).__name__ in ("OperationalError", "InterfaceError")

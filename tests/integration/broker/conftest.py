@@ -1,0 +1,115 @@
+"""Fixtures for the broker on a real PostgreSQL: a migrated engine, a service with a settable clock,
+a farm seeded through `apply_farm`, and a broker served in-process on 127.0.0.1 ports."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import grpc
+import pytest
+from pydantic import SecretStr
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from rdbroker_broker import domain as d
+from rdbroker_broker.app import serve
+from rdbroker_broker.config import BrokerSettings
+from rdbroker_broker.db import migrate
+from rdbroker_broker.db.engine import make_engine
+from rdbroker_broker.farm import Farm, apply_farm
+from rdbroker_broker.probing import ProbeService
+from rdbroker_broker.service import BrokerService
+from rdbroker_broker.store import Store
+from rdbroker_proto.v1 import broker_pb2_grpc
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+def settings_for(url: str, **kw) -> BrokerSettings:
+    base = {
+        "database_url": SecretStr(url),
+        "grpc_listen": "127.0.0.1:0",
+        "http_listen": "127.0.0.1:0",
+        "migrate": True,
+        "shutdown_grace_s": 1.0,
+    }
+    return BrokerSettings(**(base | kw))
+
+
+def farm(*servers: d.Server, pools: tuple[d.Pool, ...] = (d.Pool("default", True, 3600.0),)) -> Farm:
+    return Farm(pools=list(pools), servers=list(servers))
+
+
+def server(address: str, pool: str = "default", **kw) -> d.Server:
+    return d.Server(address=address, pool=pool, **kw)
+
+
+@pytest.fixture
+async def engine(pg_database_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = make_engine(pg_database_url)
+    await migrate.upgrade(engine)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def service(engine: AsyncEngine, clock: Clock, pg_database_url: str) -> BrokerService:
+    return BrokerService(Store(engine), settings_for(pg_database_url), clock)
+
+
+@pytest.fixture
+def probes(service: BrokerService) -> ProbeService:
+    return ProbeService(service)
+
+
+async def seed(engine: AsyncEngine, *servers: d.Server, pools: tuple[d.Pool, ...] | None = None) -> None:
+    plan = await apply_farm(engine, farm(*servers) if pools is None else farm(*servers, pools=pools))
+    assert not plan.refusals
+
+
+@dataclass
+class RunningBroker:
+    stub: broker_pb2_grpc.BrokerStub
+    channel: grpc.aio.Channel
+    grpc_port: int
+    http_port: int
+
+
+@pytest.fixture
+async def broker(pg_database_url: str, engine: AsyncEngine) -> AsyncIterator[RunningBroker]:
+    """The whole broker (gRPC + REST + sweeper) served in this event loop."""
+    ready, stop, bound = asyncio.Event(), asyncio.Event(), {}
+    # A bare task (not a TaskGroup): the fixture's setup and teardown may run in different tasks.
+    task = asyncio.get_running_loop().create_task(serve(settings_for(pg_database_url), ready, stop, bound))
+    waiter = asyncio.get_running_loop().create_task(ready.wait())
+    await asyncio.wait({task, waiter}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    if not ready.is_set():
+        waiter.cancel()
+        if task.done():
+            task.result()  # raises the start-up error
+        raise AssertionError("the broker did not start in 30 s")
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{bound['grpc']}")
+    try:
+        yield RunningBroker(broker_pb2_grpc.BrokerStub(channel), channel, bound["grpc"], bound["http"])
+    finally:
+        await channel.close()
+        stop.set()
+        await asyncio.wait_for(task, 30)
