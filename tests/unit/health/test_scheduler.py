@@ -17,7 +17,7 @@ UP, DOWN, UNKNOWN = broker_pb2.HEALTH_STATE_UP, broker_pb2.HEALTH_STATE_DOWN, br
 
 
 def broker_with(count: int, **fields: object) -> FakeBroker:
-    broker = FakeBroker()
+    broker = FakeBroker()  # type: ignore[abstract]  # the other RPCs answer UNIMPLEMENTED
     for i in range(count):
         broker.add(f"10.0.0.{i + 1}:3389", **fields)
     return broker

@@ -1,0 +1,67 @@
+"""`rdbroker health` / `python -m rdbroker_health`: run one health-probe replica.
+
+Every setting is a flag `--foo-bar` and a variable `RDBROKER_FOO_BAR`; flags win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pydantic import ValidationError
+
+from rdbroker_common import lifecycle, logs, telemetry
+from rdbroker_health import app
+from rdbroker_health.config import HealthSettings
+from rdbroker_health.errors import ConfigError
+
+log = logging.getLogger("rdbroker_health")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rdbroker health",
+        description="Probe the terminal servers this replica claims from the broker and report to it.",
+    )
+    for name, field in HealthSettings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = field.default
+        parser.add_argument(
+            flag,
+            dest=name,
+            default=None,
+            metavar=name.upper(),
+            help=f"(env RDBROKER_{name.upper()}; default {default!r})",
+        )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    overrides = {name: value for name, value in vars(args).items() if value is not None}
+    try:
+        settings = HealthSettings(**overrides)
+    except ValidationError as exc:
+        sys.stderr.write(f"rdbroker health: invalid settings:\n{exc}\n")
+        return 2
+    logs.configure(settings.log_level, settings.log_format)
+    handle = telemetry.setup(
+        "rdbroker-health", otlp_endpoint=settings.otlp_endpoint, metrics_listen=settings.metrics_listen
+    )
+    try:
+        lifecycle.run(lambda: _serve(settings))
+    except ConfigError as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    finally:
+        handle.shutdown()
+    return 0
+
+
+async def _serve(settings: HealthSettings) -> None:
+    await app.run(settings, lifecycle.stop_event_on_signals())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

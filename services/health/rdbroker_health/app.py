@@ -1,0 +1,93 @@
+"""One health replica: the gRPC server (Health + grpc.health.v1 + reflection) and the probe scheduler.
+
+Shutdown (SIGTERM sets `stop`): readiness goes NOT_SERVING, the probe loops stop and the last results
+are sent, the gRPC server gets `shutdown_grace_s` for calls in flight, then clients are closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import grpc
+import httpx
+
+from rdbroker_common import telemetry, tls
+from rdbroker_common.rpc_server import add_standard_services, mark_serving
+from rdbroker_health.config import HealthSettings
+from rdbroker_health.errors import ConfigError
+from rdbroker_health.probes import rdp
+from rdbroker_health.rpc.broker_client import BrokerClient
+from rdbroker_health.rpc.servicer import SERVICE_NAME, HealthServicer
+from rdbroker_health.scheduler import RdpProbe, Scheduler
+from rdbroker_proto.v1 import health_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+async def run(
+    settings: HealthSettings,
+    stop: asyncio.Event,
+    *,
+    probe_rdp: RdpProbe = rdp.probe_rdp,
+    on_listening: Callable[[int], None] | None = None,
+) -> None:
+    """Serve and probe until `stop` is set. `on_listening` gets the bound gRPC port (tests use port 0)."""
+    try:
+        server_credentials, channel_credentials = await asyncio.to_thread(_credentials, settings)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    replica_id = settings.effective_replica_id()
+    broker = BrokerClient(
+        settings.broker_addresses,
+        timeout_s=settings.rpc_timeout_s,
+        credentials=channel_credentials,
+        interceptors=telemetry.client_interceptors(),
+    )
+    http = httpx.AsyncClient(follow_redirects=False)
+    server = grpc.aio.server(interceptors=telemetry.server_interceptors())
+    health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(settings, http, probe_rdp), server)
+    standard_health = add_standard_services(server, [SERVICE_NAME])
+    try:
+        if server_credentials is not None:
+            port = server.add_secure_port(settings.grpc_listen, server_credentials)
+        else:
+            port = server.add_insecure_port(settings.grpc_listen)
+    except RuntimeError as exc:
+        raise ConfigError(f"cannot listen on {settings.grpc_listen}: {exc}") from exc
+    scheduler = Scheduler(settings, broker, replica_id, http, probe_rdp=probe_rdp)
+    try:
+        await server.start()
+        await mark_serving(standard_health, [SERVICE_NAME])
+        log.info(
+            "health replica %s serving gRPC on port %d, brokers %s",
+            replica_id,
+            port,
+            ",".join(settings.broker_addresses),
+            extra={"grpc_port": port, "replica_id": replica_id},
+        )
+        if on_listening is not None:
+            on_listening(port)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(scheduler.run(stop), name="scheduler")  # ends after the last results are sent
+            await stop.wait()
+            log.info("stopping: NOT_SERVING, stopping probe loops")
+            await standard_health.enter_graceful_shutdown()
+    finally:
+        await standard_health.enter_graceful_shutdown()
+        await server.stop(settings.shutdown_grace_s)
+        await broker.close()
+        await http.aclose()
+        log.info("health replica %s stopped", replica_id)
+
+
+Credentials = tuple[grpc.ServerCredentials | None, grpc.ChannelCredentials | None]
+
+
+def _credentials(settings: HealthSettings) -> Credentials:
+    """Read the TLS files (blocking, so off the loop); both None in plaintext."""
+    return (
+        tls.server_credentials(settings.tls_ca, settings.tls_cert, settings.tls_key),
+        tls.channel_credentials(settings.tls_ca, settings.tls_cert, settings.tls_key),
+    )
