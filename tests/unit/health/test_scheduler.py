@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import grpc
 import httpx
 
+from rdbroker_health.probes.rdp import probe_rdp
 from rdbroker_proto.v1 import broker_pb2, broker_pb2_grpc
+from rdbroker_rdp.fakeserver import FakeRdpServer
 from tests.support.postgres import free_port
 from tests.unit.health.fake_broker import FakeBroker, serving
 from tests.unit.health.support import ProbeLog, fast_settings, replica, wait_until
@@ -192,3 +195,40 @@ async def test_two_replicas_split_the_servers_and_one_takes_over_when_the_other_
             delays = [probes.first_after(s, killed, "b") - killed for s in a_servers]  # type: ignore[operator]
             assert max(delays) <= 3 * interval, delays
             assert probes.by(next(iter(a_servers)), since=killed + 0.05) == {"b"}
+
+
+async def test_probes_counted_at_fake_rdp_servers_one_prober_each_and_take_over() -> None:
+    interval, jitter = 0.3, 0.1
+    async with contextlib.AsyncExitStack() as stack:
+        servers = [await stack.enter_async_context(FakeRdpServer(mode="sink")) for _ in range(4)]
+        broker = FakeBroker()  # type: ignore[abstract]  # the other RPCs answer UNIMPLEMENTED
+        for server in servers:
+            broker.add(server.address)
+        address = await stack.enter_async_context(serving(broker))
+        settings = fast_settings(
+            address, probe_interval_s=interval, probe_jitter=jitter, probe_timeout_s=0.2, lease_ms=450
+        )
+        a, _, a_task = await stack.enter_async_context(replica(settings, "a", probe_rdp))
+        b, _, _ = await stack.enter_async_context(replica(settings, "b", probe_rdp))
+        await wait_until(lambda: len(a.held) == 2 and len(b.held) == 2 and len(a.held | b.held) == 4)
+
+        # Steady state: over 6 intervals one prober makes at most 6/(1-jitter)+1 probes; two would make ~12.
+        before = [s.accepted for s in servers]
+        await asyncio.sleep(6 * interval)
+        counts = [s.accepted - n for s, n in zip(servers, before, strict=True)]
+        assert all(1 <= c <= 8 for c in counts), counts
+
+        a_servers = [s for s in servers if s.address in a.held]
+        a_task.cancel()
+        await asyncio.wait([a_task])
+        killed = time.monotonic()
+        seen = {s.address: s.accepted for s in a_servers}
+        reprobed: dict[str, float] = {}
+        while len(reprobed) < len(a_servers) and time.monotonic() - killed < 10:
+            for s in a_servers:
+                if s.address not in reprobed and s.accepted > seen[s.address]:
+                    reprobed[s.address] = time.monotonic() - killed
+            await asyncio.sleep(0.01)
+        assert len(reprobed) == len(a_servers)
+        assert max(reprobed.values()) <= 3 * interval, reprobed
+        assert b.held == {s.address for s in servers}
