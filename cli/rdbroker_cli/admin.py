@@ -19,7 +19,7 @@ from rdbroker_cli.client import DEFAULT_URL, ApiClient, ApiError
 SESSION_STATES = ("pending", "active", "disconnected", "ended", "live")
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """argparse that reports a bad command line in one line (exit 2), without the usage block."""
 
     def error(self, message: str) -> NoReturn:
@@ -56,8 +56,8 @@ def _positive(text: str) -> int:
 
 
 def _servers_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="rdbroker servers", description="list and change the terminal servers")
-    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=_Parser)
+    parser = Parser(prog="rdbroker servers", description="list and change the terminal servers")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=Parser)
     listing = verbs.add_parser("list", help="servers with health, load, sessions and state")
     listing.add_argument("--pool", default="", help="only this pool")
     _connection_options(listing)
@@ -121,8 +121,8 @@ def _run_servers(client: ApiClient, args: argparse.Namespace) -> tuple[Any, str]
 
 
 def _sessions_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="rdbroker sessions", description="find and end users' sessions")
-    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=_Parser)
+    parser = Parser(prog="rdbroker sessions", description="find and end users' sessions")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=Parser)
     lookup = verbs.add_parser("lookup", help="where is this user? (their live sessions)")
     lookup.add_argument("user", metavar="USER")
     lookup.add_argument("--pool", default="", help="only this pool")
@@ -172,8 +172,8 @@ def _run_sessions(client: ApiClient, args: argparse.Namespace) -> tuple[Any, str
 
 
 def _pools_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="rdbroker pools", description="the pools (farms, collections)")
-    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=_Parser)
+    parser = Parser(prog="rdbroker pools", description="the pools (farms, collections)")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=Parser)
     _connection_options(verbs.add_parser("list", help="pools with their server and session counts"))
     return parser
 

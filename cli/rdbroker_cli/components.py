@@ -1,0 +1,174 @@
+"""The services as `up` runs them in one process: their settings and their in-process serve functions.
+
+This is the only module of the CLI that knows the services' internals; `up.py` composes what is here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import yaml
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+from rdbroker_broker.config import BrokerSettings
+from rdbroker_health.config import HealthSettings
+from rdbroker_proxy.config import ProxySettings
+from rdbroker_rdp.fakeserver import FakeRdpServer
+
+if TYPE_CHECKING:
+    from rdbroker_cli.up import UpConfig
+
+log = logging.getLogger(__name__)
+
+# Nothing probes the proxy's and health replica's own grpc.health.v1 ports inside `up`: any free port.
+ANY_LOOPBACK_PORT = "127.0.0.1:0"
+
+
+class ComponentError(Exception):
+    """A service could not start for a reason the operator can fix; the message is one line."""
+
+
+@dataclass
+class BrokerPorts:
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    grpc_port: int = 0
+    http_port: int = 0
+
+
+@dataclass
+class ProxyPorts:
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    port: int = 0
+
+
+def _given(**values: Any) -> dict[str, Any]:
+    """Only what the command line set: the rest comes from RDBROKER_* or the settings' defaults."""
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def broker_settings(config: UpConfig) -> BrokerSettings:
+    overrides = _given(
+        database_url=config.database_url,
+        grpc_listen=config.grpc_listen,
+        http_listen=config.http_listen,
+        log_level=config.log_level,
+    )
+    # One process owns its database here: upgrading the schema at start is what a newcomer expects.
+    return BrokerSettings(migrate=True, log_format=config.log_format, **overrides)
+
+
+def proxy_settings(config: UpConfig, broker: str) -> ProxySettings:
+    overrides = _given(listen=config.listen, log_level=config.log_level)
+    return ProxySettings(
+        broker=broker, grpc_listen=ANY_LOOPBACK_PORT, log_format=config.log_format, **overrides
+    )
+
+
+def health_settings(config: UpConfig, broker: str) -> HealthSettings:
+    overrides = _given(log_level=config.log_level)
+    return HealthSettings(
+        broker=broker, grpc_listen=ANY_LOOPBACK_PORT, log_format=config.log_format, **overrides
+    )
+
+
+def redact(url: str) -> str:
+    """A database URL fit to print: the password hidden."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "(unparsable URL)"
+
+
+async def apply_farm(settings: BrokerSettings, farm: dict[str, Any], source: str) -> list[str]:
+    """Upgrade the schema, then make the database hold exactly this farm: the command line is the farm,
+    so servers left out are removed and their leftover sessions ended. Answers any refusals, one line each."""
+    from rdbroker_broker.db import migrate
+    from rdbroker_broker.db.engine import make_engine
+    from rdbroker_broker.errors import BrokerError
+    from rdbroker_broker.farm import FarmError, load_farm
+    from rdbroker_broker.farm import apply_farm as apply
+
+    try:
+        parsed = load_farm(yaml.safe_dump(farm, sort_keys=False), source)
+    except FarmError as exc:
+        raise ComponentError(str(exc)) from exc
+    engine = make_engine(settings.database_url_text)
+    try:
+        await migrate.upgrade(engine)
+        plan = await apply(engine, parsed, dry_run=False, prune=True, force=True)
+    except (BrokerError, FarmError) as exc:
+        raise ComponentError(f"cannot apply the farm: {exc}") from exc
+    except (OSError, SQLAlchemyError) as exc:  # the database is unreachable or refuses us
+        raise ComponentError(
+            f"cannot reach the database {redact(settings.database_url_text)}: {exc}"
+        ) from exc
+    finally:
+        await engine.dispose()
+    for line in plan.changes:
+        log.info("farm: %s", line)
+    return list(plan.refusals)
+
+
+async def run_broker(settings: BrokerSettings, stop: asyncio.Event, ports: BrokerPorts) -> None:
+    from rdbroker_broker.app import StartupError, serve
+    from rdbroker_broker.errors import BrokerError
+
+    bound: dict[str, int] = {}
+    started = asyncio.Event()
+
+    async def report_ready() -> None:
+        await started.wait()
+        ports.grpc_port, ports.http_port = bound["grpc"], bound["http"]
+        ports.ready.set()
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            waiter = tg.create_task(report_ready())
+            await serve(settings, ready=started, stop=stop, bound=bound)
+            waiter.cancel()
+    except* (StartupError, BrokerError) as group:
+        raise ComponentError(f"the broker cannot start: {group.exceptions[0]}") from group
+
+
+async def run_proxy(settings: ProxySettings, stop: asyncio.Event, ports: ProxyPorts) -> None:
+    from rdbroker_proxy.server import ProxyServer
+
+    server = ProxyServer(settings)
+
+    async def report_ready() -> None:
+        await server.ready.wait()
+        ports.port = server.port
+        ports.ready.set()
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            waiter = tg.create_task(report_ready())
+            await server.serve(stop)
+            waiter.cancel()
+    except* OSError as group:  # the RDP port is taken or not ours to bind
+        raise ComponentError(
+            f"the proxy cannot listen on {settings.listen}: {group.exceptions[0]}"
+        ) from group
+
+
+async def run_health(settings: HealthSettings, stop: asyncio.Event) -> None:
+    from rdbroker_health import app
+    from rdbroker_health.errors import ConfigError
+
+    try:
+        await app.run(settings, stop)
+    except ConfigError as exc:
+        raise ComponentError(f"the health replica cannot start: {exc}") from exc
+
+
+@asynccontextmanager
+async def fake_server() -> AsyncIterator[str]:
+    """A fake RDP server (echo mode) on a free loopback port; yields its address."""
+    async with FakeRdpServer("127.0.0.1", 0, mode="echo") as server:
+        yield server.address
