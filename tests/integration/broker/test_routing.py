@@ -50,7 +50,8 @@ async def test_reconnect_to_a_disconnected_session(service, engine):
     [session] = await service.lookup_user_sessions("bob")
     assert session.state is d.SessionState.DISCONNECTED
     again = await service.route(req("bob"))
-    assert again.reason is d.RouteReason.RECONNECT and again.server_address == first.server_address
+    assert again.reason is d.RouteReason.RECONNECT
+    assert again.server_address == first.server_address
 
 
 async def test_logon_storm_spreads_over_servers(service, engine):
@@ -93,11 +94,13 @@ async def test_maintenance_and_down_servers_take_nothing(service, engine, probes
     other = B if first.server_address == A else A
     await service.set_server_state(first.server_address, d.AdminState.MAINTENANCE)
     moved = await service.route(req("dave"))
-    assert moved.reason is d.RouteReason.NEW and moved.server_address == other
+    assert moved.reason is d.RouteReason.NEW
+    assert moved.server_address == other
     await service.set_server_state(first.server_address, d.AdminState.ENABLED)
     await probe(probes, other, health=d.Health.DOWN)
     back = await service.route(req("dave"))
-    assert back.reason is d.RouteReason.NEW and back.server_address == first.server_address
+    assert back.reason is d.RouteReason.NEW
+    assert back.server_address == first.server_address
     ended = [
         s
         for s in await service.lookup_user_sessions("dave", include_ended=True)
@@ -128,7 +131,7 @@ async def test_session_limit(service, engine):
     await seed(engine, server(A, max_sessions=2), server(B, max_sessions=1))
     placed = [(await service.route(req(f"u{i}"))).server_address for i in range(3)]
     assert sorted(placed) == [A, A, B]
-    with pytest.raises(NoCapacity, match="1 full|full"):
+    with pytest.raises(NoCapacity, match="full"):
         await service.route(req("u4"))
     assert (await service.route(req("u0"))).reason is d.RouteReason.RECONNECT  # full still reconnects
 
@@ -142,7 +145,8 @@ async def test_pending_expires_and_disconnected_expires_after_pool_timeout(servi
     assert (s.state, s.end_reason) == (d.SessionState.ENDED, "pending_expired")
 
     routed = await service.route(req("erin", connection_id="c9"))
-    assert routed.reason is d.RouteReason.NEW and routed.session_id != pending.session_id
+    assert routed.reason is d.RouteReason.NEW
+    assert routed.session_id != pending.session_id
     await service.connection_opened(routed.session_id, "c9", "p1")
     await service.connection_closed(routed.session_id, "c9", end_reason="client_closed")
     clock.advance(599)
@@ -150,7 +154,8 @@ async def test_pending_expires_and_disconnected_expires_after_pool_timeout(servi
     clock.advance(2)
     # Expired but not yet swept: Route itself refuses the stale session.
     fresh = await service.route(req("erin"))
-    assert fresh.reason is d.RouteReason.NEW and fresh.session_id != routed.session_id
+    assert fresh.reason is d.RouteReason.NEW
+    assert fresh.session_id != routed.session_id
 
 
 async def test_no_identity_is_placed_without_affinity(service, engine):
@@ -158,21 +163,23 @@ async def test_no_identity_is_placed_without_affinity(service, engine):
     first = await service.route(req(""))
     second = await service.route(req(""))
     assert first.reason is second.reason is d.RouteReason.NO_IDENTITY
-    assert first.session_id != second.session_id and first.server_address != second.server_address
+    assert first.session_id != second.session_id
+    assert first.server_address != second.server_address
 
 
 async def test_preconnection_blob_is_an_identity(service, engine):
     await seed(engine, server(A), server(B))
     first = await service.route(req(preconnection_blob=b"vm-42"))
     again = await service.route(req(preconnection_blob=b"VM-42"))
-    assert first.reason is d.RouteReason.NEW and again.reason is d.RouteReason.RECONNECT
+    assert first.reason is d.RouteReason.NEW
+    assert again.reason is d.RouteReason.RECONNECT
 
 
 async def test_token_routes_to_a_registered_server_only(service, engine):
     await seed(engine, server("10.0.0.5:3389"), server(B))
     decision = await service.route(req(routing_token="83886090.15629.0000"))
     assert (decision.reason, decision.server_address) == (d.RouteReason.TOKEN, "10.0.0.5:3389")
-    with pytest.raises(PermissionDenied, match="172.31.249.216:3389"):
+    with pytest.raises(PermissionDenied, match=r"172\.31\.249\.216:3389"):
         await service.route(req(routing_token="3640205228.15629.0000"))
 
 
@@ -199,7 +206,8 @@ async def test_retry_after_a_failed_new_placement_moves_and_cleans_up(service, e
     retry = await service.route(
         req("hank", connection_id="cx", attempt=1, failed_server_address=first.server_address)
     )
-    assert retry.reason is d.RouteReason.NEW and retry.server_address != first.server_address
+    assert retry.reason is d.RouteReason.NEW
+    assert retry.server_address != first.server_address
     states = {s.session_id: s.state for s in await service.lookup_user_sessions("hank", include_ended=True)}
     assert states == {first.session_id: d.SessionState.ENDED, retry.session_id: d.SessionState.PENDING}
 
@@ -218,7 +226,8 @@ async def test_retry_after_a_failed_reconnect_is_unavailable_until_the_server_is
     moved = await service.route(
         req("ivy", connection_id="cy", attempt=2, failed_server_address=again.server_address)
     )
-    assert moved.reason is d.RouteReason.NEW and moved.server_address != first.server_address
+    assert moved.reason is d.RouteReason.NEW
+    assert moved.server_address != first.server_address
 
 
 async def test_unknown_pool_and_missing_default(service, engine):
