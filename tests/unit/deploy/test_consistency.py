@@ -311,6 +311,11 @@ def test_replicas_spread_over_nodes_and_zones(target: str, name: str) -> None:
     for constraint in spread:
         assert m.selects(constraint["labelSelector"]["matchLabels"], m.pod_labels(deployment))
     m.named(m.render(target), "PodDisruptionBudget", name)
+    # Pods of a dead node are replaced in under a minute, not after the default five.
+    tolerations = deployment["spec"]["template"]["spec"]["tolerations"]
+    waits = {t["key"]: t["tolerationSeconds"] for t in tolerations if t.get("effect") == "NoExecute"}
+    assert set(waits) == {"node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"}
+    assert max(waits.values()) <= 60
 
 
 @pytest.mark.parametrize("target", TARGETS)
