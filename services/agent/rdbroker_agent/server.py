@@ -1,0 +1,122 @@
+"""The agent's HTTP endpoint: `GET /load` (text) and `GET /sessions` (JSON), nothing else.
+
+A deliberately small HTTP/1.1 server on asyncio streams: one request per connection, a bounded
+request head read under a deadline, `Connection: close`. Load balancers poll it every few seconds,
+so nothing here needs keep-alive, and no web framework has to be installed on the terminal servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from types import TracebackType
+
+from .config import AgentConfig
+from .errors import SourceError
+from .load import measure_load, read_sessions
+from .sources import Sources
+
+log = logging.getLogger(__name__)
+
+MAX_HEAD = 8192  # bytes of request line + headers
+MAX_HEADERS = 64
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    503: "Service Unavailable",
+}
+
+
+class AgentServer:
+    def __init__(
+        self,
+        config: AgentConfig,
+        sources: Sources,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        request_timeout_s: float = 10.0,
+    ):
+        self.config = config
+        self.sources = sources
+        self.host = host
+        self.port = port
+        self.request_timeout_s = request_timeout_s
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self.host, self.port, limit=MAX_HEAD)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def __aenter__(self) -> AgentServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(self.request_timeout_s):
+                status, body, content_type = await self._respond(reader)
+                head = (
+                    f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
+                    f"Content-Type: {content_type}\r\n"
+                    f"Content-Length: {len(body)}\r\n"
+                    "Cache-Control: no-store\r\n"
+                    "Connection: close\r\n"
+                )
+                if status == 405:
+                    head += "Allow: GET\r\n"
+                writer.write(head.encode("ascii") + b"\r\n" + body)
+                await writer.drain()
+        except (TimeoutError, ConnectionError, OSError) as exc:
+            log.debug("agent request ended early: %r", exc)
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.wait_closed()
+
+    async def _respond(self, reader: asyncio.StreamReader) -> tuple[int, bytes, str]:
+        try:
+            request_line = await reader.readline()
+            for _ in range(MAX_HEADERS):
+                if (await reader.readline()).strip() == b"":
+                    break
+            else:
+                return _text(400, "too many headers")
+        except (asyncio.LimitOverrunError, ValueError):
+            return _text(400, "request head too long")
+        parts = request_line.decode("latin-1").split()
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+            return _text(400, "bad request line")
+        method, target = parts[0], parts[1].split("?", 1)[0]
+        if target not in ("/load", "/sessions"):
+            return _text(404, "not found: try /load or /sessions")
+        if method != "GET":
+            return _text(405, "only GET")
+        if target == "/load":
+            return _text(200, await measure_load(self.config, self.sources))
+        try:
+            sessions = await read_sessions(self.config, self.sources)
+        except SourceError as exc:
+            log.warning("session source failed: %s", exc)
+            return _text(503, f"session source failed: {exc}")
+        body = json.dumps([{"user": s.user, "state": s.state} for s in sessions], ensure_ascii=False)
+        return 200, body.encode("utf-8"), "application/json"
+
+
+def _text(status: int, text: str) -> tuple[int, bytes, str]:
+    return status, f"{text}\n".encode(), "text/plain; charset=utf-8"

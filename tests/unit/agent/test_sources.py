@@ -1,0 +1,85 @@
+"""Command sources and their output parsers, with real subprocesses; psutil's session list."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from rdbroker_agent.errors import SourceError
+from rdbroker_agent.sources import Session, SystemSources, parse_number, parse_sessions, run_command
+
+PY = sys.executable
+
+
+async def test_run_command_returns_stdout() -> None:
+    assert await run_command([PY, "-c", "print(42)"], 10) == "42\n"
+
+
+async def test_run_command_nonzero_exit() -> None:
+    with pytest.raises(SourceError, match="exited with 3: oops"):
+        await run_command([PY, "-c", "import sys; sys.stderr.write('oops'); sys.exit(3)"], 10)
+
+
+async def test_run_command_timeout_kills_it() -> None:
+    with pytest.raises(SourceError, match=r"did not finish within 0\.5 s"):
+        await run_command([PY, "-c", "import time; time.sleep(30)"], 0.5)
+
+
+async def test_run_command_missing_program() -> None:
+    with pytest.raises(SourceError, match="cannot run '/nonexistent/prog'"):
+        await run_command(["/nonexistent/prog"], 10)
+
+
+@pytest.mark.parametrize(("text", "value"), [("42", 42.0), (" 42.5\n", 42.5), ("75%", 75.0), ("-3", -3.0)])
+def test_parse_number(text: str, value: float) -> None:
+    assert parse_number(text, "gpu") == value
+
+
+@pytest.mark.parametrize("text", ["", "abc", "42 43", "inf", "nan", "0x10"])
+def test_parse_number_refuses(text: str) -> None:
+    with pytest.raises(SourceError, match="gpu printed"):
+        parse_number(text, "gpu")
+
+
+def test_parse_sessions_list_and_wrapped() -> None:
+    text = '[{"user": "CORP\\\\alice", "state": "active"}, {"user": "bob", "state": "Disconnected"}]'
+    expected = [Session("CORP\\alice", "active"), Session("bob", "disconnected")]
+    assert parse_sessions(text) == expected
+    assert parse_sessions('{"sessions": ' + text + "}") == expected
+
+
+def test_parse_sessions_query_session_states() -> None:
+    text = (
+        '[{"user": "", "state": "Listen"}, {"user": "carol", "state": "Disc", "id": 3},'
+        ' {"user": "dave", "state": "Active"}, {"user": "services", "state": "Down"}]'
+    )
+    assert parse_sessions(text) == [Session("carol", "disconnected"), Session("dave", "active")]
+
+
+def test_parse_sessions_state_defaults_to_active() -> None:
+    assert parse_sessions('[{"user": "erin"}]') == [Session("erin", "active")]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("not json", "did not print JSON"),
+        ('{"user": "a"}', "must print a JSON list"),
+        ("[1]", "has no string 'user'"),
+        ('[{"user": 5}]', "has no string 'user'"),
+        ('[{"user": "a", "state": 1}]', "non-string state"),
+    ],
+)
+def test_parse_sessions_refuses(text: str, message: str) -> None:
+    with pytest.raises(SourceError, match=message):
+        parse_sessions(text)
+
+
+async def test_system_sources_read_the_machine() -> None:
+    sources = SystemSources()
+    assert 0.0 <= await sources.cpu_percent() <= 100.0
+    assert 0.0 < await sources.memory_percent() <= 100.0
+    sessions = await sources.logged_in_sessions()
+    assert all(s.state == "active" for s in sessions)
+    assert len({s.user for s in sessions}) == len(sessions)
