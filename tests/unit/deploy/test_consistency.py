@@ -3,6 +3,7 @@ network reachability, shutdown timing, secrets."""
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
@@ -367,3 +368,42 @@ def test_migrate_and_apply_jobs(target: str) -> None:
     assert farm["pools"]
     assert farm["servers"]
     assert all(s["pool"] in {p["name"] for p in farm["pools"]} for s in farm["servers"])
+
+
+# --- values the services accept ---------------------------------------------------------------------
+
+# Stand-ins for what comes from Secrets at run time.
+SECRET_STAND_INS = {
+    "RDBROKER_DATABASE_URL": "postgresql://rdbroker:secret@rdbroker-pg-rw.rdbroker:5432/rdbroker",
+    "RDBROKER_API_READ_TOKEN": "read-token",
+    "RDBROKER_API_ADMIN_TOKEN": "admin-token",
+}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("service", sorted(LISTEN))
+def test_the_service_accepts_the_values_its_deployment_sets(
+    target: str, service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings_class = m.settings_class(service)
+    if settings_class is None:
+        pytest.skip(f"rdbroker_{service}.config has no settings class yet")
+    from pydantic import ValidationError
+
+    docs = m.render(target)
+    env = effective_env(docs, deployment_container(target, service))
+    for name in [n for n in os.environ if n.startswith("RDBROKER_")]:
+        monkeypatch.delenv(name)
+    for name, entry in env.items():
+        if name.startswith("RDBROKER_"):
+            value = entry if isinstance(entry, str) else entry.get("value", SECRET_STAND_INS.get(name))
+            assert value is not None, f"{service}: no stand-in for {name}"
+            monkeypatch.setenv(name, value)
+    try:
+        settings_class()
+    except ValidationError as exc:
+        fields = {str(e["loc"][0]) for e in exc.errors()}
+        if fields == {"broker"} and env["RDBROKER_BROKER"]["value"].startswith("dns:///"):
+            # Known and reported: --broker does not take a gRPC `dns:///` target yet.
+            pytest.xfail(f"{service} --broker does not accept a dns:/// target yet")
+        raise
