@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import yaml
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 
 from rdbroker_broker.config import BrokerSettings
 from rdbroker_health.config import HealthSettings
@@ -77,12 +76,18 @@ def health_settings(config: UpConfig, broker: str) -> HealthSettings:
     )
 
 
+def first_line(exc: BaseException) -> str:
+    """The driver's own message, first line only (SQLAlchemy adds its background links below)."""
+    cause = getattr(exc, "orig", None) or exc
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    return lines[0] if lines else type(cause).__name__
+
+
 def redact(url: str) -> str:
-    """A database URL fit to print: the password hidden."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return "(unparsable URL)"
+    """A database URL fit to print: the password hidden (multi-host libpq URLs too)."""
+    from rdbroker_broker.db.engine import redact as broker_redact
+
+    return broker_redact(url)
 
 
 async def apply_farm(settings: BrokerSettings, farm: dict[str, Any], source: str) -> list[str]:
@@ -105,9 +110,8 @@ async def apply_farm(settings: BrokerSettings, farm: dict[str, Any], source: str
     except (BrokerError, FarmError) as exc:
         raise ComponentError(f"cannot apply the farm: {exc}") from exc
     except (OSError, SQLAlchemyError) as exc:  # the database is unreachable or refuses us
-        raise ComponentError(
-            f"cannot reach the database {redact(settings.database_url_text)}: {exc}"
-        ) from exc
+        where = redact(settings.database_url_text)
+        raise ComponentError(f"cannot reach the database {where}: {first_line(exc)}") from exc
     finally:
         await engine.dispose()
     for line in plan.changes:

@@ -1,0 +1,124 @@
+"""`rdbroker up` / `demo`: the farm from the command line, argument errors, the banner."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from rdbroker_cli import farm, up
+from rdbroker_cli.__main__ import main as rdbroker
+
+
+def test_servers_make_one_default_pool():
+    assert farm.from_servers(["10.0.0.11", "10.0.0.12:3390", "[2001:db8::1]:3389"]) == {
+        "pools": [{"name": "default", "default": True}],
+        "servers": [
+            {"address": "10.0.0.11:3389", "pool": "default"},
+            {"address": "10.0.0.12:3390", "pool": "default"},
+            {"address": "[2001:db8::1]:3389", "pool": "default"},
+        ],
+    }
+
+
+@pytest.mark.parametrize(
+    ("servers", "message"),
+    [
+        (["10.0.0.11:3389", "10.0.0.11"], "--server 10.0.0.11:3389 is given twice"),
+        (["10.0.0.11:99999"], "bad --server '10.0.0.11:99999': bad port in '10.0.0.11:99999'"),
+        (["10.0.0.11:0"], "bad --server '10.0.0.11:0': port 0"),
+        ([":3389"], "bad --server ':3389': missing host in ':3389'"),
+    ],
+)
+def test_bad_servers_are_refused(servers, message):
+    with pytest.raises(farm.FarmError) as caught:
+        farm.from_servers(servers)
+    assert str(caught.value) == message
+
+
+def test_farm_file_errors(tmp_path):
+    with pytest.raises(farm.FarmError, match=r"cannot read the farm file .*missing.yaml"):
+        farm.load(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pools: [\n  - name: x\n")
+    with pytest.raises(farm.FarmError, match=r"is not valid YAML \(line \d+\)"):
+        farm.load(bad)
+    bad.write_text("- just a list\n")
+    with pytest.raises(farm.FarmError, match="must be a mapping with `pools` and `servers`"):
+        farm.load(bad)
+    bad.write_text("servers: 3\n")
+    with pytest.raises(farm.FarmError, match="`servers` must be a list"):
+        farm.load(bad)
+
+
+def test_farm_file_is_read(tmp_path):
+    path = tmp_path / "farm.yaml"
+    path.write_text(
+        "pools:\n  - name: default\n    default: true\n  - name: Sales\n"
+        "servers:\n  - address: 10.0.0.11:3389\n    pool: default\n"
+        "  - address: 10.0.0.12:3389\n    pool: Sales\n"
+    )
+    loaded = farm.load(path)
+    assert [s["address"] for s in loaded["servers"]] == ["10.0.0.11:3389", "10.0.0.12:3389"]
+    assert farm.summary(loaded) == "2 servers in 2 pools"
+    assert farm.summary(farm.from_servers(["a:1"])) == "1 server in pool default"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["up"], "rdbroker up: error: one of the arguments --server -f/--farm is required\n"),
+        (
+            ["up", "--server", "a:1", "-f", "farm.yaml"],
+            "rdbroker up: error: argument -f/--farm: not allowed with argument --server\n",
+        ),
+        (["up", "--server", "a:1", "a:1"], "rdbroker up: error: unrecognized arguments: a:1\n"),
+        (
+            ["up", "--server", "a:1", "--listen", "nope"],
+            "rdbroker up: bad --listen: missing port in 'nope'\n",
+        ),
+        (["up", "--server", "a:1", "--server", "a:1"], "rdbroker up: --server a:1 is given twice\n"),
+        (["up", "-f", "/nonexistent/farm.yaml"], None),
+        (["demo", "--fake-servers", "0"], "rdbroker demo: --fake-servers must be 1..20\n"),
+        (["demo", "--http-listen", "x:y"], "rdbroker demo: bad --http-listen: bad port in 'x:y'\n"),
+    ],
+)
+def test_command_line_errors_are_one_line_and_exit_2(capsys, argv, message):
+    assert rdbroker(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1
+    if message is None:
+        assert err.startswith("rdbroker up: cannot read the farm file /nonexistent/farm.yaml")
+    else:
+        assert err == message
+
+
+def test_banner_says_where_everything_listens():
+    where = up.Listening(
+        rdp="0.0.0.0:3389",
+        http="127.0.0.1:8080",
+        grpc="127.0.0.1:50051",
+        database="sqlite+aiosqlite:///rdbroker.db",
+        farm="2 servers in pool default",
+    )
+    out = io.StringIO()
+    up.banner(where, out)
+    text = out.getvalue()
+    assert "RDP clients connect to  0.0.0.0:3389\n" in text
+    assert (
+        "REST API                http://127.0.0.1:8080/v1   (OpenAPI: http://127.0.0.1:8080/docs)\n" in text
+    )
+    assert "dashboard               http://127.0.0.1:8080/\n" in text
+    assert text.endswith("Stop with Ctrl-C.\n")
+    where.fake_servers = ["127.0.0.1:4001"]
+    out = io.StringIO()
+    up.banner(where, out, demo=True)
+    assert "rdbroker demo-connect alice --to 127.0.0.1:3389 --url http://127.0.0.1:8080\n" in out.getvalue()
+
+
+def test_help_lists_the_new_commands(capsys):
+    assert rdbroker(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("up", "demo", "demo-connect", "servers", "sessions", "pools"):
+        assert f"\n  {command} " in out
