@@ -93,6 +93,14 @@ class RealBroker:
         assert row is not None
         return row[0]
 
+    async def lease_holders(self) -> dict[str, str]:
+        """Server address -> replica id of every unexpired probe lease, from the database."""
+        async with await psycopg.AsyncConnection.connect(self.dsn) as conn:
+            cursor = await conn.execute(
+                "SELECT server_address, replica_id FROM probe_leases WHERE expires_at > now()"
+            )
+            return dict(await cursor.fetchall())
+
     async def route(self, user: str) -> broker_pb2.RouteResponse:
         self.routes += 1
         request = broker_pb2.RouteRequest(
