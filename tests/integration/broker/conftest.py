@@ -55,6 +55,12 @@ def server(address: str, pool: str = "default", **kw) -> d.Server:
     return d.Server(address=address, pool=pool, **kw)
 
 
+@pytest.fixture(autouse=True)
+def _keep_pytest_logging(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CLI entry points configure logging for a process; under pytest that would replace its capture."""
+    monkeypatch.setattr("rdbroker_common.logs.configure", lambda *a, **k: None)
+
+
 @pytest.fixture
 async def engine(pg_database_url: str) -> AsyncIterator[AsyncEngine]:
     engine = make_engine(pg_database_url)

@@ -1,0 +1,63 @@
+"""Migrations run from empty to head on PostgreSQL and SQLite, and head matches the tables."""
+
+from __future__ import annotations
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from rdbroker_broker.__main__ import migrate_main
+from rdbroker_broker.db import migrate
+from rdbroker_broker.db.engine import make_engine
+from rdbroker_broker.db.tables import metadata
+
+
+async def assert_at_head_and_matching(url: str) -> None:
+    engine = make_engine(url)
+    try:
+        assert await migrate.current_revision(engine) is None
+        await migrate.upgrade(engine)
+        await migrate.upgrade(engine)  # idempotent
+        assert await migrate.current_revision(engine) == migrate.head_revision()
+        async with engine.connect() as conn:
+            diff = await conn.run_sync(lambda c: compare_metadata(MigrationContext.configure(c), metadata))
+        assert diff == []
+    finally:
+        await engine.dispose()
+
+
+async def test_postgresql_empty_to_head(pg_database_url):
+    await assert_at_head_and_matching(pg_database_url)
+
+
+async def test_sqlite_empty_to_head(tmp_path):
+    await assert_at_head_and_matching(f"sqlite+aiosqlite:///{tmp_path / 'broker.db'}")
+
+
+def test_migrate_command(pg_database_url, capsys):
+    assert migrate_main(["--database-url", pg_database_url]) == 0
+    assert "database at revision" in capsys.readouterr().out
+
+
+def test_migrate_command_reports_an_unreachable_database(capsys):
+    assert migrate_main(["--database-url", "postgresql://postgres@127.0.0.1:1/nope?connect_timeout=2"]) == 1
+    assert "cannot migrate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("url", ["mysql://x/y", "nonsense"])
+def test_unsupported_urls_are_refused(url, capsys):
+    assert migrate_main(["--database-url", url]) == 1
+    assert "unsupported database URL" in capsys.readouterr().err
+
+
+async def test_multi_host_dsn_finds_the_primary(pg_server_url, pg_database_url):
+    # The first host refuses connections; libpq moves on to the next one.
+    name = pg_database_url.rsplit("/", 1)[1]
+    hostport = pg_server_url.split("@", 1)[1]
+    url = f"postgresql://postgres@127.0.0.1:1,{hostport}/{name}?target_session_attrs=read-write&connect_timeout=2"
+    engine = make_engine(url)
+    try:
+        await migrate.upgrade(engine)
+        assert await migrate.current_revision(engine) == migrate.head_revision()
+    finally:
+        await engine.dispose()
