@@ -33,7 +33,7 @@ class FakeBroker(broker_pb2_grpc.BrokerServicer):
     reports: list[Report] = field(default_factory=list)
     rejected: list[tuple[str, str]] = field(default_factory=list)
     session_reports: list[broker_pb2.ReportServerSessionsRequest] = field(default_factory=list)
-    claims: int = 0
+    claims: int = 0  # ClaimProbeTargets calls, answered or refused
     refuse_results_from: set[str] = field(default_factory=set)  # replicas whose results are all rejected
 
     def add(self, address: str, **fields: object) -> None:
@@ -50,9 +50,9 @@ class FakeBroker(broker_pb2_grpc.BrokerServicer):
         return {a for a in self.targets if self.holder(a) == replica_id}
 
     async def ClaimProbeTargets(self, request, context):
+        self.claims += 1
         if not request.replica_id or not request.lease_ms:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "replica_id and lease_ms are required")
-        self.claims += 1
         now = time.monotonic()
         expiry = now + request.lease_ms / 1000
         self.replicas[request.replica_id] = expiry

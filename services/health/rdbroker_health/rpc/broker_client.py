@@ -24,6 +24,9 @@ T = TypeVar("T")
 _FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 # Reconnect quickly when a broker comes back; the default backoff grows to two minutes.
 _CHANNEL_OPTIONS = [
+    # Notice a broker that vanished without closing the connection (host gone, network cut).
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),
@@ -81,10 +84,17 @@ class BrokerClient:
         for channel in self._channels:
             await channel.close()
 
+    def _order(self) -> list[int]:
+        """Every address once: the last one that answered first, those known to be failing last."""
+        n = len(self._stubs)
+        rotated = [(self._current + step) % n for step in range(n)]
+        failing = grpc.ChannelConnectivity.TRANSIENT_FAILURE
+        healthy = [i for i in rotated if self._channels[i].get_state() != failing]
+        return healthy + [i for i in rotated if i not in healthy]
+
     async def _call(self, name: str, send: Callable[[broker_pb2_grpc.BrokerAsyncStub], Awaitable[T]]) -> T:
         last: grpc.aio.AioRpcError | None = None
-        for step in range(len(self._stubs)):
-            index = (self._current + step) % len(self._stubs)
+        for index in self._order():
             try:
                 response = await send(self._stubs[index])
             except grpc.aio.AioRpcError as exc:
