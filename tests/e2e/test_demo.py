@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -139,20 +139,37 @@ def read_banner(process: subprocess.Popen[str], deadline: float) -> dict[str, st
 
 # WORKAROUND until the proxy runs under uvloop (its connection_made asserts an asyncio.Transport, which
 # uvloop's transports are not): the command runs with uvloop hidden, so lifecycle.run uses asyncio's loop.
-RDBROKER = [
-    "-c",
-    "import sys; sys.modules['uvloop'] = None; from rdbroker_cli.__main__ import main; sys.exit(main())",
-]
+HIDE_UVLOOP = "import sys; sys.modules['uvloop'] = None; "
+RDBROKER = ["-c", HIDE_UVLOOP + "from rdbroker_cli.__main__ import main; sys.exit(main())"]
+
+
+@contextlib.contextmanager
+def demo_process(workdir: Path, env: dict[str, str] | None = None) -> Iterator[dict[str, str]]:
+    """`rdbroker demo` on free loopback ports as a process; yields its banner, then SIGTERMs it and
+    checks that it stopped cleanly (exit 0, no traceback in its log)."""
+    argv = [sys.executable, *RDBROKER, "demo", "--listen", LOOPBACK_ANY]
+    argv += ["--http-listen", LOOPBACK_ANY, "--grpc-listen", LOOPBACK_ANY]
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    log_path = workdir / "demo.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            argv, cwd=workdir, env=environment, stdout=subprocess.PIPE, stderr=log, text=True
+        )
+        try:
+            yield read_banner(process, time.monotonic() + 60)
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=60) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
+            if process.stdout is not None:
+                process.stdout.close()
+    assert "Traceback" not in log_path.read_text()
 
 
 def test_demo_command_routes_and_stops_on_sigterm(tmp_path):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    argv = [sys.executable, *RDBROKER, "demo", "--listen", LOOPBACK_ANY]
-    argv += ["--http-listen", LOOPBACK_ANY, "--grpc-listen", LOOPBACK_ANY]
-    log = (tmp_path / "demo.log").open("w")
-    process = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
-    try:
-        banner = read_banner(process, time.monotonic() + 60)
+    with demo_process(tmp_path) as banner:
         rdp, url = banner["RDP clients connect to"], banner["dashboard"].rstrip("/")
         servers = []
         for user in ("carol", "carol"):
@@ -168,13 +185,3 @@ def test_demo_command_routes_and_stops_on_sigterm(tmp_path):
             servers.append(done.stdout.splitlines()[1].split(" on ")[1].split()[0])
         assert servers[0] == servers[1]
         assert servers[0] in banner["fake RDP servers"]
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
-        if process.stdout is not None:
-            process.stdout.close()
-        log.close()
-    assert "Traceback" not in (tmp_path / "demo.log").read_text()
