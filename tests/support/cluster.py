@@ -173,7 +173,7 @@ class PgPair:
     def pids(self) -> list[int]:
         return _cluster_pids(self.primary) + _cluster_pids(self.standby)
 
-    def destroy(self) -> None:
+    def destroy_processes(self) -> None:
         if self._stopped:
             self.continue_primary()
         for cluster in (self.primary, self.standby):
@@ -182,6 +182,10 @@ class PgPair:
             for pid in pids:
                 with contextlib.suppress(psutil.NoSuchProcess, psutil.TimeoutExpired):
                     psutil.Process(pid).wait(timeout=10)
+
+    def destroy(self) -> None:
+        self.destroy_processes()
+        for cluster in (self.primary, self.standby):
             shutil.rmtree(cluster.root, ignore_errors=True)
 
 
@@ -361,8 +365,18 @@ class Harness:
         return [*self.supervisor.started_pids, *self._pg_pids]
 
     def cleanup(self) -> None:
+        """Kill everything, then remove the root. With $RDBROKER_E2E_LOGS set, the service and
+        PostgreSQL logs are copied there first (for looking into a failed run)."""
         self.remember_pg_pids()
         self.supervisor.stop_all()
+        if self.pg is not None:
+            self.pg.destroy_processes()
+        keep = os.environ.get("RDBROKER_E2E_LOGS")
+        if keep:
+            target = Path(keep) / self.root.name
+            target.mkdir(parents=True, exist_ok=True)
+            for log in [*self.supervisor.root.glob("*.log"), *self.root.glob("pg*/log")]:
+                shutil.copy(log, target / (log.name if log.name != "log" else f"{log.parent.name}.log"))
         if self.pg is not None:
             self.pg.destroy()
         shutil.rmtree(self.root, ignore_errors=True)

@@ -4,8 +4,9 @@ Each user is one task. A logon is: connect to a proxy, send a real Connection Re
 (`Cookie: mstshash=userN`), read the Connection Confirm the server sent through the proxy, ask the
 server who it is (`WHO?`, see `tests.support.rdp_host`), hold the connection a while, close. A failed
 attempt is retried once by the client, through the other proxy (what a client behind DNS round robin or
-a load balancer does). A held connection that the far side cuts is recorded as dropped and the user
-logs on again at once. Everything is bounded: users, attempts per user, and the run's duration.
+a load balancer does), and the user keeps the proxy that answered. A held connection that the far side
+cuts is recorded as dropped and the user logs on again at once, through the other proxy. Everything
+is bounded: users, attempts per user, and the run's duration.
 """
 
 from __future__ import annotations
@@ -90,13 +91,15 @@ class LoginStorm:
         while not self._stop.is_set() and count < self.settings.max_attempts_per_user:
             count += 1
             final = await self._logon(user, proxy_index, hold_s=rnd.uniform(*self.settings.hold_s))
+            # A client keeps using the address that answered last; a cut connection sends it to the other.
+            proxy_index = self.proxies.index(final.proxy) + (1 if final.dropped else 0)
             if final.dropped:
-                proxy_index += 1  # the proxy (or server) went away under us: come back through the other
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), rnd.uniform(*self.settings.pause_s))
 
     async def _logon(self, user: str, proxy_index: int, hold_s: float) -> Attempt:
+        """One logon: an attempt and, if it fails, the client's one retry through the other proxy."""
         first = await self._attempt(user, self.proxies[proxy_index % len(self.proxies)], hold_s, retry=False)
         if first.ok:
             return first
