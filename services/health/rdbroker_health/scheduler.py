@@ -91,6 +91,8 @@ class Scheduler:
         self._pending: dict[str, broker_pb2.ProbeResult] = {}  # latest result per server, not yet sent
         self._have_pending = asyncio.Event()
         self._tg: asyncio.TaskGroup | None = None
+        self._claim_failing = False
+        self._report_failing = False
 
     @property
     def held(self) -> set[str]:
@@ -121,11 +123,16 @@ class Scheduler:
             try:
                 wire_targets = await self.broker.claim(self.replica_id, self.settings.lease_ms)
             except BrokerError as exc:
-                log.warning("claiming probe targets failed: %s", exc)
+                # Warn once per outage, not every lease/3.
+                log.log(logging.DEBUG if self._claim_failing else logging.WARNING, "claiming failed: %s", exc)
+                self._claim_failing = True
                 if self._loops and time.monotonic() >= self._lease_until:
                     log.warning("leases lapsed; stopping %d probe loops", len(self._loops))
                     self._reconcile([])
             else:
+                if self._claim_failing:
+                    log.info("claiming works again")
+                    self._claim_failing = False
                 self._lease_until = sent + self.lease_s
                 self._reconcile([Target.from_wire(t, self.settings) for t in wire_targets], wire_targets)
             await asyncio.sleep(max(0.0, sent + self.lease_s / 3 - time.monotonic()))
@@ -237,27 +244,37 @@ class Scheduler:
         while True:
             await self._have_pending.wait()
             await asyncio.sleep(self.settings.report_batch_s)  # gather a batch
-            await self._flush()
+            if not await self._flush():
+                await asyncio.sleep(self.lease_s / 3)  # the broker is away: retry at the claims' pace
 
-    async def _flush(self) -> None:
+    async def _flush(self) -> bool:
         """Send the pending results; on failure keep them (newer results replace older) for next time."""
         batch, self._pending = self._pending, {}
         self._have_pending.clear()
         if not batch:
-            return
+            return True
         try:
             rejected = await self.broker.report_results(self.replica_id, list(batch.values()))
-        except BrokerError as exc:
-            log.warning("reporting %d probe results failed: %s", len(batch), exc)
+        except (BrokerError, asyncio.CancelledError) as exc:
+            if not isinstance(exc, asyncio.CancelledError):
+                level = logging.DEBUG if self._report_failing else logging.WARNING
+                log.log(level, "reporting %d probe results failed: %s", len(batch), exc)
+                self._report_failing = True
             replaced = [address for address in batch if address in self._pending]
             metrics.report_drops.add(len(replaced))
             for address, result in batch.items():
                 self._pending.setdefault(address, result)
             self._have_pending.set()
-            return
+            if isinstance(exc, asyncio.CancelledError):
+                raise  # stopping: run() sends what is kept once more
+            return False
+        if self._report_failing:
+            log.info("reporting works again")
+            self._report_failing = False
         metrics.report_drops.add(len(rejected))
         for address in rejected:
             self._stop_loop(address, "the broker says this replica holds no lease on it")
+        return True
 
 
 def _outcome(ok: bool) -> str:
