@@ -15,11 +15,13 @@ import pytest
 from grpc_health.v1 import health_pb2 as std_health_pb2
 from grpc_health.v1 import health_pb2_grpc as std_health_pb2_grpc
 
+from rdbroker_common import tls
 from rdbroker_health import app
 from rdbroker_health.__main__ import main
+from rdbroker_health.errors import ConfigError
 from rdbroker_health.probes.rdp import probe_rdp
 from rdbroker_health.rpc.servicer import HealthServicer
-from rdbroker_proto.v1 import health_pb2, health_pb2_grpc
+from rdbroker_proto.v1 import broker_pb2_grpc, health_pb2, health_pb2_grpc
 from rdbroker_rdp.fakeserver import FakeRdpServer
 from tests.support.postgres import free_port
 from tests.unit.health.fake_broker import FakeBroker, serving
@@ -172,3 +174,49 @@ def test_rdbroker_health_help_lists_the_flags() -> None:
     ).stdout
     for flag in ("--broker", "--grpc-listen", "--lease-ms", "--probe-interval-s", "--tls-ca"):
         assert flag in out
+
+
+async def test_mutual_tls_to_the_broker_and_on_the_replicas_own_port(tmp_path: Path) -> None:
+    from tests.unit.common.test_tls import Authority
+
+    ca = Authority(tmp_path, "farm")
+    broker_cert = ca.issue("broker", server=True)
+    # The replica presents this to the broker (clientAuth); a real one also serves with it (serverAuth).
+    replica_cert = ca.issue("health", server=False)
+    broker = FakeBroker()  # type: ignore[abstract]  # the other RPCs answer UNIMPLEMENTED
+    broker_server = grpc.aio.server()
+    broker_pb2_grpc.add_BrokerServicer_to_server(broker, broker_server)
+    credentials = tls.server_credentials(ca.ca_path, broker_cert.cert, broker_cert.key)
+    assert credentials is not None
+    broker_port = broker_server.add_secure_port("127.0.0.1:0", credentials)
+    await broker_server.start()
+    try:
+        async with FakeRdpServer(mode="sink") as rdp:
+            broker.add(rdp.address)
+            settings = fast_settings(
+                f"127.0.0.1:{broker_port}",
+                tls_ca=str(ca.ca_path),
+                tls_cert=str(replica_cert.cert),
+                tls_key=str(replica_cert.key),
+            )
+            stop = asyncio.Event()
+            ports: list[int] = []
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(app.run(settings, stop, on_listening=ports.append))
+                await wait_until(lambda: bool(broker.reports))  # claimed and reported over mTLS
+                await wait_until(lambda: bool(ports))
+                plain = grpc.aio.insecure_channel(f"127.0.0.1:{ports[0]}")
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await std_health_pb2_grpc.HealthStub(plain).Check(
+                        std_health_pb2.HealthCheckRequest(), timeout=2
+                    )
+                await plain.close()
+                stop.set()
+    finally:
+        await broker_server.stop(0)
+
+
+async def test_partial_tls_settings_refuse_to_start() -> None:
+    settings = fast_settings("127.0.0.1:1", tls_ca="/nonexistent/ca.crt")
+    with pytest.raises(ConfigError, match="missing: --tls-cert, --tls-key"):
+        await app.run(settings, asyncio.Event())

@@ -102,12 +102,8 @@ class BrokerClient:
                     raise BrokerRefused(
                         f"{name} at {self.addresses[index]}: {exc.code().name} {exc.details()}"
                     ) from exc
-                log.warning(
-                    "broker %s unavailable for %s: %s",
-                    self.addresses[index],
-                    name,
-                    exc.details() or exc.code().name,
-                )
+                # The caller logs the outcome once; this is the per-address detail.
+                log.debug("broker %s unavailable for %s: %s", self.addresses[index], name, exc.details())
                 last = exc
                 continue
             if index != self._current:
