@@ -45,7 +45,7 @@ async def run(
         credentials=channel_credentials,
         interceptors=telemetry.client_interceptors(),
     )
-    http = httpx.AsyncClient(follow_redirects=False)
+    http = agent_client()
     server = grpc.aio.server(interceptors=telemetry.server_interceptors())
     health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(settings, http, probe_rdp), server)
     standard_health = add_standard_services(server, [SERVICE_NAME])
@@ -80,6 +80,16 @@ async def run(
         await broker.close()
         await http.aclose()
         log.info("health replica %s stopped", replica_id)
+
+
+def agent_client() -> httpx.AsyncClient:
+    """The HTTP client for agents: no proxy from the environment (agents sit next to the servers), no
+    redirects, and no pool limit, since each held server has at most one request in flight."""
+    return httpx.AsyncClient(
+        follow_redirects=False,
+        trust_env=False,
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
+    )
 
 
 Credentials = tuple[grpc.ServerCredentials | None, grpc.ChannelCredentials | None]
