@@ -40,11 +40,14 @@ class BrokerService:
         self.now = clock
 
     async def run_tx(self, work: Callable[[Repos], Awaitable[T]]) -> T:
+        """Run `work` in a transaction, again when it loses a race (it then sees the winner's rows)."""
         for attempt in range(MAX_TX_ATTEMPTS):
             try:
                 async with self.store.transaction() as r:
                     return await work(r)
             except Retryable as exc:
+                if exc.connectivity and attempt >= 1:
+                    raise Unavailable("the database is unreachable") from exc
                 log.debug("transaction lost a race, retrying (%s): %s", attempt + 1, exc)
         raise Conflict("too many concurrent changes to the same rows; retry the call")
 
@@ -54,7 +57,14 @@ class BrokerService:
         d.validate_route_request(request)
         user = d.identity_from(request, self.settings.max_cookie_chars)
         token_address = d.routing_token_address(request.routing_token)
-        decision = await self.run_tx(lambda r: self._route(r, request, user, token_address))
+        tries = 0
+
+        async def work(r: Repos) -> d.RouteDecision:
+            nonlocal tries
+            tries += 1
+            return await self._route(r, request, user, token_address, first_try=tries == 1)
+
+        decision = await self.run_tx(work)
         if decision.reason is d.RouteReason.NO_IDENTITY:
             log.info(
                 "no identity: placed without affinity",
@@ -63,19 +73,25 @@ class BrokerService:
         return decision
 
     async def _route(
-        self, r: Repos, request: d.RouteRequest, user: str, token_address: str | None
+        self, r: Repos, request: d.RouteRequest, user: str, token_address: str | None, *, first_try: bool
     ) -> d.RouteDecision:
         now = self.now()
-        answers = await r.connections.answers(request.connection_id)
-        if request.attempt in answers:
-            return answers[request.attempt]  # a retried call: same answer, nothing new
-        pool = await r.pools.resolve(request.pool)
-        if pool is None:
+        answers: dict[int, d.RouteDecision] = {}
+        # Optimistic on a first try: a repeated (connection_id, attempt) fails the connections primary
+        # key at the end, the transaction runs again, and this lookup returns the first answer.
+        if request.attempt > 0 or not first_try:
+            answers = await r.connections.answers(request.connection_id)
+            if request.attempt in answers:
+                return answers[request.attempt]  # a retried call: same answer, nothing new
+        # One round trip: the pool, the user's live session and that session's server.
+        context = await r.sessions.route_context(request.pool, d.user_key(user) if user else "")
+        if context is None:
             raise NotFound(
                 f"unknown pool {request.pool!r}"
                 if request.pool
                 else "no default pool: apply a farm file with a pool marked `default: true`"
             )
+        pool, live, live_server = context
         exclude: list[str] = []
         if request.attempt > 0 and request.failed_server_address:
             exclude = await self._after_failure(r, request, answers, now)
@@ -84,7 +100,10 @@ class BrokerService:
         if token_address is not None:
             decision = await self._route_token(r, request, user, token_address, exclude, now)
         if decision is None and user:
-            decision = await self._reconnect(r, pool, user, exclude, now)
+            if exclude:  # the failure handling may have ended the session read above
+                live = await r.sessions.live_for_user(pool.name, d.user_key(user))
+                live_server = await r.servers.get(live.server_address) if live else None
+            decision = await self._reconnect(r, pool, user, live, live_server, exclude, now)
         if decision is None:
             decision = await self._place_new(r, pool, user, exclude, request, now)
         await r.connections.record(request, decision, now)
@@ -135,17 +154,23 @@ class BrokerService:
         return d.RouteDecision(address, session_id, d.RouteReason.TOKEN, user, server.pool)
 
     async def _reconnect(
-        self, r: Repos, pool: d.Pool, user: str, exclude: list[str], now: datetime
+        self,
+        r: Repos,
+        pool: d.Pool,
+        user: str,
+        live: d.Session | None,
+        server: d.Server | None,
+        exclude: list[str],
+        now: datetime,
     ) -> d.RouteDecision | None:
-        live = await r.sessions.live_for_user(pool.name, d.user_key(user))
         if live is None and d.looks_truncated(user):
             live = await self._truncated_match(r, pool, user)
+            server = await r.servers.get(live.server_address) if live else None
         if live is None:
             return None
         if not live.is_live_at(now):
             await r.sessions.end(live.session_id, "expired", now)
             return None
-        server = await r.servers.get(live.server_address)
         if server is None:
             await r.sessions.end(live.session_id, "server_removed", now)
             return None

@@ -24,7 +24,12 @@ RETRYABLE_SQLSTATES = {"40001", "40P01"}
 
 
 class Retryable(Exception):
-    """A concurrent transaction won a race (unique index, deadlock): run the use case again."""
+    """A concurrent transaction won a race (unique index, deadlock), or a pooled connection was
+    found dead (`connectivity`): run the use case again."""
+
+    def __init__(self, message: str, *, connectivity: bool = False) -> None:
+        super().__init__(message)
+        self.connectivity = connectivity
 
 
 @dataclass(frozen=True)
@@ -62,7 +67,9 @@ class Store:
             if getattr(exc.orig, "sqlstate", None) in RETRYABLE_SQLSTATES:
                 raise Retryable(str(exc.orig)) from exc
             if exc.connection_invalidated or _is_connectivity(exc):
-                raise Unavailable("the database is unreachable") from exc
+                # No pre-ping (a round trip per transaction): a dead pooled connection shows up
+                # here instead, is discarded by the pool, and the use case runs once more.
+                raise Retryable(str(exc.orig), connectivity=True) from exc
             raise
         except (PoolTimeout, OSError) as exc:
             raise Unavailable("the database is unreachable") from exc

@@ -67,8 +67,8 @@ def _postgres_engine(dsn: str, pool_size: int) -> AsyncEngine:
         async_creator=connect,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
         pool_timeout=10,
+        pool_recycle=1800,
     )
 
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, case, delete, func, select, text, update
+from sqlalchemy import Row, and_, bindparam, case, delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -36,6 +36,77 @@ _live_count = (
     .scalar_subquery()
     .label("live_sessions")
 )
+
+
+class _Prefixed:
+    """A row mapping seen through a column-label prefix (for joined rows)."""
+
+    def __init__(self, mapping: Any, prefix: str) -> None:
+        self._mapping = {k[len(prefix) :]: v for k, v in mapping.items() if k.startswith(prefix)}
+
+
+def _prefixed(mapping: Any, prefix: str) -> Any:
+    return _Prefixed(mapping, prefix)
+
+
+# The Route hot path runs prebuilt statements with bound parameters: building a statement costs
+# more Python time than the database takes to answer it.
+_ROUTE_CONTEXT_JOIN = pools.outerjoin(
+    sessions,
+    and_(
+        sessions.c.pool == pools.c.name,
+        sessions.c.user_key == bindparam("user_key"),
+        sessions.c.state.in_(LIVE),
+    ),
+).outerjoin(servers, servers.c.address == sessions.c.server_address)
+_ROUTE_CONTEXT_COLUMNS = [
+    pools.c.name.label("pool_name"),
+    pools.c.is_default,
+    pools.c.disconnect_timeout_s,
+    *[c.label(f"s_{c.name}") for c in sessions.c],
+    *[c.label(f"v_{c.name}") for c in servers.c],
+]
+_ROUTE_CONTEXT = {
+    True: select(*_ROUTE_CONTEXT_COLUMNS).select_from(_ROUTE_CONTEXT_JOIN).where(pools.c.is_default),
+    False: select(*_ROUTE_CONTEXT_COLUMNS)
+    .select_from(_ROUTE_CONTEXT_JOIN)
+    .where(pools.c.name_key == bindparam("pool_key")),
+}
+_POOL_DEFAULT = select(pools).where(pools.c.is_default)
+_POOL_NAMED = select(pools).where(pools.c.name_key == bindparam("pool_key"))
+_SERVERS_IN_POOL = (
+    select(servers, _live_count).where(servers.c.pool == bindparam("pool")).order_by(servers.c.address)
+)
+_LOCK_SERVER = (
+    select(servers).where(servers.c.address == bindparam("address")).with_for_update(skip_locked=True)
+)
+_LOCK_SERVER_WAIT = select(servers).where(servers.c.address == bindparam("address")).with_for_update()
+_COUNT_PLACEMENT = (
+    update(servers)
+    .where(servers.c.address == bindparam("target"))
+    .values(placements_since_report=servers.c.placements_since_report + 1)
+)
+_LIVE_ON = select(func.count()).where(
+    sessions.c.server_address == bindparam("address"), sessions.c.state.in_(LIVE)
+)
+_LIVE_USER_INDEX_WHERE = text(f"{LIVE_STATES_SQL} AND user_key IS NOT NULL")
+_INSERT_SESSION = {
+    name: factory(sessions)
+    .on_conflict_do_nothing(
+        index_elements=[sessions.c.pool, sessions.c.user_key], index_where=_LIVE_USER_INDEX_WHERE
+    )
+    .returning(sessions.c.id)
+    for name, factory in (("postgresql", pg_insert), ("sqlite", sqlite_insert))
+}
+_INSERT_CONNECTION = connections.insert()
+_ANSWERS = select(
+    connections.c.attempt,
+    connections.c.server_address,
+    connections.c.session_id,
+    connections.c.reason,
+    connections.c.user,
+    connections.c.pool,
+).where(connections.c.connection_id == bindparam("connection_id"))
 
 
 def server_from_row(row: Row[Any]) -> d.Server:
@@ -128,9 +199,9 @@ class ServerRepository:
         return server_from_row(row) if row else None
 
     async def list(self, pool: str = "") -> list[d.Server]:
-        query = select(servers, _live_count).order_by(servers.c.pool, servers.c.address)
         if pool:
-            query = query.where(servers.c.pool == pool)
+            return [server_from_row(r) for r in await self.conn.execute(_SERVERS_IN_POOL, {"pool": pool})]
+        query = select(servers, _live_count).order_by(servers.c.pool, servers.c.address)
         return [server_from_row(r) for r in await self.conn.execute(query)]
 
     async def lock_first(self, ranked: Sequence[str]) -> d.Server | None:
@@ -139,33 +210,22 @@ class ServerRepository:
         Concurrent placements then fan out over the next-best servers instead of queueing on one
         row. SQLite has no row locks; its single connection serialises transactions instead.
         """
-        order = case({address: i for i, address in enumerate(ranked)}, value=servers.c.address)
-        query = (
-            select(servers)
-            .where(servers.c.address.in_(ranked))
-            .order_by(order)
-            .limit(1)
-            .with_for_update(skip_locked=True)
-        )
-        row = (await self.conn.execute(query)).first()
-        return server_from_row(row) if row else None
+        for address in ranked:
+            row = (await self.conn.execute(_LOCK_SERVER, {"address": address})).first()
+            if row is not None:
+                return server_from_row(row)
+        return None
 
     async def lock(self, address: str) -> d.Server | None:
         """Wait for the row lock on one server (when every candidate is momentarily locked)."""
-        query = select(servers).where(servers.c.address == address).with_for_update()
-        row = (await self.conn.execute(query)).first()
+        row = (await self.conn.execute(_LOCK_SERVER_WAIT, {"address": address})).first()
         return server_from_row(row) if row else None
 
     async def live_sessions(self, address: str) -> int:
-        query = select(func.count()).where(sessions.c.server_address == address, sessions.c.state.in_(LIVE))
-        return int((await self.conn.execute(query)).scalar_one())
+        return int((await self.conn.execute(_LIVE_ON, {"address": address})).scalar_one())
 
     async def count_placement(self, address: str) -> None:
-        await self.conn.execute(
-            update(servers)
-            .where(servers.c.address == address)
-            .values(placements_since_report=servers.c.placements_since_report + 1)
-        )
+        await self.conn.execute(_COUNT_PLACEMENT, {"target": address})
 
     async def set_admin_state(self, address: str, state: d.AdminState, now: datetime) -> bool:
         result = await self.conn.execute(
@@ -225,6 +285,26 @@ class SessionRepository:
         row = (await self.conn.execute(query)).first()
         return session_from_row(row) if row else None
 
+    async def route_context(
+        self, pool: str, key: str
+    ) -> tuple[d.Pool, d.Session | None, d.Server | None] | None:
+        """The pool ("" = the default), the user's live session in it and that session's server."""
+        if not key:
+            query = _POOL_NAMED if pool else _POOL_DEFAULT
+            row = (await self.conn.execute(query, {"pool_key": pool.casefold()})).first()
+            return (pool_from_row(row), None, None) if row else None
+        params = {"user_key": key, "pool_key": pool.casefold()}
+        row = (await self.conn.execute(_ROUTE_CONTEXT[not pool], params)).first()
+        if row is None:
+            return None
+        m = row._mapping
+        found = d.Pool(m["pool_name"], m["is_default"], m["disconnect_timeout_s"])
+        if m["s_id"] is None:
+            return found, None, None
+        session = session_from_row(_prefixed(m, "s_"))
+        server = server_from_row(_prefixed(m, "v_")) if m["v_address"] is not None else None
+        return found, session, server
+
     async def live_with_prefix(self, pool: str, prefix: str) -> list[d.Session]:
         query = select(sessions).where(
             sessions.c.pool == pool,
@@ -280,14 +360,10 @@ class SessionRepository:
             "expires_at": expires_at,
             "end_reason": "",
         }
-        stmt = upsert(self.conn, sessions).values(**values)
-        if user:
-            stmt = stmt.on_conflict_do_nothing(
-                index_elements=[sessions.c.pool, sessions.c.user_key],
-                index_where=text(f"{LIVE_STATES_SQL} AND user_key IS NOT NULL"),
-            )
-        result = await self.conn.execute(stmt.returning(sessions.c.id))
-        return result.scalar_one_or_none()
+        # Without a user there is no unique key to conflict on: the statement works the same.
+        result = await self.conn.execute(_INSERT_SESSION[self.conn.dialect.name], values)
+        inserted: str | None = result.scalar_one_or_none()
+        return inserted
 
     async def end(self, session_id: str, reason: str, now: datetime) -> bool:
         result = await self.conn.execute(
@@ -397,14 +473,6 @@ class ConnectionRepository:
 
     async def answers(self, connection_id: str) -> dict[int, d.RouteDecision]:
         """Every answer already given for this connection, by attempt."""
-        query = select(
-            connections.c.attempt,
-            connections.c.server_address,
-            connections.c.session_id,
-            connections.c.reason,
-            connections.c.user,
-            connections.c.pool,
-        ).where(connections.c.connection_id == connection_id)
         return {
             row.attempt: d.RouteDecision(
                 server_address=row.server_address,
@@ -413,27 +481,30 @@ class ConnectionRepository:
                 user=row.user,
                 pool=row.pool,
             )
-            for row in await self.conn.execute(query)
+            for row in await self.conn.execute(_ANSWERS, {"connection_id": connection_id})
         }
 
     async def record(self, request: d.RouteRequest, decision: d.RouteDecision, now: datetime) -> None:
         await self.conn.execute(
-            connections.insert().values(
-                connection_id=request.connection_id,
-                attempt=request.attempt,
-                session_id=decision.session_id,
-                proxy_id=request.proxy_id,
-                server_address=decision.server_address,
-                reason=decision.reason.value,
-                user=decision.user,
-                pool=decision.pool,
-                client_address=request.client_address,
-                created_at=now,
-                bytes_from_client=0,
-                bytes_from_server=0,
-                duration_ms=0,
-                end_reason="",
-            )
+            _INSERT_CONNECTION,
+            {
+                "connection_id": request.connection_id,
+                "attempt": request.attempt,
+                "session_id": decision.session_id,
+                "proxy_id": request.proxy_id,
+                "server_address": decision.server_address,
+                "reason": decision.reason.value,
+                "user": decision.user,
+                "pool": decision.pool,
+                "client_address": request.client_address,
+                "created_at": now,
+                "opened_at": None,
+                "closed_at": None,
+                "bytes_from_client": 0,
+                "bytes_from_server": 0,
+                "duration_ms": 0,
+                "end_reason": "",
+            },
         )
 
     async def opened(self, connection_id: str, now: datetime) -> None:

@@ -1,0 +1,174 @@
+"""Route throughput and latency: N concurrent gRPC clients against one broker process on PostgreSQL.
+
+    .venv/bin/python bench/route_bench.py [--users 4000] [--concurrency 32] [--servers 20]
+                                          [--server-url postgresql://postgres@127.0.0.1:5432]
+
+Creates a throwaway database, migrates it, declares a farm, starts `python -m rdbroker_broker`, then
+measures two phases: new placements (every user new) and reconnects (every user again, new
+connection ids). Prints routes/s and p50/p99/max latency per phase. Drops the database at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+import httpx
+import psycopg
+
+from rdbroker_broker import domain as d
+from rdbroker_broker.db import migrate
+from rdbroker_broker.db.engine import make_engine
+from rdbroker_broker.farm import Farm, apply_farm
+from rdbroker_proto.v1 import broker_pb2 as pb
+from rdbroker_proto.v1 import broker_pb2_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def database(server_url: str):  # type: ignore[no-untyped-def]
+    name = f"rdbroker_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(f"{server_url}/postgres", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{server_url}/{name}"
+    finally:
+        with psycopg.connect(f"{server_url}/postgres", autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def prepare(url: str, servers: int) -> None:
+    engine = make_engine(url)
+    try:
+        await migrate.upgrade(engine)
+        farm = Farm(
+            pools=[d.Pool("default", True, 3600.0)],
+            servers=[
+                d.Server(address=f"10.9.{i // 250}.{i % 250 + 1}:3389", pool="default")
+                for i in range(servers)
+            ],
+        )
+        await apply_farm(engine, farm)
+    finally:
+        await engine.dispose()
+
+
+@contextlib.asynccontextmanager
+async def broker(url: str) -> AsyncIterator[int]:
+    grpc_port, http_port = free_port(), free_port()
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - a file, not a pipe: nobody has to keep reading it
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "rdbroker_broker",
+        "--database-url",
+        url,
+        "--grpc-listen",
+        f"127.0.0.1:{grpc_port}",
+        "--http-listen",
+        f"127.0.0.1:{http_port}",
+        "--log-level",
+        "WARNING",
+        env=os.environ.copy(),
+        stderr=log,
+    )
+    try:
+        async with httpx.AsyncClient(timeout=1.0) as client:
+            for _ in range(300):
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await client.get(f"http://127.0.0.1:{http_port}/readyz")).status_code == 200:
+                        break
+                await asyncio.sleep(0.1)
+            else:
+                raise RuntimeError("broker did not start")
+        yield grpc_port
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 30)
+        log.seek(0)
+        errors = log.read().decode()
+        if errors.strip():
+            sys.stderr.write(errors[-2000:])
+        log.close()
+
+
+async def phase(
+    stub: broker_pb2_grpc.BrokerStub, users: int, concurrency: int, tag: str
+) -> tuple[float, list[float]]:
+    latencies: list[float] = []
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for u in range(users):
+        queue.put_nowait(u)
+
+    async def worker() -> None:
+        while True:
+            try:
+                u = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            request = pb.RouteRequest(connection_id=f"{tag}-{u}", proxy_id="bench", cookie=f"CORP\\user{u}")
+            start = time.perf_counter()
+            await stub.Route(request, timeout=30)
+            latencies.append(time.perf_counter() - start)
+
+    start = time.perf_counter()
+    async with asyncio.TaskGroup() as tasks:
+        for _ in range(concurrency):
+            tasks.create_task(worker())
+    return time.perf_counter() - start, latencies
+
+
+def report(name: str, elapsed: float, latencies: list[float]) -> None:
+    ms = sorted(x * 1000 for x in latencies)
+    p50 = statistics.median(ms)
+    p99 = ms[min(len(ms) - 1, int(len(ms) * 0.99))]
+    sys.stdout.write(
+        f"{name:<11} {len(ms):>6} routes in {elapsed:6.2f} s = {len(ms) / elapsed:7.0f} routes/s   "
+        f"p50 {p50:6.2f} ms   p99 {p99:6.2f} ms   max {ms[-1]:7.2f} ms\n"
+    )
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--users", type=int, default=4000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--servers", type=int, default=20)
+    parser.add_argument(
+        "--server-url",
+        default=os.environ.get("RDBROKER_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432"),
+    )
+    args = parser.parse_args()
+    with database(args.server_url.rstrip("/")) as url:
+        await prepare(url, args.servers)
+        async with broker(url) as port, grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = broker_pb2_grpc.BrokerStub(channel)
+            await phase(stub, 200, args.concurrency, "warm")  # warm-up: connections, prepared statements
+            sys.stdout.write(
+                f"broker on PostgreSQL, {args.servers} servers, {args.concurrency} concurrent clients, "
+                f"{os.cpu_count()} CPUs\n"
+            )
+            report("new", *await phase(stub, args.users, args.concurrency, "new"))
+            report("reconnect", *await phase(stub, args.users, args.concurrency, "again"))
+            report("retry", *await phase(stub, args.users, args.concurrency, "again"))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
