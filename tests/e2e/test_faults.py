@@ -25,6 +25,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from rdbroker_proto.v1 import broker_pb2
 from tests.support.cluster import Harness
 from tests.support.farm import Farm, SessionRow
 from tests.support.storm import (
@@ -43,6 +44,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 SERVICE_BOUND_S = 2.0  # broker, proxy, health: new connections unaffected or back within this
 FAILOVER_BOUND_S = 15.0  # PostgreSQL: routing back within this after the promotion
+LIVE_STATES = (
+    broker_pb2.SESSION_STATE_PENDING,
+    broker_pb2.SESSION_STATE_ACTIVE,
+    broker_pb2.SESSION_STATE_DISCONNECTED,
+)
 STORM = StormSettings(users=24, hold_s=(0.3, 1.0), pause_s=(0.2, 0.6), retry_delay_s=0.3)
 
 
@@ -90,6 +96,7 @@ async def storm_with_fault(
         tg.create_task(storm.run(duration_s))
         faulted = tg.create_task(fault())
     before, fault_at, fault_wall = faulted.result()
+    assert len(started_after(storm.attempts, fault_at + 1.0)) >= len(storm.users), "the storm went on"
     return Run(storm, homes, before, fault_at, fault_wall)
 
 
@@ -109,7 +116,7 @@ async def check_directory(farm: Farm, run: Run, dead: frozenset[str] = frozenset
             last[a.user] = a.server
     answers = await farm.lookup(run.storm.users)
     for user in run.storm.users:
-        live = [s for s in answers[user] if s.state in (1, 2, 3)]
+        live = [s for s in answers[user] if s.state in LIVE_STATES]
         assert [s.server_address for s in live] == [last[user]], f"{user}: {answers[user]}"
 
 
@@ -214,7 +221,12 @@ async def test_the_postgresql_primary_dies_and_the_standby_is_promoted(farm: Far
     run = await storm_with_fault(farm, inject, duration_s=22.0)
     promoted_at = promoted[0]
     out = figures(run, since=promoted_at)
-    report("postgresql-failover", promote_s=round(promoted_at - run.fault_at, 2), **out)
+    report(
+        "postgresql-failover",
+        promote_s=round(promoted_at - run.fault_at, 2),
+        recovery_from_kill_s=round(recovery_s(run.storm.attempts, run.fault_at), 2),
+        **out,
+    )
     await check_directory(farm, run)
     late = [a for a in failed_after_retry(run.storm.attempts) if a.started > promoted_at + FAILOVER_BOUND_S]
     assert late == []
@@ -271,7 +283,12 @@ async def test_postgresql_stops_then_continues(farm: Farm) -> None:
 
     run = await storm_with_fault(farm, inject, duration_s=18.0)
     out = figures(run, since=resumed[0])
-    report("postgresql-sigstop", stopped_s=stop_s, **out)
+    report(
+        "postgresql-sigstop",
+        stopped_s=stop_s,
+        recovery_from_stop_s=round(recovery_s(run.storm.attempts, run.fault_at), 2),
+        **out,
+    )
     await check_directory(farm, run)
     late = [a for a in failed_after_retry(run.storm.attempts) if a.started > resumed[0] + FAILOVER_BOUND_S]
     assert late == []
