@@ -106,7 +106,9 @@ class BrokerService:
             decision = await self._reconnect(r, pool, user, live, live_server, exclude, now)
         if decision is None:
             decision = await self._place_new(r, pool, user, exclude, request, now)
-        await r.connections.record(request, decision, now)
+        if not await r.connections.record(request, decision, now):
+            # A retried call raced its first try: roll this back and answer what the first try stored.
+            raise Retryable("this connection attempt was answered concurrently")
         return decision
 
     async def _after_failure(

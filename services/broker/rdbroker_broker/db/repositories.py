@@ -98,7 +98,12 @@ _INSERT_SESSION = {
     .returning(sessions.c.id)
     for name, factory in (("postgresql", pg_insert), ("sqlite", sqlite_insert))
 }
-_INSERT_CONNECTION = connections.insert()
+_INSERT_CONNECTION = {
+    name: factory(connections)
+    .on_conflict_do_nothing(index_elements=[connections.c.connection_id, connections.c.attempt])
+    .returning(connections.c.attempt)
+    for name, factory in (("postgresql", pg_insert), ("sqlite", sqlite_insert))
+}
 _ANSWERS = select(
     connections.c.attempt,
     connections.c.server_address,
@@ -484,9 +489,10 @@ class ConnectionRepository:
             for row in await self.conn.execute(_ANSWERS, {"connection_id": connection_id})
         }
 
-    async def record(self, request: d.RouteRequest, decision: d.RouteDecision, now: datetime) -> None:
-        await self.conn.execute(
-            _INSERT_CONNECTION,
+    async def record(self, request: d.RouteRequest, decision: d.RouteDecision, now: datetime) -> bool:
+        """Store the answer; False when this (connection_id, attempt) already has one."""
+        result = await self.conn.execute(
+            _INSERT_CONNECTION[self.conn.dialect.name],
             {
                 "connection_id": request.connection_id,
                 "attempt": request.attempt,
@@ -506,6 +512,7 @@ class ConnectionRepository:
                 "end_reason": "",
             },
         )
+        return result.first() is not None
 
     async def opened(self, connection_id: str, now: datetime) -> None:
         await self.conn.execute(
