@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, and_, bindparam, case, delete, func, select, text, update
+from sqlalchemy import Row, String, and_, bindparam, case, delete, func, select, text, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -77,9 +78,16 @@ _POOL_NAMED = select(pools).where(pools.c.name_key == bindparam("pool_key"))
 _SERVERS_IN_POOL = (
     select(servers, _live_count).where(servers.c.pool == bindparam("pool")).order_by(servers.c.address)
 )
-_LOCK_SERVER = (
-    select(servers).where(servers.c.address == bindparam("address")).with_for_update(skip_locked=True)
+# The best-ranked server no other transaction holds, in one statement (PostgreSQL arrays).
+_RANKED = bindparam("ranked", type_=ARRAY(String))
+_LOCK_BEST_SERVER = (
+    select(servers)
+    .where(servers.c.address == func.any(_RANKED))
+    .order_by(func.array_position(_RANKED, servers.c.address))
+    .limit(1)
+    .with_for_update(skip_locked=True)
 )
+_SERVER = select(servers).where(servers.c.address == bindparam("address"))
 _LOCK_SERVER_WAIT = select(servers).where(servers.c.address == bindparam("address")).with_for_update()
 _COUNT_PLACEMENT = (
     update(servers)
@@ -215,11 +223,11 @@ class ServerRepository:
         Concurrent placements then fan out over the next-best servers instead of queueing on one
         row. SQLite has no row locks; its single connection serialises transactions instead.
         """
-        for address in ranked:
-            row = (await self.conn.execute(_LOCK_SERVER, {"address": address})).first()
-            if row is not None:
-                return server_from_row(row)
-        return None
+        if self.conn.dialect.name != "postgresql":
+            row = (await self.conn.execute(_SERVER, {"address": ranked[0]})).first()
+        else:
+            row = (await self.conn.execute(_LOCK_BEST_SERVER, {"ranked": list(ranked)})).first()
+        return server_from_row(row) if row else None
 
     async def lock(self, address: str) -> d.Server | None:
         """Wait for the row lock on one server (when every candidate is momentarily locked)."""
