@@ -51,11 +51,13 @@ async def broker_process(database_url: str, *extra: str) -> AsyncIterator[tuple[
                 raise AssertionError("broker did not become ready")
         yield grpc_port, http_port
     finally:
+        stopped_cleanly = False
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
             try:
-                await asyncio.wait_for(proc.wait(), 30)
+                stopped_cleanly = await asyncio.wait_for(proc.wait(), 30) == 0
             except TimeoutError:
                 proc.kill()
                 await asyncio.wait_for(proc.wait(), 10)
         log.close()
+    assert stopped_cleanly, "the broker did not exit 0 within 30 s of SIGTERM"

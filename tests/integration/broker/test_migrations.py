@@ -61,3 +61,11 @@ async def test_multi_host_dsn_finds_the_primary(pg_server_url, pg_database_url):
         assert await migrate.current_revision(engine) == migrate.head_revision()
     finally:
         await engine.dispose()
+
+
+async def test_broker_on_an_unmigrated_postgresql_refuses_to_start(pg_database_url):
+    from rdbroker_broker.app import StartupError, serve
+    from tests.integration.broker.conftest import settings_for
+
+    with pytest.raises(StartupError, match="rdbroker migrate"):
+        await serve(settings_for(pg_database_url, migrate=False))
