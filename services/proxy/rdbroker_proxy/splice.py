@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Protocol
+from typing import Protocol, cast
 
 
 class SpliceOwner(Protocol):
@@ -53,7 +53,7 @@ class Splice(asyncio.Protocol):
     # -- set-up ---------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
         self.server = transport
 
     def start(self, replay: bytes, client_eof: bool) -> None:

@@ -194,7 +194,7 @@ BAD_PACKETS = {
     "tpkt_length_65535": bytes.fromhex("0300ffff") + b"\x00" * 300,
     "li_mismatch": bytes.fromhex("0300000b07e00000000000"),
     "not_a_connection_request": bytes.fromhex("0300000b06d00000000000"),
-    "cookie_without_crlf": bytes.fromhex("0300001a15e00000000000") + b"Cookie: mstsh",
+    "cookie_without_crlf": bytes.fromhex("0300001f1ae00000000000") + b"Cookie: mstshash=bob",
 }
 
 
