@@ -7,7 +7,7 @@ wins a race on a unique index: the retry then sees the winner's rows and answers
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
@@ -25,6 +25,7 @@ T = TypeVar("T")
 MAX_TX_ATTEMPTS = 5
 # How many ranked servers a placement tries to lock before giving up on the pool.
 MAX_LOCK_TRIES = 16
+MAX_HEARTBEAT_CONNECTIONS = 100_000
 
 
 def utcnow() -> datetime:
@@ -324,13 +325,33 @@ class BrokerService:
 
         await self.run_tx(work)
 
-    async def proxy_heartbeat(self, proxy_id: str, active_connections: int) -> int:
+    async def proxy_heartbeat(
+        self, proxy_id: str, active_connections: int, connection_ids: Sequence[str] | None = None
+    ) -> int:
+        """Record the proxy as alive; answers the interval (ms) the broker expects heartbeats at.
+
+        When the heartbeat lists every open connection (the count matches), the proxy's active
+        sessions on connections it no longer has become disconnected: their close report was lost.
+        """
         _require("proxy_id", proxy_id)
+        ids = list(connection_ids or [])
+        if len(ids) > MAX_HEARTBEAT_CONNECTIONS:
+            raise InvalidInput(f"too many connection_ids (at most {MAX_HEARTBEAT_CONNECTIONS})")
+        complete = len(ids) == active_connections
 
-        async def work(r: Repos) -> None:
-            await r.proxies.heartbeat(proxy_id, active_connections, self.now())
+        async def work(r: Repos) -> int:
+            now = self.now()
+            await r.proxies.heartbeat(proxy_id, active_connections, now)
+            lost = 0
+            if complete:
+                before = now - timedelta(seconds=self.settings.heartbeat_interval_s)
+                for pool in await r.pools.list():
+                    lost += await r.sessions.disconnect_unlisted(pool, proxy_id, ids, before, now)
+            return lost
 
-        await self.run_tx(work)
+        lost = await self.run_tx(work)
+        if lost:
+            log.info("proxy %s no longer has %d sessions' connections: disconnected", proxy_id, lost)
         return int(self.settings.heartbeat_interval_s * 1000)
 
     # --- lookups and operator actions ----------------------------------------------------------

@@ -149,3 +149,21 @@ async def test_silent_proxy_sessions_become_disconnected(service, engine, clock)
     back = await service.route(d.RouteRequest("c3", proxy_id="p-alive", cookie="U2"))
     assert (back.reason, back.server_address) == (d.RouteReason.RECONNECT, dead.server_address)
     assert (await service.sweep())["disconnected"] == 0  # idempotent
+
+
+async def test_heartbeat_listing_connections_disconnects_sessions_whose_close_was_lost(
+    service, engine, clock
+):
+    await seed(engine, server(A))
+    kept = await service.route(d.RouteRequest("c1", proxy_id="p1", cookie="u1"))
+    lost = await service.route(d.RouteRequest("c2", proxy_id="p1", cookie="u2"))
+    await service.connection_opened(kept.session_id, "c1", "p1")
+    await service.connection_opened(lost.session_id, "c2", "p1")
+    await service.proxy_heartbeat("p1", 1, ["c1"])  # just opened: not judged yet
+    assert {s.state for s in await service.lookup_user_sessions("u2")} == {d.SessionState.ACTIVE}
+    clock.advance(6)
+    await service.proxy_heartbeat("p1", 2, ["c1"])  # an incomplete list judges nothing
+    assert {s.state for s in await service.lookup_user_sessions("u2")} == {d.SessionState.ACTIVE}
+    await service.proxy_heartbeat("p1", 1, ["c1"])
+    assert {s.state for s in await service.lookup_user_sessions("u2")} == {d.SessionState.DISCONNECTED}
+    assert {s.state for s in await service.lookup_user_sessions("u1")} == {d.SessionState.ACTIVE}

@@ -473,6 +473,31 @@ class SessionRepository:
         )
         return int(result.rowcount)
 
+    async def disconnect_unlisted(
+        self, pool: d.Pool, proxy_id: str, open_ids: Sequence[str], before: datetime, now: datetime
+    ) -> int:
+        """A proxy's heartbeat lists its open connections: its active sessions on any other
+        connection (opened before `before`, so not racing the heartbeat) lost their close report."""
+        result = await self.conn.execute(
+            update(sessions)
+            .where(
+                sessions.c.pool == pool.name,
+                sessions.c.proxy_id == proxy_id,
+                sessions.c.state == "active",
+                sessions.c.learnt_from == "route",
+                sessions.c.connection_id.not_in(list(open_ids)),
+                sessions.c.updated_at < before,
+            )
+            .values(
+                state="disconnected",
+                disconnected_at=now,
+                expires_at=now + timedelta(seconds=pool.disconnect_timeout_s),
+                updated_at=now,
+                end_reason="connection_lost",
+            )
+        )
+        return int(result.rowcount)
+
     async def purge_ended(self, before: datetime) -> int:
         result = await self.conn.execute(
             delete(sessions).where(sessions.c.state == "ended", sessions.c.ended_at < before)

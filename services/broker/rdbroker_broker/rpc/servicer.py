@@ -80,7 +80,9 @@ class BrokerServicer(pb_grpc.BrokerServicer):
     async def ProxyHeartbeat(
         self, request: pb.ProxyHeartbeatRequest, context: Context
     ) -> pb.ProxyHeartbeatResponse:
-        interval_ms = await self.service.proxy_heartbeat(request.proxy_id, request.active_connections)
+        interval_ms = await self.service.proxy_heartbeat(
+            request.proxy_id, request.active_connections, request.connection_ids
+        )
         return pb.ProxyHeartbeatResponse(heartbeat_interval_ms=interval_ms)
 
     @guarded
