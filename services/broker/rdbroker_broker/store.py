@@ -75,8 +75,12 @@ class Store:
             raise Unavailable("the database is unreachable") from exc
 
     async def ping(self) -> None:
-        async with self.transaction() as r:
-            await r.conn.exec_driver_sql("SELECT 1")
+        """Raise `Unavailable` unless the database answers."""
+        try:
+            async with self.transaction() as r:
+                await r.conn.exec_driver_sql("SELECT 1")
+        except Retryable as exc:
+            raise Unavailable("the database is unreachable") from exc
 
 
 def _is_connectivity(exc: DBAPIError) -> bool:

@@ -124,3 +124,25 @@ async def test_standard_health_service_and_rest(broker, engine):
             ("CORP\\Lee", A, "pending")
         ]
         assert (await client.get("/v1/users/x/sessions", params={"pool": "Nope"})).status_code == 404
+
+
+async def test_an_unreachable_database_is_unavailable(pg_database_url):
+    from rdbroker_broker.db.engine import make_engine
+    from rdbroker_broker.domain import RouteRequest
+    from rdbroker_broker.errors import Unavailable
+    from rdbroker_broker.rest.app import create_app
+    from rdbroker_broker.service import BrokerService
+    from rdbroker_broker.store import Store
+    from tests.integration.broker.conftest import settings_for
+
+    engine = make_engine("postgresql://postgres@127.0.0.1:1/nope?connect_timeout=2")
+    service = BrokerService(Store(engine), settings_for(pg_database_url))
+    try:
+        with pytest.raises(Unavailable, match="unreachable"):
+            await service.route(RouteRequest("c", cookie="u"))
+        transport = httpx.ASGITransport(app=create_app(service))
+        async with httpx.AsyncClient(transport=transport, base_url="http://broker") as client:
+            assert (await client.get("/readyz")).status_code == 503
+            assert (await client.get("/v1/users/u/sessions")).status_code == 503
+    finally:
+        await engine.dispose()
