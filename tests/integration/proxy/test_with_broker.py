@@ -1,0 +1,174 @@
+"""The proxy against real broker processes on a real PostgreSQL (two replicas over one database)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+
+from rdbroker_proto.v1 import broker_pb2 as pb
+from rdbroker_proto.v1.broker_pb2_grpc import BrokerStub
+from rdbroker_rdp import build_connection_request, encode_routing_token
+from rdbroker_rdp.fakeserver import FakeRdpServer
+from tests.support.postgres import free_port
+from tests.unit.proxy.support import close, closed_by_peer, handshake, open_client, running_proxy, wait_until
+
+
+@dataclass
+class BrokerProcess:
+    process: asyncio.subprocess.Process
+    grpc_address: str
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+
+
+@contextlib.asynccontextmanager
+async def broker_process(database_url: str) -> AsyncIterator[BrokerProcess]:
+    """`python -m rdbroker_broker` on free loopback ports, ready once /readyz answers."""
+    grpc_port, http_port = free_port(), free_port()
+    with tempfile.TemporaryFile() as log:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "rdbroker_broker",
+            "--database-url",
+            database_url,
+            "--grpc-listen",
+            f"127.0.0.1:{grpc_port}",
+            "--http-listen",
+            f"127.0.0.1:{http_port}",
+            "--log-level",
+            "WARNING",
+            env=os.environ.copy(),
+            stderr=log,
+        )
+        try:
+            async with httpx.AsyncClient(timeout=1.0) as client:
+                for _ in range(300):  # up to ~30 s on a loaded machine
+                    if process.returncode is not None:
+                        log.seek(0)
+                        raise AssertionError(f"broker exited: {log.read().decode()[-2000:]}")
+                    with contextlib.suppress(httpx.HTTPError):
+                        if (await client.get(f"http://127.0.0.1:{http_port}/readyz")).status_code == 200:
+                            break
+                    await asyncio.sleep(0.1)
+                else:
+                    raise AssertionError("broker did not become ready")
+            yield BrokerProcess(process, f"127.0.0.1:{grpc_port}")
+        finally:
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(process.wait(), 30)
+                except TimeoutError:
+                    process.kill()
+                    await process.wait()
+
+
+def cli(*args: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "rdbroker_cli", *args], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@dataclass
+class RealFarm:
+    servers: list[FakeRdpServer]
+    brokers: list[BrokerProcess]
+
+    async def sessions(self, user: str) -> list[pb.Session]:
+        async with grpc.aio.insecure_channel(self.brokers[-1].grpc_address) as channel:
+            answer = await BrokerStub(channel).LookupUserSessions(
+                pb.LookupUserSessionsRequest(user=user, include_ended=True), timeout=10
+            )
+        return list(answer.sessions)
+
+
+@pytest.fixture
+async def real_farm(pg_database_url: str, tmp_path: Path) -> AsyncIterator[RealFarm]:
+    async with FakeRdpServer(mode="echo") as a, FakeRdpServer(mode="echo") as b:
+        farm_file = tmp_path / "farm.yaml"
+        farm_file.write_text(
+            "pools:\n  - name: default\n    default: true\n    disconnect_timeout: 1h\n"
+            f"servers:\n  - address: {a.address}\n    pool: default\n"
+            f"  - address: {b.address}\n    pool: default\n",
+            encoding="utf-8",
+        )
+        cli("migrate", "--database-url", pg_database_url)
+        cli("apply", "-f", str(farm_file), "--database-url", pg_database_url)
+        async with broker_process(pg_database_url) as one, broker_process(pg_database_url) as two:
+            yield RealFarm([a, b], [one, two])
+
+
+async def test_a_user_comes_back_to_the_same_server_through_the_real_broker(real_farm: RealFarm) -> None:
+    packet = build_connection_request(cookie="alice", requested_protocols=3)
+    brokers = [b.grpc_address for b in real_farm.brokers]
+    async with running_proxy(brokers) as proxy:
+        reader, writer, _ = await handshake(proxy.port, packet)
+        writer.write(b"hello")
+        async with asyncio.timeout(10):
+            assert await reader.readexactly(5) == b"hello"
+        await close(writer)
+        await wait_until(lambda: not proxy.context.connections)
+        await wait_until(lambda: proxy.broker is not None and proxy.broker.pending_reports == 0)
+        _, writer, _ = await handshake(proxy.port, packet)
+        await close(writer)
+    landed = [s for s in real_farm.servers if s.first_packets]
+    assert len(landed) == 1
+    assert landed[0].first_packets == [packet, packet]
+    [session] = await real_farm.sessions("alice")
+    assert session.server_address == landed[0].address
+
+
+async def test_a_token_routes_to_a_registered_server_and_not_elsewhere(real_farm: RealFarm) -> None:
+    target = real_farm.servers[1]
+    good = build_connection_request(routing_token=encode_routing_token("127.0.0.1", target.port))
+    bad = build_connection_request(routing_token=encode_routing_token("127.0.0.1", free_port()))
+    async with running_proxy([b.grpc_address for b in real_farm.brokers]) as proxy:
+        _, writer, _ = await handshake(proxy.port, good)
+        await close(writer)
+        reader, writer = await open_client(proxy.port)
+        writer.write(bad)
+        assert await closed_by_peer(reader)
+        await close(writer)
+    assert target.first_packets == [good]
+    assert real_farm.servers[0].accepted == 0
+
+
+async def test_a_killed_broker_is_routed_around_and_every_user_has_one_session(real_farm: RealFarm) -> None:
+    users = [f"user{i:02d}" for i in range(40)]
+    done: list[str] = []
+    brokers = [b.grpc_address for b in real_farm.brokers]
+    async with running_proxy(brokers, route_timeout_s=10.0, route_attempt_timeout_s=3.0) as proxy:
+
+        async def connect(user: str) -> None:
+            packet = build_connection_request(cookie=user, requested_protocols=3)
+            _, writer, _ = await handshake(proxy.port, packet)
+            await close(writer)
+            done.append(user)
+
+        async with asyncio.TaskGroup() as tg:
+            for i, user in enumerate(users):
+                if i == 15:
+                    real_farm.brokers[0].kill()  # SIGKILL, with Routes in flight
+                tg.create_task(connect(user))
+                await asyncio.sleep(0.01)
+        await wait_until(lambda: proxy.broker is not None and proxy.broker.pending_reports == 0)
+    assert sorted(done) == users
+    for user in users:
+        sessions = await real_farm.sessions(user)
+        assert len(sessions) == 1, (user, sessions)
+    assert sum(len(s.first_packets) for s in real_farm.servers) == len(users)
