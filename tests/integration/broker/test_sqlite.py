@@ -1,0 +1,80 @@
+"""The same code on the embedded SQLite default: routing, leases, expiry, and the process itself."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from rdbroker_broker import domain as d
+from rdbroker_broker.db import migrate
+from rdbroker_broker.db.engine import make_engine
+from rdbroker_broker.errors import NoCapacity
+from rdbroker_broker.probing import ProbeService
+from rdbroker_broker.service import BrokerService
+from rdbroker_broker.store import Store
+from rdbroker_proto.v1 import broker_pb2 as pb
+from rdbroker_proto.v1 import broker_pb2_grpc
+from tests.integration.broker.conftest import Clock, seed, server, settings_for
+from tests.integration.broker.processes import broker_process
+
+A, B = "10.0.0.1:3389", "10.0.0.2:3389"
+
+
+@pytest.fixture
+async def sqlite_service(tmp_path):
+    url = f"sqlite+aiosqlite:///{tmp_path / 'rdbroker.db'}"
+    engine = make_engine(url)
+    await migrate.upgrade(engine)
+    clock = Clock()
+    try:
+        yield BrokerService(Store(engine), settings_for(url), clock), engine, clock
+    finally:
+        await engine.dispose()
+
+
+async def test_routing_on_sqlite(sqlite_service):
+    service, engine, clock = sqlite_service
+    await seed(engine, server(A, max_sessions=1), server(B, max_sessions=1))
+    first = await service.route(d.RouteRequest("c1", proxy_id="p", cookie="Alice"))
+    assert first.reason is d.RouteReason.NEW
+    assert await service.route(d.RouteRequest("c1", proxy_id="p", cookie="Alice")) == first
+    again = await service.route(d.RouteRequest("c2", proxy_id="p", cookie="alice"))
+    assert (again.reason, again.session_id) == (d.RouteReason.RECONNECT, first.session_id)
+    second = await service.route(d.RouteRequest("c3", proxy_id="p", cookie="bob"))
+    assert second.server_address != first.server_address
+    with pytest.raises(NoCapacity):
+        await service.route(d.RouteRequest("c4", proxy_id="p", cookie="carol"))
+
+    await service.connection_opened(first.session_id, "c1", "p")
+    await service.connection_closed(first.session_id, "c1", end_reason="client_closed")
+    [session] = await service.lookup_user_sessions("ALICE")
+    assert session.state is d.SessionState.DISCONNECTED
+    assert session.expires_at is not None
+    assert session.expires_at.tzinfo is not None
+    clock.advance(3601)
+    assert (await service.sweep())["expired"] == 2  # alice's disconnect timeout, bob's pending
+
+
+async def test_leases_and_results_on_sqlite(sqlite_service):
+    service, engine, _ = sqlite_service
+    await seed(engine, server(A), server(B))
+    probes = ProbeService(service)
+    assert {s.address for s in await probes.claim_targets("r1", 10_000)} == {A, B}
+    result = d.ProbeResult(A, d.Health.DOWN, False, "timeout", -1, d.AgentState.NONE, "")
+    assert await probes.report_results("r1", [result]) == []
+    placed = await service.route(d.RouteRequest("c1", cookie="u"))
+    assert placed.server_address == B
+
+
+async def test_the_broker_process_on_sqlite(tmp_path):
+    url = f"sqlite+aiosqlite:///{tmp_path / 'rdbroker.db'}"
+    async with broker_process(url) as (grpc_port, _):
+        engine = make_engine(url)
+        try:
+            await seed(engine, server(A))
+        finally:
+            await engine.dispose()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            stub = broker_pb2_grpc.BrokerStub(channel)
+            answer = await stub.Route(pb.RouteRequest(connection_id="c1", cookie="zed"), timeout=30)
+            assert (answer.server_address, answer.reason) == (A, pb.ROUTE_REASON_NEW)
