@@ -20,14 +20,6 @@ from rdbroker_proto.v1 import broker_pb2, broker_pb2_grpc
 from tests.support.cluster import Harness, new_port
 
 LIVE = ("pending", "active", "disconnected")
-# The proxy's entry point. WORKAROUND (see the issue-7 report): under uvloop every client connection
-# fails an `isinstance(transport, asyncio.Transport)` assert in rdbroker_proxy/connection.py, so the
-# proxy is run with uvloop hidden (lifecycle.run then falls back to the asyncio loop).
-PROXY_ENTRY = [
-    "-c",
-    "import sys; sys.modules['uvloop'] = None; from rdbroker_proxy.__main__ import main; "
-    "sys.exit(main(sys.argv[1:]))",
-]
 
 
 @dataclass(frozen=True)
@@ -153,7 +145,8 @@ class Farm:
         self.harness.supervisor.start(
             f"proxy{i}",
             [
-                *PROXY_ENTRY,
+                "-m",
+                "rdbroker_proxy",
                 "--listen",
                 f"127.0.0.1:{rdp_port}",
                 "--broker",
