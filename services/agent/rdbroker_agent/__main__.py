@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     host, port = split_host_port(settings.agent_listen)
     try:
         lifecycle.run(lambda: _serve(config, host, port))
+    except KeyboardInterrupt:  # Ctrl+C where the loop cannot take signal handlers (Windows)
+        log.info("agent stopped")
     except OSError as exc:
         log.error("cannot listen on %s: %s", settings.agent_listen, exc)
         return 1

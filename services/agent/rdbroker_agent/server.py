@@ -27,6 +27,7 @@ _REASONS = {
     400: "Bad Request",
     404: "Not Found",
     405: "Method Not Allowed",
+    500: "Internal Server Error",
     503: "Service Unavailable",
 }
 
@@ -70,7 +71,13 @@ class AgentServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             async with asyncio.timeout(self.request_timeout_s):
-                status, body, content_type = await self._respond(reader)
+                try:
+                    status, body, content_type = await self._respond(reader)
+                except (TimeoutError, ConnectionError, OSError):
+                    raise
+                except Exception:  # a bug must not leave the poller hanging: answer 500 and log it
+                    log.exception("agent request failed")
+                    status, body, content_type = _text(500, "internal error")
                 head = (
                     f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
                     f"Content-Type: {content_type}\r\n"

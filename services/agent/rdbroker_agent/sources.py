@@ -10,7 +10,7 @@ import contextlib
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -47,19 +47,30 @@ class SystemSources:
         psutil.cpu_percent(interval=None)  # the first call only sets the reference point
 
     async def cpu_percent(self) -> float:
-        return float(psutil.cpu_percent(interval=None))  # since the previous call: no sleeping here
+        with _psutil_errors("cpu"):
+            return float(psutil.cpu_percent(interval=None))  # since the previous call: no sleeping here
 
     async def memory_percent(self) -> float:
-        return float(psutil.virtual_memory().percent)
+        with _psutil_errors("memory"):
+            return float(psutil.virtual_memory().percent)
 
     async def logged_in_sessions(self) -> list[Session]:
         # psutil cannot tell disconnected sessions apart, and lists one entry per terminal:
         # one active session per user name is what it can honestly say.
-        names = dict.fromkeys(u.name for u in psutil.users() if u.name)
+        with _psutil_errors("users"):
+            names = dict.fromkeys(u.name for u in psutil.users() if u.name)
         return [Session(name, "active") for name in names]
 
     async def run(self, command: Sequence[str], timeout_s: float) -> str:
         return await run_command(command, timeout_s)
+
+
+@contextlib.contextmanager
+def _psutil_errors(what: str) -> Iterator[None]:
+    try:
+        yield
+    except (psutil.Error, OSError) as exc:
+        raise SourceError(f"psutil could not read {what}: {exc}") from exc
 
 
 async def run_command(command: Sequence[str], timeout_s: float) -> str:

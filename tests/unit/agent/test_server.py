@@ -109,3 +109,11 @@ async def test_many_requests_in_a_row(path: str) -> None:
     async with AgentServer(CONFIG, FakeSources(cpu=0)) as server:
         for _ in range(20):
             assert (await get(server, path)).status_code == 200
+
+
+async def test_unexpected_error_is_500_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    async with AgentServer(CONFIG, FakeSources(cpu=RuntimeError("bug"))) as server:
+        response = await get(server, "/load")
+        assert response.status_code == 500
+        assert response.text == "internal error\n"
+    assert "agent request failed" in caplog.text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+import psutil
 import pytest
 
 from rdbroker_agent.errors import SourceError
@@ -83,3 +84,17 @@ async def test_system_sources_read_the_machine() -> None:
     sessions = await sources.logged_in_sessions()
     assert all(s.state == "active" for s in sessions)
     assert len({s.user for s in sessions}) == len(sessions)
+
+
+async def test_psutil_errors_become_source_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    sources = SystemSources()
+
+    def denied(*args: object, **kwargs: object) -> float:
+        raise psutil.AccessDenied()
+
+    monkeypatch.setattr(psutil, "cpu_percent", denied)
+    monkeypatch.setattr(psutil, "users", denied)
+    with pytest.raises(SourceError, match="psutil could not read cpu"):
+        await sources.cpu_percent()
+    with pytest.raises(SourceError, match="psutil could not read users"):
+        await sources.logged_in_sessions()
