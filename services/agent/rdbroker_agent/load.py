@@ -8,11 +8,13 @@ In order:
    rounded half up. With `on_counter_error = "skip"` a failed counter is left out of the average
    (and logged); when every counter failed the answer is `101`.
 The session list is read once per answer and feeds both `sessions` counters and `max_sessions`; when
-it fails, `max_sessions` is judged by the same on_counter_error rule.
+it fails, `max_sessions` is judged by the same on_counter_error rule. Command counters run side by
+side, each under `command_timeout_s`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections.abc import Sequence
@@ -83,9 +85,11 @@ async def measure_load(config: AgentConfig, sources: Sources) -> str:
         except SourceError as exc:
             session_error = str(exc)
             log.warning("session source failed: %s", exc)
-    readings = [
-        await _read(counter, config, sources, session_count, session_error) for counter in config.counters
-    ]
+    async with asyncio.TaskGroup() as tg:  # commands run side by side: the answer waits for the slowest
+        tasks = [
+            tg.create_task(_read(c, config, sources, session_count, session_error)) for c in config.counters
+        ]
+    readings = [task.result() for task in tasks]
     for r in readings:
         if r.value is None:
             log.warning("counter %s failed (%s): %s", r.counter.name, config.on_counter_error, r.error)

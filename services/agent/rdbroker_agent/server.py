@@ -70,23 +70,29 @@ class AgentServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
+            # The deadline covers the client's part (sending the head, taking the answer); computing
+            # the answer is bounded by command_timeout_s on each command instead.
+            try:
+                async with asyncio.timeout(self.request_timeout_s):
+                    method, target = await _read_head(reader)
+                status, body, content_type = await self._answer(method, target)
+            except _BadRequest as exc:
+                status, body, content_type = _text(400, str(exc))
+            except (TimeoutError, ConnectionError, OSError):
+                raise
+            except Exception:  # a bug must not leave the poller hanging: answer 500 and log it
+                log.exception("agent request failed")
+                status, body, content_type = _text(500, "internal error")
+            head = (
+                f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
+                f"Content-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\n"
+                "Cache-Control: no-store\r\n"
+                "Connection: close\r\n"
+            )
+            if status == 405:
+                head += "Allow: GET\r\n"
             async with asyncio.timeout(self.request_timeout_s):
-                try:
-                    status, body, content_type = await self._respond(reader)
-                except (TimeoutError, ConnectionError, OSError):
-                    raise
-                except Exception:  # a bug must not leave the poller hanging: answer 500 and log it
-                    log.exception("agent request failed")
-                    status, body, content_type = _text(500, "internal error")
-                head = (
-                    f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
-                    f"Content-Type: {content_type}\r\n"
-                    f"Content-Length: {len(body)}\r\n"
-                    "Cache-Control: no-store\r\n"
-                    "Connection: close\r\n"
-                )
-                if status == 405:
-                    head += "Allow: GET\r\n"
                 writer.write(head.encode("ascii") + b"\r\n" + body)
                 await writer.drain()
         except (TimeoutError, ConnectionError, OSError) as exc:
@@ -96,20 +102,7 @@ class AgentServer:
             with contextlib.suppress(ConnectionError, OSError):
                 await writer.wait_closed()
 
-    async def _respond(self, reader: asyncio.StreamReader) -> tuple[int, bytes, str]:
-        try:
-            request_line = await reader.readline()
-            for _ in range(MAX_HEADERS):
-                if (await reader.readline()).strip() == b"":
-                    break
-            else:
-                return _text(400, "too many headers")
-        except (asyncio.LimitOverrunError, ValueError):
-            return _text(400, "request head too long")
-        parts = request_line.decode("latin-1").split()
-        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
-            return _text(400, "bad request line")
-        method, target = parts[0], parts[1].split("?", 1)[0]
+    async def _answer(self, method: str, target: str) -> tuple[int, bytes, str]:
         if target not in ("/load", "/sessions"):
             return _text(404, "not found: try /load or /sessions")
         if method != "GET":
@@ -123,6 +116,27 @@ class AgentServer:
             return _text(503, f"session source failed: {exc}")
         body = json.dumps([{"user": s.user, "state": s.state} for s in sessions], ensure_ascii=False)
         return 200, body.encode("utf-8"), "application/json"
+
+
+class _BadRequest(Exception):
+    pass
+
+
+async def _read_head(reader: asyncio.StreamReader) -> tuple[str, str]:
+    """(method, path without query) from the request head; _BadRequest for a head we refuse."""
+    try:
+        request_line = await reader.readline()
+        for _ in range(MAX_HEADERS):
+            if (await reader.readline()).strip() == b"":
+                break
+        else:
+            raise _BadRequest("too many headers")
+    except (asyncio.LimitOverrunError, ValueError) as exc:
+        raise _BadRequest("request head too long") from exc
+    parts = request_line.decode("latin-1").split()
+    if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+        raise _BadRequest("bad request line")
+    return parts[0], parts[1].split("?", 1)[0]
 
 
 def _text(status: int, text: str) -> tuple[int, bytes, str]:

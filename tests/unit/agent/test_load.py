@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -132,3 +134,20 @@ async def test_session_list_is_read_once_per_answer() -> None:
     sources = FakeSources(outputs={("list",): '[{"user": "a", "state": "active"}]'})
     assert await measure_load(parse_config(data), sources) == "10"
     assert sources.runs == [("list",)]
+
+
+async def test_command_counters_run_side_by_side() -> None:
+    started: list[str] = []
+    both = asyncio.Event()
+
+    class Together(FakeSources):
+        async def run(self, command: Sequence[str], timeout_s: float) -> str:
+            started.append(command[0])
+            if len(started) == 2:
+                both.set()
+            await asyncio.wait_for(both.wait(), 5)  # one at a time would time out here
+            return "50"
+
+    data = {"counters": [{"kind": "command", "name": n, "command": [n]} for n in ("a", "b")]}
+    assert await load(data, Together()) == "50"
+    assert sorted(started) == ["a", "b"]
