@@ -65,7 +65,7 @@ class FakeRdpServer:
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, self.host, self.port)

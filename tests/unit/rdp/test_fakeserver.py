@@ -229,3 +229,7 @@ def test_command_line_rejects_a_bad_mode() -> None:
     )
     assert result.returncode == 2
     assert b"invalid choice" in result.stderr
+
+
+def test_ipv6_address_is_bracketed() -> None:
+    assert FakeRdpServer("::1", 3389).address == "[::1]:3389"
