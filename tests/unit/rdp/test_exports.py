@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import rdbroker_rdp
 
 CONTRACT = {
@@ -33,4 +36,8 @@ def test_x224error_is_a_valueerror() -> None:
 
 
 def test_the_codec_imports_no_io() -> None:
-    assert "rdbroker_rdp.fakeserver" not in vars(rdbroker_rdp)
+    io = {"asyncio", "socket", "selectors", "ssl", "subprocess", "rdbroker_rdp.fakeserver"}
+    code = f"import sys; import rdbroker_rdp; print(sorted({io!r} & set(sys.modules)))"
+    command = [sys.executable, "-c", code]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.strip() == "[]"
