@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
@@ -221,7 +220,7 @@ class BrokerService:
             return d.RouteDecision(
                 live.server_address, live.session_id, d.RouteReason.RECONNECT, live.user, pool.name
             )
-        await r.servers.count_placement(chosen.address)
+        # The insert's trigger counted the session and the placement on the server's row.
         reason = d.RouteReason.NEW if user else d.RouteReason.NO_IDENTITY
         return d.RouteDecision(chosen.address, session_id, reason, user, pool.name)
 
@@ -237,9 +236,8 @@ class BrokerService:
                 if server is None:
                     remaining.pop(0)
                     continue
-            if server.max_sessions > 0:
-                # A separate statement: a fresh snapshot sees sessions committed while we waited.
-                server = replace(server, live_sessions=await r.servers.live_sessions(server.address))
+            # The row is locked and its live-session counter only changes under that lock (triggers):
+            # what we read is exact until we commit.
             if d.takes_new_sessions(server):
                 return server
             remaining.remove(server.address)

@@ -119,3 +119,20 @@ async def broker(pg_database_url: str, engine: AsyncEngine) -> AsyncIterator[Run
         await channel.close()
         stop.set()
         await asyncio.wait_for(task, 30)
+
+
+async def assert_live_counters_exact(engine: AsyncEngine) -> None:
+    """The trigger-kept live_sessions of every server equals a recount of its live sessions."""
+    from sqlalchemy import func, select
+
+    from rdbroker_broker.db.tables import servers, sessions
+
+    recount = (
+        select(func.count())
+        .where(sessions.c.server_address == servers.c.address, sessions.c.state != "ended")
+        .scalar_subquery()
+    )
+    async with engine.connect() as conn:
+        rows = (await conn.execute(select(servers.c.address, servers.c.live_sessions, recount))).all()
+    assert rows
+    assert [(a, kept) for a, kept, _ in rows] == [(a, counted) for a, _, counted in rows]

@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from rdbroker_broker.db.tables import sessions
 from rdbroker_proto.v1 import broker_pb2 as pb
 from rdbroker_proto.v1 import broker_pb2_grpc
-from tests.integration.broker.conftest import seed, server
+from tests.integration.broker.conftest import assert_live_counters_exact, seed, server
 from tests.integration.broker.processes import broker_process
 
 USERS = 100
@@ -56,3 +56,4 @@ async def test_two_brokers_400_concurrent_routes_for_100_users(pg_database_url, 
         per_server[next(iter(seen))[0]] += 1
     assert len(per_server) == 8
     assert max(per_server.values()) <= 20
+    await assert_live_counters_exact(engine)

@@ -69,3 +69,50 @@ async def test_broker_on_an_unmigrated_postgresql_refuses_to_start(pg_database_u
 
     with pytest.raises(StartupError, match="rdbroker migrate"):
         await serve(settings_for(pg_database_url, migrate=False))
+
+
+@pytest.mark.parametrize("dialect", ["postgresql", "sqlite"])
+async def test_live_counters_are_backfilled_from_existing_sessions(dialect, pg_database_url, tmp_path):
+    from datetime import UTC, datetime
+
+    from sqlalchemy import text
+
+    url = pg_database_url if dialect == "postgresql" else f"sqlite+aiosqlite:///{tmp_path / 'b.db'}"
+    engine = make_engine(url)
+    now = datetime.now(UTC)
+    try:
+        await migrate.upgrade(engine, "0001")
+        async with engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO pools (name, name_key, is_default, disconnect_timeout_s,"
+                    " created_at, updated_at) "
+                    "VALUES ('default', 'default', true, 60, :now, :now)"
+                ),
+                {"now": now},
+            )
+            await conn.execute(
+                text(
+                    "INSERT INTO servers (address, pool, weight, max_sessions, admin_state, health,"
+                    " health_detail,"
+                    " agent_state, agent_detail, load, placements_since_report, agent_url, sessions_url,"
+                    " created_at, updated_at) VALUES ('a:1', 'default', 100, 0, 'enabled', 'unknown', '',"
+                    " 'none', '', -1, 0, '', '', :now, :now)"
+                ),
+                {"now": now},
+            )
+            for i, state in enumerate(["active", "disconnected", "ended"]):
+                await conn.execute(
+                    text(
+                        'INSERT INTO sessions (id, pool, "user", user_key, server_address, state,'
+                        " learnt_from,"
+                        " client_address, created_at, updated_at, end_reason) VALUES"
+                        " (:id, 'default', :u, :u, 'a:1', :state, 'route', '', :now, :now, '')"
+                    ),
+                    {"id": f"s{i}", "u": f"u{i}", "state": state, "now": now},
+                )
+        await migrate.upgrade(engine)
+        async with engine.connect() as conn:
+            assert (await conn.execute(text("SELECT live_sessions FROM servers"))).scalar_one() == 2
+    finally:
+        await engine.dispose()

@@ -6,7 +6,7 @@ import pytest
 
 from rdbroker_broker import domain as d
 from rdbroker_broker.errors import InvalidInput, PermissionDenied
-from tests.integration.broker.conftest import seed, server
+from tests.integration.broker.conftest import assert_live_counters_exact, seed, server
 
 SERVERS = [f"10.0.2.{i}:3389" for i in range(1, 6)]
 A = SERVERS[0]
@@ -82,6 +82,7 @@ async def test_reconciliation_ends_logged_off_users_and_records_unknown_ones(pro
         probes, [("corp\\STAYS", d.SessionState.ACTIVE), ("CORP\\new", d.SessionState.DISCONNECTED)]
     )
     assert again == d.ReconcileCounts()
+    await assert_live_counters_exact(engine)
 
 
 async def test_a_logon_in_progress_is_not_ended(probes, service, engine):

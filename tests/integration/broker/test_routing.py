@@ -7,7 +7,7 @@ import pytest
 from rdbroker_broker import domain as d
 from rdbroker_broker.errors import InvalidInput, NoCapacity, NotFound, PermissionDenied, Unavailable
 from rdbroker_broker.probing import ProbeService
-from tests.integration.broker.conftest import seed, server
+from tests.integration.broker.conftest import assert_live_counters_exact, seed, server
 
 A, B, C = "10.0.0.1:3389", "10.0.0.2:3389", "10.0.0.3:3389"
 _n = iter(range(1_000_000))
@@ -154,6 +154,7 @@ async def test_pending_expires_and_disconnected_expires_after_pool_timeout(servi
     clock.advance(2)
     # Expired but not yet swept: Route itself refuses the stale session.
     fresh = await service.route(req("erin"))
+    await assert_live_counters_exact(engine)
     assert fresh.reason is d.RouteReason.NEW
     assert fresh.session_id != routed.session_id
 

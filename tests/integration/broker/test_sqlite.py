@@ -14,7 +14,7 @@ from rdbroker_broker.service import BrokerService
 from rdbroker_broker.store import Store
 from rdbroker_proto.v1 import broker_pb2 as pb
 from rdbroker_proto.v1 import broker_pb2_grpc
-from tests.integration.broker.conftest import Clock, seed, server, settings_for
+from tests.integration.broker.conftest import Clock, assert_live_counters_exact, seed, server, settings_for
 from tests.integration.broker.processes import broker_process
 
 A, B = "10.0.0.1:3389", "10.0.0.2:3389"
@@ -53,6 +53,7 @@ async def test_routing_on_sqlite(sqlite_service):
     assert session.expires_at.tzinfo is not None
     clock.advance(3601)
     assert (await service.sweep())["expired"] == 2  # alice's disconnect timeout, bob's pending
+    await assert_live_counters_exact(engine)
 
 
 async def test_leases_and_results_on_sqlite(sqlite_service):

@@ -30,15 +30,6 @@ def new_session_id() -> str:
     return uuid.uuid4().hex
 
 
-_live_count = (
-    select(func.count())
-    .select_from(sessions)
-    .where(sessions.c.server_address == servers.c.address, sessions.c.state.in_(LIVE))
-    .scalar_subquery()
-    .label("live_sessions")
-)
-
-
 class _Prefixed:
     """A row mapping seen through a column-label prefix (for joined rows)."""
 
@@ -75,9 +66,7 @@ _ROUTE_CONTEXT = {
 }
 _POOL_DEFAULT = select(pools).where(pools.c.is_default)
 _POOL_NAMED = select(pools).where(pools.c.name_key == bindparam("pool_key"))
-_SERVERS_IN_POOL = (
-    select(servers, _live_count).where(servers.c.pool == bindparam("pool")).order_by(servers.c.address)
-)
+_SERVERS_IN_POOL = select(servers).where(servers.c.pool == bindparam("pool")).order_by(servers.c.address)
 # The best-ranked server no other transaction holds, in one statement (PostgreSQL arrays).
 _RANKED = bindparam("ranked", type_=ARRAY(String))
 _LOCK_BEST_SERVER = (
@@ -89,14 +78,6 @@ _LOCK_BEST_SERVER = (
 )
 _SERVER = select(servers).where(servers.c.address == bindparam("address"))
 _LOCK_SERVER_WAIT = select(servers).where(servers.c.address == bindparam("address")).with_for_update()
-_COUNT_PLACEMENT = (
-    update(servers)
-    .where(servers.c.address == bindparam("target"))
-    .values(placements_since_report=servers.c.placements_since_report + 1)
-)
-_LIVE_ON = select(func.count()).where(
-    sessions.c.server_address == bindparam("address"), sessions.c.state.in_(LIVE)
-)
 _LIVE_USER_INDEX_WHERE = text(f"{LIVE_STATES_SQL} AND user_key IS NOT NULL")
 _INSERT_SESSION = {
     name: factory(sessions)
@@ -134,7 +115,7 @@ def server_from_row(row: Row[Any]) -> d.Server:
         agent_state=d.AgentState(m["agent_state"]),
         load=m["load"],
         placements_since_report=m["placements_since_report"],
-        live_sessions=m.get("live_sessions", 0) or 0,
+        live_sessions=m["live_sessions"],
         agent_url=m["agent_url"],
         sessions_url=m["sessions_url"],
         health_detail=m["health_detail"],
@@ -206,15 +187,13 @@ class ServerRepository:
         self.conn = conn
 
     async def get(self, address: str) -> d.Server | None:
-        row = (
-            await self.conn.execute(select(servers, _live_count).where(servers.c.address == address))
-        ).first()
+        row = (await self.conn.execute(select(servers).where(servers.c.address == address))).first()
         return server_from_row(row) if row else None
 
     async def list(self, pool: str = "") -> list[d.Server]:
         if pool:
             return [server_from_row(r) for r in await self.conn.execute(_SERVERS_IN_POOL, {"pool": pool})]
-        query = select(servers, _live_count).order_by(servers.c.pool, servers.c.address)
+        query = select(servers).order_by(servers.c.pool, servers.c.address)
         return [server_from_row(r) for r in await self.conn.execute(query)]
 
     async def lock_first(self, ranked: Sequence[str]) -> d.Server | None:
@@ -233,12 +212,6 @@ class ServerRepository:
         """Wait for the row lock on one server (when every candidate is momentarily locked)."""
         row = (await self.conn.execute(_LOCK_SERVER_WAIT, {"address": address})).first()
         return server_from_row(row) if row else None
-
-    async def live_sessions(self, address: str) -> int:
-        return int((await self.conn.execute(_LIVE_ON, {"address": address})).scalar_one())
-
-    async def count_placement(self, address: str) -> None:
-        await self.conn.execute(_COUNT_PLACEMENT, {"target": address})
 
     async def set_admin_state(self, address: str, state: d.AdminState, now: datetime) -> bool:
         result = await self.conn.execute(

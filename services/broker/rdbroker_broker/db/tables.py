@@ -95,6 +95,9 @@ servers = Table(
     Column("load", Integer, nullable=False, default=-1),
     Column("load_reported_at", UtcDateTime, nullable=True),
     Column("placements_since_report", Integer, nullable=False, default=0),
+    # Kept by triggers on `sessions` (migration 0002): counting live sessions per placement would cost
+    # a scan of every live session in the pool; the counter changes under the server's row lock.
+    Column("live_sessions", Integer, nullable=False, default=0, server_default="0"),
     Column("probed_at", UtcDateTime, nullable=True),
     Column("agent_url", String(1024), nullable=False, default=""),
     Column("sessions_url", String(1024), nullable=False, default=""),
