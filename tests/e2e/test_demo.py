@@ -137,17 +137,11 @@ def read_banner(process: subprocess.Popen[str], deadline: float) -> dict[str, st
     raise AssertionError("no banner in time")
 
 
-# WORKAROUND until the proxy runs under uvloop (its connection_made asserts an asyncio.Transport, which
-# uvloop's transports are not): the command runs with uvloop hidden, so lifecycle.run uses asyncio's loop.
-HIDE_UVLOOP = "import sys; sys.modules['uvloop'] = None; "
-RDBROKER = ["-c", HIDE_UVLOOP + "from rdbroker_cli.__main__ import main; sys.exit(main())"]
-
-
 @contextlib.contextmanager
 def demo_process(workdir: Path, env: dict[str, str] | None = None) -> Iterator[dict[str, str]]:
     """`rdbroker demo` on free loopback ports as a process; yields its banner, then SIGTERMs it and
     checks that it stopped cleanly (exit 0, no traceback in its log)."""
-    argv = [sys.executable, *RDBROKER, "demo", "--listen", LOOPBACK_ANY]
+    argv = [sys.executable, "-m", "rdbroker_cli", "demo", "--listen", LOOPBACK_ANY]
     argv += ["--http-listen", LOOPBACK_ANY, "--grpc-listen", LOOPBACK_ANY]
     environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     log_path = workdir / "demo.log"
