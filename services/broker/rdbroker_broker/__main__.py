@@ -41,7 +41,7 @@ def _fail(prog: str, message: str, code: int = 2) -> int:
     return code
 
 
-def main(argv: list[str] | None = None) -> int:
+def broker_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rdbroker broker", description="Run the broker (gRPC + REST).")
     _common_flags(parser)
     parser.add_argument("--grpc-listen", help="HOST:PORT for gRPC [RDBROKER_GRPC_LISTEN, 127.0.0.1:50051]")
@@ -56,6 +56,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tls-ca")
     parser.add_argument("--tls-cert")
     parser.add_argument("--tls-key")
+    parser.add_argument("--otlp-endpoint")
+    return parser
+
+
+def broker_settings(argv: list[str]) -> BrokerSettings:
+    """Flags over `RDBROKER_*` environment variables over defaults. Raises ValidationError."""
+    return _settings(broker_parser().parse_args(argv))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = broker_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         settings = _settings(args)
