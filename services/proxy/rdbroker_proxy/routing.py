@@ -36,10 +36,8 @@ M = TypeVar("M", bound=Message)
 
 # A broker that failed with one of these may be down or cut off: another broker may answer.
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
-# Reports are worth retrying on anything but an answer that says the report itself is wrong.
-NOT_RETRYABLE_REPORT = frozenset(
-    {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION}
-)
+# A report the broker answered with any other code (NOT_FOUND, ABORTED, INVALID_ARGUMENT, ...) would
+# be refused again: it is dropped and counted, so one bad report cannot stall the queue behind it.
 REPORT_BATCH = 64
 RETRY_PAUSE_S = 0.05
 MAX_BACKOFF_S = 5.0
@@ -91,7 +89,8 @@ class BrokerClient:
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self.dropped_reports = 0
+        self.dropped_reports = 0  # past the buffer bound
+        self.rejected_reports = 0  # refused by a broker
         self.sent_reports = 0
         self._last_drop_log = 0.0
 
@@ -220,7 +219,8 @@ class BrokerClient:
                     assert isinstance(request, pb.ConnectionClosedRequest)
                     await stub.ConnectionClosed(request, timeout=self.report_timeout_s)
             except grpc.aio.AioRpcError as exc:
-                if exc.code() in NOT_RETRYABLE_REPORT:
+                if exc.code() not in RETRYABLE:
+                    self.rejected_reports += 1
                     log.warning(
                         "broker rejected a %s report: %s %s",
                         kind,

@@ -129,7 +129,11 @@ class ProxyServer:
             await broker.close()
             log.info(
                 "proxy stopped",
-                extra={"sent_reports": broker.sent_reports, "dropped_reports": broker.dropped_reports},
+                extra={
+                    "sent_reports": broker.sent_reports,
+                    "dropped_reports": broker.dropped_reports,
+                    "rejected_reports": broker.rejected_reports,
+                },
             )
 
     async def _drain(self, context: ProxyContext, grace_s: float) -> None:

@@ -36,6 +36,7 @@ class Directory:
     heartbeats: list[pb.ProxyHeartbeatRequest] = field(default_factory=list)
     heartbeat_interval_ms: int = 5000
     error: tuple[grpc.StatusCode, str] | None = None  # answer every Route with this error
+    opened_error: tuple[grpc.StatusCode, str] | None = None  # answer ConnectionOpened with this error
     _ids: itertools.count[int] = field(default_factory=itertools.count)
 
     def registered(self, address: str) -> bool:
@@ -108,6 +109,8 @@ class FakeBroker(broker_pb2_grpc.BrokerServicer):
         return answer
 
     async def ConnectionOpened(self, request, context):
+        if self.directory.opened_error is not None:
+            await context.abort(*self.directory.opened_error)
         self.directory.opened.append(request)
         return pb.ConnectionOpenedResponse()
 

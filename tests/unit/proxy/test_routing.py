@@ -125,6 +125,24 @@ async def test_reports_wait_for_a_broker_that_comes_back() -> None:
     assert c.dropped_reports == 0
 
 
+async def test_a_report_the_broker_refuses_is_dropped_and_does_not_stall_the_rest() -> None:
+    directory = Directory({"": [SERVER]}, opened_error=(grpc.StatusCode.ABORTED, "newer session"))
+    async with fake_broker(directory) as broker:
+        c = client([broker.address])
+        try:
+            async with asyncio.TaskGroup() as tg:
+                drainer = tg.create_task(c.run_reports())
+                c.report_opened(pb.ConnectionOpenedRequest(connection_id="c1", session_id="s1"))
+                c.report_closed(pb.ConnectionClosedRequest(connection_id="c1", session_id="s1"))
+                c.report_closed(pb.ConnectionClosedRequest(connection_id="c2", session_id="s2"))
+                assert await c.flush(10.0)
+                drainer.cancel()
+        finally:
+            await c.close()
+    assert c.rejected_reports == 1
+    assert sorted(r.connection_id for r in directory.closed) == ["c1", "c2"]  # c1 still closed
+
+
 async def test_reports_past_the_bound_are_dropped_and_counted() -> None:
     c = client([f"127.0.0.1:{free_port()}"])
     c.report_buffer = 3
