@@ -45,6 +45,7 @@ class ProxySettings(ServiceSettings):
     heartbeat_interval_s: float = Field(default=5.0, gt=0, le=300, description="until the broker names one")
     report_buffer: int = Field(default=10000, ge=1, description="reports held for brokers")
     report_timeout_s: float = Field(default=2.0, gt=0, le=60, description="deadline of one report call")
+    report_flush_timeout_s: float = Field(default=5.0, ge=0, le=300, description="report flush at exit")
     log_identity: Literal["hash", "cookie"] = Field(default="hash", description="cookie or its hash in logs")
 
     @field_validator("listen", "grpc_listen")

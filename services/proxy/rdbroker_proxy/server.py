@@ -23,7 +23,6 @@ from rdbroker_proxy.routing import BrokerClient
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "rdbroker.v1.Proxy"  # a name for the health service only: the proxy serves no RPCs
-FLUSH_TIMEOUT_S = 5.0
 
 
 def channel_credentials(settings: ProxySettings) -> grpc.ChannelCredentials | None:
@@ -121,7 +120,7 @@ class ProxyServer:
                 listener.close()
                 await self._drain(context, settings.shutdown_grace_s)
                 heartbeats.cancel()
-                if not await broker.flush(FLUSH_TIMEOUT_S):
+                if not await broker.flush(settings.report_flush_timeout_s):
                     log.warning("reports not sent at exit", extra={"pending_reports": broker.pending_reports})
                 reports.cancel()
         finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,6 +195,8 @@ BAD_PACKETS = {
     "tpkt_length_65535": bytes.fromhex("0300ffff") + b"\x00" * 300,
     "li_mismatch": bytes.fromhex("0300000b07e00000000000"),
     "not_a_connection_request": bytes.fromhex("0300000b06d00000000000"),
+    "preconnection_too_big": struct.pack("<IIII", 70000, 0, 2, 1),
+    "preconnection_bad_version": struct.pack("<IIII", 16, 0, 9, 1),
     "cookie_without_crlf": bytes.fromhex("0300001f1ae00000000000") + b"Cookie: mstshash=bob",
 }
 
