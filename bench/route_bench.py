@@ -111,7 +111,7 @@ async def broker(url: str) -> AsyncIterator[tuple[int, psutil.Process]]:
 
 
 async def phase(
-    stub: broker_pb2_grpc.BrokerStub, users: int, concurrency: int, tag: str
+    stub: broker_pb2_grpc.BrokerAsyncStub, users: int, concurrency: int, tag: str
 ) -> tuple[float, list[float]]:
     latencies: list[float] = []
     queue: asyncio.Queue[int] = asyncio.Queue()
@@ -144,7 +144,7 @@ def cpu_seconds(process: psutil.Process) -> float:
 async def measured(
     name: str,
     process: psutil.Process,
-    stub: broker_pb2_grpc.BrokerStub,
+    stub: broker_pb2_grpc.BrokerAsyncStub,
     users: int,
     concurrency: int,
     tag: str,
