@@ -44,7 +44,7 @@ def settings_for(url: str, **kw) -> BrokerSettings:
         "migrate": True,
         "shutdown_grace_s": 1.0,
     }
-    return BrokerSettings(**(base | kw))
+    return BrokerSettings(**(base | kw))  # type: ignore[arg-type]
 
 
 def farm(*servers: d.Server, pools: tuple[d.Pool, ...] = (d.Pool("default", True, 3600.0),)) -> Farm:
@@ -102,7 +102,8 @@ class RunningBroker:
 @pytest.fixture
 async def broker(pg_database_url: str, engine: AsyncEngine) -> AsyncIterator[RunningBroker]:
     """The whole broker (gRPC + REST + sweeper) served in this event loop."""
-    ready, stop, bound = asyncio.Event(), asyncio.Event(), {}
+    ready, stop = asyncio.Event(), asyncio.Event()
+    bound: dict[str, int] = {}
     # A bare task (not a TaskGroup): the fixture's setup and teardown may run in different tasks.
     task = asyncio.get_running_loop().create_task(serve(settings_for(pg_database_url), ready, stop, bound))
     waiter = asyncio.get_running_loop().create_task(ready.wait())

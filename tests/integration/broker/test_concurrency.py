@@ -51,7 +51,7 @@ async def test_two_brokers_400_concurrent_routes_for_100_users(pg_database_url, 
     assert len(live) == USERS
     assert set(live.values()) == {1}
     # The placements spread over the farm instead of piling onto one server.
-    per_server = defaultdict(int)
+    per_server: dict[str, int] = defaultdict(int)
     for seen in by_user.values():
         per_server[next(iter(seen))[0]] += 1
     assert len(per_server) == 8

@@ -54,7 +54,7 @@ async def test_bad_replica_id_is_invalid(probes):
         await probes.claim_targets("r1", 5)
 
 
-async def reconcile(probes, reported: list[tuple[str, d.SessionState]]) -> d.ReconcileCounts:
+async def reconcile(probes, reported: list[tuple[str, d.SessionState]]):
     return await probes.report_sessions("r1", A, [d.ReportedSession(u, s) for u, s in reported])
 
 

@@ -93,7 +93,9 @@ async def test_unknown_ids_are_not_found(broker, engine):
     for call in (
         broker.stub.EndSession(pb.EndSessionRequest(session_id="nope")),
         broker.stub.ConnectionOpened(pb.ConnectionOpenedRequest(session_id="nope", connection_id="c")),
-        broker.stub.SetServerState(pb.SetServerStateRequest(address="1.2.3.4:3389", admin_state=1)),
+        broker.stub.SetServerState(
+            pb.SetServerStateRequest(address="1.2.3.4:3389", admin_state=pb.ADMIN_STATE_ENABLED)
+        ),
         broker.stub.ListServers(pb.ListServersRequest(pool="Nope")),
     ):
         assert (await code_of(call))[0] == grpc.StatusCode.NOT_FOUND
