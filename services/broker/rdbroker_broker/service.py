@@ -65,6 +65,13 @@ class BrokerService:
             return await self._route(r, request, user, token_address, first_try=tries == 1)
 
         decision = await self.run_tx(work)
+        if log.isEnabledFor(logging.DEBUG):  # the hot path: no record built unless asked for
+            log.debug(
+                "route %s: %s",
+                decision.reason.value,
+                decision.server_address,
+                extra={"connection_id": request.connection_id, "session_id": decision.session_id},
+            )
         if decision.reason is d.RouteReason.NO_IDENTITY:
             log.info(
                 "no identity: placed without affinity",
