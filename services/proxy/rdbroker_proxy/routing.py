@@ -84,7 +84,7 @@ class BrokerClient:
             for a in self.addresses
         ]
         self._stubs: list[BrokerAsyncStub] = [BrokerStub(channel) for channel in self._channels]
-        self._next = 0
+        self._turn = {"route": 0, "report": 0}  # separate rotations: reports do not skew Route's
         self._reports: deque[Report] = deque()
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
@@ -96,11 +96,11 @@ class BrokerClient:
 
     # -- choosing a broker ---------------------------------------------------------------------
 
-    def _order(self) -> list[int]:
+    def _order(self, kind: Literal["route", "report"]) -> list[int]:
         """Every broker once, rotated for balance, the ones known to be failing last."""
         n = len(self._stubs)
-        start = self._next
-        self._next = (self._next + 1) % n
+        start = self._turn[kind]
+        self._turn[kind] = (start + 1) % n
         rotated = [(start + i) % n for i in range(n)]
         if n == 1:
             return rotated
@@ -122,7 +122,7 @@ class BrokerClient:
         # Each broker once, then once more after a short pause if time is left (a restarting
         # broker or a single-broker set gets a second chance), never past the deadline.
         for round_ in range(2):
-            for index in self._order():
+            for index in self._order("route"):
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
@@ -209,7 +209,7 @@ class BrokerClient:
 
     async def _send_in_order(self, reports: list[Report]) -> list[Report]:
         for i, (kind, request) in enumerate(reports):
-            index = self._order()[0]
+            index = self._order("report")[0]
             stub = self._stubs[index]
             try:
                 if kind == "opened":
@@ -262,7 +262,7 @@ class BrokerClient:
 
     async def _call_any(self, call: Callable[[BrokerAsyncStub], Awaitable[M]]) -> M:
         last: grpc.aio.AioRpcError | None = None
-        for index in self._order():
+        for index in self._order("report"):
             try:
                 return await call(self._stubs[index])
             except grpc.aio.AioRpcError as exc:

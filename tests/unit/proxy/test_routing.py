@@ -43,6 +43,19 @@ async def test_route_answers_and_a_retry_reuses_the_answer() -> None:
     assert directory.sessions_created["c1"] == 1
 
 
+async def test_routes_are_balanced_over_healthy_brokers() -> None:
+    directory = Directory({"": [SERVER]})
+    async with fake_broker(directory) as a, fake_broker(directory) as b:
+        c = client([a.address, b.address])
+        try:
+            for i in range(10):
+                await c.route(request(f"c{i}", cookie=f"u{i}"))
+                c.report_closed(pb.ConnectionClosedRequest(connection_id=f"c{i}"))  # not sent: no drainer
+        finally:
+            await c.close()
+    assert (a.servicer.route_calls, b.servicer.route_calls) == (5, 5)
+
+
 async def test_route_fails_over_to_another_broker() -> None:
     directory = Directory({"": [SERVER]})
     dead = f"127.0.0.1:{free_port()}"  # nothing listens there
