@@ -33,8 +33,8 @@ class ProbeService:
     async def claim_targets(self, replica_id: str, lease_ms: int) -> list[d.Server]:
         _require_replica(replica_id)
         lease = lease_ms or self.settings.lease_ms
-        if not 100 <= lease <= 3_600_000:
-            raise InvalidInput("lease_ms is out of range (100..3600000)")
+        if not 30 <= lease <= 3_600_000:
+            raise InvalidInput("lease_ms is out of range (30..3600000)")
 
         async def work(r: Repos) -> list[d.Server]:
             now = self.broker.now()

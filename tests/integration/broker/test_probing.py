@@ -51,7 +51,7 @@ async def test_bad_replica_id_is_invalid(probes):
     with pytest.raises(InvalidInput):
         await probes.claim_targets("", 10_000)
     with pytest.raises(InvalidInput):
-        await probes.claim_targets("r1", 5)
+        await probes.claim_targets("r1", 29)
 
 
 async def reconcile(probes, reported: list[tuple[str, d.SessionState]]):
