@@ -32,7 +32,9 @@ class FarmSettings:
     probe_timeout_ms: int = 500
     rise: int = 2
     fall: int = 3
-    health_lease_ms: int = 300  # a dead replica's servers are re-claimed after this
+    # A dead replica's servers are re-claimed once its leases lapse. Renewed every lease/3: 600 ms leaves
+    # room for a renewal delayed by a loaded machine without the leases bouncing between replicas.
+    health_lease_ms: int = 600
 
 
 @dataclass(frozen=True)
