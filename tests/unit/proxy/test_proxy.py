@@ -328,6 +328,30 @@ async def test_a_reconnect_to_a_dead_server_is_not_moved_by_the_proxy(farm: Farm
     assert sum(s.accepted for s in farm.servers) == 0
 
 
+async def test_a_server_that_refuses_the_negotiation_and_closes_is_passed_through() -> None:
+    async with FakeRdpServer(mode="neg_failure") as server:
+        directory = Directory({"": [server.address]})
+        async with fake_broker(directory) as broker, running_proxy([broker.address]) as proxy:
+            reader, writer, confirm = await handshake(proxy.port, CR)
+            assert confirm[11] == 0x03  # RDP_NEG_FAILURE, as the server sent it
+            assert await closed_by_peer(reader)
+            await close(writer)
+            await wait_until(lambda: len(directory.closed) == 1)
+    assert directory.closed[0].end_reason in {"server_closed", "client_closed"}
+
+
+async def test_a_server_reset_resets_the_client() -> None:
+    async with FakeRdpServer(mode="reset") as server:
+        directory = Directory({"": [server.address]})
+        async with fake_broker(directory) as broker, running_proxy([broker.address]) as proxy:
+            reader, writer = await open_client(proxy.port)
+            writer.write(CR)
+            assert await closed_by_peer(reader)
+            await close(writer)
+            await wait_until(lambda: len(directory.closed) == 1)
+    assert directory.closed[0].end_reason == "server_reset"
+
+
 # -- reports, logs, timeouts, shutdown -----------------------------------------------------------------
 
 
