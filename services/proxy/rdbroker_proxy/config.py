@@ -82,7 +82,8 @@ def parse_args(argv: Sequence[str]) -> ProxySettings:
     )
     for name, info in ProxySettings.model_fields.items():
         env = "RDBROKER_" + name.upper()
-        help_ = f"{info.description or ''} [{env}]"
+        default = "" if info.default_factory is not None else f", default {info.default!r}"
+        help_ = f"{info.description or ''} [{env}{default}]"
         parser.add_argument(flag_name(name), dest=name, metavar="VALUE", help=help_)
     given: dict[str, Any] = vars(parser.parse_args(list(argv)))
     return ProxySettings(**given)
