@@ -18,6 +18,8 @@ from rdbroker_broker.config import BrokerSettings
 from rdbroker_broker.errors import Conflict, InvalidInput, NoCapacity, NotFound, PermissionDenied, Unavailable
 from rdbroker_broker.store import Repos, Retryable, Store
 
+RouteContext = tuple[d.Pool, d.Session | None, d.Server | None]
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -57,14 +59,30 @@ class BrokerService:
         d.validate_route_request(request)
         user = d.identity_from(request, self.settings.max_cookie_chars)
         token_address = d.routing_token_address(request.routing_token)
+        decision = None
+        context: RouteContext | None = None
+        if request.attempt == 0:
+            # Outside a transaction: one read decides most routes. A reconnect then needs only the
+            # idempotent insert of its answer; anything else runs in a transaction with this read.
+            try:
+                async with self.store.autocommit() as r:
+                    context = await self._read_context(r, request.pool, user)
+                    if token_address is None:
+                        decision = await self._fast_reconnect(r, request, context)
+            except Retryable:
+                context = None  # a dead pooled connection: the transactional path retries
+        if decision is not None:
+            return self._logged(request, decision)
         tries = 0
 
         async def work(r: Repos) -> d.RouteDecision:
             nonlocal tries
             tries += 1
-            return await self._route(r, request, user, token_address, first_try=tries == 1)
+            return await self._route(r, request, user, token_address, context if tries == 1 else None)
 
-        decision = await self.run_tx(work)
+        return self._logged(request, await self.run_tx(work))
+
+    def _logged(self, request: d.RouteRequest, decision: d.RouteDecision) -> d.RouteDecision:
         if log.isEnabledFor(logging.DEBUG):  # the hot path: no record built unless asked for
             log.debug(
                 "route %s: %s",
@@ -79,25 +97,50 @@ class BrokerService:
             )
         return decision
 
+    async def _read_context(self, r: Repos, pool: str, user: str) -> RouteContext:
+        """The pool, the user's live session in it and that session's server, in one round trip."""
+        context = await r.sessions.route_context(pool, d.user_key(user) if user else "")
+        if context is None:
+            raise NotFound(
+                f"unknown pool {pool!r}"
+                if pool
+                else "no default pool: apply a farm file with a pool marked `default: true`"
+            )
+        return context
+
+    async def _fast_reconnect(
+        self, r: Repos, request: d.RouteRequest, context: RouteContext
+    ) -> d.RouteDecision | None:
+        pool, live, server = context
+        now = self.now()
+        if live is None or server is None or not live.is_live_at(now) or not d.takes_reconnects(server):
+            return None
+        decision = d.RouteDecision(
+            server.address, live.session_id, d.RouteReason.RECONNECT, live.user, pool.name
+        )
+        if await r.connections.record(request, decision, now):
+            return decision
+        # This (connection_id, attempt) was answered before: a retried call gets that answer.
+        return (await r.connections.answers(request.connection_id)).get(request.attempt)
+
     async def _route(
-        self, r: Repos, request: d.RouteRequest, user: str, token_address: str | None, *, first_try: bool
+        self,
+        r: Repos,
+        request: d.RouteRequest,
+        user: str,
+        token_address: str | None,
+        context: RouteContext | None,
     ) -> d.RouteDecision:
         now = self.now()
         answers: dict[int, d.RouteDecision] = {}
-        # Optimistic on a first try: a repeated (connection_id, attempt) fails the connections primary
-        # key at the end, the transaction runs again, and this lookup returns the first answer.
-        if request.attempt > 0 or not first_try:
+        # With a context read just before (a first try at attempt 0), be optimistic: a repeated
+        # (connection_id, attempt) loses on the connections primary key at the end, the transaction
+        # runs again without a context, and this lookup returns the first answer.
+        if context is None:
             answers = await r.connections.answers(request.connection_id)
             if request.attempt in answers:
                 return answers[request.attempt]  # a retried call: same answer, nothing new
-        # One round trip: the pool, the user's live session and that session's server.
-        context = await r.sessions.route_context(request.pool, d.user_key(user) if user else "")
-        if context is None:
-            raise NotFound(
-                f"unknown pool {request.pool!r}"
-                if request.pool
-                else "no default pool: apply a farm file with a pool marked `default: true`"
-            )
+            context = await self._read_context(r, request.pool, user)
         pool, live, live_server = context
         exclude: list[str] = []
         if request.attempt > 0 and request.failed_server_address:

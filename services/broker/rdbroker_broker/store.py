@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
 from sqlalchemy.exc import DBAPIError, IntegrityError
@@ -50,29 +50,17 @@ class Store:
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Repos]:
         """Commit on exit, roll back on an exception; database trouble becomes `Unavailable`."""
-        try:
+        with _mapped_errors():
             async with self.engine.begin() as conn:
-                yield Repos(
-                    conn=conn,
-                    pools=PoolRepository(conn),
-                    servers=ServerRepository(conn),
-                    sessions=SessionRepository(conn),
-                    connections=ConnectionRepository(conn),
-                    proxies=ProxyRepository(conn),
-                    leases=LeaseRepository(conn),
-                )
-        except IntegrityError as exc:
-            raise Retryable(str(exc.orig)) from exc
-        except DBAPIError as exc:
-            if getattr(exc.orig, "sqlstate", None) in RETRYABLE_SQLSTATES:
-                raise Retryable(str(exc.orig)) from exc
-            if exc.connection_invalidated or _is_connectivity(exc):
-                # No pre-ping (a round trip per transaction): a dead pooled connection shows up
-                # here instead, is discarded by the pool, and the use case runs once more.
-                raise Retryable(str(exc.orig), connectivity=True) from exc
-            raise
-        except (PoolTimeout, OSError) as exc:
-            raise Unavailable("the database is unreachable") from exc
+                yield _repos(conn)
+
+    @asynccontextmanager
+    async def autocommit(self) -> AsyncIterator[Repos]:
+        """Each statement commits on its own: no BEGIN/COMMIT round trips, for reads and for a
+        single idempotent write (the Route reconnect fast path)."""
+        with _mapped_errors():
+            async with self.engine.connect() as conn:
+                yield _repos(await conn.execution_options(isolation_level="AUTOCOMMIT"))
 
     async def ping(self) -> None:
         """Raise `Unavailable` unless the database answers."""
@@ -81,6 +69,36 @@ class Store:
                 await r.conn.exec_driver_sql("SELECT 1")
         except Retryable as exc:
             raise Unavailable("the database is unreachable") from exc
+
+
+def _repos(conn: AsyncConnection) -> Repos:
+    return Repos(
+        conn=conn,
+        pools=PoolRepository(conn),
+        servers=ServerRepository(conn),
+        sessions=SessionRepository(conn),
+        connections=ConnectionRepository(conn),
+        proxies=ProxyRepository(conn),
+        leases=LeaseRepository(conn),
+    )
+
+
+@contextmanager
+def _mapped_errors() -> Iterator[None]:
+    try:
+        yield
+    except IntegrityError as exc:
+        raise Retryable(str(exc.orig)) from exc
+    except DBAPIError as exc:
+        if getattr(exc.orig, "sqlstate", None) in RETRYABLE_SQLSTATES:
+            raise Retryable(str(exc.orig)) from exc
+        if exc.connection_invalidated or _is_connectivity(exc):
+            # No pre-ping (a round trip per transaction): a dead pooled connection shows up
+            # here instead, is discarded by the pool, and the use case runs once more.
+            raise Retryable(str(exc.orig), connectivity=True) from exc
+        raise
+    except (PoolTimeout, OSError) as exc:
+        raise Unavailable("the database is unreachable") from exc
 
 
 def _is_connectivity(exc: DBAPIError) -> bool:
