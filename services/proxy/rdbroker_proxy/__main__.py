@@ -43,8 +43,8 @@ def main(argv: list[str]) -> int:
     raise_fd_limit(settings)
     try:
         lifecycle.run(lambda: run(settings))
-    except OSError as exc:
-        log.error("proxy failed: %s", exc)  # e.g. the listen address is in use
+    except OSError as exc:  # a port in use or not ours to bind, a TLS file missing
+        log.error("the proxy cannot start: %s", exc)
         return 1
     return 0
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health
@@ -45,6 +47,11 @@ def server_credentials(settings: ProxySettings) -> grpc.ServerCredentials | None
     )
 
 
+def _not_serving(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    coro.close()
+    raise RuntimeError("the proxy is not serving")
+
+
 class ProxyServer:
     """Run with `await ProxyServer(settings).serve(stop)`; `ready` is set once both ports are bound."""
 
@@ -65,6 +72,7 @@ class ProxyServer:
         return self._context
 
     async def serve(self, stop: asyncio.Event) -> None:
+        """Serve until `stop` is set, then shut down. Raises OSError when a port cannot be bound."""
         settings = self.settings
         loop = asyncio.get_running_loop()
         broker = self.broker = BrokerClient(
@@ -78,25 +86,26 @@ class ProxyServer:
             credentials=channel_credentials(settings),
         )
         grpc_server = grpc.aio.server()
-        self._health = add_standard_services(grpc_server, [SERVICE_NAME])
-        creds = server_credentials(settings)
-        if creds is None:
-            self.grpc_port = grpc_server.add_insecure_port(settings.grpc_listen)
-        else:
-            self.grpc_port = grpc_server.add_secure_port(settings.grpc_listen, creds)
+        listener: asyncio.Server | None = None
         try:
+            self._health = add_standard_services(grpc_server, [SERVICE_NAME])
+            self.grpc_port = self._bind_health(grpc_server)
+            context = self._context = ProxyContext(settings=settings, broker=broker, spawn=_not_serving)
+            host, port = split_host_port(settings.listen)
+            # Bound before the TaskGroup, so a port in use is a plain OSError for the caller.
+            listener = await loop.create_server(
+                lambda: ClientConnection(context),
+                host,
+                port,
+                backlog=settings.backlog,
+                reuse_address=True,
+                start_serving=False,
+            )
+            self.port = listener.sockets[0].getsockname()[1]
+            await grpc_server.start()
             async with asyncio.TaskGroup() as tg:
-                context = self._context = ProxyContext(settings=settings, broker=broker, spawn=tg.create_task)
-                host, port = split_host_port(settings.listen)
-                listener = await loop.create_server(
-                    lambda: ClientConnection(context),
-                    host,
-                    port,
-                    backlog=settings.backlog,
-                    reuse_address=True,
-                )
-                self.port = listener.sockets[0].getsockname()[1]
-                await grpc_server.start()
+                context.spawn = tg.create_task
+                await listener.start_serving()
                 await mark_serving(self._health, [SERVICE_NAME])
                 reports = tg.create_task(broker.run_reports(), name="proxy-reports")
                 heartbeats = tg.create_task(
@@ -124,6 +133,8 @@ class ProxyServer:
                     log.warning("reports not sent at exit", extra={"pending_reports": broker.pending_reports})
                 reports.cancel()
         finally:
+            if listener is not None:
+                listener.close()
             await grpc_server.stop(None)
             await broker.close()
             log.info(
@@ -134,6 +145,16 @@ class ProxyServer:
                     "rejected_reports": broker.rejected_reports,
                 },
             )
+
+    def _bind_health(self, grpc_server: grpc.aio.Server) -> int:
+        settings = self.settings
+        creds = server_credentials(settings)
+        try:
+            if creds is None:
+                return grpc_server.add_insecure_port(settings.grpc_listen)
+            return grpc_server.add_secure_port(settings.grpc_listen, creds)
+        except RuntimeError as exc:  # grpc's way of saying the port is taken
+            raise OSError(f"cannot bind the health port {settings.grpc_listen}: {exc}") from exc
 
     async def _drain(self, context: ProxyContext, grace_s: float) -> None:
         """Let live connections end on their own for `grace_s`, then close the rest."""

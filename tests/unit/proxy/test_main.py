@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import subprocess
 import sys
 from typing import Any
 
+import pytest
+
+from rdbroker_proxy.server import ProxyServer
 from rdbroker_rdp.fakeserver import FakeRdpServer
 from tests.unit.proxy.fake_broker import Directory, fake_broker
-from tests.unit.proxy.support import CR, close, handshake, wait_until
+from tests.unit.proxy.support import CR, close, handshake, settings, wait_until
 
 
 async def next_log(stream: asyncio.StreamReader, message: str) -> dict[str, Any]:
@@ -86,3 +90,36 @@ def test_the_cli_dispatches_to_the_proxy() -> None:
     assert result.returncode == 0
     assert "--first-packet-timeout-s" in result.stdout
     assert "RDBROKER_BROKER" in result.stdout
+
+
+def test_a_port_in_use_exits_1_with_a_message() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "rdbroker_proxy",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--grpc-listen",
+                "127.0.0.1:0",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1
+    assert "the proxy cannot start" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+async def test_serve_raises_a_plain_oserror_when_the_port_is_taken() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        proxy = ProxyServer(settings(["127.0.0.1:1"], listen=f"127.0.0.1:{taken.getsockname()[1]}"))
+        with pytest.raises(OSError, match="in use"):
+            await proxy.serve(asyncio.Event())
