@@ -32,6 +32,7 @@ Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None]"]
 MOVABLE = frozenset({pb.ROUTE_REASON_NEW, pb.ROUTE_REASON_NO_IDENTITY})
 
 FIRST_PACKET, ROUTING, SPLICING, CLOSED = range(4)
+REASONS = {value: name.removeprefix("ROUTE_REASON_").lower() for name, value in pb.RouteReason.items()}
 
 
 @dataclass
@@ -245,7 +246,7 @@ class ClientConnection(asyncio.Protocol):
     def _take(self, answer: pb.RouteResponse) -> None:
         self.session_id = answer.session_id
         self.server_address = answer.server_address
-        self.reason = pb.RouteReason.Name(answer.reason).removeprefix("ROUTE_REASON_").lower()
+        self.reason = REASONS.get(answer.reason, f"reason_{answer.reason}")  # a newer broker's value
         if answer.pool:
             self.pool = answer.pool
 
