@@ -26,7 +26,7 @@ T = TypeVar("T")
 MAX_TX_ATTEMPTS = 5
 # How many ranked servers a placement tries to lock before giving up on the pool.
 MAX_LOCK_TRIES = 16
-MAX_HEARTBEAT_CONNECTIONS = 100_000
+MAX_HEARTBEAT_CONNECTIONS = 30_000  # under SQLite's bound-parameter limit too
 
 
 def utcnow() -> datetime:

@@ -168,3 +168,15 @@ async def test_heartbeat_listing_connections_disconnects_sessions_whose_close_wa
     await service.proxy_heartbeat("p1", 1, ["c1"])
     assert {s.state for s in await service.lookup_user_sessions("u2")} == {d.SessionState.DISCONNECTED}
     assert {s.state for s in await service.lookup_user_sessions("u1")} == {d.SessionState.ACTIVE}
+
+
+async def test_a_heartbeat_may_list_many_connections(service, engine, clock):
+    await seed(engine, server(A))
+    routed = await service.route(d.RouteRequest("keep", proxy_id="p1", cookie="u1"))
+    await service.connection_opened(routed.session_id, "keep", "p1")
+    clock.advance(6)
+    ids = ["keep", *(f"other-{i}" for i in range(29_999))]
+    await service.proxy_heartbeat("p1", len(ids), ids)
+    assert {s.state for s in await service.lookup_user_sessions("u1")} == {d.SessionState.ACTIVE}
+    with pytest.raises(InvalidInput, match="too many connection_ids"):
+        await service.proxy_heartbeat("p1", 30_001, [*ids, "x", "y"])

@@ -46,6 +46,9 @@ async def test_routing_on_sqlite(sqlite_service):
         await service.route(d.RouteRequest("c4", proxy_id="p", cookie="carol"))
 
     await service.connection_opened(first.session_id, "c1", "p")
+    clock.advance(6)
+    await service.proxy_heartbeat("p", 1, ["c1"])  # lists c1: nothing to disconnect
+    assert {s.state for s in await service.lookup_user_sessions("alice")} == {d.SessionState.ACTIVE}
     await service.connection_closed(first.session_id, "c1", end_reason="client_closed")
     [session] = await service.lookup_user_sessions("ALICE")
     assert session.state is d.SessionState.DISCONNECTED

@@ -476,7 +476,7 @@ class SessionRepository:
                 sessions.c.proxy_id == proxy_id,
                 sessions.c.state == "active",
                 sessions.c.learnt_from == "route",
-                sessions.c.connection_id.not_in(list(open_ids)),
+                _not_listed(self.conn, open_ids),
                 sessions.c.updated_at < before,
             )
             .values(
@@ -494,6 +494,14 @@ class SessionRepository:
             delete(sessions).where(sessions.c.state == "ended", sessions.c.ended_at < before)
         )
         return int(result.rowcount)
+
+
+def _not_listed(conn: AsyncConnection, ids: Sequence[str]) -> Any:
+    """`connection_id` not among `ids`: one array parameter on PostgreSQL (a list of bound parameters
+    would hit the 65535-parameter limit on a busy proxy)."""
+    if conn.dialect.name == "postgresql":
+        return sessions.c.connection_id != func.all(bindparam("open_ids", list(ids), type_=ARRAY(String)))
+    return sessions.c.connection_id.not_in(list(ids))
 
 
 class ConnectionRepository:
