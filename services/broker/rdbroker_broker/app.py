@@ -117,7 +117,12 @@ async def serve(
 ) -> None:
     """Run the broker until `stop` is set. `bound` receives the ports actually listened on."""
     stop = stop or asyncio.Event()
-    engine = make_engine(settings.database_url_text, pool_size=settings.db_pool_size)
+    engine = make_engine(
+        settings.database_url_text,
+        pool_size=settings.db_pool_size,
+        statement_timeout_ms=settings.db_statement_timeout_ms,
+        lock_timeout_ms=settings.db_lock_timeout_ms,
+    )
     try:
         await prepare_database(settings, engine)
         service = BrokerService(Store(engine), settings)

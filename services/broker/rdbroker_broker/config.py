@@ -39,6 +39,9 @@ class BrokerSettings(ServiceSettings):
     # Input bounds for Route.
     max_cookie_chars: int = Field(default=256, ge=9, le=4096)
     db_pool_size: int = Field(default=10, ge=1, le=200)
+    # PostgreSQL bounds on one statement and on one lock wait (0 = none).
+    db_statement_timeout_ms: int = Field(default=10_000, ge=0, le=3_600_000)
+    db_lock_timeout_ms: int = Field(default=5_000, ge=0, le=3_600_000)
 
     tls_ca: str = ""
     tls_cert: str = ""

@@ -19,8 +19,9 @@ from rdbroker_broker.db.repositories import (
 )
 from rdbroker_broker.errors import Unavailable
 
-# serialization_failure, deadlock_detected: the transaction can simply run again.
-RETRYABLE_SQLSTATES = {"40001", "40P01"}
+# serialization_failure, deadlock_detected, lock_not_available (lock_timeout): run it again.
+RETRYABLE_SQLSTATES = {"40001", "40P01", "55P03"}
+QUERY_CANCELED = "57014"  # statement_timeout
 
 
 class Retryable(Exception):
@@ -90,8 +91,11 @@ def _mapped_errors() -> Iterator[None]:
     except IntegrityError as exc:
         raise Retryable(str(exc.orig)) from exc
     except DBAPIError as exc:
-        if getattr(exc.orig, "sqlstate", None) in RETRYABLE_SQLSTATES:
+        sqlstate = getattr(exc.orig, "sqlstate", None)
+        if sqlstate in RETRYABLE_SQLSTATES:
             raise Retryable(str(exc.orig)) from exc
+        if sqlstate == QUERY_CANCELED:
+            raise Unavailable("the database did not answer in time") from exc
         if exc.connection_invalidated or _is_connectivity(exc):
             # No pre-ping (a round trip per transaction): a dead pooled connection shows up
             # here instead, is discarded by the pool, and the use case runs once more.

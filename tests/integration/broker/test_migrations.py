@@ -116,3 +116,15 @@ async def test_live_counters_are_backfilled_from_existing_sessions(dialect, pg_d
             assert (await conn.execute(text("SELECT live_sessions FROM servers"))).scalar_one() == 2
     finally:
         await engine.dispose()
+
+
+async def test_statement_and_lock_timeouts_reach_the_server(pg_database_url):
+    from sqlalchemy import text
+
+    engine = make_engine(pg_database_url, statement_timeout_ms=1234, lock_timeout_ms=567)
+    try:
+        async with engine.connect() as conn:
+            assert (await conn.execute(text("SHOW statement_timeout"))).scalar_one() == "1234ms"
+            assert (await conn.execute(text("SHOW lock_timeout"))).scalar_one() == "567ms"
+    finally:
+        await engine.dispose()

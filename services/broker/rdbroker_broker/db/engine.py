@@ -48,18 +48,32 @@ def redact(url: str) -> str:
     return f"{scheme}://{user}:***@{tail}" if ":" in creds else url
 
 
-def make_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
+def make_engine(
+    url: str, *, pool_size: int = 10, statement_timeout_ms: int = 0, lock_timeout_ms: int = 0
+) -> AsyncEngine:
+    """The engine for `url`. The timeouts (PostgreSQL; 0 = none) bound every statement and lock wait,
+    so a stuck database or a lock held by a dying peer turns into an error instead of a hung call."""
     if is_sqlite(url):
         return _sqlite_engine(sqlite_url(url))
     if url.startswith(_PG_PREFIXES):
-        return _postgres_engine(libpq_dsn(url), pool_size)
+        options = " ".join(
+            f"-c {name}={value}"
+            for name, value in (
+                ("statement_timeout", statement_timeout_ms),
+                ("lock_timeout", lock_timeout_ms),
+            )
+            if value
+        )
+        return _postgres_engine(libpq_dsn(url), pool_size, options)
     raise InvalidInput(
         f"unsupported database URL {redact(url)!r}: use postgresql://... or sqlite+aiosqlite:///file.db"
     )
 
 
-def _postgres_engine(dsn: str, pool_size: int) -> AsyncEngine:
+def _postgres_engine(dsn: str, pool_size: int, options: str) -> AsyncEngine:
     async def connect() -> psycopg.AsyncConnection[Any]:
+        if options:
+            return await psycopg.AsyncConnection.connect(dsn, options=options)
         return await psycopg.AsyncConnection.connect(dsn)
 
     return create_async_engine(
