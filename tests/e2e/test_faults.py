@@ -102,6 +102,7 @@ async def storm_with_fault(
 
 async def directory_figures(farm: Farm, run: Run, dead: frozenset[str] = frozenset()) -> dict[str, object]:
     """What the directory says after the fault, as counts that must all be 0 (and examples)."""
+    pending = await settled_pending(farm, dead)
     after = await asyncio.to_thread(farm.sessions, live_only=False)
     lost = [s for s in run.before.values() if s.id not in after or after[s.id].server != s.server]
     ended = [s for s in run.before.values() if s.server not in dead and after[s.id].state == "ended"]
@@ -124,8 +125,21 @@ async def directory_figures(farm: Farm, run: Run, dead: frozenset[str] = frozens
         "duplicate_live_sessions": len(duplicates),
         "landed_on_wrong_server": len(wrong),
         "lookup_mismatches": len(mismatches),
-        "examples": [str(x) for x in [*lost, *ended, *duplicates, *wrong, *mismatches][:5]],
+        "pending_after_storm": len(pending),
+        "examples": [str(x) for x in [*lost, *ended, *duplicates, *wrong, *mismatches, *pending][:5]],
     }
+
+
+async def settled_pending(farm: Farm, dead: frozenset[str], wait_s: float = 5.0) -> list[SessionRow]:
+    """Sessions still `pending` (routed, never reported opened) once the storm is over and the proxies'
+    report buffers had `wait_s` to drain. One left behind would expire and cost its user the session."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        rows = await asyncio.to_thread(farm.sessions)
+        pending = [r for r in rows.values() if r.state == "pending" and r.server not in dead]
+        if not pending or time.monotonic() > deadline:
+            return pending
+        await asyncio.sleep(0.2)
 
 
 def assert_directory(figures: dict[str, object]) -> None:
