@@ -886,22 +886,26 @@ class ReportServerSessionsResponse(_message.Message):
     ENDED_FIELD_NUMBER: _builtins.int
     RECORDED_FIELD_NUMBER: _builtins.int
     LINKED_FIELD_NUMBER: _builtins.int
+    AMBIGUOUS_FIELD_NUMBER: _builtins.int
     ended: _builtins.int
     """directory sessions ended because the server no longer has them"""
     recorded: _builtins.int
     """server sessions the directory learnt"""
     linked: _builtins.int
     """truncated-cookie sessions linked to a full user name"""
+    ambiguous: _builtins.int
+    """truncated-cookie sessions matching several reported users (kept as they are)"""
     def __init__(
         self,
         *,
         ended: _builtins.int = ...,
         recorded: _builtins.int = ...,
         linked: _builtins.int = ...,
+        ambiguous: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "linked", b"linked", "recorded", b"recorded"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ambiguous", b"ambiguous", "ended", b"ended", "linked", b"linked", "recorded", b"recorded"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

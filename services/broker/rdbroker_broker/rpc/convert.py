@@ -122,3 +122,9 @@ def probe_result(msg: pb.ProbeResult) -> d.ProbeResult:
         agent_detail=msg.agent_detail,
         probed_at=msg.probed_at.ToDatetime(tzinfo=UTC) if msg.HasField("probed_at") else None,
     )
+
+
+def reconcile_counts(counts: d.ReconcileCounts) -> pb.ReportServerSessionsResponse:
+    return pb.ReportServerSessionsResponse(
+        ended=counts.ended, recorded=counts.recorded, linked=counts.linked, ambiguous=counts.ambiguous
+    )

@@ -153,6 +153,4 @@ class BrokerServicer(pb_grpc.BrokerServicer):
                 raise InvalidInput(f"session of {item.user[:40]!r}: state must be ACTIVE or DISCONNECTED")
             reported.append(d.ReportedSession(item.user, state))
         counts = await self.probes.report_sessions(request.replica_id, request.address, reported)
-        return pb.ReportServerSessionsResponse(
-            ended=counts.ended, recorded=counts.recorded, linked=counts.linked
-        )
+        return convert.reconcile_counts(counts)
