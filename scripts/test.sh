@@ -10,9 +10,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
 bash scripts/ensure_postgres.sh
-# The dashboard's browser test drives Debian's chromium (Playwright cannot download its own browser
-# here): install it when it is missing and we may (root with apt-get).
-if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
-fi
+bash scripts/install_system_deps.sh
 exec .venv/bin/python -m pytest "$@"
