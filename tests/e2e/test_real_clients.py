@@ -9,6 +9,7 @@ The packages (xrdp, freerdp2-x11, rdesktop, xvfb) are installed by scripts/test.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -225,3 +226,29 @@ def test_freerdp_and_rdesktop_through_the_proxy_keep_their_server(farm) -> None:
     again = sessions_of(broker, "alice")
     assert [s.session_id for s in again] == [alice[0].session_id]
     assert logons_at(home) == 2
+
+
+@pytest.fixture
+def one_xrdp() -> Iterator[Xrdp]:
+    require_tools()
+    harness = Harness()
+    server = start_xrdp(harness.root, "xrdp")
+    try:
+        yield server
+    finally:
+        server.stop()
+        harness.cleanup()
+
+
+async def test_health_probe_reads_xrdps_confirm_and_creates_no_session(one_xrdp: Xrdp) -> None:
+    from rdbroker_health.probes.rdp import probe_rdp
+
+    result = await probe_rdp(one_xrdp.address, timeout_s=5)
+    assert result.ok, result.reason
+    assert result.kind == "neg_rsp"
+    assert result.selected_protocol == 1  # xrdp picks TLS among the SSL|HYBRID we offer
+    await asyncio.sleep(0.5)  # let xrdp log the closed connection
+    text = one_xrdp.text()
+    assert "Security protocol" in text  # it negotiated...
+    assert LOGON_REACHED not in text  # ...and never got near a logon
+    assert "TLS connection established" not in text
