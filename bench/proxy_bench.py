@@ -113,9 +113,9 @@ HAPROXY_CFG = """
 global
     nbthread 1
     maxconn 9000
-defaults
+{global_extra}defaults
     mode tcp
-    timeout connect 5s
+{defaults_extra}    timeout connect 5s
     timeout client 1h
     timeout server 1h
 frontend rdp
@@ -130,13 +130,21 @@ backend farm
 """
 
 
+# --haproxy-tuned: big buffers and kernel splicing (few pipes, so 5000 idle connections fit the fd limit)
+HAPROXY_TUNING = ("    tune.bufsize 262144\n    maxpipes 200\n", "    option splice-auto\n")
+
+
 def start_haproxy(
-    procs: Processes, backends: list[int], workdir: Path
+    procs: Processes, backends: list[int], workdir: Path, tuned: bool = False
 ) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     servers = "\n".join(f"    server s{i} 127.0.0.1:{p}" for i, p in enumerate(backends))
     cfg = workdir / f"haproxy-{port}.cfg"
-    cfg.write_text(HAPROXY_CFG.format(port=port, servers=servers), encoding="utf-8")
+    global_extra, defaults_extra = HAPROXY_TUNING if tuned else ("", "")
+    text = HAPROXY_CFG.format(
+        port=port, servers=servers, global_extra=global_extra, defaults_extra=defaults_extra
+    )
+    cfg.write_text(text, encoding="utf-8")
     child = procs.start(["haproxy", "-db", "-f", str(cfg)])
     wait_port(port)
     return child, port
@@ -245,6 +253,11 @@ def main() -> None:
     parser.add_argument("--idle-rounds", type=int, default=2)
     parser.add_argument("--no-real-broker", action="store_true")
     parser.add_argument(
+        "--haproxy-tuned",
+        action="store_true",
+        help="HAProxy with tune.bufsize 256 KiB and option splice-auto (default: its stock buffers)",
+    )
+    parser.add_argument(
         "--server-url",
         default=os.environ.get("RDBROKER_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432"),
     )
@@ -279,7 +292,9 @@ def main() -> None:
         targets: dict[str, tuple[int, int | None]] = {"direct": (backends[0], None)}
         have_haproxy = shutil.which("haproxy") is not None
         if have_haproxy:
-            child, port = start_haproxy(procs, backends, workdir)
+            tuning = "tuned (bufsize 256 KiB, splice-auto)" if args.haproxy_tuned else "stock"
+            say(f"haproxy config: {tuning}")
+            child, port = start_haproxy(procs, backends, workdir, args.haproxy_tuned)
             targets["haproxy"] = (port, child.pid)
         else:
             say("haproxy is not installed: no comparison (apt-get install -y haproxy)")
@@ -348,7 +363,7 @@ def main() -> None:
                 if name == "proxy":
                     child, port = start_proxy(procs, f"127.0.0.1:{fake_port}")
                 else:
-                    child, port = start_haproxy(procs, backends, workdir)
+                    child, port = start_haproxy(procs, backends, workdir, args.haproxy_tuned)
                 memory[name].append(idle_memory(child.pid, port, args.idle))
                 say(f"round {r + 1} memory {name:9s} {memory[name][-1] / 1024:8.1f} KiB per idle connection")
                 procs.stop(child)
