@@ -391,6 +391,21 @@ async def test_identity_is_hashed_in_logs_by_default(farm: Farm, caplog: pytest.
     assert "alice" not in caplog.text
 
 
+async def test_heartbeats_carry_the_open_connections(farm: Farm) -> None:
+    farm.directory.heartbeat_interval_ms = 50  # the proxy follows the broker's interval
+    async with running_proxy([farm.broker.address], heartbeat_interval_s=60.0) as proxy:
+        _, writer, _ = await handshake(proxy.port, CR)
+        [connection_id] = proxy.context.connection_ids()
+        await wait_until(lambda: any(connection_id in h.connection_ids for h in farm.directory.heartbeats))
+        await close(writer)
+        await wait_until(lambda: not proxy.context.connections)
+        seen = len(farm.directory.heartbeats)
+        await wait_until(lambda: len(farm.directory.heartbeats) > seen)
+    last = farm.directory.heartbeats[-1]
+    assert last.proxy_id == "test-proxy"
+    assert list(last.connection_ids) == []
+
+
 async def test_an_idle_connection_is_closed_after_the_idle_timeout(farm: Farm) -> None:
     async with running_proxy([farm.broker.address], idle_timeout_s=0.3) as proxy:
         reader, writer, _ = await handshake(proxy.port, CR)
