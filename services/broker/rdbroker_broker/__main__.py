@@ -16,7 +16,7 @@ from rdbroker_broker.config import BrokerSettings
 from rdbroker_broker.db import migrate
 from rdbroker_broker.db.engine import make_engine, redact
 from rdbroker_broker.errors import BrokerError
-from rdbroker_common import lifecycle, logs
+from rdbroker_common import lifecycle, logs, telemetry
 
 log = logging.getLogger("rdbroker_broker")
 
@@ -57,6 +57,7 @@ def broker_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-cert")
     parser.add_argument("--tls-key")
     parser.add_argument("--otlp-endpoint")
+    parser.add_argument("--metrics-listen", help="HOST:PORT of Prometheus /metrics [RDBROKER_METRICS_LISTEN]")
     return parser
 
 
@@ -73,6 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         return _fail(parser.prog, f"bad settings:\n{exc}")
     logs.configure(settings.log_level, settings.log_format)
+    try:
+        handle = telemetry.setup(
+            "rdbroker-broker", otlp_endpoint=settings.otlp_endpoint, metrics_listen=settings.metrics_listen
+        )
+    except (OSError, ValueError) as exc:
+        return _fail(parser.prog, f"cannot serve metrics on {settings.metrics_listen}: {exc}", 1)
 
     async def run() -> None:
         stop = lifecycle.stop_event_on_signals()
@@ -83,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     except (StartupError, BrokerError) as exc:
         log.error("%s", exc)
         return _fail(parser.prog, str(exc), 1)
+    finally:
+        handle.shutdown()
     return 0
 
 

@@ -12,21 +12,23 @@ import logging
 import random
 import socket
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import uvicorn
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from rdbroker_broker import metrics
 from rdbroker_broker.config import BrokerSettings
 from rdbroker_broker.db import migrate
 from rdbroker_broker.db.engine import is_sqlite, make_engine, redact
+from rdbroker_broker.db.tracing import trace_statements
 from rdbroker_broker.errors import BrokerError
 from rdbroker_broker.probing import ProbeService
 from rdbroker_broker.rest.app import create_app
 from rdbroker_broker.rpc.servicer import BrokerServicer
 from rdbroker_broker.service import BrokerService
 from rdbroker_broker.store import Store
+from rdbroker_common import telemetry, tls
 from rdbroker_common.rpc_server import add_standard_services, mark_serving
 from rdbroker_common.settings import split_host_port
 from rdbroker_proto.v1 import broker_pb2, broker_pb2_grpc
@@ -61,15 +63,16 @@ async def prepare_database(settings: BrokerSettings, engine: AsyncEngine) -> Non
 
 
 def _grpc_server(settings: BrokerSettings, servicer: BrokerServicer) -> tuple[grpc.aio.Server, int]:
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    try:  # mutual TLS or plaintext; a partial TLS setting is a start-up error, never a fallback
+        creds = tls.server_credentials(settings.tls_ca, settings.tls_cert, settings.tls_key)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from exc
+    server = grpc.aio.server(
+        options=[("grpc.so_reuseport", 0)], interceptors=telemetry.server_interceptors()
+    )
     broker_pb2_grpc.add_BrokerServicer_to_server(servicer, server)
     try:
-        if settings.tls_cert or settings.tls_key:
-            key, cert = Path(settings.tls_key).read_bytes(), Path(settings.tls_cert).read_bytes()
-            ca = Path(settings.tls_ca).read_bytes() if settings.tls_ca else None
-            creds = grpc.ssl_server_credentials(
-                [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
-            )
+        if creds is not None:
             port = server.add_secure_port(settings.grpc_listen, creds)
         else:
             port = server.add_insecure_port(settings.grpc_listen)
@@ -123,6 +126,8 @@ async def serve(
         statement_timeout_ms=settings.db_statement_timeout_ms,
         lock_timeout_ms=settings.db_lock_timeout_ms,
     )
+    trace_statements(engine)
+    session_counts = metrics.SessionCounts(engine, settings.sessions_metric_interval_s)
     try:
         await prepare_database(settings, engine)
         service = BrokerService(Store(engine), settings)
@@ -132,7 +137,7 @@ async def serve(
         sock = _http_socket(settings.http_listen)
         http_port = int(sock.getsockname()[1])
         config = uvicorn.Config(
-            create_app(service),
+            create_app(service),  # FastAPI traces each request itself once a tracer provider is set
             log_config=None,
             access_log=False,
             lifespan="off",
@@ -144,6 +149,8 @@ async def serve(
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(http_server.serve(sockets=[sock]))
             tasks.create_task(_sweep_forever(service, stop))
+            tasks.create_task(session_counts.refresh_forever(stop))
+            metrics.publish_sessions(session_counts)
             if bound is not None:
                 bound.update(grpc=grpc_port, http=http_port)
             log.info(
@@ -165,4 +172,5 @@ async def serve(
             await grpc_server.stop(settings.shutdown_grace_s)
         sock.close()
     finally:
+        metrics.withdraw_sessions(session_counts)
         await engine.dispose()

@@ -47,6 +47,10 @@ class BrokerSettings(ServiceSettings):
     tls_cert: str = ""
     tls_key: str = ""
 
+    # Prometheus /metrics (host:port); empty = off. The sessions-by-state gauge is recounted this often.
+    metrics_listen: str = ""
+    sessions_metric_interval_s: float = Field(default=5.0, gt=0, le=3600)
+
     @field_validator("grpc_listen", "http_listen")
     @classmethod
     def _host_port(cls, value: str) -> str:

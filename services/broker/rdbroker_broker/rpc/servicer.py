@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 
 from rdbroker_broker import domain as d
+from rdbroker_broker import metrics
 from rdbroker_broker.errors import BrokerError, InvalidInput
 from rdbroker_broker.probing import ProbeService
 from rdbroker_broker.rpc import convert
@@ -52,8 +54,17 @@ class BrokerServicer(pb_grpc.BrokerServicer):
 
     @guarded
     async def Route(self, request: pb.RouteRequest, context: Context) -> pb.RouteResponse:
-        decision = await self.service.route(convert.route_request(request))
-        return convert.route_response(decision)
+        started = time.perf_counter()
+        reason, outcome = "none", grpc.StatusCode.INTERNAL.name
+        try:
+            decision = await self.service.route(convert.route_request(request))
+            reason, outcome = decision.reason.value, "ok"
+            return convert.route_response(decision)
+        except BrokerError as exc:
+            outcome = status_for(exc).name
+            raise
+        finally:
+            metrics.record_route(reason, outcome, time.perf_counter() - started)
 
     @guarded
     async def ConnectionOpened(

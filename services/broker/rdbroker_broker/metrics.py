@@ -1,0 +1,108 @@
+"""The broker's metrics (names from docs/contracts.md; the Prometheus exporter adds `_total` to counters).
+
+Instruments are created once at import, and the label sets of the Route counter are cached per
+(reason, outcome), so recording a route allocates nothing. `rdbroker_sessions{state}` is read from a
+cache that a background task refreshes (`SessionCounts.refresh_forever`): a scrape never queries the
+database, so slow scrapes cannot pile up queries. Every broker replica reports the same directory-wide
+counts; aggregate them with max(), not sum().
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable, Mapping
+
+from opentelemetry import metrics
+from opentelemetry.metrics import CallbackOptions, Observation
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from rdbroker_broker.db.tables import sessions
+
+log = logging.getLogger(__name__)
+_meter = metrics.get_meter("rdbroker_broker")
+
+# Route latency: sub-millisecond (a cached reconnect) up to the statement timeout.
+ROUTE_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+LIVE_STATES = ("pending", "active", "disconnected")
+
+routes = _meter.create_counter(
+    "rdbroker_routes", description="Route calls by reason (token/reconnect/new/no_identity) and outcome"
+)
+route_duration = _meter.create_histogram(
+    "rdbroker_route_duration_seconds",
+    unit="s",
+    description="Time the broker spent answering Route, errors included",
+    explicit_bucket_boundaries_advisory=list(ROUTE_BUCKETS_S),
+)
+
+_route_labels: dict[tuple[str, str], Mapping[str, str]] = {}
+
+
+def record_route(reason: str, outcome: str, seconds: float) -> None:
+    """One Route call: `outcome` is "ok" or the gRPC status name; `reason` is "none" for errors."""
+    key = (reason, outcome)
+    labels = _route_labels.get(key)
+    if labels is None:
+        labels = _route_labels.setdefault(key, {"reason": reason, "outcome": outcome})
+    routes.add(1, labels)
+    route_duration.record(seconds)
+
+
+class SessionCounts:
+    """Live sessions per state, counted every `interval_s` and served to the gauge from memory."""
+
+    def __init__(self, engine: AsyncEngine, interval_s: float) -> None:
+        self.engine = engine
+        self.interval_s = interval_s
+        self.counts: dict[str, int] | None = None  # None until the first count succeeds
+
+    async def refresh(self) -> None:
+        query = (
+            select(sessions.c.state, func.count())
+            .where(sessions.c.state.in_(LIVE_STATES))
+            .group_by(sessions.c.state)
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        found = {str(state): int(count) for state, count in rows}
+        self.counts = {state: found.get(state, 0) for state in LIVE_STATES}
+
+    async def refresh_forever(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.refresh()
+            except Exception as exc:  # the database being away is the readiness probe's business
+                log.debug("counting sessions for the metrics failed: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.interval_s)
+
+    def observe(self, _options: CallbackOptions) -> Iterable[Observation]:
+        counts = self.counts
+        if counts is None:
+            return []
+        return [Observation(count, {"state": state}) for state, count in counts.items()]
+
+
+_sources: list[SessionCounts] = []
+
+
+def _observe_sessions(options: CallbackOptions) -> Iterable[Observation]:
+    # The newest broker in this process (tests and `rdbroker up` start several one after another).
+    return _sources[-1].observe(options) if _sources else []
+
+
+_meter.create_observable_gauge(
+    "rdbroker_sessions", callbacks=[_observe_sessions], description="Live sessions in the directory by state"
+)
+
+
+def publish_sessions(source: SessionCounts) -> None:
+    _sources.append(source)
+
+
+def withdraw_sessions(source: SessionCounts) -> None:
+    with contextlib.suppress(ValueError):
+        _sources.remove(source)
