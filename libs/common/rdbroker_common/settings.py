@@ -50,3 +50,33 @@ def split_host_port(value: str, *, default_port: int | None = None) -> tuple[str
 
 def join_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+DNS_SCHEME = "dns:///"
+# gRPC channel option for a `dns:///` target: spread calls over every address the name resolves to
+# (a Kubernetes headless Service answers one per broker pod), re-resolving as pods come and go.
+ROUND_ROBIN = ("grpc.lb_policy_name", "round_robin")
+
+
+def broker_targets(value: str) -> list[str]:
+    """`--broker`: one `dns:///host:port` target (passed to gRPC as is, balanced round-robin) or a
+    comma-separated `host:port` list (tried in order with failover). Raises ValueError."""
+    text = value.strip()
+    if text.startswith(DNS_SCHEME):
+        split_host_port(text[len(DNS_SCHEME) :])
+        if "," in text:
+            raise ValueError(f"a dns:/// target names one host: {value!r}")
+        return [text]
+    if "://" in text or text.startswith("dns:"):
+        raise ValueError(f"only dns:///host:port or host:port addresses are accepted, not {value!r}")
+    targets = [part.strip() for part in text.split(",") if part.strip()]
+    if not targets:
+        raise ValueError("at least one broker address is needed")
+    for target in targets:
+        split_host_port(target)
+    return targets
+
+
+def channel_options(target: str) -> list[tuple[str, str]]:
+    """Options a channel to `target` needs beyond the caller's own: round-robin for `dns:///`."""
+    return [ROUND_ROBIN] if target.startswith(DNS_SCHEME) else []

@@ -46,9 +46,13 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"rdbroker health: invalid settings:\n{exc}\n")
         return 2
     logs.configure(settings.log_level, settings.log_format)
-    handle = telemetry.setup(
-        "rdbroker-health", otlp_endpoint=settings.otlp_endpoint, metrics_listen=settings.metrics_listen
-    )
+    try:
+        handle = telemetry.setup(
+            "rdbroker-health", otlp_endpoint=settings.otlp_endpoint, metrics_listen=settings.metrics_listen
+        )
+    except OSError as exc:
+        sys.stderr.write(f"rdbroker health: cannot serve metrics on {settings.metrics_listen}: {exc}\n")
+        return 2
     try:
         lifecycle.run(lambda: _serve(settings))
     except ConfigError as exc:

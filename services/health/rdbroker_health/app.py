@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import grpc
 import httpx
+from grpc_health.v1 import health
+from grpc_health.v1 import health_pb2_grpc as std_health_pb2_grpc
 
 from rdbroker_common import telemetry, tls
 from rdbroker_common.rpc_server import add_standard_services, mark_serving
@@ -56,9 +58,12 @@ async def run(
             port = server.add_insecure_port(settings.grpc_listen)
     except RuntimeError as exc:
         raise ConfigError(f"cannot listen on {settings.grpc_listen}: {exc}") from exc
+    probe_server = _probe_server(settings.probe_listen, standard_health) if settings.probe_listen else None
     scheduler = Scheduler(settings, broker, replica_id, http, probe_rdp=probe_rdp)
     try:
         await server.start()
+        if probe_server is not None:
+            await probe_server.start()
         await mark_serving(standard_health, [SERVICE_NAME])
         log.info(
             "health replica %s serving gRPC on port %d, brokers %s",
@@ -76,10 +81,25 @@ async def run(
             await standard_health.enter_graceful_shutdown()
     finally:
         await standard_health.enter_graceful_shutdown()
+        if probe_server is not None:
+            await probe_server.stop(None)
         await server.stop(settings.shutdown_grace_s)
         await broker.close()
         await http.aclose()
         log.info("health replica %s stopped", replica_id)
+
+
+def _probe_server(listen: str, status: health.aio.HealthServicer) -> grpc.aio.Server:
+    """A plaintext server with only grpc.health.v1, answering the main server's statuses, for kubelet
+    probes: they present no client certificate, so they cannot use the mutual-TLS port."""
+    server = grpc.aio.server()
+    std_health_pb2_grpc.add_HealthServicer_to_server(status, server)
+    try:
+        port = server.add_insecure_port(listen)
+    except RuntimeError as exc:
+        raise ConfigError(f"cannot listen for probes on {listen}: {exc}") from exc
+    log.info("grpc.health.v1 for probes (plaintext) on port %d", port, extra={"probe_port": port})
+    return server
 
 
 def agent_client() -> httpx.AsyncClient:

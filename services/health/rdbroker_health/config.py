@@ -9,15 +9,19 @@ import uuid
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from rdbroker_common.settings import ServiceSettings, split_host_port
+from rdbroker_common.settings import ServiceSettings, broker_targets, split_host_port
 
 
 class HealthSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="RDBROKER_", frozen=True, extra="ignore")
 
-    # Comma-separated `host:port` list of broker replicas, tried in order with failover.
+    # Comma-separated `host:port` list of broker replicas, tried in order with failover, or one
+    # `dns:///host:port` target balanced round-robin over every address it resolves to.
     broker: str = "127.0.0.1:50051"
+    # ProbeServer and grpc.health.v1, under mutual TLS when it is set.
     grpc_listen: str = "127.0.0.1:50052"
+    # Plaintext grpc.health.v1 only, for kubelet probes (they send no client certificate); empty = off.
+    probe_listen: str = ""
     # Empty: hostname-pid-random, unique per process (replicas are stateless).
     replica_id: str = ""
 
@@ -51,18 +55,20 @@ class HealthSettings(ServiceSettings):
     @field_validator("broker")
     @classmethod
     def _check_broker(cls, value: str) -> str:
-        addresses = [part.strip() for part in value.split(",") if part.strip()]
-        if not addresses:
-            raise ValueError("at least one broker address is needed")
-        for address in addresses:
-            split_host_port(address)
-        return ",".join(addresses)
+        return ",".join(broker_targets(value))
 
     @field_validator("grpc_listen")
     @classmethod
     def _check_listen(cls, value: str) -> str:
         split_host_port(value)
         return value
+
+    @field_validator("probe_listen", "metrics_listen")
+    @classmethod
+    def _check_optional_listen(cls, value: str) -> str:
+        if value.strip():
+            split_host_port(value)
+        return value.strip()
 
     @property
     def broker_addresses(self) -> list[str]:

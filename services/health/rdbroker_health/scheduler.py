@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+from opentelemetry import trace
 
 from rdbroker_health import metrics
 from rdbroker_health.config import HealthSettings
@@ -31,6 +32,7 @@ from rdbroker_health.rpc.broker_client import BrokerClient
 from rdbroker_proto.v1 import broker_pb2
 
 log = logging.getLogger(__name__)
+_tracer = trace.get_tracer("rdbroker.health")
 
 RdpProbe = Callable[[str, float], Coroutine[Any, Any, rdp.ProbeResult]]
 
@@ -184,6 +186,11 @@ class Scheduler:
             await asyncio.sleep(max(0.0, started + target.interval_s * (1 + jitter) - time.monotonic()))
 
     async def _probe_once(self, target: Target, hysteresis: Hysteresis) -> None:
+        attributes = {"server.address": target.address, "rdbroker.pool": target.pool}
+        with _tracer.start_as_current_span("probe", attributes=attributes) as span:
+            await self._probe_traced(target, hysteresis, span)
+
+    async def _probe_traced(self, target: Target, hysteresis: Hysteresis, span: trace.Span) -> None:
         probed_at = datetime.now(UTC)
         async with asyncio.TaskGroup() as tg:
             rdp_task = tg.create_task(self.probe_rdp(target.address, target.timeout_s))
@@ -195,6 +202,12 @@ class Scheduler:
         rdp_result = rdp_task.result()
         agent = agent_task.result() if agent_task is not None else None
         transition = hysteresis.observe(rdp_result.ok)
+        span.set_attribute("rdbroker.probe.rdp_ok", rdp_result.ok)
+        span.set_attribute("rdbroker.server.health", hysteresis.state.value)
+        if agent is not None:
+            span.set_attribute("rdbroker.probe.agent_ok", agent.ok)
+        if not rdp_result.ok:
+            span.set_status(trace.Status(trace.StatusCode.ERROR, rdp_result.detail[:200]))
         server = {"server": target.address}
         metrics.probe_results.add(1, {**server, "probe": "rdp", "outcome": _outcome(rdp_result.ok)})
         if agent is not None:

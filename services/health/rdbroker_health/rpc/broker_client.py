@@ -13,6 +13,7 @@ from typing import TypeVar
 
 import grpc
 
+from rdbroker_common.settings import channel_options
 from rdbroker_health import metrics
 from rdbroker_health.errors import BrokerRefused, BrokerUnavailable
 from rdbroker_proto.v1 import broker_pb2, broker_pb2_grpc
@@ -46,14 +47,21 @@ class BrokerClient:
             raise ValueError("at least one broker address is needed")
         self.addresses = list(addresses)
         self.timeout_s = timeout_s
-        self._channels = [
-            grpc.aio.secure_channel(a, credentials, options=_CHANNEL_OPTIONS, interceptors=interceptors)
-            if credentials is not None
-            else grpc.aio.insecure_channel(a, options=_CHANNEL_OPTIONS, interceptors=interceptors)
-            for a in self.addresses
-        ]
+        self._channels = [self._channel(a, credentials, interceptors) for a in self.addresses]
         self._stubs = [broker_pb2_grpc.BrokerStub(c) for c in self._channels]
         self._current = 0
+
+    @staticmethod
+    def _channel(
+        target: str,
+        credentials: grpc.ChannelCredentials | None,
+        interceptors: Sequence[grpc.aio.ClientInterceptor],
+    ) -> grpc.aio.Channel:
+        # A `dns:///` target is one channel balanced over every address the name resolves to.
+        options = [*_CHANNEL_OPTIONS, *channel_options(target)]
+        if credentials is not None:
+            return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
+        return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
 
     async def claim(self, replica_id: str, lease_ms: int) -> list[broker_pb2.ProbeTarget]:
         request = broker_pb2.ClaimProbeTargetsRequest(replica_id=replica_id, lease_ms=lease_ms)
