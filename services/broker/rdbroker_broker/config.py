@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr, field_validator
+import ipaddress
+
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from rdbroker_common.settings import ServiceSettings, split_host_port
 
@@ -13,6 +15,10 @@ class BrokerSettings(ServiceSettings):
     database_url: SecretStr = SecretStr(DEFAULT_DATABASE_URL)
     grpc_listen: str = "127.0.0.1:50051"
     http_listen: str = "127.0.0.1:8080"
+    # REST API bearer tokens (docs/api.md): the read token reads, the admin token also changes.
+    # With neither, the API is open, so it may only listen on loopback (checked below).
+    api_read_token: SecretStr = SecretStr("")
+    api_admin_token: SecretStr = SecretStr("")
     # Upgrade the schema at start. The embedded SQLite default always does; PostgreSQL needs
     # `rdbroker migrate` (a k8s Job) unless this is set.
     migrate: bool = False
@@ -64,3 +70,34 @@ class BrokerSettings(ServiceSettings):
     @property
     def proxy_silence_s(self) -> float:
         return self.heartbeat_interval_s * self.heartbeat_misses
+
+    @model_validator(mode="after")
+    def _open_api_on_loopback_only(self) -> BrokerSettings:
+        if not self.api_tokens_configured and not is_loopback(split_host_port(self.http_listen)[0]):
+            raise ValueError(
+                f"http_listen {self.http_listen} is not a loopback address and no API token is set: "
+                "set RDBROKER_API_ADMIN_TOKEN (and RDBROKER_API_READ_TOKEN), or listen on 127.0.0.1"
+            )
+        return self
+
+    @property
+    def api_read_token_text(self) -> str:
+        return self.api_read_token.get_secret_value()
+
+    @property
+    def api_admin_token_text(self) -> str:
+        return self.api_admin_token.get_secret_value()
+
+    @property
+    def api_tokens_configured(self) -> bool:
+        return bool(self.api_read_token_text or self.api_admin_token_text)
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or `localhost`; any other name may resolve anywhere, so it is not."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
+from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.exc import IntegrityError
 
 from rdbroker_broker import domain as d
 from rdbroker_broker.config import BrokerSettings
+from rdbroker_broker.db.repositories import session_from_row
+from rdbroker_broker.db.tables import sessions
 from rdbroker_broker.errors import Conflict, InvalidInput, NoCapacity, NotFound, PermissionDenied, Unavailable
 from rdbroker_broker.store import Repos, Retryable, Store
 
@@ -514,3 +518,207 @@ def _summary(servers: list[d.Server]) -> str:
             key = "unavailable"
         states[key] = states.get(key, 0) + 1
     return ", ".join(f"{n} {k}" for k, n in sorted(states.items()))
+
+
+# --- operator use cases of the REST API (listing, registering, removing) -------------------------
+# Module functions over a BrokerService, so the class above stays the routing core. Queries the
+# repositories have no method for are built here from `db.tables` (still service -> db).
+
+
+@dataclass(frozen=True)
+class SessionFilter:
+    pool: str = ""
+    server: str = ""
+    user: str = ""
+    states: tuple[d.SessionState, ...] = d.LIVE_STATES
+
+
+@dataclass(frozen=True)
+class SessionPage:
+    items: list[d.Session]
+    total: int
+
+
+@dataclass(frozen=True)
+class PoolSummary:
+    pool: d.Pool
+    servers: int
+    live_sessions: int
+
+
+@dataclass(frozen=True)
+class ServerChanges:
+    """What PATCH may change; None leaves a field as it is."""
+
+    weight: int | None = None
+    max_sessions: int | None = None
+    agent_url: str | None = None
+    sessions_url: str | None = None
+    admin_state: d.AdminState | None = None
+
+
+async def _pool_named(r: Repos, name: str) -> d.Pool:
+    """The pool called `name` (case-insensitively), or the default pool for ""."""
+    found = await r.pools.resolve(name)
+    if found is None:
+        raise NotFound(
+            f"unknown pool {name!r}" if name else "there is no default pool: apply a farm file first"
+        )
+    return found
+
+
+def lookup_keys(user: str) -> list[str]:
+    """The user keys a lookup of `user` matches: the name itself, and the forms old clients send for it
+    (mstsc truncates `DOMAIN\\user` to 9 characters, FreeRDP drops the domain)."""
+    name = user.strip()
+    forms = {name, name[: d.TRUNCATED_COOKIE_CHARS].rstrip()}
+    if "\\" in name:
+        short = name.split("\\", 1)[1]
+        forms |= {short, short[: d.TRUNCATED_COOKIE_CHARS].rstrip()}
+    return sorted({d.user_key(form) for form in forms if form})
+
+
+async def find_user_sessions(
+    service: BrokerService, user: str, pool: str = "", include_ended: bool = False, limit: int = 50
+) -> list[d.Session]:
+    """Where is this user? Their sessions, newest first, including ones keyed on a truncated cookie."""
+    _require("user", user.strip())
+
+    async def work(r: Repos) -> list[d.Session]:
+        query = select(sessions).where(sessions.c.user_key.in_(lookup_keys(user)))
+        if pool:
+            query = query.where(sessions.c.pool == (await _pool_named(r, pool)).name)
+        if not include_ended:
+            query = query.where(sessions.c.state.in_([s.value for s in d.LIVE_STATES]))
+        query = query.order_by(sessions.c.created_at.desc(), sessions.c.id).limit(limit)
+        return [session_from_row(row) for row in await r.conn.execute(query)]
+
+    return await service.run_tx(work)
+
+
+async def list_sessions(
+    service: BrokerService, filters: SessionFilter, limit: int, offset: int
+) -> SessionPage:
+    """One page of the sessions matching every filter, oldest first (stable across pages)."""
+    if not filters.states:
+        raise InvalidInput("state: at least one state is needed")
+
+    async def work(r: Repos) -> SessionPage:
+        where: list[ColumnElement[bool]] = [sessions.c.state.in_([s.value for s in filters.states])]
+        if filters.pool:
+            where.append(sessions.c.pool == (await _pool_named(r, filters.pool)).name)
+        if filters.server:
+            where.append(sessions.c.server_address == filters.server)
+        if filters.user:
+            where.append(sessions.c.user_key == d.user_key(filters.user.strip()))
+        total = (await r.conn.execute(select(func.count()).select_from(sessions).where(*where))).scalar_one()
+        query = select(sessions).where(*where).order_by(sessions.c.created_at, sessions.c.id)
+        rows = await r.conn.execute(query.limit(limit).offset(offset))
+        return SessionPage(items=[session_from_row(row) for row in rows], total=int(total))
+
+    return await service.run_tx(work)
+
+
+async def get_server(service: BrokerService, address: str) -> d.Server:
+    async def work(r: Repos) -> d.Server:
+        server = await r.servers.get(address)
+        if server is None:
+            raise NotFound(f"no server is registered at {address}")
+        return server
+
+    return await service.run_tx(work)
+
+
+async def add_server(service: BrokerService, server: d.Server) -> d.Server:
+    """Register a server; `server.pool` "" means the default pool. Conflict if the address is taken."""
+
+    async def work(r: Repos) -> d.Server:
+        if await r.servers.get(server.address) is not None:
+            raise Conflict(f"a server is already registered at {server.address}")
+        pool = await _pool_named(r, server.pool)
+        now = service.now()
+        await r.servers.upsert(replace(server, pool=pool.name), now)
+        if server.admin_state is not d.AdminState.ENABLED:
+            await r.servers.set_admin_state(server.address, server.admin_state, now)
+        added = await r.servers.get(server.address)
+        assert added is not None
+        return added
+
+    added = await service.run_tx(work)
+    log.info("server %s registered in pool %s", added.address, added.pool)
+    return added
+
+
+async def update_server(service: BrokerService, address: str, changes: ServerChanges) -> d.Server:
+    async def work(r: Repos) -> d.Server:
+        server = await r.servers.get(address)
+        if server is None:
+            raise NotFound(f"no server is registered at {address}")
+        fields = {
+            name: value
+            for name in ("weight", "max_sessions", "agent_url", "sessions_url")
+            if (value := getattr(changes, name)) is not None
+        }
+        now = service.now()
+        if fields:
+            await r.servers.upsert(replace(server, **fields), now)
+        if changes.admin_state is not None and changes.admin_state is not server.admin_state:
+            await r.servers.set_admin_state(address, changes.admin_state, now)
+        updated = await r.servers.get(address)
+        assert updated is not None
+        return updated
+
+    return await service.run_tx(work)
+
+
+async def remove_server(service: BrokerService, address: str, force: bool = False) -> int:
+    """Unregister a server. Refused (Conflict) while it holds live sessions, unless `force`, which ends
+    them first (end reason `server_removed`). Answers how many sessions were ended."""
+
+    async def work(r: Repos) -> int:
+        if await r.servers.get(address) is None:
+            raise NotFound(f"no server is registered at {address}")
+        live = await r.sessions.live_on_server(address)
+        if live and not force:
+            raise Conflict(
+                f"{address} holds {len(live)} live session{'s' if len(live) != 1 else ''}: "
+                "drain it and wait, or remove it with force=true to end them"
+            )
+        now = service.now()
+        for session, _ in live:
+            await r.sessions.end(session.session_id, "server_removed", now)
+        await r.servers.delete(address)
+        return len(live)
+
+    ended = await service.run_tx(work)
+    log.info("server %s removed (%d live sessions ended)", address, ended)
+    return ended
+
+
+async def pool_summaries(service: BrokerService) -> list[PoolSummary]:
+    """Every pool with how many servers it has and how many live sessions are on them."""
+
+    async def work(r: Repos) -> list[PoolSummary]:
+        servers_by_pool: dict[str, list[d.Server]] = {}
+        for server in await r.servers.list():
+            servers_by_pool.setdefault(server.pool, []).append(server)
+        return [
+            PoolSummary(
+                pool=pool,
+                servers=len(servers_by_pool.get(pool.name, [])),
+                live_sessions=sum(s.live_sessions for s in servers_by_pool.get(pool.name, [])),
+            )
+            for pool in await r.pools.list()
+        ]
+
+    return await service.run_tx(work)
+
+
+async def check_database(service: BrokerService) -> None:
+    """Readiness: one round trip to the database, retried once on a dead pooled connection;
+    Unavailable when the database does not answer."""
+
+    async def work(r: Repos) -> None:
+        await r.conn.exec_driver_sql("SELECT 1")
+
+    await service.run_tx(work)

@@ -1,86 +1,82 @@
-"""The FastAPI application: `GET /v1/users/{user}/sessions`, `/healthz`, `/readyz`."""
+"""The REST application (docs/api.md): lookups and operator actions under `/v1`, the dashboard at `/`,
+OpenAPI at `/docs`, and the probes `/healthz` (alive) and `/readyz` (the database answers).
+"""
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Annotated
+import logging
+from pathlib import Path
+from typing import Any
 
-from fastapi import FastAPI, Query, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 
-from rdbroker_broker import domain as d
 from rdbroker_broker import errors
+from rdbroker_broker import service as use_cases
+from rdbroker_broker.rest import problems
+from rdbroker_broker.rest.routes import pools, servers, sessions
+from rdbroker_broker.rest.schemas import Problem
 from rdbroker_broker.service import BrokerService
 
-HTTP_STATUS: dict[type[errors.BrokerError], int] = {
-    errors.NotFound: 404,
-    errors.PermissionDenied: 403,
-    errors.NoCapacity: 503,
-    errors.InvalidInput: 422,
-    errors.Unavailable: 503,
-    errors.Conflict: 409,
+log = logging.getLogger(__name__)
+
+DASHBOARD = Path(__file__).resolve().parent / "dashboard"
+
+# Documented on every route, so clients (and schemathesis) know the error shape.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": Problem, "content": {problems.MEDIA_TYPE: {}}, "description": problems.TITLES[status]}
+    for status in (400, 401, 403, 404, 409, 422, 503)
 }
 
-
-class SessionOut(BaseModel):
-    session_id: str
-    user: str
-    pool: str
-    server_address: str
-    state: str
-    created_at: datetime
-    updated_at: datetime
-    disconnected_at: datetime | None
-    expires_at: datetime | None
-
-    @classmethod
-    def of(cls, s: d.Session) -> SessionOut:
-        return cls(
-            session_id=s.session_id,
-            user=s.user,
-            pool=s.pool,
-            server_address=s.server_address,
-            state=s.state.value,
-            created_at=s.created_at,
-            updated_at=s.updated_at,
-            disconnected_at=s.disconnected_at if s.state is d.SessionState.DISCONNECTED else None,
-            expires_at=s.expires_at,
-        )
-
-
-class SessionsOut(BaseModel):
-    user: str
-    sessions: list[SessionOut]
+DESCRIPTION = """The session directory of rdbroker: where each user's RDP session is, the terminal servers
+with their health and load, and the operator's actions on them. Send `Authorization: Bearer <token>`
+(the read token reads, the admin token also changes) unless the broker has no tokens configured.
+Errors are `application/problem+json` (RFC 9457)."""
 
 
 def create_app(service: BrokerService) -> FastAPI:
-    app = FastAPI(title="rdbroker", version="1", docs_url="/docs", redoc_url=None)
+    app = FastAPI(
+        title="rdbroker",
+        version="1",
+        description=DESCRIPTION,
+        docs_url="/docs",
+        redoc_url=None,
+        responses=ERROR_RESPONSES,
+    )
+    app.state.service = service
+    app.state.settings = service.settings
+    problems.install(app)
+    for router in (sessions.router, servers.router, pools.router):
+        app.include_router(router)
+    _probes(app, service)
+    _dashboard(app)
+    if not service.settings.api_tokens_configured:
+        log.warning(
+            "REST API has no tokens: anyone on this host may use it; listening on loopback only (%s)",
+            service.settings.http_listen,
+        )
+    return app
 
-    @app.exception_handler(errors.BrokerError)
-    async def broker_error(_request: Request, exc: errors.BrokerError) -> JSONResponse:
-        status = next((HTTP_STATUS[k] for k in type(exc).__mro__ if k in HTTP_STATUS), 500)
-        return JSONResponse({"detail": str(exc)}, status_code=status)
 
-    @app.get("/v1/users/{user}/sessions")
-    async def user_sessions(
-        user: str,
-        pool: Annotated[str, Query(max_length=128)] = "",
-        include_ended: bool = False,
-    ) -> SessionsOut:
-        found = await service.lookup_user_sessions(user, pool, include_ended)
-        return SessionsOut(user=user, sessions=[SessionOut.of(s) for s in found])
-
-    @app.get("/healthz")
+def _probes(app: FastAPI, service: BrokerService) -> None:
+    @app.get("/healthz", tags=["probes"], summary="The process is alive")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz")
-    async def readyz() -> JSONResponse:
+    @app.get("/readyz", tags=["probes"], summary="The database answers", response_model=None)
+    async def readyz(request: Request) -> JSONResponse | dict[str, str]:
         try:
-            await service.store.ping()
+            await use_cases.check_database(service)
         except errors.Unavailable as exc:
-            return JSONResponse({"status": "unavailable", "detail": str(exc)}, status_code=503)
-        return JSONResponse({"status": "ready"})
+            return problems.problem(request, 503, problems.TITLES[503], str(exc))
+        return {"status": "ready"}
 
-    return app
+
+def _dashboard(app: FastAPI) -> None:
+    """Static files, no build step; the page calls the API with the token the browser holds."""
+    app.mount("/dashboard", StaticFiles(directory=DASHBOARD), name="dashboard")
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(DASHBOARD / "index.html", headers={"Cache-Control": "no-cache"})

@@ -1,0 +1,111 @@
+"""Servers: health, load and sessions; register, change, remove; drain, maintenance, enable."""
+
+from __future__ import annotations
+
+from typing import Annotated
+from urllib.parse import quote
+
+from fastapi import APIRouter, Path, Query, Request, Response
+
+from rdbroker_broker import domain as d
+from rdbroker_broker import service as use_cases
+from rdbroker_broker.rest import auth
+from rdbroker_broker.rest.schemas import PRINTABLE, ServerIn, ServerOut, ServerPatch, ServersOut
+
+router = APIRouter(prefix="/v1", tags=["servers"])
+
+AddressPath = Annotated[
+    str,
+    Path(
+        min_length=1,
+        max_length=255,
+        pattern=PRINTABLE,
+        description="host:port as registered",
+        examples=["10.0.0.11:3389"],
+    ),
+]
+
+
+def _service(request: Request) -> use_cases.BrokerService:
+    service: use_cases.BrokerService = request.app.state.service
+    return service
+
+
+@router.get("/servers", dependencies=[auth.Read], summary="List servers")
+async def list_servers(
+    request: Request, pool: Annotated[str, Query(max_length=128, pattern=PRINTABLE)] = ""
+) -> ServersOut:
+    """Servers with their health, load, live sessions and state, by pool then address."""
+    servers = await _service(request).list_servers(pool)
+    return ServersOut(servers=[ServerOut.of(s) for s in servers])
+
+
+@router.get("/servers/{address}", dependencies=[auth.Read], summary="One server")
+async def get_server(request: Request, address: AddressPath) -> ServerOut:
+    return ServerOut.of(await use_cases.get_server(_service(request), address))
+
+
+@router.post("/servers", dependencies=[auth.Admin], status_code=201, summary="Register a server")
+async def add_server(request: Request, response: Response, body: ServerIn) -> ServerOut:
+    server = d.Server(
+        address=body.address,
+        pool=body.pool,
+        weight=body.weight,
+        max_sessions=body.max_sessions,
+        agent_url=body.agent_url,
+        sessions_url=body.sessions_url,
+        admin_state=d.AdminState(body.admin_state),
+    )
+    added = await use_cases.add_server(_service(request), server)
+    response.headers["Location"] = f"/v1/servers/{quote(added.address, safe=':[]')}"
+    return ServerOut.of(added)
+
+
+@router.patch("/servers/{address}", dependencies=[auth.Admin], summary="Change a server")
+async def update_server(request: Request, address: AddressPath, body: ServerPatch) -> ServerOut:
+    changes = use_cases.ServerChanges(
+        weight=body.weight,
+        max_sessions=body.max_sessions,
+        agent_url=body.agent_url,
+        sessions_url=body.sessions_url,
+        admin_state=d.AdminState(body.admin_state) if body.admin_state else None,
+    )
+    return ServerOut.of(await use_cases.update_server(_service(request), address, changes))
+
+
+@router.delete(
+    "/servers/{address}",
+    dependencies=[auth.Admin],
+    status_code=204,
+    response_class=Response,
+    summary="Remove a server",
+)
+async def remove_server(
+    request: Request,
+    address: AddressPath,
+    force: Annotated[bool, Query(description="also end its live sessions")] = False,
+) -> Response:
+    """Refused (409) while the server holds live sessions, unless force=true."""
+    await use_cases.remove_server(_service(request), address, force)
+    return Response(status_code=204)
+
+
+async def _set_state(request: Request, address: str, state: d.AdminState) -> ServerOut:
+    return ServerOut.of(await _service(request).set_server_state(address, state))
+
+
+@router.post("/servers/{address}/drain", dependencies=[auth.Admin], summary="Drain a server")
+async def drain(request: Request, address: AddressPath) -> ServerOut:
+    """No new sessions; its users still reconnect to it."""
+    return await _set_state(request, address, d.AdminState.DRAINING)
+
+
+@router.post("/servers/{address}/maintenance", dependencies=[auth.Admin], summary="Maintenance")
+async def maintenance(request: Request, address: AddressPath) -> ServerOut:
+    """Nothing is routed to it, not even its own users."""
+    return await _set_state(request, address, d.AdminState.MAINTENANCE)
+
+
+@router.post("/servers/{address}/enable", dependencies=[auth.Admin], summary="Enable a server")
+async def enable(request: Request, address: AddressPath) -> ServerOut:
+    return await _set_state(request, address, d.AdminState.ENABLED)

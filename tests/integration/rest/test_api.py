@@ -1,0 +1,270 @@
+"""Every REST endpoint of docs/api.md against a real PostgreSQL: shapes, filters, pages, state changes,
+problem+json errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+from rdbroker_broker.db.engine import make_engine
+from rdbroker_broker.service import BrokerService
+from tests.integration.rest.conftest import SERVERS, place
+
+PROBLEM = "application/problem+json"
+
+
+def assert_problem(
+    response: httpx.Response, status: int, title: str, detail_part: str = ""
+) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == PROBLEM
+    body: dict[str, Any] = response.json()
+    assert body["status"] == status
+    assert body["title"] == title
+    assert detail_part in body["detail"]
+    assert body["instance"] == response.request.url.path
+    return body
+
+
+async def test_user_lookup_names_the_server(client, service):
+    decision = await place(service, "alice", "c1")
+    answer = (await client.get("/v1/users/ALICE/sessions")).json()
+    assert answer["user"] == "ALICE"
+    (session,) = answer["sessions"]
+    assert session["id"] == decision.session_id
+    assert session["server_address"] == decision.server_address
+    assert session["state"] == "pending"
+    assert session["pool"] == "default"
+    assert set(session) == {
+        "id", "user", "pool", "server_address", "state", "created_at", "updated_at",
+        "disconnected_at", "expires_at", "end_reason",
+    }  # fmt: skip
+    assert (await client.get("/v1/users/nobody/sessions")).json() == {"user": "nobody", "sessions": []}
+
+
+async def test_a_full_name_finds_the_session_of_a_truncated_cookie(client, service):
+    decision = await place(service, "CORP\\alic", "c1")  # mstsc sent 9 characters of CORP\alice
+    answer = (await client.get("/v1/users/CORP%5Calice/sessions")).json()
+    assert [s["id"] for s in answer["sessions"]] == [decision.session_id]
+    assert answer["sessions"][0]["user"] == "CORP\\alic"
+
+
+async def test_lookup_by_pool_and_ended_sessions(client, service):
+    decision = await place(service, "bob", "c1")
+    await service.end_session(decision.session_id)
+    assert (await client.get("/v1/users/bob/sessions")).json()["sessions"] == []
+    ended = (await client.get("/v1/users/bob/sessions", params={"include_ended": "true"})).json()
+    assert [(s["state"], s["end_reason"]) for s in ended["sessions"]] == [("ended", "operator")]
+    assert (await client.get("/v1/users/bob/sessions", params={"pool": "sales"})).json()["sessions"] == []
+    assert_problem(
+        await client.get("/v1/users/bob/sessions", params={"pool": "nope"}), 404, "Not found", "nope"
+    )
+
+
+async def test_session_list_filters_and_pages(client, service):
+    placed = [await place(service, f"user{i}", f"c{i}") for i in range(5)]
+    sales = await place(service, "carol", "c-sales", pool="Sales")
+    await service.end_session(placed[0].session_id)
+
+    page = (await client.get("/v1/sessions", params={"limit": 2})).json()
+    assert (page["total"], page["limit"], page["offset"], len(page["items"])) == (5, 2, 0, 2)
+    rest = (await client.get("/v1/sessions", params={"limit": 2, "offset": 4})).json()
+    assert len(rest["items"]) == 1
+    everything = (await client.get("/v1/sessions", params={"limit": 500})).json()["items"]
+    assert {s["id"] for s in everything} == {p.session_id for p in placed[1:]} | {sales.session_id}
+
+    by_pool = (await client.get("/v1/sessions", params={"pool": "Sales"})).json()
+    assert [s["user"] for s in by_pool["items"]] == ["carol"]
+    by_user = (await client.get("/v1/sessions", params={"user": "USER3"})).json()
+    assert [s["id"] for s in by_user["items"]] == [placed[3].session_id]
+    server = placed[1].server_address
+    by_server = (await client.get("/v1/sessions", params={"server": server, "limit": 500})).json()
+    assert by_server["items"]
+    assert all(s["server_address"] == server for s in by_server["items"])
+    ended = (await client.get("/v1/sessions", params={"state": "ended"})).json()
+    assert [s["id"] for s in ended["items"]] == [placed[0].session_id]
+    both = (await client.get("/v1/sessions", params=[("state", "ended"), ("state", "pending")])).json()
+    assert both["total"] == 6
+
+
+async def test_session_list_rejects_bad_parameters(client):
+    body = assert_problem(await client.get("/v1/sessions", params={"limit": 0}), 422, "Invalid request")
+    assert body["errors"][0]["location"] == "query.limit"
+    assert_problem(
+        await client.get("/v1/sessions", params={"state": "sleeping"}), 422, "Invalid request", "state"
+    )
+    assert_problem(await client.get("/v1/sessions", params={"offset": -1}), 422, "Invalid request", "offset")
+    assert_problem(
+        await client.get("/v1/sessions", params={"user": "a\x00b"}), 422, "Invalid request", "user"
+    )
+
+
+async def test_end_a_session(client, service):
+    decision = await place(service, "dave", "c1")
+    ended = await client.delete(f"/v1/sessions/{decision.session_id}")
+    assert ended.status_code == 200
+    assert (ended.json()["state"], ended.json()["end_reason"]) == ("ended", "operator")
+    again = await client.delete(f"/v1/sessions/{decision.session_id}")
+    assert again.json() == ended.json()
+    assert_problem(await client.delete("/v1/sessions/unknown"), 404, "Not found", "unknown")
+    # the user is placed anew
+    assert (await place(service, "dave", "c2")).session_id != decision.session_id
+
+
+async def test_servers_show_health_load_sessions_and_state(client, service):
+    await place(service, "erin", "c1")
+    servers = (await client.get("/v1/servers")).json()["servers"]
+    assert [s["address"] for s in servers] == [SERVERS[2], SERVERS[0], SERVERS[1]]  # Sales sorts first
+    first = next(s for s in servers if s["address"] == SERVERS[0])
+    assert first["max_sessions"] == 50
+    assert (first["admin_state"], first["effective_admin_state"], first["health"]) == (
+        "enabled", "enabled", "unknown",
+    )  # fmt: skip
+    assert (first["load"], first["routable"], first["agent_state"]) == (-1, True, "none")
+    assert sum(s["live_sessions"] for s in servers) == 1
+    sales = (await client.get("/v1/servers", params={"pool": "sales"})).json()["servers"]
+    assert [s["address"] for s in sales] == [SERVERS[2]]
+    assert_problem(await client.get("/v1/servers", params={"pool": "x"}), 404, "Not found", "'x'")
+    one = await client.get(f"/v1/servers/{SERVERS[1]}")
+    assert one.json()["address"] == SERVERS[1]
+    assert_problem(await client.get("/v1/servers/10.9.9.9:3389"), 404, "Not found", "10.9.9.9:3389")
+
+
+@pytest.mark.parametrize(("action", "state", "routable"), [
+    ("drain", "draining", False), ("maintenance", "maintenance", False), ("enable", "enabled", True),
+])  # fmt: skip
+async def test_server_state_actions(client, action, state, routable):
+    answer = await client.post(f"/v1/servers/{SERVERS[0]}/{action}")
+    assert answer.status_code == 200
+    assert (answer.json()["admin_state"], answer.json()["routable"]) == (state, routable)
+    assert (await client.get(f"/v1/servers/{SERVERS[0]}")).json()["admin_state"] == state
+    assert_problem(await client.post(f"/v1/servers/10.9.9.9:3389/{action}"), 404, "Not found")
+
+
+async def test_register_change_and_remove_a_server(client):
+    created = await client.post(
+        "/v1/servers",
+        json={"address": "10.0.0.13:3389", "max_sessions": 20, "agent_url": "http://10.0.0.13:8088/load"},
+    )
+    assert created.status_code == 201, created.text
+    assert created.headers["location"] == "/v1/servers/10.0.0.13:3389"
+    assert (created.json()["pool"], created.json()["weight"], created.json()["max_sessions"]) == (
+        "default",
+        100,
+        20,
+    )
+    assert_problem(await client.post("/v1/servers", json={"address": "10.0.0.13:3389"}), 409, "Conflict")
+
+    drained = await client.post(
+        "/v1/servers", json={"address": "10.0.1.22:3389", "pool": "sales", "admin_state": "draining"}
+    )
+    assert (drained.json()["pool"], drained.json()["admin_state"]) == ("Sales", "draining")
+
+    changed = await client.patch("/v1/servers/10.0.0.13:3389", json={"weight": 250, "agent_url": ""})
+    assert (changed.json()["weight"], changed.json()["agent_url"], changed.json()["max_sessions"]) == (
+        250,
+        "",
+        20,
+    )
+    unchanged = await client.patch("/v1/servers/10.0.0.13:3389", json={})
+    assert unchanged.json() == changed.json()
+    assert_problem(await client.patch("/v1/servers/10.9.9.9:3389", json={"weight": 1}), 404, "Not found")
+
+    v6 = await client.post("/v1/servers", json={"address": "[2001:DB8::1]:3389"})
+    assert (v6.json()["address"], v6.headers["location"]) == (
+        "[2001:db8::1]:3389",
+        "/v1/servers/[2001:db8::1]:3389",
+    )
+
+    removed = await client.delete("/v1/servers/10.0.0.13:3389")
+    assert (removed.status_code, removed.content) == (204, b"")
+    assert_problem(await client.get("/v1/servers/10.0.0.13:3389"), 404, "Not found")
+
+
+@pytest.mark.parametrize(
+    ("body", "location"),
+    [
+        ({}, "body.address"),
+        ({"address": "no-port"}, "body.address"),
+        ({"address": "10.0.0.1:70000"}, "body.address"),
+        ({"address": "\U0001f60dx:12"}, "body.address"),
+        ({"address": "[0.]:2"}, "body.address"),
+        ({"address": "10.0.0.1:3389", "weight": -1}, "body.weight"),
+        ({"address": "10.0.0.1:3389", "agent_url": "ftp://x"}, "body.agent_url"),
+        ({"address": "10.0.0.1:3389", "admin_state": "asleep"}, "body.admin_state"),
+        ({"address": "10.0.0.1:3389", "color": "red"}, "body.color"),
+    ],
+)
+async def test_register_validates_its_input(client, body, location):
+    problem = assert_problem(await client.post("/v1/servers", json=body), 422, "Invalid request")
+    assert problem["errors"][0]["location"] == location
+    assert problem["detail"].startswith(location)
+
+
+async def test_register_in_an_unknown_pool_is_404(client):
+    assert_problem(
+        await client.post("/v1/servers", json={"address": "10.0.0.1:3389", "pool": "x"}), 404, "Not found"
+    )
+
+
+async def test_removing_a_server_with_live_sessions_needs_force(client, service):
+    decision = await place(service, "frank", "c1")
+    refused = assert_problem(await client.delete(f"/v1/servers/{decision.server_address}"), 409, "Conflict")
+    assert "1 live session" in refused["detail"]
+    assert (
+        await client.delete(f"/v1/servers/{decision.server_address}", params={"force": "true"})
+    ).status_code == 204
+    ended = (await client.get("/v1/users/frank/sessions", params={"include_ended": "true"})).json()[
+        "sessions"
+    ]
+    assert [(s["state"], s["end_reason"]) for s in ended] == [("ended", "server_removed")]
+
+
+async def test_pools_count_servers_and_sessions(client, service):
+    await place(service, "gina", "c1")
+    pools = (await client.get("/v1/pools")).json()["pools"]
+    assert pools == [
+        {"name": "Sales", "default": False, "disconnect_timeout_s": 7200.0, "servers": 1, "live_sessions": 0},
+        {
+            "name": "default",
+            "default": True,
+            "disconnect_timeout_s": 3600.0,
+            "servers": 2,
+            "live_sessions": 1,
+        },
+    ]
+
+
+async def test_unknown_paths_and_methods_are_problems(client):
+    assert_problem(await client.get("/v1/nothing"), 404, "Not found", "/v1/nothing")
+    assert_problem(await client.put("/v1/servers"), 405, "Method not allowed", "PUT")
+    malformed = await client.post(
+        "/v1/servers", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert_problem(malformed, 422, "Invalid request")
+
+
+async def test_probes_dashboard_and_openapi(client):
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    assert (await client.get("/readyz")).json() == {"status": "ready"}
+    page = await client.get("/", headers={"Authorization": ""})
+    assert page.status_code == 200
+    assert '<script src="/dashboard/app.js" defer></script>' in page.text
+    assert (await client.get("/dashboard/app.js")).headers["content-type"].startswith("text/javascript")
+    schema = (await client.get("/openapi.json")).json()
+    assert {"/v1/users/{user}/sessions", "/v1/sessions", "/v1/servers", "/v1/pools"} <= set(schema["paths"])
+    assert "HTTPBearer" in schema["components"]["securitySchemes"]
+    assert (await client.get("/docs")).status_code == 200
+
+
+async def test_the_database_down_is_503(service: BrokerService, client):
+    working = service.store.engine
+    service.store.engine = make_engine("postgresql://postgres@127.0.0.1:1/nowhere?connect_timeout=2")
+    try:
+        assert_problem(await client.get("/v1/servers"), 503, "Unavailable", "unreachable")
+        assert_problem(await client.get("/readyz"), 503, "Unavailable")
+    finally:
+        await service.store.engine.dispose()
+        service.store.engine = working
