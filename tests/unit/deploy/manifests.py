@@ -241,6 +241,15 @@ def contract_default(service: str, env: str) -> str:
     raise AssertionError(f"{service} {env} is not in the table of {CONTRACTS}")
 
 
+def default_setting(service: str, env: str) -> str:
+    """A setting's default, from the settings class when it exists, else the contract."""
+    cls = settings_class(service)
+    field = env.removeprefix("RDBROKER_").lower()
+    if cls is not None and field in cls.model_fields:
+        return str(cls.model_fields[field].default)
+    return contract_default(service, env)
+
+
 def default_port(service: str, env: str) -> int:
     """The port of a listen setting's default: from the settings class when it exists, else the contract."""
     cls = settings_class(service)
