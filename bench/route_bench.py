@@ -72,7 +72,7 @@ async def prepare(url: str, servers: int) -> None:
 
 
 @contextlib.asynccontextmanager
-async def broker(url: str) -> AsyncIterator[tuple[int, psutil.Process]]:
+async def broker(url: str, pool_size: int) -> AsyncIterator[tuple[int, psutil.Process]]:
     grpc_port, http_port = free_port(), free_port()
     log = tempfile.TemporaryFile()  # noqa: SIM115 - a file, not a pipe: nobody has to keep reading it
     proc = await asyncio.create_subprocess_exec(
@@ -87,7 +87,8 @@ async def broker(url: str) -> AsyncIterator[tuple[int, psutil.Process]]:
         f"127.0.0.1:{http_port}",
         "--log-level",
         "WARNING",
-        env=os.environ.copy(),
+        # A pool smaller than the concurrency opens and closes overflow connections all the time.
+        env={**os.environ, "RDBROKER_DB_POOL_SIZE": str(pool_size)},
         stderr=log,
     )
     try:
@@ -171,18 +172,25 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--servers", type=int, default=20)
     parser.add_argument(
+        "--db-pool-size", type=int, default=0, help="the broker's pool (default: concurrency)"
+    )
+    parser.add_argument(
         "--server-url",
         default=os.environ.get("RDBROKER_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432"),
     )
     args = parser.parse_args()
     with database(args.server_url.rstrip("/")) as url:
         await prepare(url, args.servers)
-        async with broker(url) as (port, process), grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        pool_size = args.db_pool_size or max(args.concurrency, 1)
+        async with (
+            broker(url, pool_size) as (port, process),
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel,
+        ):
             stub = broker_pb2_grpc.BrokerStub(channel)
             await phase(stub, 200, args.concurrency, "warm")  # warm-up: connections, prepared statements
             sys.stdout.write(
                 f"broker on PostgreSQL, {args.servers} servers, {args.concurrency} concurrent clients, "
-                f"{os.cpu_count()} CPUs\n"
+                f"database pool {pool_size}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}\n"
             )
             await measured("new", process, stub, args.users, args.concurrency, "new")
             await measured("reconnect", process, stub, args.users, args.concurrency, "again")

@@ -17,7 +17,8 @@ from sqlalchemy.exc import IntegrityError
 
 from rdbroker_broker import domain as d
 from rdbroker_broker.config import BrokerSettings
-from rdbroker_broker.db.repositories import session_from_row
+from rdbroker_broker.db import routing_sql
+from rdbroker_broker.db.repositories import new_session_id, session_from_row
 from rdbroker_broker.db.tables import sessions
 from rdbroker_broker.errors import Conflict, InvalidInput, NoCapacity, NotFound, PermissionDenied, Unavailable
 from rdbroker_broker.store import Repos, Retryable, Store
@@ -65,7 +66,9 @@ class BrokerService:
         token_address = d.routing_token_address(request.routing_token)
         decision = None
         context: RouteContext | None = None
-        if request.attempt == 0:
+        if request.attempt == 0 and token_address is None and self.store.is_postgres:
+            decision = await self._route_postgres(request, user)
+        elif request.attempt == 0:
             # Outside a transaction: one read decides most routes. A reconnect then needs only the
             # idempotent insert of its answer; anything else runs in a transaction with this read.
             try:
@@ -105,12 +108,55 @@ class BrokerService:
         """The pool, the user's live session in it and that session's server, in one round trip."""
         context = await r.sessions.route_context(pool, d.user_key(user) if user else "")
         if context is None:
-            raise NotFound(
-                f"unknown pool {pool!r}"
-                if pool
-                else "no default pool: apply a farm file with a pool marked `default: true`"
-            )
+            raise _unknown_pool(pool)
         return context
+
+    async def _route_postgres(self, request: d.RouteRequest, user: str) -> d.RouteDecision | None:
+        """The common Route on PostgreSQL in two statements on one autocommit connection: the context
+        read, then either the reconnect's answer or a whole placement. None leaves the call to the
+        transactional path (anything unusual, or a race lost)."""
+        try:
+            async with self.store.raw_autocommit() as conn:
+                context = await routing_sql.route_context(
+                    conn, request.pool, d.user_key(user) if user else ""
+                )
+                if context is None:
+                    raise _unknown_pool(request.pool)
+                pool, live, server, candidates = context
+                now = self.now()
+                if live is not None:
+                    if server is None or not live.is_live_at(now) or not d.takes_reconnects(server):
+                        return None  # ended and placed anew by the transactional path
+                    decision = d.RouteDecision(
+                        server.address, live.session_id, d.RouteReason.RECONNECT, live.user, pool.name
+                    )
+                    if await routing_sql.record_answer(conn, request, decision, now):
+                        return decision
+                    # This (connection_id, attempt) was answered before: a retried call gets that answer.
+                    return await routing_sql.stored_answer(conn, request)
+                if d.looks_truncated(user):
+                    return None  # it may name a session linked to the full user name
+                ranked = [s.address for s in d.rank_for_new_session(candidates)]
+                if not ranked:
+                    return None  # the transactional path says why nothing can take it
+                session_id = new_session_id()
+                address = await routing_sql.place(
+                    conn,
+                    request,
+                    pool=pool.name,
+                    user=user,
+                    ranked=ranked,
+                    session_id=session_id,
+                    now=now,
+                    expires_at=now + timedelta(seconds=self.settings.pending_timeout_s),
+                )
+                if address is None:
+                    return None  # every candidate busy or full now, or the user placed elsewhere
+                reason = d.RouteReason.NEW if user else d.RouteReason.NO_IDENTITY
+                return d.RouteDecision(address, session_id, reason, user, pool.name)
+        except Retryable as exc:
+            log.debug("route fast path lost a race or its connection (%s): the transactional path", exc)
+            return None
 
     async def _fast_reconnect(
         self, r: Repos, request: d.RouteRequest, context: RouteContext
@@ -492,6 +538,14 @@ class BrokerService:
                 "sweep: %(expired)d sessions expired, %(disconnected)d disconnected (silent proxy)", counts
             )
         return counts
+
+
+def _unknown_pool(pool: str) -> NotFound:
+    return NotFound(
+        f"unknown pool {pool!r}"
+        if pool
+        else "no default pool: apply a farm file with a pool marked `default: true`"
+    )
 
 
 def _require(name: str, value: str) -> None:

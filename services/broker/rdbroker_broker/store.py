@@ -5,10 +5,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from typing import Any
 
+import psycopg
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.util import greenlet_spawn
 
 from rdbroker_broker.db.health_repositories import LeaseRepository, ProxyRepository
 from rdbroker_broker.db.repositories import (
@@ -47,6 +50,7 @@ class Repos:
 class Store:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        self.is_postgres = engine.dialect.name == "postgresql"
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Repos]:
@@ -62,6 +66,32 @@ class Store:
         with _mapped_errors():
             async with self.engine.connect() as conn:
                 yield _repos(await conn.execution_options(isolation_level="AUTOCOMMIT"))
+
+    @asynccontextmanager
+    async def raw_autocommit(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A pooled psycopg connection in autocommit mode, for the Route hot path (PostgreSQL only).
+
+        It comes from the engine's pool (same settings, same bound), bypassing SQLAlchemy's
+        per-statement layers; errors are mapped as in `transaction`.
+        """
+        with _mapped_errors(), _mapped_psycopg_errors():  # the pool's connect is not wrapped
+            pooled = await self.engine.raw_connection()
+        conn: psycopg.AsyncConnection[Any] = pooled.driver_connection  # type: ignore[assignment]
+        broken = False
+        try:
+            with _mapped_psycopg_errors():
+                await conn.set_autocommit(True)
+                yield conn
+        except Retryable as exc:
+            broken = exc.connectivity
+            raise
+        finally:
+            if broken or conn.info.transaction_status is not psycopg.pq.TransactionStatus.IDLE:
+                # Dead, or left mid-statement by a cancelled call: the pool opens a new one.
+                pooled.invalidate()
+            else:
+                await conn.set_autocommit(False)  # as the pool's other users expect it
+            await greenlet_spawn(pooled.close)
 
     async def ping(self) -> None:
         """Raise `Unavailable` unless the database answers."""
@@ -102,6 +132,29 @@ def _mapped_errors() -> Iterator[None]:
             raise Retryable(str(exc.orig), connectivity=True) from exc
         raise
     except (PoolTimeout, OSError) as exc:
+        raise Unavailable("the database is unreachable") from exc
+
+
+@contextmanager
+def _mapped_psycopg_errors() -> Iterator[None]:
+    try:
+        yield
+    except psycopg.errors.IntegrityError as exc:
+        raise Retryable(str(exc)) from exc
+    except psycopg.Error as exc:
+        sqlstate = exc.sqlstate
+        if sqlstate in RETRYABLE_SQLSTATES:
+            raise Retryable(str(exc)) from exc
+        if sqlstate == QUERY_CANCELED:
+            raise Unavailable("the database did not answer in time") from exc
+        if (
+            (sqlstate or "").startswith(("08", "57P0"))
+            or sqlstate == "25006"
+            or (sqlstate is None and isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError))
+        ):
+            raise Retryable(str(exc), connectivity=True) from exc
+        raise
+    except OSError as exc:
         raise Unavailable("the database is unreachable") from exc
 
 
