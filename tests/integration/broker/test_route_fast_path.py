@@ -1,0 +1,173 @@
+"""The raw-psycopg Route hot path on PostgreSQL (`db/routing_sql.py`): one routing policy with the
+domain rules, and a clean hand-over to the transactional path when it cannot answer."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from rdbroker_broker import domain as d
+from rdbroker_broker.db import routing_sql
+from rdbroker_broker.db.repositories import ServerRepository, new_session_id
+from rdbroker_broker.db.tables import LIVE_STATES_SQL
+from tests.integration.broker.conftest import assert_live_counters_exact, seed, server
+
+A, B = "10.0.0.1:3389", "10.0.0.2:3389"
+NOW = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+
+# Servers in every state the columns allow, with values around each threshold.
+servers_strategy = st.lists(
+    st.builds(
+        lambda admin, health, agent, weight, load, max_sessions, live, placements: (
+            admin, health, agent, weight, load, max_sessions, live, placements
+        ),
+        st.sampled_from([s.value for s in d.AdminState]),
+        st.sampled_from([h.value for h in d.Health]),
+        st.sampled_from([a.value for a in d.AgentState]),
+        st.integers(-1, 300),
+        st.integers(-1, 101),
+        st.integers(0, 5),
+        st.integers(0, 6),
+        st.integers(0, 6),
+    ),
+    min_size=1,
+    max_size=12,
+)  # fmt: skip
+
+
+def _replace_farm(conn: psycopg.Connection, rows: list[tuple[object, ...]]) -> list[str]:
+    conn.execute("DELETE FROM sessions")
+    conn.execute("DELETE FROM servers")
+    addresses = [f"10.1.0.{i + 1}:3389" for i in range(len(rows))]
+    for address, (admin, health, agent, weight, load, max_s, live, placed) in zip(
+        addresses, rows, strict=True
+    ):
+        conn.execute(
+            "INSERT INTO servers (address, pool, weight, max_sessions, admin_state, health, health_detail,"
+            " agent_state, agent_detail, load, placements_since_report, live_sessions, agent_url,"
+            " sessions_url, created_at, updated_at)"
+            " VALUES (%s, 'default', %s, %s, %s, %s, '', %s, '', %s, %s, %s, '', '', now(), now())",
+            (address, weight, max_s, admin, health, agent, load, placed, live),
+        )
+    return addresses
+
+
+async def test_sql_eligibility_and_candidates_equal_the_domain_rules(engine, pg_database_url):
+    """`ELIGIBLE_SQL` is `domain.takes_new_sessions`, and ranking the hot path's JSON candidates gives
+    the same order as ranking the rows the transactional path reads, over generated farms."""
+    await seed(engine, server(A))
+    checked = 0
+
+    with psycopg.connect(pg_database_url, autocommit=True) as conn:
+
+        @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+        @given(rows=servers_strategy)
+        def check(rows: list[tuple[object, ...]]) -> None:
+            nonlocal checked
+            _replace_farm(conn, rows)
+            eligible_sql = {
+                r[0] for r in conn.execute(f"SELECT address FROM servers WHERE {routing_sql.ELIGIBLE_SQL}")
+            }
+            context = conn.execute(routing_sql.CONTEXT_DEFAULT, {"user_key": "nobody"}).fetchone()
+            assert context is not None
+            candidates = [routing_sql._server(c) for c in context[-1]]
+            eligible_py = {s.address for s in candidates if d.takes_new_sessions(s)}
+            assert eligible_sql == eligible_py
+            # JSON numbers and strings rank as the table's own column values do.
+            assert [s.address for s in d.rank_for_new_session(candidates)] == _rank_from_table(conn)
+            checked += 1
+
+        check()
+    assert checked >= 20
+
+
+def _rank_from_table(conn: psycopg.Connection) -> list[str]:
+    """The ranking over servers read column by column (as `ServerRepository.list` maps them)."""
+    rows = conn.execute(
+        "SELECT address, pool, weight, max_sessions, admin_state, health, agent_state, load,"
+        " placements_since_report, live_sessions FROM servers WHERE pool = 'default'"
+    ).fetchall()
+    return [s.address for s in d.rank_for_new_session(routing_sql._server(r) for r in rows)]
+
+
+async def test_candidates_match_the_repository(engine, service):
+    """The JSON candidates carry every field ranking reads, as the SQLAlchemy repository maps them."""
+    await seed(engine, server(A, weight=50, max_sessions=4), server(B, max_sessions=0))
+    await service.route(d.RouteRequest(connection_id="c1", cookie="alice"))
+    async with service.store.raw_autocommit() as conn:
+        context = await routing_sql.route_context(conn, "", "bob")
+    assert context is not None
+    _, _, _, candidates = context
+    async with engine.connect() as conn_sa:
+        listed = await ServerRepository(conn_sa).list("default")
+    fields = ("address", "pool", "weight", "max_sessions", "admin_state", "health", "agent_state", "load",
+              "placements_since_report", "live_sessions")  # fmt: skip
+    assert [[getattr(s, f) for f in fields] for s in candidates] == [
+        [getattr(s, f) for f in fields] for s in listed
+    ]
+
+
+async def test_place_rechecks_the_server_under_its_lock(engine, service):
+    """Candidates read before the lock may be stale: a server full by now is not placed on."""
+    await seed(engine, server(A, max_sessions=1))
+    first = await service.route(d.RouteRequest(connection_id="c1", cookie="alice"))
+    assert first.server_address == A
+    async with service.store.raw_autocommit() as conn:
+        placed = await routing_sql.place(
+            conn,
+            d.RouteRequest(connection_id="c2", cookie="bob"),
+            pool="default",
+            user="bob",
+            ranked=[A],  # as if ranked from a read taken before alice's placement
+            session_id=new_session_id(),
+            now=NOW,
+            expires_at=NOW + timedelta(seconds=30),
+        )
+        assert placed is None
+        cur = await conn.execute(
+            f"SELECT count(*) FROM sessions WHERE {LIVE_STATES_SQL}"  # nothing of bob's was kept
+        )
+        assert await cur.fetchone() == (1,)
+        cur = await conn.execute("SELECT count(*) FROM connections WHERE connection_id = 'c2'")
+        assert await cur.fetchone() == (0,)
+    await assert_live_counters_exact(engine)
+
+
+async def test_a_repeated_connection_id_gets_its_first_answer(engine, service):
+    await seed(engine, server(A), server(B))
+    first = await service.route(d.RouteRequest(connection_id="same", cookie="alice"))
+    again = await service.route(d.RouteRequest(connection_id="same", cookie="alice"))
+    assert again == first
+    assert first.reason is d.RouteReason.NEW
+    # A repeated placement statement for the same connection fails whole: no second session.
+    async with service.store.raw_autocommit() as conn:
+        cur = await conn.execute("SELECT count(*) FROM sessions")
+        assert await cur.fetchone() == (1,)
+    await assert_live_counters_exact(engine)
+
+
+async def test_no_identity_placements_take_the_fast_path_and_spread(engine, service):
+    await seed(engine, server(A), server(B))
+    placed = [(await service.route(d.RouteRequest(connection_id=f"n{i}"))) for i in range(4)]
+    assert {p.reason for p in placed} == {d.RouteReason.NO_IDENTITY}
+    assert sorted(p.server_address for p in placed) == [A, A, B, B]
+    await assert_live_counters_exact(engine)
+
+
+async def test_a_dead_pooled_connection_is_replaced(engine, service, pg_database_url):
+    """A pooled connection killed under the broker: the call still answers, the pool drops it."""
+    await seed(engine, server(A))
+    await service.route(d.RouteRequest(connection_id="warm", cookie="alice"))
+    with psycopg.connect(pg_database_url, autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    answer = await service.route(d.RouteRequest(connection_id="after", cookie="alice"))
+    assert answer.reason is d.RouteReason.RECONNECT
+    assert answer.server_address == A
+    again = await service.route(d.RouteRequest(connection_id="after2", cookie="bob"))
+    assert again.reason is d.RouteReason.NEW
