@@ -44,6 +44,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 SERVICE_BOUND_S = 2.0  # broker, proxy, health: new connections unaffected or back within this
 FAILOVER_BOUND_S = 15.0  # PostgreSQL: routing back within this after the promotion
+# A dead health replica's servers: probed again by the other once its leases (600 ms) lapse. Typically
+# under a second here; the loose bound leaves room for a loaded 2-core machine (routing is not affected
+# meanwhile: the servers keep their last state, which SERVICE_BOUND_S checks).
+REPROBE_BOUND_S = 5.0
 LIVE_STATES = (
     broker_pb2.SESSION_STATE_PENDING,
     broker_pb2.SESSION_STATE_ACTIVE,
@@ -231,7 +235,7 @@ async def test_a_health_replica_dies(farm: Farm) -> None:
     assert set((await asyncio.to_thread(farm.server_health)).values()) == {"up"}
     assert failed_after_retry(run.storm.attempts) == []
     assert recovery_s(run.storm.attempts, run.fault_at) <= SERVICE_BOUND_S
-    assert reprobe_s <= SERVICE_BOUND_S
+    assert reprobe_s <= REPROBE_BOUND_S
 
 
 async def test_the_postgresql_primary_dies_and_the_standby_is_promoted(farm: Farm) -> None:
