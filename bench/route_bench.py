@@ -142,25 +142,44 @@ def cpu_seconds(process: psutil.Process) -> float:
     return float(times.user + times.system)
 
 
+def backends_cpu_seconds(database: str) -> float:
+    """CPU time of the PostgreSQL backends serving `database` (their titles name it)."""
+    total = 0.0
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if proc.info["name"] == "postgres" and any(database in part for part in cmdline):
+            with contextlib.suppress(psutil.Error):
+                total += cpu_seconds(proc)
+    return total
+
+
 async def measured(
     name: str,
     process: psutil.Process,
+    database: str,
     stub: broker_pb2_grpc.BrokerAsyncStub,
     users: int,
     concurrency: int,
     tag: str,
 ) -> None:
-    """One phase, with the broker process's own CPU time per route (a figure the machine's load
-    disturbs far less than the wall-clock ones)."""
-    cpu_before = cpu_seconds(process)
+    """One phase, with the CPU time per route of the broker process, of the PostgreSQL backends
+    serving it and of this client (figures the machine's load disturbs far less than wall-clock ones)."""
+    cpu_before, db_before, client_before = (
+        cpu_seconds(process),
+        backends_cpu_seconds(database),
+        time.process_time(),
+    )
     elapsed, latencies = await phase(stub, users, concurrency, tag)
     cpu_ms = (cpu_seconds(process) - cpu_before) * 1000 / len(latencies)
+    db_ms = (backends_cpu_seconds(database) - db_before) * 1000 / len(latencies)
+    client_ms = (time.process_time() - client_before) * 1000 / len(latencies)
     ms = sorted(x * 1000 for x in latencies)
     p50 = statistics.median(ms)
     p99 = ms[min(len(ms) - 1, int(len(ms) * 0.99))]
     sys.stdout.write(
         f"{name:<10} {len(ms):>6} routes in {elapsed:6.2f} s = {len(ms) / elapsed:6.0f} routes/s  "
-        f"p50 {p50:6.2f} ms  p99 {p99:6.2f} ms  max {ms[-1]:7.2f} ms  broker CPU {cpu_ms:.2f} ms/route\n"
+        f"p50 {p50:6.2f} ms  p99 {p99:6.2f} ms  max {ms[-1]:7.2f} ms  CPU ms/route: broker {cpu_ms:.2f} "
+        f"postgres {db_ms:.2f} client {client_ms:.2f}\n"
     )
 
 
@@ -182,6 +201,7 @@ async def main() -> None:
     with database(args.server_url.rstrip("/")) as url:
         await prepare(url, args.servers)
         pool_size = args.db_pool_size or max(args.concurrency, 1)
+        db_name = url.rsplit("/", 1)[1]
         async with (
             broker(url, pool_size) as (port, process),
             grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel,
@@ -192,9 +212,9 @@ async def main() -> None:
                 f"broker on PostgreSQL, {args.servers} servers, {args.concurrency} concurrent clients, "
                 f"database pool {pool_size}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}\n"
             )
-            await measured("new", process, stub, args.users, args.concurrency, "new")
-            await measured("reconnect", process, stub, args.users, args.concurrency, "again")
-            await measured("retry", process, stub, args.users, args.concurrency, "again")
+            await measured("new", process, db_name, stub, args.users, args.concurrency, "new")
+            await measured("reconnect", process, db_name, stub, args.users, args.concurrency, "again")
+            await measured("retry", process, db_name, stub, args.users, args.concurrency, "again")
             sys.stdout.write(f"load average during the run: {os.getloadavg()[0]:.2f}\n")
 
 
