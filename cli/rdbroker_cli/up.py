@@ -215,8 +215,9 @@ async def serve(
 
 def _first_error(exc: ValidationError) -> str:
     error = exc.errors()[0]
-    where = ".".join(str(part) for part in error.get("loc", ())) or "value"
-    return f"{where}: {error.get('msg', 'invalid')}"
+    message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+    where = ".".join(str(part) for part in error.get("loc", ()))
+    return f"{where}: {message}" if where else message
 
 
 def banner(where: Listening, out: TextIO, *, demo: bool = False) -> None:

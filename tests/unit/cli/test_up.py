@@ -122,3 +122,24 @@ def test_help_lists_the_new_commands(capsys):
     out = capsys.readouterr().out
     for command in ("up", "demo", "demo-connect", "servers", "sessions", "pools"):
         assert f"\n  {command} " in out
+
+
+class _NoTelemetry:
+    def shutdown(self) -> None:
+        pass
+
+
+def test_an_open_api_off_loopback_is_refused_before_anything_starts(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(up, "_start_logging", lambda config: _NoTelemetry())
+    monkeypatch.delenv("RDBROKER_API_READ_TOKEN", raising=False)
+    monkeypatch.delenv("RDBROKER_API_ADMIN_TOKEN", raising=False)
+    database = f"sqlite+aiosqlite:///{tmp_path / 'up.db'}"
+    argv = ["up", "--server", "10.0.0.1", "--http-listen", "0.0.0.0:8080", "--database-url", database]
+    assert rdbroker(argv) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        "rdbroker: invalid settings: http_listen 0.0.0.0:8080 is not a loopback address and no API token is "
+        "set: set RDBROKER_API_ADMIN_TOKEN (and RDBROKER_API_READ_TOKEN), or listen on 127.0.0.1\n"
+    )
+    assert not (tmp_path / "up.db").exists()
