@@ -8,7 +8,7 @@ import sys
 
 from pydantic import ValidationError
 
-from rdbroker_common import lifecycle, logs
+from rdbroker_common import lifecycle, logs, telemetry
 from rdbroker_proxy.config import ProxySettings, parse_args
 from rdbroker_proxy.server import ProxyServer
 
@@ -42,10 +42,19 @@ def main(argv: list[str]) -> int:
     logs.configure(settings.log_level, settings.log_format)
     raise_fd_limit(settings)
     try:
+        handle = telemetry.setup(
+            "rdbroker-proxy", otlp_endpoint=settings.otlp_endpoint, metrics_listen=settings.metrics_listen
+        )
+    except OSError as exc:
+        log.error("the proxy cannot serve metrics on %s: %s", settings.metrics_listen, exc)
+        return 1
+    try:
         lifecycle.run(lambda: run(settings))
-    except OSError as exc:  # a port in use or not ours to bind, a TLS file missing
+    except (OSError, ValueError) as exc:  # a port in use or not ours to bind, a bad TLS setting
         log.error("the proxy cannot start: %s", exc)
         return 1
+    finally:
+        handle.shutdown()
     return 0
 
 

@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from rdbroker_common.settings import ServiceSettings, split_host_port
+from rdbroker_common.settings import ServiceSettings, broker_targets, split_host_port
 from rdbroker_rdp import MAX_FIRST_PACKET
 
 
@@ -24,9 +24,16 @@ class ProxySettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="RDBROKER_", frozen=True, extra="ignore")
 
     listen: str = Field(default="0.0.0.0:3389", description="HOST:PORT for RDP clients")
-    broker: str = Field(default="127.0.0.1:50051", description="comma-separated broker HOST:PORT list")
+    broker: str = Field(
+        default="127.0.0.1:50051",
+        description="comma-separated broker HOST:PORT list, or one dns:///HOST:PORT target (round-robin)",
+    )
     pool: str = Field(default="", description="pool for clients that name none (empty = the default pool)")
-    grpc_listen: str = Field(default="127.0.0.1:50053", description="HOST:PORT of the grpc.health.v1 server")
+    grpc_listen: str = Field(
+        default="127.0.0.1:50053",
+        description="HOST:PORT of the grpc.health.v1 server (plaintext, for probes)",
+    )
+    metrics_listen: str = Field(default="", description="HOST:PORT of Prometheus /metrics (empty = off)")
     proxy_id: str = Field(default_factory=default_proxy_id, description="this replica's id for the broker")
     tls_ca: str = Field(default="", description="CA bundle for gRPC (mutual TLS when set)")
     tls_cert: str = Field(default="", description="certificate for gRPC mutual TLS")
@@ -54,15 +61,17 @@ class ProxySettings(ServiceSettings):
         split_host_port(value)
         return value
 
+    @field_validator("metrics_listen")
+    @classmethod
+    def _optional_address(cls, value: str) -> str:
+        if value.strip():
+            split_host_port(value)
+        return value.strip()
+
     @field_validator("broker")
     @classmethod
     def _brokers(cls, value: str) -> str:
-        addresses = [a.strip() for a in value.split(",") if a.strip()]
-        if not addresses:
-            raise ValueError("at least one broker address is needed")
-        for address in addresses:
-            split_host_port(address)
-        return ",".join(addresses)
+        return ",".join(broker_targets(value))
 
     @property
     def broker_addresses(self) -> list[str]:

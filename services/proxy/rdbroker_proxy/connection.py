@@ -15,6 +15,8 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+from opentelemetry import trace
+
 from rdbroker_common.settings import split_host_port
 from rdbroker_proto.v1 import broker_pb2 as pb
 from rdbroker_proxy.config import ProxySettings
@@ -32,6 +34,9 @@ Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None]"]
 MOVABLE = frozenset({pb.ROUTE_REASON_NEW, pb.ROUTE_REASON_NO_IDENTITY})
 
 FIRST_PACKET, ROUTING, SPLICING, CLOSED = range(4)
+# A connection the client ended before it was spliced is no failure of ours.
+CLIENT_ENDS = frozenset({"client_closed", "client_closed_early"})
+_tracer = trace.get_tracer("rdbroker.proxy")
 REASONS = {value: name.removeprefix("ROUTE_REASON_").lower() for name, value in pb.RouteReason.items()}
 
 
@@ -46,6 +51,9 @@ class ProxyContext:
     accepted: int = 0
     refused_over_cap: int = 0
     drained: asyncio.Event | None = None  # set when the last connection ends, once shutdown asks
+    # Bytes of the connections that have ended (the live ones keep their own, in their splice).
+    ended_from_client: int = 0
+    ended_from_server: int = 0
 
     def forget(self, connection: ClientConnection) -> None:
         self.connections.discard(connection)
@@ -76,8 +84,10 @@ class ClientConnection(asyncio.Protocol):
         "reason",
         "server_address",
         "session_id",
+        "span",
         "splice",
         "started",
+        "started_ns",
         "state",
         "transport",
     )
@@ -93,6 +103,8 @@ class ClientConnection(asyncio.Protocol):
         self.splice: Splice | None = None
         self.client_eof = False
         self.started = time.monotonic()
+        self.started_ns = time.time_ns()
+        self.span: trace.Span | None = None  # from the first packet on: the parent of the Route calls
         self.connection_id = ""
         self.cookie = ""
         self.pool = ""
@@ -174,7 +186,15 @@ class ClientConnection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self.connection_id = str(uuid.uuid4())
-        self._task = self.context.spawn(self._establish(first))
+        self.span = _tracer.start_span(
+            "rdp.connection",
+            kind=trace.SpanKind.SERVER,
+            attributes={"client.address": self.client, "rdbroker.connection_id": self.connection_id},
+            start_time=self.started_ns,
+        )
+        # The task copies the current context: the broker calls it makes are this span's children.
+        with trace.use_span(self.span, end_on_exit=False):
+            self._task = self.context.spawn(self._establish(first))
 
     def _route_request(self, first: FirstPacket) -> pb.RouteRequest:
         request = first.request
@@ -270,6 +290,23 @@ class ClientConnection(asyncio.Protocol):
 
     # -- the end --------------------------------------------------------------------------------
 
+    def _end_span(self, reason: str, *, spliced: bool, from_client: int, from_server: int) -> None:
+        span, self.span = self.span, None
+        assert span is not None
+        span.set_attributes(
+            {
+                "rdbroker.end_reason": reason,
+                "rdbroker.route_reason": self.reason,
+                "rdbroker.session_id": self.session_id,
+                "server.address": self.server_address,
+                "rdbroker.bytes_from_client": from_client,
+                "rdbroker.bytes_from_server": from_server,
+            }
+        )
+        if not spliced and reason not in CLIENT_ENDS:
+            span.set_status(trace.Status(trace.StatusCode.ERROR, reason))
+        span.end()
+
     def finish(self, reason: str, *, abort: bool = False) -> None:
         """End this connection once: close both sides, report to the broker, log one line."""
         if self.state == CLOSED:
@@ -294,8 +331,14 @@ class ClientConnection(asyncio.Protocol):
             from_client = len(self._buf)
         self._buf = bytearray()
         ctx = self.context
+        ctx.ended_from_client += from_client
+        ctx.ended_from_server += from_server
         ctx.forget(self)
         duration_ms = int((time.monotonic() - self.started) * 1000)
+        if self.span is not None:
+            self._end_span(
+                reason, spliced=self.splice is not None, from_client=from_client, from_server=from_server
+            )
         if routed and self.session_id:
             ctx.broker.report_closed(
                 pb.ConnectionClosedRequest(

@@ -23,8 +23,10 @@ from typing import TYPE_CHECKING, Literal, TypeVar
 import grpc
 from google.protobuf.message import Message
 
+from rdbroker_common.settings import channel_options
 from rdbroker_proto.v1 import broker_pb2 as pb
 from rdbroker_proto.v1.broker_pb2_grpc import BrokerStub
+from rdbroker_proxy import metrics
 from rdbroker_proxy.errors import BrokerUnavailable, RouteRefused
 
 if TYPE_CHECKING:
@@ -50,6 +52,20 @@ CHANNEL_OPTIONS = [
 ]
 
 ReportKind = Literal["opened", "closed"]
+
+
+def _channel(
+    target: str,
+    credentials: grpc.ChannelCredentials | None,
+    interceptors: Sequence[grpc.aio.ClientInterceptor],
+) -> grpc.aio.Channel:
+    # A `dns:///` target is one channel balanced round-robin over every address the name resolves to.
+    options = [*CHANNEL_OPTIONS, *channel_options(target)]
+    if credentials is not None:
+        return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
+    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+
+
 Report = tuple[ReportKind, pb.ConnectionOpenedRequest | pb.ConnectionClosedRequest]
 
 
@@ -67,6 +83,7 @@ class BrokerClient:
         report_buffer: int = 10000,
         heartbeat_interval_s: float = 5.0,
         credentials: grpc.ChannelCredentials | None = None,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
     ) -> None:
         if not addresses:
             raise ValueError("no broker addresses")
@@ -77,12 +94,7 @@ class BrokerClient:
         self.report_timeout_s = report_timeout_s
         self.report_buffer = report_buffer
         self.heartbeat_interval_s = heartbeat_interval_s
-        self._channels = [
-            grpc.aio.secure_channel(a, credentials, options=CHANNEL_OPTIONS)
-            if credentials is not None
-            else grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS)
-            for a in self.addresses
-        ]
+        self._channels = [_channel(a, credentials, interceptors) for a in self.addresses]
         self._stubs: list[BrokerAsyncStub] = [BrokerStub(channel) for channel in self._channels]
         self._turn = {"route": 0, "report": 0}  # separate rotations: reports do not skew Route's
         self._reports: deque[Report] = deque()
@@ -143,6 +155,7 @@ class BrokerClient:
             if round_ == 0 and deadline - loop.time() > RETRY_PAUSE_S:
                 await asyncio.sleep(RETRY_PAUSE_S)
         detail = f"{last.code().name}: {last.details()}" if last is not None else "deadline reached"
+        metrics.broker_unreachable.add(1, metrics.UNREACHABLE_ROUTE)
         raise BrokerUnavailable(f"no broker answered Route: {detail}")
 
     # -- reports -------------------------------------------------------------------------------
@@ -161,6 +174,7 @@ class BrokerClient:
         if len(self._reports) >= self.report_buffer:
             self._reports.popleft()  # the oldest goes first: newer reports describe the present
             self.dropped_reports += 1
+            metrics.report_drops.add(1, metrics.DROP_BUFFER_FULL)
             now = time.monotonic()
             if now - self._last_drop_log >= 10.0:
                 self._last_drop_log = now
@@ -221,6 +235,7 @@ class BrokerClient:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in RETRYABLE:
                     self.rejected_reports += 1
+                    metrics.report_drops.add(1, metrics.DROP_REJECTED)
                     log.warning(
                         "broker rejected a %s report: %s %s",
                         kind,
@@ -252,6 +267,7 @@ class BrokerClient:
                 if answer.heartbeat_interval_ms:
                     interval = min(max(answer.heartbeat_interval_ms / 1000, 0.1), 300.0)
             except BrokerUnavailable as exc:
+                metrics.broker_unreachable.add(1, metrics.UNREACHABLE_HEARTBEAT)
                 log.warning("heartbeat failed: %s", exc)
             await asyncio.sleep(interval)
 

@@ -10,14 +10,15 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Coroutine
-from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health
 
+from rdbroker_common import telemetry, tls
 from rdbroker_common.rpc_server import add_standard_services, mark_serving
 from rdbroker_common.settings import split_host_port
+from rdbroker_proxy import metrics
 from rdbroker_proxy.config import ProxySettings
 from rdbroker_proxy.connection import ClientConnection, ProxyContext
 from rdbroker_proxy.routing import BrokerClient
@@ -28,23 +29,11 @@ SERVICE_NAME = "rdbroker.v1.Proxy"  # a name for the health service only: the pr
 
 
 def channel_credentials(settings: ProxySettings) -> grpc.ChannelCredentials | None:
-    if not settings.tls_ca:
-        return None
-    return grpc.ssl_channel_credentials(
-        root_certificates=Path(settings.tls_ca).read_bytes(),
-        private_key=Path(settings.tls_key).read_bytes() if settings.tls_key else None,
-        certificate_chain=Path(settings.tls_cert).read_bytes() if settings.tls_cert else None,
-    )
+    """Mutual TLS to the brokers when all three TLS settings are given, plaintext when none is.
 
-
-def server_credentials(settings: ProxySettings) -> grpc.ServerCredentials | None:
-    if not (settings.tls_ca and settings.tls_cert and settings.tls_key):
-        return None
-    return grpc.ssl_server_credentials(
-        [(Path(settings.tls_key).read_bytes(), Path(settings.tls_cert).read_bytes())],
-        root_certificates=Path(settings.tls_ca).read_bytes(),
-        require_client_auth=True,
-    )
+    Raises ValueError on a partial set (or an unreadable file): a start-up error, never a fallback.
+    """
+    return tls.channel_credentials(settings.tls_ca, settings.tls_cert, settings.tls_key)
 
 
 def _not_serving(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
@@ -84,6 +73,7 @@ class ProxyServer:
             report_buffer=settings.report_buffer,
             heartbeat_interval_s=settings.heartbeat_interval_s,
             credentials=channel_credentials(settings),
+            interceptors=telemetry.client_interceptors(),
         )
         grpc_server = grpc.aio.server()
         listener: asyncio.Server | None = None
@@ -91,6 +81,7 @@ class ProxyServer:
             self._health = add_standard_services(grpc_server, [SERVICE_NAME])
             self.grpc_port = self._bind_health(grpc_server)
             context = self._context = ProxyContext(settings=settings, broker=broker, spawn=_not_serving)
+            metrics.publish(context)
             host, port = split_host_port(settings.listen)
             # Bound before the TaskGroup, so a port in use is a plain OSError for the caller.
             listener = await loop.create_server(
@@ -133,6 +124,8 @@ class ProxyServer:
                     log.warning("reports not sent at exit", extra={"pending_reports": broker.pending_reports})
                 reports.cancel()
         finally:
+            if self._context is not None:
+                metrics.withdraw(self._context)
             if listener is not None:
                 listener.close()
             await grpc_server.stop(None)
@@ -147,12 +140,11 @@ class ProxyServer:
             )
 
     def _bind_health(self, grpc_server: grpc.aio.Server) -> int:
+        # Always plaintext: the kubelet's gRPC probes present no client certificate, and the port
+        # serves nothing but grpc.health.v1. The TLS settings are for the calls to the brokers.
         settings = self.settings
-        creds = server_credentials(settings)
         try:
-            if creds is None:
-                return grpc_server.add_insecure_port(settings.grpc_listen)
-            return grpc_server.add_secure_port(settings.grpc_listen, creds)
+            return grpc_server.add_insecure_port(settings.grpc_listen)
         except RuntimeError as exc:  # grpc's way of saying the port is taken
             raise OSError(f"cannot bind the health port {settings.grpc_listen}: {exc}") from exc
 

@@ -1,7 +1,9 @@
-"""Mutual TLS to the brokers (and on the health port) when --tls-ca/--tls-cert/--tls-key are set."""
+"""Mutual TLS to the brokers when --tls-ca/--tls-cert/--tls-key are set; the health port stays plaintext
+(kubelet probes present no certificate); a partial TLS setting is a start-up error."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import subprocess
 from collections.abc import AsyncIterator
@@ -12,9 +14,18 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rdbroker_proto.v1 import broker_pb2_grpc
+from rdbroker_proxy.server import ProxyServer
 from rdbroker_rdp.fakeserver import FakeRdpServer
 from tests.unit.proxy.fake_broker import Directory, FakeBroker, fake_broker
-from tests.unit.proxy.support import CR, close, closed_by_peer, handshake, open_client, running_proxy
+from tests.unit.proxy.support import (
+    CR,
+    close,
+    closed_by_peer,
+    handshake,
+    open_client,
+    running_proxy,
+    settings,
+)
 
 
 def openssl(*args: str, cwd: Path) -> None:
@@ -53,7 +64,7 @@ async def tls_broker(directory: Directory, pki: Path) -> AsyncIterator[str]:
         await server.stop(None)
 
 
-async def test_routes_over_mutual_tls_and_serves_health_over_tls(pki: Path) -> None:
+async def test_routes_over_mutual_tls_and_serves_health_in_plaintext(pki: Path) -> None:
     async with FakeRdpServer(mode="echo") as server:
         directory = Directory({"": [server.address]})
         async with (
@@ -67,12 +78,7 @@ async def test_routes_over_mutual_tls_and_serves_health_over_tls(pki: Path) -> N
         ):
             _, writer, _ = await handshake(proxy.port, CR)
             await close(writer)
-            creds = grpc.ssl_channel_credentials(
-                (pki / "ca.pem").read_bytes(),
-                (pki / "broker.key").read_bytes(),
-                (pki / "broker.pem").read_bytes(),
-            )
-            async with grpc.aio.secure_channel(f"127.0.0.1:{proxy.grpc_port}", creds) as channel:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{proxy.grpc_port}") as channel:
                 answer = await health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(service=""), timeout=10
                 )
@@ -85,10 +91,22 @@ async def test_a_broker_without_tls_is_unreachable_for_a_tls_proxy(pki: Path) ->
     directory = Directory({"": ["127.0.0.1:1"]})
     async with (
         fake_broker(directory) as plain,
-        running_proxy([plain.address], tls_ca=str(pki / "ca.pem"), route_timeout_s=1.0) as proxy,
+        running_proxy(
+            [plain.address],
+            tls_ca=str(pki / "ca.pem"),
+            tls_cert=str(pki / "proxy.pem"),
+            tls_key=str(pki / "proxy.key"),
+            route_timeout_s=1.0,
+        ) as proxy,
     ):
         reader, writer = await open_client(proxy.port)
         writer.write(CR)
         assert await closed_by_peer(reader)
         await close(writer)
     assert directory.routes == []
+
+
+async def test_a_partial_tls_setting_refuses_to_start(pki: Path) -> None:
+    proxy = ProxyServer(settings(["127.0.0.1:1"], tls_ca=str(pki / "ca.pem")))
+    with pytest.raises(ValueError, match="missing: --tls-cert, --tls-key"):
+        await proxy.serve(asyncio.Event())

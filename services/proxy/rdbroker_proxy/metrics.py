@@ -1,0 +1,74 @@
+"""The proxy's metrics (names from docs/contracts.md; the Prometheus exporter adds `_total` to counters).
+
+Nothing here runs per byte: active connections and bytes proxied are read when metrics are collected,
+from the live connections' own counters plus the totals of the connections that have ended. Those
+callbacks run on the exporter's thread; they only copy the set of connections (one step under the
+GIL) and read integers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from opentelemetry import metrics
+from opentelemetry.metrics import CallbackOptions, Observation
+
+if TYPE_CHECKING:
+    from rdbroker_proxy.connection import ProxyContext
+
+_meter = metrics.get_meter("rdbroker_proxy")
+_contexts: list[ProxyContext] = []
+
+broker_unreachable = _meter.create_counter(
+    "rdbroker_broker_unreachable", description="Broker calls for which no broker address answered"
+)
+report_drops = _meter.create_counter(
+    "rdbroker_report_drops",
+    description="Connection reports lost: the buffer overflowed, or a broker refused one",
+)
+UNREACHABLE_ROUTE = {"method": "Route"}
+UNREACHABLE_HEARTBEAT = {"method": "ProxyHeartbeat"}
+DROP_BUFFER_FULL = {"reason": "buffer_full"}
+DROP_REJECTED = {"reason": "rejected"}
+FROM_CLIENT = {"direction": "from_client"}
+FROM_SERVER = {"direction": "from_server"}
+
+
+def publish(context: ProxyContext) -> None:
+    _contexts.append(context)
+
+
+def withdraw(context: ProxyContext) -> None:
+    with contextlib.suppress(ValueError):
+        _contexts.remove(context)
+
+
+def _active(_options: CallbackOptions) -> Iterable[Observation]:
+    return [Observation(sum(len(ctx.connections) for ctx in list(_contexts)))]
+
+
+def _bytes(_options: CallbackOptions) -> Iterable[Observation]:
+    from_client = from_server = 0
+    for ctx in list(_contexts):
+        from_client += ctx.ended_from_client
+        from_server += ctx.ended_from_server
+        for connection in list(ctx.connections):
+            splice = connection.splice
+            if splice is not None:
+                from_client += splice.from_client
+                from_server += splice.from_server
+    return [Observation(from_client, FROM_CLIENT), Observation(from_server, FROM_SERVER)]
+
+
+_meter.create_observable_gauge(
+    "rdbroker_proxy_active_connections",
+    callbacks=[_active],
+    description="Client connections open on this proxy",
+)
+_meter.create_observable_counter(
+    "rdbroker_proxy_bytes",
+    callbacks=[_bytes],
+    description="Bytes proxied, by direction (from_client/from_server)",
+)
