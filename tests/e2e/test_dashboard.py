@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 
+import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
@@ -75,6 +76,16 @@ def test_drain_a_server_from_the_dashboard(tmp_path, browser):
         expect(page.locator(f'tr[data-address="{address}"] td.state')).to_have_text("draining")
         row.locator('button[data-action="enable"]').click()
         expect(row.locator("td.state")).to_have_text("enabled")
+
+        # It refreshes itself: a change made elsewhere (here the API) shows up without a reload.
+        other = banner["fake RDP servers"].split(", ")[1]
+        answer = httpx.post(
+            f"{url}v1/servers/{other}/maintenance", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        )
+        assert answer.status_code == 200
+        expect(page.locator(f'tr[data-address="{other}"] td.state')).to_have_text(
+            "maintenance", timeout=20_000
+        )
 
         # The user search answers from the same API.
         page.fill("#search-user", "nobody")
