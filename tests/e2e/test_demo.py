@@ -101,6 +101,37 @@ async def test_up_on_postgresql_with_servers_from_the_command_line(pg_database_u
         assert fake.accepted >= 1
 
 
+async def test_up_with_a_farm_file_routes_by_collection(tmp_path):
+    async with FakeRdpServer() as default_server, FakeRdpServer() as sales_server:
+        path = tmp_path / "farm.yaml"
+        path.write_text(
+            "pools:\n  - name: default\n    default: true\n  - name: Sales\n    disconnect_timeout: 2h\n"
+            f"servers:\n  - address: {default_server.address}\n    pool: default\n"
+            f"  - address: {sales_server.address}\n    pool: Sales\n    max_sessions: 10\n"
+        )
+        config = loopback_config(f"sqlite+aiosqlite:///{tmp_path / 'up.db'}")
+        async with running(
+            lambda stop, ready: up.serve(config, farm.load(path), stop, ready, str(path))
+        ) as where:
+            assert where.farm == "2 servers in 2 pools"
+            _, writer = await demo_connect.connect(where.rdp, "dora", "Sales", timeout_s=10)
+            writer.close()
+            async with httpx.AsyncClient(base_url=f"http://{where.http}", timeout=10) as client:
+                for _ in range(50):
+                    sessions = (await client.get("/v1/users/dora/sessions")).json()["sessions"]
+                    if sessions:
+                        break
+                    await asyncio.sleep(0.1)
+                assert [(s["pool"], s["server_address"]) for s in sessions] == [
+                    ("Sales", sales_server.address)
+                ]
+                pools = (await client.get("/v1/pools")).json()["pools"]
+                assert [(p["name"], p["disconnect_timeout_s"]) for p in pools] == [
+                    ("Sales", 7200.0),
+                    ("default", 28800.0),
+                ]
+
+
 async def test_a_taken_rdp_port_stops_everything_with_one_clear_error(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
