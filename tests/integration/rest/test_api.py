@@ -8,9 +8,11 @@ from typing import Any
 import httpx
 import pytest
 
+from rdbroker_broker import service as use_cases
 from rdbroker_broker.db.engine import make_engine
+from rdbroker_broker.rest.app import create_app
 from rdbroker_broker.service import BrokerService
-from tests.integration.rest.conftest import SERVERS, place
+from tests.integration.rest.conftest import ADMIN, SERVERS, place
 
 PROBLEM = "application/problem+json"
 
@@ -268,3 +270,16 @@ async def test_the_database_down_is_503(service: BrokerService, client):
     finally:
         await service.store.engine.dispose()
         service.store.engine = working
+
+
+async def test_a_bug_is_a_bare_500_problem(service, monkeypatch, caplog):
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(use_cases, "pool_summaries", broken)
+    transport = httpx.ASGITransport(app=create_app(service), raise_app_exceptions=False)
+    headers = {"Authorization": f"Bearer {ADMIN}"}
+    async with httpx.AsyncClient(transport=transport, base_url="http://broker", headers=headers) as client:
+        body = assert_problem(await client.get("/v1/pools"), 500, "Internal error", "see its log")
+    assert "secret" not in str(body)
+    assert "unexpected error on GET /v1/pools: RuntimeError" in caplog.text

@@ -118,5 +118,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+        # Starlette re-raises after this answer, so the server logs the traceback once; this line says
+        # which request it was.
+        log.error("unexpected error on %s %s: %s", request.method, request.url.path, type(exc).__name__)
         return problem(request, 500, TITLES[500], "the broker failed to answer; see its log")
