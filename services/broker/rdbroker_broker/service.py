@@ -112,28 +112,22 @@ class BrokerService:
         return context
 
     async def _route_postgres(self, request: d.RouteRequest, user: str) -> d.RouteDecision | None:
-        """The common Route on PostgreSQL in two statements on one autocommit connection: the context
-        read, then either the reconnect's answer or a whole placement. None leaves the call to the
-        transactional path (anything unusual, or a race lost)."""
+        """The common Route on PostgreSQL on one autocommit connection: a reconnect is one statement
+        (the context read stores its answer), a new placement two (the context with the candidates,
+        then the placement). None leaves the call to the transactional path (anything unusual, or a
+        race lost)."""
         try:
             async with self.store.raw_autocommit() as conn:
-                context = await routing_sql.route_context(
-                    conn, request.pool, d.user_key(user) if user else ""
-                )
-                if context is None:
-                    raise _unknown_pool(request.pool)
-                pool, live, server, candidates = context
                 now = self.now()
+                key = d.user_key(user) if user else ""
+                found = await routing_sql.route_context(conn, request, key, now)
+                if found is None:
+                    raise _unknown_pool(request.pool)
+                (pool, live, server, candidates), answered = found
                 if live is not None:
-                    if server is None or not live.is_live_at(now) or not d.takes_reconnects(server):
-                        return None  # ended and placed anew by the transactional path
-                    decision = d.RouteDecision(
-                        server.address, live.session_id, d.RouteReason.RECONNECT, live.user, pool.name
+                    return await self._fast_reconnect_postgres(
+                        conn, request, pool, live, server, answered, now
                     )
-                    if await routing_sql.record_answer(conn, request, decision, now):
-                        return decision
-                    # This (connection_id, attempt) was answered before: a retried call gets that answer.
-                    return await routing_sql.stored_answer(conn, request)
                 if d.looks_truncated(user):
                     return None  # it may name a session linked to the full user name
                 ranked = [s.address for s in d.rank_for_new_session(candidates)]
@@ -157,6 +151,30 @@ class BrokerService:
         except Retryable as exc:
             log.debug("route fast path lost a race or its connection (%s): the transactional path", exc)
             return None
+
+    async def _fast_reconnect_postgres(
+        self,
+        conn: routing_sql.Connection,
+        request: d.RouteRequest,
+        pool: d.Pool,
+        live: d.Session,
+        server: d.Server | None,
+        answered: bool,
+        now: datetime,
+    ) -> d.RouteDecision | None:
+        """The context statement stored the reconnect answer when SQL's copy of the rules said so;
+        the domain rules decide here, and the two are tested equal."""
+        if server is None or not live.is_live_at(now) or not d.takes_reconnects(server):
+            if answered:  # never expected: undo, and let the transactional path decide
+                log.error("reconnect rules in SQL and in the domain disagree on %s", server)
+                await routing_sql.forget_answer(conn, request, live.session_id)
+            return None  # ended and placed anew by the transactional path
+        if answered:
+            return d.RouteDecision(
+                server.address, live.session_id, d.RouteReason.RECONNECT, live.user, pool.name
+            )
+        # This (connection_id, attempt) was answered before: a retried call gets that answer.
+        return await routing_sql.stored_answer(conn, request)
 
     async def _fast_reconnect(
         self, r: Repos, request: d.RouteRequest, context: RouteContext

@@ -38,46 +38,82 @@ servers_strategy = st.lists(
 )  # fmt: skip
 
 
-def _replace_farm(conn: psycopg.Connection, rows: list[tuple[object, ...]]) -> list[str]:
+EXPIRIES = [None, NOW - timedelta(seconds=1), NOW, NOW + timedelta(seconds=1)]
+sessions_strategy = st.lists(
+    st.tuples(st.sampled_from(["pending", "active", "disconnected"]), st.integers(0, len(EXPIRIES) - 1)),
+    max_size=12,
+)
+
+
+def _replace_farm(
+    conn: psycopg.Connection, rows: list[tuple[object, ...]], sessions: list[tuple[str, int]]
+) -> None:
+    """Servers from `rows`, and on server i a live session of user `u{i}` (state, expiry index)."""
+    conn.execute("DELETE FROM connections")
     conn.execute("DELETE FROM sessions")
     conn.execute("DELETE FROM servers")
-    addresses = [f"10.1.0.{i + 1}:3389" for i in range(len(rows))]
-    for address, (admin, health, agent, weight, load, max_s, live, placed) in zip(
-        addresses, rows, strict=True
-    ):
+    for i, (admin, health, agent, weight, load, max_s, live, placed) in enumerate(rows):
         conn.execute(
             "INSERT INTO servers (address, pool, weight, max_sessions, admin_state, health, health_detail,"
             " agent_state, agent_detail, load, placements_since_report, live_sessions, agent_url,"
             " sessions_url, created_at, updated_at)"
             " VALUES (%s, 'default', %s, %s, %s, %s, '', %s, '', %s, %s, %s, '', '', now(), now())",
-            (address, weight, max_s, admin, health, agent, load, placed, live),
+            (_address(i), weight, max_s, admin, health, agent, load, placed, live),
         )
-    return addresses
+    for i, (state, expiry) in enumerate(sessions[: len(rows)]):
+        conn.execute(
+            'INSERT INTO sessions (id, pool, "user", user_key, server_address, state, learnt_from,'
+            " client_address, created_at, updated_at, expires_at, end_reason)"
+            " VALUES (%s, 'default', %s, %s, %s, %s, 'route', '', now(), now(), %s, '')",
+            (f"s{i}", f"U{i}", f"u{i}", _address(i), state, EXPIRIES[expiry]),
+        )
 
 
-async def test_sql_eligibility_and_candidates_equal_the_domain_rules(engine, pg_database_url):
-    """`ELIGIBLE_SQL` is `domain.takes_new_sessions`, and ranking the hot path's JSON candidates gives
-    the same order as ranking the rows the transactional path reads, over generated farms."""
+def _address(i: int) -> str:
+    return f"10.1.0.{i + 1}:3389"
+
+
+def _context(conn: psycopg.Connection, user_key: str, connection_id: str) -> tuple[object, ...]:
+    params = {
+        "user_key": user_key,
+        "now": NOW,
+        "connection_id": connection_id,
+        "attempt": 0,
+        "proxy_id": "p1",
+        "client_address": "",
+    }
+    row = conn.execute(routing_sql.CONTEXT_DEFAULT, params).fetchone()
+    assert row is not None
+    return tuple(row)
+
+
+async def test_sql_rules_and_candidates_equal_the_domain_rules(engine, pg_database_url):
+    """Over generated farms: `ELIGIBLE_SQL` is `domain.takes_new_sessions`; the context statement
+    stores a reconnect answer exactly when `Session.is_live_at` and `domain.takes_reconnects` say
+    so; ranking the JSON candidates gives the order ranking the table's rows gives."""
     await seed(engine, server(A))
     checked = 0
 
     with psycopg.connect(pg_database_url, autocommit=True) as conn:
 
         @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-        @given(rows=servers_strategy)
-        def check(rows: list[tuple[object, ...]]) -> None:
+        @given(rows=servers_strategy, sessions=sessions_strategy)
+        def check(rows: list[tuple[object, ...]], sessions: list[tuple[str, int]]) -> None:
             nonlocal checked
-            _replace_farm(conn, rows)
+            _replace_farm(conn, rows, sessions)
             eligible_sql = {
                 r[0] for r in conn.execute(f"SELECT address FROM servers WHERE {routing_sql.ELIGIBLE_SQL}")
             }
-            context = conn.execute(routing_sql.CONTEXT_DEFAULT, {"user_key": "nobody"}).fetchone()
-            assert context is not None
-            candidates = [routing_sql._server(c) for c in context[-1]]
-            eligible_py = {s.address for s in candidates if d.takes_new_sessions(s)}
-            assert eligible_sql == eligible_py
+            candidates = [routing_sql._server(c) for c in _context(conn, "nobody", "c-none")[-2]]
+            assert {s.address for s in candidates if d.takes_new_sessions(s)} == eligible_sql
             # JSON numbers and strings rank as the table's own column values do.
             assert [s.address for s in d.rank_for_new_session(candidates)] == _rank_from_table(conn)
+            by_address = {s.address: s for s in candidates}
+            for i, (state, expiry) in enumerate(sessions[: len(rows)]):
+                answered = _context(conn, f"u{i}", f"c{i}")[-1]
+                expires = EXPIRIES[expiry]
+                live = expires is None or expires > NOW
+                assert answered == (live and d.takes_reconnects(by_address[_address(i)])), (state, expiry)
             checked += 1
 
         check()
@@ -98,9 +134,10 @@ async def test_candidates_match_the_repository(engine, service):
     await seed(engine, server(A, weight=50, max_sessions=4), server(B, max_sessions=0))
     await service.route(d.RouteRequest(connection_id="c1", cookie="alice"))
     async with service.store.raw_autocommit() as conn:
-        context = await routing_sql.route_context(conn, "", "bob")
-    assert context is not None
-    _, _, _, candidates = context
+        found = await routing_sql.route_context(conn, d.RouteRequest(connection_id="c2"), "bob", NOW)
+    assert found is not None
+    (_, _, _, candidates), answered = found
+    assert not answered
     async with engine.connect() as conn_sa:
         listed = await ServerRepository(conn_sa).list("default")
     fields = ("address", "pool", "weight", "max_sessions", "admin_state", "health", "agent_state", "load",

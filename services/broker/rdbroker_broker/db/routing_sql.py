@@ -36,35 +36,54 @@ _CANDIDATES = "json_agg(json_build_array({}) ORDER BY c.address)".format(
 )
 _SESSION_FIELDS = ("id", "user", "server_address", "state", "created_at", "updated_at", "expires_at")
 
-# The pool, the user's live session in it with its server, and, when there is no live session,
-# the pool's servers as ranking candidates (one JSON value: cheaper to decode than rows).
-_CONTEXT = f"""
-SELECT p.name, p.is_default, p.disconnect_timeout_s,
-       {", ".join(f's."{name}"' for name in _SESSION_FIELDS)},
-       {", ".join(f"v.{name}" for name in _RANK_FIELDS)},
-       CASE WHEN s.id IS NULL THEN
-           (SELECT {_CANDIDATES} FROM servers c WHERE c.pool = p.name)
-       END
-FROM pools p
-LEFT JOIN sessions s
-    ON s.pool = p.name AND s.user_key = %(user_key)s AND s.state IN {LIVE_SQL}
-LEFT JOIN servers v ON v.address = s.server_address
-WHERE {{pool_filter}}
-"""
-CONTEXT_DEFAULT = _CONTEXT.format(pool_filter="p.is_default")
-CONTEXT_NAMED = _CONTEXT.format(pool_filter="p.name_key = %(pool_key)s")
+
+def reconnects_sql(t: str) -> str:
+    """`domain.takes_reconnects` on the `servers` row `t`: not down, not in maintenance."""
+    return (
+        f"{t}.health <> 'down' AND {t}.agent_state NOT IN ('down', 'maint')"
+        f" AND {t}.admin_state <> 'maintenance'"
+    )
+
 
 _CONNECTION_COLUMNS = (
     'connection_id, attempt, session_id, proxy_id, server_address, reason, "user", pool, '
     "client_address, created_at, bytes_from_client, bytes_from_server, duration_ms, end_reason"
 )
-RECORD_ANSWER = f"""
-INSERT INTO connections ({_CONNECTION_COLUMNS})
-VALUES (%(connection_id)s, %(attempt)s, %(session_id)s, %(proxy_id)s, %(server_address)s, %(reason)s,
-        %(user)s, %(pool)s, %(client_address)s, %(now)s, 0, 0, 0, '')
-ON CONFLICT (connection_id, attempt) DO NOTHING
-RETURNING attempt
+
+# The pool, the user's live session in it with its server, and, when there is no live session,
+# the pool's servers as ranking candidates (one JSON value: cheaper to decode than rows). When the
+# live session takes this connection back (not expired, its server takes reconnects), the answer is
+# stored in the same statement: a reconnect is one round trip. `domain` decides again in Python.
+_CONTEXT = f"""
+WITH ctx AS (
+    SELECT p.name AS pool_name, p.is_default, p.disconnect_timeout_s,
+           {", ".join(f's."{name}" AS s_{name}' for name in _SESSION_FIELDS)},
+           {", ".join(f"v.{name} AS v_{name}" for name in _RANK_FIELDS)},
+           CASE WHEN s.id IS NULL THEN
+               (SELECT {_CANDIDATES} FROM servers c WHERE c.pool = p.name)
+           END AS candidates,
+           (s.expires_at IS NULL OR s.expires_at > %(now)s) AND {reconnects_sql("v")} AS reconnects
+    FROM pools p
+    LEFT JOIN sessions s
+        ON s.pool = p.name AND s.user_key = %(user_key)s AND s.state IN {LIVE_SQL}
+    LEFT JOIN servers v ON v.address = s.server_address
+    WHERE {{pool_filter}}
+), answered AS (
+    INSERT INTO connections ({_CONNECTION_COLUMNS})
+    SELECT %(connection_id)s, %(attempt)s, s_id, %(proxy_id)s, v_address, 'reconnect', s_user, pool_name,
+           %(client_address)s, %(now)s, 0, 0, 0, ''
+    FROM ctx WHERE reconnects
+    ON CONFLICT (connection_id, attempt) DO NOTHING
+    RETURNING attempt
+)
+SELECT pool_name, is_default, disconnect_timeout_s,
+       {", ".join(f"s_{name}" for name in _SESSION_FIELDS)},
+       {", ".join(f"v_{name}" for name in _RANK_FIELDS)},
+       candidates, EXISTS (SELECT FROM answered)
+FROM ctx
 """
+CONTEXT_DEFAULT = _CONTEXT.format(pool_filter="p.is_default")
+CONTEXT_NAMED = _CONTEXT.format(pool_filter="p.name_key = %(pool_key)s")
 
 ANSWER = """
 SELECT server_address, session_id, reason, "user", pool FROM connections
@@ -103,20 +122,33 @@ WITH chosen AS (
 SELECT (SELECT server_address FROM answered)
 """
 
+Connection = psycopg.AsyncConnection[Any]
 RouteContext = tuple[d.Pool, d.Session | None, d.Server | None, list[d.Server]]
 
 
-async def route_context(conn: psycopg.AsyncConnection[Any], pool: str, key: str) -> RouteContext | None:
-    """The pool ("" = the default), the user's live session and its server, else the candidates."""
-    query = CONTEXT_NAMED if pool else CONTEXT_DEFAULT
-    cur = await conn.execute(query, {"user_key": key or None, "pool_key": pool.casefold()})
-    row = await cur.fetchone()
+async def route_context(
+    conn: psycopg.AsyncConnection[Any], request: d.RouteRequest, key: str, now: datetime
+) -> tuple[RouteContext, bool] | None:
+    """The pool ("" = the default), the user's live session and its server, else the candidates; and
+    whether this connection's reconnect answer was stored. None for an unknown pool."""
+    query = CONTEXT_NAMED if request.pool else CONTEXT_DEFAULT
+    params = {
+        "user_key": key or None,
+        "pool_key": request.pool.casefold(),
+        "now": now,
+        "connection_id": request.connection_id,
+        "attempt": request.attempt,
+        "proxy_id": request.proxy_id,
+        "client_address": request.client_address,
+    }
+    row = await (await conn.execute(query, params)).fetchone()
     if row is None:
         return None
     found = d.Pool(row[0], row[1], row[2])
     session_at, server_at, candidates_at = 3, 3 + len(_SESSION_FIELDS), 3 + len(_SESSION_FIELDS) + 10
+    answered = bool(row[candidates_at + 1])
     if row[session_at] is None:
-        return found, None, None, [_server(c) for c in row[candidates_at] or ()]
+        return (found, None, None, [_server(c) for c in row[candidates_at] or ()]), answered
     sid, user, address, state, created, updated, expires = row[session_at:server_at]
     session = d.Session(
         session_id=sid,
@@ -129,7 +161,14 @@ async def route_context(conn: psycopg.AsyncConnection[Any], pool: str, key: str)
         expires_at=expires.astimezone(UTC) if expires is not None else None,
     )
     server = _server(row[server_at:candidates_at]) if row[server_at] is not None else None
-    return found, session, server, []
+    return (found, session, server, []), answered
+
+
+async def forget_answer(conn: psycopg.AsyncConnection[Any], request: d.RouteRequest, session_id: str) -> None:
+    await conn.execute(
+        "DELETE FROM connections WHERE connection_id = %s AND attempt = %s AND session_id = %s",
+        (request.connection_id, request.attempt, session_id),
+    )
 
 
 def _server(values: Any) -> d.Server:
@@ -146,28 +185,6 @@ def _server(values: Any) -> d.Server:
         placements_since_report=placements,
         live_sessions=live,
     )
-
-
-async def record_answer(
-    conn: psycopg.AsyncConnection[Any], request: d.RouteRequest, decision: d.RouteDecision, now: datetime
-) -> bool:
-    """Store the answer; False when this (connection_id, attempt) already has one."""
-    cur = await conn.execute(
-        RECORD_ANSWER,
-        {
-            "connection_id": request.connection_id,
-            "attempt": request.attempt,
-            "session_id": decision.session_id,
-            "proxy_id": request.proxy_id,
-            "server_address": decision.server_address,
-            "reason": decision.reason.value,
-            "user": decision.user,
-            "pool": decision.pool,
-            "client_address": request.client_address,
-            "now": now,
-        },
-    )
-    return await cur.fetchone() is not None
 
 
 async def stored_answer(
