@@ -77,15 +77,22 @@ def build_parser(demo: bool) -> argparse.ArgumentParser:
             prog="rdbroker up",
             description="Run proxy, broker and health in one process (embedded SQLite by default).",
         )
-    listen_default = "127.0.0.1:3389" if demo else "the proxy's (0.0.0.0:3389)"
-    parser.add_argument("--listen", help=f"RDP HOST:PORT for clients (env RDBROKER_LISTEN; {listen_default})")
+    listen_default = "127.0.0.1:3389" if demo else "0.0.0.0:3389"
     parser.add_argument(
-        "--http-listen", help="REST API and dashboard (env RDBROKER_HTTP_LISTEN; 127.0.0.1:8080)"
+        "--listen", metavar="HOST:PORT", help=f"RDP clients (env RDBROKER_LISTEN; {listen_default})"
     )
-    parser.add_argument("--grpc-listen", help="broker gRPC (env RDBROKER_GRPC_LISTEN; 127.0.0.1:50051)")
+    parser.add_argument(
+        "--http-listen",
+        metavar="HOST:PORT",
+        help="REST API, dashboard (env RDBROKER_HTTP_LISTEN; 127.0.0.1:8080)",
+    )
+    parser.add_argument(
+        "--grpc-listen", metavar="HOST:PORT", help="broker gRPC (env RDBROKER_GRPC_LISTEN; 127.0.0.1:50051)"
+    )
     parser.add_argument(
         "--database-url",
-        help="SQLAlchemy URL (env RDBROKER_DATABASE_URL; sqlite+aiosqlite:///rdbroker.db"
+        metavar="URL",
+        help="postgresql://... or sqlite+aiosqlite:///FILE (env RDBROKER_DATABASE_URL; sqlite+aiosqlite:///rdbroker.db"
         + ("; demo: a temporary file)" if demo else ")"),
     )
     parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="default INFO")
