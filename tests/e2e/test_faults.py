@@ -81,7 +81,8 @@ async def storm_with_fault(
 ) -> Run:
     storm = LoginStorm(farm.proxies, STORM)
     await storm.logon_all_once()
-    assert failed(storm.attempts) == [], "the cluster must work before the fault"
+    bad = failed(storm.attempts)
+    assert bad == [], f"the cluster must work before the fault: {bad[:2]}\n{farm.log_tails()}"
     homes = first_servers(storm.attempts)
     assert set(homes) == set(storm.users)
     directory = await asyncio.to_thread(farm.sessions)

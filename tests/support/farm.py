@@ -163,6 +163,13 @@ class Farm:
         )
         self.proxies.append(f"127.0.0.1:{rdp_port}")
 
+    def log_tails(self, lines: int = 8) -> str:
+        """The end of every service's log, for an assertion message."""
+        services = self.harness.supervisor.services.values()
+        return "\n".join(
+            f"--- {s.name}\n{s.log_tail(lines)}" for s in services if not s.name.startswith("host")
+        )
+
     # Reading the directory ----------------------------------------------------------------------
 
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
