@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,11 +24,40 @@ from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetr
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode, TraceState
+from opentelemetry.util.types import Attributes
 
 from rdbroker_common.settings import split_host_port
 
 log = logging.getLogger(__name__)
+
+
+class RecordWhenExported(Sampler):
+    """Sample with `inner` (the SDK's default, or OTEL_TRACES_SAMPLER) once an exporter is attached;
+    until then drop every span, so a process that exports nothing does not pay to record spans.
+    Trace context still crosses gRPC either way (dropped spans keep valid, unsampled contexts)."""
+
+    def __init__(self, inner: Sampler) -> None:
+        self.inner = inner
+        self.exporting = False
+
+    def should_sample(
+        self,
+        parent_context: otel_context.Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        trace_state: TraceState | None = None,
+    ) -> SamplingResult:
+        if not self.exporting:
+            return SamplingResult(Decision.DROP)
+        return self.inner.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
+
+    def get_description(self) -> str:
+        return f"RecordWhenExported{{{self.inner.get_description()}}}"
 
 
 @dataclass
@@ -36,12 +65,15 @@ class Telemetry:
     tracer_provider: TracerProvider
     meter_provider: MeterProvider
     metrics_port: int | None = None
+    sampler: RecordWhenExported | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add_span_exporter(self, exporter: SpanExporter, *, batch: bool = False) -> None:
-        """Add an exporter (tests use an in-memory one, synchronously)."""
+        """Add an exporter (tests use an in-memory one, synchronously); spans are recorded from now on."""
         processor = BatchSpanProcessor(exporter) if batch else SimpleSpanProcessor(exporter)
         self.tracer_provider.add_span_processor(processor)
+        if self.sampler is not None:
+            self.sampler.exporting = True
 
     def shutdown(self) -> None:
         with self._lock:
@@ -70,7 +102,9 @@ def setup(
         if _current is not None:
             return _current
         resource = Resource.create({"service.name": service_name})
-        tracer_provider = TracerProvider(resource=resource)
+        # The sampler the SDK would pick (OTEL_TRACES_SAMPLER, else parent-based always-on).
+        sampler = RecordWhenExported(TracerProvider(shutdown_on_exit=False).sampler)
+        tracer_provider = TracerProvider(resource=resource, sampler=sampler)
         readers: list[MetricReader] = list(extra_metric_readers)
         endpoint = otlp_endpoint_from(otlp_endpoint)
         if endpoint:
@@ -78,6 +112,7 @@ def setup(
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
             tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+            sampler.exporting = True
             readers.append(PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=endpoint)))
         metrics_port = None
         if metrics_listen:
@@ -85,7 +120,7 @@ def setup(
         meter_provider = MeterProvider(resource=resource, metric_readers=readers)
         trace.set_tracer_provider(tracer_provider)
         metrics.set_meter_provider(meter_provider)
-        _current = Telemetry(tracer_provider, meter_provider, metrics_port)
+        _current = Telemetry(tracer_provider, meter_provider, metrics_port, sampler)
         return _current
 
 

@@ -75,3 +75,31 @@ def test_json_log_lines_carry_the_trace_id(telemetry) -> None:
 def test_setup_is_once_per_process(telemetry) -> None:
     handle, _ = telemetry
     assert tel.setup("another-name") is handle
+
+
+def test_spans_are_recorded_only_once_something_exports_them() -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+
+    sampler = tel.RecordWhenExported(ALWAYS_ON)
+    provider = TracerProvider(sampler=sampler, shutdown_on_exit=False)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    with tracer.start_as_current_span("dropped") as dropped:
+        assert not dropped.is_recording()
+        assert dropped.get_span_context().is_valid  # context still crosses gRPC, unsampled
+        assert not dropped.get_span_context().trace_flags.sampled
+    sampler.exporting = True
+    with tracer.start_as_current_span("kept") as kept:
+        assert kept.is_recording()
+    assert [s.name for s in exporter.get_finished_spans()] == ["kept"]
+    assert sampler.get_description() == "RecordWhenExported{AlwaysOnSampler}"
+
+
+def test_the_session_telemetry_records_because_it_exports(telemetry) -> None:
+    handle, _ = telemetry
+    assert handle.sampler is not None
+    assert handle.sampler.exporting

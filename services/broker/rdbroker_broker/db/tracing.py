@@ -37,7 +37,8 @@ def trace_statements(engine: AsyncEngine) -> None:
 
 
 def _in_trace() -> bool:
-    return trace.get_current_span().get_span_context().is_valid
+    # A recording parent: statements outside a trace, or in one not sampled, cost only this check.
+    return trace.get_current_span().is_recording()
 
 
 def _start(system: str, statement: str) -> Span:
