@@ -52,6 +52,7 @@ CHANNEL_OPTIONS = [
 ]
 
 ReportKind = Literal["opened", "closed"]
+Report = tuple[ReportKind, pb.ConnectionOpenedRequest | pb.ConnectionClosedRequest]
 
 
 def _channel(
@@ -64,9 +65,6 @@ def _channel(
     if credentials is not None:
         return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
     return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
-
-
-Report = tuple[ReportKind, pb.ConnectionOpenedRequest | pb.ConnectionClosedRequest]
 
 
 class BrokerClient:

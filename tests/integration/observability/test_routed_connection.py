@@ -124,3 +124,22 @@ async def test_an_unreachable_broker_is_counted(telemetry):
         assert await asyncio.wait_for(reader.read(100), 10) == b""  # closed: no broker answered
         await close(writer)
     assert unreachable() == before + 1
+
+
+async def test_a_proxy_routes_through_a_dns_broker_target(broker, engine, telemetry):
+    async with FakeRdpServer(mode="echo") as rdp:
+        await seed(engine, server(rdp.address))
+        proxy = ProxyServer(settings([f"dns:///localhost:{broker.grpc_port}"]))
+        assert proxy.settings.broker_addresses == [f"dns:///localhost:{broker.grpc_port}"]
+        stop = asyncio.Event()
+        task = asyncio.get_running_loop().create_task(proxy.serve(stop))
+        try:
+            await asyncio.wait_for(proxy.ready.wait(), 30)
+            reader, writer, _ = await handshake(proxy.port, build_connection_request(cookie="CORP\\dns"))
+            writer.write(b"ping")
+            assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+            await close(writer)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+    assert len(rdp.first_packets) == 1
