@@ -1,0 +1,101 @@
+"""What grpc.aio alone costs per Route call: a server whose handler returns a constant answer.
+
+    .venv/bin/python bench/grpc_floor.py [--calls 8000] [--concurrency 16]
+
+Starts the server in a child process (uvloop, as the broker runs) on 127.0.0.1 and prints calls/s and
+the server process's CPU time per call: the floor under the broker's own CPU per route.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+import grpc
+import psutil
+import uvloop
+
+from rdbroker_proto.v1 import broker_pb2 as pb
+from rdbroker_proto.v1 import broker_pb2_grpc
+
+
+class ConstantBroker(broker_pb2_grpc.BrokerServicer):
+    async def Route(self, request: pb.RouteRequest, context: Any) -> pb.RouteResponse:
+        return pb.RouteResponse(
+            server_address="10.0.0.1:3389",
+            session_id="0" * 32,
+            reason=pb.ROUTE_REASON_RECONNECT,
+            user=request.cookie,
+            pool="default",
+        )
+
+
+async def serve(port: int) -> None:
+    server = grpc.aio.server()
+    # Only Route is served: the other methods answer UNIMPLEMENTED, which is all a floor needs.
+    broker_pb2_grpc.add_BrokerServicer_to_server(ConstantBroker(), server)  # type: ignore[abstract]
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+async def measure(port: int, process: psutil.Process, calls: int, concurrency: int) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = broker_pb2_grpc.BrokerStub(channel)
+        await stub.Route(pb.RouteRequest(connection_id="warm"), timeout=30, wait_for_ready=True)
+        remaining = list(range(calls))
+
+        async def worker() -> None:
+            while remaining:
+                n = remaining.pop()
+                request = pb.RouteRequest(connection_id=f"c{n}", proxy_id="bench", cookie=f"CORP\\user{n}")
+                await stub.Route(request, timeout=30)
+
+        times = process.cpu_times()
+        cpu_before, start = times.user + times.system, time.perf_counter()
+        async with asyncio.TaskGroup() as tasks:
+            for _ in range(concurrency):
+                tasks.create_task(worker())
+        elapsed = time.perf_counter() - start
+        times = process.cpu_times()
+        cpu_ms = (times.user + times.system - cpu_before) * 1000 / calls
+        sys.stdout.write(
+            f"grpc.aio floor: {calls / elapsed:.0f} calls/s, server CPU {cpu_ms:.3f} ms/call, "
+            f"{concurrency} concurrent clients, load average {os.getloadavg()[0]:.2f}\n"
+        )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--calls", type=int, default=8000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)  # the child process
+    args = parser.parse_args()
+    if args.serve:
+        uvloop.run(serve(args.serve))
+        return
+    port = free_port()
+    child = subprocess.Popen([sys.executable, __file__, "--serve", str(port)])
+    try:
+        asyncio.run(measure(port, psutil.Process(child.pid), args.calls, args.concurrency))
+    finally:
+        child.terminate()
+        child.wait(10)
+
+
+if __name__ == "__main__":
+    main()
