@@ -93,42 +93,53 @@ async def test_broker_and_proxy_processes_serve_their_metrics(pg_database_url, e
     broker_log, proxy_log = tmp_path / "broker.log", tmp_path / "proxy.log"
     async with FakeRdpServer(mode="echo") as rdp:
         await seed(engine, server(rdp.address))
-        with (
-            process(
-                "rdbroker_broker",
-                "--database-url", pg_database_url,
-                "--grpc-listen", f"127.0.0.1:{grpc_port}",
-                "--http-listen", f"127.0.0.1:{http_port}",
-                "--metrics-listen", f"127.0.0.1:{broker_metrics}",
-                log=broker_log,
-            ) as broker,
-            process(
+        with process(
+            "rdbroker_broker",
+            "--database-url", pg_database_url,
+            "--grpc-listen", f"127.0.0.1:{grpc_port}",
+            "--http-listen", f"127.0.0.1:{http_port}",
+            "--metrics-listen", f"127.0.0.1:{broker_metrics}",
+            log=broker_log,
+        ) as broker:  # fmt: skip
+            # The proxy fails a Route fast while its broker channel is in reconnect backoff: start it
+            # once the broker serves.
+            await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{http_port}/readyz", broker, broker_log)
+            with process(
                 "rdbroker_proxy",
                 "--listen", f"127.0.0.1:{rdp_port}",
                 "--grpc-listen", f"127.0.0.1:{health_port}",
                 "--broker", f"127.0.0.1:{grpc_port}",
                 "--metrics-listen", f"127.0.0.1:{proxy_metrics}",
                 log=proxy_log,
-            ) as proxy,
-        ):  # fmt: skip
-            await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{http_port}/readyz", broker, broker_log)
-            await asyncio.to_thread(wait_serving, health_port, proxy, proxy_log)
-            text = await asyncio.to_thread(metrics_text, broker_metrics, broker, broker_log)
-            assert prom.sample(text, "rdbroker_routes_total") is None  # nothing routed yet
-            text = await asyncio.to_thread(metrics_text, proxy_metrics, proxy, proxy_log)
-            assert prom.sample(text, "rdbroker_proxy_active_connections") == 0
-            reader, writer, _ = await handshake(rdp_port, build_connection_request(cookie="CORP\\proc"))
-            writer.write(b"z" * 100)
-            assert await asyncio.wait_for(reader.readexactly(100), 10) == b"z" * 100
-            assert prom.sample(prom.scrape(proxy_metrics), "rdbroker_proxy_active_connections") == 1
-            text = prom.scrape(broker_metrics)
-            assert prom.sample(text, "rdbroker_routes_total", reason="new", outcome="ok") == 1
-            assert prom.sample(text, "rdbroker_route_duration_seconds_count") == 1
-            await close(writer)
-            assert await wait_for_sample(proxy_metrics, "rdbroker_proxy_active_connections", 0) == 0
-            assert (
-                prom.sample(prom.scrape(proxy_metrics), "rdbroker_proxy_bytes_total", direction="from_server")
-                >= 100
-            )
-            # The session is reported closed: the broker's count of it moves to disconnected.
-            assert await wait_for_sample(broker_metrics, "rdbroker_sessions", 1, state="disconnected") == 1
+            ) as proxy:  # fmt: skip
+                await asyncio.to_thread(wait_serving, health_port, proxy, proxy_log)
+                text = await asyncio.to_thread(metrics_text, broker_metrics, broker, broker_log)
+                assert prom.sample(text, "rdbroker_routes_total") is None  # nothing routed yet
+                text = await asyncio.to_thread(metrics_text, proxy_metrics, proxy, proxy_log)
+                assert prom.sample(text, "rdbroker_proxy_active_connections") == 0
+
+                try:
+                    reader, writer, _ = await handshake(
+                        rdp_port, build_connection_request(cookie="CORP\\proc")
+                    )
+                except (OSError, asyncio.IncompleteReadError) as exc:
+                    logs = proxy_log.read_text()[-3000:] + broker_log.read_text()[-3000:]
+                    raise AssertionError(f"the connection was not routed:\n{logs}") from exc
+                writer.write(b"z" * 100)
+                assert await asyncio.wait_for(reader.readexactly(100), 10) == b"z" * 100
+                assert prom.sample(prom.scrape(proxy_metrics), "rdbroker_proxy_active_connections") == 1
+                text = prom.scrape(broker_metrics)
+                assert prom.sample(text, "rdbroker_routes_total", reason="new", outcome="ok") == 1
+                assert prom.sample(text, "rdbroker_route_duration_seconds_count") == 1
+
+                await close(writer)
+                assert await wait_for_sample(proxy_metrics, "rdbroker_proxy_active_connections", 0) == 0
+                sent = prom.sample(
+                    prom.scrape(proxy_metrics), "rdbroker_proxy_bytes_total", direction="from_server"
+                )
+                assert sent is not None
+                assert sent >= 100
+                # The proxy reports the close: the broker's count moves the session to disconnected.
+                assert (
+                    await wait_for_sample(broker_metrics, "rdbroker_sessions", 1, state="disconnected") == 1
+                )
