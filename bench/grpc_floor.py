@@ -1,9 +1,10 @@
 """What grpc.aio alone costs per Route call: a server whose handler returns a constant answer.
 
-    .venv/bin/python bench/grpc_floor.py [--calls 8000] [--concurrency 16]
+    .venv/bin/python bench/grpc_floor.py [--calls 8000] [--concurrency 16] [--telemetry]
 
 Starts the server in a child process (uvloop, as the broker runs) on 127.0.0.1 and prints calls/s and
-the server process's CPU time per call: the floor under the broker's own CPU per route.
+the server process's CPU time per call: the floor under the broker's own CPU per route. With
+`--telemetry` the server has the broker's interceptors (`rdbroker_common.telemetry`, no exporter).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import grpc
 import psutil
 import uvloop
 
+from rdbroker_common import telemetry
 from rdbroker_proto.v1 import broker_pb2 as pb
 from rdbroker_proto.v1 import broker_pb2_grpc
 
@@ -36,8 +38,9 @@ class ConstantBroker(broker_pb2_grpc.BrokerServicer):
         )
 
 
-async def serve(port: int) -> None:
-    server = grpc.aio.server()
+async def serve(port: int, with_telemetry: bool) -> None:
+    interceptors = telemetry.server_interceptors() if with_telemetry else None
+    server = grpc.aio.server(interceptors=interceptors)
     # Only Route is served: the other methods answer UNIMPLEMENTED, which is all a floor needs.
     broker_pb2_grpc.add_BrokerServicer_to_server(ConstantBroker(), server)  # type: ignore[abstract]
     server.add_insecure_port(f"127.0.0.1:{port}")
@@ -45,7 +48,7 @@ async def serve(port: int) -> None:
     await server.wait_for_termination()
 
 
-async def measure(port: int, process: psutil.Process, calls: int, concurrency: int) -> None:
+async def measure(port: int, process: psutil.Process, calls: int, concurrency: int, label: str) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = broker_pb2_grpc.BrokerStub(channel)
         await stub.Route(pb.RouteRequest(connection_id="warm"), timeout=30, wait_for_ready=True)
@@ -66,7 +69,7 @@ async def measure(port: int, process: psutil.Process, calls: int, concurrency: i
         times = process.cpu_times()
         cpu_ms = (times.user + times.system - cpu_before) * 1000 / calls
         sys.stdout.write(
-            f"grpc.aio floor: {calls / elapsed:.0f} calls/s, server CPU {cpu_ms:.3f} ms/call, "
+            f"grpc.aio floor{label}: {calls / elapsed:.0f} calls/s, server CPU {cpu_ms:.3f} ms/call, "
             f"{concurrency} concurrent clients, load average {os.getloadavg()[0]:.2f}\n"
         )
 
@@ -83,15 +86,18 @@ def main() -> None:
     )
     parser.add_argument("--calls", type=int, default=8000)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--telemetry", action="store_true", help="with the broker's server interceptors")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
     if args.serve:
-        uvloop.run(serve(args.serve))
+        uvloop.run(serve(args.serve, args.telemetry))
         return
     port = free_port()
-    child = subprocess.Popen([sys.executable, __file__, "--serve", str(port)])
+    flags = ["--telemetry"] if args.telemetry else []
+    child = subprocess.Popen([sys.executable, __file__, "--serve", str(port), *flags])
+    label = " (telemetry interceptors)" if args.telemetry else ""
     try:
-        asyncio.run(measure(port, psutil.Process(child.pid), args.calls, args.concurrency))
+        asyncio.run(measure(port, psutil.Process(child.pid), args.calls, args.concurrency, label))
     finally:
         child.terminate()
         child.wait(10)

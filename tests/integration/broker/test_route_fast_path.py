@@ -208,3 +208,18 @@ async def test_a_dead_pooled_connection_is_replaced(engine, service, pg_database
     assert answer.server_address == A
     again = await service.route(d.RouteRequest(connection_id="after2", cookie="bob"))
     assert again.reason is d.RouteReason.NEW
+
+
+async def test_the_domain_overrules_sql_on_a_reconnect(engine, service, monkeypatch):
+    """Should SQL's copy of the reconnect rule ever accept what the domain refuses, the stored answer
+    is taken back and the transactional path decides (here: the session ends, the user is placed)."""
+    await seed(engine, server(A), server(B))
+    first = await service.route(d.RouteRequest(connection_id="c1", cookie="alice"))
+    monkeypatch.setattr(d, "takes_reconnects", lambda s: False)
+    again = await service.route(d.RouteRequest(connection_id="c2", cookie="alice"))
+    assert again.reason is d.RouteReason.NEW
+    assert again.session_id != first.session_id
+    async with service.store.raw_autocommit() as conn:
+        cur = await conn.execute("SELECT reason FROM connections WHERE connection_id = 'c2'")
+        assert await cur.fetchall() == [("new",)]
+    await assert_live_counters_exact(engine)
