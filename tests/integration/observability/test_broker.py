@@ -64,6 +64,10 @@ async def test_rest_calls_are_traced_under_their_route_template(broker, engine, 
     exporter.clear()
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{broker.http_port}") as client:
         await client.get("/v1/users/CORP%5Cot/sessions")
+        assert (await client.get("/readyz")).status_code == 200
+        assert (await client.get("/healthz")).status_code == 200
+    # One span for the call; none for the probes, none per dependency or serialization step.
+    assert not [s for s in exporter.get_finished_spans() if s.name.startswith("fastapi.")]
     [served] = [s for s in exporter.get_finished_spans() if s.kind == trace.SpanKind.SERVER]
     assert served.name == "GET /v1/users/{user}/sessions"
     assert served.attributes["http.route"] == "/v1/users/{user}/sessions"

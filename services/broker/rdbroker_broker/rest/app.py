@@ -5,6 +5,7 @@ OpenAPI at `/docs`, and the probes `/healthz` (alive) and `/readyz` (the databas
 from __future__ import annotations
 
 import logging
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,13 @@ with their health and load, and the operator's actions on them. Send `Authorizat
 Errors are `application/problem+json` (RFC 9457)."""
 
 
+PROBE_PATHS = frozenset({"/healthz", "/readyz"})
+
+
+def _is_probe(scope: MutableMapping[str, Any]) -> bool:
+    return scope.get("path") in PROBE_PATHS
+
+
 def create_app(service: BrokerService) -> FastAPI:
     app = FastAPI(
         title="rdbroker",
@@ -43,6 +51,9 @@ def create_app(service: BrokerService) -> FastAPI:
         docs_url="/docs",
         redoc_url=None,
         responses=ERROR_RESPONSES,
+        # FastAPI's own OpenTelemetry: a server span per request, without the kubelet's probes and
+        # without a span per dependency/endpoint/serialization step (docs/contracts.md, Telemetry).
+        telemetry={"exclude": _is_probe, "operation_spans": False},
     )
     app.state.service = service
     app.state.settings = service.settings
