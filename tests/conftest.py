@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from tests.support import postgres
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# CI explores the same examples every run (a red CI must be reproducible); a developer's run explores
+# new ones each time. `HYPOTHESIS_PROFILE=ci` selects the CI behaviour locally.
+hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+hypothesis_settings.register_profile("dev")
+hypothesis_settings.load_profile(
+    os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev")
+)
 SHARED = ROOT.parent / "shared"
 
 

@@ -72,7 +72,10 @@ def build_preconnection(pdu_id: int, blob: str | None = None, flags: int = 0) ->
         return struct.pack("<IIII", V1_LEN, flags, 1, pdu_id)
     if "\x00" in blob:
         raise ValueError("blob must not contain NUL")
-    text = (blob + "\x00").encode("utf-16-le")
+    try:
+        text = (blob + "\x00").encode("utf-16-le")
+    except UnicodeEncodeError as exc:  # a lone surrogate: the parser would refuse it too
+        raise ValueError("blob is not valid UTF-16 text") from exc
     size = V2_MIN_LEN + len(text)
     if size > MAX_PRECONNECTION:
         raise ValueError(f"preconnection PDU would be {size} bytes, over {MAX_PRECONNECTION}")
