@@ -9,13 +9,22 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 
+class _StartingHealthServicer(health.aio.HealthServicer):  # type: ignore[misc]  # untyped package
+    """grpc's servicer answers SERVING for "" from birth; ours waits for `mark_serving`, so a
+    Kubernetes readiness probe (which asks for "") does not pass before start-up is done."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._server_status[""] = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
 def add_standard_services(server: grpc.aio.Server, service_names: Iterable[str]) -> health.aio.HealthServicer:
-    """Register grpc.health.v1 (every name SERVING, plus the overall "") and reflection.
+    """Register grpc.health.v1 (NOT_SERVING until `mark_serving`) and server reflection.
 
     Returns the health servicer so the caller can `enter_graceful_shutdown()` on SIGTERM.
     """
     names = list(service_names)
-    servicer = health.aio.HealthServicer()
+    servicer = _StartingHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     return servicer
