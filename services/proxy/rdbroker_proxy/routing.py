@@ -43,6 +43,7 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXC
 REPORT_BATCH = 64
 RETRY_PAUSE_S = 0.05
 MAX_BACKOFF_S = 5.0
+MAX_ROUTE_PAUSE_S = 0.5  # between Route rounds over every broker
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
@@ -129,9 +130,10 @@ class BrokerClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.route_timeout_s
         last: grpc.aio.AioRpcError | None = None
-        # Each broker once, then once more after a short pause if time is left (a restarting
-        # broker or a single-broker set gets a second chance), never past the deadline.
-        for round_ in range(2):
+        # Every broker in turn, round after round with a growing pause, until the deadline: a
+        # restarting broker (or every channel in reconnect backoff) is waited for, not given up on.
+        pause = RETRY_PAUSE_S
+        while deadline - loop.time() > 0:
             for index in self._order("route"):
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -150,8 +152,11 @@ class BrokerClient:
                         exc.code().name,
                         extra={"connection_id": request.connection_id},
                     )
-            if round_ == 0 and deadline - loop.time() > RETRY_PAUSE_S:
-                await asyncio.sleep(RETRY_PAUSE_S)
+            remaining = deadline - loop.time()
+            if remaining <= pause:
+                break
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, MAX_ROUTE_PAUSE_S)
         detail = f"{last.code().name}: {last.details()}" if last is not None else "deadline reached"
         metrics.broker_unreachable.add(1, metrics.UNREACHABLE_ROUTE)
         raise BrokerUnavailable(f"no broker answered Route: {detail}")

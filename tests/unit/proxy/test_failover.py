@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from rdbroker_rdp import build_connection_request
 from tests.unit.proxy.fake_broker import Directory, fake_broker
-from tests.unit.proxy.support import BulkServer, close, handshake, running_proxy
+from tests.unit.proxy.support import STEP_TIMEOUT_S, BulkServer, close, handshake, open_client, running_proxy
 
 
 async def test_a_killed_broker_is_routed_around_and_no_session_is_created_twice() -> None:
@@ -40,3 +42,25 @@ async def test_a_broker_that_dies_before_answering_does_not_cause_a_second_sessi
     assert set(directory.sessions_created.values()) == {1}
     retried = [r.connection_id for r in directory.routes]
     assert len(retried) > len(set(retried))
+
+
+async def test_a_client_waits_for_a_restarting_broker_within_the_route_deadline() -> None:
+    """The only broker is down when the client connects and comes back 1 s later: the client is
+    routed (the proxy keeps trying until its Route deadline), not refused."""
+    async with BulkServer() as server:
+        directory = Directory({"": [server.address]})
+        async with fake_broker(directory) as first:
+            port = first.port
+        # The broker is gone; the proxy's channel is failing and backing off.
+        async with running_proxy([f"127.0.0.1:{port}"], route_timeout_s=8.0) as proxy:
+            reader, writer = await open_client(proxy.port)
+            writer.write(build_connection_request(cookie="alice"))
+            await asyncio.sleep(1.0)
+            assert not server.first_packets
+            async with fake_broker(directory, port=port):
+                async with asyncio.timeout(STEP_TIMEOUT_S):
+                    header = await reader.readexactly(4)
+                assert header[:2] == b"\x03\x00"  # the server's Connection Confirm came back
+                await close(writer)
+    assert len(server.first_packets) == 1
+    assert len(directory.sessions_created) == 1
