@@ -7,7 +7,6 @@ import asyncio
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
 from pydantic import ValidationError
 
@@ -17,23 +16,21 @@ from rdbroker_broker.db import migrate
 from rdbroker_broker.db.engine import make_engine, redact
 from rdbroker_broker.errors import BrokerError
 from rdbroker_common import lifecycle, logs, telemetry
+from rdbroker_common.flags import add_settings_flags, settings_from
 
 log = logging.getLogger("rdbroker_broker")
 
 
+# Tokens are read from the environment only: a command line shows in `ps` to every user of the host.
+ENV_ONLY = ("api_read_token", "api_admin_token")
+
+
 def _common_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--database-url", help="postgresql://... or sqlite+aiosqlite:///file.db [RDBROKER_DATABASE_URL]"
-    )
-    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    parser.add_argument("--log-format", choices=["json", "text"])
+    add_settings_flags(parser, BrokerSettings, only=("database_url", "log_level", "log_format"))
 
 
 def _settings(args: argparse.Namespace) -> BrokerSettings:
-    overrides: dict[str, Any] = {
-        k: v for k, v in vars(args).items() if v is not None and k in BrokerSettings.model_fields
-    }
-    return BrokerSettings(**overrides)
+    return settings_from(BrokerSettings, args)
 
 
 def _fail(prog: str, message: str, code: int = 2) -> int:
@@ -43,21 +40,7 @@ def _fail(prog: str, message: str, code: int = 2) -> int:
 
 def broker_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rdbroker broker", description="Run the broker (gRPC + REST).")
-    _common_flags(parser)
-    parser.add_argument("--grpc-listen", help="HOST:PORT for gRPC [RDBROKER_GRPC_LISTEN, 127.0.0.1:50051]")
-    parser.add_argument("--http-listen", help="HOST:PORT for REST [RDBROKER_HTTP_LISTEN, 127.0.0.1:8080]")
-    parser.add_argument(
-        "--migrate", action="store_true", default=None, help="upgrade a PostgreSQL schema at start"
-    )
-    parser.add_argument("--shutdown-grace-s", type=float)
-    parser.add_argument("--heartbeat-interval-s", type=float)
-    parser.add_argument("--pending-timeout-s", type=float)
-    parser.add_argument("--sweep-interval-s", type=float)
-    parser.add_argument("--tls-ca")
-    parser.add_argument("--tls-cert")
-    parser.add_argument("--tls-key")
-    parser.add_argument("--otlp-endpoint")
-    parser.add_argument("--metrics-listen", help="HOST:PORT of Prometheus /metrics [RDBROKER_METRICS_LISTEN]")
+    add_settings_flags(parser, BrokerSettings, env_only=ENV_ONLY)
     return parser
 
 

@@ -12,6 +12,7 @@ import sys
 from pydantic import ValidationError
 
 from rdbroker_common import lifecycle, logs, telemetry
+from rdbroker_common.flags import add_settings_flags, settings_from
 from rdbroker_health import app
 from rdbroker_health.config import HealthSettings
 from rdbroker_health.errors import ConfigError
@@ -24,24 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rdbroker health",
         description="Probe the terminal servers this replica claims from the broker and report to it.",
     )
-    for name, field in HealthSettings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        default = field.default
-        parser.add_argument(
-            flag,
-            dest=name,
-            default=None,
-            metavar=name.upper(),
-            help=f"(env RDBROKER_{name.upper()}; default {default!r})",
-        )
+    add_settings_flags(parser, HealthSettings)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    overrides = {name: value for name, value in vars(args).items() if value is not None}
     try:
-        settings = HealthSettings(**overrides)
+        settings = settings_from(HealthSettings, args)
     except ValidationError as exc:
         sys.stderr.write(f"rdbroker health: invalid settings:\n{exc}\n")
         return 2

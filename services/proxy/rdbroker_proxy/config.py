@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from rdbroker_common.flags import parse_settings
 from rdbroker_common.settings import ServiceSettings, broker_targets, split_host_port
 from rdbroker_rdp import MAX_FIRST_PACKET
 
@@ -78,21 +78,11 @@ class ProxySettings(ServiceSettings):
         return self.broker.split(",")
 
 
-def flag_name(field: str) -> str:
-    return "--" + field.replace("_", "-")
-
-
 def parse_args(argv: Sequence[str]) -> ProxySettings:
     """Flags for every settings field; what is not given comes from RDBROKER_* or the default."""
-    parser = argparse.ArgumentParser(
+    return parse_settings(
+        ProxySettings,
+        argv,
         prog="rdbroker proxy",
         description="RDP proxy replica: reads the first packet, asks the broker, splices to the server.",
-        argument_default=argparse.SUPPRESS,
     )
-    for name, info in ProxySettings.model_fields.items():
-        env = "RDBROKER_" + name.upper()
-        default = "" if info.default_factory is not None else f", default {info.default!r}"
-        help_ = f"{info.description or ''} [{env}{default}]"
-        parser.add_argument(flag_name(name), dest=name, metavar="VALUE", help=help_)
-    given: dict[str, Any] = vars(parser.parse_args(list(argv)))
-    return ProxySettings(**given)
