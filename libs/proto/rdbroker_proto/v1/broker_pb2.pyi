@@ -327,6 +327,83 @@ class ConnectionClosedResponse(_message.Message):
 Global___ConnectionClosedResponse: _TypeAlias = ConnectionClosedResponse  # noqa: Y015
 
 @_typing.final
+class ConnectionEvent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPENED_FIELD_NUMBER: _builtins.int
+    CLOSED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def opened(self) -> Global___ConnectionOpenedRequest: ...
+    @_builtins.property
+    def closed(self) -> Global___ConnectionClosedRequest: ...
+    def __init__(
+        self,
+        *,
+        opened: Global___ConnectionOpenedRequest | None = ...,
+        closed: Global___ConnectionClosedRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["closed", b"closed", "event", b"event", "opened", b"opened"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["closed", b"closed", "event", b"event", "opened", b"opened"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["opened", "closed"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___ConnectionEvent: _TypeAlias = ConnectionEvent  # noqa: Y015
+
+@_typing.final
+class ReportConnectionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROXY_ID_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    proxy_id: _builtins.str
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConnectionEvent]: ...
+    def __init__(
+        self,
+        *,
+        proxy_id: _builtins.str = ...,
+        events: _abc.Iterable[Global___ConnectionEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "proxy_id", b"proxy_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportConnectionsRequest: _TypeAlias = ReportConnectionsRequest  # noqa: Y015
+
+@_typing.final
+class ReportConnectionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REJECTED_FIELD_NUMBER: _builtins.int
+    REJECTED_REASONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rejected(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """indexes into events of those the broker refused (never retry them)"""
+
+    @_builtins.property
+    def rejected_reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """one per rejected index: "NOT_FOUND: unknown session ..." """
+
+    def __init__(
+        self,
+        *,
+        rejected: _abc.Iterable[_builtins.int] | None = ...,
+        rejected_reasons: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rejected", b"rejected", "rejected_reasons", b"rejected_reasons"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportConnectionsResponse: _TypeAlias = ReportConnectionsResponse  # noqa: Y015
+
+@_typing.final
 class ProxyHeartbeatRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

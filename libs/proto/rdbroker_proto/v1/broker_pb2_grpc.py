@@ -49,6 +49,11 @@ class BrokerStub:
                 request_serializer=rdbroker__proto_dot_v1_dot_broker__pb2.ConnectionClosedRequest.SerializeToString,
                 response_deserializer=rdbroker__proto_dot_v1_dot_broker__pb2.ConnectionClosedResponse.FromString,
                 _registered_method=True)
+        self.ReportConnections = channel.unary_unary(
+                '/rdbroker.v1.Broker/ReportConnections',
+                request_serializer=rdbroker__proto_dot_v1_dot_broker__pb2.ReportConnectionsRequest.SerializeToString,
+                response_deserializer=rdbroker__proto_dot_v1_dot_broker__pb2.ReportConnectionsResponse.FromString,
+                _registered_method=True)
         self.ProxyHeartbeat = channel.unary_unary(
                 '/rdbroker.v1.Broker/ProxyHeartbeat',
                 request_serializer=rdbroker__proto_dot_v1_dot_broker__pb2.ProxyHeartbeatRequest.SerializeToString,
@@ -110,6 +115,15 @@ class BrokerServicer:
 
     def ConnectionClosed(self, request, context):
         """The client connection has ended (either side closed, or it failed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportConnections(self, request, context):
+        """Opened/Closed reports in one call, applied in order (at most 1000 events). Events the broker
+        refuses (unknown session, invalid field) are answered by index and the rest still apply; a
+        database outage fails the whole call with UNAVAILABLE, and a retried batch is harmless.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -184,6 +198,11 @@ def add_BrokerServicer_to_server(servicer, server):
                     servicer.ConnectionClosed,
                     request_deserializer=rdbroker__proto_dot_v1_dot_broker__pb2.ConnectionClosedRequest.FromString,
                     response_serializer=rdbroker__proto_dot_v1_dot_broker__pb2.ConnectionClosedResponse.SerializeToString,
+            ),
+            'ReportConnections': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportConnections,
+                    request_deserializer=rdbroker__proto_dot_v1_dot_broker__pb2.ReportConnectionsRequest.FromString,
+                    response_serializer=rdbroker__proto_dot_v1_dot_broker__pb2.ReportConnectionsResponse.SerializeToString,
             ),
             'ProxyHeartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.ProxyHeartbeat,
@@ -307,6 +326,33 @@ class Broker:
             '/rdbroker.v1.Broker/ConnectionClosed',
             rdbroker__proto_dot_v1_dot_broker__pb2.ConnectionClosedRequest.SerializeToString,
             rdbroker__proto_dot_v1_dot_broker__pb2.ConnectionClosedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportConnections(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rdbroker.v1.Broker/ReportConnections',
+            rdbroker__proto_dot_v1_dot_broker__pb2.ReportConnectionsRequest.SerializeToString,
+            rdbroker__proto_dot_v1_dot_broker__pb2.ReportConnectionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,11 @@ class BrokerStub:
     """The proxy has connected to the server and replayed the first packet."""
     ConnectionClosed: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ConnectionClosedRequest, _broker_pb2.ConnectionClosedResponse]
     """The client connection has ended (either side closed, or it failed)."""
+    ReportConnections: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ReportConnectionsRequest, _broker_pb2.ReportConnectionsResponse]
+    """Opened/Closed reports in one call, applied in order (at most 1000 events). Events the broker
+    refuses (unknown session, invalid field) are answered by index and the rest still apply; a
+    database outage fails the whole call with UNAVAILABLE, and a retried batch is harmless.
+    """
     ProxyHeartbeat: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ProxyHeartbeatRequest, _broker_pb2.ProxyHeartbeatResponse]
     """A proxy is alive; a proxy whose heartbeats stop has its sessions marked disconnected."""
     LookupUserSessions: _grpc.UnaryUnaryMultiCallable[_broker_pb2.LookupUserSessionsRequest, _broker_pb2.LookupUserSessionsResponse]
@@ -61,6 +66,11 @@ class BrokerAsyncStub(BrokerStub):
     """The proxy has connected to the server and replayed the first packet."""
     ConnectionClosed: _aio.UnaryUnaryMultiCallable[_broker_pb2.ConnectionClosedRequest, _broker_pb2.ConnectionClosedResponse]  # type: ignore[assignment]
     """The client connection has ended (either side closed, or it failed)."""
+    ReportConnections: _aio.UnaryUnaryMultiCallable[_broker_pb2.ReportConnectionsRequest, _broker_pb2.ReportConnectionsResponse]  # type: ignore[assignment]
+    """Opened/Closed reports in one call, applied in order (at most 1000 events). Events the broker
+    refuses (unknown session, invalid field) are answered by index and the rest still apply; a
+    database outage fails the whole call with UNAVAILABLE, and a retried batch is harmless.
+    """
     ProxyHeartbeat: _aio.UnaryUnaryMultiCallable[_broker_pb2.ProxyHeartbeatRequest, _broker_pb2.ProxyHeartbeatResponse]  # type: ignore[assignment]
     """A proxy is alive; a proxy whose heartbeats stop has its sessions marked disconnected."""
     LookupUserSessions: _aio.UnaryUnaryMultiCallable[_broker_pb2.LookupUserSessionsRequest, _broker_pb2.LookupUserSessionsResponse]  # type: ignore[assignment]
@@ -98,6 +108,17 @@ class BrokerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_broker_pb2.ConnectionClosedResponse, _abc.Awaitable[_broker_pb2.ConnectionClosedResponse]]:
         """The client connection has ended (either side closed, or it failed)."""
+
+    @_abc_1.abstractmethod
+    def ReportConnections(
+        self,
+        request: _broker_pb2.ReportConnectionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.ReportConnectionsResponse, _abc.Awaitable[_broker_pb2.ReportConnectionsResponse]]:
+        """Opened/Closed reports in one call, applied in order (at most 1000 events). Events the broker
+        refuses (unknown session, invalid field) are answered by index and the rest still apply; a
+        database outage fails the whole call with UNAVAILABLE, and a retried batch is harmless.
+        """
 
     @_abc_1.abstractmethod
     def ProxyHeartbeat(

@@ -12,7 +12,7 @@ import grpc
 
 from rdbroker_broker import domain as d
 from rdbroker_broker import metrics
-from rdbroker_broker.errors import BrokerError, InvalidInput
+from rdbroker_broker.errors import BrokerError, InvalidInput, Unavailable
 from rdbroker_broker.probing import ProbeService
 from rdbroker_broker.rpc import convert
 from rdbroker_broker.rpc.status import status_for
@@ -26,6 +26,8 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Context = grpc.aio.ServicerContext[Any, Any]
 Handler = Callable[[Any, Req, Context], Awaitable[Resp]]
+
+MAX_REPORT_EVENTS = 1000  # per ReportConnections call: bounds one call's work and message size
 
 
 def guarded(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
@@ -86,6 +88,51 @@ class BrokerServicer(pb_grpc.BrokerServicer):
             end_reason=request.end_reason,
         )
         return pb.ConnectionClosedResponse()
+
+    @guarded
+    async def ReportConnections(
+        self, request: pb.ReportConnectionsRequest, context: Context
+    ) -> pb.ReportConnectionsResponse:
+        """Apply the events in order, each as its single RPC would. A refused event is answered by
+        index and the rest go on; a database outage fails the whole call (the use cases are
+        idempotent, so the proxy resends the whole batch)."""
+        if len(request.events) > MAX_REPORT_EVENTS:
+            raise InvalidInput(
+                f"too many events ({len(request.events)}; at most {MAX_REPORT_EVENTS} per call)"
+            )
+        answer = pb.ReportConnectionsResponse()
+        for index, event in enumerate(request.events):
+            try:
+                await self._apply_event(event, request.proxy_id)
+            except Unavailable:
+                raise
+            except BrokerError as exc:
+                answer.rejected.append(index)
+                answer.rejected_reasons.append(f"{status_for(exc).name}: {exc}")
+            except Exception:
+                # One event's bug must not drop the whole batch: it is refused, the rest apply.
+                log.exception("ReportConnections: event %d failed", index)
+                answer.rejected.append(index)
+                answer.rejected_reasons.append("INTERNAL: internal error in the broker (see its log)")
+        return answer
+
+    async def _apply_event(self, event: pb.ConnectionEvent, proxy_id: str) -> None:
+        kind = event.WhichOneof("event")
+        if kind == "opened":
+            o = event.opened
+            await self.service.connection_opened(o.session_id, o.connection_id, o.proxy_id or proxy_id)
+        elif kind == "closed":
+            c = event.closed
+            await self.service.connection_closed(
+                c.session_id,
+                c.connection_id,
+                bytes_from_client=c.bytes_from_client,
+                bytes_from_server=c.bytes_from_server,
+                duration_ms=c.duration_ms,
+                end_reason=c.end_reason,
+            )
+        else:
+            raise InvalidInput("event is neither opened nor closed")
 
     @guarded
     async def ProxyHeartbeat(
