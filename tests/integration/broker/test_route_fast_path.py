@@ -24,14 +24,16 @@ servers_strategy = st.lists(
         lambda admin, health, agent, weight, load, max_sessions, live, placements: (
             admin, health, agent, weight, load, max_sessions, live, placements
         ),
-        st.sampled_from([s.value for s in d.AdminState]),
-        st.sampled_from([h.value for h in d.Health]),
-        st.sampled_from([a.value for a in d.AgentState]),
-        st.integers(-1, 300),
-        st.integers(-1, 101),
-        st.integers(0, 5),
-        st.integers(0, 6),
-        st.integers(0, 6),
+        # Every state, the eligible ones more often (ranking needs several eligible servers).
+        st.sampled_from(["enabled"] * 4 + [s.value for s in d.AdminState]),
+        st.sampled_from(["up"] * 4 + [h.value for h in d.Health]),
+        st.sampled_from(["none"] * 4 + [a.value for a in d.AgentState]),
+        # Common values often, so that effective loads tie and the tie breaks are exercised.
+        st.one_of(st.just(100), st.integers(-1, 300)),  # weight
+        st.one_of(st.just(0), st.integers(-1, 101)),  # load
+        st.integers(0, 5),  # max_sessions
+        st.integers(0, 6),  # live_sessions
+        st.one_of(st.just(0), st.integers(0, 6)),  # placements_since_report
     ),
     min_size=1,
     max_size=12,
@@ -69,8 +71,13 @@ def _replace_farm(
         )
 
 
+# Names whose order differs between code points (Python) and a linguistic collation.
+NAMES = ["10.0.0.9", "10.0.0.10", "10.0.0.1", "rdsh-a", "rdsh-B", "RDSH-c", "rdsh_a", "rdsh-a2", "Rdsh-b",
+         "10.0.1.0", "rdsh.a", "rdsha"]  # fmt: skip
+
+
 def _address(i: int) -> str:
-    return f"10.1.0.{i + 1}:3389"
+    return f"{NAMES[i]}:3389"
 
 
 def _context(conn: psycopg.Connection, user_key: str, connection_id: str) -> tuple[object, ...]:
@@ -88,27 +95,41 @@ def _context(conn: psycopg.Connection, user_key: str, connection_id: str) -> tup
 
 
 async def test_sql_rules_and_candidates_equal_the_domain_rules(engine, pg_database_url):
-    """Over generated farms: `ELIGIBLE_SQL` is `domain.takes_new_sessions`; the context statement
-    stores a reconnect answer exactly when `Session.is_live_at` and `domain.takes_reconnects` say
-    so; ranking the JSON candidates gives the order ranking the table's rows gives."""
+    """Over generated farms: `eligible_sql` is `domain.takes_new_sessions`; ordering by
+    `rank_key_sql` is `domain.rank_for_new_session`, so the candidates fetched are its best
+    `MAX_CANDIDATES`; the context statement stores a reconnect answer exactly when
+    `Session.is_live_at` and `domain.takes_reconnects` say so."""
     await seed(engine, server(A))
     checked = 0
 
     with psycopg.connect(pg_database_url, autocommit=True) as conn:
+        # A database whose default collation is linguistic: the ranking's address order must not
+        # follow it (Python compares code points).
+        conn.execute('ALTER TABLE servers ALTER COLUMN address TYPE varchar(255) COLLATE "en-x-icu"')
 
-        @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+        @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
         @given(rows=servers_strategy, sessions=sessions_strategy)
         def check(rows: list[tuple[object, ...]], sessions: list[tuple[str, int]]) -> None:
             nonlocal checked
             _replace_farm(conn, rows, sessions)
-            eligible_sql = {
-                r[0] for r in conn.execute(f"SELECT address FROM servers WHERE {routing_sql.ELIGIBLE_SQL}")
+            table = _servers_from_table(conn)
+            eligible = f"SELECT address FROM servers c WHERE {routing_sql.eligible_sql('c')}"
+            assert {r[0] for r in conn.execute(eligible)} == {
+                s.address for s in table if d.takes_new_sessions(s)
             }
-            candidates = [routing_sql._server(c) for c in _context(conn, "nobody", "c-none")[-2]]
-            assert {s.address for s in candidates if d.takes_new_sessions(s)} == eligible_sql
-            # JSON numbers and strings rank as the table's own column values do.
-            assert [s.address for s in d.rank_for_new_session(candidates)] == _rank_from_table(conn)
-            by_address = {s.address: s for s in candidates}
+            loads = dict(
+                conn.execute(f"SELECT address, {routing_sql.effective_load_sql('c')} FROM servers c")
+            )
+            assert loads == {s.address: d.effective_load(s) for s in table}  # equal floats, to the bit
+            ranked_sql = [r[0] for r in conn.execute(f"{eligible} ORDER BY {routing_sql.rank_key_sql('c')}")]
+            ranked = [s.address for s in d.rank_for_new_session(table)]
+            assert ranked_sql == ranked
+            # The JSON candidates are the best of them, and rank in Python as the table's rows do.
+            candidates = [routing_sql._server(c) for c in _context(conn, "nobody", "c-none")[-2] or ()]
+            assert [s.address for s in d.rank_for_new_session(candidates)] == ranked[
+                : routing_sql.MAX_CANDIDATES
+            ]
+            by_address = {s.address: s for s in table}
             for i, (state, expiry) in enumerate(sessions[: len(rows)]):
                 answered = _context(conn, f"u{i}", f"c{i}")[-1]
                 expires = EXPIRIES[expiry]
@@ -120,13 +141,13 @@ async def test_sql_rules_and_candidates_equal_the_domain_rules(engine, pg_databa
     assert checked >= 20
 
 
-def _rank_from_table(conn: psycopg.Connection) -> list[str]:
-    """The ranking over servers read column by column (as `ServerRepository.list` maps them)."""
+def _servers_from_table(conn: psycopg.Connection) -> list[d.Server]:
+    """Every server as ranking reads it, column by column (as `ServerRepository.list` maps them)."""
     rows = conn.execute(
         "SELECT address, pool, weight, max_sessions, admin_state, health, agent_state, load,"
         " placements_since_report, live_sessions FROM servers WHERE pool = 'default'"
     ).fetchall()
-    return [s.address for s in d.rank_for_new_session(routing_sql._server(r) for r in rows)]
+    return [routing_sql._server(r) for r in rows]
 
 
 async def test_candidates_match_the_repository(engine, service):
@@ -142,7 +163,8 @@ async def test_candidates_match_the_repository(engine, service):
         listed = await ServerRepository(conn_sa).list("default")
     fields = ("address", "pool", "weight", "max_sessions", "admin_state", "health", "agent_state", "load",
               "placements_since_report", "live_sessions")  # fmt: skip
-    assert [[getattr(s, f) for f in fields] for s in candidates] == [
+    by_address = sorted(candidates, key=lambda s: s.address)  # candidates come best first
+    assert [[getattr(s, f) for f in fields] for s in by_address] == [
         [getattr(s, f) for f in fields] for s in listed
     ]
 

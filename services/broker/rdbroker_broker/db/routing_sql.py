@@ -1,11 +1,13 @@
 """The Route hot path on PostgreSQL, in raw psycopg on an autocommit connection.
 
 SQLAlchemy Core costs more Python time per statement than PostgreSQL takes to answer these, so the
-two or three statements a common Route needs are plain SQL here (psycopg prepares them on the server
-after a few uses). One routing policy: ranking and eligibility stay in `domain`; SQL only re-checks
-`domain.takes_new_sessions` under the row lock (`ELIGIBLE_SQL`, proven equal by a test over
-generated servers). Anything unusual (tokens, retries, expired or stranded sessions, a lost race,
-no unlocked candidate) is left to the transactional path in `service`, which handles every case.
+one or two statements a common Route needs are plain SQL here (psycopg prepares them on the server
+after a few uses). One routing policy: eligibility and ranking stay in `domain`, which decides every
+answer; SQL restates three rules, each proven equal to the domain by a test over generated farms:
+eligibility under the row lock (`eligible_sql`), the pre-selection of the best candidates
+(`rank_key_sql`) and reconnect acceptance (`reconnects_sql`). Anything unusual (tokens, retries,
+expired or stranded sessions, a lost race, no unlocked candidate) is left to the transactional path
+in `service`, which handles every case.
 """
 
 from __future__ import annotations
@@ -19,21 +21,51 @@ from rdbroker_broker import domain as d
 
 LIVE_SQL = "('pending', 'active', 'disconnected')"
 
-# `domain.takes_new_sessions` on a `servers` row: not down, operator and agent both enabled,
-# weight > 0, load < 100, under its session limit.
-ELIGIBLE_SQL = (
-    "health <> 'down' AND admin_state = 'enabled' AND agent_state NOT IN ('down', 'drain', 'maint')"
-    " AND weight > 0 AND load < 100 AND (max_sessions <= 0 OR live_sessions < max_sessions)"
-)
+
+def eligible_sql(t: str) -> str:
+    """`domain.takes_new_sessions` on the `servers` row `t`: not down, operator and agent both
+    enabled, weight > 0, load < 100, under its session limit."""
+    return (
+        f"{t}.health <> 'down' AND {t}.admin_state = 'enabled'"
+        f" AND {t}.agent_state NOT IN ('down', 'drain', 'maint') AND {t}.weight > 0 AND {t}.load < 100"
+        f" AND ({t}.max_sessions <= 0 OR {t}.live_sessions < {t}.max_sessions)"
+    )
+
+
+def effective_load_sql(t: str) -> str:
+    """`domain.effective_load` on the `servers` row `t`, with the same float operations in the same
+    order (PostgreSQL's float8 is Python's float, so the values are equal to the bit)."""
+    unit = f"(CASE WHEN {t}.max_sessions > 0 THEN 100.0::float8 / {t}.max_sessions ELSE 1.0::float8 END)"
+    return (
+        f"(CASE WHEN {t}.load >= 0 THEN {t}.load + {t}.placements_since_report * {unit}"
+        f" ELSE {t}.live_sessions * {unit} END) / GREATEST({t}.weight, 1)"
+    )
+
+
+def rank_key_sql(t: str) -> str:
+    """`domain.rank_for_new_session`'s sort key on the `servers` row `t`: effective load, live
+    sessions, then the address in code-point order (COLLATE "C", as Python compares strings)."""
+    return f'{effective_load_sql(t)}, {t}.live_sessions, {t}.address COLLATE "C"'
+
 
 # What ranking reads of a server (`domain.rank_for_new_session`), in this order.
 _RANK_FIELDS = (
     "address", "pool", "weight", "max_sessions", "admin_state", "health", "agent_state", "load",
     "placements_since_report", "live_sessions",
 )  # fmt: skip
-_CANDIDATES = "json_agg(json_build_array({}) ORDER BY c.address)".format(
-    ", ".join(f"c.{name}" for name in _RANK_FIELDS)
-)
+# A placement tries a bounded number of servers before the transactional path takes over, so only
+# the best this many eligible servers are fetched (and ranked again in Python by the domain): a
+# 200-server pool then costs no more per placement than a 32-server one.
+MAX_CANDIDATES = 32
+_CANDIDATES = f"""
+    SELECT json_agg(json_build_array({", ".join(f"b.{name}" for name in _RANK_FIELDS)}))
+    FROM (
+        SELECT * FROM servers c
+        WHERE c.pool = p.name AND {eligible_sql("c")}
+        ORDER BY {rank_key_sql("c")}
+        LIMIT {MAX_CANDIDATES}
+    ) b
+"""
 _SESSION_FIELDS = ("id", "user", "server_address", "state", "created_at", "updated_at", "expires_at")
 
 
@@ -60,7 +92,7 @@ WITH ctx AS (
            {", ".join(f's."{name}" AS s_{name}' for name in _SESSION_FIELDS)},
            {", ".join(f"v.{name} AS v_{name}" for name in _RANK_FIELDS)},
            CASE WHEN s.id IS NULL THEN
-               (SELECT {_CANDIDATES} FROM servers c WHERE c.pool = p.name)
+               ({_CANDIDATES})
            END AS candidates,
            (s.expires_at IS NULL OR s.expires_at > %(now)s) AND {reconnects_sql("v")} AS reconnects
     FROM pools p
@@ -98,7 +130,7 @@ WHERE connection_id = %(connection_id)s AND attempt = %(attempt)s
 PLACE = f"""
 WITH chosen AS (
     SELECT address FROM servers
-    WHERE address = ANY(%(ranked)s) AND {ELIGIBLE_SQL}
+    WHERE address = ANY(%(ranked)s) AND {eligible_sql("servers")}
     ORDER BY array_position(%(ranked)s, address)
     LIMIT 1
     FOR UPDATE SKIP LOCKED
