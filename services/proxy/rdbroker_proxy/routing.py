@@ -7,7 +7,9 @@ with the same connection_id (the broker is idempotent on it), within one overall
 
 Opened/Closed reports go into a bounded queue drained by one background task: the data path only
 appends. A broker that is briefly away delays reports; it does not lose them unless the queue
-overflows, and what overflows is counted and logged.
+overflows, and what overflows is counted and logged. Each drain sends up to REPORT_BATCH reports in
+one ReportConnections call (one gRPC call instead of one per report, which is most of the proxy's
+CPU per connection); a broker without that RPC gets the single ConnectionOpened/Closed calls.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ M = TypeVar("M", bound=Message)
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 # A report the broker answered with any other code (NOT_FOUND, ABORTED, INVALID_ARGUMENT, ...) would
 # be refused again: it is dropped and counted, so one bad report cannot stall the queue behind it.
-REPORT_BATCH = 64
+REPORT_BATCH = 64  # reports per ReportConnections call (the broker takes up to 1000)
+BATCH_RETRY_S = 60.0  # a broker that answered UNIMPLEMENTED is asked again after this (it may be upgraded)
 RETRY_PAUSE_S = 0.05
 MAX_BACKOFF_S = 5.0
 MAX_ROUTE_PAUSE_S = 0.5  # between Route rounds over every broker
@@ -104,6 +107,7 @@ class BrokerClient:
         self.rejected_reports = 0  # refused by a broker
         self.sent_reports = 0
         self._last_drop_log = 0.0
+        self._no_batch: dict[int, float] = {}  # broker index -> when it answered UNIMPLEMENTED
 
     # -- choosing a broker ---------------------------------------------------------------------
 
@@ -217,7 +221,63 @@ class BrokerClient:
         return False
 
     async def _send_batch(self, batch: list[Report]) -> list[Report]:
-        """Send a batch; answers what could not be sent, in order. One connection's reports stay in order."""
+        """Send a batch; answers what could not be sent, in order."""
+        index = self._order("report")[0]
+        marked = self._no_batch.get(index)
+        if marked is None or time.monotonic() - marked >= BATCH_RETRY_S:
+            unsent = await self._report_connections(index, batch)
+            if unsent is not None:
+                return unsent
+        return await self._send_singly(batch)
+
+    async def _report_connections(self, index: int, batch: list[Report]) -> list[Report] | None:
+        """One ReportConnections call for the whole batch; None when this broker lacks the RPC."""
+        events = [
+            pb.ConnectionEvent(opened=r)
+            if isinstance(r, pb.ConnectionOpenedRequest)
+            else pb.ConnectionEvent(closed=r)
+            for _, r in batch
+        ]
+        request = pb.ReportConnectionsRequest(proxy_id=self.proxy_id, events=events)
+        try:
+            answer = await self._stubs[index].ReportConnections(request, timeout=self.report_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            if code is grpc.StatusCode.UNIMPLEMENTED:
+                if index not in self._no_batch:
+                    log.info(
+                        "broker %s has no ReportConnections: sending single reports", self.addresses[index]
+                    )
+                self._no_batch[index] = time.monotonic()
+                return None
+            if code in RETRYABLE:
+                # The broker may have applied part or all of it: resending is harmless (idempotent).
+                log.debug("report batch to %s failed: %s", self.addresses[index], code.name)
+                return batch
+            # Refused whole (e.g. INVALID_ARGUMENT): it would be refused again.
+            for kind, report in batch:
+                self._rejected(kind, report, f"{code.name}: {exc.details()}")
+            return []
+        self._no_batch.pop(index, None)
+        refused = 0
+        for position, reason in zip(answer.rejected, answer.rejected_reasons, strict=False):
+            if position < len(batch):
+                refused += 1
+                self._rejected(*batch[position], reason)
+        self.sent_reports += len(batch) - refused
+        return []
+
+    def _rejected(
+        self, kind: ReportKind, report: pb.ConnectionOpenedRequest | pb.ConnectionClosedRequest, reason: str
+    ) -> None:
+        self.rejected_reports += 1
+        metrics.report_drops.add(1, metrics.DROP_REJECTED)
+        log.warning(
+            "broker rejected a %s report: %s", kind, reason, extra={"connection_id": report.connection_id}
+        )
+
+    async def _send_singly(self, batch: list[Report]) -> list[Report]:
+        """The single RPCs, for brokers without ReportConnections. One connection's reports stay in order."""
         groups: dict[str, list[Report]] = {}
         for report in batch:
             groups.setdefault(report[1].connection_id, []).append(report)
@@ -237,15 +297,7 @@ class BrokerClient:
                     await stub.ConnectionClosed(request, timeout=self.report_timeout_s)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in RETRYABLE:
-                    self.rejected_reports += 1
-                    metrics.report_drops.add(1, metrics.DROP_REJECTED)
-                    log.warning(
-                        "broker rejected a %s report: %s %s",
-                        kind,
-                        exc.code().name,
-                        exc.details(),
-                        extra={"connection_id": request.connection_id},
-                    )
+                    self._rejected(kind, request, f"{exc.code().name}: {exc.details()}")
                     continue
                 log.debug("report to %s failed: %s", self.addresses[index], exc.code().name)
                 return reports[i:]

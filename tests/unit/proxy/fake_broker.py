@@ -37,6 +37,8 @@ class Directory:
     heartbeat_interval_ms: int = 5000
     error: tuple[grpc.StatusCode, str] | None = None  # answer every Route with this error
     opened_error: tuple[grpc.StatusCode, str] | None = None  # answer ConnectionOpened with this error
+    batch_reports: bool = True  # False: ReportConnections answers UNIMPLEMENTED, as an older broker
+    report_calls: Counter[str] = field(default_factory=Counter)  # RPC name -> calls carrying reports
     _ids: itertools.count[int] = field(default_factory=itertools.count)
 
     def registered(self, address: str) -> bool:
@@ -109,14 +111,35 @@ class FakeBroker(broker_pb2_grpc.BrokerServicer):
         return answer
 
     async def ConnectionOpened(self, request, context):
+        self.directory.report_calls["ConnectionOpened"] += 1
         if self.directory.opened_error is not None:
             await context.abort(*self.directory.opened_error)
         self.directory.opened.append(request)
         return pb.ConnectionOpenedResponse()
 
     async def ConnectionClosed(self, request, context):
+        self.directory.report_calls["ConnectionClosed"] += 1
         self.directory.closed.append(request)
         return pb.ConnectionClosedResponse()
+
+    async def ReportConnections(self, request, context):
+        if not self.directory.batch_reports:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+        self.directory.report_calls["ReportConnections"] += 1
+        answer = pb.ReportConnectionsResponse()
+        for index, event in enumerate(request.events):
+            kind = event.WhichOneof("event")
+            if kind == "opened" and self.directory.opened_error is not None:
+                answer.rejected.append(index)
+                answer.rejected_reasons.append(f"{self.directory.opened_error[0].name}: refused")
+            elif kind == "opened":
+                self.directory.opened.append(event.opened)
+            elif kind == "closed":
+                self.directory.closed.append(event.closed)
+            else:
+                answer.rejected.append(index)
+                answer.rejected_reasons.append("INVALID_ARGUMENT: empty event")
+        return answer
 
     async def ProxyHeartbeat(self, request, context):
         self.directory.heartbeats.append(request)

@@ -10,7 +10,7 @@ import pytest
 
 from rdbroker_proto.v1 import broker_pb2 as pb
 from rdbroker_proxy.errors import BrokerUnavailable, RouteRefused
-from rdbroker_proxy.routing import BrokerClient
+from rdbroker_proxy.routing import REPORT_BATCH, BrokerClient
 from tests.support.postgres import free_port
 from tests.unit.proxy.fake_broker import Directory, fake_broker
 from tests.unit.proxy.support import wait_until
@@ -154,6 +154,50 @@ async def test_a_report_the_broker_refuses_is_dropped_and_does_not_stall_the_res
             await c.close()
     assert c.rejected_reports == 1
     assert sorted(r.connection_id for r in directory.closed) == ["c1", "c2"]  # c1 still closed
+
+
+async def send_reports(directory: Directory, connections: int) -> BrokerClient:
+    """Queue opened+closed for each connection before the drainer runs, then flush them all."""
+    async with fake_broker(directory) as broker:
+        c = client([broker.address])
+        try:
+            async with asyncio.TaskGroup() as tg:
+                drainer = tg.create_task(c.run_reports())
+                for i in range(connections):
+                    c.report_opened(pb.ConnectionOpenedRequest(connection_id=f"c{i}", session_id=f"s{i}"))
+                    c.report_closed(pb.ConnectionClosedRequest(connection_id=f"c{i}", session_id=f"s{i}"))
+                assert await c.flush(10.0)
+                drainer.cancel()
+        finally:
+            await c.close()
+    return c
+
+
+async def test_reports_go_in_batches_of_one_call_each_in_order() -> None:
+    directory = Directory({"": [SERVER]})
+    connections = REPORT_BATCH  # 2 reports each: two full batches
+    c = await send_reports(directory, connections)
+    assert directory.report_calls == {"ReportConnections": 2}
+    assert [r.connection_id for r in directory.opened] == [f"c{i}" for i in range(connections)]
+    assert [r.connection_id for r in directory.closed] == [f"c{i}" for i in range(connections)]
+    assert (c.sent_reports, c.rejected_reports) == (2 * connections, 0)
+
+
+async def test_an_older_broker_without_the_batch_call_gets_single_reports() -> None:
+    directory = Directory({"": [SERVER]}, batch_reports=False)
+    c = await send_reports(directory, 3)
+    assert directory.report_calls == {"ConnectionOpened": 3, "ConnectionClosed": 3}
+    assert sorted(r.connection_id for r in directory.closed) == ["c0", "c1", "c2"]
+    assert (c.sent_reports, c.rejected_reports) == (6, 0)
+
+
+async def test_an_older_broker_refusing_a_report_drops_only_that_one() -> None:
+    directory = Directory(
+        {"": [SERVER]}, batch_reports=False, opened_error=(grpc.StatusCode.NOT_FOUND, "unknown session")
+    )
+    c = await send_reports(directory, 2)
+    assert (c.sent_reports, c.rejected_reports) == (2, 2)
+    assert sorted(r.connection_id for r in directory.closed) == ["c0", "c1"]
 
 
 async def test_reports_past_the_bound_are_dropped_and_counted() -> None:
