@@ -22,7 +22,7 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 ADMIN = "readme-admin-token"
 READ = "readme-read-token"
 SET_UP = (
-    "python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/rdbroker broker",
+    "python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/rdbroker demo",
     "bash scripts/test.sh",
 )
 
