@@ -67,7 +67,12 @@ def _grpc_server(settings: BrokerSettings, servicer: BrokerServicer) -> tuple[gr
         creds = tls.server_credentials(settings.tls_ca, settings.tls_cert, settings.tls_key)
     except ValueError as exc:
         raise StartupError(str(exc)) from exc
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=telemetry.server_interceptors())
+    options = [
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_connection_age_ms", settings.grpc_max_connection_age_ms),
+        ("grpc.max_connection_age_grace_ms", settings.grpc_max_connection_age_grace_ms),
+    ]
+    server = grpc.aio.server(options=options, interceptors=telemetry.server_interceptors())
     broker_pb2_grpc.add_BrokerServicer_to_server(servicer, server)
     try:
         if creds is not None:

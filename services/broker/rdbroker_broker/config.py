@@ -6,6 +6,7 @@ import ipaddress
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
+from rdbroker_broker.domain import MAX_USER_CHARS
 from rdbroker_common.settings import ServiceSettings, split_host_port
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///rdbroker.db"
@@ -42,12 +43,17 @@ class BrokerSettings(ServiceSettings):
     probe_rise: int = Field(default=2, ge=1, le=100)
     probe_fall: int = Field(default=3, ge=1, le=100)
 
-    # Input bounds for Route.
-    max_cookie_chars: int = Field(default=256, ge=9, le=4096)
+    # Input bounds for Route: a user name longer than its database column could never be stored.
+    max_cookie_chars: int = Field(default=MAX_USER_CHARS, ge=9, le=MAX_USER_CHARS)
     db_pool_size: int = Field(default=10, ge=1, le=200)
     # PostgreSQL bounds on one statement and on one lock wait (0 = none).
     db_statement_timeout_ms: int = Field(default=10_000, ge=0, le=3_600_000)
     db_lock_timeout_ms: int = Field(default=5_000, ge=0, le=3_600_000)
+
+    # Every client connection is closed (GOAWAY) after this long, in-flight calls getting the grace,
+    # so `dns:///` clients re-resolve the headless Service and spread over new broker pods.
+    grpc_max_connection_age_ms: int = Field(default=30_000, ge=100, le=86_400_000)
+    grpc_max_connection_age_grace_ms: int = Field(default=10_000, ge=0, le=3_600_000)
 
     tls_ca: str = ""
     tls_cert: str = ""
