@@ -29,6 +29,16 @@ async def read_to_eof(reader: asyncio.StreamReader) -> tuple[str, int]:
     return digest.hexdigest(), count
 
 
+def test_the_checksums_would_catch_reordered_chunks() -> None:
+    # The byte-exact tests compare SHA-256 digests: that proves order only if no chunk repeats.
+    data = pattern(SIZE, 1)
+    chunks = [data[offset : offset + (1 << 16)] for offset in range(0, SIZE, 1 << 16)]
+    assert len(set(chunks)) == len(chunks)
+    swapped = b"".join([chunks[1], chunks[0], *chunks[2:]])
+    assert hashlib.sha256(swapped).digest() != hashlib.sha256(data).digest()
+    assert pattern(SIZE, 1) == data  # deterministic: the same seed, the same bytes
+
+
 def assert_counts(proxy: ProxyServer, directory: Directory, confirm: bytes) -> None:
     [closed] = directory.closed
     assert closed.bytes_from_client == len(CR) + SIZE
