@@ -1,5 +1,6 @@
 """The dashboard in headless Chromium (Debian's `chromium`, driven by Playwright): it shows the demo's
-servers, asks for a token, drains a server with the admin token and shows the new state.
+servers, asks for a token, drains a server with the admin token and shows the new state; on an open API
+(no tokens, as the demo runs) it drains without asking for one.
 
 scripts/test.sh installs chromium when it is missing; without it this test fails (it is not skipped).
 """
@@ -92,5 +93,28 @@ def test_drain_a_server_from_the_dashboard(tmp_path, browser):
         page.click("#search-form button[type=submit]")
         expect(page.locator("#search-message")).to_have_text("No sessions for nobody.")
         page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
+        page.close()
+        assert errors == []
+
+
+def test_drain_on_an_open_api_asks_for_no_token(tmp_path, browser):
+    # As `rdbroker demo` runs by default: no tokens, loopback only. The buttons just work.
+    no_tokens = {"RDBROKER_API_READ_TOKEN": "", "RDBROKER_API_ADMIN_TOKEN": ""}
+    with demo_process(tmp_path, no_tokens) as banner:
+        address = banner["fake RDP servers"].split(", ")[0]
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.set_default_timeout(20_000)
+        page.goto(banner["dashboard"])
+        row = page.locator(f'tr[data-address="{address}"]')
+        expect(row.locator("td.state")).to_have_text("enabled")
+
+        row.locator('button[data-action="drain"]').click()
+        expect(row.locator("td.state")).to_have_text("draining")
+        expect(page.locator("#token-dialog")).to_be_hidden()
+        page.reload()
+        expect(page.locator(f'tr[data-address="{address}"] td.state')).to_have_text("draining")
+        expect(page.locator("#token-dialog")).to_be_hidden()
         page.close()
         assert errors == []
