@@ -747,6 +747,7 @@ class ProbeTarget(_message.Message):
     health: Global___HealthState.ValueType
     """current state, so a replica taking over keeps hysteresis"""
     interval_ms: _builtins.int
+    """The pool's probe settings, else the broker's RDBROKER_PROBE_*; 0 = the health replica's own flag."""
     timeout_ms: _builtins.int
     rise: _builtins.int
     fall: _builtins.int
@@ -937,8 +938,13 @@ class ReportServerSessionsRequest(_message.Message):
     REPLICA_ID_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
     SESSIONS_FIELD_NUMBER: _builtins.int
+    OMITS_DISCONNECTED_FIELD_NUMBER: _builtins.int
     replica_id: _builtins.str
     address: _builtins.str
+    omits_disconnected: _builtins.bool
+    """The list cannot show disconnected sessions (the agent's psutil source): the broker then ends no
+    DISCONNECTED directory session for its absence. False (a complete list) for older senders.
+    """
     @_builtins.property
     def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReportedSession]: ...
     def __init__(
@@ -947,10 +953,11 @@ class ReportServerSessionsRequest(_message.Message):
         replica_id: _builtins.str = ...,
         address: _builtins.str = ...,
         sessions: _abc.Iterable[Global___ReportedSession] | None = ...,
+        omits_disconnected: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "replica_id", b"replica_id", "sessions", b"sessions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "omits_disconnected", b"omits_disconnected", "replica_id", b"replica_id", "sessions", b"sessions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
