@@ -8,7 +8,9 @@ import logging
 import sys
 from pathlib import Path
 
+import psycopg
 from pydantic import ValidationError
+from sqlalchemy.exc import SQLAlchemyError
 
 from rdbroker_broker.app import StartupError, serve
 from rdbroker_broker.config import BrokerSettings
@@ -150,6 +152,17 @@ def apply_main(argv: list[str] | None = None) -> int:
         return asyncio.run(run())
     except (BrokerError, FarmError) as exc:
         return _fail(parser.prog, str(exc), 1)
+    except (SQLAlchemyError, psycopg.Error, OSError) as exc:  # unreachable, auth, bad database, ...
+        url = settings.database_url_text
+        return _fail(parser.prog, f"cannot apply to {redact(url)}: {_one_line(exc, url)}", 1)
+
+
+def _one_line(exc: BaseException, url: str) -> str:
+    """The driver's own message (not SQLAlchemy's wrapper with its SQL and links), first line only,
+    with the URL's password hidden should the message quote it."""
+    cause = getattr(exc, "orig", None) or exc
+    lines = str(cause).strip().splitlines() or [type(cause).__name__]
+    return lines[0].replace(url, redact(url))
 
 
 if __name__ == "__main__":

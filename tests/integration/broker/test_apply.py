@@ -89,3 +89,15 @@ def test_apply_on_embedded_sqlite_migrates_first(tmp_path, capsys):
     assert apply(url, farm) == 0
     assert apply(url, farm) == 0
     assert capsys.readouterr().out.strip().endswith("no changes")
+
+
+def test_apply_reports_an_unreachable_database_in_one_line(tmp_path, capsys):
+    farm = tmp_path / "farm.yaml"
+    farm.write_text(FARM)
+    url = "postgresql://postgres:s3cret@127.0.0.1:1/nope?connect_timeout=2"
+    assert apply(url, farm) == 1
+    err = capsys.readouterr().err
+    assert "cannot apply to" in err
+    assert "Traceback" not in err
+    assert "s3cret" not in err
+    assert len(err.strip().splitlines()) == 1, err
