@@ -90,6 +90,7 @@ class Scheduler:
         self._lease_until = 0.0  # monotonic time our leases run out, as far as we know
         self._targets: dict[str, Target] = {}
         self._loops: dict[str, asyncio.Task[None]] = {}
+        self._health: dict[str, Hysteresis] = {}  # state per held server, read by the metrics
         self._pending: dict[str, broker_pb2.ProbeResult] = {}  # latest result per server, not yet sent
         self._have_pending = asyncio.Event()
         self._tg: asyncio.TaskGroup | None = None
@@ -101,16 +102,29 @@ class Scheduler:
         """Addresses this replica probes now."""
         return set(self._loops)
 
+    def server_states(self) -> dict[str, bool]:
+        """Held servers whose state is known: True up, False down (the `rdbroker_server_up` gauge)."""
+        return {
+            address: hysteresis.state is Health.UP
+            for address, hysteresis in self._health.items()
+            if hysteresis.state is not Health.UNKNOWN
+        }
+
     async def run(self, stop: asyncio.Event) -> None:
         """Claim, probe and report until `stop` is set; then stop every loop and send what is left."""
-        async with asyncio.TaskGroup() as tg:
-            self._tg = tg
-            claim = tg.create_task(self._claim_loop(), name="claim")
-            report = tg.create_task(self._report_loop(), name="report")
-            await stop.wait()
-            for task in [claim, report, *self._loops.values()]:
-                task.cancel()
-        self._loops.clear()
+        metrics.publish_server_states(self.server_states)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                claim = tg.create_task(self._claim_loop(), name="claim")
+                report = tg.create_task(self._report_loop(), name="report")
+                await stop.wait()
+                for task in [claim, report, *self._loops.values()]:
+                    task.cancel()
+        finally:
+            metrics.withdraw_server_states(self.server_states)
+            self._loops.clear()
+            self._health.clear()
         self._tg = None
         await self._flush()
         if self._pending:
@@ -153,21 +167,23 @@ class Scheduler:
             self._targets[address] = target
             state = states.get(address, Health.UNKNOWN)
             log.info("probing %s (pool %r, starting %s)", address, target.pool, state.value)
+            hysteresis = Hysteresis(state, target.rise, target.fall)
+            self._health[address] = hysteresis
             self._loops[address] = self._tg.create_task(
-                self._probe_loop(target, state), name=f"probe {address}"
+                self._probe_loop(target, hysteresis), name=f"probe {address}"
             )
 
     def _stop_loop(self, address: str, why: str) -> None:
         task = self._loops.pop(address, None)
         self._targets.pop(address, None)
+        self._health.pop(address, None)
         if task is not None:
             log.info("stopped probing %s: %s", address, why)
             task.cancel()
 
     # Probing ---------------------------------------------------------------------------------
 
-    async def _probe_loop(self, target: Target, start: Health) -> None:
-        hysteresis = Hysteresis(start, target.rise, target.fall)
+    async def _probe_loop(self, target: Target, hysteresis: Hysteresis) -> None:
         next_sessions = time.monotonic()
         # A short random offset so loops claimed together do not probe in step.
         await asyncio.sleep(self.rng.uniform(0, target.interval_s * self.settings.probe_jitter))
@@ -212,7 +228,6 @@ class Scheduler:
         metrics.probe_results.add(1, {**server, "probe": "rdp", "outcome": _outcome(rdp_result.ok)})
         if agent is not None:
             metrics.probe_results.add(1, {**server, "probe": "agent", "outcome": _outcome(agent.ok)})
-        metrics.server_up.set(1 if hysteresis.state is not Health.DOWN else 0, server)
         if transition is not None:
             log.log(
                 logging.WARNING if transition.after is Health.DOWN else logging.INFO,

@@ -16,13 +16,14 @@ from grpc_health.v1 import health_pb2_grpc as std_grpc
 from rdbroker_common import tls
 from rdbroker_health import app
 from rdbroker_health.config import HealthSettings
+from rdbroker_health.probes.rdp import ProbeResult
 from rdbroker_proto.v1 import broker_pb2_grpc, health_pb2, health_pb2_grpc
 from rdbroker_rdp.fakeserver import FakeRdpServer
 from tests.support import prom
 from tests.support.postgres import free_port
 from tests.unit.common.test_tls import Authority
 from tests.unit.health.fake_broker import FakeBroker, serving
-from tests.unit.health.support import fast_settings, wait_until
+from tests.unit.health.support import ProbeLog, fast_settings, replica, wait_until
 
 
 @asynccontextmanager
@@ -52,6 +53,10 @@ async def test_probes_are_traced_and_counted(telemetry) -> None:
         exporter.clear()
         async with running(fast_settings(address)):
             await wait_until(lambda: len(broker.reports) >= 2)
+            up = prom.sample(prom.scrape(handle.metrics_port), "rdbroker_server_up", server=rdp.address)
+        # Stopped, the replica holds nothing: the server leaves the gauge.
+        assert prom.sample(prom.scrape(handle.metrics_port), "rdbroker_server_up", server=rdp.address) is None
+    assert up == 1
     probes = [s for s in exporter.get_finished_spans() if s.name == "probe"]
     assert probes
     assert {s.attributes["server.address"] for s in probes} == {rdp.address}
@@ -61,7 +66,6 @@ async def test_probes_are_traced_and_counted(telemetry) -> None:
     ok = prom.sample(text, "rdbroker_probe_results_total", server=rdp.address, probe="rdp", outcome="ok")
     assert ok is not None
     assert ok >= len(probes)
-    assert prom.sample(text, "rdbroker_server_up", server=rdp.address) == 1
 
 
 async def test_a_dead_server_is_counted_and_shown_down(telemetry) -> None:
@@ -78,6 +82,32 @@ async def test_a_dead_server_is_counted_and_shown_down(telemetry) -> None:
     failed = prom.sample(text, "rdbroker_probe_results_total", server=dead, probe="rdp", outcome="fail")
     assert failed is not None
     assert failed >= 3
+
+
+async def test_server_up_shows_only_the_servers_held_now(telemetry) -> None:
+    handle, _ = telemetry
+    broker = FakeBroker()  # type: ignore[abstract]
+    up, down, unknown = "10.9.0.1:3389", "10.9.0.2:3389", "10.9.0.3:3389"
+    for address in (up, down, unknown):
+        broker.add(address)
+    probes = ProbeLog(down={down})
+    never = asyncio.Event()
+
+    async def probe(address: str, timeout_s: float) -> ProbeResult:
+        if address == unknown:
+            await never.wait()  # never answers: the server stays UNKNOWN
+        return await probes.probe_for("r1")(address, timeout_s)
+
+    def gauge() -> dict[str, float | None]:
+        text = prom.scrape(handle.metrics_port)
+        return {a: prom.sample(text, "rdbroker_server_up", server=a) for a in (up, down, unknown)}
+
+    async with serving(broker) as address, replica(fast_settings(address), "r1", probe) as (scheduler, _, _):
+        await wait_until(lambda: gauge() == {up: 1, down: 0, unknown: None})
+        assert scheduler.held == {up, down, unknown}  # held, but UNKNOWN is not exported
+        del broker.targets[up]  # the broker no longer hands it out: the replica lets it go
+        await wait_until(lambda: up not in scheduler.held)
+        assert gauge() == {up: None, down: 0, unknown: None}
 
 
 async def test_broker_given_as_a_dns_target(telemetry) -> None:
