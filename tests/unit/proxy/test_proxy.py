@@ -221,13 +221,26 @@ async def test_a_first_packet_past_the_size_bound_is_closed(farm: Farm) -> None:
     assert farm.directory.routes == []
 
 
-async def test_a_silent_client_is_closed_at_the_deadline(farm: Farm) -> None:
-    async with running_proxy([farm.broker.address], first_packet_timeout_s=0.3) as proxy:
+@pytest.mark.parametrize("sent", [b"", CR[:5]], ids=["nothing", "a_start"])
+async def test_a_silent_client_is_closed_at_the_deadline_and_not_before(
+    farm: Farm, caplog: pytest.LogCaptureFixture, sent: bytes
+) -> None:
+    caplog.set_level(logging.INFO, logger="rdbroker_proxy")
+    timeout_s = 0.5
+    async with running_proxy([farm.broker.address], first_packet_timeout_s=timeout_s) as proxy:
+        loop = asyncio.get_running_loop()
+        started = loop.time()  # before the connect: the proxy's timer starts later than this
         reader, writer = await open_client(proxy.port)
-        writer.write(CR[:5])  # a start, then nothing
-        assert await closed_by_peer(reader)
+        writer.write(sent)
+        assert await closed_by_peer(reader)  # bounded by STEP_TIMEOUT_S: only a hang fails it
+        waited = loop.time() - started
         await close(writer)
+        await wait_until(lambda: not proxy.context.connections)
+    # A lower bound only (a loaded machine may close it late); the slack covers timer granularity.
+    assert waited >= timeout_s - 0.05
     assert farm.directory.routes == []
+    [line] = [r for r in caplog.records if r.getMessage().startswith("connection ended")]
+    assert line.end_reason == "first_packet_timeout"  # type: ignore[attr-defined]
 
 
 async def test_a_client_that_closes_mid_packet_is_forgotten(farm: Farm) -> None:
@@ -241,12 +254,24 @@ async def test_a_client_that_closes_mid_packet_is_forgotten(farm: Farm) -> None:
 
 
 async def test_silent_clients_do_not_hold_up_others(farm: Farm) -> None:
-    async with running_proxy([farm.broker.address], first_packet_timeout_s=30.0) as proxy:
+    silent_deadline_s = 5.0
+    async with running_proxy([farm.broker.address], first_packet_timeout_s=silent_deadline_s) as proxy:
+        loop = asyncio.get_running_loop()
         silent = [await open_client(proxy.port) for _ in range(200)]
         await wait_until(lambda: len(proxy.context.connections) == 200)
-        for i in range(5):
+
+        async def normal(i: int) -> float:
+            started = loop.time()
             _, writer, _ = await handshake(proxy.port, build_connection_request(cookie=f"user{i}"))
+            took = loop.time() - started
             await close(writer)
+            return took
+
+        # Had the proxy waited on the silent ones, each would take their whole deadline.
+        async with asyncio.TaskGroup() as tg:
+            normals = [tg.create_task(normal(i)) for i in range(5)]
+        took = [t.result() for t in normals]
+        assert max(took) < silent_deadline_s / 2, f"handshakes took {took} s"
         # All five went through while every silent client was still waiting for its deadline.
         assert len(farm.directory.routes) == 5
         assert len(proxy.context.connections) >= 200
