@@ -259,12 +259,13 @@ class BrokerClient:
                 self._rejected(kind, report, f"{code.name}: {exc.details()}")
             return []
         self._no_batch.pop(index, None)
-        refused = 0
-        for position, reason in zip(answer.rejected, answer.rejected_reasons, strict=False):
-            if position < len(batch):
-                refused += 1
-                self._rejected(*batch[position], reason)
-        self.sent_reports += len(batch) - refused
+        reasons = list(answer.rejected_reasons)
+        refused: set[int] = set()
+        for n, position in enumerate(answer.rejected):
+            if position < len(batch) and position not in refused:  # a broker's answer is input too
+                refused.add(position)
+                self._rejected(*batch[position], reasons[n] if n < len(reasons) else "refused")
+        self.sent_reports += len(batch) - len(refused)
         return []
 
     def _rejected(
