@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import grpc
@@ -138,7 +139,10 @@ async def test_reports_wait_for_a_broker_that_comes_back() -> None:
     assert c.dropped_reports == 0
 
 
-async def test_a_report_the_broker_refuses_is_dropped_and_does_not_stall_the_rest() -> None:
+async def test_a_report_the_broker_refuses_is_dropped_and_does_not_stall_the_rest(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="rdbroker_proxy")
     directory = Directory({"": [SERVER]}, opened_error=(grpc.StatusCode.ABORTED, "newer session"))
     async with fake_broker(directory) as broker:
         c = client([broker.address])
@@ -154,6 +158,9 @@ async def test_a_report_the_broker_refuses_is_dropped_and_does_not_stall_the_res
             await c.close()
     assert c.rejected_reports == 1
     assert sorted(r.connection_id for r in directory.closed) == ["c1", "c2"]  # c1 still closed
+    [line] = [r for r in caplog.records if "rejected" in r.getMessage()]
+    assert "opened" in line.getMessage()
+    assert line.connection_id == "c1"  # type: ignore[attr-defined]
 
 
 async def send_reports(directory: Directory, connections: int) -> BrokerClient:
@@ -200,7 +207,10 @@ async def test_an_older_broker_refusing_a_report_drops_only_that_one() -> None:
     assert sorted(r.connection_id for r in directory.closed) == ["c0", "c1"]
 
 
-async def test_reports_past_the_bound_are_dropped_and_counted() -> None:
+async def test_reports_past_the_bound_are_dropped_counted_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="rdbroker_proxy")
     c = client([f"127.0.0.1:{free_port()}"])
     c.report_buffer = 3
     try:
@@ -210,6 +220,11 @@ async def test_reports_past_the_bound_are_dropped_and_counted() -> None:
         await c.close()
     assert c.dropped_reports == 2
     assert c.pending_reports == 3
+    # One line for both drops: the log is rate-limited so a long outage cannot flood it.
+    [line] = [r for r in caplog.records if "report buffer full" in r.getMessage()]
+    assert line.levelno == logging.WARNING
+    assert line.dropped_reports == 1  # type: ignore[attr-defined]
+    assert line.report_buffer == 3  # type: ignore[attr-defined]
 
 
 async def test_heartbeats_follow_the_interval_the_broker_names() -> None:
