@@ -38,7 +38,19 @@ route_duration = _meter.create_histogram(
     explicit_bucket_boundaries_advisory=list(ROUTE_BUCKETS_S),
 )
 
+truncated_cookie_ambiguous = _meter.create_counter(
+    "rdbroker_truncated_cookie_ambiguous",
+    description="Truncated 9-character cookies matching several users, where=reconcile|route (none linked)",
+)
+
 _route_labels: dict[tuple[str, str], Mapping[str, str]] = {}
+_AMBIGUOUS_LABELS: Mapping[str, Mapping[str, str]] = {w: {"where": w} for w in ("reconcile", "route")}
+
+
+def record_truncated_ambiguous(where: str, count: int = 1) -> None:
+    """Truncated cookies left ambiguous, at session-list reconciliation or at Route."""
+    if count:
+        truncated_cookie_ambiguous.add(count, _AMBIGUOUS_LABELS[where])
 
 
 def record_route(reason: str, outcome: str, seconds: float) -> None:

@@ -1,10 +1,14 @@
 """Use cases for health replicas: probe leases, probe results and session-list reconciliation.
 
 Reconciliation rules (ReportServerSessions), for one server's list from its agent:
+- a directory user and a reported user are the same when their names are equal, or their user parts
+  are when one side carries no domain (Windows' quser reports "alice" for the cookie "CORP\\alice");
 - a live directory session whose user the server no longer reports is ended ("logged_off"), unless it
-  is pending or changed within the pending timeout (a logon still in progress);
+  is pending or changed within the pending timeout (a logon still in progress), or it is disconnected
+  and the list says it omits disconnected sessions (psutil's user list cannot show them);
 - a server session for a user the directory has no live session for (in the pool) is recorded;
-- a 9-character truncated-cookie session matching exactly one reported user is linked to that full name;
+- a 9-character truncated-cookie session matching exactly one reported user is linked to that full name
+  (`CORP\\alic` matches `CORP\\alice` and a bare `alice`; it is relabelled `CORP\\alice`);
 - a truncated cookie matching several reported users is ambiguous: the session is kept as it is, never
   linked or ended by this report, and counted (logged as `ambiguous`, summed in `ambiguous_total`).
 """
@@ -16,6 +20,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 from rdbroker_broker import domain as d
+from rdbroker_broker import metrics
 from rdbroker_broker.errors import InvalidInput, NotFound, PermissionDenied
 from rdbroker_broker.service import BrokerService
 from rdbroker_broker.store import Repos
@@ -75,7 +80,11 @@ class ProbeService:
         return rejected
 
     async def report_sessions(
-        self, replica_id: str, address: str, reported: Sequence[d.ReportedSession]
+        self,
+        replica_id: str,
+        address: str,
+        reported: Sequence[d.ReportedSession],
+        omits_disconnected: bool = False,
     ) -> d.ReconcileCounts:
         _require_replica(replica_id)
         if len(reported) > MAX_REPORTED_SESSIONS:
@@ -100,10 +109,11 @@ class ProbeService:
             keep_for = timedelta(
                 seconds=pool.disconnect_timeout_s if pool else d.Pool("").disconnect_timeout_s
             )
-            return await self._reconcile(r, server, by_key, keep_for)
+            return await self._reconcile(r, server, by_key, keep_for, omits_disconnected)
 
         counts = await self.broker.run_tx(work)
         self.ambiguous_total += counts.ambiguous
+        metrics.record_truncated_ambiguous("reconcile", counts.ambiguous)
         if counts.ended or counts.recorded or counts.linked or counts.ambiguous:
             log.info(
                 "reconciled %s: %d ended, %d recorded, %d linked, %d ambiguous",
@@ -117,7 +127,12 @@ class ProbeService:
         return counts
 
     async def _reconcile(
-        self, r: Repos, server: d.Server, reported: dict[str, d.ReportedSession], keep_for: timedelta
+        self,
+        r: Repos,
+        server: d.Server,
+        reported: dict[str, d.ReportedSession],
+        keep_for: timedelta,
+        omits_disconnected: bool,
     ) -> d.ReconcileCounts:
         now = self.broker.now()
         grace = timedelta(seconds=self.settings.pending_timeout_s)
@@ -127,17 +142,20 @@ class ProbeService:
             if not session.user:
                 continue  # no identity: nothing to compare; it expires on its own
             key = d.user_key(session.user)
-            if key in reported:
-                matched.add(key)
+            same = [key] if key in reported else [k for k in reported if d.same_user(session.user, k)]
+            if len(same) == 1:  # the same account, maybe reported without its domain (quser)
+                matched.add(same[0])
                 if learnt_from == "agent":
-                    await self._follow_agent(r, session, reported[key].state, now, keep_for)
+                    await self._follow_agent(r, session, reported[same[0]].state, now, keep_for)
                 continue
             matches = {k for k, item in reported.items() if d.cookie_matches(session.user, item.user)}
             if len(matches) == 1:
                 full = reported[next(iter(matches))]
                 matched.add(d.user_key(full.user))
-                if await r.sessions.live_for_user(session.pool, d.user_key(full.user)) is None:
-                    await r.sessions.relabel(session.session_id, full.user, now)
+                label = d.linked_user(session.user, full.user)
+                taken = await r.sessions.live_for_user(session.pool, d.user_key(label))
+                if label != session.user and taken is None:
+                    await r.sessions.relabel(session.session_id, label, now)
                     linked += 1
                 continue
             if len(matches) > 1:
@@ -145,6 +163,8 @@ class ProbeService:
                 continue
             if session.state is d.SessionState.PENDING or now - session.updated_at < grace:
                 continue  # a logon in progress may not be on the server's list yet
+            if omits_disconnected and session.state is d.SessionState.DISCONNECTED:
+                continue  # this list cannot show disconnected sessions: absence proves nothing
             if await r.sessions.end(session.session_id, "logged_off", now):
                 ended += 1
         recorded = 0

@@ -16,6 +16,7 @@ from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.exc import IntegrityError
 
 from rdbroker_broker import domain as d
+from rdbroker_broker import metrics
 from rdbroker_broker.config import BrokerSettings
 from rdbroker_broker.db import routing_sql
 from rdbroker_broker.db.repositories import new_session_id, session_from_row
@@ -316,6 +317,7 @@ class BrokerService:
         if len(users) == 1:
             return found[0]
         if len(users) > 1:
+            metrics.record_truncated_ambiguous("route")
             log.warning("truncated cookie matches %d users' sessions: not reconnecting by it", len(users))
         return None
 

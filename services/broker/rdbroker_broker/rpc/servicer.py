@@ -210,5 +210,7 @@ class BrokerServicer(pb_grpc.BrokerServicer):
             if state not in (d.SessionState.ACTIVE, d.SessionState.DISCONNECTED):
                 raise InvalidInput(f"session of {item.user[:40]!r}: state must be ACTIVE or DISCONNECTED")
             reported.append(d.ReportedSession(item.user, state))
-        counts = await self.probes.report_sessions(request.replica_id, request.address, reported)
+        counts = await self.probes.report_sessions(
+            request.replica_id, request.address, reported, request.omits_disconnected
+        )
         return convert.reconcile_counts(counts)
