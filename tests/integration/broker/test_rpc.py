@@ -143,7 +143,7 @@ async def test_an_unreachable_database_is_unavailable(pg_database_url):
         with pytest.raises(Unavailable, match="unreachable"):
             await service.route(RouteRequest("c", cookie="u"))
         transport = httpx.ASGITransport(app=create_app(service))
-        async with httpx.AsyncClient(transport=transport, base_url="http://broker") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
             assert (await client.get("/readyz")).status_code == 503
             assert (await client.get("/v1/users/u/sessions")).status_code == 503
     finally:

@@ -27,10 +27,12 @@ CHANGES = (
 )
 
 
-def client_for(service: BrokerService, token: str | None) -> httpx.AsyncClient:
+def client_for(
+    service: BrokerService, token: str | None, base_url: str = "http://broker"
+) -> httpx.AsyncClient:
     headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
     transport = httpx.ASGITransport(app=create_app(service))
-    return httpx.AsyncClient(transport=transport, base_url="http://broker", headers=headers)
+    return httpx.AsyncClient(transport=transport, base_url=base_url, headers=headers)
 
 
 @pytest.mark.parametrize(
@@ -72,7 +74,7 @@ async def test_no_tokens_is_an_open_api_on_loopback_and_says_so(engine, pg_datab
     settings = settings_for(pg_database_url, **NO_TOKENS)
     service = BrokerService(Store(engine), settings)
     with caplog.at_level(logging.WARNING, logger="rdbroker_broker.rest.app"):
-        async with client_for(service, None) as client:
+        async with client_for(service, None, "http://127.0.0.1:8080") as client:
             assert (await client.post(DRAIN)).status_code == 200
     assert "REST API has no tokens" in caplog.text
 
@@ -92,3 +94,79 @@ def test_no_tokens_is_fine_on_loopback(listen):
 
 def test_a_token_allows_any_listen():
     assert settings_for("sqlite+aiosqlite:///x.db", http_listen="0.0.0.0:8080").http_listen == "0.0.0.0:8080"
+
+
+@pytest.fixture
+def open_service(engine, pg_database_url) -> BrokerService:
+    return BrokerService(Store(engine), settings_for(pg_database_url, **NO_TOKENS))
+
+
+@pytest.mark.parametrize(
+    "host", ["127.0.0.1:8080", "127.0.0.1", "localhost:9", "LOCALHOST", "[::1]:8080", "127.0.0.2:80"]
+)
+async def test_an_open_api_answers_loopback_host_names(open_service, host):
+    async with client_for(open_service, None, "http://127.0.0.1:8080") as client:
+        assert (await client.get("/v1/sessions", headers={"Host": host})).status_code == 200
+        answer = await client.post(DRAIN, headers={"Host": host})
+        assert answer.status_code == 200, answer.text
+
+
+@pytest.mark.parametrize(
+    "host", ["evil.example", "evil.example:8080", "10.0.0.5:8080", "localhost.evil.example", ""]
+)
+async def test_an_open_api_refuses_other_host_names(open_service, host):
+    # A DNS-rebinding page reaches 127.0.0.1 under its own name: it must read nothing and change nothing.
+    async with client_for(open_service, None, "http://127.0.0.1:8080") as client:
+        for method, path in (("GET", "/v1/sessions"), ("GET", "/"), ("POST", DRAIN)):
+            answer = await client.request(method, path, headers={"Host": host})
+            assert answer.status_code == 421, (method, path)
+            assert answer.headers["content-type"] == "application/problem+json"
+            assert "loopback Host" in answer.json()["detail"]
+        state = await client.get(f"/v1/servers/{SERVERS[0]}")
+        assert state.json()["admin_state"] == "enabled"
+
+
+async def test_a_token_protected_api_answers_any_host_name(service):
+    async with client_for(service, ADMIN, "http://broker.example") as client:
+        assert (await client.get("/v1/sessions")).status_code == 200
+
+
+CROSS_SITE = [
+    {"Origin": "http://evil.example"},
+    {"Origin": "null"},
+    {"Origin": "http://127.0.0.1:9999"},  # another port is another origin
+    {"Origin": "https://127.0.0.1:8080"},
+    {"Sec-Fetch-Site": "cross-site"},
+    {"Origin": "http://127.0.0.1:8080", "Sec-Fetch-Site": "cross-site"},
+]
+
+
+@pytest.mark.parametrize("headers", CROSS_SITE)
+@pytest.mark.parametrize("tokens", ["open", "admin"])
+async def test_a_change_from_another_site_is_refused(open_service, service, tokens, headers):
+    target, token = (open_service, None) if tokens == "open" else (service, ADMIN)
+    async with client_for(target, token, "http://127.0.0.1:8080") as client:
+        for method, path in (("POST", DRAIN), *CHANGES):
+            answer = await client.request(method, path, headers=headers)
+            assert answer.status_code == 403, (method, path)
+            assert answer.headers["content-type"] == "application/problem+json"
+            assert answer.json()["title"] == "Cross-site request refused"
+        # Reads stay readable (a cross-site page cannot see the answer without CORS anyway).
+        assert (await client.get("/v1/servers", headers=headers)).status_code == 200
+        state = await client.get(f"/v1/servers/{SERVERS[0]}")
+        assert state.json()["admin_state"] == "enabled"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},  # the CLI, curl: no Origin
+        {"Origin": "http://127.0.0.1:8080", "Sec-Fetch-Site": "same-origin"},  # the dashboard
+        {"Origin": "HTTP://127.0.0.1:8080"},
+        {"Sec-Fetch-Site": "none"},  # typed into the address bar
+    ],
+)
+async def test_a_change_from_the_api_own_origin_or_no_browser_is_accepted(open_service, headers):
+    async with client_for(open_service, None, "http://127.0.0.1:8080") as client:
+        answer = await client.post(DRAIN, headers=headers)
+        assert answer.status_code == 200, answer.text

@@ -16,6 +16,7 @@ from fastapi.staticfiles import StaticFiles
 from rdbroker_broker import errors
 from rdbroker_broker import service as use_cases
 from rdbroker_broker.rest import problems
+from rdbroker_broker.rest.guard import RequestGuard
 from rdbroker_broker.rest.routes import pools, servers, sessions
 from rdbroker_broker.rest.schemas import Problem
 from rdbroker_broker.service import BrokerService
@@ -58,13 +59,16 @@ def create_app(service: BrokerService) -> FastAPI:
     app.state.service = service
     app.state.settings = service.settings
     problems.install(app)
+    # Outermost: a refused browser request reaches no route (see rest/guard.py).
+    app.add_middleware(RequestGuard, open_api=not service.settings.api_tokens_configured)
     for router in (sessions.router, servers.router, pools.router):
         app.include_router(router)
     _probes(app, service)
     _dashboard(app)
     if not service.settings.api_tokens_configured:
         log.warning(
-            "REST API has no tokens: anyone on this host may use it; listening on loopback only (%s)",
+            "REST API has no tokens: anyone on this host may use it; listening on loopback only (%s), "
+            "answering only loopback Host names",
             service.settings.http_listen,
         )
     return app
