@@ -349,6 +349,9 @@ def test_proxy_deployment_service_budget_autoscaler_and_spread(target: str) -> N
     assert service["spec"]["type"] == ("NodePort" if target == "dev" else "LoadBalancer")
     hpa = m.named(docs, "HorizontalPodAutoscaler", "proxy")
     assert 2 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+    # CPU only: a memory target could block scale-down (Python rarely returns freed memory).
+    resources = [(x["type"], x["resource"]["name"]) for x in hpa["spec"]["metrics"]]
+    assert resources == [("Resource", "cpu")]
     m.named(docs, "PodDisruptionBudget", "proxy")
 
 
