@@ -25,6 +25,7 @@ def test_postgres_has_three_instances_and_quorum_synchronous_commit(target: str)
     assert spec["bootstrap"]["initdb"] == {"database": "rdbroker", "owner": "rdbroker"}
 
 
+@m.needs_renderer
 def test_dev_postgres_is_one_instance_without_synchronous_standbys() -> None:
     spec = m.named(m.render("dev"), "Cluster", "rdbroker-pg")["spec"]
     assert spec["instances"] == 1
@@ -73,6 +74,7 @@ def test_the_broker_certificate_names_the_host_its_clients_dial(target: str) -> 
         assert host in dns_names
 
 
+@m.needs_renderer
 def test_prod_backs_postgres_up_continuously_to_object_storage() -> None:
     docs = m.render("prod")
     cluster = m.named(docs, "Cluster", "rdbroker-pg")["spec"]
