@@ -2,8 +2,8 @@
 
     rdbroker-agent --config agent.toml --listen 0.0.0.0:8088
 
-Flags win over `RDBROKER_AGENT_CONFIG`, `RDBROKER_AGENT_LISTEN`, `RDBROKER_LOG_LEVEL` and
-`RDBROKER_LOG_FORMAT`. Runs until SIGTERM or SIGINT; logs the address it bound (port 0 picks one).
+Flags win over `RDBROKER_AGENT_CONFIG`, `RDBROKER_AGENT_LISTEN`, `RDBROKER_AGENT_LOAD_CACHE_S`,
+`RDBROKER_AGENT_MAX_CONNECTIONS`, `RDBROKER_LOG_LEVEL` and `RDBROKER_LOG_FORMAT`. Runs until SIGTERM or SIGINT; logs the address it bound (port 0 picks one).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from pydantic import ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from rdbroker_common import lifecycle, logs
@@ -31,6 +31,10 @@ class AgentSettings(ServiceSettings):
 
     agent_config: str = "agent.toml"
     agent_listen: str = "0.0.0.0:8088"
+    # GET /load answers younger than this are reused; concurrent requests share one computation.
+    agent_load_cache_s: float = Field(default=1.0, ge=0.0, le=60.0)
+    # Connections served at once; more are closed at once (pollers need a handful).
+    agent_max_connections: int = Field(default=64, ge=1, le=10_000)
 
     @field_validator("agent_listen")
     @classmethod
@@ -49,6 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--listen", dest="agent_listen", help="HOST:PORT (env RDBROKER_AGENT_LISTEN; 0.0.0.0:8088)"
+    )
+    parser.add_argument(
+        "--load-cache-s",
+        dest="agent_load_cache_s",
+        type=float,
+        help="reuse a /load answer this many seconds (env RDBROKER_AGENT_LOAD_CACHE_S; 1)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        dest="agent_max_connections",
+        type=int,
+        help="connections served at once, more are closed (env RDBROKER_AGENT_MAX_CONNECTIONS; 64)",
     )
     parser.add_argument("--log-level", dest="log_level", help="env RDBROKER_LOG_LEVEL; INFO")
     parser.add_argument(
@@ -73,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     host, port = split_host_port(settings.agent_listen)
     try:
-        lifecycle.run(lambda: _serve(config, host, port))
+        lifecycle.run(lambda: _serve(config, settings, host, port))
     except KeyboardInterrupt:  # Ctrl+C where the loop cannot take signal handlers (Windows)
         log.info("agent stopped")
     except OSError as exc:
@@ -82,9 +98,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-async def _serve(config: AgentConfig, host: str, port: int) -> None:
+async def _serve(config: AgentConfig, settings: AgentSettings, host: str, port: int) -> None:
     stop = lifecycle.stop_event_on_signals()
-    async with AgentServer(config, SystemSources(), host, port) as server:
+    server = AgentServer(
+        config,
+        SystemSources(),
+        host,
+        port,
+        load_cache_s=settings.agent_load_cache_s,
+        max_connections=settings.agent_max_connections,
+    )
+    async with server:
         log.info("agent listening on %s", join_host_port(host, server.port), extra={"port": server.port})
         await stop.wait()
     log.info("agent stopped")

@@ -16,6 +16,7 @@ from types import TracebackType
 from .config import AgentConfig
 from .errors import SourceError
 from .load import measure_load, read_sessions
+from .shared import SharedResult
 from .sources import Sources
 
 log = logging.getLogger(__name__)
@@ -41,12 +42,20 @@ class AgentServer:
         port: int = 0,
         *,
         request_timeout_s: float = 10.0,
+        load_cache_s: float = 1.0,
+        max_connections: int = 64,
     ):
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, not {max_connections}")
         self.config = config
         self.sources = sources
         self.host = host
         self.port = port
         self.request_timeout_s = request_timeout_s
+        self.max_connections = max_connections
+        self.load = SharedResult(lambda: measure_load(self.config, self.sources), load_cache_s)
+        self.open_connections = 0
+        self.refused_connections = 0
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -69,6 +78,21 @@ class AgentServer:
         await self.stop()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Over the cap the connection is closed at once: no request is read, nothing is computed.
+        if self.open_connections >= self.max_connections:
+            self.refused_connections += 1
+            log.debug("agent at %d connections: closing a new one", self.open_connections)
+            writer.close()
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.wait_closed()
+            return
+        self.open_connections += 1
+        try:
+            await self._serve_one(reader, writer)
+        finally:
+            self.open_connections -= 1
+
+    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             # The deadline covers the client's part (sending the head, taking the answer); computing
             # the answer is bounded by command_timeout_s on each command instead.
@@ -108,7 +132,7 @@ class AgentServer:
         if method != "GET":
             return _text(405, "only GET")
         if target == "/load":
-            return _text(200, await measure_load(self.config, self.sources))
+            return _text(200, await self.load.get())
         try:
             sessions = await read_sessions(self.config, self.sources)
         except SourceError as exc:
