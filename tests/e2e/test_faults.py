@@ -36,18 +36,30 @@ from tests.support.storm import (
     failed_after_retry,
     first_servers,
     recovery_s,
+    setup_figures,
+    slow,
     summary,
     wrong_server,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
-SERVICE_BOUND_S = 2.0  # broker, proxy, health: new connections unaffected or back within this
+# Broker, proxy, health: new connections unaffected or back within this. "Back" means no attempt
+# fails or is cut, and none still being set up at the fault or started after it takes longer than
+# storm.SLOW_S, from this long after the fault on (storm.recovery_s).
+SERVICE_BOUND_S = 2.0
 FAILOVER_BOUND_S = 15.0  # PostgreSQL: routing back within this after the promotion
-# A dead health replica's servers: probed again by the other once its leases (600 ms) lapse. Typically
-# under a second here; the loose bound leaves room for a loaded 2-core machine (routing is not affected
-# meanwhile: the servers keep their last state, which SERVICE_BOUND_S checks).
+# A dead health replica's servers: probed again by the other once its leases (600 ms) lapse. This is
+# our own figure, not the issue's bound (that one is about new connections, SERVICE_BOUND_S, asserted
+# too). Typically under a second here; the loose sanity bound leaves room for a loaded 2-core machine
+# (routing is not affected meanwhile: the servers keep their last state).
 REPROBE_BOUND_S = 5.0
+# A dead terminal server is marked down after `fall` failed probes: the first one comes up to one
+# interval after the kill, so fall * interval in all, plus the time to write the mark, which a loaded
+# 2-core machine stretches (a probe task or a lease renewal scheduled late); the slack is for that.
+# The issue's bound itself (no new placement on it after fall * interval) is asserted with no slack,
+# and so is "nothing routed to it once marked down".
+MARK_DOWN_SLACK_S = 1.0
 LIVE_STATES = (
     broker_pb2.SESSION_STATE_PENDING,
     broker_pb2.SESSION_STATE_ACTIVE,
@@ -72,6 +84,7 @@ class Run:
     storm: LoginStorm
     homes: dict[str, str]  # the server each user's session was on before the storm
     before: dict[str, SessionRow]  # live sessions committed just before the fault
+    storm_at: float  # time.monotonic() when the storm began (after the seed logons)
     fault_at: float  # time.monotonic() when the signal was sent
     fault_wall: datetime
 
@@ -97,12 +110,13 @@ async def storm_with_fault(
         await inject()
         return before, at, wall
 
+    storm_at = time.monotonic()
     async with asyncio.TaskGroup() as tg:
         tg.create_task(storm.run(duration_s))
         faulted = tg.create_task(fault())
     before, fault_at, fault_wall = faulted.result()
     assert len(started_after(storm.attempts, fault_at + 1.0)) >= len(storm.users), "the storm went on"
-    return Run(storm, homes, before, fault_at, fault_wall)
+    return Run(storm, homes, before, storm_at, fault_at, fault_wall)
 
 
 async def directory_figures(farm: Farm, run: Run, dead: frozenset[str] = frozenset()) -> dict[str, object]:
@@ -162,15 +176,25 @@ def report(fault: str, **figures: object) -> None:
             out.write(json.dumps(line) + "\n")
 
 
-def storm_figures(run: Run, since: float | None = None) -> dict[str, object]:
+def storm_figures(run: Run, since: float | None = None, settled: float | None = None) -> dict[str, object]:
+    """The storm's counts, recovery measured from `since` (default: the fault), and the set-up times
+    of logons started before the fault, during it (until `settled`, default: SERVICE_BOUND_S after
+    the fault) and after it."""
     attempts = run.storm.attempts
     start = run.fault_at if since is None else since
+    end = run.fault_at + SERVICE_BOUND_S if settled is None else settled
     return {
         "attempts": len(attempts),
         "failed_attempts": len(failed(attempts)),
         "failed_after_retry": len(failed_after_retry(attempts)),
         "dropped_connections": sum(a.dropped for a in attempts),
+        "slow_attempts": len(slow(attempts, start)),
         "recovery_s": round(recovery_s(attempts, start), 2),
+        "setup_s": {
+            "before": setup_figures(attempts, run.storm_at, run.fault_at),
+            "during": setup_figures(attempts, run.fault_at, end),
+            "after": setup_figures(attempts, end),
+        },
         "sessions_before_fault": len(run.before),
         "summary": summary(attempts, start),
     }
@@ -257,7 +281,7 @@ async def test_the_postgresql_primary_dies_and_the_standby_is_promoted(farm: Far
         "postgresql-failover",
         promote_s=round(promoted_at - run.fault_at, 2),
         recovery_from_kill_s=round(recovery_s(run.storm.attempts, run.fault_at), 2),
-        **storm_figures(run, since=promoted_at),
+        **storm_figures(run, since=promoted_at, settled=promoted_at),
         **directory,
     )
     assert_directory(directory)
@@ -283,24 +307,40 @@ async def test_a_terminal_server_dies(farm: Farm) -> None:
     run = await storm_with_fault(farm, inject)
     assert marked, "the dead server was never marked down"
     settings = farm.settings
-    bound_s = settings.fall * settings.probe_interval_ms / 1000 + 1.0
-    down_s = marked[0] - run.fault_at
+    fall_s = settings.fall * settings.probe_interval_ms / 1000
     on_dead = [u for u, s in run.homes.items() if s == dead]
-    late_placements = await asyncio.to_thread(
-        farm.placements_on, dead, run.fault_wall + timedelta(seconds=down_s + 0.2)
-    )
+    # The directory's own time of the mark and its created_at columns are on the same host clock as
+    # fault_wall; the test's poll (`marked`) only bounds when the mark became visible.
+    marked_wall = await asyncio.to_thread(farm.health_changed_at, dead)
+    assert marked_wall is not None
+    assert marked_wall >= run.fault_wall, "the mark is the one after the kill"
+    down_s = (marked_wall - run.fault_wall).total_seconds()
+    fall_wall = run.fault_wall + timedelta(seconds=fall_s)
+    new_after_fall = await asyncio.to_thread(farm.sessions_placed_on, dead, fall_wall)
+    routed_after_kill = await asyncio.to_thread(farm.placements_on, dead, run.fault_wall)
+    routed_after_fall = await asyncio.to_thread(farm.placements_on, dead, fall_wall)
+    routed_after_mark = await asyncio.to_thread(farm.placements_on, dead, marked_wall)
     directory = await directory_figures(farm, run, dead=frozenset({dead}))
     report(
         "terminal-server",
         marked_down_s=round(down_s, 2),
+        mark_seen_by_test_s=round(marked[0] - run.fault_at, 2),
+        fall_x_interval_s=fall_s,
         users_on_dead_server=len(on_dead),
-        placements_on_it_after_down=late_placements,
-        **storm_figures(run),
+        new_sessions_on_it_after_fall_x_interval=new_after_fall,
+        routed_to_it_after_kill=routed_after_kill,
+        routed_to_it_after_fall_x_interval=routed_after_fall,
+        routed_to_it_after_mark=routed_after_mark,
+        **storm_figures(run, settled=marked[0]),
         **directory,
     )
     assert on_dead, "the dead server held sessions"
-    assert down_s <= bound_s
-    assert late_placements == 0
+    # The issue's bound, with no slack: no new placement on it after fall * interval.
+    assert new_after_fall == 0
+    # Stronger, also with no slack: once marked down nothing at all is routed to it (before the mark
+    # its users' reconnects are routed to it and fail: the broker does not move a session silently).
+    assert routed_after_mark == 0
+    assert down_s <= fall_s + MARK_DOWN_SLACK_S
     assert_directory(directory)
     # Once it is marked down, every logon succeeds (after at most one retry), elsewhere.
     after_down = started_after(run.storm.attempts, marked[0] + 0.5)
@@ -327,7 +367,7 @@ async def test_postgresql_stops_then_continues(farm: Farm) -> None:
         "postgresql-sigstop",
         stopped_s=stop_s,
         recovery_from_stop_s=round(recovery_s(run.storm.attempts, run.fault_at), 2),
-        **storm_figures(run, since=resumed[0]),
+        **storm_figures(run, since=resumed[0], settled=resumed[0]),
         **directory,
     )
     assert_directory(directory)

@@ -189,10 +189,23 @@ class Farm:
         return [(r[0], r[1]) for r in rows]
 
     def placements_on(self, server: str, after: datetime) -> int:
+        """Connections routed to `server` after `after` (a reconnect to a user's own session included)."""
         rows = self.query(
             "SELECT count(*) FROM connections WHERE server_address = %s AND created_at > %s", (server, after)
         )
         return int(rows[0][0])
+
+    def sessions_placed_on(self, server: str, after: datetime) -> int:
+        """New sessions placed on `server` after `after`."""
+        rows = self.query(
+            "SELECT count(*) FROM sessions WHERE server_address = %s AND created_at > %s", (server, after)
+        )
+        return int(rows[0][0])
+
+    def health_changed_at(self, server: str) -> datetime | None:
+        """When the directory last recorded a change of `server`'s health."""
+        rows = self.query("SELECT health_changed_at FROM servers WHERE address = %s", (server,))
+        return rows[0][0] if rows else None
 
     def server_health(self) -> dict[str, str]:
         return {r[0]: r[1] for r in self.query("SELECT address, health FROM servers")}

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,6 +23,9 @@ from dataclasses import dataclass, field
 from rdbroker_rdp import build_connection_request, parse_connection_confirm
 
 WHO = b"WHO?\n"
+# A logon whose set-up (connect to the server's answer) takes longer than this is slow: a fault that
+# makes the proxy wait and retry inside its Route deadline shows as latency, not as a failure.
+SLOW_S = 1.0
 
 
 @dataclass
@@ -35,10 +40,20 @@ class Attempt:
     error: str | None = None
     retry: bool = False  # the client's one retry after a failed attempt
     dropped: bool = False  # reached a server, then cut before the client closed
+    confirmed: float | None = None  # when the server's Connection Confirm arrived through the proxy
+    answered: float | None = None  # when the server said who it is: the logon is set up
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def confirm_s(self) -> float | None:
+        return None if self.confirmed is None else self.confirmed - self.started
+
+    @property
+    def setup_s(self) -> float | None:
+        return None if self.answered is None else self.answered - self.started
 
 
 @dataclass
@@ -124,12 +139,14 @@ class LoginStorm:
                 body = await reader.readexactly(int.from_bytes(header[2:4], "big") - 4)
             if parse_connection_confirm(header + body) is None:
                 raise ValueError("incomplete Connection Confirm")
+            attempt.confirmed = time.monotonic()
             step = "who"
             writer.write(WHO)
             async with asyncio.timeout(self.settings.step_timeout_s):
                 line = await reader.readline()
             if not line.startswith(b"SERVER "):
                 raise ValueError(f"unexpected answer {line[:40]!r}")
+            attempt.answered = time.monotonic()
             attempt.server = line[len(b"SERVER ") :].strip().decode()
             step = "hold"
             with contextlib.suppress(TimeoutError):
@@ -162,10 +179,36 @@ def failed_after_retry(attempts: Sequence[Attempt]) -> list[Attempt]:
     return [a for a in attempts if a.retry and not a.ok]
 
 
-def recovery_s(attempts: Sequence[Attempt], fault_at: float) -> float:
-    """Time from the fault to the end of the last failed (or dropped) attempt; 0 if none failed."""
+def slow(attempts: Sequence[Attempt], fault_at: float, slow_s: float = SLOW_S) -> list[Attempt]:
+    """Logons still being set up at the fault or started after it that took longer than `slow_s`."""
+    return [
+        a
+        for a in attempts
+        if a.answered is not None and a.answered >= fault_at and a.answered - a.started > slow_s
+    ]
+
+
+def recovery_s(attempts: Sequence[Attempt], fault_at: float, slow_s: float = SLOW_S) -> float:
+    """Time from the fault to full service: the end of the last failed or dropped attempt, or the
+    set-up of the last slow one (see `slow`), whichever is later; 0 if the fault went unnoticed."""
     bad = [a.ended for a in attempts if (not a.ok or a.dropped) and a.ended >= fault_at]
+    bad += [a.answered for a in slow(attempts, fault_at, slow_s) if a.answered is not None]
     return max(bad) - fault_at if bad else 0.0
+
+
+def setup_figures(attempts: Sequence[Attempt], start: float, end: float = math.inf) -> dict[str, float]:
+    """Set-up time (start to the server's answer) of the logons started in [start, end), in seconds:
+    count, median, p99 (nearest rank) and max; failed attempts have none and are counted elsewhere."""
+    times = sorted(a.setup_s for a in attempts if a.setup_s is not None and start <= a.started < end)
+    if not times:
+        return {"n": 0}
+    p99 = times[max(0, math.ceil(0.99 * len(times)) - 1)]
+    return {
+        "n": len(times),
+        "p50": round(statistics.median(times), 3),
+        "p99": round(p99, 3),
+        "max": round(times[-1], 3),
+    }
 
 
 def wrong_server(
@@ -204,5 +247,5 @@ def summary(attempts: Sequence[Attempt], fault_at: float | None = None) -> str:
         f"failed_after_retry={len(failed_after_retry(attempts))} dropped={sum(a.dropped for a in attempts)}"
     )
     if fault_at is not None:
-        text += f" recovery_s={recovery_s(attempts, fault_at):.2f}"
+        text += f" slow={len(slow(attempts, fault_at))} recovery_s={recovery_s(attempts, fault_at):.2f}"
     return text
