@@ -90,9 +90,14 @@ def redact(url: str) -> str:
     return broker_redact(url)
 
 
-async def apply_farm(settings: BrokerSettings, farm: dict[str, Any], source: str) -> list[str]:
+async def apply_farm(
+    settings: BrokerSettings, farm: dict[str, Any], source: str, *, replace: bool = False
+) -> list[str]:
     """Upgrade the schema, then make the database hold exactly this farm: the command line is the farm,
-    so servers left out are removed and their leftover sessions ended. Answers any refusals, one line each."""
+    so servers left out are removed and their leftover sessions ended. Answers any refusals, one line each.
+
+    Unless `replace`, a database already holding servers the farm does not name is refused untouched: a
+    database shared with a real deployment must not lose its servers to a typo'd `--database-url`."""
     from rdbroker_broker.db import migrate
     from rdbroker_broker.db.engine import make_engine
     from rdbroker_broker.errors import BrokerError
@@ -106,6 +111,17 @@ async def apply_farm(settings: BrokerSettings, farm: dict[str, Any], source: str
     engine = make_engine(settings.database_url_text)
     try:
         await migrate.upgrade(engine)
+        if not replace:
+            preview = await apply(engine, parsed, dry_run=True, prune=True, force=True)
+            unnamed = [line.split()[-1] for line in preview.changes if line.startswith("delete server ")]
+            if unnamed:
+                shown = ", ".join(unnamed[:5]) + (f" and {len(unnamed) - 5} more" if len(unnamed) > 5 else "")
+                named_by = "the command line" if source == "--server" else source
+                where = redact(settings.database_url_text)
+                raise ComponentError(
+                    f"the database {where} holds servers {named_by} does not name ({shown}): "
+                    "add --replace-farm to remove them (ending their sessions), or name them too"
+                )
         plan = await apply(engine, parsed, dry_run=False, prune=True, force=True)
     except (BrokerError, FarmError) as exc:
         raise ComponentError(f"cannot apply the farm: {exc}") from exc

@@ -52,6 +52,7 @@ class UpConfig:
     farm_file: Path | None = None
     log_level: str | None = None
     log_format: str = "text"
+    replace_farm: bool = False  # remove servers the database holds that the farm does not name
 
 
 @dataclass
@@ -110,6 +111,11 @@ def build_parser(demo: bool) -> argparse.ArgumentParser:
             help="a terminal server, repeatable (one default pool)",
         )
         farm.add_argument("-f", "--farm", type=Path, metavar="FARM.YAML", help="a farm file (pools, servers)")
+        parser.add_argument(
+            "--replace-farm",
+            action="store_true",
+            help="the database may hold other servers: remove them and end their sessions",
+        )
     return parser
 
 
@@ -130,6 +136,7 @@ def config_from(args: argparse.Namespace) -> UpConfig:
         farm_file=getattr(args, "farm", None),
         log_level=args.log_level,
         log_format=args.log_format,
+        replace_farm=bool(getattr(args, "replace_farm", False)),
     )
 
 
@@ -187,7 +194,7 @@ async def serve(
         raise UpError(f"invalid settings: {_first_error(exc)}") from exc
     where = Listening(database=components.redact(broker_settings.database_url_text), farm=farms.summary(farm))
     try:
-        refusals = await components.apply_farm(broker_settings, farm, source)
+        refusals = await components.apply_farm(broker_settings, farm, source, replace=config.replace_farm)
     except components.ComponentError as exc:
         raise UpError(str(exc)) from exc
     for line in refusals:
@@ -333,4 +340,5 @@ async def run_demo(
             where.fake_servers = addresses
             on_ready(where)
 
-        await serve(config, farms.from_servers(addresses), stop, ready, "demo")
+        # The demo's farm is its own fake servers (new ports each run): it always replaces the farm.
+        await serve(replace(config, replace_farm=True), farms.from_servers(addresses), stop, ready, "demo")

@@ -143,3 +143,57 @@ def test_an_open_api_off_loopback_is_refused_before_anything_starts(capsys, monk
         "set: set RDBROKER_API_ADMIN_TOKEN (and RDBROKER_API_READ_TOKEN), or listen on 127.0.0.1\n"
     )
     assert not (tmp_path / "up.db").exists()
+
+
+def _up_argv(database: str, *servers: str) -> list[str]:
+    argv = ["up", "--database-url", database, "--listen", "127.0.0.1:0"]
+    argv += ["--http-listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0"]
+    for server in servers:
+        argv += ["--server", server]
+    return argv
+
+
+async def _servers_in(database: str) -> list[str]:
+    from rdbroker_broker.db.engine import make_engine
+    from rdbroker_broker.db.repositories import ServerRepository
+
+    engine = make_engine(database)
+    try:
+        async with engine.connect() as conn:
+            return sorted(s.address for s in await ServerRepository(conn).list())
+    finally:
+        await engine.dispose()
+
+
+def test_up_on_a_database_holding_other_servers_needs_replace_farm(capsys, monkeypatch, tmp_path):
+    import asyncio
+
+    from rdbroker_cli import components
+
+    monkeypatch.setattr(up, "_start_logging", lambda config: _NoTelemetry())
+    database = f"sqlite+aiosqlite:///{tmp_path / 'shared.db'}"
+    existing = farm.from_servers(["10.0.0.1:3389", "10.0.0.2:3389"])
+    settings = components.broker_settings(up.UpConfig(database_url=database))
+    asyncio.run(components.apply_farm(settings, existing, "--server"))
+
+    # The command line names only one of them: refused before anything starts, nothing deleted.
+    assert rdbroker(_up_argv(database, "10.0.0.1:3389")) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1
+    assert "holds servers the command line does not name (10.0.0.2:3389)" in err
+    assert "--replace-farm" in err
+    assert asyncio.run(_servers_in(database)) == ["10.0.0.1:3389", "10.0.0.2:3389"]
+
+    # Naming every server is fine (nothing would be removed), and --replace-farm removes the others.
+    assert asyncio.run(components.apply_farm(settings, existing, "--server")) == []
+    smaller = farm.from_servers(["10.0.0.1:3389"])
+    asyncio.run(components.apply_farm(settings, smaller, "--server", replace=True))
+    assert asyncio.run(_servers_in(database)) == ["10.0.0.1:3389"]
+
+
+def test_replace_farm_is_a_flag_of_up():
+    args = up.build_parser(demo=False).parse_args(["--server", "10.0.0.1", "--replace-farm"])
+    assert up.config_from(args).replace_farm is True
+    args = up.build_parser(demo=False).parse_args(["--server", "10.0.0.1"])
+    assert up.config_from(args).replace_farm is False
