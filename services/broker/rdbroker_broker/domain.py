@@ -7,22 +7,26 @@ from __future__ import annotations
 
 import enum
 import re
-import socket
-import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from rdbroker_broker.errors import InvalidInput
+from rdbroker_rdp import decode_routing_token
 
-MAX_USER_CHARS = 256
-MAX_TOKEN_CHARS = 128
-MAX_CONNECTION_ID_CHARS = 128
+# These equal the database column sizes (tables.py); a unit test keeps them equal, so a value that
+# passes here always fits its column instead of failing in PostgreSQL as INTERNAL.
+MAX_USER_CHARS = 256  # sessions.user and sessions.user_key (the casefolded name)
+MAX_ADDRESS_CHARS = 255  # servers.address, sessions.client_address
+MAX_CONNECTION_ID_CHARS = 128  # sessions.connection_id, connections.connection_id, proxies.proxy_id
 MAX_POOL_CHARS = 128
+MAX_TOKEN_CHARS = 128
 MAX_PRECONNECTION_BLOB_BYTES = 4096
 # mstsc truncates the mstshash user name to this many characters.
 TRUNCATED_COOKIE_CHARS = 9
-_NUMERIC_TOKEN = re.compile(r"^[0-9]+(\.|$)")
+# Microsoft's shape, `<u32>.<u16>.<reserved>` (as rdbroker_rdp.token reads it, numbers unbounded):
+# a value of this shape that does not decode is out of range, hence malformed.
+_MS_TOKEN_SHAPE = re.compile(r"[0-9]+\.[0-9]+\.[0-9]* *")
 
 
 class AdminState(enum.StrEnum):
@@ -209,7 +213,7 @@ def identity_from(request: RouteRequest, max_cookie_chars: int) -> str:
     _check_text("cookie", request.cookie, max_cookie_chars)
     cookie = request.cookie.strip()
     if cookie:
-        return cookie
+        return _fits_user_key("cookie", cookie)
     if not request.preconnection_blob:
         return ""
     if len(request.preconnection_blob) > MAX_PRECONNECTION_BLOB_BYTES:
@@ -220,7 +224,17 @@ def identity_from(request: RouteRequest, max_cookie_chars: int) -> str:
         raise InvalidInput("preconnection_blob is not UTF-8") from exc
     blob = blob.rstrip("\x00").strip()
     _check_text("preconnection_blob", blob, max_cookie_chars)
-    return blob
+    return _fits_user_key("preconnection_blob", blob)
+
+
+def _fits_user_key(name: str, user: str) -> str:
+    """casefold() may lengthen a name (`ß` -> `ss`): the key must still fit its column."""
+    key_chars = len(user_key(user))
+    if key_chars > MAX_USER_CHARS:
+        raise InvalidInput(
+            f"{name} is too long once case-folded ({key_chars} characters, at most {MAX_USER_CHARS})"
+        )
+    return user
 
 
 def validate_route_request(request: RouteRequest) -> None:
@@ -231,8 +245,8 @@ def validate_route_request(request: RouteRequest) -> None:
     _check_text("proxy_id", request.proxy_id, MAX_CONNECTION_ID_CHARS)
     _check_text("pool", request.pool, MAX_POOL_CHARS)
     _check_text("routing_token", request.routing_token, MAX_TOKEN_CHARS)
-    _check_text("client_address", request.client_address, MAX_USER_CHARS)
-    _check_text("failed_server_address", request.failed_server_address, MAX_USER_CHARS)
+    _check_text("client_address", request.client_address, MAX_ADDRESS_CHARS)
+    _check_text("failed_server_address", request.failed_server_address, MAX_ADDRESS_CHARS)
     if request.attempt > 100:
         raise InvalidInput("attempt is out of range (at most 100)")
 
@@ -295,50 +309,25 @@ def looks_truncated(user: str) -> bool:
 # --- routing tokens ----------------------------------------------------------------------------
 
 
-def decode_routing_token(token: str) -> tuple[str, int] | None:
-    """`3640205228.15629.0000` -> ("172.31.249.216", 3389); None when the value is not an address.
-
-    IPv4 as a little-endian u32, the port byte-swapped, then a required dot and a reserved part.
-    Other products put opaque values after `msts=`: those are tolerated and never treated as an address.
-    """
-    parts = token.strip().split(".")
-    if len(parts) < 3 or not parts[0].isdigit() or not parts[1].isdigit():
-        return None
-    if len(parts[0]) > 10 or len(parts[1]) > 5:
-        return None
-    address, port = int(parts[0]), int(parts[1])
-    if address > 0xFFFFFFFF or port > 0xFFFF:
-        return None
-    host = socket.inet_ntoa(struct.pack("<I", address))
-    real_port = struct.unpack("<H", struct.pack(">H", port))[0]
-    if real_port == 0:
-        return None
-    return host, int(real_port)
-
-
 def routing_token_address(token: str) -> str | None:
-    """The `host:port` a routing token names, None for no token or an opaque one.
+    """The `host:port` a routing token names; None for no token or an opaque one (DESIGN §3).
 
-    A value in the numeric form that does not decode (out of range, missing the dot after the port)
-    is malformed: InvalidInput. Anything else is another product's opaque value and is ignored.
+    Decoding is rdbroker_rdp's, the same the proxy uses. Only a value of Microsoft's shape whose
+    numbers are out of range (a zero or over-large address or port) is malformed: InvalidInput.
+    Any other value after `msts=` is another product's and is placed by cookie and policy instead.
     """
     text = token.strip()
     if not text:
         return None
-    if not _NUMERIC_TOKEN.match(text):
-        return None
     decoded = decode_routing_token(text)
-    if decoded is None:
+    if decoded is not None:
+        return f"{decoded[0]}:{decoded[1]}"
+    if _MS_TOKEN_SHAPE.fullmatch(text):
         raise InvalidInput(
-            f"malformed routing token {text[:40]!r}: expected <ipv4 u32>.<port u16>.<reserved>"
+            f"malformed routing token {text[:40]!r}: "
+            "address must be a u32 in 1..4294967295 and port a u16 in 1..65535"
         )
-    return f"{decoded[0]}:{decoded[1]}"
-
-
-def encode_routing_token(host: str, port: int) -> str:
-    address = struct.unpack("<I", socket.inet_aton(host))[0]
-    swapped = struct.unpack("<H", struct.pack(">H", port))[0]
-    return f"{address}.{swapped}.0000"
+    return None
 
 
 # --- placement ---------------------------------------------------------------------------------

@@ -10,9 +10,9 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from typing import TypeVar, cast
 
-from sqlalchemy import ColumnElement, func, select
+from sqlalchemy import Column, ColumnElement, String, func, select
 from sqlalchemy.exc import IntegrityError
 
 from rdbroker_broker import domain as d
@@ -20,7 +20,7 @@ from rdbroker_broker import metrics
 from rdbroker_broker.config import BrokerSettings
 from rdbroker_broker.db import routing_sql
 from rdbroker_broker.db.repositories import new_session_id, session_from_row
-from rdbroker_broker.db.tables import sessions
+from rdbroker_broker.db.tables import connections, proxies, sessions
 from rdbroker_broker.errors import Conflict, InvalidInput, NoCapacity, NotFound, PermissionDenied, Unavailable
 from rdbroker_broker.store import Repos, Retryable, Store
 
@@ -382,7 +382,8 @@ class BrokerService:
 
     async def connection_opened(self, session_id: str, connection_id: str, proxy_id: str) -> None:
         _require("session_id", session_id)
-        _require("connection_id", connection_id)
+        _require("connection_id", connection_id, CONNECTION_ID_CHARS)
+        _require("proxy_id", proxy_id, PROXY_ID_CHARS)
 
         async def work(r: Repos) -> None:
             now = self.now()
@@ -416,7 +417,7 @@ class BrokerService:
         end_reason: str = "",
     ) -> None:
         _require("session_id", session_id)
-        _require("connection_id", connection_id)
+        _require("connection_id", connection_id, CONNECTION_ID_CHARS)
         if len(end_reason) > 64:
             raise InvalidInput("end_reason is too long (at most 64 characters)")
 
@@ -451,7 +452,7 @@ class BrokerService:
         When the heartbeat lists every open connection (the count matches), the proxy's active
         sessions on connections it no longer has become disconnected: their close report was lost.
         """
-        _require("proxy_id", proxy_id)
+        _require("proxy_id", proxy_id, PROXY_ID_CHARS)
         ids = list(connection_ids or [])
         if len(ids) > MAX_HEARTBEAT_CONNECTIONS:
             raise InvalidInput(f"too many connection_ids (at most {MAX_HEARTBEAT_CONNECTIONS})")
@@ -568,11 +569,25 @@ def _unknown_pool(pool: str) -> NotFound:
     )
 
 
-def _require(name: str, value: str) -> None:
+def _column_chars(*columns: Column[str]) -> int:
+    """The smallest VARCHAR size among the columns a value is stored in: taken from the tables so a
+    check and its column cannot drift apart."""
+    return min(cast(String, column.type).length or MAX_ID_CHARS for column in columns)
+
+
+# Stored ids are bounded by their columns; ids that are only looked up (session ids) by MAX_ID_CHARS.
+MAX_ID_CHARS = 256
+CONNECTION_ID_CHARS = _column_chars(
+    sessions.c.connection_id, sessions.c.origin_connection_id, connections.c.connection_id
+)
+PROXY_ID_CHARS = _column_chars(sessions.c.proxy_id, connections.c.proxy_id, proxies.c.proxy_id)
+
+
+def _require(name: str, value: str, limit: int = MAX_ID_CHARS) -> None:
     if not value:
         raise InvalidInput(f"{name} is required")
-    if len(value) > 256:
-        raise InvalidInput(f"{name} is too long (at most 256 characters)")
+    if len(value) > limit:
+        raise InvalidInput(f"{name} is too long ({len(value)} characters, at most {limit})")
     if any(ord(ch) < 0x20 for ch in value):
         raise InvalidInput(f"{name} contains control characters")
 

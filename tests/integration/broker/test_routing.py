@@ -246,7 +246,7 @@ async def test_unknown_pool_and_missing_default(service, engine):
     [
         req("x" * 300),
         req("a\r\nb"),
-        req("ok", routing_token="1.2"),
+        req("ok", routing_token="1.0.0000"),
         req("ok", routing_token="99999999999.1.0"),
         req("ok", pool="x" * 200),
         d.RouteRequest(connection_id=""),

@@ -25,7 +25,7 @@ async def code_of(call) -> tuple[grpc.StatusCode, str]:
         (pb.RouteRequest(connection_id="c", cookie="x" * 300), grpc.StatusCode.INVALID_ARGUMENT, "cookie"),
         (pb.RouteRequest(connection_id="c", cookie="bob\x07"), grpc.StatusCode.INVALID_ARGUMENT, "control"),
         (
-            pb.RouteRequest(connection_id="c", routing_token="12.34"),
+            pb.RouteRequest(connection_id="c", routing_token="0.15629.0000"),
             grpc.StatusCode.INVALID_ARGUMENT,
             "token",
         ),
@@ -92,7 +92,9 @@ async def test_unknown_ids_are_not_found(broker, engine):
     await seed(engine, server(A))
     for call in (
         broker.stub.EndSession(pb.EndSessionRequest(session_id="nope")),
-        broker.stub.ConnectionOpened(pb.ConnectionOpenedRequest(session_id="nope", connection_id="c")),
+        broker.stub.ConnectionOpened(
+            pb.ConnectionOpenedRequest(session_id="nope", connection_id="c", proxy_id="p")
+        ),
         broker.stub.SetServerState(
             pb.SetServerStateRequest(address="1.2.3.4:3389", admin_state=pb.ADMIN_STATE_ENABLED)
         ),

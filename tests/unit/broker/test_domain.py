@@ -18,22 +18,6 @@ def best(servers, exclude=()) -> d.Server:
     return chosen
 
 
-def test_token_decodes_the_design_example():
-    assert d.decode_routing_token("3640205228.15629.0000") == ("172.31.249.216", 3389)
-    assert d.decode_routing_token("83886090.15629.0000") == ("10.0.0.5", 3389)
-
-
-@pytest.mark.parametrize(
-    "token", ["", "abc", "123", "1.2", "99999999999.15629.0000", "1.70000.0", "1.0.0", "opaque-value.x.y"]
-)
-def test_opaque_or_malformed_tokens_are_not_addresses(token):
-    assert d.decode_routing_token(token) is None
-
-
-def test_token_round_trip():
-    assert d.decode_routing_token(d.encode_routing_token("10.1.2.3", 3390)) == ("10.1.2.3", 3390)
-
-
 def test_users_compare_case_insensitively():
     assert d.user_key("CORP\\Alice") == d.user_key("corp\\alice")
 
@@ -166,10 +150,42 @@ def test_cookie_matches_full_user(cookie, user, match):
 def test_routing_token_address_forms():
     assert d.routing_token_address("") is None
     assert d.routing_token_address("3640205228.15629.0000") == "172.31.249.216:3389"
+    assert d.routing_token_address(" 83886090.15629.0000 ") == "10.0.0.5:3389"
     assert d.routing_token_address("vendor-opaque-value") is None  # tolerated, never an address
 
 
-@pytest.mark.parametrize("token", ["123", "1.2", "99999999999.15629.0000", "1.70000.0", "1.0.0", "12.x.0"])
-def test_numeric_tokens_that_do_not_decode_are_malformed(token):
+# DESIGN §3: values that are not Microsoft's form are another product's opaque values.
+@pytest.mark.parametrize(
+    "token",
+    ["192.168.1.10", "123.456.abc", "10.0.0.5", "123", "1.2", "12.x.0", "1.2.3.4", "-1.2.0", "1e3.2.0"],
+)
+def test_tokens_not_of_the_ms_shape_are_opaque(token):
+    assert d.routing_token_address(token) is None
+
+
+# Microsoft's shape, numbers out of range (a zero address or port is no address either).
+@pytest.mark.parametrize(
+    "token", ["0.15629.0000", "99999999999.15629.0000", "4294967296.15629.0000", "1.70000.0", "1.0.0"]
+)
+def test_ms_shaped_tokens_out_of_range_are_malformed(token):
     with pytest.raises(InvalidInput, match="routing token"):
         d.routing_token_address(token)
+
+
+def test_a_cookie_that_casefolds_past_the_column_is_refused():
+    request = d.RouteRequest(connection_id="c1", cookie="ß" * 200)
+    with pytest.raises(InvalidInput, match="case-folded"):
+        d.identity_from(request, d.MAX_USER_CHARS)
+    assert d.identity_from(d.RouteRequest(connection_id="c1", cookie="ß" * 128), d.MAX_USER_CHARS)
+
+
+def test_a_preconnection_blob_that_casefolds_past_the_column_is_refused():
+    request = d.RouteRequest(connection_id="c1", preconnection_blob=("ß" * 200).encode())
+    with pytest.raises(InvalidInput, match="preconnection_blob"):
+        d.identity_from(request, d.MAX_USER_CHARS)
+
+
+def test_client_address_fits_its_column():
+    d.validate_route_request(d.RouteRequest(connection_id="c1", client_address="a" * d.MAX_ADDRESS_CHARS))
+    with pytest.raises(InvalidInput, match="client_address"):
+        d.validate_route_request(d.RouteRequest(connection_id="c1", client_address="a" * 256))
