@@ -71,6 +71,11 @@ class Pool:
     name: str
     is_default: bool = False
     disconnect_timeout_s: float = 8 * 3600.0
+    # Probe settings for the pool's servers (farm `probe:`); 0 = the broker's RDBROKER_PROBE_* value.
+    probe_interval_ms: int = 0
+    probe_timeout_ms: int = 0
+    probe_rise: int = 0
+    probe_fall: int = 0
 
 
 @dataclass(frozen=True)
@@ -148,11 +153,17 @@ class RouteDecision:
 
 @dataclass(frozen=True)
 class ProbeTarget:
+    """A server a health replica probes, with the settings that apply (its pool's, else the broker's)."""
+
     address: str
     pool: str
     agent_url: str
     sessions_url: str
     health: Health
+    interval_ms: int
+    timeout_ms: int
+    rise: int
+    fall: int
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ still holds live sessions is refused unless `force` (which ends those sessions f
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,7 +27,11 @@ from rdbroker_common.settings import join_host_port, split_host_port
 DEFAULT_DISCONNECT_TIMEOUT_S = 8 * 3600.0
 _POOL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,127}$")
 _DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
-_POOL_KEYS = {"name", "default", "disconnect_timeout"}
+_POOL_KEYS = {"name", "default", "disconnect_timeout", "probe"}
+_PROBE_KEYS = {"interval", "timeout", "rise", "fall"}
+# The same bounds as the broker's RDBROKER_PROBE_* settings (config.py).
+PROBE_MS_RANGE = (100, 3_600_000)
+PROBE_COUNT_MAX = 100
 _SERVER_KEYS = {"address", "pool", "weight", "max_sessions", "agent_url", "sessions_url"}
 
 
@@ -168,12 +172,58 @@ def _read_pools(reader: _Reader, node: yaml.Node | None, farm: Farm) -> None:
                 )
             else:
                 timeout = parsed
-        farm.pools.append(d.Pool(name, is_default, timeout))
+        probe = _read_probe(reader, fields.get("probe"), f"{where}.probe")
+        farm.pools.append(d.Pool(name, is_default, timeout, *probe))
     defaults = [p for p in farm.pools if p.is_default]
     if len(farm.pools) == 1 and not defaults:
-        farm.pools[0] = d.Pool(farm.pools[0].name, True, farm.pools[0].disconnect_timeout_s)
+        farm.pools[0] = replace(farm.pools[0], is_default=True)
     elif len(defaults) != 1 and farm.pools:
         reader.problem(node, "pools", f"exactly one pool must have `default: true` ({len(defaults)} do)")
+
+
+def _read_probe(reader: _Reader, node: yaml.Node | None, where: str) -> tuple[int, int, int, int]:
+    """A pool's `probe: {interval: 2s, timeout: 2s, rise: 2, fall: 3}`, each optional: (interval_ms,
+    timeout_ms, rise, fall), 0 where not given (the broker's RDBROKER_PROBE_* value then applies)."""
+    if node is None:
+        return 0, 0, 0, 0
+    fields = reader.mapping(node, where, _PROBE_KEYS)
+    if fields is None:
+        return 0, 0, 0, 0
+    low, high = PROBE_MS_RANGE
+    times = []
+    for key in ("interval", "timeout"):
+        ms = 0
+        if key in fields:
+            ms = parse_probe_ms(reader.value(fields[key])) or 0
+            if not low <= ms <= high:
+                reader.problem(
+                    fields[key], f"{where}.{key}", f"expected a duration from {low}ms to {high // 1000}s"
+                )
+                ms = 0
+        times.append(ms)
+    counts = []
+    for key in ("rise", "fall"):
+        count = 0
+        if key in fields:
+            count = reader.value(fields[key])
+            if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= PROBE_COUNT_MAX:
+                reader.problem(
+                    fields[key], f"{where}.{key}", f"expected an integer from 1 to {PROBE_COUNT_MAX}"
+                )
+                count = 0
+        counts.append(count)
+    return times[0], times[1], counts[0], counts[1]
+
+
+def parse_probe_ms(value: Any) -> int | None:
+    """`500ms`, `2s`, `1m` or a number of seconds (1.5), in milliseconds; None if not a duration."""
+    if isinstance(value, str) and value.strip().endswith("ms"):
+        digits = value.strip()[:-2].strip()
+        return int(digits) if digits.isdigit() else None
+    if isinstance(value, float) and not isinstance(value, bool):
+        return round(value * 1000) if value > 0 else None
+    seconds = parse_duration(value)
+    return round(seconds * 1000) if seconds is not None else None
 
 
 def _read_servers(reader: _Reader, node: yaml.Node | None, farm: Farm) -> None:

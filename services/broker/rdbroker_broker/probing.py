@@ -35,13 +35,13 @@ class ProbeService:
         self.settings = broker.settings
         self.ambiguous_total = 0
 
-    async def claim_targets(self, replica_id: str, lease_ms: int) -> list[d.Server]:
+    async def claim_targets(self, replica_id: str, lease_ms: int) -> list[d.ProbeTarget]:
         _require_replica(replica_id)
         lease = lease_ms or self.settings.lease_ms
         if not 30 <= lease <= 3_600_000:
             raise InvalidInput("lease_ms is out of range (30..3600000)")
 
-        async def work(r: Repos) -> list[d.Server]:
+        async def work(r: Repos) -> list[d.ProbeTarget]:
             now = self.broker.now()
             await r.leases.seen(replica_id, lease, now)
             share = await r.leases.fair_share(now)
@@ -56,9 +56,25 @@ class ProbeService:
                     await r.leases.claim(replica_id, address, now, expires_at)
             mine = set(await r.leases.held(replica_id))
             await r.leases.purge_replicas(now - timedelta(days=1))
-            return [s for s in await r.servers.list() if s.address in mine]
+            pools = {p.name: p for p in await r.pools.list()}
+            return [self._target(s, pools.get(s.pool)) for s in await r.servers.list() if s.address in mine]
 
         return await self.broker.run_tx(work)
+
+    def _target(self, server: d.Server, pool: d.Pool | None) -> d.ProbeTarget:
+        """The pool's probe settings where it sets them, else the broker's (RDBROKER_PROBE_*)."""
+        s = self.settings
+        return d.ProbeTarget(
+            address=server.address,
+            pool=server.pool,
+            agent_url=server.agent_url,
+            sessions_url=server.sessions_url,
+            health=server.health,
+            interval_ms=(pool and pool.probe_interval_ms) or s.probe_interval_ms,
+            timeout_ms=(pool and pool.probe_timeout_ms) or s.probe_timeout_ms,
+            rise=(pool and pool.probe_rise) or s.probe_rise,
+            fall=(pool and pool.probe_fall) or s.probe_fall,
+        )
 
     async def report_results(self, replica_id: str, results: Sequence[d.ProbeResult]) -> list[str]:
         """Store results for servers this replica holds a lease on; answer the addresses refused."""

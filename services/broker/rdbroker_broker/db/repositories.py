@@ -159,7 +159,15 @@ def session_from_row(row: Row[Any]) -> d.Session:
 
 def pool_from_row(row: Row[Any]) -> d.Pool:
     m = row._mapping
-    return d.Pool(name=m["name"], is_default=m["is_default"], disconnect_timeout_s=m["disconnect_timeout_s"])
+    return d.Pool(
+        name=m["name"],
+        is_default=m["is_default"],
+        disconnect_timeout_s=m["disconnect_timeout_s"],
+        probe_interval_ms=m["probe_interval_ms"],
+        probe_timeout_ms=m["probe_timeout_ms"],
+        probe_rise=m["probe_rise"],
+        probe_fall=m["probe_fall"],
+    )
 
 
 class PoolRepository:
@@ -185,6 +193,10 @@ class PoolRepository:
             "name_key": pool.name.casefold(),
             "is_default": pool.is_default,
             "disconnect_timeout_s": pool.disconnect_timeout_s,
+            "probe_interval_ms": pool.probe_interval_ms,
+            "probe_timeout_ms": pool.probe_timeout_ms,
+            "probe_rise": pool.probe_rise,
+            "probe_fall": pool.probe_fall,
             "updated_at": now,
         }
         stmt = upsert(self.conn, pools).values(**values, created_at=now)

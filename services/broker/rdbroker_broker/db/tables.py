@@ -70,6 +70,11 @@ pools = Table(
     Column("disconnect_timeout_s", Float, nullable=False),
     Column("created_at", UtcDateTime, nullable=False),
     Column("updated_at", UtcDateTime, nullable=False),
+    # Per-pool probe settings (migration 0003); 0 = the broker's RDBROKER_PROBE_* value.
+    Column("probe_interval_ms", Integer, nullable=False, server_default="0"),
+    Column("probe_timeout_ms", Integer, nullable=False, server_default="0"),
+    Column("probe_rise", Integer, nullable=False, server_default="0"),
+    Column("probe_fall", Integer, nullable=False, server_default="0"),
 )
 Index(
     "uq_pools_one_default",

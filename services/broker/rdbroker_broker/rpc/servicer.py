@@ -175,20 +175,19 @@ class BrokerServicer(pb_grpc.BrokerServicer):
         self, request: pb.ClaimProbeTargetsRequest, context: Context
     ) -> pb.ClaimProbeTargetsResponse:
         held = await self.probes.claim_targets(request.replica_id, request.lease_ms)
-        settings = self.service.settings
         targets = [
             pb.ProbeTarget(
-                address=s.address,
-                pool=s.pool,
-                agent_url=s.agent_url,
-                sessions_url=s.sessions_url,
-                health=convert.HEALTH[s.health],
-                interval_ms=settings.probe_interval_ms,
-                timeout_ms=settings.probe_timeout_ms,
-                rise=settings.probe_rise,
-                fall=settings.probe_fall,
+                address=t.address,
+                pool=t.pool,
+                agent_url=t.agent_url,
+                sessions_url=t.sessions_url,
+                health=convert.HEALTH[t.health],
+                interval_ms=t.interval_ms,
+                timeout_ms=t.timeout_ms,
+                rise=t.rise,
+                fall=t.fall,
             )
-            for s in held
+            for t in held
         ]
         return pb.ClaimProbeTargetsResponse(targets=targets)
 
