@@ -3,7 +3,8 @@
     rdbroker-agent --config agent.toml --listen 0.0.0.0:8088
 
 Flags win over `RDBROKER_AGENT_CONFIG`, `RDBROKER_AGENT_LISTEN`, `RDBROKER_AGENT_LOAD_CACHE_S`,
-`RDBROKER_AGENT_MAX_CONNECTIONS`, `RDBROKER_LOG_LEVEL` and `RDBROKER_LOG_FORMAT`. Runs until SIGTERM or SIGINT; logs the address it bound (port 0 picks one).
+`RDBROKER_AGENT_MAX_CONNECTIONS`, `RDBROKER_LOG_LEVEL` and `RDBROKER_LOG_FORMAT`. Runs until SIGTERM or
+SIGINT; logs the address it bound (port 0 picks one).
 """
 
 from __future__ import annotations
