@@ -66,6 +66,11 @@ def _exists(path: Path) -> bool:
     return path.exists()
 
 
+def omits_disconnected(config: AgentConfig) -> bool:
+    """psutil's user list cannot show disconnected sessions; a command source (quser, xrdp) can."""
+    return config.sessions.kind != "command"
+
+
 async def read_sessions(config: AgentConfig, sources: Sources) -> list[Session]:
     """The server's sessions from the configured source; SourceError when it fails."""
     if config.sessions.kind == "command":

@@ -15,7 +15,7 @@ from types import TracebackType
 
 from .config import AgentConfig
 from .errors import SourceError
-from .load import measure_load, read_sessions
+from .load import measure_load, omits_disconnected, read_sessions
 from .shared import SharedResult
 from .sources import Sources
 
@@ -138,7 +138,13 @@ class AgentServer:
         except SourceError as exc:
             log.warning("session source failed: %s", exc)
             return _text(503, f"session source failed: {exc}")
-        body = json.dumps([{"user": s.user, "state": s.state} for s in sessions], ensure_ascii=False)
+        # The object form says whether the list can show disconnected sessions: the broker must not
+        # end a disconnected session for its absence from a list that never shows them.
+        answer = {
+            "omits_disconnected": omits_disconnected(self.config),
+            "sessions": [{"user": s.user, "state": s.state} for s in sessions],
+        }
+        body = json.dumps(answer, ensure_ascii=False)
         return 200, body.encode("utf-8"), "application/json"
 
 

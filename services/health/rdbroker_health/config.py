@@ -11,6 +11,9 @@ from pydantic_settings import SettingsConfigDict
 
 from rdbroker_common.settings import ServiceSettings, broker_targets, split_host_port
 
+# The broker (pool `probe:` in the farm file, else RDBROKER_PROBE_*) decides probe settings.
+_DECIDES = "(the broker's farm pool `probe:` settings, else its RDBROKER_PROBE_*, decide)"
+
 
 class HealthSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="RDBROKER_", frozen=True, extra="ignore")
@@ -25,13 +28,29 @@ class HealthSettings(ServiceSettings):
     # Empty: hostname-pid-random, unique per process (replicas are stateless).
     replica_id: str = ""
 
-    # Defaults for probe targets whose pool leaves them at 0 (HAProxy: inter 2 s, rise 2, fall 3).
-    probe_interval_s: float = Field(default=2.0, gt=0, le=3600)
-    probe_timeout_s: float = Field(default=1.5, gt=0, le=600)
+    # The broker decides probe settings: the farm pool's `probe:` values, else its RDBROKER_PROBE_*,
+    # sent with every claimed target. These four are only the fallback for a target carrying 0
+    # (a broker that sends none). HAProxy-like: inter 2 s, rise 2, fall 3.
+    probe_interval_s: float = Field(
+        default=2.0,
+        gt=0,
+        le=3600,
+        description=f"fallback: used only when a claimed target carries 0 {_DECIDES}",
+    )
+    probe_timeout_s: float = Field(
+        default=1.5,
+        gt=0,
+        le=600,
+        description=f"fallback: used only when a claimed target carries 0 {_DECIDES}",
+    )
     # Each wait is interval * (1 +- jitter), so replicas started together do not probe in step.
     probe_jitter: float = Field(default=0.1, ge=0, le=0.5)
-    rise: int = Field(default=2, ge=1, le=100)
-    fall: int = Field(default=3, ge=1, le=100)
+    rise: int = Field(
+        default=2, ge=1, le=100, description=f"fallback: used only when a claimed target carries 0 {_DECIDES}"
+    )
+    fall: int = Field(
+        default=3, ge=1, le=100, description=f"fallback: used only when a claimed target carries 0 {_DECIDES}"
+    )
 
     # Leases are renewed every lease/3. A dead replica's servers are claimed by another once its
     # leases expire, so keep the lease at or under ~1.5 probe intervals to re-probe within 3.

@@ -252,7 +252,10 @@ class Scheduler:
             return
         try:
             answer = await self.broker.report_sessions(
-                self.replica_id, target.address, convert.reported_sessions(result.sessions)
+                self.replica_id,
+                target.address,
+                convert.reported_sessions(result.sessions),
+                result.omits_disconnected,
             )
         except BrokerError as exc:
             log.warning("reporting the session list of %s failed: %s", target.address, exc)

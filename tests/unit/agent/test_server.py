@@ -38,10 +38,14 @@ async def test_load_and_sessions() -> None:
         sessions = await get(server, "/sessions?x=1")
         assert sessions.status_code == 200
         assert sessions.headers["content-type"] == "application/json"
-        assert sessions.json() == [
-            {"user": "alice", "state": "active"},
-            {"user": "bob", "state": "disconnected"},
-        ]
+        # The default (psutil) source cannot show disconnected sessions, and says so.
+        assert sessions.json() == {
+            "omits_disconnected": True,
+            "sessions": [
+                {"user": "alice", "state": "active"},
+                {"user": "bob", "state": "disconnected"},
+            ],
+        }
 
 
 async def test_sessions_from_a_command_source() -> None:
@@ -53,7 +57,10 @@ async def test_sessions_from_a_command_source() -> None:
         }
     )
     async with AgentServer(config, SystemSources()) as server:
-        assert (await get(server, "/sessions")).json() == [{"user": "CORP\\zoë", "state": "disconnected"}]
+        assert (await get(server, "/sessions")).json() == {
+            "omits_disconnected": False,  # quser and xrdp helpers list disconnected sessions
+            "sessions": [{"user": "CORP\\zoë", "state": "disconnected"}],
+        }
         assert (await get(server, "/load")).text == "25\n"
 
 

@@ -64,6 +64,7 @@ class SessionsResult:
     ok: bool
     sessions: list[ServerSession] = field(default_factory=list)
     detail: str = ""
+    omits_disconnected: bool = False  # the list cannot show disconnected sessions (psutil)
 
 
 def parse_agent_reply(body: str) -> AgentResult:
@@ -103,7 +104,8 @@ def parse_agent_reply(body: str) -> AgentResult:
 
 
 def parse_sessions(body: bytes) -> SessionsResult:
-    """Read a JSON session list: `[{"user": ..., "state": "active"|"disconnected"}, ...]`.
+    """Read a JSON session list: `[{"user": ..., "state": "active"|"disconnected"}, ...]`, or our
+    agent's `{"omits_disconnected": bool, "sessions": [...]}` (a plain list is taken as complete).
 
     A list with anything unexpected is refused whole: reporting part of it would make the broker
     end sessions that are still there.
@@ -112,7 +114,11 @@ def parse_sessions(body: bytes) -> SessionsResult:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         return SessionsResult(ok=False, detail=f"session list is not JSON: {exc}")
+    omits = False
     if isinstance(data, dict) and isinstance(data.get("sessions"), list):
+        omits = data.get("omits_disconnected", False)
+        if not isinstance(omits, bool):
+            return SessionsResult(ok=False, detail="omits_disconnected is not true or false")
         data = data["sessions"]
     if not isinstance(data, list):
         return SessionsResult(ok=False, detail="session list is not a JSON list")
@@ -126,7 +132,8 @@ def parse_sessions(body: bytes) -> SessionsResult:
         if not isinstance(state, str) or state.lower() not in ("active", "disconnected", "disc"):
             return SessionsResult(ok=False, detail=f"session {index} has unknown state {state!r}")
         sessions.append(ServerSession(user=user.strip(), disconnected=state.lower() != "active"))
-    return SessionsResult(ok=True, sessions=sessions, detail=f"{len(sessions)} sessions")
+    detail = f"{len(sessions)} sessions" + (" (disconnected ones not shown)" if omits else "")
+    return SessionsResult(ok=True, sessions=sessions, detail=detail, omits_disconnected=omits)
 
 
 async def probe_agent(client: httpx.AsyncClient, url: str, timeout_s: float) -> AgentResult:

@@ -79,10 +79,14 @@ class BrokerClient:
         return list(response.rejected_addresses)
 
     async def report_sessions(
-        self, replica_id: str, address: str, sessions: Sequence[broker_pb2.ReportedSession]
+        self,
+        replica_id: str,
+        address: str,
+        sessions: Sequence[broker_pb2.ReportedSession],
+        omits_disconnected: bool = False,
     ) -> broker_pb2.ReportServerSessionsResponse:
         request = broker_pb2.ReportServerSessionsRequest(
-            replica_id=replica_id, address=address, sessions=sessions
+            replica_id=replica_id, address=address, sessions=sessions, omits_disconnected=omits_disconnected
         )
         return await self._call(
             "ReportServerSessions", lambda stub: stub.ReportServerSessions(request, timeout=self.timeout_s)
