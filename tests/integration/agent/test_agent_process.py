@@ -57,7 +57,10 @@ def test_agent_serves_until_sigterm(tmp_path: Path) -> None:
         assert f"agent listening on 127.0.0.1:{port}" in line
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
             assert client.get("/load").text == "20\n"  # (30 + 1 session of 10 -> 10) / 2
-            assert client.get("/sessions").json() == [{"user": "alice", "state": "active"}]
+            assert client.get("/sessions").json() == {
+                "omits_disconnected": False,  # a command source lists disconnected sessions too
+                "sessions": [{"user": "alice", "state": "active"}],
+            }
             (tmp_path / "drain").touch()
             assert client.get("/load").text == "drain\n"
         proc.send_signal(signal.SIGTERM)
