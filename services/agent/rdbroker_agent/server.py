@@ -15,7 +15,7 @@ from types import TracebackType
 
 from .config import AgentConfig
 from .errors import SourceError
-from .load import measure_load, omits_disconnected, read_sessions
+from .load import DRAIN, is_drained, measure_load, omits_disconnected, read_sessions
 from .shared import SharedResult
 from .sources import Sources
 
@@ -132,6 +132,9 @@ class AgentServer:
         if method != "GET":
             return _text(405, "only GET")
         if target == "/load":
+            # Draining takes effect at once: the flag is one stat, never served from the cache.
+            if is_drained(self.config):
+                return _text(200, DRAIN)
             return _text(200, await self.load.get())
         try:
             sessions = await read_sessions(self.config, self.sources)
