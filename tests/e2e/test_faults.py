@@ -58,8 +58,12 @@ REPROBE_BOUND_S = 5.0
 # interval after the kill, so fall * interval in all, plus the time to write the mark, which a loaded
 # 2-core machine stretches (a probe task or a lease renewal scheduled late); the slack is for that.
 # The issue's bound itself (no new placement on it after fall * interval) is asserted with no slack,
-# and so is "nothing routed to it once marked down".
+# "nothing routed to it once marked down" is asserted too (see MARK_RACE_S).
 MARK_DOWN_SLACK_S = 1.0
+# A Route that read the server as up just before the mark committed records its connection a moment
+# after the mark's own timestamp (taken before its commit): "nothing routed to it once marked down"
+# allows this much for that race between two concurrent transactions.
+MARK_RACE_S = 0.25
 LIVE_STATES = (
     broker_pb2.SESSION_STATE_PENDING,
     broker_pb2.SESSION_STATE_ACTIVE,
@@ -320,6 +324,10 @@ async def test_a_terminal_server_dies(farm: Farm) -> None:
     routed_after_kill = await asyncio.to_thread(farm.placements_on, dead, run.fault_wall)
     routed_after_fall = await asyncio.to_thread(farm.placements_on, dead, fall_wall)
     routed_after_mark = await asyncio.to_thread(farm.placements_on, dead, marked_wall)
+    routed_after_race = await asyncio.to_thread(
+        farm.placements_on, dead, marked_wall + timedelta(seconds=MARK_RACE_S)
+    )
+    last_routed = await asyncio.to_thread(farm.last_routed_to, dead)
     directory = await directory_figures(farm, run, dead=frozenset({dead}))
     report(
         "terminal-server",
@@ -331,15 +339,18 @@ async def test_a_terminal_server_dies(farm: Farm) -> None:
         routed_to_it_after_kill=routed_after_kill,
         routed_to_it_after_fall_x_interval=routed_after_fall,
         routed_to_it_after_mark=routed_after_mark,
+        last_route_to_it_after_mark_s=(
+            None if last_routed is None else round((last_routed - marked_wall).total_seconds(), 3)
+        ),
         **storm_figures(run, settled=marked[0]),
         **directory,
     )
     assert on_dead, "the dead server held sessions"
     # The issue's bound, with no slack: no new placement on it after fall * interval.
     assert new_after_fall == 0
-    # Stronger, also with no slack: once marked down nothing at all is routed to it (before the mark
+    # Stronger: once marked down nothing at all is routed to it, but for MARK_RACE_S (before the mark
     # its users' reconnects are routed to it and fail: the broker does not move a session silently).
-    assert routed_after_mark == 0
+    assert routed_after_race == 0
     assert down_s <= fall_s + MARK_DOWN_SLACK_S
     assert_directory(directory)
     # Once it is marked down, every logon succeeds (after at most one retry), elsewhere.

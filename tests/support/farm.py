@@ -195,6 +195,11 @@ class Farm:
         )
         return int(rows[0][0])
 
+    def last_routed_to(self, server: str) -> datetime | None:
+        """When the last connection was routed to `server`."""
+        rows = self.query("SELECT max(created_at) FROM connections WHERE server_address = %s", (server,))
+        return rows[0][0] if rows else None
+
     def sessions_placed_on(self, server: str, after: datetime) -> int:
         """New sessions placed on `server` after `after`."""
         rows = self.query(
