@@ -9,15 +9,33 @@ import signal
 import sys
 import tempfile
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import httpx
 
 from tests.support.postgres import free_port
 
 
+@dataclass
+class BrokerProcess:
+    process: asyncio.subprocess.Process
+    grpc_port: int
+    http_port: int
+    killed: bool = False
+
+    @property
+    def grpc_address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def kill(self) -> None:
+        self.killed = True
+        self.process.send_signal(signal.SIGKILL)
+
+
 @contextlib.asynccontextmanager
-async def broker_process(database_url: str, *extra: str) -> AsyncIterator[tuple[int, int]]:
-    """A broker process; yields (grpc_port, http_port) once /readyz answers; SIGTERM at exit."""
+async def running_broker(database_url: str, *extra: str) -> AsyncIterator[BrokerProcess]:
+    """A broker process on free loopback ports, once /readyz answers. At exit a broker still running
+    gets SIGTERM and must exit 0 within 30 s (a test may have killed it instead)."""
     grpc_port, http_port = free_port(), free_port()
     args = [
         sys.executable,
@@ -35,6 +53,8 @@ async def broker_process(database_url: str, *extra: str) -> AsyncIterator[tuple[
     ]
     log = tempfile.TemporaryFile()  # noqa: SIM115 - a file, not a pipe: nobody has to keep reading it
     proc = await asyncio.create_subprocess_exec(*args, env=os.environ.copy(), stderr=log)
+    stopped_cleanly = True
+    broker: BrokerProcess | None = None
     try:
         async with httpx.AsyncClient(timeout=1.0) as client:
             for _ in range(300):  # up to ~30 s on a loaded machine
@@ -49,15 +69,25 @@ async def broker_process(database_url: str, *extra: str) -> AsyncIterator[tuple[
                 await asyncio.sleep(0.1)
             else:
                 raise AssertionError("broker did not become ready")
-        yield grpc_port, http_port
+        broker = BrokerProcess(proc, grpc_port, http_port)
+        yield broker
     finally:
-        stopped_cleanly = False
-        if proc.returncode is None:
+        if proc.returncode is None and not (broker is not None and broker.killed):
             proc.send_signal(signal.SIGTERM)
             try:
                 stopped_cleanly = await asyncio.wait_for(proc.wait(), 30) == 0
             except TimeoutError:
+                stopped_cleanly = False
                 proc.kill()
                 await asyncio.wait_for(proc.wait(), 10)
+        else:
+            await proc.wait()
         log.close()
     assert stopped_cleanly, "the broker did not exit 0 within 30 s of SIGTERM"
+
+
+@contextlib.asynccontextmanager
+async def broker_process(database_url: str, *extra: str) -> AsyncIterator[tuple[int, int]]:
+    """A broker process; yields (grpc_port, http_port) once /readyz answers; SIGTERM at exit."""
+    async with running_broker(database_url, *extra) as broker:
+        yield broker.grpc_port, broker.http_port

@@ -3,78 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import signal
 import subprocess
 import sys
-import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import httpx
 import pytest
 
 from rdbroker_proto.v1 import broker_pb2 as pb
 from rdbroker_proto.v1.broker_pb2_grpc import BrokerStub
 from rdbroker_rdp import build_connection_request, encode_routing_token
 from rdbroker_rdp.fakeserver import FakeRdpServer
+from tests.integration.broker.processes import BrokerProcess, running_broker
 from tests.support.postgres import free_port
 from tests.unit.proxy.support import close, closed_by_peer, handshake, open_client, running_proxy, wait_until
-
-
-@dataclass
-class BrokerProcess:
-    process: asyncio.subprocess.Process
-    grpc_address: str
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-
-
-@contextlib.asynccontextmanager
-async def broker_process(database_url: str) -> AsyncIterator[BrokerProcess]:
-    """`python -m rdbroker_broker` on free loopback ports, ready once /readyz answers."""
-    grpc_port, http_port = free_port(), free_port()
-    with tempfile.TemporaryFile() as log:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "rdbroker_broker",
-            "--database-url",
-            database_url,
-            "--grpc-listen",
-            f"127.0.0.1:{grpc_port}",
-            "--http-listen",
-            f"127.0.0.1:{http_port}",
-            "--log-level",
-            "WARNING",
-            env=os.environ.copy(),
-            stderr=log,
-        )
-        try:
-            async with httpx.AsyncClient(timeout=1.0) as client:
-                for _ in range(300):  # up to ~30 s on a loaded machine
-                    if process.returncode is not None:
-                        log.seek(0)
-                        raise AssertionError(f"broker exited: {log.read().decode()[-2000:]}")
-                    with contextlib.suppress(httpx.HTTPError):
-                        if (await client.get(f"http://127.0.0.1:{http_port}/readyz")).status_code == 200:
-                            break
-                    await asyncio.sleep(0.1)
-                else:
-                    raise AssertionError("broker did not become ready")
-            yield BrokerProcess(process, f"127.0.0.1:{grpc_port}")
-        finally:
-            if process.returncode is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(process.wait(), 30)
-                except TimeoutError:
-                    process.kill()
-                    await process.wait()
 
 
 def cli(*args: str) -> None:
@@ -109,7 +53,7 @@ async def real_farm(pg_database_url: str, tmp_path: Path) -> AsyncIterator[RealF
         )
         cli("migrate", "--database-url", pg_database_url)
         cli("apply", "-f", str(farm_file), "--database-url", pg_database_url)
-        async with broker_process(pg_database_url) as one, broker_process(pg_database_url) as two:
+        async with running_broker(pg_database_url) as one, running_broker(pg_database_url) as two:
             yield RealFarm([a, b], [one, two])
 
 
