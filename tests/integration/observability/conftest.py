@@ -11,26 +11,15 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from rdbroker_broker.app import serve
-from rdbroker_broker.db import migrate
-from rdbroker_broker.db.engine import make_engine
 from rdbroker_common import telemetry as tel
 from rdbroker_proto.v1 import broker_pb2_grpc
-from tests.integration.broker.conftest import settings_for
 
-
-@pytest.fixture(autouse=True)
-def _keep_pytest_logging(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("rdbroker_common.logs.configure", lambda *a, **k: None)
-
-
-@pytest.fixture
-async def engine(pg_database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = make_engine(pg_database_url)
-    await migrate.upgrade(engine)
-    try:
-        yield engine
-    finally:
-        await engine.dispose()
+# The broker tests' fixtures (a migrated engine; CLI logging left to pytest) serve here too.
+from tests.integration.broker.conftest import (  # noqa: F401 - fixtures, used by name
+    _keep_pytest_logging,
+    engine,
+    settings_for,
+)
 
 
 @dataclass
@@ -41,7 +30,7 @@ class TracedBroker:
 
 
 @pytest.fixture
-async def broker(pg_database_url: str, engine: AsyncEngine, telemetry) -> AsyncIterator[TracedBroker]:
+async def broker(pg_database_url: str, engine: AsyncEngine, telemetry) -> AsyncIterator[TracedBroker]:  # noqa: F811
     """The whole broker in this event loop; its client channel carries trace context."""
     ready, stop = asyncio.Event(), asyncio.Event()
     bound: dict[str, int] = {}
