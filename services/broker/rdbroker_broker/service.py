@@ -18,10 +18,18 @@ from sqlalchemy.exc import IntegrityError
 from rdbroker_broker import domain as d
 from rdbroker_broker import metrics
 from rdbroker_broker.config import BrokerSettings
-from rdbroker_broker.db import routing_sql
+from rdbroker_broker.db import report_sql, routing_sql
 from rdbroker_broker.db.repositories import new_session_id, session_from_row
 from rdbroker_broker.db.tables import connections, proxies, sessions
-from rdbroker_broker.errors import Conflict, InvalidInput, NoCapacity, NotFound, PermissionDenied, Unavailable
+from rdbroker_broker.errors import (
+    BrokerError,
+    Conflict,
+    InvalidInput,
+    NoCapacity,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
 from rdbroker_broker.store import Repos, Retryable, Store
 
 RouteContext = tuple[d.Pool, d.Session | None, d.Server | None]
@@ -33,6 +41,30 @@ MAX_TX_ATTEMPTS = 5
 # How many ranked servers a placement tries to lock before giving up on the pool.
 MAX_LOCK_TRIES = 16
 MAX_HEARTBEAT_CONNECTIONS = 30_000  # under SQLite's bound-parameter limit too
+
+
+@dataclass(frozen=True)
+class Opened:
+    """A proxy connected a client to the session's server."""
+
+    session_id: str
+    connection_id: str
+    proxy_id: str
+
+
+@dataclass(frozen=True)
+class Closed:
+    """A proxied connection ended."""
+
+    session_id: str
+    connection_id: str
+    bytes_from_client: int = 0
+    bytes_from_server: int = 0
+    duration_ms: int = 0
+    end_reason: str = ""
+
+
+ConnectionEvent = Opened | Closed
 
 
 def utcnow() -> datetime:
@@ -381,9 +413,104 @@ class BrokerService:
     # --- connection reports --------------------------------------------------------------------
 
     async def connection_opened(self, session_id: str, connection_id: str, proxy_id: str) -> None:
-        _require("session_id", session_id)
-        _require("connection_id", connection_id, CONNECTION_ID_CHARS)
-        _require("proxy_id", proxy_id, PROXY_ID_CHARS)
+        await self._one_report(Opened(session_id, connection_id, proxy_id))
+
+    async def connection_closed(
+        self,
+        session_id: str,
+        connection_id: str,
+        *,
+        bytes_from_client: int = 0,
+        bytes_from_server: int = 0,
+        duration_ms: int = 0,
+        end_reason: str = "",
+    ) -> None:
+        await self._one_report(
+            Closed(session_id, connection_id, bytes_from_client, bytes_from_server, duration_ms, end_reason)
+        )
+
+    async def _one_report(self, event: ConnectionEvent) -> None:
+        (error,) = await self.report_connections([event])
+        if error is not None:
+            raise error
+
+    async def report_connections(self, events: Sequence[ConnectionEvent]) -> list[Exception | None]:
+        """Apply a proxy's connection reports in order: for each event, None or why it was refused
+        (a `BrokerError`, or any other exception, already logged: one event's bug must not drop the
+        rest). A database outage raises `Unavailable` for the whole batch; every event is
+        idempotent, so the proxy sends the batch again.
+
+        On PostgreSQL the common events are one statement each on one autocommit connection
+        (`report_sql`); an event that statement does not settle runs as the transactional use case,
+        in its place in the order, and the rest go on.
+        """
+        results: list[Exception | None] = [None] * len(events)
+        index = 0
+        while index < len(events):
+            if self.store.is_postgres:
+                index = await self._reports_fast(events, results, index)
+                if index >= len(events):
+                    break
+            try:
+                _validate_event(events[index])
+                await self._report_use_case(events[index])
+            except Unavailable:
+                raise
+            except BrokerError as exc:
+                results[index] = exc
+            except Exception as exc:
+                log.exception("connection report %d failed: %s", index, events[index])
+                results[index] = exc
+            index += 1
+        return results
+
+    async def _reports_fast(
+        self, events: Sequence[ConnectionEvent], results: list[Exception | None], index: int
+    ) -> int:
+        """Apply events from `index` on, until one needs the use case: its index (or the end)."""
+        try:
+            async with self.store.raw_autocommit() as conn:
+                while index < len(events):
+                    event = events[index]
+                    try:
+                        _validate_event(event)
+                    except BrokerError as exc:
+                        results[index] = exc
+                        index += 1
+                        continue
+                    if isinstance(event, Opened):
+                        outcome = await report_sql.opened(
+                            conn, event.session_id, event.connection_id, event.proxy_id, self.now()
+                        )
+                    else:
+                        outcome = await report_sql.closed(
+                            conn,
+                            event.session_id,
+                            event.connection_id,
+                            bytes_from_client=event.bytes_from_client,
+                            bytes_from_server=event.bytes_from_server,
+                            duration_ms=event.duration_ms,
+                            end_reason=event.end_reason,
+                            now=self.now(),
+                        )
+                    if outcome is report_sql.Outcome.USE_CASE:
+                        return index
+                    if outcome is report_sql.Outcome.UNKNOWN_SESSION:
+                        results[index] = NotFound(f"unknown session {event.session_id!r}")
+                    index += 1
+        except Retryable as exc:
+            # A dead pooled connection: the use case applies this event (they are idempotent).
+            log.debug("connection report fast path lost its connection (%s)", exc)
+        return index
+
+    async def _report_use_case(self, event: ConnectionEvent) -> None:
+        if isinstance(event, Opened):
+            await self._opened_tx(event)
+        else:
+            await self._closed_tx(event)
+
+    async def _opened_tx(self, event: Opened) -> None:
+        session_id, connection_id, proxy_id = event.session_id, event.connection_id, event.proxy_id
 
         async def work(r: Repos) -> None:
             now = self.now()
@@ -406,20 +533,8 @@ class BrokerService:
 
         await self.run_tx(work)
 
-    async def connection_closed(
-        self,
-        session_id: str,
-        connection_id: str,
-        *,
-        bytes_from_client: int = 0,
-        bytes_from_server: int = 0,
-        duration_ms: int = 0,
-        end_reason: str = "",
-    ) -> None:
-        _require("session_id", session_id)
-        _require("connection_id", connection_id, CONNECTION_ID_CHARS)
-        if len(end_reason) > 64:
-            raise InvalidInput("end_reason is too long (at most 64 characters)")
+    async def _closed_tx(self, event: Closed) -> None:
+        session_id, connection_id = event.session_id, event.connection_id
 
         async def work(r: Repos) -> None:
             now = self.now()
@@ -428,15 +543,15 @@ class BrokerService:
                 raise NotFound(f"unknown session {session_id!r}")
             await r.connections.closed(
                 connection_id,
-                bytes_from_client=bytes_from_client,
-                bytes_from_server=bytes_from_server,
-                duration_ms=duration_ms,
-                end_reason=end_reason,
+                bytes_from_client=event.bytes_from_client,
+                bytes_from_server=event.bytes_from_server,
+                duration_ms=event.duration_ms,
+                end_reason=event.end_reason,
                 now=now,
             )
             if row.state == d.SessionState.PENDING and row.origin_connection_id == connection_id:
                 # Never reached the server: nothing to keep for the user.
-                await r.sessions.end(session_id, end_reason or "closed_before_open", now)
+                await r.sessions.end(session_id, event.end_reason or "closed_before_open", now)
             elif row.state == d.SessionState.ACTIVE and row.connection_id == connection_id:
                 pool = await r.pools.resolve(row.pool)
                 timeout = pool.disconnect_timeout_s if pool else d.Pool("").disconnect_timeout_s
@@ -581,6 +696,15 @@ CONNECTION_ID_CHARS = _column_chars(
     sessions.c.connection_id, sessions.c.origin_connection_id, connections.c.connection_id
 )
 PROXY_ID_CHARS = _column_chars(sessions.c.proxy_id, connections.c.proxy_id, proxies.c.proxy_id)
+
+
+def _validate_event(event: ConnectionEvent) -> None:
+    _require("session_id", event.session_id)
+    _require("connection_id", event.connection_id, CONNECTION_ID_CHARS)
+    if isinstance(event, Opened):
+        _require("proxy_id", event.proxy_id, PROXY_ID_CHARS)
+    elif len(event.end_reason) > 64:
+        raise InvalidInput("end_reason is too long (at most 64 characters)")
 
 
 def _require(name: str, value: str, limit: int = MAX_ID_CHARS) -> None:

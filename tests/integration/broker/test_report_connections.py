@@ -8,6 +8,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from rdbroker_broker.db import report_sql
 from rdbroker_broker.db.tables import connections, sessions
 from rdbroker_broker.errors import Unavailable
 from rdbroker_broker.probing import ProbeService
@@ -174,27 +175,29 @@ class Context:
 async def test_a_database_outage_fails_the_whole_batch(engine, service, probes, monkeypatch):
     await seed(engine, server(A))
     ids = [await routed(service, f"c{i}", f"user{i}") for i in range(2)]
-    real_opened = service.connection_opened
+    real_opened = report_sql.opened
     calls = 0
 
-    async def outage_on_second(session_id: str, connection_id: str, proxy_id: str) -> None:
-        # The first event applies; the database then goes away (what run_tx raises when it does).
+    async def outage_on_second(*args: object) -> report_sql.Outcome:
+        # The first event applies; the database then goes away (what the store raises when it does).
         nonlocal calls
         calls += 1
         if calls == 2:
             raise Unavailable("the database is unreachable")
-        await real_opened(session_id, connection_id, proxy_id)
+        return await real_opened(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(service, "connection_opened", outage_on_second)
+    monkeypatch.setattr(report_sql, "opened", outage_on_second)
     servicer = BrokerServicer(service, ProbeService(service))
     context = Context()
     request = pb.ReportConnectionsRequest(proxy_id="p1", events=[opened(ids[0], "c0"), opened(ids[1], "c1")])
     with pytest.raises(RuntimeError):
         await servicer.ReportConnections(request, context)  # type: ignore[arg-type]
     assert context.code == grpc.StatusCode.UNAVAILABLE
+    assert calls == 2
+    assert [(await state_of(engine, f"c{i}"))[0][0] for i in range(2)] == ["active", "pending"]
 
     # The proxy resends the whole batch: the event that had applied is harmless to apply again.
-    monkeypatch.setattr(service, "connection_opened", real_opened)
+    monkeypatch.setattr(report_sql, "opened", real_opened)
     answer = await servicer.ReportConnections(request, context)  # type: ignore[arg-type]
     assert list(answer.rejected) == []
     assert [(await state_of(engine, f"c{i}"))[0][0] for i in range(2)] == ["active", "active"]

@@ -12,11 +12,11 @@ import grpc
 
 from rdbroker_broker import domain as d
 from rdbroker_broker import metrics
-from rdbroker_broker.errors import BrokerError, InvalidInput, Unavailable
+from rdbroker_broker.errors import BrokerError, InvalidInput
 from rdbroker_broker.probing import ProbeService
 from rdbroker_broker.rpc import convert
 from rdbroker_broker.rpc.status import status_for
-from rdbroker_broker.service import BrokerService
+from rdbroker_broker.service import BrokerService, Closed, ConnectionEvent, Opened
 from rdbroker_proto.v1 import broker_pb2 as pb
 from rdbroker_proto.v1 import broker_pb2_grpc as pb_grpc
 
@@ -100,39 +100,36 @@ class BrokerServicer(pb_grpc.BrokerServicer):
             raise InvalidInput(
                 f"too many events ({len(request.events)}; at most {MAX_REPORT_EVENTS} per call)"
             )
+        events: list[ConnectionEvent] = []
+        for event in request.events:
+            kind = event.WhichOneof("event")
+            if kind == "opened":
+                o = event.opened
+                events.append(Opened(o.session_id, o.connection_id, o.proxy_id or request.proxy_id))
+            elif kind == "closed":
+                c = event.closed
+                events.append(
+                    Closed(
+                        c.session_id,
+                        c.connection_id,
+                        c.bytes_from_client,
+                        c.bytes_from_server,
+                        c.duration_ms,
+                        c.end_reason,
+                    )
+                )
+            else:
+                events.append(Opened("", "", ""))  # refused by validation: session_id is required
         answer = pb.ReportConnectionsResponse()
-        for index, event in enumerate(request.events):
-            try:
-                await self._apply_event(event, request.proxy_id)
-            except Unavailable:
-                raise
-            except BrokerError as exc:
-                answer.rejected.append(index)
-                answer.rejected_reasons.append(f"{status_for(exc).name}: {exc}")
-            except Exception:
-                # One event's bug must not drop the whole batch: it is refused, the rest apply.
-                log.exception("ReportConnections: event %d failed", index)
-                answer.rejected.append(index)
+        for index, error in enumerate(await self.service.report_connections(events)):
+            if error is None:
+                continue
+            answer.rejected.append(index)
+            if isinstance(error, BrokerError):
+                answer.rejected_reasons.append(f"{status_for(error).name}: {error}")
+            else:
                 answer.rejected_reasons.append("INTERNAL: internal error in the broker (see its log)")
         return answer
-
-    async def _apply_event(self, event: pb.ConnectionEvent, proxy_id: str) -> None:
-        kind = event.WhichOneof("event")
-        if kind == "opened":
-            o = event.opened
-            await self.service.connection_opened(o.session_id, o.connection_id, o.proxy_id or proxy_id)
-        elif kind == "closed":
-            c = event.closed
-            await self.service.connection_closed(
-                c.session_id,
-                c.connection_id,
-                bytes_from_client=c.bytes_from_client,
-                bytes_from_server=c.bytes_from_server,
-                duration_ms=c.duration_ms,
-                end_reason=c.end_reason,
-            )
-        else:
-            raise InvalidInput("event is neither opened nor closed")
 
     @guarded
     async def ProxyHeartbeat(

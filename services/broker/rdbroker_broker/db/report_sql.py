@@ -1,0 +1,128 @@
+"""Connection reports on PostgreSQL, one statement each on an autocommit connection.
+
+A proxy reports every connection twice (opened, closed): at a few thousand connection set-ups per
+second these are most of the broker's database work, and SQLAlchemy's transactional path costs
+several times what PostgreSQL takes to apply them. Each statement here does what the use case in
+`service` does for the common case, and says when it did not apply, so the use case runs instead:
+an ended session being revived (its user may have a newer one: the unique index decides), a row
+changed under us between the read and the write, a session whose pool cannot be found by name.
+A test applies the same event sequences both ways and compares the rows.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import Enum
+from typing import Any
+
+import psycopg
+
+
+class Outcome(Enum):
+    APPLIED = "applied"
+    UNKNOWN_SESSION = "unknown_session"
+    USE_CASE = "use_case"  # not applied here: the transactional use case decides
+
+
+# The session becomes active on this connection (from pending, disconnected, or active on another
+# connection); the connection row records when it opened. No write when the session has ended.
+OPENED = """
+WITH s AS (
+    UPDATE sessions
+    SET state = 'active', connection_id = %(connection_id)s, proxy_id = %(proxy_id)s,
+        opened_at = COALESCE(opened_at, %(now)s), disconnected_at = NULL, expires_at = NULL,
+        ended_at = NULL, end_reason = '', updated_at = %(now)s
+    WHERE id = %(session_id)s AND state <> 'ended'
+    RETURNING 1
+), c AS (
+    UPDATE connections SET opened_at = %(now)s
+    WHERE connection_id = %(connection_id)s AND opened_at IS NULL AND EXISTS (SELECT FROM s)
+    RETURNING 1
+)
+SELECT EXISTS (SELECT FROM s), EXISTS (SELECT FROM sessions WHERE id = %(session_id)s)
+"""
+
+# The connection row records the close; a pending session whose first connection closed ends (it
+# never reached the server); an active session whose current connection closed is disconnected
+# until its pool's timeout. The two session updates exclude each other (pending vs active).
+CLOSED = """
+WITH s AS (
+    SELECT p.disconnect_timeout_s AS timeout_s
+    FROM sessions s LEFT JOIN pools p ON p.name = s.pool
+    WHERE s.id = %(session_id)s
+), c AS (
+    UPDATE connections
+    SET closed_at = %(now)s, bytes_from_client = %(bytes_from_client)s,
+        bytes_from_server = %(bytes_from_server)s, duration_ms = %(duration_ms)s,
+        end_reason = %(end_reason)s
+    WHERE connection_id = %(connection_id)s AND closed_at IS NULL AND EXISTS (SELECT FROM s)
+    RETURNING 1
+), ended AS (
+    UPDATE sessions
+    SET state = 'ended', end_reason = %(session_end_reason)s, ended_at = %(now)s,
+        updated_at = %(now)s, expires_at = NULL
+    WHERE id = %(session_id)s AND state = 'pending' AND origin_connection_id = %(connection_id)s
+    RETURNING 1
+), disconnected AS (
+    UPDATE sessions
+    SET state = 'disconnected', disconnected_at = %(now)s, updated_at = %(now)s,
+        expires_at = %(now)s + make_interval(secs => (SELECT timeout_s FROM s))
+    WHERE id = %(session_id)s AND state = 'active' AND connection_id = %(connection_id)s
+      AND (SELECT timeout_s FROM s) IS NOT NULL
+    RETURNING 1
+)
+SELECT EXISTS (SELECT FROM s), (SELECT timeout_s FROM s) IS NOT NULL,
+       EXISTS (SELECT FROM sessions WHERE id = %(session_id)s AND state = 'active'
+                                          AND connection_id = %(connection_id)s)
+"""
+
+
+async def opened(
+    conn: psycopg.AsyncConnection[Any], session_id: str, connection_id: str, proxy_id: str, now: datetime
+) -> Outcome:
+    cur = await conn.execute(
+        OPENED,
+        {"session_id": session_id, "connection_id": connection_id, "proxy_id": proxy_id, "now": now},
+    )
+    row = await cur.fetchone()
+    assert row is not None  # a SELECT without FROM: always one row
+    applied, exists = row
+    if applied:
+        return Outcome.APPLIED
+    return Outcome.USE_CASE if exists else Outcome.UNKNOWN_SESSION
+
+
+async def closed(
+    conn: psycopg.AsyncConnection[Any],
+    session_id: str,
+    connection_id: str,
+    *,
+    bytes_from_client: int,
+    bytes_from_server: int,
+    duration_ms: int,
+    end_reason: str,
+    now: datetime,
+) -> Outcome:
+    cur = await conn.execute(
+        CLOSED,
+        {
+            "session_id": session_id,
+            "connection_id": connection_id,
+            "bytes_from_client": bytes_from_client,
+            "bytes_from_server": bytes_from_server,
+            "duration_ms": duration_ms,
+            "end_reason": end_reason,
+            "session_end_reason": end_reason or "closed_before_open",
+            "now": now,
+        },
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    exists, pool_found, active_here = row
+    if not exists:
+        return Outcome.UNKNOWN_SESSION
+    # The snapshot saw it active on this connection but its pool is gone by that name: the use
+    # case resolves the pool (or its default timeout) and disconnects it.
+    if active_here and not pool_found:
+        return Outcome.USE_CASE
+    return Outcome.APPLIED

@@ -1,0 +1,198 @@
+"""Connection reports on PostgreSQL take one statement each (`db/report_sql.py`); the transactional
+use case is the reference. Generated scripts of opened/closed events, operator ends, expiry and
+new placements run twice, in two mirrored sets of users: once through `report_connections` (the
+fast path, falling back where it must) and once through the use case alone. Every event's outcome
+and every row they touch must come out the same."""
+
+from __future__ import annotations
+
+import random
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from rdbroker_broker.db.tables import connections, sessions
+from rdbroker_broker.errors import NotFound
+from rdbroker_broker.rpc import convert
+from rdbroker_broker.service import BrokerService, Closed, ConnectionEvent, Opened
+from rdbroker_proto.v1 import broker_pb2 as pb
+from tests.integration.broker.conftest import Clock, seed, server
+
+A = "10.0.0.1:3389"
+SCRIPTS = 60
+SESSION_FIELDS = (
+    "state", "server_address", "connection_id", "proxy_id", "opened_at", "disconnected_at",
+    "expires_at", "ended_at", "end_reason", "updated_at",
+)  # fmt: skip
+CONNECTION_FIELDS = (
+    "attempt", "reason", "opened_at", "closed_at", "bytes_from_client", "bytes_from_server",
+    "duration_ms", "end_reason",
+)  # fmt: skip
+
+
+async def route(service: BrokerService, connection_id: str, user: str) -> str:
+    request = pb.RouteRequest(connection_id=connection_id, proxy_id="p1", cookie=user)
+    return (await service.route(convert.route_request(request))).session_id
+
+
+def script(rng: random.Random) -> list[tuple[str, ...]]:
+    """Steps over one user's connections c0..c2 (c0 routed first, the others routed on the way)."""
+    steps: list[tuple[str, ...]] = []
+    routed = 1
+    for _ in range(rng.randint(1, 9)):
+        roll = rng.random()
+        if roll < 0.1 and routed < 3:
+            steps.append(("route", f"c{routed}"))
+            routed += 1
+        elif roll < 0.15:
+            steps.append(("end",))  # the operator ends the user's live session
+        elif roll < 0.2:
+            steps.append(("expire",))  # time passes beyond every timeout; the sweep runs
+        elif roll < 0.25:
+            steps.append(("unknown",))  # a report naming a session that does not exist
+        else:
+            connection = f"c{rng.randrange(routed)}"
+            reason = rng.choice(["", "client_closed", "server_closed"])
+            steps.append((rng.choice(["opened", "closed"]), connection, reason))
+    return steps
+
+
+class World:
+    """One user's connections and sessions, under a prefix so two worlds share a database."""
+
+    def __init__(self, service: BrokerService, clock: Clock, prefix: str, fast: bool) -> None:
+        self.service, self.clock, self.prefix, self.fast = service, clock, prefix, fast
+        self.session_of: dict[str, str] = {}  # connection -> the session its route answered
+        self.outcomes: list[str] = []
+
+    async def step(self, step: tuple[str, ...]) -> None:
+        kind = step[0]
+        if kind == "route":
+            await self.routed(step[1])
+        elif kind == "end":
+            found = await self.service.lookup_user_sessions(self.user)
+            for session in found:
+                await self.service.end_session(session.session_id)
+        elif kind == "unknown":
+            await self.report(Opened(f"{self.prefix}-nosuch", f"{self.prefix}-c9", "p1"))
+        elif kind == "opened":
+            await self.report(Opened(self.session_of[step[1]], self.cid(step[1]), "p1"))
+        else:
+            sid = self.session_of[step[1]]
+            await self.report(Closed(sid, self.cid(step[1]), 10, 20, 30, step[2]))
+
+    @property
+    def user(self) -> str:
+        return f"{self.prefix}user"
+
+    def cid(self, connection: str) -> str:
+        return f"{self.prefix}-{connection}"
+
+    async def routed(self, connection: str) -> None:
+        try:
+            self.session_of[connection] = await route(self.service, self.cid(connection), self.user)
+        except Exception as exc:  # both worlds must fail alike
+            self.outcomes.append(f"route {type(exc).__name__}")
+
+    async def report(self, event: ConnectionEvent) -> None:
+        if self.fast:
+            (error,) = await self.service.report_connections([event])
+        else:
+            try:
+                await self.service._report_use_case(event)
+                error = None
+            except Exception as exc:
+                error = exc
+        self.outcomes.append(type(error).__name__ if error else "ok")
+
+
+async def rows(engine: AsyncEngine, prefix: str) -> list[tuple[Any, ...]]:
+    """The world's rows with its prefix taken out, so the two worlds compare equal."""
+    async with engine.connect() as conn:
+        s = await conn.execute(
+            select(sessions.c.origin_connection_id, *(sessions.c[f] for f in SESSION_FIELDS))
+            .where(sessions.c.user == f"{prefix}user")
+            .order_by(sessions.c.created_at, sessions.c.origin_connection_id)
+        )
+        c = await conn.execute(
+            select(connections.c.connection_id, *(connections.c[f] for f in CONNECTION_FIELDS))
+            .where(connections.c.connection_id.like(f"{prefix}-%"))
+            .order_by(connections.c.connection_id, connections.c.attempt)
+        )
+        found = [*s.all(), *c.all()]
+    return [tuple(_unprefixed(v, prefix) for v in row) for row in found]
+
+
+def _unprefixed(value: object, prefix: str) -> object:
+    if isinstance(value, str):
+        return value.replace(prefix, "W")
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value
+
+
+async def test_reports_apply_as_the_use_case_does_over_generated_scripts(engine, service, clock):
+    await seed(engine, server(A))  # one server: both worlds place alike
+    rng = random.Random(20261127)
+    fell_back = 0
+    real_use_case = service._report_use_case
+
+    async def counted(event: ConnectionEvent) -> None:
+        nonlocal fell_back
+        fell_back += 1
+        await real_use_case(event)
+
+    for n in range(SCRIPTS):
+        steps = script(rng)
+        fast, slow = World(service, clock, f"f{n}", fast=True), World(service, clock, f"s{n}", fast=False)
+        # In lockstep, so both worlds see the same clock and the same sweeps.
+        for step in [("route", "c0"), *steps]:
+            if step[0] == "expire":
+                clock.advance(4000)
+                await service.sweep()
+                continue
+            service._report_use_case = counted  # type: ignore[method-assign]
+            await fast.step(step)
+            service._report_use_case = real_use_case  # type: ignore[method-assign]
+            await slow.step(step)
+        assert fast.outcomes == slow.outcomes, steps
+        assert await rows(engine, fast.prefix) == await rows(engine, slow.prefix), steps
+    # The scripts reach the cases the statement leaves to the use case (a revived ended session).
+    assert fell_back > 0
+
+
+async def test_the_common_events_never_reach_the_use_case(engine, service, monkeypatch):
+    await seed(engine, server(A))
+    sid = await route(service, "c1", "kim")
+
+    async def refuse(event: ConnectionEvent) -> None:
+        raise AssertionError(f"the use case ran for {event}")
+
+    monkeypatch.setattr(service, "_report_use_case", refuse)
+    events: list[ConnectionEvent] = [
+        Opened(sid, "c1", "p1"),
+        Closed(sid, "c1", 1, 2, 3, "client_closed"),
+        Opened("nosuch", "c9", "p1"),
+    ]
+    results = await service.report_connections(events)
+    assert results[:2] == [None, None]
+    assert isinstance(results[2], NotFound)
+    found = await service.lookup_user_sessions("kim")
+    assert [s.state.value for s in found] == ["disconnected"]
+
+
+async def test_a_session_whose_pool_is_not_found_by_name_still_disconnects(engine, service, clock):
+    # Sessions keep their pool's name as it was; the use case resolves it case-insensitively.
+    await seed(engine, server(A))
+    sid = await route(service, "c1", "kim")
+    await service.connection_opened(sid, "c1", "p1")
+    async with engine.begin() as conn:
+        await conn.execute(sessions.update().where(sessions.c.id == sid).values(pool="DEFAULT"))
+    await service.connection_closed(sid, "c1", end_reason="client_closed")
+    (session,) = await service.lookup_user_sessions("kim")
+    assert session.state.value == "disconnected"
+    assert session.expires_at is not None
+    assert (session.expires_at - clock.now).total_seconds() == 3600
+
