@@ -145,42 +145,30 @@ class BrokerService:
         return context
 
     async def _route_postgres(self, request: d.RouteRequest, user: str) -> d.RouteDecision | None:
-        """The common Route on PostgreSQL on one autocommit connection: a reconnect is one statement
-        (the context read stores its answer), a new placement two (the context with the candidates,
-        then the placement). None leaves the call to the transactional path (anything unusual, or a
-        race lost)."""
+        """The common Route on PostgreSQL on one autocommit connection, in one statement: it reads
+        the context and stores a reconnect answer, or places a user who has no live session. None
+        leaves the call to the transactional path (anything unusual, or a race lost)."""
         try:
             async with self.store.raw_autocommit() as conn:
                 now = self.now()
                 key = d.user_key(user) if user else ""
-                found = await routing_sql.route_context(conn, request, key, now)
+                # A truncated-looking cookie may name a session linked to the full user name: only
+                # the transactional path can tell, so this statement must not place it.
+                placement = None
+                if not d.looks_truncated(user):
+                    expires_at = now + timedelta(seconds=self.settings.pending_timeout_s)
+                    placement = routing_sql.NewSession(new_session_id(), user, expires_at)
+                found = await routing_sql.route_context(conn, request, key, now, placement)
                 if found is None:
                     raise _unknown_pool(request.pool)
-                (pool, live, server, candidates), answered = found
-                if live is not None:
-                    return await self._fast_reconnect_postgres(
-                        conn, request, pool, live, server, answered, now
-                    )
-                if d.looks_truncated(user):
-                    return None  # it may name a session linked to the full user name
-                ranked = [s.address for s in d.rank_for_new_session(candidates)]
-                if not ranked:
-                    return None  # the transactional path says why nothing can take it
-                session_id = new_session_id()
-                address = await routing_sql.place(
-                    conn,
-                    request,
-                    pool=pool.name,
-                    user=user,
-                    ranked=ranked,
-                    session_id=session_id,
-                    now=now,
-                    expires_at=now + timedelta(seconds=self.settings.pending_timeout_s),
-                )
-                if address is None:
-                    return None  # every candidate busy or full now, or the user placed elsewhere
+                if found.live is not None:
+                    return await self._fast_reconnect_postgres(conn, request, found, found.live, now)
+                if found.placed is None or placement is None:
+                    # Nothing free, the user placed by another replica meanwhile, or a repeated
+                    # connection id: the transactional path decides and says why.
+                    return None
                 reason = d.RouteReason.NEW if user else d.RouteReason.NO_IDENTITY
-                return d.RouteDecision(address, session_id, reason, user, pool.name)
+                return d.RouteDecision(found.placed, placement.session_id, reason, user, found.pool.name)
         except Retryable as exc:
             log.debug("route fast path lost a race or its connection (%s): the transactional path", exc)
             return None
@@ -189,14 +177,13 @@ class BrokerService:
         self,
         conn: routing_sql.Connection,
         request: d.RouteRequest,
-        pool: d.Pool,
+        found: routing_sql.Context,
         live: d.Session,
-        server: d.Server | None,
-        answered: bool,
         now: datetime,
     ) -> d.RouteDecision | None:
         """The context statement stored the reconnect answer when SQL's copy of the rules said so;
         the domain rules decide here, and the two are tested equal."""
+        pool, server, answered = found.pool, found.server, found.answered
         if server is None or not live.is_live_at(now) or not d.takes_reconnects(server):
             if answered:  # never expected: undo, and let the transactional path decide
                 log.error("reconnect rules in SQL and in the domain disagree on %s", server)

@@ -3,6 +3,8 @@ domain rules, and a clean hand-over to the transactional path when it cannot ans
 
 from __future__ import annotations
 
+import asyncio
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -11,9 +13,12 @@ from hypothesis import strategies as st
 
 from rdbroker_broker import domain as d
 from rdbroker_broker.db import routing_sql
+from rdbroker_broker.db.engine import make_engine
 from rdbroker_broker.db.repositories import ServerRepository, new_session_id
-from rdbroker_broker.db.tables import LIVE_STATES_SQL
-from tests.integration.broker.conftest import assert_live_counters_exact, seed, server
+from rdbroker_broker.errors import NoCapacity
+from rdbroker_broker.service import BrokerService
+from rdbroker_broker.store import Store
+from tests.integration.broker.conftest import assert_live_counters_exact, seed, server, settings_for
 
 A, B = "10.0.0.1:3389", "10.0.0.2:3389"
 NOW = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
@@ -80,8 +85,11 @@ def _address(i: int) -> str:
     return f"{NAMES[i]}:3389"
 
 
-def _context(conn: psycopg.Connection, user_key: str, connection_id: str) -> tuple[object, ...]:
-    params = {
+def _context(
+    conn: psycopg.Connection, user_key: str | None, connection_id: str, *, place: bool = False
+) -> tuple[object, ...]:
+    """The context statement's row; with `place`, the placing one, rolled back (the farm stays)."""
+    params: dict[str, object] = {
         "user_key": user_key,
         "now": NOW,
         "connection_id": connection_id,
@@ -89,16 +97,30 @@ def _context(conn: psycopg.Connection, user_key: str, connection_id: str) -> tup
         "proxy_id": "p1",
         "client_address": "",
     }
-    row = conn.execute(routing_sql.CONTEXT_DEFAULT, params).fetchone()
+    if not place:
+        row = conn.execute(routing_sql.CONTEXT_DEFAULT, params).fetchone()
+        assert row is not None
+        return tuple(row)
+    user = user_key or ""
+    params |= {
+        "session_id": new_session_id(),
+        "user": user,
+        "session_proxy_id": "p1",
+        "expires_at": NOW + timedelta(seconds=30),
+        "reason": "new" if user else "no_identity",
+    }
+    with conn.transaction(force_rollback=True):
+        row = conn.execute(routing_sql.CONTEXT_PLACE_DEFAULT, params).fetchone()
     assert row is not None
     return tuple(row)
 
 
-async def test_sql_rules_and_candidates_equal_the_domain_rules(engine, pg_database_url):
+async def test_sql_rules_and_placement_equal_the_domain_rules(engine, pg_database_url):
     """Over generated farms: `eligible_sql` is `domain.takes_new_sessions`; ordering by
-    `rank_key_sql` is `domain.rank_for_new_session`, so the candidates fetched are its best
-    `MAX_CANDIDATES`; the context statement stores a reconnect answer exactly when
-    `Session.is_live_at` and `domain.takes_reconnects` say so."""
+    `rank_key_sql` is `domain.rank_for_new_session`, so the placing statement places a new user
+    (with or without identity) where `domain.choose_server` would, and nowhere when it finds none;
+    the context statements store a reconnect answer exactly when `Session.is_live_at` and
+    `domain.takes_reconnects` say so, and never place a user who has a live session."""
     await seed(engine, server(A))
     checked = 0
 
@@ -117,24 +139,24 @@ async def test_sql_rules_and_candidates_equal_the_domain_rules(engine, pg_databa
             assert {r[0] for r in conn.execute(eligible)} == {
                 s.address for s in table if d.takes_new_sessions(s)
             }
-            loads = dict(
+            loads: dict[str, float] = dict(
                 conn.execute(f"SELECT address, {routing_sql.effective_load_sql('c')} FROM servers c")
             )
             assert loads == {s.address: d.effective_load(s) for s in table}  # equal floats, to the bit
             ranked_sql = [r[0] for r in conn.execute(f"{eligible} ORDER BY {routing_sql.rank_key_sql('c')}")]
             ranked = [s.address for s in d.rank_for_new_session(table)]
             assert ranked_sql == ranked
-            # The JSON candidates are the best of them, and rank in Python as the table's rows do.
-            candidates = [routing_sql._server(c) for c in _context(conn, "nobody", "c-none")[-2] or ()]
-            assert [s.address for s in d.rank_for_new_session(candidates)] == ranked[
-                : routing_sql.MAX_CANDIDATES
-            ]
+            # The one-statement placement takes the domain's choice (nothing locked here).
+            best = ranked[0] if ranked else None
+            assert _context(conn, "nobody", "c-none", place=True)[-2:] == (False, best)
+            assert _context(conn, None, "c-anon", place=True)[-2:] == (False, best)
             by_address = {s.address: s for s in table}
             for i, (state, expiry) in enumerate(sessions[: len(rows)]):
-                answered = _context(conn, f"u{i}", f"c{i}")[-1]
                 expires = EXPIRIES[expiry]
                 live = expires is None or expires > NOW
-                assert answered == (live and d.takes_reconnects(by_address[_address(i)])), (state, expiry)
+                takes = live and d.takes_reconnects(by_address[_address(i)])
+                assert _context(conn, f"u{i}", f"c{i}")[-2:] == (takes, None), (state, expiry)
+                assert _context(conn, f"u{i}", f"p{i}", place=True)[-2:] == (takes, None), (state, expiry)
             checked += 1
 
         check()
@@ -150,49 +172,58 @@ def _servers_from_table(conn: psycopg.Connection) -> list[d.Server]:
     return [routing_sql._server(r) for r in rows]
 
 
-async def test_candidates_match_the_repository(engine, service):
-    """The JSON candidates carry every field ranking reads, as the SQLAlchemy repository maps them."""
+async def test_the_live_server_matches_the_repository(engine, service):
+    """The context statement reads every field the domain's rules read of the live session's
+    server, as the SQLAlchemy repository maps them."""
     await seed(engine, server(A, weight=50, max_sessions=4), server(B, max_sessions=0))
-    await service.route(d.RouteRequest(connection_id="c1", cookie="alice"))
+    first = await service.route(d.RouteRequest(connection_id="c1", cookie="alice"))
     async with service.store.raw_autocommit() as conn:
-        found = await routing_sql.route_context(conn, d.RouteRequest(connection_id="c2"), "bob", NOW)
+        found = await routing_sql.route_context(conn, d.RouteRequest(connection_id="c2"), "alice", NOW)
     assert found is not None
-    (_, _, _, candidates), answered = found
-    assert not answered
+    assert found.live is not None
+    assert found.live.session_id == first.session_id
+    assert found.answered
+    assert found.placed is None
     async with engine.connect() as conn_sa:
         listed = await ServerRepository(conn_sa).list("default")
     fields = ("address", "pool", "weight", "max_sessions", "admin_state", "health", "agent_state", "load",
               "placements_since_report", "live_sessions")  # fmt: skip
-    by_address = sorted(candidates, key=lambda s: s.address)  # candidates come best first
-    assert [[getattr(s, f) for f in fields] for s in by_address] == [
-        [getattr(s, f) for f in fields] for s in listed
-    ]
+    [expected] = [s for s in listed if s.address == first.server_address]
+    assert [getattr(found.server, f) for f in fields] == [getattr(expected, f) for f in fields]
 
 
-async def test_place_rechecks_the_server_under_its_lock(engine, service):
-    """Candidates read before the lock may be stale: a server full by now is not placed on."""
-    await seed(engine, server(A, max_sessions=1))
-    first = await service.route(d.RouteRequest(connection_id="c1", cookie="alice"))
-    assert first.server_address == A
-    async with service.store.raw_autocommit() as conn:
-        placed = await routing_sql.place(
-            conn,
-            d.RouteRequest(connection_id="c2", cookie="bob"),
-            pool="default",
-            user="bob",
-            ranked=[A],  # as if ranked from a read taken before alice's placement
-            session_id=new_session_id(),
-            now=NOW,
-            expires_at=NOW + timedelta(seconds=30),
+async def test_concurrent_placements_never_exceed_a_limit(engine, pg_database_url, clock):
+    """Two replicas place 60 new users at once on 4 servers of 5 sessions: exactly 20 are placed,
+    none over a limit (the locked row is re-checked), the rest are refused (RESOURCE_EXHAUSTED)."""
+    await seed(engine, *(server(f"10.0.3.{i}:3389", max_sessions=5) for i in range(1, 5)))
+    engines = [make_engine(pg_database_url, pool_size=30) for _ in range(2)]
+    replicas = [BrokerService(Store(e), settings_for(pg_database_url), clock) for e in engines]
+    try:
+        results = await asyncio.gather(
+            *(
+                replicas[u % 2].route(d.RouteRequest(connection_id=f"c{u}", cookie=f"user{u}"))
+                for u in range(60)
+            ),
+            return_exceptions=True,
         )
-        assert placed is None
-        cur = await conn.execute(
-            f"SELECT count(*) FROM sessions WHERE {LIVE_STATES_SQL}"  # nothing of bob's was kept
-        )
-        assert await cur.fetchone() == (1,)
-        cur = await conn.execute("SELECT count(*) FROM connections WHERE connection_id = 'c2'")
-        assert await cur.fetchone() == (0,)
+    finally:
+        for e in engines:
+            await e.dispose()
+    placed = [r for r in results if isinstance(r, d.RouteDecision)]
+    assert all(isinstance(r, NoCapacity) for r in results if not isinstance(r, d.RouteDecision)), results
+    assert len(placed) == 20
+    assert {r.reason for r in placed} == {d.RouteReason.NEW}
+    assert Counter(r.server_address for r in placed) == {f"10.0.3.{i}:3389": 5 for i in range(1, 5)}
     await assert_live_counters_exact(engine)
+
+
+async def test_a_truncated_cookie_takes_the_transactional_path(engine, service):
+    """A 9-character cookie with no live session of its own may name a session linked to the full
+    user name: the placing statement must not place it, the transactional path reconnects it."""
+    await seed(engine, server(A), server(B))
+    linked = await service.route(d.RouteRequest(connection_id="c1", cookie="FTBCO\\A7006799"))
+    again = await service.route(d.RouteRequest(connection_id="c2", cookie="FTBCO\\A70"))
+    assert (again.reason, again.session_id) == (d.RouteReason.RECONNECT, linked.session_id)
 
 
 async def test_a_repeated_connection_id_gets_its_first_answer(engine, service):
@@ -201,10 +232,26 @@ async def test_a_repeated_connection_id_gets_its_first_answer(engine, service):
     again = await service.route(d.RouteRequest(connection_id="same", cookie="alice"))
     assert again == first
     assert first.reason is d.RouteReason.NEW
-    # A repeated placement statement for the same connection fails whole: no second session.
     async with service.store.raw_autocommit() as conn:
         cur = await conn.execute("SELECT count(*) FROM sessions")
         assert await cur.fetchone() == (1,)
+    await assert_live_counters_exact(engine)
+
+
+async def test_a_repeated_placement_gets_its_first_answer(engine, service):
+    """Without identity nothing links the two calls but the connection id: the repeated placing
+    statement fails whole on the answer's key (no second session), the transactional path answers
+    what the first call stored."""
+    await seed(engine, server(A), server(B))
+    first = await service.route(d.RouteRequest(connection_id="same"))
+    again = await service.route(d.RouteRequest(connection_id="same"))
+    assert again == first
+    assert first.reason is d.RouteReason.NO_IDENTITY
+    async with service.store.raw_autocommit() as conn:
+        cur = await conn.execute("SELECT count(*) FROM sessions")
+        assert await cur.fetchone() == (1,)
+        cur = await conn.execute("SELECT placements_since_report FROM servers ORDER BY address")
+        assert sorted(r[0] for r in await cur.fetchall()) == [0, 1]
     await assert_live_counters_exact(engine)
 
 

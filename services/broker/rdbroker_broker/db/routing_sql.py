@@ -1,17 +1,23 @@
 """The Route hot path on PostgreSQL, in raw psycopg on an autocommit connection.
 
 SQLAlchemy Core costs more Python time per statement than PostgreSQL takes to answer these, so the
-one or two statements a common Route needs are plain SQL here (psycopg prepares them on the server
-after a few uses). One routing policy: eligibility and ranking stay in `domain`, which decides every
-answer; SQL restates three rules, each proven equal to the domain by a test over generated farms:
-eligibility under the row lock (`eligible_sql`), the pre-selection of the best candidates
-(`rank_key_sql`) and reconnect acceptance (`reconnects_sql`). Anything unusual (tokens, retries,
-expired or stranded sessions, a lost race, no unlocked candidate) is left to the transactional path
-in `service`, which handles every case.
+one statement a common Route needs is plain SQL here (psycopg prepares it on the server after a few
+uses). It reads the pool and the user's live session with its server, and then either stores the
+reconnect answer or, when there is no live session, places the user: both in that one statement.
+
+Who decides what: the rules live in `domain`; SQL restates three of them, each proven equal to the
+domain by `tests/integration/broker/test_route_fast_path.py` over generated farms: eligibility
+(`eligible_sql`, re-checked under the server's row lock), the ranking order (`rank_key_sql`) and
+reconnect acceptance (`reconnects_sql` + expiry). A new placement is decided by SQL alone (the best
+eligible server nobody else holds); a reconnect stored by SQL is decided again in Python by the domain
+(`service`), which takes the answer back if they ever disagree. Anything unusual (tokens, retries,
+expired or stranded sessions, a truncated-looking cookie with no live session, a lost race, no
+unlocked candidate) is left to the transactional path in `service`, which handles every case.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -48,24 +54,11 @@ def rank_key_sql(t: str) -> str:
     return f'{effective_load_sql(t)}, {t}.live_sessions, {t}.address COLLATE "C"'
 
 
-# What ranking reads of a server (`domain.rank_for_new_session`), in this order.
+# What the domain's rules read of a server (ranking, reconnects), in this order.
 _RANK_FIELDS = (
     "address", "pool", "weight", "max_sessions", "admin_state", "health", "agent_state", "load",
     "placements_since_report", "live_sessions",
 )  # fmt: skip
-# A placement tries a bounded number of servers before the transactional path takes over, so only
-# the best this many eligible servers are fetched (and ranked again in Python by the domain): a
-# 200-server pool then costs no more per placement than a 32-server one.
-MAX_CANDIDATES = 32
-_CANDIDATES = f"""
-    SELECT json_agg(json_build_array({", ".join(f"b.{name}" for name in _RANK_FIELDS)}))
-    FROM (
-        SELECT * FROM servers c
-        WHERE c.pool = p.name AND {eligible_sql("c")}
-        ORDER BY {rank_key_sql("c")}
-        LIMIT {MAX_CANDIDATES}
-    ) b
-"""
 _SESSION_FIELDS = ("id", "user", "server_address", "state", "created_at", "updated_at", "expires_at")
 
 
@@ -82,18 +75,14 @@ _CONNECTION_COLUMNS = (
     "client_address, created_at, bytes_from_client, bytes_from_server, duration_ms, end_reason"
 )
 
-# The pool, the user's live session in it with its server, and, when there is no live session,
-# the pool's servers as ranking candidates (one JSON value: cheaper to decode than rows). When the
-# live session takes this connection back (not expired, its server takes reconnects), the answer is
-# stored in the same statement: a reconnect is one round trip. `domain` decides again in Python.
+# The pool, the user's live session in it and that session's server. When the live session takes
+# this connection back (not expired, its server takes reconnects), the answer is stored in the same
+# statement: a reconnect is one round trip. `domain` decides again in Python.
 _CONTEXT = f"""
 WITH ctx AS (
     SELECT p.name AS pool_name, p.is_default, p.disconnect_timeout_s,
            {", ".join(f's."{name}" AS s_{name}' for name in _SESSION_FIELDS)},
            {", ".join(f"v.{name} AS v_{name}" for name in _RANK_FIELDS)},
-           CASE WHEN s.id IS NULL THEN
-               ({_CANDIDATES})
-           END AS candidates,
            (s.expires_at IS NULL OR s.expires_at > %(now)s) AND {reconnects_sql("v")} AS reconnects
     FROM pools p
     LEFT JOIN sessions s
@@ -107,64 +96,91 @@ WITH ctx AS (
     FROM ctx WHERE reconnects
     ON CONFLICT (connection_id, attempt) DO NOTHING
     RETURNING attempt
-)
+){{placement}}
 SELECT pool_name, is_default, disconnect_timeout_s,
        {", ".join(f"s_{name}" for name in _SESSION_FIELDS)},
        {", ".join(f"v_{name}" for name in _RANK_FIELDS)},
-       candidates, EXISTS (SELECT FROM answered)
+       EXISTS (SELECT FROM answered), {{placed}}
 FROM ctx
 """
-CONTEXT_DEFAULT = _CONTEXT.format(pool_filter="p.is_default")
-CONTEXT_NAMED = _CONTEXT.format(pool_filter="p.name_key = %(pool_key)s")
 
-ANSWER = """
-SELECT server_address, session_id, reason, "user", pool FROM connections
-WHERE connection_id = %(connection_id)s AND attempt = %(attempt)s
-"""
-
-# A whole placement as one statement (autocommit: one implicit transaction). The best-ranked
-# server nobody else holds is locked and re-checked under the lock (the live-session counter only
-# changes under that lock, by trigger); the session insert loses quietly to another replica's
-# placement of the same user (the unique index); the answer insert has no ON CONFLICT, so a repeated
-# (connection_id, attempt) fails the statement and nothing of it remains.
-PLACE = f"""
-WITH chosen AS (
-    SELECT address FROM servers
-    WHERE address = ANY(%(ranked)s) AND {eligible_sql("servers")}
-    ORDER BY array_position(%(ranked)s, address)
+# Without a live session, the same statement places the user (autocommit: one implicit transaction).
+# The best-ranked eligible server nobody else holds is locked; should it have changed since the
+# statement's snapshot, PostgreSQL re-checks the eligibility on its newest row under the lock (the
+# live-session counter only changes under that lock, by trigger), so a limit is never exceeded. The
+# session insert loses quietly to another replica's placement of the same user (the unique index); the
+# answer insert has no ON CONFLICT, so a repeated (connection_id, attempt) fails the statement and
+# nothing of it remains.
+_PLACEMENT = f"""
+, chosen AS (
+    SELECT c.address, c.pool FROM servers c
+    WHERE c.pool = (SELECT pool_name FROM ctx WHERE s_id IS NULL) AND {eligible_sql("c")}
+    ORDER BY {rank_key_sql("c")}
     LIMIT 1
     FOR UPDATE SKIP LOCKED
 ), placed AS (
     INSERT INTO sessions (id, pool, "user", user_key, server_address, state, learnt_from,
                           origin_connection_id, proxy_id, client_address, created_at, updated_at,
                           expires_at, end_reason)
-    SELECT %(session_id)s, %(pool)s, %(user)s, %(user_key)s, address, 'pending', 'route',
+    SELECT %(session_id)s, pool, %(user)s, %(user_key)s, address, 'pending', 'route',
            %(connection_id)s, %(session_proxy_id)s, %(client_address)s, %(now)s, %(now)s,
            %(expires_at)s, ''
     FROM chosen
     ON CONFLICT (pool, user_key) WHERE state IN {LIVE_SQL} AND user_key IS NOT NULL DO NOTHING
-    RETURNING server_address
-), answered AS (
+    RETURNING server_address, pool
+), placed_answer AS (
     INSERT INTO connections ({_CONNECTION_COLUMNS})
-    SELECT %(connection_id)s, 0, %(session_id)s, %(proxy_id)s, server_address, %(reason)s,
-           %(user)s, %(pool)s, %(client_address)s, %(now)s, 0, 0, 0, ''
+    SELECT %(connection_id)s, %(attempt)s, %(session_id)s, %(proxy_id)s, server_address, %(reason)s,
+           %(user)s, pool, %(client_address)s, %(now)s, 0, 0, 0, ''
     FROM placed
     RETURNING server_address
-)
-SELECT (SELECT server_address FROM answered)
+)"""
+_PLACED = "(SELECT server_address FROM placed_answer)"
+_DEFAULT, _NAMED = "p.is_default", "p.name_key = %(pool_key)s"
+CONTEXT_DEFAULT = _CONTEXT.format(pool_filter=_DEFAULT, placement="", placed="NULL")
+CONTEXT_NAMED = _CONTEXT.format(pool_filter=_NAMED, placement="", placed="NULL")
+CONTEXT_PLACE_DEFAULT = _CONTEXT.format(pool_filter=_DEFAULT, placement=_PLACEMENT, placed=_PLACED)
+CONTEXT_PLACE_NAMED = _CONTEXT.format(pool_filter=_NAMED, placement=_PLACEMENT, placed=_PLACED)
+
+ANSWER = """
+SELECT server_address, session_id, reason, "user", pool FROM connections
+WHERE connection_id = %(connection_id)s AND attempt = %(attempt)s
 """
 
 Connection = psycopg.AsyncConnection[Any]
-RouteContext = tuple[d.Pool, d.Session | None, d.Server | None, list[d.Server]]
+
+
+@dataclass(frozen=True, slots=True)
+class NewSession:
+    """The pending session a placing context statement creates when the user has no live session."""
+
+    session_id: str
+    user: str
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What the context statement found and did."""
+
+    pool: d.Pool
+    live: d.Session | None  # the user's live session in the pool
+    server: d.Server | None  # that session's server
+    answered: bool  # the reconnect answer for this connection was stored
+    placed: str | None  # the server the new session was placed on (a placing statement only)
 
 
 async def route_context(
-    conn: psycopg.AsyncConnection[Any], request: d.RouteRequest, key: str, now: datetime
-) -> tuple[RouteContext, bool] | None:
-    """The pool ("" = the default), the user's live session and its server, else the candidates; and
-    whether this connection's reconnect answer was stored. None for an unknown pool."""
-    query = CONTEXT_NAMED if request.pool else CONTEXT_DEFAULT
-    params = {
+    conn: psycopg.AsyncConnection[Any],
+    request: d.RouteRequest,
+    key: str,
+    now: datetime,
+    placement: NewSession | None = None,
+) -> Context | None:
+    """The pool ("" = the default), the user's live session and its server; the reconnect answer
+    stored when SQL's rules take it; with `placement` and no live session, the user placed. None for
+    an unknown pool."""
+    params: dict[str, Any] = {
         "user_key": key or None,
         "pool_key": request.pool.casefold(),
         "now": now,
@@ -173,14 +189,25 @@ async def route_context(
         "proxy_id": request.proxy_id,
         "client_address": request.client_address,
     }
+    if placement is None:
+        query = CONTEXT_NAMED if request.pool else CONTEXT_DEFAULT
+    else:
+        query = CONTEXT_PLACE_NAMED if request.pool else CONTEXT_PLACE_DEFAULT
+        params["session_id"] = placement.session_id
+        params["user"] = placement.user
+        params["session_proxy_id"] = request.proxy_id or None
+        params["expires_at"] = placement.expires_at
+        params["reason"] = (d.RouteReason.NEW if placement.user else d.RouteReason.NO_IDENTITY).value
     row = await (await conn.execute(query, params)).fetchone()
     if row is None:
         return None
     found = d.Pool(row[0], row[1], row[2])
-    session_at, server_at, candidates_at = 3, 3 + len(_SESSION_FIELDS), 3 + len(_SESSION_FIELDS) + 10
-    answered = bool(row[candidates_at + 1])
+    session_at = 3
+    server_at = session_at + len(_SESSION_FIELDS)
+    answered_at = server_at + len(_RANK_FIELDS)
+    answered, placed = bool(row[answered_at]), row[answered_at + 1]
     if row[session_at] is None:
-        return (found, None, None, [_server(c) for c in row[candidates_at] or ()]), answered
+        return Context(found, None, None, answered, placed)
     sid, user, address, state, created, updated, expires = row[session_at:server_at]
     session = d.Session(
         session_id=sid,
@@ -192,8 +219,8 @@ async def route_context(
         updated_at=updated,
         expires_at=expires.astimezone(UTC) if expires is not None else None,
     )
-    server = _server(row[server_at:candidates_at]) if row[server_at] is not None else None
-    return (found, session, server, []), answered
+    server = _server(row[server_at:answered_at]) if row[server_at] is not None else None
+    return Context(found, session, server, answered, placed)
 
 
 async def forget_answer(conn: psycopg.AsyncConnection[Any], request: d.RouteRequest, session_id: str) -> None:
@@ -229,41 +256,3 @@ async def stored_answer(
         return None
     address, session_id, reason, user, pool = row
     return d.RouteDecision(address, session_id, d.RouteReason(reason), user, pool)
-
-
-async def place(
-    conn: psycopg.AsyncConnection[Any],
-    request: d.RouteRequest,
-    *,
-    pool: str,
-    user: str,
-    ranked: list[str],
-    session_id: str,
-    now: datetime,
-    expires_at: datetime,
-) -> str | None:
-    """Place a new pending session on the best free ranked server and store the answer (attempt 0).
-
-    The chosen server's address, or None when nothing was placed: every candidate is locked or no
-    longer eligible, or the user was placed by another replica meanwhile.
-    """
-    reason = d.RouteReason.NEW if user else d.RouteReason.NO_IDENTITY
-    cur = await conn.execute(
-        PLACE,
-        {
-            "ranked": ranked,
-            "session_id": session_id,
-            "pool": pool,
-            "user": user,
-            "user_key": d.user_key(user) if user else None,
-            "connection_id": request.connection_id,
-            "proxy_id": request.proxy_id,
-            "session_proxy_id": request.proxy_id or None,
-            "client_address": request.client_address,
-            "now": now,
-            "expires_at": expires_at,
-            "reason": reason.value,
-        },
-    )
-    row = await cur.fetchone()
-    return row[0] if row is not None else None
