@@ -45,6 +45,9 @@ SELECT EXISTS (SELECT FROM s), EXISTS (SELECT FROM sessions WHERE id = %(session
 # The connection row records the close; a pending session whose first connection closed ends (it
 # never reached the server); an active session whose current connection closed is disconnected
 # until its pool's timeout. The two session updates exclude each other (pending vs active).
+# `(state = ...) IS TRUE` is never an index condition: the row is always found by its primary key.
+# (With `state = ...` the planner may walk the state index instead, when its statistics saw few
+# sessions in that state: at a logon storm's rate that walk costs more than the update.)
 CLOSED = """
 WITH s AS (
     SELECT p.disconnect_timeout_s AS timeout_s
@@ -61,18 +64,19 @@ WITH s AS (
     UPDATE sessions
     SET state = 'ended', end_reason = %(session_end_reason)s, ended_at = %(now)s,
         updated_at = %(now)s, expires_at = NULL
-    WHERE id = %(session_id)s AND state = 'pending' AND origin_connection_id = %(connection_id)s
+    WHERE id = %(session_id)s AND (state = 'pending') IS TRUE
+      AND origin_connection_id = %(connection_id)s
     RETURNING 1
 ), disconnected AS (
     UPDATE sessions
     SET state = 'disconnected', disconnected_at = %(now)s, updated_at = %(now)s,
         expires_at = %(now)s + make_interval(secs => (SELECT timeout_s FROM s))
-    WHERE id = %(session_id)s AND state = 'active' AND connection_id = %(connection_id)s
+    WHERE id = %(session_id)s AND (state = 'active') IS TRUE AND connection_id = %(connection_id)s
       AND (SELECT timeout_s FROM s) IS NOT NULL
     RETURNING 1
 )
 SELECT EXISTS (SELECT FROM s), (SELECT timeout_s FROM s) IS NOT NULL,
-       EXISTS (SELECT FROM sessions WHERE id = %(session_id)s AND state = 'active'
+       EXISTS (SELECT FROM sessions WHERE id = %(session_id)s AND (state = 'active') IS TRUE
                                           AND connection_id = %(connection_id)s)
 """
 
