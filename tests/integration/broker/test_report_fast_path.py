@@ -7,12 +7,15 @@ and every row they touch must come out the same."""
 from __future__ import annotations
 
 import random
-from datetime import datetime
+import re
+from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from rdbroker_broker.db import report_sql
 from rdbroker_broker.db.tables import connections, sessions
 from rdbroker_broker.errors import NotFound
 from rdbroker_broker.rpc import convert
@@ -196,3 +199,31 @@ async def test_a_session_whose_pool_is_not_found_by_name_still_disconnects(engin
     assert session.expires_at is not None
     assert (session.expires_at - clock.now).total_seconds() == 3600
 
+
+async def test_the_statements_find_sessions_by_primary_key_whatever_the_statistics_say(
+    engine, service, pg_database_url
+):
+    # Statistics taken when no session was pending or active make a state index look cheaper than
+    # the primary key; walking it costs a scan of every session in that state.
+    await seed(engine, server(A))
+    sid = await route(service, "c1", "kim")
+    with psycopg.connect(pg_database_url, autocommit=True) as conn:
+        conn.execute(
+            """INSERT INTO sessions (id, pool, "user", user_key, server_address, state, learnt_from,
+                                     client_address, created_at, updated_at, end_reason)
+               SELECT 'x' || n, 'default', 'u' || n, 'u' || n, %s, 'disconnected', 'route', '',
+                      now(), now(), ''
+               FROM generate_series(1, 5000) n""",
+            (A,),
+        )
+        conn.execute("ANALYZE sessions")
+        params = {
+            "session_id": sid, "connection_id": "c1", "proxy_id": "p1", "now": datetime.now(UTC),
+            "bytes_from_client": 1, "bytes_from_server": 2, "duration_ms": 3, "end_reason": "",
+            "session_end_reason": "closed_before_open",
+        }  # fmt: skip
+        for statement in (report_sql.OPENED, report_sql.CLOSED):
+            plan = "\n".join(row[0] for row in conn.execute("EXPLAIN " + statement, params))
+            scans = re.findall(r"Scan using (\w+) on sessions", plan)
+            assert "Seq Scan on sessions" not in plan, plan
+            assert set(scans) == {"pk_sessions"}, plan
