@@ -80,7 +80,10 @@ def _postgres_engine(dsn: str, pool_size: int, options: str) -> AsyncEngine:
         "postgresql+psycopg://",
         async_creator=connect,
         pool_size=pool_size,
-        max_overflow=pool_size,
+        # No overflow: calls beyond the pool wait for a connection (up to pool_timeout). Overflow
+        # connections are closed on return, so under load every call would open one, and the
+        # server would plan every statement and compile the trigger again for each.
+        max_overflow=0,
         pool_timeout=10,
         pool_recycle=1800,
     )
