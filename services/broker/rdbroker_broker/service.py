@@ -427,8 +427,8 @@ class BrokerService:
         rest). A database outage raises `Unavailable` for the whole batch; every event is
         idempotent, so the proxy sends the batch again.
 
-        On PostgreSQL the common events are one statement each on one autocommit connection
-        (`report_sql`); an event that statement does not settle runs as the transactional use case,
+        On PostgreSQL the common events are one statement each (`report_sql`), the batch in one
+        transaction; an event that statement does not settle runs as the transactional use case,
         in its place in the order, and the rest go on.
         """
         results: list[Exception | None] = [None] * len(events)
@@ -452,11 +452,15 @@ class BrokerService:
         return results
 
     async def _reports_fast(
-        self, events: Sequence[ConnectionEvent], results: list[Exception | None], index: int
+        self, events: Sequence[ConnectionEvent], results: list[Exception | None], start: int
     ) -> int:
-        """Apply events from `index` on, until one needs the use case: its index (or the end)."""
+        """Apply events from `start` on in one transaction (one commit for the lot, not one per
+        event), until one needs the use case: answers its index, or the end. When the transaction
+        fails (a dead connection, a deadlock with another proxy's batch), nothing of it remains
+        and the answer is `start`: the use case applies that event and the rest come back here."""
+        index = start
         try:
-            async with self.store.raw_autocommit() as conn:
+            async with self.store.raw_autocommit() as conn, conn.transaction():
                 while index < len(events):
                     event = events[index]
                     try:
@@ -481,13 +485,14 @@ class BrokerService:
                             now=self.now(),
                         )
                     if outcome is report_sql.Outcome.USE_CASE:
-                        return index
+                        return index  # what came before commits first: the order holds
                     if outcome is report_sql.Outcome.UNKNOWN_SESSION:
                         results[index] = NotFound(f"unknown session {event.session_id!r}")
                     index += 1
         except Retryable as exc:
-            # A dead pooled connection: the use case applies this event (they are idempotent).
-            log.debug("connection report fast path lost its connection (%s)", exc)
+            log.debug("connection reports: batch transaction failed, applied one by one (%s)", exc)
+            results[start:index] = [None] * (index - start)
+            return start
         return index
 
     async def _report_use_case(self, event: ConnectionEvent) -> None:

@@ -179,7 +179,8 @@ async def test_a_database_outage_fails_the_whole_batch(engine, service, probes, 
     calls = 0
 
     async def outage_on_second(*args: object) -> report_sql.Outcome:
-        # The first event applies; the database then goes away (what the store raises when it does).
+        # The first event is applied in the batch's transaction; the database then goes away (what
+        # the store raises when it does), and the transaction with it.
         nonlocal calls
         calls += 1
         if calls == 2:
@@ -194,7 +195,7 @@ async def test_a_database_outage_fails_the_whole_batch(engine, service, probes, 
         await servicer.ReportConnections(request, context)  # type: ignore[arg-type]
     assert context.code == grpc.StatusCode.UNAVAILABLE
     assert calls == 2
-    assert [(await state_of(engine, f"c{i}"))[0][0] for i in range(2)] == ["active", "pending"]
+    assert [(await state_of(engine, f"c{i}"))[0][0] for i in range(2)] == ["pending", "pending"]
 
     # The proxy resends the whole batch: the event that had applied is harmless to apply again.
     monkeypatch.setattr(report_sql, "opened", real_opened)

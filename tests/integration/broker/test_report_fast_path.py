@@ -227,3 +227,44 @@ async def test_the_statements_find_sessions_by_primary_key_whatever_the_statisti
             scans = re.findall(r"Scan using (\w+) on sessions", plan)
             assert "Seq Scan on sessions" not in plan, plan
             assert set(scans) == {"pk_sessions"}, plan
+
+
+async def test_a_failed_batch_transaction_leaves_nothing_and_the_events_apply_one_by_one(
+    engine, service, monkeypatch
+):
+    await seed(engine, server(A))
+    first, second = await route(service, "c1", "kim"), await route(service, "c2", "lee")
+    real_closed = report_sql.closed
+    failures = 0
+
+    async def deadlock_once(*args: Any, **kw: Any) -> report_sql.Outcome:
+        # Another proxy's batch locked the same rows in the other order: PostgreSQL picks us.
+        nonlocal failures
+        if failures == 0:
+            failures += 1
+            raise psycopg.errors.DeadlockDetected("deadlock detected")
+        return await real_closed(*args, **kw)
+
+    monkeypatch.setattr(report_sql, "closed", deadlock_once)
+    fell_back: list[ConnectionEvent] = []
+    real_use_case = service._report_use_case
+
+    async def counted(event: ConnectionEvent) -> None:
+        fell_back.append(event)
+        await real_use_case(event)
+
+    monkeypatch.setattr(service, "_report_use_case", counted)
+    events: list[ConnectionEvent] = [
+        Opened(first, "c1", "p1"),
+        Closed(first, "c1", 1, 2, 3, "client_closed"),
+        Opened(second, "c2", "p1"),
+        Opened("nosuch", "c9", "p1"),
+    ]
+    results = await service.report_connections(events)
+    assert results[:3] == [None, None, None]
+    assert isinstance(results[3], NotFound)
+    # The transaction that held `Opened(first)` rolled back; the use case applied that event again,
+    # and the rest went back to the fast path (which now applied them).
+    assert fell_back == [events[0]]
+    assert [s.state.value for s in await service.lookup_user_sessions("kim")] == ["disconnected"]
+    assert [s.state.value for s in await service.lookup_user_sessions("lee")] == ["active"]

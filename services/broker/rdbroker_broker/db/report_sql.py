@@ -1,4 +1,4 @@
-"""Connection reports on PostgreSQL, one statement each on an autocommit connection.
+"""Connection reports on PostgreSQL: one statement each, a proxy's batch in one transaction.
 
 A proxy reports every connection twice (opened, closed): at a few thousand connection set-ups per
 second these are most of the broker's database work, and SQLAlchemy's transactional path costs
