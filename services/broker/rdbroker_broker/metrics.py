@@ -1,7 +1,8 @@
 """The broker's metrics (names from docs/contracts.md; the Prometheus exporter adds `_total` to counters).
 
-Instruments are created once at import, and the label sets of the Route counter are cached per
-(reason, outcome), so recording a route allocates nothing. `rdbroker_sessions{state}` is read from a
+Instruments are created once at import. Routes are counted in a dict per (reason, outcome) that an
+observable counter reports at collection: an SDK counter's `add` costs more than the rest of the
+bookkeeping of a Route call. `rdbroker_sessions{state}` is read from a
 cache that a background task refreshes (`SessionCounts.refresh_forever`): a scrape never queries the
 database, so slow scrapes cannot pile up queries. Every broker replica reports the same directory-wide
 counts; aggregate them with max(), not sum().
@@ -28,9 +29,6 @@ _meter = metrics.get_meter("rdbroker_broker")
 ROUTE_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 LIVE_STATES = ("pending", "active", "disconnected")
 
-routes = _meter.create_counter(
-    "rdbroker_routes", description="Route calls by reason (token/reconnect/new/no_identity) and outcome"
-)
 route_duration = _meter.create_histogram(
     "rdbroker_route_duration_seconds",
     unit="s",
@@ -43,7 +41,7 @@ truncated_cookie_ambiguous = _meter.create_counter(
     description="Truncated 9-character cookies matching several users, where=reconcile|route (none linked)",
 )
 
-_route_labels: dict[tuple[str, str], Mapping[str, str]] = {}
+_route_counts: dict[tuple[str, str], int] = {}
 _AMBIGUOUS_LABELS: Mapping[str, Mapping[str, str]] = {w: {"where": w} for w in ("reconcile", "route")}
 
 
@@ -56,11 +54,23 @@ def record_truncated_ambiguous(where: str, count: int = 1) -> None:
 def record_route(reason: str, outcome: str, seconds: float) -> None:
     """One Route call: `outcome` is "ok" or the gRPC status name; `reason` is "none" for errors."""
     key = (reason, outcome)
-    labels = _route_labels.get(key)
-    if labels is None:
-        labels = _route_labels.setdefault(key, {"reason": reason, "outcome": outcome})
-    routes.add(1, labels)
+    _route_counts[key] = _route_counts.get(key, 0) + 1
     route_duration.record(seconds)
+
+
+def _observe_routes(_options: CallbackOptions) -> Iterable[Observation]:
+    # copy() is atomic under the GIL: the exporter's thread never sees the dict change size.
+    return [
+        Observation(count, {"reason": reason, "outcome": outcome})
+        for (reason, outcome), count in _route_counts.copy().items()
+    ]
+
+
+_meter.create_observable_counter(
+    "rdbroker_routes",
+    callbacks=[_observe_routes],
+    description="Route calls by reason (token/reconnect/new/no_identity) and outcome",
+)
 
 
 class SessionCounts:
