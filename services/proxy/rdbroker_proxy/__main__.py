@@ -40,6 +40,8 @@ def main(argv: list[str]) -> int:
         sys.stderr.write(f"rdbroker proxy: invalid settings:\n{exc}\n")
         return 2
     logs.configure(settings.log_level, settings.log_format)
+    # Fields our formatters never print, looked up for every record (one line per connection).
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     raise_fd_limit(settings)
     try:
         handle = telemetry.setup(

@@ -7,14 +7,16 @@ which awaits the broker and the server connect, runs as a short task.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from rdbroker_common.settings import split_host_port
@@ -27,7 +29,12 @@ from rdbroker_rdp import FirstPacket, X224Error, decode_cookie, parse_first_pack
 
 log = logging.getLogger(__name__)
 
-Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None]"]
+
+class Spawn(Protocol):
+    def __call__(
+        self, coro: Coroutine[Any, Any, None], *, context: contextvars.Context | None = None
+    ) -> asyncio.Task[None]: ...
+
 
 # A connection to a server that the broker placed afresh may be re-placed once; a reconnect or a
 # token target names where the user's session is, so only the broker may decide to move it.
@@ -192,9 +199,10 @@ class ClientConnection(asyncio.Protocol):
             attributes={"client.address": self.client, "rdbroker.connection_id": self.connection_id},
             start_time=self.started_ns,
         )
-        # The task copies the current context: the broker calls it makes are this span's children.
-        with trace.use_span(self.span, end_on_exit=False):
-            self._task = self.context.spawn(self._establish(first))
+        # The task runs in a context where this span is current: the broker calls are its children.
+        task_context = contextvars.copy_context()
+        task_context.run(otel_context.attach, trace.set_span_in_context(self.span))
+        self._task = self.context.spawn(self._establish(first), context=task_context)
 
     def _route_request(self, first: FirstPacket) -> pb.RouteRequest:
         request = first.request

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections.abc import Coroutine
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health
 
-from rdbroker_common import telemetry, tls
+from rdbroker_common import tls
 from rdbroker_common.rpc_server import add_standard_services, mark_serving
 from rdbroker_common.settings import split_host_port
 from rdbroker_proxy import metrics
@@ -36,7 +37,9 @@ def channel_credentials(settings: ProxySettings) -> grpc.ChannelCredentials | No
     return tls.channel_credentials(settings.tls_ca, settings.tls_cert, settings.tls_key)
 
 
-def _not_serving(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+def _not_serving(
+    coro: Coroutine[Any, Any, None], *, context: contextvars.Context | None = None
+) -> asyncio.Task[None]:
     coro.close()
     raise RuntimeError("the proxy is not serving")
 
@@ -73,7 +76,6 @@ class ProxyServer:
             report_buffer=settings.report_buffer,
             heartbeat_interval_s=settings.heartbeat_interval_s,
             credentials=channel_credentials(settings),
-            interceptors=telemetry.client_interceptors(),
         )
         grpc_server = grpc.aio.server()
         listener: asyncio.Server | None = None

@@ -190,6 +190,25 @@ async def test_reports_go_in_batches_of_one_call_each_in_order() -> None:
     assert (c.sent_reports, c.rejected_reports) == (2 * connections, 0)
 
 
+async def test_reports_arriving_one_by_one_wait_to_share_a_call() -> None:
+    directory = Directory({"": [SERVER]})
+    async with fake_broker(directory) as broker:
+        c = client([broker.address], report_linger_s=1.0)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                drainer = tg.create_task(c.run_reports())
+                c.report_opened(pb.ConnectionOpenedRequest(connection_id="c1", session_id="s1"))
+                await asyncio.sleep(0.2)  # the drainer is awake and lingering: nothing sent yet
+                assert directory.report_calls == {}
+                c.report_closed(pb.ConnectionClosedRequest(connection_id="c1", session_id="s1"))
+                assert await c.flush(10.0)
+                drainer.cancel()
+        finally:
+            await c.close()
+    assert directory.report_calls == {"ReportConnections": 1}
+    assert [r.connection_id for r in directory.opened + directory.closed] == ["c1", "c1"]
+
+
 async def test_an_older_broker_without_the_batch_call_gets_single_reports() -> None:
     directory = Directory({"": [SERVER]}, batch_reports=False)
     c = await send_reports(directory, 3)
