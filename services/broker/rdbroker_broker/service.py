@@ -67,6 +67,10 @@ class Closed:
 ConnectionEvent = Opened | Closed
 
 
+class _Undo(Exception):
+    """Rolls a pipelined report batch back: one of its events needs the use case."""
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -427,11 +431,14 @@ class BrokerService:
         rest). A database outage raises `Unavailable` for the whole batch; every event is
         idempotent, so the proxy sends the batch again.
 
-        On PostgreSQL the common events are one statement each (`report_sql`), the batch in one
-        transaction; an event that statement does not settle runs as the transactional use case,
-        in its place in the order, and the rest go on.
+        On PostgreSQL the common events are one statement each (`report_sql`), the whole batch sent
+        at once in one transaction. When a statement does not settle its event, that transaction is
+        undone and the batch goes one event at a time: such an event runs as the transactional use
+        case, in its place in the order, and the rest go on.
         """
         results: list[Exception | None] = [None] * len(events)
+        if self.store.is_postgres and await self._reports_pipelined(events, results):
+            return results
         index = 0
         while index < len(events):
             if self.store.is_postgres:
@@ -451,6 +458,47 @@ class BrokerService:
             index += 1
         return results
 
+    async def _reports_pipelined(
+        self, events: Sequence[ConnectionEvent], results: list[Exception | None]
+    ) -> bool:
+        """The whole batch in one round trip and one transaction; False when it was undone (an event
+        needs the use case, or the transaction failed) and nothing of it remains."""
+        valid: list[int] = []
+        for index, event in enumerate(events):
+            try:
+                _validate_event(event)
+                valid.append(index)
+            except BrokerError as exc:
+                results[index] = exc
+        if not valid:
+            return True
+        try:
+            async with self.store.raw_autocommit() as conn, conn.transaction():
+                outcomes = await report_sql.run_all(conn, [self._statement(events[i]) for i in valid])
+                if report_sql.Outcome.USE_CASE in outcomes:
+                    raise _Undo
+        except (_Undo, Retryable) as exc:
+            log.debug("connection reports: batch undone, applied one by one (%r)", exc)
+            results[:] = [None] * len(events)
+            return False
+        for index, outcome in zip(valid, outcomes, strict=True):
+            if outcome is report_sql.Outcome.UNKNOWN_SESSION:
+                results[index] = NotFound(f"unknown session {events[index].session_id!r}")
+        return True
+
+    def _statement(self, event: ConnectionEvent) -> report_sql.Statement:
+        if isinstance(event, Opened):
+            return report_sql.opened(event.session_id, event.connection_id, event.proxy_id, self.now())
+        return report_sql.closed(
+            event.session_id,
+            event.connection_id,
+            bytes_from_client=event.bytes_from_client,
+            bytes_from_server=event.bytes_from_server,
+            duration_ms=event.duration_ms,
+            end_reason=event.end_reason,
+            now=self.now(),
+        )
+
     async def _reports_fast(
         self, events: Sequence[ConnectionEvent], results: list[Exception | None], start: int
     ) -> int:
@@ -469,21 +517,7 @@ class BrokerService:
                         results[index] = exc
                         index += 1
                         continue
-                    if isinstance(event, Opened):
-                        outcome = await report_sql.opened(
-                            conn, event.session_id, event.connection_id, event.proxy_id, self.now()
-                        )
-                    else:
-                        outcome = await report_sql.closed(
-                            conn,
-                            event.session_id,
-                            event.connection_id,
-                            bytes_from_client=event.bytes_from_client,
-                            bytes_from_server=event.bytes_from_server,
-                            duration_ms=event.duration_ms,
-                            end_reason=event.end_reason,
-                            now=self.now(),
-                        )
+                    outcome = await report_sql.run(conn, self._statement(event))
                     if outcome is report_sql.Outcome.USE_CASE:
                         return index  # what came before commits first: the order holds
                     if outcome is report_sql.Outcome.UNKNOWN_SESSION:

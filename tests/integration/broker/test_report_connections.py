@@ -3,6 +3,8 @@ refuses bad events by index, is harmless to retry, and fails whole on a database
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 import pytest
 from sqlalchemy import select
@@ -175,30 +177,25 @@ class Context:
 async def test_a_database_outage_fails_the_whole_batch(engine, service, probes, monkeypatch):
     await seed(engine, server(A))
     ids = [await routed(service, f"c{i}", f"user{i}") for i in range(2)]
-    real_opened = report_sql.opened
-    calls = 0
+    real_run_all = report_sql.run_all
 
-    async def outage_on_second(*args: object) -> report_sql.Outcome:
-        # The first event is applied in the batch's transaction; the database then goes away (what
-        # the store raises when it does), and the transaction with it.
-        nonlocal calls
-        calls += 1
-        if calls == 2:
-            raise Unavailable("the database is unreachable")
-        return await real_opened(*args)  # type: ignore[arg-type]
+    async def outage_before_commit(conn: Any, statements: Any) -> list[report_sql.Outcome]:
+        # The statements ran in the batch's transaction; the database then goes away (what the
+        # store raises when it does), and the transaction with it.
+        await real_run_all(conn, statements)
+        raise Unavailable("the database is unreachable")
 
-    monkeypatch.setattr(report_sql, "opened", outage_on_second)
+    monkeypatch.setattr(report_sql, "run_all", outage_before_commit)
     servicer = BrokerServicer(service, ProbeService(service))
     context = Context()
     request = pb.ReportConnectionsRequest(proxy_id="p1", events=[opened(ids[0], "c0"), opened(ids[1], "c1")])
     with pytest.raises(RuntimeError):
         await servicer.ReportConnections(request, context)  # type: ignore[arg-type]
     assert context.code == grpc.StatusCode.UNAVAILABLE
-    assert calls == 2
     assert [(await state_of(engine, f"c{i}"))[0][0] for i in range(2)] == ["pending", "pending"]
 
-    # The proxy resends the whole batch: the event that had applied is harmless to apply again.
-    monkeypatch.setattr(report_sql, "opened", real_opened)
+    # The proxy resends the whole batch, which applies.
+    monkeypatch.setattr(report_sql, "run_all", real_run_all)
     answer = await servicer.ReportConnections(request, context)  # type: ignore[arg-type]
     assert list(answer.rejected) == []
     assert [(await state_of(engine, f"c{i}"))[0][0] for i in range(2)] == ["active", "active"]

@@ -71,20 +71,19 @@ class World:
         self.outcomes: list[str] = []
 
     async def step(self, step: tuple[str, ...]) -> None:
-        kind = step[0]
-        if kind == "route":
+        if step[0] == "route":
             await self.routed(step[1])
-        elif kind == "end":
-            found = await self.service.lookup_user_sessions(self.user)
-            for session in found:
+        else:  # "end"
+            for session in await self.service.lookup_user_sessions(self.user):
                 await self.service.end_session(session.session_id)
-        elif kind == "unknown":
-            await self.report(Opened(f"{self.prefix}-nosuch", f"{self.prefix}-c9", "p1"))
-        elif kind == "opened":
-            await self.report(Opened(self.session_of[step[1]], self.cid(step[1]), "p1"))
-        else:
-            sid = self.session_of[step[1]]
-            await self.report(Closed(sid, self.cid(step[1]), 10, 20, 30, step[2]))
+
+    def event(self, step: tuple[str, ...]) -> ConnectionEvent:
+        kind = step[0]
+        if kind == "unknown":
+            return Opened(f"{self.prefix}-nosuch", f"{self.prefix}-c9", "p1")
+        if kind == "opened":
+            return Opened(self.session_of[step[1]], self.cid(step[1]), "p1")
+        return Closed(self.session_of[step[1]], self.cid(step[1]), 10, 20, 30, step[2])
 
     @property
     def user(self) -> str:
@@ -99,16 +98,35 @@ class World:
         except Exception as exc:  # both worlds must fail alike
             self.outcomes.append(f"route {type(exc).__name__}")
 
-    async def report(self, event: ConnectionEvent) -> None:
+    async def report(self, steps: list[tuple[str, ...]]) -> None:
+        """The fast world sends consecutive reports as one batch, as a proxy does; the reference
+        world applies them one by one through the use case."""
+        events = [self.event(step) for step in steps]
         if self.fast:
-            (error,) = await self.service.report_connections([event])
+            errors = await self.service.report_connections(events)
         else:
-            try:
-                await self.service._report_use_case(event)
-                error = None
-            except Exception as exc:
-                error = exc
-        self.outcomes.append(type(error).__name__ if error else "ok")
+            errors = []
+            for event in events:
+                try:
+                    await self.service._report_use_case(event)
+                    errors.append(None)
+                except Exception as exc:
+                    errors.append(exc)
+        self.outcomes.extend(type(error).__name__ if error else "ok" for error in errors)
+
+
+REPORTS = ("opened", "closed", "unknown")
+
+
+def groups(steps: list[tuple[str, ...]]) -> list[list[tuple[str, ...]]]:
+    """Consecutive reports in one group (one batch); every other step alone."""
+    found: list[list[tuple[str, ...]]] = []
+    for step in steps:
+        if step[0] in REPORTS and found and found[-1][0][0] in REPORTS:
+            found[-1].append(step)
+        else:
+            found.append([step])
+    return found
 
 
 async def rows(engine: AsyncEngine, prefix: str) -> list[tuple[Any, ...]]:
@@ -151,15 +169,15 @@ async def test_reports_apply_as_the_use_case_does_over_generated_scripts(engine,
         steps = script(rng)
         fast, slow = World(service, clock, f"f{n}", fast=True), World(service, clock, f"s{n}", fast=False)
         # In lockstep, so both worlds see the same clock and the same sweeps.
-        for step in [("route", "c0"), *steps]:
-            if step[0] == "expire":
+        for group in groups([("route", "c0"), *steps]):
+            if group[0][0] == "expire":
                 clock.advance(4000)
                 await service.sweep()
                 continue
             service._report_use_case = counted  # type: ignore[method-assign]
-            await fast.step(step)
+            await (fast.report(group) if group[0][0] in REPORTS else fast.step(group[0]))
             service._report_use_case = real_use_case  # type: ignore[method-assign]
-            await slow.step(step)
+            await (slow.report(group) if group[0][0] in REPORTS else slow.step(group[0]))
         assert fast.outcomes == slow.outcomes, steps
         assert await rows(engine, fast.prefix) == await rows(engine, slow.prefix), steps
     # The scripts reach the cases the statement leaves to the use case (a revived ended session).
@@ -234,18 +252,23 @@ async def test_a_failed_batch_transaction_leaves_nothing_and_the_events_apply_on
 ):
     await seed(engine, server(A))
     first, second = await route(service, "c1", "kim"), await route(service, "c2", "lee")
-    real_closed = report_sql.closed
-    failures = 0
+    real_run_all, real_run = report_sql.run_all, report_sql.run
+    statements_run = 0
 
-    async def deadlock_once(*args: Any, **kw: Any) -> report_sql.Outcome:
+    async def deadlock_after(conn: Any, statements: Any) -> list[report_sql.Outcome]:
         # Another proxy's batch locked the same rows in the other order: PostgreSQL picks us.
-        nonlocal failures
-        if failures == 0:
-            failures += 1
-            raise psycopg.errors.DeadlockDetected("deadlock detected")
-        return await real_closed(*args, **kw)
+        await real_run_all(conn, statements)
+        raise psycopg.errors.DeadlockDetected("deadlock detected")
 
-    monkeypatch.setattr(report_sql, "closed", deadlock_once)
+    async def deadlock_on_second(conn: Any, statement: Any) -> report_sql.Outcome:
+        nonlocal statements_run
+        statements_run += 1
+        if statements_run == 2:
+            raise psycopg.errors.DeadlockDetected("deadlock detected")
+        return await real_run(conn, statement)
+
+    monkeypatch.setattr(report_sql, "run_all", deadlock_after)
+    monkeypatch.setattr(report_sql, "run", deadlock_on_second)
     fell_back: list[ConnectionEvent] = []
     real_use_case = service._report_use_case
 
@@ -263,8 +286,25 @@ async def test_a_failed_batch_transaction_leaves_nothing_and_the_events_apply_on
     results = await service.report_connections(events)
     assert results[:3] == [None, None, None]
     assert isinstance(results[3], NotFound)
-    # The transaction that held `Opened(first)` rolled back; the use case applied that event again,
-    # and the rest went back to the fast path (which now applied them).
+    # The whole batch's transaction rolled back; one event at a time, the transaction holding
+    # `Opened(first)` failed too and rolled back; the use case applied that event, and the rest
+    # went back to the one-at-a-time statements.
     assert fell_back == [events[0]]
+    assert statements_run == 5  # Opened(first) [undone], Closed(first) [failed], then 3 more
     assert [s.state.value for s in await service.lookup_user_sessions("kim")] == ["disconnected"]
     assert [s.state.value for s in await service.lookup_user_sessions("lee")] == ["active"]
+
+
+async def test_a_batch_is_one_round_trip(engine, service, monkeypatch):
+    await seed(engine, server(A))
+    sids = [await route(service, f"c{n}", f"user{n}") for n in range(20)]
+
+    async def one_at_a_time(conn: Any, statement: Any) -> report_sql.Outcome:
+        raise AssertionError("a statement was sent on its own")
+
+    monkeypatch.setattr(report_sql, "run", one_at_a_time)
+    events: list[ConnectionEvent] = [Opened(sid, f"c{n}", "p1") for n, sid in enumerate(sids)]
+    events += [Closed(sid, f"c{n}") for n, sid in enumerate(sids[:10])]
+    assert await service.report_connections(events) == [None] * 30
+    states = [s.state.value for n in range(20) for s in await service.lookup_user_sessions(f"user{n}")]
+    assert states == ["disconnected"] * 10 + ["active"] * 10

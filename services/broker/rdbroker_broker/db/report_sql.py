@@ -11,6 +11,7 @@ A test applies the same event sequences both ways and compares the rows.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from enum import Enum
 from typing import Any
@@ -81,23 +82,23 @@ SELECT EXISTS (SELECT FROM s), (SELECT timeout_s FROM s) IS NOT NULL,
 """
 
 
-async def opened(
-    conn: psycopg.AsyncConnection[Any], session_id: str, connection_id: str, proxy_id: str, now: datetime
-) -> Outcome:
-    cur = await conn.execute(
-        OPENED,
-        {"session_id": session_id, "connection_id": connection_id, "proxy_id": proxy_id, "now": now},
-    )
-    row = await cur.fetchone()
-    assert row is not None  # a SELECT without FROM: always one row
+# A statement, its parameters, and what its one result row means.
+Statement = tuple[str, dict[str, Any], Callable[[tuple[Any, ...]], Outcome]]
+
+
+def opened(session_id: str, connection_id: str, proxy_id: str, now: datetime) -> Statement:
+    params = {"session_id": session_id, "connection_id": connection_id, "proxy_id": proxy_id, "now": now}
+    return OPENED, params, _opened_outcome
+
+
+def _opened_outcome(row: tuple[Any, ...]) -> Outcome:
     applied, exists = row
     if applied:
         return Outcome.APPLIED
     return Outcome.USE_CASE if exists else Outcome.UNKNOWN_SESSION
 
 
-async def closed(
-    conn: psycopg.AsyncConnection[Any],
+def closed(
     session_id: str,
     connection_id: str,
     *,
@@ -106,22 +107,21 @@ async def closed(
     duration_ms: int,
     end_reason: str,
     now: datetime,
-) -> Outcome:
-    cur = await conn.execute(
-        CLOSED,
-        {
-            "session_id": session_id,
-            "connection_id": connection_id,
-            "bytes_from_client": bytes_from_client,
-            "bytes_from_server": bytes_from_server,
-            "duration_ms": duration_ms,
-            "end_reason": end_reason,
-            "session_end_reason": end_reason or "closed_before_open",
-            "now": now,
-        },
-    )
-    row = await cur.fetchone()
-    assert row is not None
+) -> Statement:
+    params = {
+        "session_id": session_id,
+        "connection_id": connection_id,
+        "bytes_from_client": bytes_from_client,
+        "bytes_from_server": bytes_from_server,
+        "duration_ms": duration_ms,
+        "end_reason": end_reason,
+        "session_end_reason": end_reason or "closed_before_open",
+        "now": now,
+    }
+    return CLOSED, params, _closed_outcome
+
+
+def _closed_outcome(row: tuple[Any, ...]) -> Outcome:
     exists, pool_found, active_here = row
     if not exists:
         return Outcome.UNKNOWN_SESSION
@@ -130,3 +130,24 @@ async def closed(
     if active_here and not pool_found:
         return Outcome.USE_CASE
     return Outcome.APPLIED
+
+
+async def run(conn: psycopg.AsyncConnection[Any], statement: Statement) -> Outcome:
+    sql, params, outcome = statement
+    row = await (await conn.execute(sql, params)).fetchone()
+    assert row is not None  # a SELECT without FROM: always one row
+    return outcome(row)
+
+
+async def run_all(conn: psycopg.AsyncConnection[Any], statements: list[Statement]) -> list[Outcome]:
+    """Every statement sent at once (pipeline mode: one round trip, not one per statement), in
+    order; their outcomes in the same order."""
+    async with conn.pipeline() as pipeline:
+        cursors = [await conn.execute(sql, params) for sql, params, _ in statements]
+        await pipeline.sync()
+        rows = [await cursor.fetchone() for cursor in cursors]
+    outcomes = []
+    for row, (_, _, outcome) in zip(rows, statements, strict=True):
+        assert row is not None
+        outcomes.append(outcome(row))
+    return outcomes
