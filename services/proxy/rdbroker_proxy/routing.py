@@ -67,7 +67,6 @@ REPORT_CONNECTIONS = f"{SERVICE}/ReportConnections"
 HEARTBEAT = f"{SERVICE}/ProxyHeartbeat"
 
 _SINGLE = {"opened": "ConnectionOpened", "closed": "ConnectionClosed"}
-Metadata = tuple[tuple[str, str], ...]
 
 ReportKind = Literal["opened", "closed"]
 Report = tuple[ReportKind, pb.ConnectionOpenedRequest | pb.ConnectionClosedRequest]
@@ -328,7 +327,7 @@ class BrokerClient:
 
     def _single(
         self, stub: BrokerAsyncStub, request: pb.ConnectionOpenedRequest | pb.ConnectionClosedRequest
-    ) -> Callable[[Metadata], Awaitable[Message]]:
+    ) -> Callable[[grpc.aio.Metadata], Awaitable[Message]]:
         timeout = self.report_timeout_s
         if isinstance(request, pb.ConnectionOpenedRequest):
             return lambda metadata: stub.ConnectionOpened(request, timeout=timeout, metadata=metadata)
