@@ -156,12 +156,14 @@ class BrokerService:
             async with self.store.raw_autocommit() as conn:
                 now = self.now()
                 key = d.user_key(user) if user else ""
-                # A truncated-looking cookie may name a session linked to the full user name: only
-                # the transactional path can tell, so this statement must not place it.
+                # A truncated-looking cookie may name a session linked to the full user name: this
+                # statement places it only when no live session's user starts with it (else, or
+                # when the key range cannot be written, the transactional path tells them apart).
+                expires_at = now + timedelta(seconds=self.settings.pending_timeout_s)
+                end = routing_sql.prefix_end(key) if d.looks_truncated(user) else None
                 placement = None
-                if not d.looks_truncated(user):
-                    expires_at = now + timedelta(seconds=self.settings.pending_timeout_s)
-                    placement = routing_sql.NewSession(new_session_id(), user, expires_at)
+                if end is not None or not d.looks_truncated(user):
+                    placement = routing_sql.NewSession(new_session_id(), user, expires_at, end)
                 found = await routing_sql.route_context(conn, request, key, now, placement)
                 if found is None:
                     raise _unknown_pool(request.pool)

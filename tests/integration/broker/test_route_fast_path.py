@@ -292,3 +292,50 @@ async def test_the_domain_overrules_sql_on_a_reconnect(engine, service, monkeypa
         cur = await conn.execute("SELECT reason FROM connections WHERE connection_id = 'c2'")
         assert await cur.fetchall() == [("new",)]
     await assert_live_counters_exact(engine)
+
+
+async def test_a_truncated_cookie_nobody_else_starts_with_is_placed_in_one_statement(
+    engine, service, monkeypatch
+):
+    """mstsc cuts every `DOMAIN\\user` to 9 characters: a logon storm of such cookies must not
+    queue on the transactional path when no live session's user starts with the cookie."""
+    await seed(engine, server(A), server(B))
+    # A longer user elsewhere in the key order, and a live session with the same 8 characters.
+    await service.route(d.RouteRequest(connection_id="o1", cookie="FTBCO\\A7X"))
+    await service.route(d.RouteRequest(connection_id="o2", cookie="FTBCO\\A8006799"))
+
+    async def no_transaction(work: object) -> object:
+        raise AssertionError("the transactional path ran")
+
+    monkeypatch.setattr(service, "run_tx", no_transaction)
+    placed = await service.route(d.RouteRequest(connection_id="c1", cookie="FTBCO\\A70"))
+    assert placed.reason is d.RouteReason.NEW
+    again = await service.route(d.RouteRequest(connection_id="c2", cookie="ftbco\\a70"))
+    assert (again.reason, again.session_id) == (d.RouteReason.RECONNECT, placed.session_id)
+    await assert_live_counters_exact(engine)
+
+
+async def test_the_prefix_guard_reads_the_prefix_index(engine, service, pg_database_url):
+    await seed(engine, server(A))
+    with psycopg.connect(pg_database_url, autocommit=True) as conn:
+        conn.execute(
+            """INSERT INTO sessions (id, pool, "user", user_key, server_address, state, learnt_from,
+                                     client_address, created_at, updated_at, end_reason)
+               SELECT 'x' || n, 'default', 'u' || n, 'u' || n, %s,
+                      CASE WHEN n %% 3 = 0 THEN 'ended' ELSE 'disconnected' END, 'route', '',
+                      now(), now(), ''
+               FROM generate_series(1, 5000) n""",
+            (A,),
+        )
+        conn.execute("ANALYZE sessions")
+        params = {
+            "user_key": "ftbco\\a70", "user_key_end": routing_sql.prefix_end("ftbco\\a70"),
+            "pool_key": "", "now": NOW, "connection_id": "c1", "attempt": 0, "proxy_id": "p",
+            "client_address": "", "session_id": "s1", "user": "FTBCO\\A70", "session_proxy_id": "p",
+            "expires_at": NOW, "reason": "new",
+        }  # fmt: skip
+        plan = "\n".join(
+            row[0] for row in conn.execute("EXPLAIN " + routing_sql.CONTEXT_PLACE_PREFIX_DEFAULT, params)
+        )
+    assert "ix_sessions_live_user_prefix on sessions t" in plan, plan
+    assert "Seq Scan on sessions" not in plan, plan

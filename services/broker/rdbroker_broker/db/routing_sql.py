@@ -114,7 +114,7 @@ FROM ctx
 _PLACEMENT = f"""
 , chosen AS (
     SELECT c.address, c.pool FROM servers c
-    WHERE c.pool = (SELECT pool_name FROM ctx WHERE s_id IS NULL) AND {eligible_sql("c")}
+    WHERE c.pool = (SELECT pool_name FROM ctx WHERE s_id IS NULL{{prefix_guard}}) AND {eligible_sql("c")}
     ORDER BY {rank_key_sql("c")}
     LIMIT 1
     FOR UPDATE SKIP LOCKED
@@ -135,12 +135,36 @@ _PLACEMENT = f"""
     FROM placed
     RETURNING server_address
 )"""
+# A 9-character cookie may be mstsc's cut of a longer user name whose live session the agent
+# linked: it is placed here only when no live session's user key starts with it (the byte-order
+# range is what `ix_sessions_live_user_prefix` serves). Otherwise the transactional path decides.
+_PREFIX_GUARD = f"""
+    AND NOT EXISTS (
+        SELECT FROM sessions t
+        WHERE t.pool = ctx.pool_name AND t.state IN {LIVE_SQL} AND t.user_key IS NOT NULL
+          AND t.user_key ~>=~ %(user_key)s AND t.user_key ~<~ %(user_key_end)s
+    )"""
 _PLACED = "(SELECT server_address FROM placed_answer)"
 _DEFAULT, _NAMED = "p.is_default", "p.name_key = %(pool_key)s"
+_PLAIN, _GUARDED = _PLACEMENT.format(prefix_guard=""), _PLACEMENT.format(prefix_guard=_PREFIX_GUARD)
 CONTEXT_DEFAULT = _CONTEXT.format(pool_filter=_DEFAULT, placement="", placed="NULL")
 CONTEXT_NAMED = _CONTEXT.format(pool_filter=_NAMED, placement="", placed="NULL")
-CONTEXT_PLACE_DEFAULT = _CONTEXT.format(pool_filter=_DEFAULT, placement=_PLACEMENT, placed=_PLACED)
-CONTEXT_PLACE_NAMED = _CONTEXT.format(pool_filter=_NAMED, placement=_PLACEMENT, placed=_PLACED)
+CONTEXT_PLACE_DEFAULT = _CONTEXT.format(pool_filter=_DEFAULT, placement=_PLAIN, placed=_PLACED)
+CONTEXT_PLACE_NAMED = _CONTEXT.format(pool_filter=_NAMED, placement=_PLAIN, placed=_PLACED)
+CONTEXT_PLACE_PREFIX_DEFAULT = _CONTEXT.format(pool_filter=_DEFAULT, placement=_GUARDED, placed=_PLACED)
+CONTEXT_PLACE_PREFIX_NAMED = _CONTEXT.format(pool_filter=_NAMED, placement=_GUARDED, placed=_PLACED)
+
+
+def prefix_end(key: str) -> str | None:
+    """The least string above every string starting with `key`, in byte (UTF-8: code point)
+    order; None when there is none to write (the key ends in the last code point)."""
+    last = ord(key[-1]) + 1
+    if last > 0x10FFFF:
+        return None
+    if 0xD800 <= last <= 0xDFFF:  # surrogates are not characters: the next one is U+E000
+        last = 0xE000
+    return key[:-1] + chr(last)
+
 
 ANSWER = """
 SELECT server_address, session_id, reason, "user", pool FROM connections
@@ -157,6 +181,9 @@ class NewSession:
     session_id: str
     user: str
     expires_at: datetime
+    # Set for a cookie that looks truncated: placed only when no live session's key starts with
+    # the user's key (this is the end of that key range, from `prefix_end`).
+    prefix_end: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,8 +218,12 @@ async def route_context(
     }
     if placement is None:
         query = CONTEXT_NAMED if request.pool else CONTEXT_DEFAULT
+    elif placement.prefix_end is not None:
+        query = CONTEXT_PLACE_PREFIX_NAMED if request.pool else CONTEXT_PLACE_PREFIX_DEFAULT
+        params["user_key_end"] = placement.prefix_end
     else:
         query = CONTEXT_PLACE_NAMED if request.pool else CONTEXT_PLACE_DEFAULT
+    if placement is not None:
         params["session_id"] = placement.session_id
         params["user"] = placement.user
         params["session_proxy_id"] = request.proxy_id or None

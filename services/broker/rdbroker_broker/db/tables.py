@@ -142,6 +142,16 @@ Index(
     postgresql_where=text(f"{LIVE_STATES_SQL} AND user_key IS NOT NULL"),
     sqlite_where=text(f"{LIVE_STATES_SQL} AND user_key IS NOT NULL"),
 )
+# Live sessions by user-key prefix (a 9-character mstsc cookie names a longer user): byte order,
+# so `LIKE 'prefix%'` and the routing statement's `~>=~`/`~<~` range find them without a scan.
+Index(
+    "ix_sessions_live_user_prefix",
+    sessions.c.pool,
+    sessions.c.user_key,
+    postgresql_ops={"user_key": "text_pattern_ops"},
+    postgresql_where=text(f"{LIVE_STATES_SQL} AND user_key IS NOT NULL"),
+    sqlite_where=text(f"{LIVE_STATES_SQL} AND user_key IS NOT NULL"),
+)
 Index("ix_sessions_server_state", sessions.c.server_address, sessions.c.state)
 Index("ix_sessions_state_expires", sessions.c.state, sessions.c.expires_at)
 Index("ix_sessions_user_key", sessions.c.user_key)

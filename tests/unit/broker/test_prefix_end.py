@@ -1,0 +1,37 @@
+"""`routing_sql.prefix_end`: the byte-order range [key, prefix_end(key)) holds exactly the strings
+that start with the key, so the routing statement's guard finds every live session a truncated
+cookie may stand for."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from rdbroker_broker.db.routing_sql import prefix_end
+
+text = st.text(st.characters(blacklist_categories=["Cs"]), min_size=1, max_size=12)
+
+
+def utf8(s: str) -> bytes:
+    return s.encode("utf-8")
+
+
+@given(key=text, rest=st.text(st.characters(blacklist_categories=["Cs"]), max_size=8))
+def test_every_string_starting_with_the_key_is_in_the_range(key: str, rest: str) -> None:
+    end = prefix_end(key)
+    if end is not None:
+        assert utf8(key) <= utf8(key + rest) < utf8(end)
+
+
+@given(key=text, other=text)
+def test_every_string_in_the_range_starts_with_the_key(key: str, other: str) -> None:
+    end = prefix_end(key)
+    if end is not None and utf8(key) <= utf8(other) < utf8(end):
+        assert other.startswith(key)
+
+
+def test_the_ends_of_the_code_points() -> None:
+    assert prefix_end("abc") == "abd"
+    assert prefix_end("a\ud7ff") == "a\ue000"
+    assert prefix_end("a\U0010ffff") is None
+    assert prefix_end("\x7f") == "\x80"
