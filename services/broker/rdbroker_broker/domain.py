@@ -268,6 +268,12 @@ def _split_user(name: str) -> tuple[str, str]:
     return domain, user
 
 
+def bare_user_key(user: str) -> str:
+    """The key of the user part of `DOMAIN\\user` (what quser reports); "" for a name without one."""
+    domain, user_part = _split_user(user)
+    return user_part if domain and user_part else ""
+
+
 def same_user(directory_user: str, reported_user: str) -> bool:
     """Whether two full names are one account: equal, or equal user parts when one side has no domain.
 

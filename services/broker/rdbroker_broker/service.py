@@ -156,14 +156,14 @@ class BrokerService:
             async with self.store.raw_autocommit() as conn:
                 now = self.now()
                 key = d.user_key(user) if user else ""
-                # A truncated-looking cookie may name a session linked to the full user name: this
-                # statement places it only when no live session's user starts with it (else, or
-                # when the key range cannot be written, the transactional path tells them apart).
+                # A truncated-looking or `DOMAIN\\user` cookie may name a session stored under
+                # another key: this statement places it only when no such session is live (else,
+                # or when the key range cannot be written, the transactional path tells them apart).
                 expires_at = now + timedelta(seconds=self.settings.pending_timeout_s)
-                end = routing_sql.prefix_end(key) if d.looks_truncated(user) else None
+                guard = routing_sql.placement_guard(user, key) if user else routing_sql.NO_GUARD
                 placement = None
-                if end is not None or not d.looks_truncated(user):
-                    placement = routing_sql.NewSession(new_session_id(), user, expires_at, end)
+                if guard is not None:
+                    placement = routing_sql.NewSession(new_session_id(), user, expires_at, guard)
                 found = await routing_sql.route_context(conn, request, key, now, placement)
                 if found is None:
                     raise _unknown_pool(request.pool)
@@ -312,6 +312,9 @@ class BrokerService:
         if live is None and d.looks_truncated(user):
             live = await self._truncated_match(r, pool, user)
             server = await r.servers.get(live.server_address) if live else None
+        if live is None and d.bare_user_key(user):
+            live = await self._bare_match(r, pool, user, now)
+            server = await r.servers.get(live.server_address) if live else None
         if live is None:
             return None
         if not live.is_live_at(now):
@@ -330,6 +333,28 @@ class BrokerService:
             await r.sessions.end(live.session_id, reason, now)
             return None
         return d.RouteDecision(server.address, live.session_id, d.RouteReason.RECONNECT, live.user, pool.name)
+
+    async def _bare_match(self, r: Repos, pool: d.Pool, cookie: str, now: datetime) -> d.Session | None:
+        """A `DOMAIN\\user` cookie (maybe truncated) whose session the server reported under the bare
+        user name (quser prints no domain): linked to the cookie's full name, so that the next
+        Route finds it directly."""
+        bare = d.bare_user_key(cookie)
+        if d.looks_truncated(cookie):
+            candidates = await r.sessions.live_with_prefix(pool.name, bare)
+        else:
+            exact = await r.sessions.live_for_user(pool.name, bare)
+            candidates = [exact] if exact is not None else []
+        found = [s for s in candidates if "\\" not in s.user and d.cookie_matches(cookie, s.user)]
+        users = {d.user_key(s.user) for s in found}
+        if len(users) > 1:
+            metrics.record_truncated_ambiguous("route")
+            log.warning("cookie matches %d users' bare-named sessions: not reconnecting by it", len(users))
+        if len(users) != 1:
+            return None
+        session = found[0]
+        linked = d.linked_user(cookie, session.user)
+        await r.sessions.relabel(session.session_id, linked, now)
+        return replace(session, user=linked)
 
     async def _truncated_match(self, r: Repos, pool: d.Pool, cookie: str) -> d.Session | None:
         """A 9-character mstsc cookie whose session was linked to the full user name."""

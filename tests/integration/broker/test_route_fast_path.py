@@ -8,6 +8,7 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 import psycopg
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -329,13 +330,56 @@ async def test_the_prefix_guard_reads_the_prefix_index(engine, service, pg_datab
         )
         conn.execute("ANALYZE sessions")
         params = {
-            "user_key": "ftbco\\a70", "user_key_end": routing_sql.prefix_end("ftbco\\a70"),
+            "user_key": "ftbco\\a70", "own_from": "ftbco\\a70", "own_to": "ftbco\\a71",
+            "bare_from": "a70", "bare_to": "a71",
             "pool_key": "", "now": NOW, "connection_id": "c1", "attempt": 0, "proxy_id": "p",
             "client_address": "", "session_id": "s1", "user": "FTBCO\\A70", "session_proxy_id": "p",
             "expires_at": NOW, "reason": "new",
         }  # fmt: skip
         plan = "\n".join(
-            row[0] for row in conn.execute("EXPLAIN " + routing_sql.CONTEXT_PLACE_PREFIX_DEFAULT, params)
+            row[0] for row in conn.execute("EXPLAIN " + routing_sql.CONTEXT_PLACE_GUARDED_DEFAULT, params)
         )
     assert "ix_sessions_live_user_prefix on sessions t" in plan, plan
     assert "Seq Scan on sessions" not in plan, plan
+
+
+@pytest.mark.parametrize("cookie", ["CORP\\alice", "CORP\\alic"])
+async def test_a_domain_cookie_finds_the_session_the_server_reported_by_bare_name(
+    engine, service, probes, cookie
+):
+    """quser prints no domain: a session the agent found for `alice` is the `CORP\\alice` user's
+    (full or cut to 9 characters by mstsc), not a reason to give them a second session."""
+    await seed(engine, server(A), server(B))
+    await probes.claim_targets("r1", 60_000)
+    await probes.report_sessions("r1", A, [d.ReportedSession("alice", d.SessionState.DISCONNECTED)])
+    (reported,) = await service.lookup_user_sessions("alice")
+    found = await service.route(d.RouteRequest(connection_id="c1", cookie=cookie))
+    assert (found.reason, found.server_address) == (d.RouteReason.RECONNECT, A)
+    assert found.session_id == reported.session_id
+    # Linked to the full name: the next full cookie finds it in one statement.
+    (linked,) = await service.lookup_user_sessions("CORP\\alice")
+    assert linked.user == "CORP\\alice"
+    again = await service.route(d.RouteRequest(connection_id="c2", cookie="corp\\ALICE"))
+    assert again.session_id == reported.session_id
+
+
+async def test_a_domain_cookie_never_takes_another_domains_session(engine, service, probes):
+    await seed(engine, server(A), server(B))
+    await service.route(d.RouteRequest(connection_id="c0", cookie="OTHER\\alice"))
+    placed = await service.route(d.RouteRequest(connection_id="c1", cookie="CORP\\alice"))
+    assert placed.reason is d.RouteReason.NEW
+    await assert_live_counters_exact(engine)
+
+
+async def test_a_domain_cookie_without_a_bare_session_is_placed_in_one_statement(
+    engine, service, monkeypatch
+):
+    await seed(engine, server(A), server(B))
+    await service.route(d.RouteRequest(connection_id="o1", cookie="alice2"))  # not `alice`
+
+    async def no_transaction(work: object) -> object:
+        raise AssertionError("the transactional path ran")
+
+    monkeypatch.setattr(service, "run_tx", no_transaction)
+    placed = await service.route(d.RouteRequest(connection_id="c1", cookie="CORP\\alice"))
+    assert placed.reason is d.RouteReason.NEW

@@ -7,7 +7,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rdbroker_broker.db.routing_sql import prefix_end
+from rdbroker_broker.db.routing_sql import NO_GUARD, placement_guard, prefix_end
 
 text = st.text(st.characters(blacklist_categories=["Cs"]), min_size=1, max_size=12)
 
@@ -35,3 +35,14 @@ def test_the_ends_of_the_code_points() -> None:
     assert prefix_end("a\ud7ff") == "a\ue000"
     assert prefix_end("a\U0010ffff") is None
     assert prefix_end("\x7f") == "\x80"
+
+
+def test_placement_guards() -> None:
+    # A full name with no domain can only be stored under its own key: no guard.
+    assert placement_guard("alice", "alice") == NO_GUARD
+    # `DOMAIN\user`: the server may have reported the bare `alice`.
+    assert placement_guard("CORP\\alice", "corp\\alice") == ("", "", "alice", "alice\x01")
+    # Cut by mstsc: longer names starting with it, and bare names starting with its user part.
+    assert placement_guard("CORP\\alic", "corp\\alic") == ("corp\\alic", "corp\\alid", "alic", "alid")
+    assert placement_guard("abcdefghi", "abcdefghi") == ("abcdefghi", "abcdefghj", "", "")
+    assert placement_guard("CORP\\abc\U0010ffff", "corp\\abc\U0010ffff") is None

@@ -135,24 +135,53 @@ _PLACEMENT = f"""
     FROM placed
     RETURNING server_address
 )"""
-# A 9-character cookie may be mstsc's cut of a longer user name whose live session the agent
-# linked: it is placed here only when no live session's user key starts with it (the byte-order
-# range is what `ix_sessions_live_user_prefix` serves). Otherwise the transactional path decides.
-_PREFIX_GUARD = f"""
+# A cookie whose live session may be stored under another key is placed here only when no live
+# session's key falls in either range (what `ix_sessions_live_user_prefix` serves): a 9-character
+# cookie may be mstsc's cut of a longer user name the agent linked (keys starting with it), and a
+# `DOMAIN\\user` cookie's session may be the one the server reported under the bare user name
+# (quser prints none). Otherwise the transactional path tells them apart.
+_KEY_RANGE_EMPTY = """
     AND NOT EXISTS (
         SELECT FROM sessions t
-        WHERE t.pool = ctx.pool_name AND t.state IN {LIVE_SQL} AND t.user_key IS NOT NULL
-          AND t.user_key ~>=~ %(user_key)s AND t.user_key ~<~ %(user_key_end)s
+        WHERE t.pool = ctx.pool_name AND t.state IN {live} AND t.user_key IS NOT NULL
+          AND t.user_key ~>=~ %({name}_from)s AND t.user_key ~<~ %({name}_to)s
     )"""
+# Two subqueries, not one with OR: each is then one probe of the index.
+_KEY_GUARD = "".join(_KEY_RANGE_EMPTY.format(live=LIVE_SQL, name=name) for name in ("own", "bare"))
 _PLACED = "(SELECT server_address FROM placed_answer)"
 _DEFAULT, _NAMED = "p.is_default", "p.name_key = %(pool_key)s"
-_PLAIN, _GUARDED = _PLACEMENT.format(prefix_guard=""), _PLACEMENT.format(prefix_guard=_PREFIX_GUARD)
+_PLAIN, _GUARDED = _PLACEMENT.format(prefix_guard=""), _PLACEMENT.format(prefix_guard=_KEY_GUARD)
 CONTEXT_DEFAULT = _CONTEXT.format(pool_filter=_DEFAULT, placement="", placed="NULL")
 CONTEXT_NAMED = _CONTEXT.format(pool_filter=_NAMED, placement="", placed="NULL")
 CONTEXT_PLACE_DEFAULT = _CONTEXT.format(pool_filter=_DEFAULT, placement=_PLAIN, placed=_PLACED)
 CONTEXT_PLACE_NAMED = _CONTEXT.format(pool_filter=_NAMED, placement=_PLAIN, placed=_PLACED)
-CONTEXT_PLACE_PREFIX_DEFAULT = _CONTEXT.format(pool_filter=_DEFAULT, placement=_GUARDED, placed=_PLACED)
-CONTEXT_PLACE_PREFIX_NAMED = _CONTEXT.format(pool_filter=_NAMED, placement=_GUARDED, placed=_PLACED)
+CONTEXT_PLACE_GUARDED_DEFAULT = _CONTEXT.format(pool_filter=_DEFAULT, placement=_GUARDED, placed=_PLACED)
+CONTEXT_PLACE_GUARDED_NAMED = _CONTEXT.format(pool_filter=_NAMED, placement=_GUARDED, placed=_PLACED)
+
+
+Guard = tuple[str, str, str, str]  # [own_from, own_to) and [bare_from, bare_to); ("", "") is empty
+NO_GUARD: Guard = ("", "", "", "")
+
+
+def placement_guard(user: str, key: str) -> Guard | None:
+    """The key ranges a placing statement must find empty before placing `user` (NO_GUARD when
+    its own key is the only one it can be stored under); None when a range cannot be written."""
+    own_from = own_to = bare_from = bare_to = ""
+    truncated = d.looks_truncated(user)
+    if truncated:
+        end = prefix_end(key)
+        if end is None:
+            return None
+        own_from, own_to = key, end
+    bare = d.bare_user_key(user)
+    if bare and truncated:
+        end = prefix_end(bare)
+        if end is None:
+            return None
+        bare_from, bare_to = bare, end
+    elif bare:
+        bare_from, bare_to = bare, bare + "\x01"  # the bare key alone: no key holds a control character
+    return own_from, own_to, bare_from, bare_to
 
 
 def prefix_end(key: str) -> str | None:
@@ -181,9 +210,8 @@ class NewSession:
     session_id: str
     user: str
     expires_at: datetime
-    # Set for a cookie that looks truncated: placed only when no live session's key starts with
-    # the user's key (this is the end of that key range, from `prefix_end`).
-    prefix_end: str | None = None
+    # Key ranges that must hold no live session for the statement to place (`placement_guard`).
+    guard: Guard = NO_GUARD
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,9 +246,9 @@ async def route_context(
     }
     if placement is None:
         query = CONTEXT_NAMED if request.pool else CONTEXT_DEFAULT
-    elif placement.prefix_end is not None:
-        query = CONTEXT_PLACE_PREFIX_NAMED if request.pool else CONTEXT_PLACE_PREFIX_DEFAULT
-        params["user_key_end"] = placement.prefix_end
+    elif placement.guard != NO_GUARD:
+        query = CONTEXT_PLACE_GUARDED_NAMED if request.pool else CONTEXT_PLACE_GUARDED_DEFAULT
+        params.update(zip(("own_from", "own_to", "bare_from", "bare_to"), placement.guard, strict=True))
     else:
         query = CONTEXT_PLACE_NAMED if request.pool else CONTEXT_PLACE_DEFAULT
     if placement is not None:
