@@ -153,12 +153,22 @@ _KEY_GUARD = "".join(_KEY_RANGE_EMPTY.format(live=LIVE_SQL, name=name) for name 
 _PLACED = "(SELECT server_address FROM placed_answer)"
 _DEFAULT, _NAMED = "p.is_default", "p.name_key = %(pool_key)s"
 _PLAIN, _GUARDED = _PLACEMENT.format(prefix_guard=""), _PLACEMENT.format(prefix_guard=_KEY_GUARD)
-CONTEXT_DEFAULT = _CONTEXT.format(pool_filter=_DEFAULT, placement="", placed="NULL")
-CONTEXT_NAMED = _CONTEXT.format(pool_filter=_NAMED, placement="", placed="NULL")
-CONTEXT_PLACE_DEFAULT = _CONTEXT.format(pool_filter=_DEFAULT, placement=_PLAIN, placed=_PLACED)
-CONTEXT_PLACE_NAMED = _CONTEXT.format(pool_filter=_NAMED, placement=_PLAIN, placed=_PLACED)
-CONTEXT_PLACE_GUARDED_DEFAULT = _CONTEXT.format(pool_filter=_DEFAULT, placement=_GUARDED, placed=_PLACED)
-CONTEXT_PLACE_GUARDED_NAMED = _CONTEXT.format(pool_filter=_NAMED, placement=_GUARDED, placed=_PLACED)
+
+
+def compact(sql: str) -> str:
+    """One line, single spaces. psycopg parses a statement's placeholders once and caches the
+    result only for statements up to 4 KiB; longer ones are parsed again on every call."""
+    return " ".join(sql.split())
+
+
+CONTEXT_DEFAULT = compact(_CONTEXT.format(pool_filter=_DEFAULT, placement="", placed="NULL"))
+CONTEXT_NAMED = compact(_CONTEXT.format(pool_filter=_NAMED, placement="", placed="NULL"))
+CONTEXT_PLACE_DEFAULT = compact(_CONTEXT.format(pool_filter=_DEFAULT, placement=_PLAIN, placed=_PLACED))
+CONTEXT_PLACE_NAMED = compact(_CONTEXT.format(pool_filter=_NAMED, placement=_PLAIN, placed=_PLACED))
+CONTEXT_PLACE_GUARDED_DEFAULT = compact(
+    _CONTEXT.format(pool_filter=_DEFAULT, placement=_GUARDED, placed=_PLACED)
+)
+CONTEXT_PLACE_GUARDED_NAMED = compact(_CONTEXT.format(pool_filter=_NAMED, placement=_GUARDED, placed=_PLACED))
 
 
 Guard = tuple[str, str, str, str]  # [own_from, own_to) and [bare_from, bare_to); ("", "") is empty
