@@ -6,6 +6,7 @@ import datetime
 import decimal
 import enum
 import http
+import json
 import logging
 import math
 import sys
@@ -15,6 +16,8 @@ from types import TracebackType
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
@@ -250,3 +253,86 @@ def test_text_line(configured_root: logging.Logger) -> None:
         "2026-11-27 13:04:31,123 INFO rdbroker_proxy.connection: connection ended: client_closed\n"
         "KeyError: 'k'"
     )
+
+
+# The formatter as it was before it was tuned: the tuned one must print exactly what this prints.
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+
+def _reference(formatter: logging.Formatter, record: logging.LogRecord) -> str:
+    out: dict[str, Any] = {
+        "ts": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
+            timespec="milliseconds"
+        ),
+        "level": record.levelname,
+        "logger": record.name,
+        "msg": record.getMessage(),
+    }
+    for key, value in record.__dict__.items():
+        if key not in _STANDARD and not key.startswith("_"):
+            out[key] = value
+    span = trace.get_current_span().get_span_context()
+    if span.is_valid:
+        out["trace_id"] = format(span.trace_id, "032x")
+        out["span_id"] = format(span.span_id, "016x")
+    if record.exc_info:
+        out["exc"] = formatter.formatException(record.exc_info)
+    return json.dumps(out, default=str, ensure_ascii=False)
+
+
+_leaves = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text()
+    | st.binary(max_size=4)
+    | st.decimals(allow_nan=False)
+    | st.builds(_Opaque)
+    | st.sampled_from([http.HTTPStatus.OK, _Colour.RED])
+)
+_values = st.recursive(
+    _leaves,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.tuples(inner)
+        | st.dictionaries(st.text(max_size=3) | st.integers(), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+_names = st.sampled_from(
+    ["client", "pool", "ts", "logger", "trace_id", "exc", "_private", 'é"', ""]
+) | st.text(max_size=6)
+# One formatter for every example, so its caches (layouts, last second, last span) carry across them.
+_SHARED = logs.JsonFormatter()
+
+
+@given(
+    extra=st.dictionaries(_names, _values, max_size=6).filter(
+        lambda extra: not extra.keys() & (_STANDARD | {"message", "asctime"})
+    ),
+    created=st.floats(min_value=-1e9, max_value=4e9) | st.sampled_from([CREATED, CREATED + 0.9999996, 0.0]),
+    level=st.sampled_from([logging.DEBUG, logging.INFO, logging.ERROR, 5]),
+    with_span=st.booleans(),
+    with_exc=st.booleans(),
+)
+def test_any_record_prints_what_the_untuned_formatter_printed(
+    extra: dict[str, Any], created: float, level: int, with_span: bool, with_exc: bool
+) -> None:
+    record = _record(
+        extra=extra,
+        created=created,
+        level=level,
+        exc_info=(KeyError, KeyError(extra), None) if with_exc else None,
+    )
+    context = SpanContext(trace_id=abs(hash(created)) + 1, span_id=level, is_remote=True)
+    with trace.use_span(NonRecordingSpan(context) if with_span else trace.INVALID_SPAN):
+        assert _SHARED.format(record) == _reference(_SHARED, record)
+
+
+def test_more_layouts_than_the_formatter_remembers_still_print_right() -> None:
+    formatter = logs.JsonFormatter()
+    for n in range(600):
+        record = _record(extra={f"field{n}": n, "client": "c"}, created=CREATED + n * 0.37)
+        assert formatter.format(record) == _reference(formatter, record)
+    assert len(formatter._plans) <= logs._PLAN_CACHE_MAX  # generated field names cannot grow it forever
