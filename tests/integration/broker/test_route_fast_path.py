@@ -339,7 +339,7 @@ async def test_the_prefix_guard_reads_the_prefix_index(engine, service, pg_datab
         plan = "\n".join(
             row[0] for row in conn.execute("EXPLAIN " + routing_sql.CONTEXT_PLACE_GUARDED_DEFAULT, params)
         )
-    assert "ix_sessions_live_user_prefix on sessions t" in plan, plan
+    assert "uq_sessions_live_user on sessions t" in plan, plan
     assert "Seq Scan on sessions" not in plan, plan
 
 

@@ -138,7 +138,7 @@ _PLACEMENT = f"""
     RETURNING server_address
 )"""
 # A cookie whose live session may be stored under another key is placed here only when no live
-# session's key falls in either range (what `ix_sessions_live_user_prefix` serves): a 9-character
+# session's key falls in either range (what the live-user unique index, in byte order, serves): a 9-character
 # cookie may be mstsc's cut of a longer user name the agent linked (keys starting with it), and a
 # `DOMAIN\\user` cookie's session may be the one the server reported under the bare user name
 # (quser prints none). Otherwise the transactional path tells them apart.

@@ -133,21 +133,15 @@ sessions = Table(
     Column("ended_at", UtcDateTime, nullable=True),
     Column("end_reason", String(64), nullable=False, default=""),
 )
-# One live session per (pool, user): this index is what makes concurrent replicas agree.
+# One live session per (pool, user): this index is what makes concurrent replicas agree. Its key
+# compares bytes (text_pattern_ops: equality is the same), so it also finds live sessions by
+# user-key prefix (a 9-character mstsc cookie names a longer user): the routing statement's
+# `~>=~`/`~<~` range and `LIKE 'prefix%'` probe it instead of scanning.
 Index(
     "uq_sessions_live_user",
     sessions.c.pool,
     sessions.c.user_key,
     unique=True,
-    postgresql_where=text(f"{LIVE_STATES_SQL} AND user_key IS NOT NULL"),
-    sqlite_where=text(f"{LIVE_STATES_SQL} AND user_key IS NOT NULL"),
-)
-# Live sessions by user-key prefix (a 9-character mstsc cookie names a longer user): byte order,
-# so `LIKE 'prefix%'` and the routing statement's `~>=~`/`~<~` range find them without a scan.
-Index(
-    "ix_sessions_live_user_prefix",
-    sessions.c.pool,
-    sessions.c.user_key,
     postgresql_ops={"user_key": "text_pattern_ops"},
     postgresql_where=text(f"{LIVE_STATES_SQL} AND user_key IS NOT NULL"),
     sqlite_where=text(f"{LIVE_STATES_SQL} AND user_key IS NOT NULL"),
