@@ -7,6 +7,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
+from rdbroker_broker.db import routing_sql
 from rdbroker_broker.db.routing_sql import NO_GUARD, placement_guard, prefix_end
 
 text = st.text(st.characters(blacklist_categories=["Cs"]), min_size=1, max_size=12)
@@ -46,3 +47,12 @@ def test_placement_guards() -> None:
     assert placement_guard("CORP\\alic", "corp\\alic") == ("corp\\alic", "corp\\alid", "alic", "alid")
     assert placement_guard("abcdefghi", "abcdefghi") == ("abcdefghi", "abcdefghj", "", "")
     assert placement_guard("CORP\\abc\U0010ffff", "corp\\abc\U0010ffff") is None
+
+
+def test_a_placing_statement_probes_only_the_ranges_a_cookie_has() -> None:
+    # An empty range ('' to '') is no free probe: PostgreSQL walks every live key of the pool.
+    for own in (False, True):
+        for bare in (False, True):
+            for statement in routing_sql._PLACING[(own, bare)]:
+                assert ("%(own_from)s" in statement) is own
+                assert ("%(bare_from)s" in statement) is bare

@@ -148,11 +148,20 @@ _KEY_RANGE_EMPTY = """
         WHERE t.pool = ctx.pool_name AND t.state IN {live} AND t.user_key IS NOT NULL
           AND t.user_key ~>=~ %({name}_from)s AND t.user_key ~<~ %({name}_to)s
     )"""
-# Two subqueries, not one with OR: each is then one probe of the index.
-_KEY_GUARD = "".join(_KEY_RANGE_EMPTY.format(live=LIVE_SQL, name=name) for name in ("own", "bare"))
+
+
+def _key_guard(*names: str) -> str:
+    """One subquery per range, not one with OR: each is then one probe of the index. Only the ranges
+    a cookie needs: an empty range ('' to '') would walk every live key of the pool."""
+    return "".join(_KEY_RANGE_EMPTY.format(live=LIVE_SQL, name=name) for name in names)
+
+
 _PLACED = "(SELECT server_address FROM placed_answer)"
 _DEFAULT, _NAMED = "p.is_default", "p.name_key = %(pool_key)s"
-_PLAIN, _GUARDED = _PLACEMENT.format(prefix_guard=""), _PLACEMENT.format(prefix_guard=_KEY_GUARD)
+_PLAIN = _PLACEMENT.format(prefix_guard="")
+_OWN = _PLACEMENT.format(prefix_guard=_key_guard("own"))
+_BARE = _PLACEMENT.format(prefix_guard=_key_guard("bare"))
+_GUARDED = _PLACEMENT.format(prefix_guard=_key_guard("own", "bare"))
 
 
 def compact(sql: str) -> str:
@@ -165,10 +174,21 @@ CONTEXT_DEFAULT = compact(_CONTEXT.format(pool_filter=_DEFAULT, placement="", pl
 CONTEXT_NAMED = compact(_CONTEXT.format(pool_filter=_NAMED, placement="", placed="NULL"))
 CONTEXT_PLACE_DEFAULT = compact(_CONTEXT.format(pool_filter=_DEFAULT, placement=_PLAIN, placed=_PLACED))
 CONTEXT_PLACE_NAMED = compact(_CONTEXT.format(pool_filter=_NAMED, placement=_PLAIN, placed=_PLACED))
+CONTEXT_PLACE_OWN_DEFAULT = compact(_CONTEXT.format(pool_filter=_DEFAULT, placement=_OWN, placed=_PLACED))
+CONTEXT_PLACE_OWN_NAMED = compact(_CONTEXT.format(pool_filter=_NAMED, placement=_OWN, placed=_PLACED))
+CONTEXT_PLACE_BARE_DEFAULT = compact(_CONTEXT.format(pool_filter=_DEFAULT, placement=_BARE, placed=_PLACED))
+CONTEXT_PLACE_BARE_NAMED = compact(_CONTEXT.format(pool_filter=_NAMED, placement=_BARE, placed=_PLACED))
 CONTEXT_PLACE_GUARDED_DEFAULT = compact(
     _CONTEXT.format(pool_filter=_DEFAULT, placement=_GUARDED, placed=_PLACED)
 )
 CONTEXT_PLACE_GUARDED_NAMED = compact(_CONTEXT.format(pool_filter=_NAMED, placement=_GUARDED, placed=_PLACED))
+# (own range, bare range) -> the placing statement for the default pool and for a named one.
+_PLACING = {
+    (False, False): (CONTEXT_PLACE_DEFAULT, CONTEXT_PLACE_NAMED),
+    (True, False): (CONTEXT_PLACE_OWN_DEFAULT, CONTEXT_PLACE_OWN_NAMED),
+    (False, True): (CONTEXT_PLACE_BARE_DEFAULT, CONTEXT_PLACE_BARE_NAMED),
+    (True, True): (CONTEXT_PLACE_GUARDED_DEFAULT, CONTEXT_PLACE_GUARDED_NAMED),
+}
 
 
 Guard = tuple[str, str, str, str]  # [own_from, own_to) and [bare_from, bare_to); ("", "") is empty
@@ -258,11 +278,11 @@ async def route_context(
     }
     if placement is None:
         query = CONTEXT_NAMED if request.pool else CONTEXT_DEFAULT
-    elif placement.guard != NO_GUARD:
-        query = CONTEXT_PLACE_GUARDED_NAMED if request.pool else CONTEXT_PLACE_GUARDED_DEFAULT
-        params.update(zip(("own_from", "own_to", "bare_from", "bare_to"), placement.guard, strict=True))
     else:
-        query = CONTEXT_PLACE_NAMED if request.pool else CONTEXT_PLACE_DEFAULT
+        own_from, own_to, bare_from, bare_to = placement.guard
+        default, named = _PLACING[(bool(own_to), bool(bare_to))]
+        query = named if request.pool else default
+        params.update(own_from=own_from, own_to=own_to, bare_from=bare_from, bare_to=bare_to)
     if placement is not None:
         params["session_id"] = placement.session_id
         params["user"] = placement.user
