@@ -499,6 +499,11 @@ class BrokerService:
                 results[index] = exc
         if not valid:
             return True
+        # In session order (each session's own events keep theirs): every batch then locks sessions
+        # in the same order, so two proxies' batches never deadlock on them. Events of different
+        # sessions commute here; the one case where they would not (reviving an ended session while
+        # its user has a newer one) needs the use case, which undoes this and keeps the batch's order.
+        valid.sort(key=lambda i: events[i].session_id)
         try:
             async with self.store.raw_autocommit() as conn, conn.transaction():
                 outcomes = await report_sql.run_all(conn, [self._statement(events[i]) for i in valid])

@@ -6,6 +6,7 @@ and every row they touch must come out the same."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import re
 from datetime import UTC, datetime
@@ -25,6 +26,7 @@ from tests.integration.broker.conftest import Clock, seed, server
 
 A = "10.0.0.1:3389"
 SCRIPTS = 60
+SESSIONS = 200
 SESSION_FIELDS = (
     "state", "server_address", "connection_id", "proxy_id", "opened_at", "disconnected_at",
     "expires_at", "ended_at", "end_reason", "updated_at",
@@ -308,3 +310,31 @@ async def test_a_batch_is_one_round_trip(engine, service, monkeypatch):
     assert await service.report_connections(events) == [None] * 30
     states = [s.state.value for n in range(20) for s in await service.lookup_user_sessions(f"user{n}")]
     assert states == ["disconnected"] * 10 + ["active"] * 10
+
+
+async def test_two_proxies_batches_on_the_same_sessions_in_opposite_orders_both_apply(engine, service):
+    # Each batch is one transaction: locking the same sessions in opposite orders would deadlock
+    # (PostgreSQL fails one after deadlock_timeout, 1 s, and it is applied one event at a time).
+    # Batches lock in session order instead, so neither is ever undone.
+    await seed(engine, server(A))
+    undone = 0
+    real = service._reports_fast
+
+    async def counted(*args: Any) -> int:
+        nonlocal undone
+        undone += 1
+        return await real(*args)
+
+    service._reports_fast = counted  # type: ignore[method-assign]
+    sids = [await route(service, f"c{n}", f"user{n}") for n in range(SESSIONS)]
+    forward: list[ConnectionEvent] = [Opened(sid, f"c{n}", "p1") for n, sid in enumerate(sids)]
+    backward: list[ConnectionEvent] = [Opened(sid, f"c{n}", "p2") for n, sid in enumerate(sids)][::-1]
+    for _ in range(3):
+        first, second = await asyncio.gather(
+            service.report_connections(forward), service.report_connections(backward)
+        )
+        assert first == [None] * SESSIONS
+        assert second == [None] * SESSIONS
+    assert undone == 0
+    states = {s.state.value for n in range(SESSIONS) for s in await service.lookup_user_sessions(f"user{n}")}
+    assert states == {"active"}
