@@ -63,7 +63,9 @@ async def prepare_database(settings: BrokerSettings, engine: AsyncEngine) -> Non
 
 
 def _grpc_server(settings: BrokerSettings, servicer: BrokerServicer) -> tuple[grpc.aio.Server, int]:
-    try:  # mutual TLS or plaintext; a partial TLS setting is a start-up error, never a fallback
+    # Mutual TLS (renewed files take over at the next handshake) or plaintext; a partial TLS setting
+    # is a start-up error, never a fallback.
+    try:
         creds = tls.server_credentials(settings.tls_ca, settings.tls_cert, settings.tls_key)
     except ValueError as exc:
         raise StartupError(str(exc)) from exc

@@ -37,15 +37,15 @@ async def run(
 ) -> None:
     """Serve and probe until `stop` is set. `on_listening` gets the bound gRPC port (tests use port 0)."""
     try:
-        server_credentials, channel_credentials = await asyncio.to_thread(_credentials, settings)
+        server_credentials, client_tls = await asyncio.to_thread(_credentials, settings)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     replica_id = settings.effective_replica_id()
     broker = BrokerClient(
         settings.broker_addresses,
         timeout_s=settings.rpc_timeout_s,
-        credentials=channel_credentials,
         interceptors=telemetry.client_interceptors(),
+        client_tls=client_tls,
     )
     http = agent_client()
     server = grpc.aio.server(interceptors=telemetry.server_interceptors())
@@ -112,12 +112,13 @@ def agent_client() -> httpx.AsyncClient:
     )
 
 
-Credentials = tuple[grpc.ServerCredentials | None, grpc.ChannelCredentials | None]
+Credentials = tuple[grpc.ServerCredentials | None, tls.ClientTls | None]
 
 
 def _credentials(settings: HealthSettings) -> Credentials:
-    """Read the TLS files (blocking, so off the loop); both None in plaintext."""
-    return (
-        tls.server_credentials(settings.tls_ca, settings.tls_cert, settings.tls_key),
-        tls.channel_credentials(settings.tls_ca, settings.tls_cert, settings.tls_key),
-    )
+    """Read the TLS files (blocking, so off the loop); both None in plaintext. Both follow renewals:
+    the server per handshake, the broker channels on a call at most every few seconds."""
+    files = tls.TlsFiles.from_settings(settings.tls_ca, settings.tls_cert, settings.tls_key)
+    if files is None:
+        return None, None
+    return files.server_credentials(), tls.ClientTls(files)

@@ -11,6 +11,9 @@ overflows, and what overflows is counted and logged. Each drain sends up to REPO
 one ReportConnections call (one gRPC call instead of one per report, which is most of the proxy's
 CPU per connection); a broker without that RPC gets the single ConnectionOpened/Closed calls.
 
+With `client_tls`, renewed certificate files are noticed on a call at most every few seconds: new channels
+take the next calls and the replaced ones close after a grace period (`rdbroker_common.tls`).
+
 Trace context goes into each call's metadata through `telemetry.traced_unary`, not a channel
 interceptor: grpc.aio's interceptor path costs about 100 us of CPU per call, spans or not.
 """
@@ -28,7 +31,7 @@ from typing import TYPE_CHECKING, Literal, TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from rdbroker_common import telemetry
+from rdbroker_common import telemetry, tls
 from rdbroker_common.settings import channel_options
 from rdbroker_proto.v1 import broker_pb2 as pb
 from rdbroker_proto.v1.broker_pb2_grpc import BrokerStub
@@ -95,6 +98,7 @@ class BrokerClient:
         report_linger_s: float = REPORT_LINGER_S,
         heartbeat_interval_s: float = 5.0,
         credentials: grpc.ChannelCredentials | None = None,
+        client_tls: tls.ClientTls | None = None,
     ) -> None:
         if not addresses:
             raise ValueError("no broker addresses")
@@ -106,8 +110,12 @@ class BrokerClient:
         self.report_buffer = report_buffer
         self.report_linger_s = report_linger_s
         self.heartbeat_interval_s = heartbeat_interval_s
+        self._tls = client_tls
+        if client_tls is not None:
+            credentials = client_tls.credentials
         self._channels = [_channel(a, credentials) for a in self.addresses]
         self._stubs: list[BrokerAsyncStub] = [BrokerStub(channel) for channel in self._channels]
+        self._retiring: set[asyncio.Task[None]] = set()
         self._turn = {"route": 0, "report": 0}  # separate rotations: reports do not skew Route's
         self._reports: deque[Report] = deque()
         self._wakeup = asyncio.Event()
@@ -123,6 +131,7 @@ class BrokerClient:
 
     def _order(self, kind: Literal["route", "report"]) -> list[int]:
         """Every broker once, rotated for balance, the ones known to be failing last."""
+        self._follow_tls()
         n = len(self._stubs)
         start = self._turn[kind]
         self._turn[kind] = (start + 1) % n
@@ -132,6 +141,18 @@ class BrokerClient:
         failing = grpc.ChannelConnectivity.TRANSIENT_FAILURE
         healthy = [i for i in rotated if self._channels[i].get_state() != failing]
         return healthy + [i for i in rotated if i not in healthy]
+
+    def _follow_tls(self) -> None:
+        """New channels when the certificate files changed; calls in flight finish on the old ones."""
+        if self._tls is None or not self._tls.changed():
+            return
+        old = self._channels
+        self._channels = [_channel(a, self._tls.credentials) for a in self.addresses]
+        self._stubs = [BrokerStub(channel) for channel in self._channels]
+        log.info("TLS files changed: new broker channels")
+        task = tls.retire_channels(old)
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     # -- Route ---------------------------------------------------------------------------------
 
@@ -374,5 +395,8 @@ class BrokerClient:
         raise BrokerUnavailable(f"{last.code().name}: {last.details()}")
 
     async def close(self) -> None:
+        for task in list(self._retiring):
+            task.cancel()  # closes the replaced channels now
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         for channel in self._channels:
             await channel.close()

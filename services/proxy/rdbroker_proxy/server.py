@@ -29,12 +29,14 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "rdbroker.v1.Proxy"  # a name for the health service only: the proxy serves no RPCs
 
 
-def channel_credentials(settings: ProxySettings) -> grpc.ChannelCredentials | None:
-    """Mutual TLS to the brokers when all three TLS settings are given, plaintext when none is.
+def client_tls(settings: ProxySettings) -> tls.ClientTls | None:
+    """Mutual TLS to the brokers when all three TLS settings are given, plaintext when none is; the
+    credentials follow renewals of the files.
 
-    Raises ValueError on a partial set (or an unreadable file): a start-up error, never a fallback.
+    Raises ValueError on a partial set (or an unusable file): a start-up error, never a fallback.
     """
-    return tls.channel_credentials(settings.tls_ca, settings.tls_cert, settings.tls_key)
+    files = tls.TlsFiles.from_settings(settings.tls_ca, settings.tls_cert, settings.tls_key)
+    return None if files is None else tls.ClientTls(files)
 
 
 def _not_serving(
@@ -75,7 +77,7 @@ class ProxyServer:
             report_timeout_s=settings.report_timeout_s,
             report_buffer=settings.report_buffer,
             heartbeat_interval_s=settings.heartbeat_interval_s,
-            credentials=channel_credentials(settings),
+            client_tls=client_tls(settings),
         )
         grpc_server = grpc.aio.server()
         listener: asyncio.Server | None = None

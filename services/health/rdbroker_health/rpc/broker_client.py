@@ -3,16 +3,21 @@
 Calls go to the last address that answered; on UNAVAILABLE or DEADLINE_EXCEEDED the next address is
 tried, once around the list. Every call used here is safe to repeat (a claim renews, a report
 overwrites), so a call that may have reached a broker before failing can be sent to another.
+
+With `client_tls`, renewed certificate files are noticed on a call at most every few seconds: new
+channels take the next calls and the replaced ones close after a grace period.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 import grpc
 
+from rdbroker_common import tls
 from rdbroker_common.settings import channel_options
 from rdbroker_health import metrics
 from rdbroker_health.errors import BrokerRefused, BrokerUnavailable
@@ -42,14 +47,20 @@ class BrokerClient:
         timeout_s: float,
         credentials: grpc.ChannelCredentials | None = None,
         interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+        client_tls: tls.ClientTls | None = None,
     ) -> None:
         if not addresses:
             raise ValueError("at least one broker address is needed")
         self.addresses = list(addresses)
         self.timeout_s = timeout_s
+        self._tls = client_tls
+        self._interceptors = interceptors
+        if client_tls is not None:
+            credentials = client_tls.credentials
         self._channels = [self._channel(a, credentials, interceptors) for a in self.addresses]
         self._stubs = [broker_pb2_grpc.BrokerStub(c) for c in self._channels]
         self._current = 0
+        self._retiring: set[asyncio.Task[None]] = set()
 
     @staticmethod
     def _channel(
@@ -93,11 +104,28 @@ class BrokerClient:
         )
 
     async def close(self) -> None:
+        for task in list(self._retiring):
+            task.cancel()  # closes the replaced channels now
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         for channel in self._channels:
             await channel.close()
 
+    def _follow_tls(self) -> None:
+        """New channels when the certificate files changed; calls in flight finish on the old ones."""
+        if self._tls is None or not self._tls.changed():
+            return
+        old = self._channels
+        credentials = self._tls.credentials
+        self._channels = [self._channel(a, credentials, self._interceptors) for a in self.addresses]
+        self._stubs = [broker_pb2_grpc.BrokerStub(c) for c in self._channels]
+        log.info("TLS files changed: new broker channels")
+        task = tls.retire_channels(old)
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
     def _order(self) -> list[int]:
         """Every address once: the last one that answered first, those known to be failing last."""
+        self._follow_tls()
         n = len(self._stubs)
         rotated = [(self._current + step) % n for step in range(n)]
         failing = grpc.ChannelConnectivity.TRANSIENT_FAILURE

@@ -1,0 +1,65 @@
+"""Certificate files written as Kubernetes updates a Secret volume, and the certificate a server shows."""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import time
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+NAMES = ("ca.crt", "tls.crt", "tls.key")
+
+
+class SecretVolume:
+    """A folder like a mounted Secret: `ca.crt` -> `..data/ca.crt`, `..data` -> a timestamped folder.
+
+    `write()` makes a new timestamped folder, then swaps `..data` to it with one atomic rename.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._version = 0
+
+    @property
+    def paths(self) -> tuple[Path, Path, Path]:
+        return self.root / NAMES[0], self.root / NAMES[1], self.root / NAMES[2]
+
+    def write(self, ca: bytes, cert: bytes, key: bytes) -> None:
+        self._version += 1
+        folder = self.root / f"..{time.strftime('%Y_%m_%d_%H_%M_%S')}.{self._version}"
+        folder.mkdir()
+        for name, data in zip(NAMES, (ca, cert, key), strict=True):
+            (folder / name).write_bytes(data)
+        temporary = self.root / "..data_tmp"
+        temporary.symlink_to(folder.name)
+        os.replace(temporary, self.root / "..data")
+        for name in NAMES:
+            link = self.root / name
+            if not link.is_symlink():
+                link.symlink_to(f"..data/{name}")
+
+
+def peer_certificate(port: int, ca: Path, cert: Path, key: Path) -> x509.Certificate:
+    """The certificate a TLS server on 127.0.0.1 presents to a client holding `cert` (ALPN h2, as gRPC)."""
+    context = ssl.create_default_context(cafile=str(ca))
+    context.load_cert_chain(cert, key)
+    context.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as sock,
+        context.wrap_socket(sock, server_hostname="127.0.0.1") as tls_sock,
+    ):
+        der = tls_sock.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+def certificate(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
