@@ -16,10 +16,6 @@ from tests.unit.common.test_tls import Authority, Issued
 from tests.unit.common.tls_files import SecretVolume, certificate, der, peer_certificate
 
 
-def install(volume: SecretVolume, ca: Authority, issued: Issued) -> None:
-    volume.write(ca.ca_path.read_bytes(), issued.cert.read_bytes(), issued.key.read_bytes())
-
-
 async def heartbeat(port: int, ca: Authority, client: Issued) -> int:
     credentials = grpc.ssl_channel_credentials(
         ca.ca_path.read_bytes(), client.key.read_bytes(), client.cert.read_bytes()
@@ -44,7 +40,7 @@ async def test_renewed_and_rotated_certificates_without_restart(
     volume = SecretVolume(secret)
     ca = Authority(pki, "first")
     cert_a = ca.issue("broker-a", server=True)
-    install(volume, ca, cert_a)
+    volume.install(ca, cert_a)
     ca_path, cert_path, key_path = volume.paths
     settings = settings_for(
         pg_database_url, tls_ca=str(ca_path), tls_cert=str(cert_path), tls_key=str(key_path)
@@ -61,7 +57,7 @@ async def test_renewed_and_rotated_certificates_without_restart(
 
         # Renewed under the same CA: the next connection gets B.
         cert_b = ca.issue("broker-b", server=True)
-        install(volume, ca, cert_b)
+        volume.install(ca, cert_b)
         assert await shown(port, ca, client) == der(certificate(cert_b.cert))
         assert await heartbeat(port, ca, client) == 5000
 
@@ -73,7 +69,7 @@ async def test_renewed_and_rotated_certificates_without_restart(
         # A new CA as well: its clients get through and see C; a client of the old CA is refused.
         new_ca = Authority(pki, "second")
         cert_c = new_ca.issue("broker-c", server=True)
-        install(volume, new_ca, cert_c)
+        volume.install(new_ca, cert_c)
         new_client = new_ca.issue("proxy-new", server=False)
         assert await heartbeat(port, new_ca, new_client) == 5000
         assert await shown(port, new_ca, new_client) == der(certificate(cert_c.cert))

@@ -17,10 +17,6 @@ from tests.unit.common.test_tls import Authority, Issued, check
 from tests.unit.common.tls_files import SecretVolume, certificate, der, peer_certificate
 
 
-def install(volume: SecretVolume, ca: Authority, issued: Issued) -> None:
-    volume.write(ca.ca_path.read_bytes(), issued.cert.read_bytes(), issued.key.read_bytes())
-
-
 @pytest.fixture
 def pki(tmp_path: Path) -> Path:
     folder = tmp_path / "pki"
@@ -44,17 +40,17 @@ def ca(pki: Path) -> Authority:
 
 
 def test_unchanged_files_are_not_read_again(volume: SecretVolume, ca: Authority) -> None:
-    install(volume, ca, ca.issue("a", server=True))
+    volume.install(ca, ca.issue("a", server=True))
     files = tls.TlsFiles(*volume.paths)
     assert files.refresh() is False
     assert files.refresh() is False
 
 
 def test_a_kubernetes_style_swap_is_picked_up(volume: SecretVolume, ca: Authority) -> None:
-    install(volume, ca, ca.issue("a", server=True))
+    volume.install(ca, ca.issue("a", server=True))
     files = tls.TlsFiles(*volume.paths)
     second = ca.issue("b", server=True)
-    install(volume, ca, second)
+    volume.install(ca, second)
     assert files.refresh() is True
     assert files.pems[1] == second.cert.read_bytes()
     assert files.refresh() is False
@@ -62,9 +58,9 @@ def test_a_kubernetes_style_swap_is_picked_up(volume: SecretVolume, ca: Authorit
 
 def test_the_same_content_rewritten_is_no_change(volume: SecretVolume, ca: Authority) -> None:
     issued = ca.issue("a", server=True)
-    install(volume, ca, issued)
+    volume.install(ca, issued)
     files = tls.TlsFiles(*volume.paths)
-    install(volume, ca, issued)
+    volume.install(ca, issued)
     assert files.refresh() is False
 
 
@@ -73,7 +69,7 @@ def test_a_bad_set_keeps_the_last_good_one_and_warns_once(
     volume: SecretVolume, ca: Authority, damage: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     first = ca.issue("a", server=True)
-    install(volume, ca, first)
+    volume.install(ca, first)
     files = tls.TlsFiles(*volume.paths)
     good = files.pems
     ca_pem, cert_pem, key_pem = (p.read_bytes() for p in (ca.ca_path, first.cert, first.key))
@@ -95,7 +91,7 @@ def test_a_bad_set_keeps_the_last_good_one_and_warns_once(
     assert "keeping the previous ones" in warnings[0].getMessage()
     # Fixed afterwards: taken.
     second = ca.issue("b", server=True)
-    install(volume, ca, second)
+    volume.install(ca, second)
     assert files.refresh() is True
     assert files.pems[1] == second.cert.read_bytes()
 
@@ -123,11 +119,11 @@ def test_a_bad_set_at_start_is_an_error(tmp_path: Path, ca: Authority) -> None:
 
 
 def test_the_client_looks_at_most_every_interval(volume: SecretVolume, ca: Authority) -> None:
-    install(volume, ca, ca.issue("a", server=True))
+    volume.install(ca, ca.issue("a", server=True))
     slow = tls.ClientTls(tls.TlsFiles(*volume.paths), interval_s=3600)
     eager = tls.ClientTls(tls.TlsFiles(*volume.paths), interval_s=0)
     before = eager.credentials
-    install(volume, ca, ca.issue("b", server=True))
+    volume.install(ca, ca.issue("b", server=True))
     assert slow.changed() is False  # not looked at yet
     assert eager.changed() is True
     assert eager.credentials is not before
@@ -159,7 +155,7 @@ async def test_retired_channels_close_after_the_grace_period(
 @pytest.fixture
 async def mtls(volume: SecretVolume, ca: Authority) -> AsyncIterator[tuple[int, SecretVolume, Authority]]:
     """grpc.health.v1 behind mutual TLS, with the server's files in a Kubernetes-style Secret folder."""
-    install(volume, ca, ca.issue("server-a", server=True))
+    volume.install(ca, ca.issue("server-a", server=True))
     credentials = tls.server_credentials(*volume.paths)
     assert credentials is not None
     server = grpc.aio.server()
@@ -192,13 +188,13 @@ async def test_a_renewed_certificate_is_presented_without_restart(
     client = ca.issue("client", server=False)
     assert await shown(port, ca, client) == der(certificate(ca.folder / "server-a.crt"))
     renewed = ca.issue("server-b", server=True)
-    install(volume, ca, renewed)
+    volume.install(ca, renewed)
     assert await shown(port, ca, client) == der(certificate(renewed.cert))
     assert await serving(port, ca, client)
 
     # A new CA as well: clients of the old CA are refused, clients of the new one get through.
     new_ca = Authority(pki, "second")
-    install(volume, new_ca, new_ca.issue("server-c", server=True))
+    volume.install(new_ca, new_ca.issue("server-c", server=True))
     new_client = new_ca.issue("client-c", server=False)
     assert await shown(port, new_ca, new_client) == der(certificate(pki / "server-c.crt"))
     assert await serving(port, new_ca, new_client)
@@ -221,7 +217,7 @@ async def test_a_server_and_a_client_sharing_the_files_both_follow(
     volume: SecretVolume, ca: Authority
 ) -> None:
     """The health replica's case: whichever looks first, the other still gets the change."""
-    install(volume, ca, ca.issue("both-a", server=True))
+    volume.install(ca, ca.issue("both-a", server=True))
     files = tls.TlsFiles(*volume.paths)
     client_tls = tls.ClientTls(files, interval_s=0)
     server = grpc.aio.server()
@@ -233,10 +229,10 @@ async def test_a_server_and_a_client_sharing_the_files_both_follow(
         client = ca.issue("client", server=False)
         assert await serving(port, ca, client)
         renewed = ca.issue("both-b", server=True)
-        install(volume, ca, renewed)
+        volume.install(ca, renewed)
         assert client_tls.changed() is True  # the client looks first and loads the new set
         assert await shown(port, ca, client) == der(certificate(renewed.cert))
-        install(volume, ca, ca.issue("both-c", server=True))
+        volume.install(ca, ca.issue("both-c", server=True))
         assert await shown(port, ca, client) == der(certificate(ca.folder / "both-c.crt"))  # server first
         assert client_tls.changed() is True
     finally:

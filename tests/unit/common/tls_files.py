@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import ssl
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+
+from rdbroker_common import tls
+from rdbroker_proto.v1 import broker_pb2_grpc
 
 NAMES = ("ca.crt", "tls.crt", "tls.key")
 
@@ -41,6 +48,26 @@ class SecretVolume:
             link = self.root / name
             if not link.is_symlink():
                 link.symlink_to(f"..data/{name}")
+
+    def install(self, ca: Any, issued: Any) -> None:
+        """A renewal: `ca`'s certificate (a test_tls.Authority) and `issued`'s pair (an Issued)."""
+        self.write(ca.ca_path.read_bytes(), issued.cert.read_bytes(), issued.key.read_bytes())
+
+
+@contextlib.asynccontextmanager
+async def tls_broker(servicer: Any, ca: Any, port: int) -> AsyncIterator[None]:
+    """`servicer` (a Broker servicer) on 127.0.0.1:`port`, accepting only clients of `ca`."""
+    issued = ca.issue(f"broker-{ca.name}", server=True)
+    credentials = tls.server_credentials(ca.ca_path, issued.cert, issued.key)
+    assert credentials is not None
+    server = grpc.aio.server()
+    broker_pb2_grpc.add_BrokerServicer_to_server(servicer, server)
+    server.add_secure_port(f"127.0.0.1:{port}", credentials)
+    await server.start()
+    try:
+        yield
+    finally:
+        await server.stop(None)
 
 
 def peer_certificate(port: int, ca: Path, cert: Path, key: Path) -> x509.Certificate:

@@ -2,41 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import grpc
 import pytest
 
 from rdbroker_common import tls
 from rdbroker_health.errors import BrokerUnavailable
 from rdbroker_health.rpc.broker_client import BrokerClient
-from rdbroker_proto.v1 import broker_pb2_grpc
 from tests.support.postgres import free_port
 from tests.unit.common.test_tls import Authority
-from tests.unit.common.tls_files import SecretVolume
+from tests.unit.common.tls_files import SecretVolume, tls_broker
 from tests.unit.health.fake_broker import FakeBroker
-
-
-@contextlib.asynccontextmanager
-async def tls_broker(broker: FakeBroker, ca: Authority, port: int) -> AsyncIterator[None]:
-    issued = ca.issue(f"broker-{ca.name}", server=True)
-    credentials = tls.server_credentials(ca.ca_path, issued.cert, issued.key)
-    assert credentials is not None
-    server = grpc.aio.server()
-    broker_pb2_grpc.add_BrokerServicer_to_server(broker, server)
-    server.add_secure_port(f"127.0.0.1:{port}", credentials)
-    await server.start()
-    try:
-        yield
-    finally:
-        await server.stop(None)
-
-
-def install(volume: SecretVolume, ca: Authority, name: str) -> None:
-    issued = ca.issue(name, server=False)
-    volume.write(ca.ca_path.read_bytes(), issued.cert.read_bytes(), issued.key.read_bytes())
 
 
 @pytest.mark.parametrize("follow", [True, False])
@@ -44,7 +20,7 @@ async def test_calls_after_a_ca_rotation_use_the_new_credentials(tmp_path: Path,
     (tmp_path / "secret").mkdir()
     volume = SecretVolume(tmp_path / "secret")
     old_ca, new_ca = Authority(tmp_path, "old"), Authority(tmp_path, "new")
-    install(volume, old_ca, "health-old")
+    volume.install(old_ca, old_ca.issue("health-old", server=False))
     client_tls = tls.ClientTls(tls.TlsFiles(*volume.paths), interval_s=0.0 if follow else 3600.0)
     broker = FakeBroker()  # type: ignore[abstract]  # the other RPCs answer UNIMPLEMENTED
     broker.add("10.0.0.1:3389")
@@ -53,7 +29,7 @@ async def test_calls_after_a_ca_rotation_use_the_new_credentials(tmp_path: Path,
     try:
         async with tls_broker(broker, old_ca, port):
             assert len(await client.claim("r1", 1000)) == 1
-        install(volume, new_ca, "health-new")
+        volume.install(new_ca, new_ca.issue("health-new", server=False))
         async with tls_broker(broker, new_ca, port):
             if follow:
                 assert len(await client.claim("r1", 1000)) == 1

@@ -3,46 +3,20 @@ Route goes over a channel with the new credentials, which is the only way a new-
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import grpc
 import pytest
 
 from rdbroker_common import tls
 from rdbroker_proto.v1 import broker_pb2 as pb
-from rdbroker_proto.v1 import broker_pb2_grpc
 from rdbroker_proxy.errors import BrokerUnavailable
 from rdbroker_proxy.routing import BrokerClient
 from tests.support.postgres import free_port
 from tests.unit.common.test_tls import Authority
-from tests.unit.common.tls_files import SecretVolume
+from tests.unit.common.tls_files import SecretVolume, tls_broker
 from tests.unit.proxy.fake_broker import Directory, FakeBroker
 
 SERVER = "127.0.0.1:40001"
-
-
-@contextlib.asynccontextmanager
-async def tls_broker(directory: Directory, ca: Authority, port: int) -> AsyncIterator[FakeBroker]:
-    """A fake broker on 127.0.0.1:`port` that accepts only clients of `ca`."""
-    issued = ca.issue(f"broker-{ca.name}", server=True)
-    credentials = tls.server_credentials(ca.ca_path, issued.cert, issued.key)
-    assert credentials is not None
-    server = grpc.aio.server()
-    servicer = FakeBroker(directory)  # type: ignore[abstract]  # the other RPCs answer UNIMPLEMENTED
-    broker_pb2_grpc.add_BrokerServicer_to_server(servicer, server)
-    server.add_secure_port(f"127.0.0.1:{port}", credentials)
-    await server.start()
-    try:
-        yield servicer
-    finally:
-        await server.stop(None)
-
-
-def install(volume: SecretVolume, ca: Authority, name: str) -> None:
-    issued = ca.issue(name, server=False)
-    volume.write(ca.ca_path.read_bytes(), issued.cert.read_bytes(), issued.key.read_bytes())
 
 
 @pytest.fixture
@@ -57,7 +31,7 @@ async def test_the_next_route_uses_the_renewed_credentials(
     tmp_path: Path, volume: SecretVolume, follow: bool
 ) -> None:
     old_ca, new_ca = Authority(tmp_path, "old"), Authority(tmp_path, "new")
-    install(volume, old_ca, "proxy-old")
+    volume.install(old_ca, old_ca.issue("proxy-old", server=False))
     interval = 0.0 if follow else 3600.0
     client_tls = tls.ClientTls(tls.TlsFiles(*volume.paths), interval_s=interval)
     port = free_port()
@@ -70,11 +44,12 @@ async def test_the_next_route_uses_the_renewed_credentials(
         client_tls=client_tls,
     )
     try:
-        async with tls_broker(directory, old_ca, port):
+        async with tls_broker(FakeBroker(directory), old_ca, port):  # type: ignore[abstract]
             first = await client.route(pb.RouteRequest(connection_id="c1", proxy_id="p", cookie="alice"))
             assert first.server_address == SERVER
-        install(volume, new_ca, "proxy-new")
-        async with tls_broker(directory, new_ca, port) as broker:
+        volume.install(new_ca, new_ca.issue("proxy-new", server=False))
+        broker = FakeBroker(directory)  # type: ignore[abstract]  # the other RPCs answer UNIMPLEMENTED
+        async with tls_broker(broker, new_ca, port):
             request = pb.RouteRequest(connection_id="c2", proxy_id="p", cookie="bob")
             if follow:
                 second = await client.route(request)
