@@ -144,7 +144,7 @@ async def test_refused_events_are_answered_by_index_and_the_rest_apply(broker, e
     assert list(answer.rejected) == [0, 2, 3]
     assert len(answer.rejected_reasons) == 3
     assert answer.rejected_reasons[0].startswith("NOT_FOUND:")
-    assert answer.rejected_reasons[1].startswith("INVALID_ARGUMENT:")
+    assert answer.rejected_reasons[1] == "INVALID_ARGUMENT: event is neither opened nor closed"
     assert "end_reason" in answer.rejected_reasons[2]
     found = await broker.stub.LookupUserSessions(pb.LookupUserSessionsRequest(user="kim"))
     assert [s.state for s in found.sessions] == [pb.SESSION_STATE_ACTIVE]

@@ -101,7 +101,9 @@ class BrokerServicer(pb_grpc.BrokerServicer):
                 f"too many events ({len(request.events)}; at most {MAX_REPORT_EVENTS} per call)"
             )
         events: list[ConnectionEvent] = []
-        for event in request.events:
+        positions: list[int] = []  # each event's index in the request
+        errors: dict[int, Exception] = {}
+        for index, event in enumerate(request.events):
             kind = event.WhichOneof("event")
             if kind == "opened":
                 o = event.opened
@@ -119,11 +121,15 @@ class BrokerServicer(pb_grpc.BrokerServicer):
                     )
                 )
             else:
-                events.append(Opened("", "", ""))  # refused by validation: session_id is required
-        answer = pb.ReportConnectionsResponse()
-        for index, error in enumerate(await self.service.report_connections(events)):
-            if error is None:
+                errors[index] = InvalidInput("event is neither opened nor closed")
                 continue
+            positions.append(index)
+        for index, error in zip(positions, await self.service.report_connections(events), strict=True):
+            if error is not None:
+                errors[index] = error
+        answer = pb.ReportConnectionsResponse()
+        for index in sorted(errors):
+            error = errors[index]
             answer.rejected.append(index)
             if isinstance(error, BrokerError):
                 answer.rejected_reasons.append(f"{status_for(error).name}: {error}")
