@@ -87,8 +87,9 @@ class Store:
             raise
         finally:
             if broken or conn.info.transaction_status is not psycopg.pq.TransactionStatus.IDLE:
-                # Dead, or left mid-statement by a cancelled call: the pool opens a new one.
-                pooled.invalidate()
+                # Dead, or left mid-statement by a cancelled call: the pool opens a new one. Closing
+                # it awaits the driver, so it runs in a greenlet like every other pool operation.
+                await greenlet_spawn(pooled.invalidate)
             else:
                 await conn.set_autocommit(False)  # as the pool's other users expect it
             await greenlet_spawn(pooled.close)
@@ -131,7 +132,10 @@ def _mapped_errors() -> Iterator[None]:
             # here instead, is discarded by the pool, and the use case runs once more.
             raise Retryable(str(exc.orig), connectivity=True) from exc
         raise
-    except (PoolTimeout, OSError) as exc:
+    except PoolTimeout as exc:
+        # The database may be fine: every pooled connection stayed busy for the pool's timeout.
+        raise Unavailable("the broker is overloaded: no database connection came free in time") from exc
+    except OSError as exc:
         raise Unavailable("the database is unreachable") from exc
 
 

@@ -49,10 +49,16 @@ def redact(url: str) -> str:
 
 
 def make_engine(
-    url: str, *, pool_size: int = 10, statement_timeout_ms: int = 0, lock_timeout_ms: int = 0
+    url: str,
+    *,
+    pool_size: int = 10,
+    statement_timeout_ms: int = 0,
+    lock_timeout_ms: int = 0,
+    pool_timeout_s: float = 10.0,
 ) -> AsyncEngine:
     """The engine for `url`. The timeouts (PostgreSQL; 0 = none) bound every statement and lock wait,
-    so a stuck database or a lock held by a dying peer turns into an error instead of a hung call."""
+    so a stuck database or a lock held by a dying peer turns into an error instead of a hung call;
+    `pool_timeout_s` bounds a call's wait for a free pooled connection."""
     if is_sqlite(url):
         return _sqlite_engine(sqlite_url(url))
     if url.startswith(_PG_PREFIXES):
@@ -64,13 +70,13 @@ def make_engine(
             )
             if value
         )
-        return _postgres_engine(libpq_dsn(url), pool_size, options)
+        return _postgres_engine(libpq_dsn(url), pool_size, options, pool_timeout_s)
     raise InvalidInput(
         f"unsupported database URL {redact(url)!r}: use postgresql://... or sqlite+aiosqlite:///file.db"
     )
 
 
-def _postgres_engine(dsn: str, pool_size: int, options: str) -> AsyncEngine:
+def _postgres_engine(dsn: str, pool_size: int, options: str, pool_timeout_s: float) -> AsyncEngine:
     async def connect() -> psycopg.AsyncConnection[Any]:
         if options:
             return await psycopg.AsyncConnection.connect(dsn, options=options)
@@ -84,7 +90,7 @@ def _postgres_engine(dsn: str, pool_size: int, options: str) -> AsyncEngine:
         # connections are closed on return, so under load every call would open one, and the
         # server would plan every statement and compile the trigger again for each.
         max_overflow=0,
-        pool_timeout=10,
+        pool_timeout=pool_timeout_s,
         pool_recycle=1800,
     )
 
