@@ -162,7 +162,7 @@ def database(server_url: str) -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def start_real_broker(procs: Processes, url: str, backends: list[int], workdir: Path) -> str:
+def start_real_broker(procs: Processes, url: str, backends: list[int], workdir: Path) -> tuple[str, int]:
     farm = workdir / "farm.yaml"
     farm.write_text(
         "pools:\n  - name: default\n    default: true\n    disconnect_timeout: 1h\nservers:\n"
@@ -177,7 +177,7 @@ def start_real_broker(procs: Processes, url: str, backends: list[int], workdir: 
             timeout=120,
         )
     grpc_port, http_port = free_port(), free_port()
-    procs.start(
+    child = procs.start(
         [
             PY,
             "-m",
@@ -193,7 +193,7 @@ def start_real_broker(procs: Processes, url: str, backends: list[int], workdir: 
         ]
     )
     wait_port(grpc_port)
-    return f"127.0.0.1:{grpc_port}"
+    return f"127.0.0.1:{grpc_port}", child.pid
 
 
 def cpu_seconds(pid: int | None) -> float:
@@ -201,6 +201,18 @@ def cpu_seconds(pid: int | None) -> float:
         return 0.0
     times = psutil.Process(pid).cpu_times()
     return float(times.user + times.system)
+
+
+def backends_cpu_seconds(database: str) -> float:
+    """CPU time of the PostgreSQL backends serving `database` (their titles name it)."""
+    total = 0.0
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if proc.info["name"] == "postgres" and any(database in part for part in cmdline):
+            with contextlib.suppress(psutil.Error):
+                times = proc.cpu_times()
+                total += times.user + times.system
+    return total
 
 
 def run_load(args: list[str]) -> dict[str, float]:
@@ -300,22 +312,30 @@ def main() -> None:
             say("haproxy is not installed: no comparison (apt-get install -y haproxy)")
         child, port = start_proxy(procs, f"127.0.0.1:{fake_port}")
         targets["proxy"] = (port, child.pid)
+        broker_pid, database_name = 0, ""
         if not args.no_real_broker:
             url = stack.enter_context(database(args.server_url))
-            real = start_real_broker(procs, url, backends, workdir)
+            real, broker_pid = start_real_broker(procs, url, backends, workdir)
             child, port = start_proxy(procs, real)
             targets["proxy+db"] = (port, child.pid)
+            database_name = url.rsplit("/", 1)[1]
 
         names = list(targets)
         setups: dict[str, list[float]] = {n: [] for n in names}
         bulk: dict[str, list[float]] = {n: [] for n in names}
         setup_cpu: dict[str, list[float]] = {n: [] for n in names}  # CPU µs per setup
+        behind_cpu: dict[str, list[float]] = {"broker": [], "postgres": []}  # proxy+db's, µs per setup
         bulk_cpu: dict[str, list[float]] = {n: [] for n in names}  # CPU ms per MiB each way
         for r in range(args.rounds):
             order = names[r % len(names) :] + names[: r % len(names)]
             for name in order:
                 port, pid = targets[name]
                 cpu = cpu_seconds(pid)
+                behind = (
+                    (cpu_seconds(broker_pid), backends_cpu_seconds(database_name))
+                    if name == "proxy+db"
+                    else None
+                )
                 res = run_load(
                     [
                         "setups",
@@ -329,9 +349,19 @@ def main() -> None:
                 )
                 setups[name].append(res["count"] / res["seconds"])
                 setup_cpu[name].append((cpu_seconds(pid) - cpu) / res["count"] * 1e6)
+                extra = ""
+                if behind is not None:
+                    behind_cpu["broker"].append((cpu_seconds(broker_pid) - behind[0]) / res["count"] * 1e6)
+                    behind_cpu["postgres"].append(
+                        (backends_cpu_seconds(database_name) - behind[1]) / res["count"] * 1e6
+                    )
+                    extra = (
+                        f"  (broker {behind_cpu['broker'][-1]:.0f},"
+                        f" postgres {behind_cpu['postgres'][-1]:.0f} us/setup)"
+                    )
                 say(
                     f"round {r + 1} setups {name:9s} {setups[name][-1]:8.0f}/s"
-                    f"  cpu {setup_cpu[name][-1]:6.0f} us/setup  errors {res['errors']:.0f}"
+                    f"  cpu {setup_cpu[name][-1]:6.0f} us/setup  errors {res['errors']:.0f}{extra}"
                 )
             for name in order:
                 port, pid = targets[name]
@@ -386,6 +416,11 @@ def main() -> None:
         if have_haproxy:
             line += f"   ({c / median(setup_cpu['haproxy']):5.1f}x, {m / median(bulk_cpu['haproxy']):5.2f}x)"
         say(line)
+    if behind_cpu["broker"]:
+        say(
+            f"  behind proxy+db: broker {median(behind_cpu['broker']):.0f} us per setup,"
+            f" postgres {median(behind_cpu['postgres']):.0f} us per setup"
+        )
     for name, values in memory.items():
         say(f"  {name:9s} memory {median(values) / 1024:8.1f} KiB per idle connection ({args.idle} held)")
 

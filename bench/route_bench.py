@@ -1,12 +1,18 @@
 """Route throughput and latency: N concurrent gRPC clients against one broker process on PostgreSQL.
 
     .venv/bin/python bench/route_bench.py [--users 4000] [--concurrency 32] [--servers 20]
+                                          [--rate ROUTES_PER_S]
                                           [--server-url postgresql://postgres@127.0.0.1:5432]
 
 Creates a throwaway database, migrates it, declares a farm, starts `python -m rdbroker_broker`, then
 measures three phases: new placements (every user new), reconnects (every user again, new connection
 ids) and retries (the reconnect calls repeated: answered from the stored answers). Prints routes/s,
 p50/p99/max latency and the broker process's CPU time per route. Drops the database at the end.
+
+By default each of --concurrency clients sends its next call when the last one is answered (closed
+loop: the throughput the broker can reach). With --rate, calls start on a fixed schedule instead, R per
+second whatever the answers do (open loop: --users / R seconds per phase), and a call's latency counts
+from its scheduled start, so a broker that falls behind shows it in p99 rather than slowing the load.
 """
 
 from __future__ import annotations
@@ -107,7 +113,7 @@ async def broker(url: str, pool_size: int) -> AsyncIterator[tuple[int, psutil.Pr
         log.seek(0)
         errors = log.read().decode()
         if errors.strip():
-            sys.stderr.write(errors[-2000:])
+            sys.stderr.write(errors[-int(os.environ.get("BENCH_LOG_TAIL", "2000")) :])
         log.close()
 
 
@@ -137,6 +143,28 @@ async def phase(
     return time.perf_counter() - start, latencies
 
 
+async def paced(
+    stub: broker_pb2_grpc.BrokerAsyncStub, users: int, rate: float, tag: str
+) -> tuple[float, list[float]]:
+    """Open loop: call u starts at start + u / rate; its latency counts from then."""
+    latencies: list[float] = []
+
+    async def call(u: int, due: float) -> None:
+        request = pb.RouteRequest(connection_id=f"{tag}-{u}", proxy_id="bench", cookie=f"CORP\\user{u}")
+        await stub.Route(request, timeout=30)
+        latencies.append(time.perf_counter() - due)
+
+    start = time.perf_counter()
+    async with asyncio.TaskGroup() as tasks:
+        for u in range(users):
+            due = start + u / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.create_task(call(u, due))
+    return time.perf_counter() - start, latencies
+
+
 def cpu_seconds(process: psutil.Process) -> float:
     times = process.cpu_times()
     return float(times.user + times.system)
@@ -161,6 +189,7 @@ async def measured(
     users: int,
     concurrency: int,
     tag: str,
+    rate: float,
 ) -> None:
     """One phase, with the CPU time per route of the broker process, of the PostgreSQL backends
     serving it and of this client (figures the machine's load disturbs far less than wall-clock ones)."""
@@ -169,7 +198,10 @@ async def measured(
         backends_cpu_seconds(database),
         time.process_time(),
     )
-    elapsed, latencies = await phase(stub, users, concurrency, tag)
+    if rate > 0:
+        elapsed, latencies = await paced(stub, users, rate, tag)
+    else:
+        elapsed, latencies = await phase(stub, users, concurrency, tag)
     cpu_ms = (cpu_seconds(process) - cpu_before) * 1000 / len(latencies)
     db_ms = (backends_cpu_seconds(database) - db_before) * 1000 / len(latencies)
     client_ms = (time.process_time() - client_before) * 1000 / len(latencies)
@@ -190,6 +222,7 @@ async def main() -> None:
     parser.add_argument("--users", type=int, default=4000)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--servers", type=int, default=20)
+    parser.add_argument("--rate", type=float, default=0.0, help="open loop: start this many calls per second")
     parser.add_argument(
         "--db-pool-size", type=int, default=0, help="the broker's pool (default: concurrency)"
     )
@@ -208,13 +241,20 @@ async def main() -> None:
         ):
             stub = broker_pb2_grpc.BrokerStub(channel)
             await phase(stub, 200, args.concurrency, "warm")  # warm-up: connections, prepared statements
+            load = (
+                f"{args.rate:.0f} calls/s open loop"
+                if args.rate > 0
+                else f"{args.concurrency} concurrent clients"
+            )
             sys.stdout.write(
-                f"broker on PostgreSQL, {args.servers} servers, {args.concurrency} concurrent clients, "
+                f"broker on PostgreSQL, {args.servers} servers, {load}, "
                 f"database pool {pool_size}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}\n"
             )
-            await measured("new", process, db_name, stub, args.users, args.concurrency, "new")
-            await measured("reconnect", process, db_name, stub, args.users, args.concurrency, "again")
-            await measured("retry", process, db_name, stub, args.users, args.concurrency, "again")
+            await measured("new", process, db_name, stub, args.users, args.concurrency, "new", args.rate)
+            await measured(
+                "reconnect", process, db_name, stub, args.users, args.concurrency, "again", args.rate
+            )
+            await measured("retry", process, db_name, stub, args.users, args.concurrency, "again", args.rate)
             sys.stdout.write(f"load average during the run: {os.getloadavg()[0]:.2f}\n")
 
 
