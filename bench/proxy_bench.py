@@ -240,7 +240,7 @@ def idle_memory(pid: int, port: int, count: int) -> float:
     holder.wait(60)
     if status["failed"]:
         say(f"    warning: {status['failed']} idle connections failed")
-    return (after - before) / max(status["held"], 1)
+    return float((after - before) / max(status["held"], 1))
 
 
 def say(text: str) -> None:
@@ -288,7 +288,7 @@ def main() -> None:
         for port in backends:
             wait_port(port)
         fake_port = free_port()
-        procs.start(
+        fake_broker = procs.start(
             [
                 *LOAD,
                 "fakebroker",
@@ -324,18 +324,23 @@ def main() -> None:
         setups: dict[str, list[float]] = {n: [] for n in names}
         bulk: dict[str, list[float]] = {n: [] for n in names}
         setup_cpu: dict[str, list[float]] = {n: [] for n in names}  # CPU µs per setup
-        behind_cpu: dict[str, list[float]] = {"broker": [], "postgres": []}  # proxy+db's, µs per setup
+        # The processes behind a proxy (its broker, the broker's database), CPU µs per setup.
+        behind_cpu: dict[str, list[float]] = {"fake broker": [], "broker": [], "postgres": []}
+
+        def behind_seconds(name: str) -> dict[str, float]:
+            if name == "proxy":
+                return {"fake broker": cpu_seconds(fake_broker.pid)}
+            if name == "proxy+db":
+                return {"broker": cpu_seconds(broker_pid), "postgres": backends_cpu_seconds(database_name)}
+            return {}
+
         bulk_cpu: dict[str, list[float]] = {n: [] for n in names}  # CPU ms per MiB each way
         for r in range(args.rounds):
             order = names[r % len(names) :] + names[: r % len(names)]
             for name in order:
                 port, pid = targets[name]
                 cpu = cpu_seconds(pid)
-                behind = (
-                    (cpu_seconds(broker_pid), backends_cpu_seconds(database_name))
-                    if name == "proxy+db"
-                    else None
-                )
+                behind = behind_seconds(name)
                 res = run_load(
                     [
                         "setups",
@@ -349,16 +354,11 @@ def main() -> None:
                 )
                 setups[name].append(res["count"] / res["seconds"])
                 setup_cpu[name].append((cpu_seconds(pid) - cpu) / res["count"] * 1e6)
-                extra = ""
-                if behind is not None:
-                    behind_cpu["broker"].append((cpu_seconds(broker_pid) - behind[0]) / res["count"] * 1e6)
-                    behind_cpu["postgres"].append(
-                        (backends_cpu_seconds(database_name) - behind[1]) / res["count"] * 1e6
-                    )
-                    extra = (
-                        f"  (broker {behind_cpu['broker'][-1]:.0f},"
-                        f" postgres {behind_cpu['postgres'][-1]:.0f} us/setup)"
-                    )
+                after = behind_seconds(name)
+                for part, seconds in after.items():
+                    behind_cpu[part].append((seconds - behind[part]) / res["count"] * 1e6)
+                extra = ", ".join(f"{part} {behind_cpu[part][-1]:.0f}" for part in after)
+                extra = f"  (behind it: {extra} us/setup)" if extra else ""
                 say(
                     f"round {r + 1} setups {name:9s} {setups[name][-1]:8.0f}/s"
                     f"  cpu {setup_cpu[name][-1]:6.0f} us/setup  errors {res['errors']:.0f}{extra}"
@@ -416,11 +416,9 @@ def main() -> None:
         if have_haproxy:
             line += f"   ({c / median(setup_cpu['haproxy']):5.1f}x, {m / median(bulk_cpu['haproxy']):5.2f}x)"
         say(line)
-    if behind_cpu["broker"]:
-        say(
-            f"  behind proxy+db: broker {median(behind_cpu['broker']):.0f} us per setup,"
-            f" postgres {median(behind_cpu['postgres']):.0f} us per setup"
-        )
+    for part, values in behind_cpu.items():
+        if values:
+            say(f"  {part:13s} {median(values):4.0f} us per setup (behind the proxy)")
     for name, values in memory.items():
         say(f"  {name:9s} memory {median(values) / 1024:8.1f} KiB per idle connection ({args.idle} held)")
 

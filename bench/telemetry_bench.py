@@ -100,7 +100,8 @@ async def main(routes: int, users: int, server_url: str) -> None:
             http_listen="127.0.0.1:0",
             log_level="WARNING",
         )
-        ready, stop, bound = asyncio.Event(), asyncio.Event(), {}
+        ready, stop = asyncio.Event(), asyncio.Event()
+        bound: dict[str, int] = {}
         task = asyncio.get_running_loop().create_task(serve(settings, ready, stop, bound))
         await asyncio.wait_for(ready.wait(), 30)
         channel = grpc.aio.insecure_channel(
