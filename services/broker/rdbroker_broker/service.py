@@ -167,11 +167,13 @@ class BrokerService:
                 found = await routing_sql.route_context(conn, request, key, now, placement)
                 if found is None:
                     raise _unknown_pool(request.pool)
+                if found.earlier is not None:
+                    return found.earlier  # a retried call: the first answer, nothing placed or stored
                 if found.live is not None:
                     return await self._fast_reconnect_postgres(conn, request, found, found.live, now)
                 if found.placed is None or placement is None:
                     # Nothing free, the user placed by another replica meanwhile, or a repeated
-                    # connection id: the transactional path decides and says why.
+                    # connection id answered concurrently: the transactional path decides and says why.
                     return None
                 reason = d.RouteReason.NEW if user else d.RouteReason.NO_IDENTITY
                 return d.RouteDecision(found.placed, placement.session_id, reason, user, found.pool.name)
