@@ -135,7 +135,7 @@ async def serve(
     session_counts = metrics.SessionCounts(engine, settings.sessions_metric_interval_s)
     try:
         await prepare_database(settings, engine)
-        service = BrokerService(Store(engine), settings)
+        service = BrokerService(Store(engine, max_waiting=settings.db_max_waiting), settings)
         servicer = BrokerServicer(service, ProbeService(service))
         grpc_server, grpc_port = _grpc_server(settings, servicer)
         health = add_standard_services(grpc_server, [SERVICE_NAME])

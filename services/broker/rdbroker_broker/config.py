@@ -46,6 +46,9 @@ class BrokerSettings(ServiceSettings):
     # Input bounds for Route: a user name longer than its database column could never be stored.
     max_cookie_chars: int = Field(default=MAX_USER_CHARS, ge=9, le=MAX_USER_CHARS)
     db_pool_size: int = Field(default=10, ge=1, le=200)
+    # Calls beyond the pool wait for a connection in arrival order, at most this many (more are
+    # refused at once with UNAVAILABLE, as is one whose deadline would pass while it waits).
+    db_max_waiting: int = Field(default=1000, ge=1, le=100_000)
     # PostgreSQL bounds on one statement and on one lock wait (0 = none).
     db_statement_timeout_ms: int = Field(default=10_000, ge=0, le=3_600_000)
     db_lock_timeout_ms: int = Field(default=5_000, ge=0, le=3_600_000)

@@ -42,6 +42,7 @@ truncated_cookie_ambiguous = _meter.create_counter(
 )
 
 _route_counts: dict[tuple[str, str], int] = {}
+_refused_counts: dict[str, int] = {}
 _AMBIGUOUS_LABELS: Mapping[str, Mapping[str, str]] = {w: {"where": w} for w in ("reconcile", "route")}
 
 
@@ -70,6 +71,22 @@ _meter.create_observable_counter(
     "rdbroker_routes",
     callbacks=[_observe_routes],
     description="Route calls by reason (token/reconnect/new/no_identity) and outcome",
+)
+
+
+def record_refused(reason: str) -> None:
+    """A call refused for overload (admission.py): queue_full, no_time or timed_out."""
+    _refused_counts[reason] = _refused_counts.get(reason, 0) + 1
+
+
+def _observe_refused(_options: CallbackOptions) -> Iterable[Observation]:
+    return [Observation(count, {"reason": reason}) for reason, count in _refused_counts.copy().items()]
+
+
+_meter.create_observable_counter(
+    "rdbroker_calls_refused",
+    callbacks=[_observe_refused],
+    description="Calls refused UNAVAILABLE for overload, by reason (queue_full/no_time/timed_out)",
 )
 
 

@@ -13,6 +13,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.util import greenlet_spawn
 
+from rdbroker_broker.admission import Gate
 from rdbroker_broker.db.health_repositories import LeaseRepository, ProxyRepository
 from rdbroker_broker.db.repositories import (
     ConnectionRepository,
@@ -48,24 +49,31 @@ class Repos:
 
 
 class Store:
-    def __init__(self, engine: AsyncEngine) -> None:
+    """Every connection is taken through `gate` (as many slots as the pool has connections), which
+    orders the waiting calls and refuses those that could not be answered in time."""
+
+    def __init__(self, engine: AsyncEngine, *, max_waiting: int = 1000) -> None:
         self.engine = engine
         self.is_postgres = engine.dialect.name == "postgresql"
+        pool: Any = engine.pool
+        self.gate = Gate(pool.size(), max_waiting=max_waiting, wait_s=pool.timeout())
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Repos]:
         """Commit on exit, roll back on an exception; database trouble becomes `Unavailable`."""
-        with _mapped_errors():
-            async with self.engine.begin() as conn:
-                yield _repos(conn)
+        async with self.gate.slot():
+            with _mapped_errors():
+                async with self.engine.begin() as conn:
+                    yield _repos(conn)
 
     @asynccontextmanager
     async def autocommit(self) -> AsyncIterator[Repos]:
         """Each statement commits on its own: no BEGIN/COMMIT round trips, for reads and for a
         single idempotent write (the Route reconnect fast path)."""
-        with _mapped_errors():
-            async with self.engine.connect() as conn:
-                yield _repos(await conn.execution_options(isolation_level="AUTOCOMMIT"))
+        async with self.gate.slot():
+            with _mapped_errors():
+                async with self.engine.connect() as conn:
+                    yield _repos(await conn.execution_options(isolation_level="AUTOCOMMIT"))
 
     @asynccontextmanager
     async def raw_autocommit(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
@@ -74,6 +82,11 @@ class Store:
         It comes from the engine's pool (same settings, same bound), bypassing SQLAlchemy's
         per-statement layers; errors are mapped as in `transaction`.
         """
+        async with self.gate.slot(), self._raw_autocommit() as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def _raw_autocommit(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         with _mapped_errors(), _mapped_psycopg_errors():  # the pool's connect is not wrapped
             pooled = await self.engine.raw_connection()
         conn: psycopg.AsyncConnection[Any] = pooled.driver_connection  # type: ignore[assignment]
@@ -95,10 +108,12 @@ class Store:
             await greenlet_spawn(pooled.close)
 
     async def ping(self) -> None:
-        """Raise `Unavailable` unless the database answers."""
+        """Raise `Unavailable` unless the database answers. Not through the gate: a broker that is
+        busy answering calls is still ready."""
         try:
-            async with self.transaction() as r:
-                await r.conn.exec_driver_sql("SELECT 1")
+            with _mapped_errors():
+                async with self.engine.begin() as conn:
+                    await conn.exec_driver_sql("SELECT 1")
         except Retryable as exc:
             raise Unavailable("the database is unreachable") from exc
 

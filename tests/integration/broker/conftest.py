@@ -4,6 +4,7 @@ a farm seeded through `apply_farm`, and a broker served in-process on 127.0.0.1 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -99,13 +100,13 @@ class RunningBroker:
     http_port: int
 
 
-@pytest.fixture
-async def broker(pg_database_url: str, engine: AsyncEngine) -> AsyncIterator[RunningBroker]:
-    """The whole broker (gRPC + REST + sweeper) served in this event loop."""
+@contextlib.asynccontextmanager
+async def running_broker(settings: BrokerSettings) -> AsyncIterator[RunningBroker]:
+    """The whole broker (gRPC + REST + sweeper) served in this event loop with `settings`."""
     ready, stop = asyncio.Event(), asyncio.Event()
     bound: dict[str, int] = {}
     # A bare task (not a TaskGroup): the fixture's setup and teardown may run in different tasks.
-    task = asyncio.get_running_loop().create_task(serve(settings_for(pg_database_url), ready, stop, bound))
+    task = asyncio.get_running_loop().create_task(serve(settings, ready, stop, bound))
     waiter = asyncio.get_running_loop().create_task(ready.wait())
     await asyncio.wait({task, waiter}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
     if not ready.is_set():
@@ -120,6 +121,13 @@ async def broker(pg_database_url: str, engine: AsyncEngine) -> AsyncIterator[Run
         await channel.close()
         stop.set()
         await asyncio.wait_for(task, 30)
+
+
+@pytest.fixture
+async def broker(pg_database_url: str, engine: AsyncEngine) -> AsyncIterator[RunningBroker]:
+    """The whole broker served in this event loop, with the test settings."""
+    async with running_broker(settings_for(pg_database_url)) as running:
+        yield running
 
 
 async def assert_live_counters_exact(engine: AsyncEngine) -> None:

@@ -93,9 +93,9 @@ async def test_a_batch_leaves_the_directory_as_the_single_calls_do(engine, servi
         for kind in kinds:
             event = opened(single[i], f"s{i}") if kind == "opened" else closed(single[i], f"s{i}")
             if kind == "opened":
-                await servicer.ConnectionOpened(event.opened, None)  # type: ignore[arg-type]
+                await servicer.ConnectionOpened(event.opened, Context())  # type: ignore[arg-type]
             else:
-                await servicer.ConnectionClosed(event.closed, None)  # type: ignore[arg-type]
+                await servicer.ConnectionClosed(event.closed, Context())  # type: ignore[arg-type]
     # Interleaved across connections, as a proxy's queue holds them; in order per connection.
     events = [
         opened(batched[0], "b0"),
@@ -105,7 +105,7 @@ async def test_a_batch_leaves_the_directory_as_the_single_calls_do(engine, servi
     ]
     answer = await servicer.ReportConnections(
         pb.ReportConnectionsRequest(proxy_id="p1", events=events),
-        None,  # type: ignore[arg-type]
+        Context(),  # type: ignore[arg-type]
     )
     assert list(answer.rejected) == []
 
@@ -122,9 +122,9 @@ async def test_a_retried_batch_changes_nothing(engine, service, probes):
     events = [opened(ids[0], "c0"), opened(ids[1], "c1"), closed(ids[0], "c0"), closed(ids[2], "c2")]
     request = pb.ReportConnectionsRequest(proxy_id="p1", events=events)
 
-    await servicer.ReportConnections(request, None)  # type: ignore[arg-type]
+    await servicer.ReportConnections(request, Context())  # type: ignore[arg-type]
     first = [await state_of(engine, f"c{i}") for i in range(len(SCRIPT))]
-    answer = await servicer.ReportConnections(request, None)  # type: ignore[arg-type]
+    answer = await servicer.ReportConnections(request, Context())  # type: ignore[arg-type]
     assert list(answer.rejected) == []
     assert [await state_of(engine, f"c{i}") for i in range(len(SCRIPT))] == first
 
@@ -168,6 +168,9 @@ class Context:
     """Enough of a grpc.aio.ServicerContext for `guarded`: abort records the status and raises."""
 
     code: grpc.StatusCode | None = None
+
+    def time_remaining(self) -> float | None:
+        return None  # no deadline
 
     async def abort(self, code: grpc.StatusCode, details: str) -> None:
         self.code = code

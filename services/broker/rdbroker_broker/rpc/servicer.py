@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -12,7 +13,8 @@ import grpc
 
 from rdbroker_broker import domain as d
 from rdbroker_broker import metrics
-from rdbroker_broker.errors import BrokerError, InvalidInput
+from rdbroker_broker.admission import call_deadline, run_to_completion
+from rdbroker_broker.errors import BrokerError, InvalidInput, Overloaded
 from rdbroker_broker.probing import ProbeService
 from rdbroker_broker.rpc import convert
 from rdbroker_broker.rpc.status import status_for
@@ -35,12 +37,17 @@ def guarded(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
 
     @functools.wraps(method)
     async def wrapper(self: Any, request: Req, context: Context) -> Resp:
+        remaining = context.time_remaining()
+        if remaining is not None:
+            call_deadline.set(asyncio.get_running_loop().time() + remaining)
         try:
-            return await method(self, request, context)
+            # Past its deadline or cancelled by its client, a call's database work still finishes:
+            # nobody reads the answer, but the statement and its connection are left intact.
+            return await run_to_completion(method(self, request, context))
         except BrokerError as exc:
             code = status_for(exc)
-            if code is grpc.StatusCode.UNAVAILABLE:
-                log.warning("%s: %s", method.__name__, exc)
+            if code is grpc.StatusCode.UNAVAILABLE and not isinstance(exc, Overloaded):
+                log.warning("%s: %s", method.__name__, exc)  # overload: the gate warns, once a while
             await context.abort(code, str(exc))
         except Exception:
             log.exception("%s failed", method.__name__)

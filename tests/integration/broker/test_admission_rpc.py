@@ -1,0 +1,85 @@
+"""Overload over gRPC against a real broker and PostgreSQL: with its one database connection busy, a
+Route that cannot get it before its deadline is refused UNAVAILABLE ("overloaded") before that
+deadline, one past the queue bound at once; a call whose client gave up still finishes its
+database work (no cancelled statement, no lost connection), so its retry gets the stored answer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+import psycopg
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from rdbroker_proto.v1 import broker_pb2 as pb
+from tests.integration.broker.conftest import running_broker, seed, server, settings_for
+
+
+async def lock_waiters(url: str) -> int:
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        row = await (
+            await conn.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def route(connection_id: str, user: str) -> pb.RouteRequest:
+    return pb.RouteRequest(connection_id=connection_id, proxy_id="p1", cookie=user)
+
+
+async def test_an_overloaded_broker_refuses_in_time_and_finishes_what_it_started(
+    pg_database_url: str, engine: AsyncEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    await seed(engine, server("10.0.0.1:3389"))
+    settings = settings_for(pg_database_url, db_pool_size=1, db_max_waiting=1)
+    caplog.set_level(logging.WARNING)
+    async with running_broker(settings) as broker:
+        stub = broker.stub
+        await stub.Route(route("warm", "warm"), timeout=10)  # the one pooled connection exists
+        async with await psycopg.AsyncConnection.connect(pg_database_url) as locker:
+            await locker.execute("LOCK TABLE pools IN ACCESS EXCLUSIVE MODE")
+            # alice's call takes the only connection; its statement waits on the lock.
+            first = asyncio.ensure_future(stub.Route(route("c-alice", "alice"), timeout=1.0))
+            for _ in range(200):
+                if await lock_waiters(pg_database_url):
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                pytest.fail("alice's Route never reached the database")
+
+            # bob waits for the connection, and is refused before his deadline, not at it.
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.Route(route("c-bob", "bob"), timeout=1.5)
+            assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert "overloaded: no database connection came free in time" in str(refused.value.details())
+
+            # carol waits (the queue holds one); dave finds the queue full and is refused at once.
+            carol = asyncio.ensure_future(stub.Route(route("c-carol", "carol"), timeout=10))
+            await asyncio.sleep(0.2)
+            with pytest.raises(grpc.aio.AioRpcError) as full:
+                await stub.Route(route("c-dave", "dave"), timeout=10)
+            assert full.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert "1 calls already wait for the database" in str(full.value.details())
+
+            with pytest.raises(grpc.aio.AioRpcError) as gave_up:
+                await first  # alice's client gives up while her statement still waits
+            assert gave_up.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+            await locker.rollback()
+
+        assert (await asyncio.wait_for(carol, 10)).server_address == "10.0.0.1:3389"
+        # alice's statement ran to its end after her client left: her session is there before she
+        # retries, and the retry gets that answer.
+        found = await stub.LookupUserSessions(pb.LookupUserSessionsRequest(user="alice"), timeout=10)
+        assert len(found.sessions) == 1
+        again = await stub.Route(route("c-alice", "alice"), timeout=10)
+        assert (again.reason, again.session_id) == (pb.ROUTE_REASON_NEW, found.sessions[0].session_id)
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "closing connection" in m or "cancel" in m.lower()], messages
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], messages
+    assert sum("overloaded: refused" in m for m in messages) == 1  # one warning for the two refusals
