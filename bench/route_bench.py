@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import os
 import signal
@@ -144,14 +145,24 @@ async def phase(
 
 
 async def paced(
-    stub: broker_pb2_grpc.BrokerAsyncStub, users: int, rate: float, tag: str
+    stub: broker_pb2_grpc.BrokerAsyncStub,
+    users: int,
+    rate: float,
+    tag: str,
+    timeout_s: float,
+    failed: collections.Counter[str],
 ) -> tuple[float, list[float]]:
-    """Open loop: call u starts at start + u / rate; its latency counts from then."""
+    """Open loop: call u starts at start + u / rate; its latency counts from then. A call that fails
+    (past `timeout_s`, or refused) is counted in `failed` by status code, as a proxy would see it."""
     latencies: list[float] = []
 
     async def call(u: int, due: float) -> None:
         request = pb.RouteRequest(connection_id=f"{tag}-{u}", proxy_id="bench", cookie=f"CORP\\user{u}")
-        await stub.Route(request, timeout=30)
+        try:
+            await stub.Route(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            failed[exc.code().name] += 1
+            return
         latencies.append(time.perf_counter() - due)
 
     start = time.perf_counter()
@@ -190,6 +201,7 @@ async def measured(
     concurrency: int,
     tag: str,
     rate: float,
+    timeout_s: float,
 ) -> None:
     """One phase, with the CPU time per route of the broker process, of the PostgreSQL backends
     serving it and of this client (figures the machine's load disturbs far less than wall-clock ones)."""
@@ -198,13 +210,19 @@ async def measured(
         backends_cpu_seconds(database),
         time.process_time(),
     )
+    failed: collections.Counter[str] = collections.Counter()
     if rate > 0:
-        elapsed, latencies = await paced(stub, users, rate, tag)
+        elapsed, latencies = await paced(stub, users, rate, tag, timeout_s, failed)
     else:
         elapsed, latencies = await phase(stub, users, concurrency, tag)
-    cpu_ms = (cpu_seconds(process) - cpu_before) * 1000 / len(latencies)
-    db_ms = (backends_cpu_seconds(database) - db_before) * 1000 / len(latencies)
-    client_ms = (time.process_time() - client_before) * 1000 / len(latencies)
+    calls = len(latencies) + sum(failed.values())
+    cpu_ms = (cpu_seconds(process) - cpu_before) * 1000 / calls
+    db_ms = (backends_cpu_seconds(database) - db_before) * 1000 / calls
+    client_ms = (time.process_time() - client_before) * 1000 / calls
+    if failed:
+        sys.stdout.write(f"{name:<10} failed calls: {dict(failed)} (answered: {len(latencies)})\n")
+    if not latencies:
+        return
     ms = sorted(x * 1000 for x in latencies)
     p50 = statistics.median(ms)
     p99 = ms[min(len(ms) - 1, int(len(ms) * 0.99))]
@@ -223,6 +241,9 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--servers", type=int, default=20)
     parser.add_argument("--rate", type=float, default=0.0, help="open loop: start this many calls per second")
+    parser.add_argument(
+        "--timeout", type=float, default=30.0, help="open loop: each call's deadline in seconds"
+    )
     parser.add_argument(
         "--db-pool-size", type=int, default=0, help="the broker's pool (default: concurrency)"
     )
@@ -250,11 +271,10 @@ async def main() -> None:
                 f"broker on PostgreSQL, {args.servers} servers, {load}, "
                 f"database pool {pool_size}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}\n"
             )
-            await measured("new", process, db_name, stub, args.users, args.concurrency, "new", args.rate)
-            await measured(
-                "reconnect", process, db_name, stub, args.users, args.concurrency, "again", args.rate
-            )
-            await measured("retry", process, db_name, stub, args.users, args.concurrency, "again", args.rate)
+            for name, tag in (("new", "new"), ("reconnect", "again"), ("retry", "again")):
+                await measured(
+                    name, process, db_name, stub, args.users, args.concurrency, tag, args.rate, args.timeout
+                )
             sys.stdout.write(f"load average during the run: {os.getloadavg()[0]:.2f}\n")
 
 
