@@ -28,6 +28,9 @@ T = TypeVar("T")
 
 # When the current call's answer is no use any more (event loop time), if the call has a deadline.
 call_deadline: ContextVar[float | None] = ContextVar("call_deadline", default=None)
+# Calls that wait even when the queue is full: proxy heartbeats (one per proxy per interval). A
+# proxy whose heartbeats are refused for a few intervals has its sessions marked disconnected.
+beyond_queue_bound: ContextVar[bool] = ContextVar("beyond_queue_bound", default=False)
 
 
 class Gate:
@@ -67,7 +70,7 @@ class Gate:
         if self._free > 0 and not self._waiters:
             self._free -= 1
             return
-        if len(self._waiters) >= self.max_waiting:
+        if len(self._waiters) >= self.max_waiting and not beyond_queue_bound.get():
             raise self._refused(
                 "queue_full",
                 f"the broker is overloaded: {len(self._waiters)} calls already wait for the database",

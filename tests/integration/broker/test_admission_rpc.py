@@ -66,6 +66,10 @@ async def test_an_overloaded_broker_refuses_in_time_and_finishes_what_it_started
                 await stub.Route(route("c-dave", "dave"), timeout=10)
             assert full.value.code() is grpc.StatusCode.UNAVAILABLE
             assert "1 calls already wait for the database" in str(full.value.details())
+            # A proxy's heartbeat is never refused for a full queue: it waits its turn.
+            heartbeat = asyncio.ensure_future(
+                stub.ProxyHeartbeat(pb.ProxyHeartbeatRequest(proxy_id="p1"), timeout=10)
+            )
 
             with pytest.raises(grpc.aio.AioRpcError) as gave_up:
                 await first  # alice's client gives up while her statement still waits
@@ -73,6 +77,7 @@ async def test_an_overloaded_broker_refuses_in_time_and_finishes_what_it_started
             await locker.rollback()
 
         assert (await asyncio.wait_for(carol, 10)).server_address == "10.0.0.1:3389"
+        assert (await asyncio.wait_for(heartbeat, 10)).heartbeat_interval_ms > 0
         # alice's statement ran to its end after her client left: her session is there before she
         # retries, and the retry gets that answer.
         found = await stub.LookupUserSessions(pb.LookupUserSessionsRequest(user="alice"), timeout=10)

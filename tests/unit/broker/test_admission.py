@@ -11,7 +11,7 @@ import random
 import pytest
 
 from rdbroker_broker import metrics
-from rdbroker_broker.admission import Gate, call_deadline, run_to_completion
+from rdbroker_broker.admission import Gate, beyond_queue_bound, call_deadline, run_to_completion
 from rdbroker_broker.errors import Overloaded, Unavailable
 
 
@@ -67,6 +67,32 @@ async def test_a_full_queue_refuses_the_next_call_at_once(caplog: pytest.LogCapt
     release.set()
     await asyncio.gather(*tasks)
     assert (g.held, g.waiting) == (0, 0)
+
+
+async def test_a_call_marked_beyond_the_queue_bound_waits_when_the_queue_is_full() -> None:
+    g = gate(slots=1, max_waiting=1)
+    release = asyncio.Event()
+
+    async def hold() -> None:
+        async with g.slot():
+            await release.wait()
+
+    async def heartbeat() -> str:
+        beyond_queue_bound.set(True)
+        async with g.slot():
+            return "in"
+
+    tasks = [asyncio.ensure_future(hold()) for _ in range(2)]  # one holds, one waits: full
+    await settle()
+    with pytest.raises(Overloaded):
+        async with g.slot():
+            pass
+    marked = asyncio.ensure_future(heartbeat())
+    await settle()
+    assert g.waiting == 2
+    release.set()
+    assert await marked == "in"
+    await asyncio.gather(*tasks)
 
 
 async def test_refusals_in_a_storm_are_logged_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:

@@ -13,7 +13,7 @@ import grpc
 
 from rdbroker_broker import domain as d
 from rdbroker_broker import metrics
-from rdbroker_broker.admission import call_deadline, run_to_completion
+from rdbroker_broker.admission import beyond_queue_bound, call_deadline, run_to_completion
 from rdbroker_broker.errors import BrokerError, InvalidInput, Overloaded
 from rdbroker_broker.probing import ProbeService
 from rdbroker_broker.rpc import convert
@@ -148,6 +148,7 @@ class BrokerServicer(pb_grpc.BrokerServicer):
     async def ProxyHeartbeat(
         self, request: pb.ProxyHeartbeatRequest, context: Context
     ) -> pb.ProxyHeartbeatResponse:
+        beyond_queue_bound.set(True)  # never refused for a full queue (admission.py)
         interval_ms = await self.service.proxy_heartbeat(
             request.proxy_id, request.active_connections, request.connection_ids
         )
