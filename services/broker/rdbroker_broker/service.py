@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar, cast
 
+import psycopg
 from sqlalchemy import Column, ColumnElement, String, func, select
 from sqlalchemy.exc import IntegrityError
 
@@ -164,16 +165,21 @@ class BrokerService:
                 placement = None
                 if guard is not None:
                     placement = routing_sql.NewSession(new_session_id(), user, expires_at, guard)
-                found = await routing_sql.route_context(conn, request, key, now, placement)
+                try:
+                    found = await routing_sql.route_context(conn, request, key, now, placement)
+                except psycopg.errors.UniqueViolation as exc:
+                    if not routing_sql.repeats_an_answer(exc):
+                        raise
+                    # A retried call whose session is no longer live: placing it again met the
+                    # stored answer, and nothing of the statement remains. That answer is the reply.
+                    return await routing_sql.stored_answer(conn, request)
                 if found is None:
                     raise _unknown_pool(request.pool)
-                if found.earlier is not None:
-                    return found.earlier  # a retried call: the first answer, nothing placed or stored
                 if found.live is not None:
                     return await self._fast_reconnect_postgres(conn, request, found, found.live, now)
                 if found.placed is None or placement is None:
-                    # Nothing free, the user placed by another replica meanwhile, or a repeated
-                    # connection id answered concurrently: the transactional path decides and says why.
+                    # Nothing free, or the user placed by another replica meanwhile: the
+                    # transactional path decides and says why.
                     return None
                 reason = d.RouteReason.NEW if user else d.RouteReason.NO_IDENTITY
                 return d.RouteDecision(found.placed, placement.session_id, reason, user, found.pool.name)
@@ -196,7 +202,10 @@ class BrokerService:
             if answered:  # never expected: undo, and let the transactional path decide
                 log.error("reconnect rules in SQL and in the domain disagree on %s", server)
                 await routing_sql.forget_answer(conn, request, live.session_id)
-            return None  # ended and placed anew by the transactional path
+                return None
+            # Ended and placed anew by the transactional path, unless this is a retried call whose
+            # session has just expired (not yet swept): that call gets its answer.
+            return await routing_sql.stored_answer(conn, request)
         if answered:
             return d.RouteDecision(
                 server.address, live.session_id, d.RouteReason.RECONNECT, live.user, pool.name

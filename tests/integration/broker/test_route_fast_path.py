@@ -149,17 +149,15 @@ async def test_sql_rules_and_placement_equal_the_domain_rules(engine, pg_databas
             assert ranked_sql == ranked
             # The one-statement placement takes the domain's choice (nothing locked here).
             best = ranked[0] if ranked else None
-            # (reconnect stored, placed on, answer stored before): a first call has none stored.
-            assert _context(conn, "nobody", "c-none", place=True)[-3:] == (False, best, None)
-            assert _context(conn, None, "c-anon", place=True)[-3:] == (False, best, None)
+            assert _context(conn, "nobody", "c-none", place=True)[-2:] == (False, best)
+            assert _context(conn, None, "c-anon", place=True)[-2:] == (False, best)
             by_address = {s.address: s for s in table}
             for i, (state, expiry) in enumerate(sessions[: len(rows)]):
                 expires = EXPIRIES[expiry]
                 live = expires is None or expires > NOW
                 takes = live and d.takes_reconnects(by_address[_address(i)])
-                assert _context(conn, f"u{i}", f"c{i}")[-3:] == (takes, None, None), (state, expiry)
-                placing = _context(conn, f"u{i}", f"p{i}", place=True)
-                assert placing[-3:] == (takes, None, None), (state, expiry)
+                assert _context(conn, f"u{i}", f"c{i}")[-2:] == (takes, None), (state, expiry)
+                assert _context(conn, f"u{i}", f"p{i}", place=True)[-2:] == (takes, None), (state, expiry)
             checked += 1
 
         check()
@@ -243,7 +241,8 @@ async def test_a_repeated_connection_id_gets_its_first_answer(engine, service):
 
 async def test_a_repeated_placement_gets_its_first_answer(engine, service):
     """Without identity nothing links the two calls but the connection id: the repeated placing
-    statement finds the answer stored under it, returns that and places nobody (no second session)."""
+    statement fails whole on the answer's key (no second session), the transactional path answers
+    what the first call stored."""
     await seed(engine, server(A), server(B))
     first = await service.route(d.RouteRequest(connection_id="same"))
     again = await service.route(d.RouteRequest(connection_id="same"))

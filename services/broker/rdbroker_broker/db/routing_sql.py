@@ -12,8 +12,7 @@ reconnect acceptance (`reconnects_sql` + expiry). A new placement is decided by 
 eligible server nobody else holds); a reconnect stored by SQL is decided again in Python by the domain
 (`service`), which takes the answer back if they ever disagree. A cookie that may name a session
 stored under another key (cut to 9 characters, or `DOMAIN\\user` against a bare name) is placed only
-when the statement finds no such live session (`placement_guard`). A retried call gets its stored
-answer from the statement, which then places nobody. Anything unusual (tokens, other attempts,
+when the statement finds no such live session (`placement_guard`). Anything unusual (tokens, retries,
 expired or stranded sessions, such a session found, a lost race, no unlocked candidate) is left to
 the transactional path in `service`, which handles every case.
 """
@@ -113,17 +112,11 @@ FROM ctx
 # live-session counter only changes under that lock, by trigger), so a limit is never exceeded. The
 # session insert loses quietly to another replica's placement of the same user (the unique index); the
 # answer insert has no ON CONFLICT, so a repeated (connection_id, attempt) fails the statement and
-# nothing of it remains. A (connection_id, attempt) answered before (a retry whose session has
-# ended or expired) places nobody: the statement returns that answer instead (a primary-key probe).
+# nothing of it remains.
 _PLACEMENT = f"""
-, earlier AS (
-    SELECT ARRAY[server_address, session_id, reason, "user", pool] AS a FROM connections
-    WHERE connection_id = %(connection_id)s AND attempt = %(attempt)s
-), chosen AS (
+, chosen AS (
     SELECT c.address, c.pool FROM servers c
-    WHERE c.pool = (
-        SELECT pool_name FROM ctx WHERE s_id IS NULL AND NOT EXISTS (SELECT FROM earlier){{prefix_guard}}
-    ) AND {eligible_sql("c")}
+    WHERE c.pool = (SELECT pool_name FROM ctx WHERE s_id IS NULL{{prefix_guard}}) AND {eligible_sql("c")}
     ORDER BY {rank_key_sql("c")}
     LIMIT 1
     FOR UPDATE SKIP LOCKED
@@ -163,9 +156,7 @@ def _key_guard(*names: str) -> str:
     return "".join(_KEY_RANGE_EMPTY.format(live=LIVE_SQL, name=name) for name in names)
 
 
-# The server placed on, and the answer stored before this statement (it does not see its own).
-_PLACED = "(SELECT server_address FROM placed_answer), (SELECT a FROM earlier)"
-_UNPLACED = "NULL, NULL"
+_PLACED = "(SELECT server_address FROM placed_answer)"
 _DEFAULT, _NAMED = "p.is_default", "p.name_key = %(pool_key)s"
 _PLAIN = _PLACEMENT.format(prefix_guard="")
 _OWN = _PLACEMENT.format(prefix_guard=_key_guard("own"))
@@ -175,13 +166,12 @@ _GUARDED = _PLACEMENT.format(prefix_guard=_key_guard("own", "bare"))
 
 def compact(sql: str) -> str:
     """One line, single spaces. psycopg parses a statement's placeholders once and caches the
-    result only for statements up to 4 KiB; longer ones are parsed again on every call. (No string
-    literal here holds a space next to a parenthesis.)"""
-    return " ".join(sql.split()).replace("( ", "(").replace(" )", ")")
+    result only for statements up to 4 KiB; longer ones are parsed again on every call."""
+    return " ".join(sql.split())
 
 
-CONTEXT_DEFAULT = compact(_CONTEXT.format(pool_filter=_DEFAULT, placement="", placed=_UNPLACED))
-CONTEXT_NAMED = compact(_CONTEXT.format(pool_filter=_NAMED, placement="", placed=_UNPLACED))
+CONTEXT_DEFAULT = compact(_CONTEXT.format(pool_filter=_DEFAULT, placement="", placed="NULL"))
+CONTEXT_NAMED = compact(_CONTEXT.format(pool_filter=_NAMED, placement="", placed="NULL"))
 CONTEXT_PLACE_DEFAULT = compact(_CONTEXT.format(pool_filter=_DEFAULT, placement=_PLAIN, placed=_PLACED))
 CONTEXT_PLACE_NAMED = compact(_CONTEXT.format(pool_filter=_NAMED, placement=_PLAIN, placed=_PLACED))
 CONTEXT_PLACE_OWN_DEFAULT = compact(_CONTEXT.format(pool_filter=_DEFAULT, placement=_OWN, placed=_PLACED))
@@ -265,9 +255,6 @@ class Context:
     server: d.Server | None  # that session's server
     answered: bool  # the reconnect answer for this connection was stored
     placed: str | None  # the server the new session was placed on (a placing statement only)
-    # The answer stored before for this (connection_id, attempt): a retried call (a placing
-    # statement only; it then placed nobody and stored nothing).
-    earlier: d.RouteDecision | None = None
 
 
 async def route_context(
@@ -278,9 +265,8 @@ async def route_context(
     placement: NewSession | None = None,
 ) -> Context | None:
     """The pool ("" = the default), the user's live session and its server; the reconnect answer
-    stored when SQL's rules take it; with `placement` and no live session, the user placed; with
-    `placement` and a stored answer (a retried call), that answer, and nothing else done. None for an
-    unknown pool."""
+    stored when SQL's rules take it; with `placement` and no live session, the user placed. None for
+    an unknown pool."""
     params: dict[str, Any] = {
         "user_key": key or None,
         "pool_key": request.pool.casefold(),
@@ -310,10 +296,9 @@ async def route_context(
     session_at = 3
     server_at = session_at + len(_SESSION_FIELDS)
     answered_at = server_at + len(_RANK_FIELDS)
-    answered, placed, stored = bool(row[answered_at]), row[answered_at + 1], row[answered_at + 2]
-    earlier = _decision(stored) if stored is not None else None
+    answered, placed = bool(row[answered_at]), row[answered_at + 1]
     if row[session_at] is None:
-        return Context(found, None, None, answered, placed, earlier)
+        return Context(found, None, None, answered, placed)
     sid, user, address, state, created, updated, expires = row[session_at:server_at]
     session = d.Session(
         session_id=sid,
@@ -326,7 +311,7 @@ async def route_context(
         expires_at=expires.astimezone(UTC) if expires is not None else None,
     )
     server = _server(row[server_at:answered_at]) if row[server_at] is not None else None
-    return Context(found, session, server, answered, placed, earlier)
+    return Context(found, session, server, answered, placed)
 
 
 async def forget_answer(conn: psycopg.AsyncConnection[Any], request: d.RouteRequest, session_id: str) -> None:
@@ -352,16 +337,18 @@ def _server(values: Any) -> d.Server:
     )
 
 
+def repeats_an_answer(exc: psycopg.errors.UniqueViolation) -> bool:
+    """The placing statement failed because this (connection_id, attempt) has an answer already."""
+    return exc.diag.constraint_name == "pk_connections"
+
+
 async def stored_answer(
     conn: psycopg.AsyncConnection[Any], request: d.RouteRequest
 ) -> d.RouteDecision | None:
     """The answer already given to this (connection_id, attempt), if any: a retried call gets it."""
     cur = await conn.execute(ANSWER, {"connection_id": request.connection_id, "attempt": request.attempt})
     row = await cur.fetchone()
-    return _decision(row) if row is not None else None
-
-
-def _decision(values: Any) -> d.RouteDecision:
-    """A stored answer: server_address, session_id, reason, user, pool."""
-    address, session_id, reason, user, pool = values
+    if row is None:
+        return None
+    address, session_id, reason, user, pool = row
     return d.RouteDecision(address, session_id, d.RouteReason(reason), user, pool)
