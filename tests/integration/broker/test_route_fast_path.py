@@ -316,9 +316,29 @@ async def test_a_truncated_cookie_nobody_else_starts_with_is_placed_in_one_state
     await assert_live_counters_exact(engine)
 
 
-async def test_the_prefix_guard_reads_the_prefix_index(engine, service, pg_database_url):
+def _probe_conditions(plan: str, alias: str) -> list[str]:
+    """Each scan of `sessions <alias>` in the plan: its index and its index condition."""
+    lines = plan.splitlines()
+    found = []
+    for at, line in enumerate(lines):
+        if f" on sessions {alias}" in line:
+            assert "Scan using" in line, line  # an index, never the whole table
+            condition = next(x for x in lines[at + 1 :] if "Index Cond:" in x).strip()
+            found.append(line.split("Scan using ", 1)[1].split(" on ", 1)[0] + ": " + condition)
+    return found
+
+
+@pytest.mark.parametrize("stats", ["analyzed", "stale"])
+@pytest.mark.parametrize("plan_cache_mode", ["force_custom_plan", "force_generic_plan"])
+async def test_the_prefix_guard_reads_the_prefix_index(
+    engine, service, pg_database_url, plan_cache_mode, stats
+):
+    """Also with statistics from when the table was empty (before autovacuum's next analyze), which
+    once made the planner probe the whole index and filter the pool afterwards."""
     await seed(engine, server(A))
     with psycopg.connect(pg_database_url, autocommit=True) as conn:
+        if stats == "stale":
+            conn.execute("ANALYZE sessions")
         conn.execute(
             """INSERT INTO sessions (id, pool, "user", user_key, server_address, state, learnt_from,
                                      client_address, created_at, updated_at, end_reason)
@@ -328,7 +348,9 @@ async def test_the_prefix_guard_reads_the_prefix_index(engine, service, pg_datab
                FROM generate_series(1, 5000) n""",
             (A,),
         )
-        conn.execute("ANALYZE sessions")
+        if stats == "analyzed":
+            conn.execute("ANALYZE sessions")
+        conn.execute(f"SET plan_cache_mode = {plan_cache_mode}")  # psycopg prepares hot statements
         params = {
             "user_key": "ftbco\\a70", "own_from": "ftbco\\a70", "own_to": "ftbco\\a71",
             "bare_from": "a70", "bare_to": "a71",
@@ -341,6 +363,15 @@ async def test_the_prefix_guard_reads_the_prefix_index(engine, service, pg_datab
         )
     assert "uq_sessions_live_user on sessions t" in plan, plan
     assert "Seq Scan on sessions" not in plan, plan
+    guards = _probe_conditions(plan, "t")
+    assert len(guards) == 2, plan  # the own-prefix range and the bare name
+    # Each probe is bounded by the pool too (the index's leading column), or it walks every key.
+    assert all(c.startswith("uq_sessions_live_user: ") and "(pool = " in c for c in guards), plan
+    # The read of the user's live session is bounded by the user's key: by (pool, user_key) on the
+    # live-user index, or by user_key on its own index; never user_key alone on the live-user index.
+    (live,) = _probe_conditions(plan, "l")
+    assert "user_key" in live, plan
+    assert "(pool" in live or live.startswith("ix_sessions_user_key: "), plan
 
 
 @pytest.mark.parametrize("cookie", ["CORP\\alice", "CORP\\alic"])

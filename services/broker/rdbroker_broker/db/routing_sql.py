@@ -79,7 +79,10 @@ _CONNECTION_COLUMNS = (
 
 # The pool, the user's live session in it and that session's server. When the live session takes
 # this connection back (not expired, its server takes reconnects), the answer is stored in the same
-# statement: a reconnect is one round trip. `domain` decides again in Python.
+# statement: a reconnect is one round trip. `domain` decides again in Python. The session is read
+# LATERAL (OFFSET 0 keeps it so), by (pool, user_key): as a plain join the planner could hash-join
+# on the pool and probe the live-user index by user_key alone, walking every key (with statistics
+# older than the table's growth).
 _CONTEXT = f"""
 WITH ctx AS (
     SELECT p.name AS pool_name, p.is_default, p.disconnect_timeout_s,
@@ -87,8 +90,10 @@ WITH ctx AS (
            {", ".join(f"v.{name} AS v_{name}" for name in _RANK_FIELDS)},
            (s.expires_at IS NULL OR s.expires_at > %(now)s) AND {reconnects_sql("v")} AS reconnects
     FROM pools p
-    LEFT JOIN sessions s
-        ON s.pool = p.name AND s.user_key = %(user_key)s AND s.state IN {LIVE_SQL}
+    LEFT JOIN LATERAL (
+        SELECT * FROM sessions l WHERE l.pool = p.name AND l.user_key = %(user_key)s AND l.state IN {LIVE_SQL}
+        OFFSET 0
+    ) s ON true
     LEFT JOIN servers v ON v.address = s.server_address
     WHERE {{pool_filter}}
 ), answered AS (
@@ -142,10 +147,13 @@ _PLACEMENT = f"""
 # cookie may be mstsc's cut of a longer user name the agent linked (keys starting with it), and a
 # `DOMAIN\\user` cookie's session may be the one the server reported under the bare user name
 # (quser prints none). Otherwise the transactional path tells them apart.
+# The pool comes from a scalar subquery, not from the outer ctx row: as a correlated column the
+# planner left it out of the index condition (prepared, generic plans), and each probe walked every
+# live key of every pool (a placement's cost grew with the number of live sessions).
 _KEY_RANGE_EMPTY = """
     AND NOT EXISTS (
         SELECT FROM sessions t
-        WHERE t.pool = ctx.pool_name AND t.state IN {live} AND t.user_key IS NOT NULL
+        WHERE t.pool = (SELECT pool_name FROM ctx) AND t.state IN {live} AND t.user_key IS NOT NULL
           AND t.user_key ~>=~ %({name}_from)s AND t.user_key ~<~ %({name}_to)s
     )"""
 
