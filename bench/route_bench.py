@@ -29,7 +29,8 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import grpc
 import httpx
@@ -95,7 +96,9 @@ async def broker(url: str, pool_size: int) -> AsyncIterator[tuple[int, psutil.Pr
         "--log-level",
         "WARNING",
         # A pool smaller than the concurrency opens and closes overflow connections all the time.
-        env={**os.environ, "RDBROKER_DB_POOL_SIZE": str(pool_size)},
+        # Nothing here reports connections opened: without a long pending timeout, sessions would
+        # expire during a long run and "reconnects" would be new placements.
+        env={"RDBROKER_PENDING_TIMEOUT_S": "3600", **os.environ, "RDBROKER_DB_POOL_SIZE": str(pool_size)},
         stderr=log,
     )
     try:
@@ -251,8 +254,35 @@ async def main() -> None:
         "--server-url",
         default=os.environ.get("RDBROKER_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432"),
     )
+    parser.add_argument(
+        "--own-cluster",
+        action="store_true",
+        help="a throwaway PostgreSQL cluster with stock settings (autovacuum on, fsync on) instead of "
+        "--server-url, whose server may be tuned for tests",
+    )
     args = parser.parse_args()
-    with database(args.server_url.rstrip("/")) as url:
+    with contextlib.ExitStack() as stack:
+        server_url = args.server_url.rstrip("/")
+        if args.own_cluster:
+            server_url = stack.enter_context(own_cluster())
+        await run(args, server_url)
+
+
+@contextlib.contextmanager
+def own_cluster() -> Iterator[str]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.support.postgres import Cluster  # the test suite's throwaway clusters
+
+    cluster = Cluster(extra_conf="fsync = on\n").init().start()  # later lines win: fsync back on
+    try:
+        yield cluster.url
+    finally:
+        cluster.stop()
+        cluster.destroy()
+
+
+async def run(args: argparse.Namespace, server_url: str) -> None:
+    with database(server_url) as url:
         await prepare(url, args.servers)
         pool_size = args.db_pool_size or max(args.concurrency, 1)
         db_name = url.rsplit("/", 1)[1]
