@@ -14,12 +14,11 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
-from rdbroker_broker import metrics
 from rdbroker_broker.errors import Overloaded
 
 log = logging.getLogger(__name__)
@@ -40,8 +39,17 @@ class Gate:
 
     LOG_EVERY_S = 10.0  # refusals come by the thousand in a storm: one warning per interval
 
-    def __init__(self, slots: int, *, max_waiting: int, wait_s: float, margin_s: float = 0.1) -> None:
+    def __init__(
+        self,
+        slots: int,
+        *,
+        max_waiting: int,
+        wait_s: float,
+        margin_s: float = 0.1,
+        on_refused: Callable[[str], None] = lambda reason: None,
+    ) -> None:
         self.slots = slots
+        self.on_refused = on_refused  # counts refusals by reason (the app passes metrics.record_refused)
         self.max_waiting = max_waiting
         self.wait_s = wait_s
         self.margin_s = margin_s
@@ -103,7 +111,7 @@ class Gate:
             raise
 
     def _refused(self, reason: str, message: str) -> Overloaded:
-        metrics.record_refused(reason)
+        self.on_refused(reason)
         self._refused_since_log += 1
         now = time.monotonic()
         if now - self._logged_at >= self.LOG_EVERY_S:

@@ -135,7 +135,8 @@ async def serve(
     session_counts = metrics.SessionCounts(engine, settings.sessions_metric_interval_s)
     try:
         await prepare_database(settings, engine)
-        service = BrokerService(Store(engine, max_waiting=settings.db_max_waiting), settings)
+        store = Store(engine, max_waiting=settings.db_max_waiting, on_refused=metrics.record_refused)
+        service = BrokerService(store, settings)
         servicer = BrokerServicer(service, ProbeService(service))
         grpc_server, grpc_port = _grpc_server(settings, servicer)
         health = add_standard_services(grpc_server, [SERVICE_NAME])

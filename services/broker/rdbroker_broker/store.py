@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -52,11 +52,17 @@ class Store:
     """Every connection is taken through `gate` (as many slots as the pool has connections), which
     orders the waiting calls and refuses those that could not be answered in time."""
 
-    def __init__(self, engine: AsyncEngine, *, max_waiting: int = 1000) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        max_waiting: int = 1000,
+        on_refused: Callable[[str], None] = lambda reason: None,
+    ) -> None:
         self.engine = engine
         self.is_postgres = engine.dialect.name == "postgresql"
         pool: Any = engine.pool
-        self.gate = Gate(pool.size(), max_waiting=max_waiting, wait_s=pool.timeout())
+        self.gate = Gate(pool.size(), max_waiting=max_waiting, wait_s=pool.timeout(), on_refused=on_refused)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Repos]:

@@ -13,6 +13,7 @@ import psycopg
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from rdbroker_broker import metrics
 from rdbroker_proto.v1 import broker_pb2 as pb
 from tests.integration.broker.conftest import running_broker, seed, server, settings_for
 
@@ -39,6 +40,7 @@ async def test_an_overloaded_broker_refuses_in_time_and_finishes_what_it_started
     await seed(engine, server("10.0.0.1:3389"))
     settings = settings_for(pg_database_url, db_pool_size=1, db_max_waiting=1)
     caplog.set_level(logging.WARNING)
+    refused_before = dict(metrics._refused_counts)
     async with running_broker(settings) as broker:
         stub = broker.stub
         await stub.Route(route("warm", "warm"), timeout=10)  # the one pooled connection exists
@@ -88,3 +90,5 @@ async def test_an_overloaded_broker_refuses_in_time_and_finishes_what_it_started
     assert not [m for m in messages if "closing connection" in m or "cancel" in m.lower()], messages
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], messages
     assert sum("overloaded: refused" in m for m in messages) == 1  # one warning for the two refusals
+    for reason in ("timed_out", "queue_full"):  # counted for rdbroker_calls_refused_total{reason}
+        assert metrics._refused_counts[reason] == refused_before.get(reason, 0) + 1
