@@ -36,6 +36,7 @@ from pathlib import Path
 
 import psutil
 import psycopg
+from route_bench import backends_cpu_seconds  # bench/ is on the path: the script's directory
 
 ROOT = Path(__file__).resolve().parent.parent
 LOAD = [sys.executable, str(ROOT / "bench" / "proxy_load.py")]
@@ -201,18 +202,6 @@ def cpu_seconds(pid: int | None) -> float:
         return 0.0
     times = psutil.Process(pid).cpu_times()
     return float(times.user + times.system)
-
-
-def backends_cpu_seconds(database: str) -> float:
-    """CPU time of the PostgreSQL backends serving `database` (their titles name it)."""
-    total = 0.0
-    for proc in psutil.process_iter(["name", "cmdline"]):
-        cmdline = proc.info["cmdline"] or []
-        if proc.info["name"] == "postgres" and any(database in part for part in cmdline):
-            with contextlib.suppress(psutil.Error):
-                times = proc.cpu_times()
-                total += times.user + times.system
-    return total
 
 
 def run_load(args: list[str]) -> dict[str, float]:

@@ -130,6 +130,29 @@ async def broker(pg_database_url: str, engine: AsyncEngine) -> AsyncIterator[Run
         yield running
 
 
+async def lock_waiters(url: str) -> int:
+    """How many backends of the database at `url` wait on a lock."""
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        row = await (
+            await conn.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def until_a_statement_waits_on_a_lock(url: str) -> None:
+    for _ in range(200):  # bounded: 10 s
+        if await lock_waiters(url):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("no statement came to wait on the lock")
+
+
 async def assert_live_counters_exact(engine: AsyncEngine) -> None:
     """The trigger-kept live_sessions of every server equals a recount of its live sessions."""
     from sqlalchemy import func, select

@@ -15,19 +15,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from rdbroker_broker import metrics
 from rdbroker_proto.v1 import broker_pb2 as pb
-from tests.integration.broker.conftest import running_broker, seed, server, settings_for
-
-
-async def lock_waiters(url: str) -> int:
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-        row = await (
-            await conn.execute(
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-            )
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
+from tests.integration.broker.conftest import (
+    running_broker,
+    seed,
+    server,
+    settings_for,
+    until_a_statement_waits_on_a_lock,
+)
 
 
 def route(connection_id: str, user: str) -> pb.RouteRequest:
@@ -48,12 +42,7 @@ async def test_an_overloaded_broker_refuses_in_time_and_finishes_what_it_started
             await locker.execute("LOCK TABLE pools IN ACCESS EXCLUSIVE MODE")
             # alice's call takes the only connection; its statement waits on the lock.
             first = asyncio.ensure_future(stub.Route(route("c-alice", "alice"), timeout=1.0))
-            for _ in range(200):
-                if await lock_waiters(pg_database_url):
-                    break
-                await asyncio.sleep(0.05)
-            else:
-                pytest.fail("alice's Route never reached the database")
+            await until_a_statement_waits_on_a_lock(pg_database_url)
 
             # bob waits for the connection, and is refused before his deadline, not at it.
             with pytest.raises(grpc.aio.AioRpcError) as refused:

@@ -5,8 +5,10 @@ waiter that gives up or is cancelled."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -23,6 +25,34 @@ def gate(slots: int = 1, max_waiting: int = 100, wait_s: float = 10.0, margin_s:
 async def settle() -> None:
     for _ in range(5):
         await asyncio.sleep(0)
+
+
+@contextlib.asynccontextmanager
+async def occupied(g: Gate, holders: int = 1) -> AsyncIterator[None]:
+    """`holders` calls in the gate (holding a slot, or past the slots waiting) until the block ends."""
+    release = asyncio.Event()
+
+    async def hold() -> None:
+        async with g.slot():
+            await release.wait()
+
+    tasks = [asyncio.ensure_future(hold()) for _ in range(holders)]
+    await settle()
+    try:
+        yield
+    finally:
+        release.set()
+        await asyncio.gather(*tasks)
+
+
+@contextlib.contextmanager
+def deadline_in(seconds: float) -> Iterator[float]:
+    deadline = asyncio.get_running_loop().time() + seconds
+    call_deadline.set(deadline)
+    try:
+        yield deadline
+    finally:
+        call_deadline.set(None)
 
 
 async def test_waiting_calls_get_the_slot_in_arrival_order() -> None:
@@ -49,118 +79,64 @@ async def test_waiting_calls_get_the_slot_in_arrival_order() -> None:
 
 async def test_a_full_queue_refuses_the_next_call_at_once(caplog: pytest.LogCaptureFixture) -> None:
     g = gate(slots=1, max_waiting=2)
-    release = asyncio.Event()
-
-    async def hold() -> None:
-        async with g.slot():
-            await release.wait()
-
-    tasks = [asyncio.ensure_future(hold()) for _ in range(3)]  # one holds, two wait
-    await settle()
-    REFUSED.clear()
-    caplog.set_level(logging.WARNING)
-    with pytest.raises(Overloaded, match="overloaded: 2 calls already wait for the database"):
-        async with g.slot():
-            pytest.fail("admitted past a full queue")
-    assert isinstance(Overloaded("x"), Unavailable)  # so the proxy tries another broker
-    assert REFUSED == ["queue_full"]
-    assert any("overloaded: refused 1 calls" in r.getMessage() for r in caplog.records)
-    release.set()
-    await asyncio.gather(*tasks)
+    async with occupied(g, 3):  # one holds, two wait
+        REFUSED.clear()
+        caplog.set_level(logging.WARNING)
+        with pytest.raises(Overloaded, match="overloaded: 2 calls already wait for the database"):
+            async with g.slot():
+                pytest.fail("admitted past a full queue")
+        assert isinstance(Overloaded("x"), Unavailable)  # so the proxy tries another broker
+        assert REFUSED == ["queue_full"]
+        assert any("overloaded: refused 1 calls" in r.getMessage() for r in caplog.records)
     assert (g.held, g.waiting) == (0, 0)
 
 
 async def test_a_call_marked_beyond_the_queue_bound_waits_when_the_queue_is_full() -> None:
     g = gate(slots=1, max_waiting=1)
-    release = asyncio.Event()
-
-    async def hold() -> None:
-        async with g.slot():
-            await release.wait()
 
     async def heartbeat() -> str:
         beyond_queue_bound.set(True)
         async with g.slot():
             return "in"
 
-    tasks = [asyncio.ensure_future(hold()) for _ in range(2)]  # one holds, one waits: full
-    await settle()
-    with pytest.raises(Overloaded):
-        async with g.slot():
-            pass
-    marked = asyncio.ensure_future(heartbeat())
-    await settle()
-    assert g.waiting == 2
-    release.set()
+    async with occupied(g, 2):  # one holds, one waits: full
+        with pytest.raises(Overloaded):
+            async with g.slot():
+                pass
+        marked = asyncio.ensure_future(heartbeat())
+        await settle()
+        assert g.waiting == 2
     assert await marked == "in"
-    await asyncio.gather(*tasks)
 
 
 async def test_refusals_in_a_storm_are_logged_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
     g = gate(slots=1, max_waiting=1)
-    release = asyncio.Event()
-
-    async def hold() -> None:
-        async with g.slot():
-            await release.wait()
-
-    tasks = [asyncio.ensure_future(hold()) for _ in range(2)]
-    await settle()
-    caplog.set_level(logging.WARNING)
-    for _ in range(50):
-        with pytest.raises(Overloaded):
-            async with g.slot():
-                pass
+    async with occupied(g, 2):
+        caplog.set_level(logging.WARNING)
+        for _ in range(50):
+            with pytest.raises(Overloaded):
+                async with g.slot():
+                    pass
     warnings = [r for r in caplog.records if r.name == "rdbroker_broker.admission"]
     assert len(warnings) == 1
-    release.set()
-    await asyncio.gather(*tasks)
 
 
 async def test_a_call_with_no_time_left_is_refused_without_waiting() -> None:
     g = gate(slots=1, margin_s=0.1)
-    release = asyncio.Event()
-
-    async def hold() -> None:
-        async with g.slot():
-            await release.wait()
-
-    holder = asyncio.ensure_future(hold())
-    await settle()
-    call_deadline.set(asyncio.get_running_loop().time() + 0.05)  # less than the margin
-    try:
-        with pytest.raises(Overloaded, match="no time left"):
+    async with occupied(g):
+        with deadline_in(0.05), pytest.raises(Overloaded, match="no time left"):  # under the margin
             async with g.slot():
                 pytest.fail("admitted with no time left")
         assert g.waiting == 0
-    finally:
-        call_deadline.set(None)
-    release.set()
-    await holder
 
 
 async def test_a_waiting_call_gives_up_a_margin_before_its_deadline() -> None:
     g = gate(slots=1, margin_s=0.2)
-    release = asyncio.Event()
-
-    async def hold() -> None:
-        async with g.slot():
-            await release.wait()
-
-    holder = asyncio.ensure_future(hold())
-    await settle()
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 0.5
-    call_deadline.set(deadline)
-    try:
-        with pytest.raises(Overloaded, match="no database connection came free in time"):
+    async with occupied(g):
+        with deadline_in(0.5), pytest.raises(Overloaded, match="no database connection came free in time"):
             async with g.slot():
                 pytest.fail("admitted while the slot was held")
         assert g.waiting == 0
-    finally:
-        call_deadline.set(None)
-    release.set()
-    await holder
     async with g.slot():  # the slot it waited for is still there
         assert g.held == 1
 
