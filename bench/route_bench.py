@@ -1,7 +1,7 @@
 """Route throughput and latency: N concurrent gRPC clients against one broker process on PostgreSQL.
 
     .venv/bin/python bench/route_bench.py [--users 4000] [--concurrency 32] [--servers 20]
-                                          [--rate ROUTES_PER_S]
+                                          [--rate ROUTES_PER_S] [--history N] [--own-cluster]
                                           [--server-url postgresql://postgres@127.0.0.1:5432]
 
 Creates a throwaway database, migrates it, declares a farm, starts `python -m rdbroker_broker`, then
@@ -63,7 +63,7 @@ def database(server_url: str):  # type: ignore[no-untyped-def]
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-async def prepare(url: str, servers: int) -> None:
+async def prepare(url: str, servers: int, history: int) -> None:
     engine = make_engine(url)
     try:
         await migrate.upgrade(engine)
@@ -77,6 +77,34 @@ async def prepare(url: str, servers: int) -> None:
         await apply_farm(engine, farm)
     finally:
         await engine.dispose()
+    if history:
+        add_history(url, history, servers)
+
+
+def add_history(url: str, count: int, servers: int) -> None:
+    """`count` ended sessions, each with its connection, spread over the bench's users and servers:
+    the directory a farm keeps for `retention_s` (a week by default) of logons."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            """INSERT INTO sessions (id, pool, "user", user_key, server_address, state, learnt_from,
+                                     origin_connection_id, connection_id, client_address, created_at,
+                                     updated_at, ended_at, end_reason)
+               SELECT 'h' || n, 'default', 'CORP\\user' || u, 'corp\\user' || u,
+                      '10.9.' || (k / 250) || '.' || (k %% 250 + 1) || ':3389',
+                      'ended', 'route', 'h' || n, 'h' || n, '', now() - interval '1 day',
+                      now() - interval '1 day', now() - interval '1 day', 'logoff'
+               FROM generate_series(1, %(count)s) n,
+                    LATERAL (SELECT n %% 50000 AS u, n %% %(servers)s AS k) x""",
+            {"count": count, "servers": servers},
+        )
+        conn.execute(
+            """INSERT INTO connections (connection_id, attempt, session_id, proxy_id, server_address,
+                                        reason, "user", pool, client_address, created_at,
+                                        bytes_from_client, bytes_from_server, duration_ms, end_reason)
+               SELECT origin_connection_id, 0, id, 'bench', server_address, 'new', "user", pool, '',
+                      created_at, 0, 0, 0, 'client_closed'
+               FROM sessions WHERE state = 'ended'""",
+        )
 
 
 @contextlib.asynccontextmanager
@@ -243,6 +271,12 @@ async def main() -> None:
     parser.add_argument("--users", type=int, default=4000)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--servers", type=int, default=20)
+    parser.add_argument(
+        "--history",
+        type=int,
+        default=0,
+        help="ended sessions (with their connections) in the directory first",
+    )
     parser.add_argument("--rate", type=float, default=0.0, help="open loop: start this many calls per second")
     parser.add_argument(
         "--timeout", type=float, default=30.0, help="open loop: each call's deadline in seconds"
@@ -283,7 +317,7 @@ def own_cluster() -> Iterator[str]:
 
 async def run(args: argparse.Namespace, server_url: str) -> None:
     with database(server_url) as url:
-        await prepare(url, args.servers)
+        await prepare(url, args.servers, args.history)
         pool_size = args.db_pool_size or max(args.concurrency, 1)
         db_name = url.rsplit("/", 1)[1]
         async with (
