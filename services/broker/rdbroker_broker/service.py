@@ -38,6 +38,10 @@ RouteContext = tuple[d.Pool, d.Session | None, d.Server | None]
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+PURGE_EVERY_S = 60.0
+PURGE_BATCH = 10_000  # rows of each table per transaction
+PURGE_MAX_BATCHES = 100  # per purge: a larger backlog goes on at the next one
 MAX_TX_ATTEMPTS = 5
 # How many ranked servers a placement tries to lock before giving up on the pool.
 MAX_LOCK_TRIES = 16
@@ -83,6 +87,7 @@ class BrokerService:
         self.store = store
         self.settings = settings
         self.now = clock
+        self._purged_at: datetime | None = None
 
     async def run_tx(self, work: Callable[[Repos], Awaitable[T]]) -> T:
         """Run `work` in a transaction, again when it loses a race (it then sees the winner's rows)."""
@@ -721,6 +726,32 @@ class BrokerService:
 
     # --- housekeeping --------------------------------------------------------------------------
 
+    async def _purge_due(self, now: datetime) -> int:
+        """History past `retention_s` is deleted at most every PURGE_EVERY_S, in transactions of at
+        most PURGE_BATCH rows each: finding it reads every ended session, and a backlog (a lowered
+        retention) deleted in one transaction would hold its locks and WAL for as long."""
+        if self._purged_at is not None and (now - self._purged_at).total_seconds() < PURGE_EVERY_S:
+            return 0
+        self._purged_at = now
+        before = now - timedelta(seconds=self.settings.retention_s)
+        purged = 0
+        for _ in range(PURGE_MAX_BATCHES):
+
+            async def batch(r: Repos) -> int:
+                n = await r.sessions.purge_ended(before, PURGE_BATCH)
+                return n + await r.connections.purge(before, PURGE_BATCH)
+
+            done = await self.run_tx(batch)
+            purged += done
+            if done == 0:
+                break
+
+        async def proxies(r: Repos) -> None:
+            await r.proxies.purge(before)
+
+        await self.run_tx(proxies)
+        return purged
+
     async def sweep(self) -> dict[str, int]:
         """Expire sessions, disconnect silent proxies' sessions. Idempotent: every replica may run it."""
 
@@ -732,12 +763,10 @@ class BrokerService:
             orphaned = 0
             for pool in await r.pools.list():
                 orphaned += await r.sessions.disconnect_orphans(pool, alive, silent_since, now)
-            before = now - timedelta(seconds=self.settings.retention_s)
-            purged = await r.sessions.purge_ended(before) + await r.connections.purge(before)
-            await r.proxies.purge(before)
-            return {"expired": expired, "disconnected": orphaned, "purged": purged}
+            return {"expired": expired, "disconnected": orphaned}
 
         counts = await self.run_tx(work)
+        counts["purged"] = await self._purge_due(self.now())
         if counts["expired"] or counts["disconnected"]:
             log.info(
                 "sweep: %(expired)d sessions expired, %(disconnected)d disconnected (silent proxy)", counts

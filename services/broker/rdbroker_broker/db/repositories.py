@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, String, and_, bindparam, case, delete, func, select, text, update
+from sqlalchemy import Row, String, and_, bindparam, case, delete, func, select, text, tuple_, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -501,10 +501,15 @@ class SessionRepository:
         )
         return int(result.rowcount)
 
-    async def purge_ended(self, before: datetime) -> int:
-        result = await self.conn.execute(
-            delete(sessions).where(sessions.c.state == "ended", sessions.c.ended_at < before)
+    async def purge_ended(self, before: datetime, limit: int) -> int:
+        """Delete at most `limit` sessions ended before `before` (a bounded transaction)."""
+        some = (
+            select(sessions.c.id)
+            .where(sessions.c.state == "ended", sessions.c.ended_at < before)
+            .limit(limit)
+            .scalar_subquery()
         )
+        result = await self.conn.execute(delete(sessions).where(sessions.c.id.in_(some)))
         return int(result.rowcount)
 
 
@@ -587,6 +592,11 @@ class ConnectionRepository:
             )
         )
 
-    async def purge(self, before: datetime) -> int:
-        result = await self.conn.execute(delete(connections).where(connections.c.created_at < before))
+    async def purge(self, before: datetime, limit: int) -> int:
+        """Delete at most `limit` connections made before `before` (a bounded transaction)."""
+        some = select(connections.c.connection_id, connections.c.attempt).where(
+            connections.c.created_at < before
+        )
+        key = tuple_(connections.c.connection_id, connections.c.attempt)
+        result = await self.conn.execute(delete(connections).where(key.in_(some.limit(limit))))
         return int(result.rowcount)

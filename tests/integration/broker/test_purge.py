@@ -1,0 +1,92 @@
+"""History past `retention_s` is deleted by the sweep: ended sessions, connections and silent proxies,
+never a live session or anything younger; at most once a minute, in bounded transactions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from rdbroker_broker import domain as d
+from rdbroker_broker import service as service_module
+from rdbroker_broker.db.repositories import SessionRepository
+from rdbroker_broker.db.tables import connections, proxies, sessions
+from rdbroker_broker.service import BrokerService
+from tests.integration.broker.conftest import Clock, seed, server
+
+A = "10.0.0.1:3389"
+
+
+async def ended(service: BrokerService, user: str) -> str:
+    decision = await service.route(d.RouteRequest(connection_id=f"c-{user}", proxy_id="p1", cookie=user))
+    await service.end_session(decision.session_id)
+    return decision.session_id
+
+
+async def ids(engine: AsyncEngine) -> tuple[set[str], set[str], set[str]]:
+    async with engine.connect() as conn:
+        return (
+            set((await conn.execute(select(sessions.c.id))).scalars()),
+            set((await conn.execute(select(connections.c.connection_id))).scalars()),
+            set((await conn.execute(select(proxies.c.proxy_id))).scalars()),
+        )
+
+
+async def test_history_past_retention_is_purged_and_nothing_else(engine, service, clock: Clock):
+    await seed(engine, server(A))
+    await service.proxy_heartbeat("old-proxy", 0, [])
+    old = await ended(service, "alice")
+    clock.advance(service.settings.retention_s + 10)
+    young = await ended(service, "carol")
+    live = (await service.route(d.RouteRequest(connection_id="c-dave", proxy_id="p1", cookie="dave"))).session_id
+    await service.proxy_heartbeat("new-proxy", 0, [])
+
+    counts = await service.sweep()
+
+    assert counts["purged"] == 2  # alice's session and her connection
+    session_ids, connection_ids, proxy_ids = await ids(engine)
+    assert session_ids == {young, live}
+    assert old not in session_ids
+    assert connection_ids == {"c-carol", "c-dave"}
+    assert proxy_ids == {"new-proxy"}
+
+
+async def test_the_purge_runs_at_most_once_a_minute(engine, service, clock: Clock):
+    await seed(engine, server(A))
+    first = await ended(service, "alice")
+    clock.advance(10)
+    second = await ended(service, "eve")
+    clock.advance(service.settings.retention_s - 5)  # alice is past retention, eve not yet
+
+    assert (await service.sweep())["purged"] == 2
+    clock.advance(30)  # eve is past retention now, but the last purge was 30 s ago
+    assert (await service.sweep())["purged"] == 0
+    assert second in (await ids(engine))[0]
+    clock.advance(30)
+    assert (await service.sweep())["purged"] == 2
+    assert not {first, second} & (await ids(engine))[0]
+
+
+async def test_a_backlog_is_purged_in_bounded_transactions(
+    engine, service, clock: Clock, monkeypatch: pytest.MonkeyPatch
+):
+    await seed(engine, server(A))
+    old = [await ended(service, f"user{n}") for n in range(5)]
+    clock.advance(service.settings.retention_s + 1)
+    limits: list[int] = []
+    purge_ended = SessionRepository.purge_ended
+
+    async def recorded(self: SessionRepository, before: Any, limit: int) -> int:
+        limits.append(limit)
+        return await purge_ended(self, before, limit)
+
+    monkeypatch.setattr(service_module, "PURGE_BATCH", 2)
+    monkeypatch.setattr(SessionRepository, "purge_ended", recorded)
+
+    assert (await service.sweep())["purged"] == 10  # five sessions, five connections
+    assert limits == [2, 2, 2, 2]  # 2 + 2 + 1, then one that found nothing
+    assert not set(old) & (await ids(engine))[0]
+    async with engine.connect() as conn:
+        assert (await conn.execute(select(func.count()).select_from(connections))).scalar_one() == 0
