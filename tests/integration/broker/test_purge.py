@@ -40,7 +40,9 @@ async def test_history_past_retention_is_purged_and_nothing_else(engine, service
     old = await ended(service, "alice")
     clock.advance(service.settings.retention_s + 10)
     young = await ended(service, "carol")
-    live = (await service.route(d.RouteRequest(connection_id="c-dave", proxy_id="p1", cookie="dave"))).session_id
+    live = (
+        await service.route(d.RouteRequest(connection_id="c-dave", proxy_id="p1", cookie="dave"))
+    ).session_id
     await service.proxy_heartbeat("new-proxy", 0, [])
 
     counts = await service.sweep()
