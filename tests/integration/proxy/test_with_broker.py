@@ -17,6 +17,7 @@ from rdbroker_proto.v1.broker_pb2_grpc import BrokerStub
 from rdbroker_rdp import build_connection_request, encode_routing_token
 from rdbroker_rdp.fakeserver import FakeRdpServer
 from tests.integration.broker.processes import BrokerProcess, running_broker
+from tests.support import prom
 from tests.support.postgres import free_port
 from tests.unit.proxy.support import close, closed_by_peer, handshake, open_client, running_proxy, wait_until
 
@@ -26,6 +27,18 @@ def cli(*args: str) -> None:
         [sys.executable, "-m", "rdbroker_cli", *args], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def declare_farm(database_url: str, tmp_path: Path, *servers: FakeRdpServer) -> None:
+    """Migrate the database and apply a farm of `servers` in the default pool, with the CLI."""
+    farm_file = tmp_path / "farm.yaml"
+    farm_file.write_text(
+        "pools:\n  - name: default\n    default: true\n    disconnect_timeout: 1h\nservers:\n"
+        + "".join(f"  - address: {s.address}\n    pool: default\n" for s in servers),
+        encoding="utf-8",
+    )
+    cli("migrate", "--database-url", database_url)
+    cli("apply", "-f", str(farm_file), "--database-url", database_url)
 
 
 @dataclass
@@ -44,15 +57,7 @@ class RealFarm:
 @pytest.fixture
 async def real_farm(pg_database_url: str, tmp_path: Path) -> AsyncIterator[RealFarm]:
     async with FakeRdpServer(mode="echo") as a, FakeRdpServer(mode="echo") as b:
-        farm_file = tmp_path / "farm.yaml"
-        farm_file.write_text(
-            "pools:\n  - name: default\n    default: true\n    disconnect_timeout: 1h\n"
-            f"servers:\n  - address: {a.address}\n    pool: default\n"
-            f"  - address: {b.address}\n    pool: default\n",
-            encoding="utf-8",
-        )
-        cli("migrate", "--database-url", pg_database_url)
-        cli("apply", "-f", str(farm_file), "--database-url", pg_database_url)
+        declare_farm(pg_database_url, tmp_path, a, b)
         async with running_broker(pg_database_url) as one, running_broker(pg_database_url) as two:
             yield RealFarm([a, b], [one, two])
 
@@ -116,3 +121,40 @@ async def test_a_killed_broker_is_routed_around_and_every_user_has_one_session(r
         sessions = await real_farm.sessions(user)
         assert len(sessions) == 1, (user, sessions)
     assert sum(len(s.first_packets) for s in real_farm.servers) == len(users)
+
+
+async def test_a_logon_storm_on_an_overloaded_broker_routes_everyone_once(
+    pg_database_url: str, tmp_path: Path
+) -> None:
+    """A broker with one database connection and room for one waiting call refuses most of a storm of
+    logons (UNAVAILABLE, overloaded); the proxy tries again, and every user gets through, once."""
+    users = [f"storm{i:03d}" for i in range(80)]
+    metrics_port = free_port()
+    async with FakeRdpServer(mode="echo") as a, FakeRdpServer(mode="echo") as b:
+        declare_farm(pg_database_url, tmp_path, a, b)
+        overloaded = (
+            "--db-pool-size",
+            "1",
+            "--db-max-waiting",
+            "1",
+            "--metrics-listen",
+            f"127.0.0.1:{metrics_port}",
+        )
+        async with running_broker(pg_database_url, *overloaded) as broker:
+            farm = RealFarm([a, b], [broker])
+            async with running_proxy([broker.grpc_address], route_timeout_s=30.0) as proxy:
+
+                async def logon(user: str) -> None:
+                    packet = build_connection_request(cookie=user, requested_protocols=3)
+                    _, writer, _ = await handshake(proxy.port, packet)
+                    await close(writer)
+
+                async with asyncio.timeout(60), asyncio.TaskGroup() as tg:
+                    for user in users:
+                        tg.create_task(logon(user))
+                await wait_until(lambda: proxy.broker is not None and proxy.broker.pending_reports == 0)
+            refused = prom.sample(prom.scrape(metrics_port), "rdbroker_calls_refused_total") or 0.0
+            assert refused > 0  # the storm did overload it
+            for user in users:
+                assert len(await farm.sessions(user)) == 1, user
+    assert len(a.first_packets) + len(b.first_packets) == len(users)
