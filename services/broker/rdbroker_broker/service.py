@@ -766,11 +766,11 @@ class BrokerService:
             return {"expired": expired, "disconnected": orphaned}
 
         counts = await self.run_tx(work)
-        counts["purged"] = await self._purge_due(self.now())
-        if counts["expired"] or counts["disconnected"]:
+        if counts["expired"] or counts["disconnected"]:  # said before a purge that may fail
             log.info(
                 "sweep: %(expired)d sessions expired, %(disconnected)d disconnected (silent proxy)", counts
             )
+        counts["purged"] = await self._purge_due(self.now())
         return counts
 
 
