@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from rdbroker_broker.errors import InvalidInput
@@ -76,6 +76,16 @@ class Pool:
     probe_timeout_ms: int = 0
     probe_rise: int = 0
     probe_fall: int = 0
+    # Account forms: the NetBIOS domain of bare names, and the UPN suffixes that mean it (lower case).
+    domain: str = ""
+    upn_suffixes: tuple[str, ...] = ()
+    # Claims: fewer bytes than this from the server ends a connection's claim at once (`abandoned`);
+    # a closed claim the agent has not listed within confirm_timeout_s ends (`unconfirmed`).
+    junk_bytes: int = 2048
+    confirm_timeout_s: float = 120.0
+    sessions_interval_ms: int = 0  # agents' session lists; 0 = the broker's RDBROKER_SESSIONS_INTERVAL_MS
+    stale_after_ms: int = 0  # 0 = three probe intervals plus the probe lease
+    logon_lag_s: float = 30.0  # how long a placement takes to show in the agent's load figure
 
 
 @dataclass(frozen=True)
@@ -90,10 +100,14 @@ class Server:
     load: int = -1  # 0..100 as last reported, -1 if never
     placements_since_report: int = 0
     live_sessions: int = 0
+    # Live sessions holding capacity: pending, active, or disconnected and confirmed by the agent.
+    held_sessions: int = 0
     agent_url: str = ""
     sessions_url: str = ""
     health_detail: str = ""
     health_changed_at: datetime | None = None
+    probed_at: datetime | None = None  # the last health result
+    fresh_until: datetime | None = None  # when that result stops counting
 
     @property
     def effective_admin_state(self) -> AdminState:
@@ -121,6 +135,7 @@ class Session:
     disconnected_at: datetime | None = None
     expires_at: datetime | None = None
     end_reason: str = ""
+    confirmed: bool = False  # the server's agent listed the user there; else a claim
 
     def is_live_at(self, now: datetime) -> bool:
         if self.state not in LIVE_STATES:
@@ -345,6 +360,22 @@ def routing_token_address(token: str) -> str | None:
             "address must be a u32 in 1..4294967295 and port a u16 in 1..65535"
         )
     return None
+
+
+# --- health results that age --------------------------------------------------------------------
+
+
+def result_is_stale(server: Server, now: datetime) -> bool:
+    """The last health result is too old to count (no health replica has reported since)."""
+    return server.fresh_until is not None and server.fresh_until <= now
+
+
+def as_seen_at(server: Server, now: datetime) -> Server:
+    """The server as routing sees it at `now`: a stale result reads as no result (health unknown,
+    no agent state or load), as for a server never probed."""
+    if not result_is_stale(server, now):
+        return server
+    return replace(server, health=Health.UNKNOWN, agent_state=AgentState.NONE, load=-1)
 
 
 # --- placement ---------------------------------------------------------------------------------

@@ -128,3 +128,60 @@ async def test_statement_and_lock_timeouts_reach_the_server(pg_database_url):
             assert (await conn.execute(text("SHOW lock_timeout"))).scalar_one() == "567ms"
     finally:
         await engine.dispose()
+
+
+@pytest.mark.parametrize("dialect", ["postgresql", "sqlite"])
+async def test_held_sessions_count_open_and_confirmed_sessions_only(dialect, pg_database_url, tmp_path):
+    """`held_sessions` (capacity) counts pending, active and confirmed disconnected sessions; an
+    unconfirmed claim whose connection closed is live but holds nothing."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import text
+
+    url = pg_database_url if dialect == "postgresql" else f"sqlite+aiosqlite:///{tmp_path / 'h.db'}"
+    engine = make_engine(url)
+    now = datetime.now(UTC)
+
+    async def counts() -> dict[str, tuple[int, int]]:
+        async with engine.connect() as conn:
+            rows = await conn.execute(text("SELECT address, live_sessions, held_sessions FROM servers"))
+            return {address: (live, held) for address, live, held in rows}
+
+    async def run(sql: str) -> None:
+        async with engine.begin() as conn:
+            await conn.execute(text(sql), {"now": now})
+
+    try:
+        await migrate.upgrade(engine)
+        await run(
+            "INSERT INTO pools (name, name_key, is_default, disconnect_timeout_s, created_at, updated_at)"
+            " VALUES ('default', 'default', true, 60, :now, :now)"
+        )
+        for address in ("a:1", "b:1"):
+            await run(
+                "INSERT INTO servers (address, pool, weight, max_sessions, admin_state, health,"
+                " health_detail, agent_state, agent_detail, load, placements_since_report, agent_url,"
+                f" sessions_url, created_at, updated_at) VALUES ('{address}', 'default', 100, 0,"
+                " 'enabled', 'unknown', '', 'none', '', -1, 0, '', '', :now, :now)"
+            )
+        await run(
+            'INSERT INTO sessions (id, pool, "user", user_key, server_address, state, learnt_from,'
+            " client_address, created_at, updated_at, end_reason) VALUES"
+            " ('s1', 'default', 'u', 'u', 'a:1', 'pending', 'route', '', :now, :now, '')"
+        )
+        assert (await counts())["a:1"] == (1, 1)
+        await run("UPDATE sessions SET state = 'active'")
+        assert (await counts())["a:1"] == (1, 1)
+        await run("UPDATE sessions SET state = 'disconnected'")
+        assert (await counts())["a:1"] == (1, 0)  # a closed claim holds no capacity
+        await run("UPDATE sessions SET confirmed = true")
+        assert (await counts())["a:1"] == (1, 1)
+        await run("UPDATE sessions SET server_address = 'b:1'")
+        assert await counts() == {"a:1": (0, 0), "b:1": (1, 1)}
+        await run("UPDATE sessions SET state = 'ended'")
+        assert await counts() == {"a:1": (0, 0), "b:1": (0, 0)}
+        await run("UPDATE sessions SET state = 'active', confirmed = false")
+        await run("DELETE FROM sessions")
+        assert await counts() == {"a:1": (0, 0), "b:1": (0, 0)}
+    finally:
+        await engine.dispose()

@@ -464,11 +464,14 @@ class Session(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     DISCONNECTED_AT_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    CONFIRMED_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     user: _builtins.str
     pool: _builtins.str
     server_address: _builtins.str
     state: Global___SessionState.ValueType
+    confirmed: _builtins.bool
+    """the server's agent listed the user there (else a claim)"""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -493,10 +496,11 @@ class Session(_message.Message):
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         disconnected_at: _timestamp_pb2.Timestamp | None = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
+        confirmed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "disconnected_at", b"disconnected_at", "expires_at", b"expires_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "disconnected_at", b"disconnected_at", "expires_at", b"expires_at", "pool", b"pool", "server_address", b"server_address", "session_id", b"session_id", "state", b"state", "updated_at", b"updated_at", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confirmed", b"confirmed", "created_at", b"created_at", "disconnected_at", b"disconnected_at", "expires_at", b"expires_at", "pool", b"pool", "server_address", b"server_address", "session_id", b"session_id", "state", b"state", "updated_at", b"updated_at", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -564,6 +568,9 @@ class Server(_message.Message):
     SESSIONS_URL_FIELD_NUMBER: _builtins.int
     HEALTH_DETAIL_FIELD_NUMBER: _builtins.int
     HEALTH_CHANGED_AT_FIELD_NUMBER: _builtins.int
+    HELD_SESSIONS_FIELD_NUMBER: _builtins.int
+    PROBED_AT_FIELD_NUMBER: _builtins.int
+    STALE_FIELD_NUMBER: _builtins.int
     address: _builtins.str
     pool: _builtins.str
     weight: _builtins.int
@@ -578,8 +585,16 @@ class Server(_message.Message):
     sessions_url: _builtins.str
     health_detail: _builtins.str
     """the last probe's outcome, for operators"""
+    held_sessions: _builtins.int
+    """live sessions holding capacity (open, pending, or confirmed)"""
+    stale: _builtins.bool
+    """that result is too old to count: health reads UNKNOWN"""
     @_builtins.property
     def health_changed_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def probed_at(self) -> _timestamp_pb2.Timestamp:
+        """the last health result; unset if never probed"""
+
     def __init__(
         self,
         *,
@@ -595,10 +610,13 @@ class Server(_message.Message):
         sessions_url: _builtins.str = ...,
         health_detail: _builtins.str = ...,
         health_changed_at: _timestamp_pb2.Timestamp | None = ...,
+        held_sessions: _builtins.int = ...,
+        probed_at: _timestamp_pb2.Timestamp | None = ...,
+        stale: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["health_changed_at", b"health_changed_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["health_changed_at", b"health_changed_at", "probed_at", b"probed_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "admin_state", b"admin_state", "agent_url", b"agent_url", "health", b"health", "health_changed_at", b"health_changed_at", "health_detail", b"health_detail", "live_sessions", b"live_sessions", "load", b"load", "max_sessions", b"max_sessions", "pool", b"pool", "sessions_url", b"sessions_url", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "admin_state", b"admin_state", "agent_url", b"agent_url", "health", b"health", "health_changed_at", b"health_changed_at", "health_detail", b"health_detail", "held_sessions", b"held_sessions", "live_sessions", b"live_sessions", "load", b"load", "max_sessions", b"max_sessions", "pool", b"pool", "probed_at", b"probed_at", "sessions_url", b"sessions_url", "stale", b"stale", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -740,6 +758,7 @@ class ProbeTarget(_message.Message):
     TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     RISE_FIELD_NUMBER: _builtins.int
     FALL_FIELD_NUMBER: _builtins.int
+    SESSIONS_INTERVAL_MS_FIELD_NUMBER: _builtins.int
     address: _builtins.str
     pool: _builtins.str
     agent_url: _builtins.str
@@ -751,6 +770,8 @@ class ProbeTarget(_message.Message):
     timeout_ms: _builtins.int
     rise: _builtins.int
     fall: _builtins.int
+    sessions_interval_ms: _builtins.int
+    """How often to read the server's session list (the pool's setting, else the broker's)."""
     def __init__(
         self,
         *,
@@ -763,10 +784,11 @@ class ProbeTarget(_message.Message):
         timeout_ms: _builtins.int = ...,
         rise: _builtins.int = ...,
         fall: _builtins.int = ...,
+        sessions_interval_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "agent_url", b"agent_url", "fall", b"fall", "health", b"health", "interval_ms", b"interval_ms", "pool", b"pool", "rise", b"rise", "sessions_url", b"sessions_url", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "agent_url", b"agent_url", "fall", b"fall", "health", b"health", "interval_ms", b"interval_ms", "pool", b"pool", "rise", b"rise", "sessions_interval_ms", b"sessions_interval_ms", "sessions_url", b"sessions_url", "timeout_ms", b"timeout_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -939,6 +961,7 @@ class ReportServerSessionsRequest(_message.Message):
     ADDRESS_FIELD_NUMBER: _builtins.int
     SESSIONS_FIELD_NUMBER: _builtins.int
     OMITS_DISCONNECTED_FIELD_NUMBER: _builtins.int
+    LISTED_AT_FIELD_NUMBER: _builtins.int
     replica_id: _builtins.str
     address: _builtins.str
     omits_disconnected: _builtins.bool
@@ -947,6 +970,10 @@ class ReportServerSessionsRequest(_message.Message):
     """
     @_builtins.property
     def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReportedSession]: ...
+    @_builtins.property
+    def listed_at(self) -> _timestamp_pb2.Timestamp:
+        """When the agent's list was taken; unset = when the broker receives it."""
+
     def __init__(
         self,
         *,
@@ -954,10 +981,11 @@ class ReportServerSessionsRequest(_message.Message):
         address: _builtins.str = ...,
         sessions: _abc.Iterable[Global___ReportedSession] | None = ...,
         omits_disconnected: _builtins.bool = ...,
+        listed_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["listed_at", b"listed_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "omits_disconnected", b"omits_disconnected", "replica_id", b"replica_id", "sessions", b"sessions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "listed_at", b"listed_at", "omits_disconnected", b"omits_disconnected", "replica_id", b"replica_id", "sessions", b"sessions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -56,15 +56,15 @@ SERVER_COLUMNS = [
     servers.c[name]
     for name in (
         "address", "pool", "weight", "max_sessions", "admin_state", "health", "agent_state", "load",
-        "placements_since_report", "live_sessions", "agent_url", "sessions_url", "health_detail",
-        "health_changed_at",
+        "placements_since_report", "live_sessions", "held_sessions", "agent_url", "sessions_url",
+        "health_detail", "health_changed_at", "probed_at", "fresh_until",
     )
 ]  # fmt: skip
 SESSION_COLUMNS = [
     sessions.c[name]
     for name in (
         "id", "user", "pool", "server_address", "state", "created_at", "updated_at", "disconnected_at",
-        "expires_at", "end_reason",
+        "expires_at", "end_reason", "confirmed",
     )
 ]  # fmt: skip
 _ROUTE_CONTEXT_COLUMNS = [
@@ -134,10 +134,13 @@ def server_from_row(row: Row[Any]) -> d.Server:
         load=m["load"],
         placements_since_report=m["placements_since_report"],
         live_sessions=m["live_sessions"],
+        held_sessions=m["held_sessions"],
         agent_url=m["agent_url"],
         sessions_url=m["sessions_url"],
         health_detail=m["health_detail"],
         health_changed_at=m["health_changed_at"],
+        probed_at=m["probed_at"],
+        fresh_until=m["fresh_until"],
     )
 
 
@@ -154,6 +157,7 @@ def session_from_row(row: Row[Any]) -> d.Session:
         disconnected_at=m["disconnected_at"],
         expires_at=m["expires_at"],
         end_reason=m["end_reason"],
+        confirmed=bool(m["confirmed"]),
     )
 
 
@@ -167,6 +171,13 @@ def pool_from_row(row: Row[Any]) -> d.Pool:
         probe_timeout_ms=m["probe_timeout_ms"],
         probe_rise=m["probe_rise"],
         probe_fall=m["probe_fall"],
+        domain=m["domain"],
+        upn_suffixes=tuple(x for x in m["upn_suffixes"].split(",") if x),
+        junk_bytes=m["junk_bytes"],
+        confirm_timeout_s=m["confirm_timeout_s"],
+        sessions_interval_ms=m["sessions_interval_ms"],
+        stale_after_ms=m["stale_after_ms"],
+        logon_lag_s=m["logon_lag_s"],
     )
 
 
@@ -197,6 +208,13 @@ class PoolRepository:
             "probe_timeout_ms": pool.probe_timeout_ms,
             "probe_rise": pool.probe_rise,
             "probe_fall": pool.probe_fall,
+            "domain": pool.domain,
+            "upn_suffixes": ",".join(pool.upn_suffixes),
+            "junk_bytes": pool.junk_bytes,
+            "confirm_timeout_s": pool.confirm_timeout_s,
+            "sessions_interval_ms": pool.sessions_interval_ms,
+            "stale_after_ms": pool.stale_after_ms,
+            "logon_lag_s": pool.logon_lag_s,
             "updated_at": now,
         }
         stmt = upsert(self.conn, pools).values(**values, created_at=now)

@@ -23,6 +23,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    false,
     text,
 )
 from sqlalchemy.types import TypeDecorator
@@ -75,6 +76,20 @@ pools = Table(
     Column("probe_timeout_ms", Integer, nullable=False, server_default="0"),
     Column("probe_rise", Integer, nullable=False, server_default="0"),
     Column("probe_fall", Integer, nullable=False, server_default="0"),
+    # Account forms (migration 0005): the NetBIOS domain of bare names and the UPN suffixes that mean
+    # it (comma-separated, lower case).
+    Column("domain", String(64), nullable=False, server_default=""),
+    Column("upn_suffixes", String(1024), nullable=False, server_default=""),
+    # Claims: a connection that carried fewer bytes from the server ends its claim at once; a closed
+    # claim the server's agent has not listed within confirm_timeout_s ends as `unconfirmed`.
+    Column("junk_bytes", Integer, nullable=False, server_default="2048"),
+    Column("confirm_timeout_s", Float, nullable=False, server_default="120"),
+    # How often agents' session lists are read (0 = the broker's default); when a health result stops
+    # counting (0 = three probe intervals plus the probe lease); how long a logon takes to show in an
+    # agent's load figure.
+    Column("sessions_interval_ms", Integer, nullable=False, server_default="0"),
+    Column("stale_after_ms", Integer, nullable=False, server_default="0"),
+    Column("logon_lag_s", Float, nullable=False, server_default="30"),
 )
 Index(
     "uq_pools_one_default",
@@ -103,7 +118,11 @@ servers = Table(
     # Kept by triggers on `sessions` (migration 0002): counting live sessions per placement would cost
     # a scan of every live session in the pool; the counter changes under the server's row lock.
     Column("live_sessions", Integer, nullable=False, default=0, server_default="0"),
+    # The live sessions that hold capacity: pending, active, or disconnected and confirmed by the
+    # server's agent (migration 0005, the same trigger).
+    Column("held_sessions", Integer, nullable=False, default=0, server_default="0"),
     Column("probed_at", UtcDateTime, nullable=True),
+    Column("fresh_until", UtcDateTime, nullable=True),  # the last health result counts until then
     Column("agent_url", String(1024), nullable=False, default=""),
     Column("sessions_url", String(1024), nullable=False, default=""),
     Column("created_at", UtcDateTime, nullable=False),
@@ -132,6 +151,11 @@ sessions = Table(
     Column("expires_at", UtcDateTime, nullable=True),
     Column("ended_at", UtcDateTime, nullable=True),
     Column("end_reason", String(64), nullable=False, default=""),
+    # The server's agent listed this user there (sessions learnt from the agent are confirmed).
+    Column("confirmed", Boolean, nullable=False, default=False, server_default=false()),
+    # The account's user part, casefolded, without domain or UPN suffix: a bare name and a
+    # `DOMAIN\\user` name find each other through it.
+    Column("account_name", String(256), nullable=True),
 )
 # One live session per (pool, user): this index is what makes concurrent replicas agree. Its key
 # compares bytes (text_pattern_ops: equality is the same), so it also finds live sessions by
@@ -150,6 +174,15 @@ Index("ix_sessions_server_state", sessions.c.server_address, sessions.c.state)
 Index("ix_sessions_state_expires", sessions.c.state, sessions.c.expires_at)
 Index("ix_sessions_user_key", sessions.c.user_key)
 Index("ix_sessions_proxy_state", sessions.c.proxy_id, sessions.c.state)
+Index(
+    "ix_sessions_live_account",
+    sessions.c.pool,
+    sessions.c.account_name,
+    postgresql_ops={"account_name": "text_pattern_ops"},
+    postgresql_where=text(f"{LIVE_STATES_SQL} AND account_name IS NOT NULL"),
+    sqlite_where=text(f"{LIVE_STATES_SQL} AND account_name IS NOT NULL"),
+)
+Index("ix_sessions_server_created", sessions.c.server_address, sessions.c.created_at)
 
 connections = Table(
     "connections",
