@@ -17,6 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from rdbroker_broker import domain as d
+from rdbroker_broker import pool_settings as ps
 from rdbroker_broker.db import migrate
 from rdbroker_broker.db.engine import is_sqlite
 from rdbroker_broker.db.repositories import LIVE, PoolRepository, ServerRepository, SessionRepository
@@ -27,8 +28,19 @@ from rdbroker_common.settings import join_host_port, split_host_port
 DEFAULT_DISCONNECT_TIMEOUT_S = 8 * 3600.0
 _POOL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,127}$")
 _DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
-_POOL_KEYS = {"name", "default", "disconnect_timeout", "probe"}
-_PROBE_KEYS = {"interval", "timeout", "rise", "fall"}
+_POOL_KEYS = {
+    "name",
+    "default",
+    "disconnect_timeout",
+    "probe",
+    "domain",
+    "upn_suffixes",
+    "junk_bytes",
+    "confirm_timeout",
+    "stale_after",
+    "logon_lag",
+}
+_PROBE_KEYS = {"interval", "timeout", "rise", "fall", "sessions_interval"}
 # The same bounds as the broker's RDBROKER_PROBE_* settings (config.py).
 PROBE_MS_RANGE = (100, 3_600_000)
 PROBE_COUNT_MAX = 100
@@ -170,10 +182,23 @@ def _read_pools(reader: _Reader, node: yaml.Node | None, farm: Farm) -> None:
                     f"{where}.disconnect_timeout",
                     "expected a duration like 8h, 30m, 90s",
                 )
+            elif parsed > ps.BOUNDS["disconnect_timeout_s"].high:
+                reader.problem(
+                    fields["disconnect_timeout"],
+                    f"{where}.disconnect_timeout",
+                    ps.BOUNDS["disconnect_timeout_s"].expected(),
+                )
             else:
                 timeout = parsed
         probe = _read_probe(reader, fields.get("probe"), f"{where}.probe")
-        farm.pools.append(d.Pool(name, is_default, timeout, *probe))
+        pool = d.Pool(name, is_default, timeout, *probe[:4], sessions_interval_ms=probe[4])
+        pool = _read_claim_settings(reader, fields, where, pool)
+        for key, message in ps.pool_problems(pool):
+            # Say it where the operator wrote the setting in question.
+            farm_key = _FARM_KEY.get(key, key)
+            node = fields.get(farm_key, item)
+            reader.problem(node, f"{where}.{farm_key}", message)
+        farm.pools.append(pool)
     defaults = [p for p in farm.pools if p.is_default]
     if len(farm.pools) == 1 and not defaults:
         farm.pools[0] = replace(farm.pools[0], is_default=True)
@@ -181,14 +206,72 @@ def _read_pools(reader: _Reader, node: yaml.Node | None, farm: Farm) -> None:
         reader.problem(node, "pools", f"exactly one pool must have `default: true` ({len(defaults)} do)")
 
 
-def _read_probe(reader: _Reader, node: yaml.Node | None, where: str) -> tuple[int, int, int, int]:
-    """A pool's `probe: {interval: 2s, timeout: 2s, rise: 2, fall: 3}`, each optional: (interval_ms,
-    timeout_ms, rise, fall), 0 where not given (the broker's RDBROKER_PROBE_* value then applies)."""
+# domain.Pool field -> the farm file's key, where they differ
+_FARM_KEY = {
+    "stale_after_ms": "stale_after",
+    "confirm_timeout_s": "confirm_timeout",
+    "logon_lag_s": "logon_lag",
+}
+
+
+def _read_claim_settings(reader: _Reader, fields: dict[str, yaml.Node], where: str, pool: d.Pool) -> d.Pool:
+    """The account, claim and result-age settings of one pool; a key not given keeps the default."""
+    changes: dict[str, Any] = {}
+
+    def check(key: str, parse: Any) -> None:
+        node = fields.get(key)
+        if node is None:
+            return
+        try:
+            changes.update(parse(reader.value(node)))
+        except ps.SettingError as exc:
+            reader.problem(node, f"{where}.{key}", str(exc))
+
+    def domain(value: Any) -> dict[str, Any]:
+        name = ps.check_domain(value)
+        if not name:
+            raise ps.SettingError("expected a NetBIOS domain name like CORP (leave the key out for none)")
+        return {"domain": name}
+
+    def upn_suffixes(value: Any) -> dict[str, Any]:
+        if not isinstance(value, list):
+            raise ps.SettingError("expected a list of DNS names, like [corp.example.com]")
+        return {"upn_suffixes": ps.check_upn_suffixes(value)}
+
+    def junk_bytes(value: Any) -> dict[str, Any]:
+        size = ps.parse_size(value)
+        if size is None:
+            raise ps.SettingError("expected a number of bytes or a size like 2KiB")
+        return {"junk_bytes": int(ps.check_number("junk_bytes", size))}
+
+    def duration(name: str) -> Any:
+        def parse(value: Any) -> dict[str, Any]:
+            ms = ps.parse_duration_ms(value)
+            if ms is None:
+                raise ps.SettingError(f"expected a duration like 30s or 2m ({ps.BOUNDS[name].expected()})")
+            if name.endswith("_ms"):
+                return {name: int(ps.check_number(name, ms))}
+            return {name: ps.check_number(name, ms / 1000)}
+
+        return parse
+
+    check("domain", domain)
+    check("upn_suffixes", upn_suffixes)
+    check("junk_bytes", junk_bytes)
+    for name, key in _FARM_KEY.items():
+        check(key, duration(name))
+    return replace(pool, **changes)
+
+
+def _read_probe(reader: _Reader, node: yaml.Node | None, where: str) -> tuple[int, int, int, int, int]:
+    """A pool's `probe: {interval: 2s, timeout: 2s, rise: 2, fall: 3, sessions_interval: 5s}`, each
+    optional: (interval_ms, timeout_ms, rise, fall, sessions_interval_ms), 0 where not given (the
+    broker's RDBROKER_PROBE_* value, or its session-list default, then applies)."""
     if node is None:
-        return 0, 0, 0, 0
+        return 0, 0, 0, 0, 0
     fields = reader.mapping(node, where, _PROBE_KEYS)
     if fields is None:
-        return 0, 0, 0, 0
+        return 0, 0, 0, 0, 0
     low, high = PROBE_MS_RANGE
     times = []
     for key in ("interval", "timeout"):
@@ -212,7 +295,18 @@ def _read_probe(reader: _Reader, node: yaml.Node | None, where: str) -> tuple[in
                 )
                 count = 0
         counts.append(count)
-    return times[0], times[1], counts[0], counts[1]
+    sessions_ms = 0
+    if "sessions_interval" in fields:
+        node = fields["sessions_interval"]
+        parsed = parse_probe_ms(reader.value(node))
+        bound = ps.BOUNDS["sessions_interval_ms"]
+        if parsed is None or not bound.low <= parsed <= bound.high:
+            reader.problem(
+                node, f"{where}.sessions_interval", f"expected a duration from {low}ms to {high // 1000}s"
+            )
+        else:
+            sessions_ms = parsed
+    return times[0], times[1], counts[0], counts[1], sessions_ms
 
 
 def parse_probe_ms(value: Any) -> int | None:
@@ -295,7 +389,11 @@ async def apply_farm(
             old = old_pools.get(pool.name)
             if old != pool:
                 await pools.upsert(pool, now)
-                plan.changes.append(f"{'update' if old else 'create'} pool {pool.name}")
+                plan.changes.append(
+                    f"update pool {pool.name} ({pool_changes(old, pool)})"
+                    if old
+                    else f"create pool {pool.name}"
+                )
         for server in farm.servers:
             old_server = old_servers.get(server.address)
             if old_server is None or _declared(old_server) != _declared(server):
@@ -333,6 +431,53 @@ async def apply_farm(
         else:
             await tx.commit()
     return plan
+
+
+# Every setting of a pool as the farm file spells it, for the plan's `update pool` lines.
+_SHOWN: list[tuple[str, str]] = [
+    ("is_default", "default"),
+    ("disconnect_timeout_s", "disconnect_timeout"),
+    ("probe_interval_ms", "probe.interval"),
+    ("probe_timeout_ms", "probe.timeout"),
+    ("probe_rise", "probe.rise"),
+    ("probe_fall", "probe.fall"),
+    ("sessions_interval_ms", "probe.sessions_interval"),
+    ("domain", "domain"),
+    ("upn_suffixes", "upn_suffixes"),
+    ("junk_bytes", "junk_bytes"),
+    ("confirm_timeout_s", "confirm_timeout"),
+    ("stale_after_ms", "stale_after"),
+    ("logon_lag_s", "logon_lag"),
+]
+
+
+def show_setting(field_name: str, value: Any) -> str:
+    """One pool setting as an operator writes it: `2m`, `2KiB`, `[corp.example.com]`, `default`."""
+    if field_name == "upn_suffixes":
+        return f"[{', '.join(value)}]"
+    if field_name == "domain":
+        return value or "none"
+    if field_name == "is_default":
+        return "true" if value else "false"
+    if field_name == "junk_bytes":
+        return ps.format_size(value)
+    if field_name.endswith(("_ms", "_s")) or field_name in ("probe_rise", "probe_fall"):
+        if not value and field_name not in ("logon_lag_s",):
+            return "default"
+        if field_name.endswith("_s"):
+            return ps.format_ms(round(value * 1000))
+        if field_name.endswith("_ms"):
+            return ps.format_ms(value)
+    return str(value)
+
+
+def pool_changes(old: d.Pool, new: d.Pool) -> str:
+    """`junk_bytes 2KiB -> 4KiB, domain none -> CORP`: what differs, in the farm file's words."""
+    return ", ".join(
+        f"{shown} {show_setting(name, getattr(old, name))} -> {show_setting(name, getattr(new, name))}"
+        for name, shown in _SHOWN
+        if getattr(old, name) != getattr(new, name)
+    )
 
 
 def _declared(server: d.Server) -> tuple[str, int, int, str, str]:

@@ -101,3 +101,56 @@ def test_apply_reports_an_unreachable_database_in_one_line(tmp_path, capsys):
     assert "Traceback" not in err
     assert "s3cret" not in err
     assert len(err.strip().splitlines()) == 1, err
+
+
+SETTINGS_FARM = """\
+pools:
+  - name: default
+    default: true
+    disconnect_timeout: 1h
+    domain: CORP
+    upn_suffixes: [corp.example.com]
+    junk_bytes: 4KiB
+    confirm_timeout: 5m
+    stale_after: 30s
+    logon_lag: 10s
+    probe: {interval: 2s, sessions_interval: 5s}
+servers:
+  - address: 10.0.0.1:3389
+    max_sessions: 10
+  - address: 10.0.0.2:3389
+"""
+
+
+async def test_apply_sets_the_pool_settings_and_names_the_changes(pg_database_url, service, tmp_path, capsys):
+    farm = tmp_path / "farm.yaml"
+    farm.write_text(FARM)
+    assert await apply_async(pg_database_url, farm) == 0
+    capsys.readouterr()
+
+    farm.write_text(SETTINGS_FARM)
+    assert await apply_async(pg_database_url, farm, "--dry-run") == 0
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "would update pool default (probe.interval default -> 2s, probe.sessions_interval default -> 5s, "
+        "domain none -> CORP, upn_suffixes [] -> [corp.example.com], junk_bytes 2KiB -> 4KiB, "
+        "confirm_timeout 2m -> 5m, stale_after default -> 30s, logon_lag 30s -> 10s)"
+    )
+    assert await apply_async(pg_database_url, farm) == 0
+    [pool] = await service.list_pools()
+    assert (pool.domain, pool.upn_suffixes, pool.junk_bytes, pool.confirm_timeout_s) == (
+        "CORP",
+        ("corp.example.com",),
+        4096,
+        300.0,
+    )
+    assert (pool.stale_after_ms, pool.logon_lag_s, pool.sessions_interval_ms) == (30_000, 10.0, 5000)
+    capsys.readouterr()
+    assert await apply_async(pg_database_url, farm) == 0
+    assert capsys.readouterr().out.strip() == "no changes"
+
+    # The file is the declaration: settings left out go back to their defaults.
+    farm.write_text(FARM)
+    assert await apply_async(pg_database_url, farm) == 0
+    assert "domain CORP -> none" in capsys.readouterr().out
+    [pool] = await service.list_pools()
+    assert (pool.domain, pool.upn_suffixes, pool.junk_bytes) == ("", (), 2048)
