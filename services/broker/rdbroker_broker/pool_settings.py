@@ -70,6 +70,8 @@ BOUNDS: dict[str, Bound] = {
     "logon_lag_s": Bound(0, 3600, "s"),
 }
 PROBE_COUNT_MAX = 100
+# What `PATCH /v1/pools/{name}` may change: every setting but the name and which pool is the default.
+PATCHABLE = frozenset(BOUNDS) | {"probe_rise", "probe_fall", "domain", "upn_suffixes"}
 
 
 def check_number(field: str, value: Any) -> float:

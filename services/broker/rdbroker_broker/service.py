@@ -17,7 +17,7 @@ from sqlalchemy import Column, ColumnElement, String, func, select
 from sqlalchemy.exc import IntegrityError
 
 from rdbroker_broker import domain as d
-from rdbroker_broker import metrics
+from rdbroker_broker import metrics, pool_settings
 from rdbroker_broker.config import BrokerSettings
 from rdbroker_broker.db import report_sql, routing_sql
 from rdbroker_broker.db.repositories import new_session_id, session_from_row
@@ -1033,3 +1033,40 @@ async def check_database(service: BrokerService) -> None:
         await r.conn.exec_driver_sql("SELECT 1")
 
     await service.run_tx(work)
+
+
+async def _summary_of(r: Repos, pool: d.Pool) -> PoolSummary:
+    servers = await r.servers.list(pool.name)
+    return PoolSummary(pool=pool, servers=len(servers), live_sessions=sum(s.live_sessions for s in servers))
+
+
+async def pool_summary(service: BrokerService, name: str) -> PoolSummary:
+    """One pool (case-insensitively by name) with its server and live session counts."""
+
+    async def work(r: Repos) -> PoolSummary:
+        return await _summary_of(r, await _pool_named(r, name))
+
+    return await service.run_tx(work)
+
+
+async def update_pool(service: BrokerService, name: str, changes: dict[str, object]) -> PoolSummary:
+    """Change some of a pool's settings (domain.Pool fields, each already within its bounds); refused
+    (InvalidInput) when the result breaks a rule across settings. The next farm `apply` sets them
+    from the file again."""
+    unknown = set(changes) - pool_settings.PATCHABLE
+    if unknown:
+        raise InvalidInput(f"not a pool setting: {', '.join(sorted(unknown))}")
+
+    async def work(r: Repos) -> PoolSummary:
+        pool = await _pool_named(r, name)
+        changed = replace(pool, **changes)  # type: ignore[arg-type]
+        problems = pool_settings.pool_problems(changed)
+        if problems:
+            raise InvalidInput("; ".join(f"{field}: {message}" for field, message in problems))
+        if changed != pool:
+            await r.pools.upsert(changed, service.now())
+        return await _summary_of(r, changed)
+
+    summary = await service.run_tx(work)
+    log.info("pool %s settings changed: %s", summary.pool.name, ", ".join(sorted(changes)) or "none")
+    return summary

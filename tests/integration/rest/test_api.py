@@ -3,16 +3,19 @@ problem+json errors."""
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import update
 
 from rdbroker_broker import service as use_cases
 from rdbroker_broker.db.engine import make_engine
+from rdbroker_broker.db.tables import servers
 from rdbroker_broker.rest.app import create_app
 from rdbroker_broker.service import BrokerService
-from tests.integration.rest.conftest import ADMIN, SERVERS, place
+from tests.integration.rest.conftest import ADMIN, READ, SERVERS, place
 
 PROBLEM = "application/problem+json"
 
@@ -41,8 +44,9 @@ async def test_user_lookup_names_the_server(client, service):
     assert session["pool"] == "default"
     assert set(session) == {
         "id", "user", "pool", "server_address", "state", "created_at", "updated_at",
-        "disconnected_at", "expires_at", "end_reason",
+        "disconnected_at", "expires_at", "end_reason", "confirmed",
     }  # fmt: skip
+    assert session["confirmed"] is False  # a claim until the server's agent lists it
     assert (await client.get("/v1/users/nobody/sessions")).json() == {"user": "nobody", "sessions": []}
 
 
@@ -227,16 +231,190 @@ async def test_removing_a_server_with_live_sessions_needs_force(client, service)
 async def test_pools_count_servers_and_sessions(client, service):
     await place(service, "gina", "c1")
     pools = (await client.get("/v1/pools")).json()["pools"]
-    assert pools == [
-        {"name": "Sales", "default": False, "disconnect_timeout_s": 7200.0, "servers": 1, "live_sessions": 0},
-        {
-            "name": "default",
-            "default": True,
-            "disconnect_timeout_s": 3600.0,
-            "servers": 2,
-            "live_sessions": 1,
-        },
+    counts = [
+        (p["name"], p["default"], p["disconnect_timeout_s"], p["servers"], p["live_sessions"]) for p in pools
     ]
+    assert counts == [("Sales", False, 7200.0, 1, 0), ("default", True, 3600.0, 2, 1)]
+
+
+DEFAULT_SETTINGS = {
+    "domain": "",
+    "upn_suffixes": [],
+    "junk_bytes": 2048,
+    "confirm_timeout_s": 120.0,
+    "stale_after_ms": 0,
+    "logon_lag_s": 30.0,
+    "probe_interval_ms": 0,
+    "probe_timeout_ms": 0,
+    "probe_rise": 0,
+    "probe_fall": 0,
+    "sessions_interval_ms": 0,
+}
+
+
+async def test_pools_show_every_setting(client):
+    sales = (await client.get("/v1/pools")).json()["pools"][0]
+    assert sales == {
+        "name": "Sales", "default": False, "disconnect_timeout_s": 7200.0, "servers": 1, "live_sessions": 0,
+        **DEFAULT_SETTINGS,
+    }  # fmt: skip
+    assert (await client.get("/v1/pools/sales")).json() == sales
+    assert_problem(await client.get("/v1/pools/nope"), 404, "Not found", "nope")
+
+
+async def test_patch_a_pool_changes_its_settings(client, service):
+    body = {
+        "domain": "CORP",
+        "upn_suffixes": ["Corp.Example.com", "@corp.example.org."],
+        "junk_bytes": 4096,
+        "confirm_timeout_s": 300,
+        "stale_after_ms": 30_000,
+        "logon_lag_s": 0,
+        "probe_interval_ms": 1000,
+        "sessions_interval_ms": 5000,
+        "disconnect_timeout_s": 1800,
+    }
+    answer = await client.patch("/v1/pools/SALES", json=body)
+    assert answer.status_code == 200, answer.text
+    changed = answer.json()
+    assert changed["name"] == "Sales"
+    assert changed["upn_suffixes"] == ["corp.example.com", "corp.example.org"]  # stored lower case
+    assert {k: changed[k] for k in body if k != "upn_suffixes"} == {
+        k: v for k, v in body.items() if k != "upn_suffixes"
+    }
+    pool = next(p for p in await service.list_pools() if p.name == "Sales")
+    assert (pool.domain, pool.upn_suffixes, pool.junk_bytes, pool.stale_after_ms) == (
+        "CORP",
+        ("corp.example.com", "corp.example.org"),
+        4096,
+        30_000,
+    )
+    assert (pool.confirm_timeout_s, pool.logon_lag_s, pool.sessions_interval_ms) == (300.0, 0.0, 5000)
+
+    # A subset changes only itself; an empty body changes nothing; "" and [] clear; 0 means the default.
+    again = await client.patch("/v1/pools/Sales", json={"junk_bytes": 0})
+    assert {**changed, "junk_bytes": 0} == again.json()
+    assert (await client.patch("/v1/pools/Sales", json={})).json() == again.json()
+    cleared = await client.patch(
+        "/v1/pools/Sales",
+        json={"upn_suffixes": [], "domain": "", "stale_after_ms": 0, "probe_interval_ms": 0},
+    )
+    assert {
+        k: cleared.json()[k] for k in ("domain", "upn_suffixes", "stale_after_ms", "probe_interval_ms")
+    } == {
+        "domain": "",
+        "upn_suffixes": [],
+        "stale_after_ms": 0,
+        "probe_interval_ms": 0,
+    }
+    # The other pool is untouched.
+    default = (await client.get("/v1/pools/default")).json()
+    assert {k: default[k] for k in DEFAULT_SETTINGS} == DEFAULT_SETTINGS
+
+
+@pytest.mark.parametrize(
+    ("body", "location", "message"),
+    [
+        ({"junk_bytes": -1}, "body.junk_bytes", "expected 0 bytes to 1MiB"),
+        ({"junk_bytes": 2 * 1024 * 1024}, "body.junk_bytes", "expected 0 bytes to 1MiB"),
+        ({"junk_bytes": "lots"}, "body.junk_bytes", "integer"),
+        ({"confirm_timeout_s": 0}, "body.confirm_timeout_s", "expected 1s to 1d"),
+        ({"stale_after_ms": 500}, "body.stale_after_ms", "expected 1s to 1d, or 0 for three probe intervals"),
+        ({"logon_lag_s": 3601}, "body.logon_lag_s", "expected 0s to 1h"),
+        ({"sessions_interval_ms": 50}, "body.sessions_interval_ms", "expected 100ms to 1h, or 0"),
+        ({"probe_rise": 101}, "body.probe_rise", "expected an integer from 1 to 100"),
+        ({"disconnect_timeout_s": 0}, "body.disconnect_timeout_s", "expected 1s to 366d"),
+        ({"domain": "CORP\\bob"}, "body.domain", "NetBIOS domain name"),
+        ({"domain": "ABCDEFGHIJKLMNOP"}, "body.domain", "at most 15 characters"),
+        ({"upn_suffixes": ["corp..com"]}, "body.upn_suffixes.0", "is not a DNS name"),
+        ({"upn_suffixes": "corp.com"}, "body.upn_suffixes", "list"),
+        ({"upn_suffixes": ["a.com", "A.com"]}, "body.upn_suffixes", "a.com is listed twice"),
+        ({"name": "other"}, "body.name", "Extra inputs"),
+        ({"default": True}, "body.default", "Extra inputs"),
+    ],
+)
+async def test_patch_a_pool_refuses_bad_values(client, body, location, message):
+    problem = assert_problem(await client.patch("/v1/pools/default", json=body), 422, "Invalid request")
+    assert problem["errors"][0]["location"] == location
+    assert message in problem["errors"][0]["message"]
+    assert (await client.get("/v1/pools/default")).json()["junk_bytes"] == 2048  # nothing changed
+
+
+async def test_patch_a_pool_refuses_settings_that_contradict_each_other(client):
+    problem = assert_problem(
+        await client.patch("/v1/pools/default", json={"upn_suffixes": ["corp.example.com"]}),
+        400,
+        "Invalid input",
+        "upn_suffixes: UPN suffixes need the pool's `domain`",
+    )
+    assert "errors" not in problem
+    await client.patch("/v1/pools/default", json={"domain": "CORP", "upn_suffixes": ["corp.example.com"]})
+    # Clearing the domain alone would leave the suffixes meaning nothing.
+    assert_problem(
+        await client.patch("/v1/pools/default", json={"domain": ""}), 400, "Invalid input", "domain"
+    )
+    assert_problem(
+        await client.patch("/v1/pools/default", json={"probe_interval_ms": 5000, "stale_after_ms": 5000}),
+        400,
+        "Invalid input",
+        "stale_after_ms: must be longer than the probe interval (5s)",
+    )
+    assert (await client.get("/v1/pools/default")).json()["probe_interval_ms"] == 0
+
+
+async def test_patch_an_unknown_pool_is_404_and_needs_the_admin_token(client):
+    assert_problem(await client.patch("/v1/pools/nope", json={"junk_bytes": 1}), 404, "Not found", "nope")
+    refused = await client.patch(
+        "/v1/pools/default", json={"junk_bytes": 1}, headers={"Authorization": f"Bearer {READ}"}
+    )
+    assert_problem(refused, 403, "Admin token required")
+    unauthenticated = await client.patch(
+        "/v1/pools/default", json={"junk_bytes": 1}, headers={"Authorization": ""}
+    )
+    assert_problem(unauthenticated, 401, "Authentication required")
+    assert (await client.get("/v1/pools/default")).json()["junk_bytes"] == 2048
+
+
+async def test_servers_show_held_sessions_and_a_stale_result_as_unknown(client, service, engine):
+    decision = await place(service, "hana", "c1")
+    now = service.now()
+    probed = now - timedelta(minutes=2)
+    other = next(a for a in SERVERS[:2] if a != decision.server_address)
+    async with engine.begin() as conn:
+        await conn.execute(
+            update(servers)
+            .where(servers.c.address == decision.server_address)
+            .values(
+                health="up",
+                agent_state="up",
+                load=40,
+                probed_at=probed,
+                fresh_until=now - timedelta(seconds=1),
+            )
+        )
+        await conn.execute(
+            update(servers)
+            .where(servers.c.address == other)
+            .values(
+                health="down", agent_state="up", load=70, probed_at=now, fresh_until=now + timedelta(hours=1)
+            )
+        )
+    listed = {s["address"]: s for s in (await client.get("/v1/servers")).json()["servers"]}
+    stale = listed[decision.server_address]
+    assert (stale["health"], stale["stale"], stale["agent_state"], stale["load"]) == (
+        "unknown",
+        True,
+        "none",
+        -1,
+    )
+    assert datetime.fromisoformat(stale["probed_at"]) == probed
+    assert (stale["live_sessions"], stale["held_sessions"], stale["routable"]) == (1, 1, True)
+    fresh = listed[other]
+    assert (fresh["health"], fresh["stale"], fresh["load"], fresh["held_sessions"]) == ("down", False, 70, 0)
+    never = listed[SERVERS[2]]
+    assert (never["health"], never["stale"], never["probed_at"]) == ("unknown", False, None)
+    one = (await client.get(f"/v1/servers/{decision.server_address}")).json()
+    assert (one["health"], one["stale"]) == ("unknown", True)
 
 
 async def test_unknown_paths_and_methods_are_problems(client):

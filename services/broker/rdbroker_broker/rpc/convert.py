@@ -87,10 +87,14 @@ def session(s: d.Session) -> pb.Session:
         updated_at=timestamp(s.updated_at),
         disconnected_at=timestamp(s.disconnected_at) if s.state is d.SessionState.DISCONNECTED else None,
         expires_at=timestamp(s.expires_at),
+        confirmed=s.confirmed,
     )
 
 
-def server(s: d.Server) -> pb.Server:
+def server(found: d.Server, now: datetime) -> pb.Server:
+    """The server as routing sees it at `now`: a stale result reads as no result (HEALTH_STATE_UNKNOWN,
+    load -1), `stale` says so and `probed_at` says when that result was."""
+    s = d.as_seen_at(found, now)
     return pb.Server(
         address=s.address,
         pool=s.pool,
@@ -104,6 +108,9 @@ def server(s: d.Server) -> pb.Server:
         sessions_url=s.sessions_url,
         health_detail=s.health_detail,
         health_changed_at=timestamp(s.health_changed_at),
+        held_sessions=s.held_sessions,
+        probed_at=timestamp(s.probed_at),
+        stale=d.result_is_stale(found, now),
     )
 
 

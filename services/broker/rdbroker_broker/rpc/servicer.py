@@ -164,7 +164,8 @@ class BrokerServicer(pb_grpc.BrokerServicer):
     @guarded
     async def ListServers(self, request: pb.ListServersRequest, context: Context) -> pb.ListServersResponse:
         found = await self.service.list_servers(request.pool)
-        return pb.ListServersResponse(servers=[convert.server(s) for s in found])
+        now = self.service.now()
+        return pb.ListServersResponse(servers=[convert.server(s, now) for s in found])
 
     @guarded
     async def SetServerState(
@@ -174,7 +175,7 @@ class BrokerServicer(pb_grpc.BrokerServicer):
         if state is None:
             raise InvalidInput("admin_state must be ENABLED, DRAINING or MAINTENANCE")
         server = await self.service.set_server_state(request.address, state)
-        return pb.SetServerStateResponse(server=convert.server(server))
+        return pb.SetServerStateResponse(server=convert.server(server, self.service.now()))
 
     @guarded
     async def EndSession(self, request: pb.EndSessionRequest, context: Context) -> pb.EndSessionResponse:

@@ -1,28 +1,40 @@
-"""Pools (farms, collections)."""
+"""Pools (farms, collections): their settings, server and session counts; changing the settings."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Request
 
 from rdbroker_broker import service as use_cases
 from rdbroker_broker.rest import auth
-from rdbroker_broker.rest.schemas import PoolOut, PoolsOut
+from rdbroker_broker.rest.schemas import PRINTABLE, PoolOut, PoolPatch, PoolsOut
 
 router = APIRouter(prefix="/v1", tags=["pools"])
+
+PoolPath = Annotated[
+    str, Path(min_length=1, max_length=128, pattern=PRINTABLE, description="pool name", examples=["default"])
+]
+
+
+def _out(summary: use_cases.PoolSummary) -> PoolOut:
+    return PoolOut.of(summary.pool, summary.servers, summary.live_sessions)
 
 
 @router.get("/pools", dependencies=[auth.Read], summary="List pools")
 async def list_pools(request: Request) -> PoolsOut:
     summaries = await use_cases.pool_summaries(request.app.state.service)
-    return PoolsOut(
-        pools=[
-            PoolOut(
-                name=s.pool.name,
-                default=s.pool.is_default,
-                disconnect_timeout_s=s.pool.disconnect_timeout_s,
-                servers=s.servers,
-                live_sessions=s.live_sessions,
-            )
-            for s in summaries
-        ]
-    )
+    return PoolsOut(pools=[_out(s) for s in summaries])
+
+
+@router.get("/pools/{name}", dependencies=[auth.Read], summary="One pool")
+async def get_pool(request: Request, name: PoolPath) -> PoolOut:
+    return _out(await use_cases.pool_summary(request.app.state.service, name))
+
+
+@router.patch("/pools/{name}", dependencies=[auth.Admin], summary="Change a pool's settings")
+async def update_pool(request: Request, name: PoolPath, body: PoolPatch) -> PoolOut:
+    """Any subset of the settings, within the farm file's bounds (422 otherwise); 400 when the result
+    breaks a rule across settings (UPN suffixes without a domain, `stale_after_ms` not longer than
+    the probe interval). The next `rdbroker apply` of a farm file sets every setting from the file."""
+    return _out(await use_cases.update_pool(request.app.state.service, name, body.changes()))

@@ -31,18 +31,23 @@ def _service(request: Request) -> use_cases.BrokerService:
     return service
 
 
+def _out(request: Request, server: d.Server) -> ServerOut:
+    return ServerOut.of(server, _service(request).now())
+
+
 @router.get("/servers", dependencies=[auth.Read], summary="List servers")
 async def list_servers(
     request: Request, pool: Annotated[str, Query(max_length=128, pattern=PRINTABLE)] = ""
 ) -> ServersOut:
     """Servers with their health, load, live sessions and state, by pool then address."""
     servers = await _service(request).list_servers(pool)
-    return ServersOut(servers=[ServerOut.of(s) for s in servers])
+    now = _service(request).now()
+    return ServersOut(servers=[ServerOut.of(s, now) for s in servers])
 
 
 @router.get("/servers/{address}", dependencies=[auth.Read], summary="One server")
 async def get_server(request: Request, address: AddressPath) -> ServerOut:
-    return ServerOut.of(await use_cases.get_server(_service(request), address))
+    return _out(request, await use_cases.get_server(_service(request), address))
 
 
 @router.post("/servers", dependencies=[auth.Admin], status_code=201, summary="Register a server")
@@ -58,7 +63,7 @@ async def add_server(request: Request, response: Response, body: ServerIn) -> Se
     )
     added = await use_cases.add_server(_service(request), server)
     response.headers["Location"] = f"/v1/servers/{quote(added.address, safe=':[]')}"
-    return ServerOut.of(added)
+    return _out(request, added)
 
 
 @router.patch("/servers/{address}", dependencies=[auth.Admin], summary="Change a server")
@@ -70,7 +75,7 @@ async def update_server(request: Request, address: AddressPath, body: ServerPatc
         sessions_url=body.sessions_url,
         admin_state=d.AdminState(body.admin_state) if body.admin_state else None,
     )
-    return ServerOut.of(await use_cases.update_server(_service(request), address, changes))
+    return _out(request, await use_cases.update_server(_service(request), address, changes))
 
 
 @router.delete(
@@ -91,7 +96,7 @@ async def remove_server(
 
 
 async def _set_state(request: Request, address: str, state: d.AdminState) -> ServerOut:
-    return ServerOut.of(await _service(request).set_server_state(address, state))
+    return _out(request, await _service(request).set_server_state(address, state))
 
 
 @router.post("/servers/{address}/drain", dependencies=[auth.Admin], summary="Drain a server")
