@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo-connect": ("rdbroker_cli.demo_connect", "main", "connect once as USER (through `up`/`demo`)"),
     "servers": ("rdbroker_cli.admin", "servers_main", "list, drain, enable... servers (REST API)"),
     "sessions": ("rdbroker_cli.admin", "sessions_main", "look up, list and end sessions (REST API)"),
-    "pools": ("rdbroker_cli.admin", "pools_main", "list pools (REST API)"),
+    "pools": ("rdbroker_cli.admin", "pools_main", "list, show and change pools' settings (REST API)"),
 }
 
 

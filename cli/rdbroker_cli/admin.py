@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -172,13 +173,128 @@ def _run_sessions(client: ApiClient, args: argparse.Namespace) -> tuple[Any, str
 
 
 def _pools_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="rdbroker pools", description="the pools (farms, collections)")
+    parser = Parser(prog="rdbroker pools", description="the pools (farms, collections) and their settings")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=Parser)
-    _connection_options(verbs.add_parser("list", help="pools with their server and session counts"))
+    _connection_options(verbs.add_parser("list", help="pools with their settings, servers and sessions"))
+    show = verbs.add_parser("show", help="every setting of one pool")
+    show.add_argument("name", metavar="NAME")
+    _connection_options(show)
+    change = verbs.add_parser(
+        "set",
+        help="change a pool's settings (the next `rdbroker apply` sets them from the farm file again)",
+        description="Change a pool's settings. The next `rdbroker apply` of a farm file sets every "
+        "setting from the file again: put lasting changes in the file.",
+    )
+    change.add_argument("name", metavar="NAME")
+    change.add_argument("--domain", default=None, help="NetBIOS domain of bare user names ('' for none)")
+    change.add_argument(
+        "--upn-suffix",
+        dest="upn_suffixes",
+        action="append",
+        default=None,
+        metavar="SUFFIX",
+        help="a UPN suffix that means the domain (repeatable; replaces the list)",
+    )
+    change.add_argument("--no-upn-suffixes", action="store_true", help="clear the UPN suffixes")
+    change.add_argument("--junk-bytes", type=_size, default=None, help="2048, 2KiB, 0 = none is junk")
+    change.add_argument("--confirm-timeout", type=_duration(), default=None, help="like 2m")
+    change.add_argument("--stale-after", type=_duration(zero=True), default=None, help="like 30s, or default")
+    change.add_argument("--logon-lag", type=_duration(allow_zero=True), default=None, help="like 30s")
+    change.add_argument(
+        "--sessions-interval", type=_duration(zero=True), default=None, help="like 5s, or default"
+    )
+    change.add_argument("--disconnect-timeout", type=_duration(), default=None, help="like 8h")
+    change.add_argument(
+        "--probe-interval", type=_duration(zero=True), default=None, help="like 2s, or default"
+    )
+    change.add_argument(
+        "--probe-timeout", type=_duration(zero=True), default=None, help="like 2s, or default"
+    )
+    change.add_argument("--probe-rise", type=_positive, default=None, help="1..100, 0 = default")
+    change.add_argument("--probe-fall", type=_positive, default=None, help="1..100, 0 = default")
+    _connection_options(change)
     return parser
 
 
+_DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m(?!s))?(?:(\d+)s)?(?:(\d+)ms)?")
+_SIZE = re.compile(r"(\d+)\s*(b|kib|mib)?", re.IGNORECASE)
+
+
+def _duration(zero: bool = False, allow_zero: bool = False) -> Callable[[str], int]:
+    """`500ms`, `30s`, `2m`, `1h30m`, `2d` or seconds, in milliseconds; `default` (= 0) where `zero`.
+    The broker checks the bounds."""
+
+    def parse(text: str) -> int:
+        value = text.strip()
+        if zero and value == "default":
+            return 0
+        match = _DURATION.fullmatch(value)
+        if value.isdigit():
+            ms = int(value) * 1000
+        elif value and match and any(match.groups()):
+            days, hours, minutes, secs, millis = (int(g or 0) for g in match.groups())
+            ms = (((days * 24 + hours) * 60 + minutes) * 60 + secs) * 1000 + millis
+        else:
+            raise argparse.ArgumentTypeError(
+                f"not a duration: {text!r} (like 500ms, 30s, 2m, 1h30m{', or default' if zero else ''})"
+            )
+        if ms == 0 and not (zero or allow_zero):
+            raise argparse.ArgumentTypeError(f"must be longer than 0: {text!r}")
+        return ms
+
+    return parse
+
+
+def _size(text: str) -> int:
+    match = _SIZE.fullmatch(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (like 2048, 512B, 2KiB, 1MiB)")
+    return int(match[1]) * {"": 1, "b": 1, "kib": 1024, "mib": 1024 * 1024}[(match[2] or "").lower()]
+
+
+# flag -> (API field, divisor of the parsed value: durations parse to milliseconds, `_s` fields take seconds)
+_POOL_FLAGS: dict[str, tuple[str, float]] = {
+    "domain": ("domain", 1),
+    "junk_bytes": ("junk_bytes", 1),
+    "confirm_timeout": ("confirm_timeout_s", 1000),
+    "stale_after": ("stale_after_ms", 1),
+    "logon_lag": ("logon_lag_s", 1000),
+    "sessions_interval": ("sessions_interval_ms", 1),
+    "disconnect_timeout": ("disconnect_timeout_s", 1000),
+    "probe_interval": ("probe_interval_ms", 1),
+    "probe_timeout": ("probe_timeout_ms", 1),
+    "probe_rise": ("probe_rise", 1),
+    "probe_fall": ("probe_fall", 1),
+}
+APPLY_NOTE = "note: the next `rdbroker apply` of a farm file sets the pool's settings from the file again\n"
+
+
+def _pool_body(args: argparse.Namespace) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    for flag, (name, divisor) in _POOL_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            body[name] = value if divisor == 1 else value / divisor
+    if args.no_upn_suffixes and args.upn_suffixes:
+        raise ApiError("give --upn-suffix or --no-upn-suffixes, not both")
+    if args.no_upn_suffixes:
+        body["upn_suffixes"] = []
+    elif args.upn_suffixes is not None:
+        body["upn_suffixes"] = args.upn_suffixes
+    return body
+
+
 def _run_pools(client: ApiClient, args: argparse.Namespace) -> tuple[Any, str]:
+    if args.verb == "show":
+        pool = client.get_pool(args.name)
+        return pool, tables.render_settings(pool, tables.POOL_SETTINGS)
+    if args.verb == "set":
+        body = _pool_body(args)
+        if not body:
+            raise ApiError("nothing to change: give at least one setting (see `rdbroker pools set --help`)")
+        pool = client.update_pool(args.name, body)
+        sys.stderr.write(APPLY_NOTE)
+        return pool, tables.render_settings(pool, tables.POOL_SETTINGS)
     pools = client.list_pools()
     return {"pools": pools}, tables.render(pools, tables.POOL_COLUMNS)
 

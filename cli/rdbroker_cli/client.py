@@ -109,6 +109,12 @@ class ApiClient:
     def list_pools(self) -> list[dict[str, Any]]:
         return _items(self.request("GET", "/v1/pools"), "pools")
 
+    def get_pool(self, name: str) -> dict[str, Any]:
+        return _object(self.request("GET", f"/v1/pools/{path_part(name)}"))
+
+    def update_pool(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        return _object(self.request("PATCH", f"/v1/pools/{path_part(name)}", json=body))
+
     def lookup_user(self, user: str, pool: str = "", include_ended: bool = False) -> list[dict[str, Any]]:
         params: dict[str, str] = {}
         if pool:

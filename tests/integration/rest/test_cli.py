@@ -7,6 +7,7 @@ import json
 import pytest
 
 from rdbroker_cli.__main__ import main as rdbroker
+from rdbroker_cli.admin import APPLY_NOTE as NOTE
 from tests.integration.rest.conftest import ADMIN, READ, SERVERS, LiveBroker
 
 
@@ -23,11 +24,11 @@ def test_operator_session(live_broker: LiveBroker, capsys, monkeypatch):
     code, out, err = run(capsys, "servers", "list")
     assert (code, err) == (0, "")
     rows = [line.split() for line in out.splitlines()]
-    assert rows[0] == ["POOL", "ADDRESS", "STATE", "HEALTH", "LOAD", "SESSIONS", "WEIGHT", "MAX"]
+    assert rows[0] == ["POOL", "ADDRESS", "STATE", "HEALTH", "LOAD", "SESSIONS", "HELD", "WEIGHT", "MAX"]
     assert rows[1:] == [
-        ["Sales", SERVERS[2], "enabled", "unknown", "-", "0", "100", "0"],
-        ["default", SERVERS[0], "enabled", "unknown", "-", "0", "100", "0"],
-        ["default", SERVERS[1], "enabled", "unknown", "-", "0", "100", "0"],
+        ["Sales", SERVERS[2], "enabled", "unknown", "-", "0", "0", "100", "0"],
+        ["default", SERVERS[0], "enabled", "unknown", "-", "0", "0", "100", "0"],
+        ["default", SERVERS[1], "enabled", "unknown", "-", "0", "0", "100", "0"],
     ]
 
     code, _, err = run(capsys, "servers", "drain", SERVERS[0])
@@ -61,9 +62,32 @@ def test_operator_session(live_broker: LiveBroker, capsys, monkeypatch):
     code, out, _ = run(capsys, "pools", "list")
     assert code == 0
     assert [line.split() for line in out.splitlines()[1:]] == [
-        ["Sales", "8h", "1", "0"],
-        ["default", "yes", "8h", "2", "0"],
+        ["Sales", "8h", "-", "-", "2KiB", "2m", "default", "30s", "1", "0"],
+        ["default", "yes", "8h", "-", "-", "2KiB", "2m", "default", "30s", "2", "0"],
     ]
+    code, out, err = run(
+        capsys, "pools", "set", "sales", "--domain", "CORP", "--upn-suffix", "Corp.Example.com",
+        "--stale-after", "45s", "--token", ADMIN,
+    )  # fmt: skip
+    assert (code, err) == (0, NOTE)
+    assert "upn_suffixes:             corp.example.com\n" in out
+    code, out, _ = run(capsys, "pools", "show", "Sales")
+    assert (code, out.splitlines()[3], out.splitlines()[7]) == (
+        0,
+        "domain:                   CORP",
+        "stale_after:              45s",
+    )
+    code, _, err = run(capsys, "pools", "set", "sales", "--domain", "", "--token", ADMIN)
+    assert (code, err) == (
+        1,
+        "rdbroker: 400 Invalid input: upn_suffixes: UPN suffixes need the pool's `domain` (the domain they "
+        "mean)\n",
+    )
+    code, _, err = run(capsys, "pools", "set", "sales", "--logon-lag", "2h", "--token", ADMIN)
+    assert (code, err) == (
+        1,
+        "rdbroker: 422 Invalid request: body.logon_lag_s: Value error, expected 0s to 1h\n",
+    )
 
     assert run(capsys, "sessions", "lookup", "alice") == (0, "no sessions for alice\n", "")
     code, out, _ = run(capsys, "sessions", "list", "--state", "ended", "--json")

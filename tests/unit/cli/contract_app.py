@@ -9,6 +9,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import uvicorn
@@ -18,6 +19,8 @@ from fastapi.responses import JSONResponse, Response
 READ_TOKEN = "read-secret"
 ADMIN_TOKEN = "admin-secret"
 STATES = {"drain": "draining", "maintenance": "maintenance", "enable": "enabled"}
+# Today, so the CLI shows the time alone.
+STALE_RESULT_AT = datetime.now(UTC).replace(hour=0, minute=0, second=5).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _problem(status: int, title: str, detail: str) -> JSONResponse:
@@ -37,8 +40,11 @@ def _server(address: str, pool: str = "default", **extra: Any) -> dict[str, Any]
         "health_detail": "neg_rsp protocol=1",
         "health_changed_at": "2026-11-27T09:00:02Z",
         "agent_state": "none",
+        "probed_at": "2026-11-27T09:41:12Z",
+        "stale": False,
         "load": -1,
         "live_sessions": 0,
+        "held_sessions": 0,
         "agent_url": "",
         "sessions_url": "",
         "routable": True,
@@ -59,18 +65,42 @@ def _session(session_id: str, user: str, server: str, state: str) -> dict[str, A
         "disconnected_at": None,
         "expires_at": None,
         "end_reason": "",
+        "confirmed": False,
     }
 
 
 def build_app() -> FastAPI:
     app = FastAPI()
     servers = {
-        "10.0.0.11:3389": _server("10.0.0.11:3389", load=35, live_sessions=1),
+        "10.0.0.11:3389": _server("10.0.0.11:3389", load=35, live_sessions=1, held_sessions=1),
         "10.0.0.12:3389": _server("10.0.0.12:3389", health="down", routable=False),
+        # A stale result: health reads unknown, probed_at says when the last result was.
+        "10.0.0.13:3389": _server(
+            "10.0.0.13:3389", health="unknown", stale=True, probed_at=STALE_RESULT_AT, live_sessions=2
+        ),
+    }
+    pools = {
+        "default": {
+            "name": "default",
+            "default": True,
+            "disconnect_timeout_s": 28800.0,
+            "domain": "CORP",
+            "upn_suffixes": ["corp.example.com"],
+            "junk_bytes": 2048,
+            "confirm_timeout_s": 120.0,
+            "stale_after_ms": 0,
+            "logon_lag_s": 30.0,
+            "probe_interval_ms": 2000,
+            "probe_timeout_ms": 0,
+            "probe_rise": 0,
+            "probe_fall": 3,
+            "sessions_interval_ms": 5000,
+        }
     }
     sessions = {
         "s-1": _session("s-1", "alice", "10.0.0.11:3389", "active"),
         "s-2": _session("s-2", "CORP\\bob", "10.0.0.11:3389", "ended"),
+        "s-3": {**_session("s-3", "carol", "10.0.0.11:3389", "disconnected"), "confirmed": True},
     }
     app.state.calls = []
     app.state.raw_paths = []
@@ -131,12 +161,34 @@ def build_app() -> FastAPI:
         del servers[address]
         return Response(status_code=204)
 
+    def counted(pool: dict[str, Any]) -> dict[str, Any]:
+        return {**pool, "servers": len(servers), "live_sessions": 1}
+
     @app.get("/v1/pools")
-    def pools(authorization: str | None = Header(None)) -> Any:
+    def list_pools(authorization: str | None = Header(None)) -> Any:
         if denied := auth(authorization, admin=False):
             return denied
-        pool = {"name": "default", "default": True, "disconnect_timeout_s": 28800.0}
-        return {"pools": [{**pool, "servers": len(servers), "live_sessions": 1}]}
+        return {"pools": [counted(p) for p in pools.values()]}
+
+    @app.get("/v1/pools/{name}")
+    def get_pool(name: str, authorization: str | None = Header(None)) -> Any:
+        if denied := auth(authorization, admin=False):
+            return denied
+        if name not in pools:
+            return _problem(404, "Not found", f"unknown pool {name!r}")
+        return counted(pools[name])
+
+    @app.patch("/v1/pools/{name}")
+    async def patch_pool(name: str, request: Request, authorization: str | None = Header(None)) -> Any:
+        if denied := auth(authorization, admin=True):
+            return denied
+        if name not in pools:
+            return _problem(404, "Not found", f"unknown pool {name!r}")
+        body = await request.json()
+        if body.get("junk_bytes", 0) > 1024 * 1024:
+            return _problem(422, "Invalid request", "body.junk_bytes: Value error, expected 0 bytes to 1MiB")
+        pools[name].update(body)
+        return counted(pools[name])
 
     @app.get("/v1/users/{user}/sessions")
     def lookup(user: str, include_ended: bool = False, authorization: str | None = Header(None)) -> Any:
