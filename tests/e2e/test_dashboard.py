@@ -1,20 +1,27 @@
 """The dashboard in headless Chromium (Debian's `chromium`, driven by Playwright): it shows the demo's
 servers, asks for a token, drains a server with the admin token and shows the new state; on an open API
-(no tokens, as the demo runs) it drains without asking for one.
+(no tokens, as the demo runs) it drains without asking for one. Against a broker on PostgreSQL it shows
+the pools' settings, a stale health result as unknown with its time, held sessions and whether the
+server's agent confirmed a user's session.
 
 scripts/test.sh installs chromium when it is missing; without it this test fails (it is not skipped).
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import httpx
+import psycopg
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from tests.e2e.test_demo import demo_process
+from tests.integration.rest import conftest as rest
+from tests.integration.rest.conftest import SERVERS, LiveBroker
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -26,6 +33,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
+live_broker = rest.live_broker  # `rdbroker broker` on PostgreSQL, the REST tests' fixture
 READ_TOKEN = "dashboard-read-token"
 ADMIN_TOKEN = "dashboard-admin-token"
 
@@ -118,3 +126,77 @@ def test_drain_on_an_open_api_asks_for_no_token(tmp_path, browser):
         expect(page.locator("#token-dialog")).to_be_hidden()
         page.close()
         assert errors == []
+
+
+def test_pool_settings_stale_results_and_confirmed_sessions(
+    live_broker: LiveBroker, pg_database_url, browser
+):
+    # A broker on PostgreSQL with no health replica: the results written here stay as written.
+    admin = {"Authorization": f"Bearer {rest.ADMIN}"}
+    settings = {"domain": "CORP", "upn_suffixes": ["corp.example.com"], "junk_bytes": 4096,
+                "confirm_timeout_s": 300, "stale_after_ms": 30_000, "logon_lag_s": 10,
+                "sessions_interval_ms": 5000}  # fmt: skip
+    answer = httpx.patch(f"{live_broker.url}/v1/pools/default", json=settings, headers=admin)
+    assert answer.status_code == 200, answer.text
+    stale, fresh = SERVERS[0], SERVERS[1]
+    probed = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=3)
+    with psycopg.connect(pg_database_url, autocommit=True) as db:
+        db.execute(
+            "UPDATE servers SET health = 'up', probed_at = %s, fresh_until = %s WHERE address = %s",
+            (probed, probed + timedelta(seconds=30), stale),
+        )
+        db.execute(
+            "UPDATE servers SET health = 'up', probed_at = now(), fresh_until = now() + interval '1 hour' "
+            "WHERE address = %s",
+            (fresh,),
+        )
+        for sid, user, state, confirmed in (
+            ("s-ana", "ana", "disconnected", True),
+            ("s-ben", "ben", "pending", False),
+        ):
+            db.execute(
+                'INSERT INTO sessions (id, pool, "user", user_key, server_address, state, learnt_from, '
+                "client_address, created_at, updated_at, expires_at, end_reason, confirmed) VALUES (%s, "
+                "'default', %s, %s, %s, %s, 'route', '', now(), now(), now() + interval '1 hour', '', %s)",
+                (sid, user, user, stale, state, confirmed),
+            )
+
+    context = browser.new_context(timezone_id="UTC")
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.set_default_timeout(20_000)
+    page.goto(live_broker.url + "/")
+    enter_token(page, rest.READ, "needs a read or admin token")
+
+    pool = page.locator("article.pool[data-pool=default]")
+    shown = {
+        "domain": "Domain CORP",
+        "upn_suffixes": "UPN suffixes corp.example.com",
+        "junk_bytes": "Junk under 4 KiB",
+        "confirm_timeout_s": "Confirm within 5m",
+        "stale_after_ms": "Results stale after 30s",
+        "logon_lag_s": "Logon lag 10s",
+        "probe_interval_ms": "Probe every default",
+        "sessions_interval_ms": "Session lists every 5s",
+    }
+    for setting, label in shown.items():
+        expect(pool.locator(f'li[data-setting="{setting}"]')).to_have_text(label)
+    expect(page.locator("article.pool[data-pool=Sales] li[data-setting=domain]")).to_have_text("Domain none")
+
+    stale_row = page.locator(f'tr[data-address="{stale}"]')
+    expect(stale_row.locator("td.health")).to_have_text(f"unknown (last result {probed:%H:%M:%S})")
+    expect(stale_row).to_have_class(re.compile(r"\bstale\b"))
+    # ben's pending claim holds capacity, ana's confirmed disconnected session too.
+    expect(stale_row.locator("td.sessions")).to_have_text("2")
+    expect(stale_row.locator("td.held")).to_have_text("2")
+    expect(page.locator(f'tr[data-address="{fresh}"] td.health')).to_have_text("up")
+    expect(page.locator(f'tr[data-address="{fresh}"] td.held')).to_have_text("0")
+
+    for user, confirmed in (("ana", "yes"), ("ben", "claim")):
+        page.fill("#search-user", user)
+        page.click("#search-form button[type=submit]")
+        row = page.locator(f"#search-results tr[data-session=s-{user}]")
+        expect(row.locator("td.confirmed")).to_have_text(confirmed)
+    context.close()
+    assert errors == []

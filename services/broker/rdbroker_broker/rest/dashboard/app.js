@@ -94,6 +94,57 @@ function formatDuration(seconds) {
   return h ? `${h}h${m ? ` ${m}m` : ""}` : `${m}m`;
 }
 
+// Milliseconds as the farm file writes them: 500ms, 30s, 2m, 1h30m.
+function formatMs(ms) {
+  if (typeof ms !== "number" || ms < 0) return "–";
+  if (ms % 1000) return `${ms}ms`;
+  let rest = Math.round(ms / 1000);
+  let out = "";
+  for (const [unit, size] of [["d", 86400], ["h", 3600], ["m", 60], ["s", 1]]) {
+    const count = Math.floor(rest / size);
+    rest -= count * size;
+    if (count) out += `${count}${unit}`;
+  }
+  return out || "0s";
+}
+
+function formatBytes(size) {
+  if (typeof size !== "number" || size < 0) return "–";
+  if (size >= 1048576 && size % 1048576 === 0) return `${size / 1048576} MiB`;
+  if (size >= 1024 && size % 1024 === 0) return `${size / 1024} KiB`;
+  return `${size} bytes`;
+}
+
+const pad = (n) => String(n).padStart(2, "0");
+
+function clockTime(value) {
+  const moment = new Date(value);
+  if (Number.isNaN(moment.getTime())) return String(value);
+  return `${pad(moment.getHours())}:${pad(moment.getMinutes())}:${pad(moment.getSeconds())}`;
+}
+
+// [setting, label, how to show it]; 0 means the broker's default where the setting allows it.
+const POOL_SETTINGS = [
+  ["domain", "Domain", (p) => p.domain || "none"],
+  ["upn_suffixes", "UPN suffixes", (p) => (p.upn_suffixes && p.upn_suffixes.length ? p.upn_suffixes.join(", ") : "none")],
+  ["junk_bytes", "Junk under", (p) => formatBytes(p.junk_bytes)],
+  ["confirm_timeout_s", "Confirm within", (p) => formatMs(Math.round(p.confirm_timeout_s * 1000))],
+  ["stale_after_ms", "Results stale after", (p) => (p.stale_after_ms ? formatMs(p.stale_after_ms) : "default")],
+  ["logon_lag_s", "Logon lag", (p) => formatMs(Math.round(p.logon_lag_s * 1000))],
+  ["probe_interval_ms", "Probe every", (p) => (p.probe_interval_ms ? formatMs(p.probe_interval_ms) : "default")],
+  ["sessions_interval_ms", "Session lists every", (p) => (p.sessions_interval_ms ? formatMs(p.sessions_interval_ms) : "default")],
+];
+
+function poolSettings(pool) {
+  if (pool.junk_bytes === undefined) return [];
+  return POOL_SETTINGS.map(([setting, label, show]) => {
+    const item = document.createElement("li");
+    item.dataset.setting = setting;
+    item.append(text("span", `${label} `, "label"), text("span", show(pool), "value"));
+    return item;
+  });
+}
+
 function formatTime(value) {
   if (!value) return "–";
   const moment = new Date(value);
@@ -104,15 +155,20 @@ function serverRow(server) {
   const row = document.createElement("tr");
   row.dataset.address = server.address;
   row.className = `health-${server.health} state-${server.effective_admin_state || server.admin_state}`;
+  if (server.stale) row.classList.add("stale");
   row.append(text("td", server.address, "address"));
   const effective = server.effective_admin_state || server.admin_state;
   const stateText = effective === server.admin_state ? server.admin_state : `${server.admin_state} (${effective} by agent)`;
   row.append(text("td", stateText, "state"));
-  const health = text("td", server.health, "health");
-  if (server.health_detail) health.title = server.health_detail;
+  // A stale result counts for nothing: health reads unknown; say when the last result was.
+  const healthText = server.stale && server.probed_at ? `${server.health} (last result ${clockTime(server.probed_at)})` : server.health;
+  const health = text("td", healthText, "health");
+  if (server.stale && server.probed_at) health.title = `no health result since ${formatTime(server.probed_at)}`;
+  else if (server.health_detail) health.title = server.health_detail;
   row.append(health);
   row.append(text("td", server.load >= 0 ? `${server.load}` : "–", "load"));
   row.append(text("td", `${server.live_sessions}`, "sessions"));
+  row.append(text("td", `${server.held_sessions ?? "–"}`, "held"));
   row.append(text("td", `${server.weight}`, "weight"));
   row.append(text("td", server.max_sessions ? `${server.max_sessions}` : "∞", "max"));
   const cell = document.createElement("td");
@@ -146,6 +202,7 @@ function render(servers, pools) {
     if (pool.disconnect_timeout_s !== undefined) info.push(`disconnected sessions kept ${formatDuration(pool.disconnect_timeout_s)}`);
     info.push(`${members.length} server${members.length === 1 ? "" : "s"}`);
     article.querySelector(".pool-info").textContent = info.join(" · ");
+    article.querySelector(".pool-settings").replaceChildren(...poolSettings(pool));
     article.querySelector("tbody").append(...members.map(serverRow));
     articles.push(article);
   }
@@ -223,6 +280,7 @@ async function search(event) {
         text("td", session.pool),
         text("td", session.server_address, "server"),
         text("td", session.state, "state"),
+        text("td", session.confirmed ? "yes" : session.state === "ended" ? "no" : "claim", "confirmed"),
         text("td", formatTime(session.created_at)),
         text("td", formatTime(session.expires_at)),
         text("td", session.id, "id"),
