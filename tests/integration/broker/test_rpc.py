@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy import update
 
+from rdbroker_broker.db.tables import servers as servers_table
 from rdbroker_proto.v1 import broker_pb2 as pb
 from tests.integration.broker.conftest import seed, server
 
@@ -77,15 +81,37 @@ async def test_session_lifecycle_over_grpc(broker, engine):
     assert found.sessions[0].state == pb.SESSION_STATE_DISCONNECTED
     assert found.sessions[0].HasField("expires_at")
 
+    assert found.sessions[0].confirmed is False  # a claim: no agent has listed it
     servers = await broker.stub.ListServers(pb.ListServersRequest())
     live = {s.address: s.live_sessions for s in servers.servers}
     assert live[routed.server_address] == 1
     assert all(s.health == pb.HEALTH_STATE_UNKNOWN and s.load == -1 for s in servers.servers)
+    assert not any(s.stale or s.HasField("probed_at") for s in servers.servers)  # never probed
+    # Disconnected and unconfirmed: it keeps its server but holds no capacity there.
+    held = {s.address: s.held_sessions for s in servers.servers}
+    assert held[routed.server_address] == 0
 
     ended = await broker.stub.EndSession(pb.EndSessionRequest(session_id=routed.session_id))
     assert ended.session.state == pb.SESSION_STATE_ENDED
     found = await broker.stub.LookupUserSessions(pb.LookupUserSessionsRequest(user="CORP\\Kim"))
     assert list(found.sessions) == []
+
+
+async def test_list_servers_shows_a_stale_result_as_unknown_with_its_time(broker, engine):
+    await seed(engine, server(A), server(B))
+    now = datetime.now(UTC).replace(microsecond=0)
+    async with engine.begin() as conn:
+        for address, probed, fresh_until in ((A, now - timedelta(minutes=5), now - timedelta(minutes=4)),
+                                             (B, now, now + timedelta(hours=1))):  # fmt: skip
+            await conn.execute(
+                update(servers_table)
+                .where(servers_table.c.address == address)
+                .values(health="down", load=50, agent_state="up", probed_at=probed, fresh_until=fresh_until)
+            )
+    listed = {s.address: s for s in (await broker.stub.ListServers(pb.ListServersRequest())).servers}
+    assert (listed[A].health, listed[A].load, listed[A].stale) == (pb.HEALTH_STATE_UNKNOWN, -1, True)
+    assert listed[A].probed_at.ToDatetime(tzinfo=UTC) == now - timedelta(minutes=5)
+    assert (listed[B].health, listed[B].load, listed[B].stale) == (pb.HEALTH_STATE_DOWN, 50, False)
 
 
 async def test_unknown_ids_are_not_found(broker, engine):
