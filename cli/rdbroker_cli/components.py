@@ -105,7 +105,11 @@ async def apply_farm(
     from rdbroker_broker.farm import apply_farm as apply
 
     try:
-        parsed = load_farm(yaml.safe_dump(farm, sort_keys=False), source)
+        parsed = load_farm(
+            yaml.safe_dump(farm, sort_keys=False),
+            source,
+            default_probe_interval_ms=settings.probe_interval_ms,
+        )
     except FarmError as exc:
         raise ComponentError(str(exc)) from exc
     engine = make_engine(settings.database_url_text)

@@ -130,7 +130,11 @@ def apply_main(argv: list[str] | None = None) -> int:
         return _fail(parser.prog, f"bad settings:\n{exc}")
     logs.configure(settings.log_level, "text")
     try:
-        farm = load_farm(args.file.read_text(encoding="utf-8"), str(args.file))
+        farm = load_farm(
+            args.file.read_text(encoding="utf-8"),
+            str(args.file),
+            default_probe_interval_ms=settings.probe_interval_ms,
+        )
     except OSError as exc:
         return _fail(parser.prog, f"cannot read {args.file}: {exc}")
     except FarmError as exc:

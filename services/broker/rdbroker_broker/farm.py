@@ -125,7 +125,9 @@ def parse_duration(value: Any) -> float | None:
     return float(total) if total > 0 else None
 
 
-def load_farm(text: str, source: str = "farm.yaml") -> Farm:
+def load_farm(text: str, source: str = "farm.yaml", *, default_probe_interval_ms: int = 0) -> Farm:
+    """Parse and check a farm file; `default_probe_interval_ms` (the broker's RDBROKER_PROBE_INTERVAL_MS,
+    when known) is the interval of pools that set none, for the rules that compare with it."""
     reader = _Reader(source)
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -139,14 +141,14 @@ def load_farm(text: str, source: str = "farm.yaml") -> Farm:
     if top is None:
         raise FarmError("\n".join(reader.problems))
     farm = Farm()
-    _read_pools(reader, top.get("pools"), farm)
+    _read_pools(reader, top.get("pools"), farm, default_probe_interval_ms)
     _read_servers(reader, top.get("servers"), farm)
     if reader.problems:
         raise FarmError("\n".join(reader.problems))
     return farm
 
 
-def _read_pools(reader: _Reader, node: yaml.Node | None, farm: Farm) -> None:
+def _read_pools(reader: _Reader, node: yaml.Node | None, farm: Farm, default_interval_ms: int) -> None:
     if node is None:
         farm.pools.append(d.Pool("default", True, DEFAULT_DISCONNECT_TIMEOUT_S))
         return
@@ -190,10 +192,13 @@ def _read_pools(reader: _Reader, node: yaml.Node | None, farm: Farm) -> None:
                 )
             else:
                 timeout = parsed
+        before = len(reader.problems)
         probe = _read_probe(reader, fields.get("probe"), f"{where}.probe")
         pool = d.Pool(name, is_default, timeout, *probe[:4], sessions_interval_ms=probe[4])
         pool = _read_claim_settings(reader, fields, where, pool)
-        for key, message in ps.pool_problems(pool):
+        # Rules across settings only once each setting is right (a bad domain is one problem, not two).
+        problems = ps.pool_problems(pool, default_interval_ms) if len(reader.problems) == before else []
+        for key, message in problems:
             # Say it where the operator wrote the setting in question.
             farm_key = _FARM_KEY.get(key, key)
             node = fields.get(farm_key, item)

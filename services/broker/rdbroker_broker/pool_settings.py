@@ -125,17 +125,19 @@ def check_upn_suffixes(values: Iterable[Any]) -> tuple[str, ...]:
     return tuple(suffixes)
 
 
-def pool_problems(pool: d.Pool) -> list[tuple[str, str]]:
-    """Rules across settings, as (field, problem); [] when the pool is consistent."""
+def pool_problems(pool: d.Pool, default_probe_interval_ms: int = 0) -> list[tuple[str, str]]:
+    """Rules across settings, as (field, problem); [] when the pool is consistent. The probe interval
+    is the pool's, else `default_probe_interval_ms` (the broker's RDBROKER_PROBE_INTERVAL_MS) if known."""
     problems = []
     if pool.upn_suffixes and not pool.domain:
         problems.append(("upn_suffixes", "UPN suffixes need the pool's `domain` (the domain they mean)"))
-    if pool.stale_after_ms and pool.probe_interval_ms and pool.stale_after_ms <= pool.probe_interval_ms:
+    interval = pool.probe_interval_ms or default_probe_interval_ms
+    if pool.stale_after_ms and interval and pool.stale_after_ms <= interval:
         problems.append(
             (
                 "stale_after_ms",
-                f"must be longer than the probe interval ({format_ms(pool.probe_interval_ms)}), or "
-                "every result goes stale between two probes",
+                f"must be longer than the probe interval ({format_ms(interval)}), or every result goes "
+                "stale between two probes",
             )
         )
     return problems

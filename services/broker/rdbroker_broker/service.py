@@ -1060,7 +1060,7 @@ async def update_pool(service: BrokerService, name: str, changes: dict[str, obje
     async def work(r: Repos) -> PoolSummary:
         pool = await _pool_named(r, name)
         changed = replace(pool, **changes)  # type: ignore[arg-type]
-        problems = pool_settings.pool_problems(changed)
+        problems = pool_settings.pool_problems(changed, service.settings.probe_interval_ms)
         if problems:
             raise InvalidInput("; ".join(f"{field}: {message}" for field, message in problems))
         if changed != pool:

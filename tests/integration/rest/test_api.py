@@ -360,6 +360,14 @@ async def test_patch_a_pool_refuses_settings_that_contradict_each_other(client):
         "stale_after_ms: must be longer than the probe interval (5s)",
     )
     assert (await client.get("/v1/pools/default")).json()["probe_interval_ms"] == 0
+    # A pool without its own interval has the broker's (RDBROKER_PROBE_INTERVAL_MS, 2s here).
+    assert_problem(
+        await client.patch("/v1/pools/default", json={"stale_after_ms": 2000}),
+        400,
+        "Invalid input",
+        "stale_after_ms: must be longer than the probe interval (2s)",
+    )
+    assert (await client.patch("/v1/pools/default", json={"stale_after_ms": 2001})).status_code == 200
 
 
 async def test_patch_an_unknown_pool_is_404_and_needs_the_admin_token(client):

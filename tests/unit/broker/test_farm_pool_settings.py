@@ -183,3 +183,21 @@ def test_not_durations(value: object) -> None:
 @pytest.mark.parametrize(("ms", "text"), [(500, "500ms"), (0, "0s"), (90_000, "1m30s"), (86_400_000, "1d")])
 def test_durations_are_shown_short(ms: int, text: str) -> None:
     assert ps.format_ms(ms) == text
+
+
+def test_a_bad_domain_is_one_problem_not_two() -> None:
+    with pytest.raises(FarmError) as caught:
+        load_farm("pools:\n  - name: p\n    domain: 'C@RP'\n    upn_suffixes: [corp.example.com]\n")
+    assert str(caught.value).splitlines() == [
+        "farm.yaml:3: pools[0].domain: expected a NetBIOS domain name: letters, digits, '-', '_', '.' "
+        "(not first), at most 15 characters (a NetBIOS name's length)"
+    ]
+
+
+def test_stale_after_must_outlast_the_brokers_probe_interval_when_the_pool_sets_none() -> None:
+    text = "pools:\n  - name: p\n    stale_after: 2s\n"
+    assert load_farm(text).pools[0].stale_after_ms == 2000  # the broker's interval unknown: no rule
+    expected = r"farm.yaml:3: pools\[0\]\.stale_after: must be longer than the probe interval \(2s\)"
+    with pytest.raises(FarmError, match=expected):
+        load_farm(text, default_probe_interval_ms=2000)
+    assert load_farm(text, default_probe_interval_ms=1000).pools[0].stale_after_ms == 2000
