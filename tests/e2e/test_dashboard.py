@@ -129,7 +129,7 @@ def test_drain_on_an_open_api_asks_for_no_token(tmp_path, browser):
 
 
 def test_pool_settings_stale_results_and_confirmed_sessions(
-    live_broker: LiveBroker, pg_database_url, browser
+    live_broker: LiveBroker, pg_database_url, browser, tmp_path
 ):
     # A broker on PostgreSQL with no health replica: the results written here stay as written.
     admin = {"Authorization": f"Bearer {rest.ADMIN}"}
@@ -198,5 +198,6 @@ def test_pool_settings_stale_results_and_confirmed_sessions(
         page.click("#search-form button[type=submit]")
         row = page.locator(f"#search-results tr[data-session=s-{user}]")
         expect(row.locator("td.confirmed")).to_have_text(confirmed)
+    page.screenshot(path=str(tmp_path / "dashboard-settings.png"), full_page=True)
     context.close()
     assert errors == []
