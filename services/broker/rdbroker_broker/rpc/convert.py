@@ -88,6 +88,7 @@ def session(s: d.Session) -> pb.Session:
         updated_at=timestamp(s.updated_at),
         disconnected_at=timestamp(s.disconnected_at) if s.state is d.SessionState.DISCONNECTED else None,
         expires_at=timestamp(s.expires_at),
+        confirmed=s.confirmed,
     )
 
 
