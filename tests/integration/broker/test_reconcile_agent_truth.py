@@ -287,3 +287,30 @@ async def test_listed_at_and_the_interval_travel_on_the_wire(broker, engine, mon
     assert seen[0] is None
     assert seen[1] is not None
     assert seen[1].timestamp() == 1_800_000_000
+
+
+async def test_a_reconnect_committed_while_the_list_is_applied_is_not_ended(
+    farm, probes, service, clock, monkeypatch
+):
+    from rdbroker_broker.db.repositories import SessionRepository
+
+    first = await opened(service, "c1", "kim")
+    clock.advance(1)
+    await report(probes, [("kim", ACTIVE)])
+    clock.advance(1)
+    await service.connection_closed(first.session_id, "c1")
+    clock.advance(1)
+    listed_at = clock.now  # kim is logged off on the server when the list is taken
+    clock.advance(0.1)
+    original = SessionRepository.live_on_server
+
+    async def read_then_reconnect(self, address):
+        rows = await original(self, address)  # the snapshot the rules are applied to
+        again = await service.route(d.RouteRequest("c2", proxy_id="p1", cookie="kim"))
+        await service.connection_opened(again.session_id, "c2", "p1")  # committed meanwhile
+        return rows
+
+    monkeypatch.setattr(SessionRepository, "live_on_server", read_then_reconnect)
+    counts = await report(probes, [], listed_at=listed_at)
+    assert counts.ended == 0  # the write re-checks the row: the reconnect is newer than the list
+    assert (await session_of(service, first.session_id)).state is ACTIVE
