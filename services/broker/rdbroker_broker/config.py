@@ -42,6 +42,9 @@ class BrokerSettings(ServiceSettings):
     probe_timeout_ms: int = Field(default=2_000, ge=100, le=3_600_000)
     probe_rise: int = Field(default=2, ge=1, le=100)
     probe_fall: int = Field(default=3, ge=1, le=100)
+    # How often health replicas read each server's session list (a pool's `sessions_interval` wins):
+    # a logoff on a server shows in the directory within about this long.
+    sessions_interval_ms: int = Field(default=5_000, ge=100, le=3_600_000)
 
     # Input bounds for Route: a user name longer than its database column could never be stored.
     max_cookie_chars: int = Field(default=MAX_USER_CHARS, ge=9, le=MAX_USER_CHARS)

@@ -179,6 +179,7 @@ class ProbeTarget:
     timeout_ms: int
     rise: int
     fall: int
+    sessions_interval_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -201,10 +202,11 @@ class ReportedSession:
 
 @dataclass(frozen=True)
 class ReconcileCounts:
-    ended: int = 0
+    ended: int = 0  # every session ended, the unconfirmed ones included
     recorded: int = 0
     linked: int = 0
     ambiguous: int = 0
+    unconfirmed: int = 0  # claims ended `unconfirmed`: closed, and not listed within confirm_timeout_s
 
 
 @dataclass

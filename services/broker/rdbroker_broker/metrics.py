@@ -41,6 +41,12 @@ truncated_cookie_ambiguous = _meter.create_counter(
     description="Truncated 9-character cookies matching several users, where=reconcile|route (none linked)",
 )
 
+reconcile_ended = _meter.create_counter(
+    "rdbroker_reconcile_ended",
+    description="Sessions ended by an agent's session list, reason=logged_off|unconfirmed",
+)
+_RECONCILE_LABELS: Mapping[str, Mapping[str, str]] = {r: {"reason": r} for r in ("logged_off", "unconfirmed")}
+
 _route_counts: dict[tuple[str, str], int] = {}
 _refused_counts: dict[str, int] = {}
 _AMBIGUOUS_LABELS: Mapping[str, Mapping[str, str]] = {w: {"where": w} for w in ("reconcile", "route")}
@@ -50,6 +56,12 @@ def record_truncated_ambiguous(where: str, count: int = 1) -> None:
     """Truncated cookies left ambiguous, at session-list reconciliation or at Route."""
     if count:
         truncated_cookie_ambiguous.add(count, _AMBIGUOUS_LABELS[where])
+
+
+def record_reconcile_ended(reason: str, count: int) -> None:
+    """Sessions a session list ended: `logged_off` (not listed) or `unconfirmed` (a claim never listed)."""
+    if count:
+        reconcile_ended.add(count, _RECONCILE_LABELS[reason])
 
 
 def record_route(reason: str, outcome: str, seconds: float) -> None:

@@ -1,16 +1,26 @@
 """Use cases for health replicas: probe leases, probe results and session-list reconciliation.
 
-Reconciliation rules (ReportServerSessions), for one server's list from its agent:
+Reconciliation (ReportServerSessions): a server's agent is the truth for that server. For one list,
+taken at `listed_at`, and every live directory session on the server (proxy-made ones included):
 - a directory user and a reported user are the same when their names are equal, or their user parts
   are when one side carries no domain (Windows' quser reports "alice" for the cookie "CORP\\alice");
-- a live directory session whose user the server no longer reports is ended ("logged_off"), unless it
-  is pending or changed within the pending timeout (a logon still in progress), or it is disconnected
-  and the list says it omits disconnected sessions (psutil's user list cannot show them);
-- a server session for a user the directory has no live session for (in the pool) is recorded;
+- a listed user's session is confirmed (it then holds capacity while disconnected) and takes the listed
+  state (disconnected: the pool's disconnect timeout; active: no expiry), unless it changed after
+  `listed_at` (a proxy event the list could not show, e.g. a reconnect) or the list omits disconnected
+  sessions (psutil: its "active" cannot be told from disconnected, so a disconnected session stays so);
+- a session the list lacks is ended `logged_off`, except: a claim (unconfirmed) whose connection is
+  open (a logon in progress); a session that changed after `listed_at`; a disconnected session when
+  the list omits disconnected sessions (absence proves nothing); a claim whose connection closed less
+  than the pool's `confirm_timeout_s` before `listed_at`. A claim whose connection closed longer ago
+  than that ends `unconfirmed` (counted: `unconfirmed`, `rdbroker_reconcile_ended_total{reason}`);
+- a server session for a user the directory has no live session for (in the pool) is recorded,
+  confirmed (`learnt_from = agent`);
 - a 9-character truncated-cookie session matching exactly one reported user is linked to that full name
-  (`CORP\\alic` matches `CORP\\alice` and a bare `alice`; it is relabelled `CORP\\alice`);
+  (`CORP\\alic` matches `CORP\\alice` and a bare `alice`; it is relabelled `CORP\\alice`) and treated as
+  listed;
 - a truncated cookie matching several reported users is ambiguous: the session is kept as it is, never
-  linked or ended by this report, and counted (logged as `ambiguous`, summed in `ambiguous_total`).
+  linked, confirmed or ended by this report, and counted (logged as `ambiguous`, summed in
+  `ambiguous_total`).
 """
 
 from __future__ import annotations
@@ -27,6 +37,8 @@ from rdbroker_broker.store import Repos
 
 log = logging.getLogger(__name__)
 MAX_REPORTED_SESSIONS = 10_000
+# A list older than this is refused: its replica's clock is wrong, or it waited far too long.
+MAX_LIST_AGE = timedelta(hours=1)
 
 
 class ProbeService:
@@ -62,7 +74,8 @@ class ProbeService:
         return await self.broker.run_tx(work)
 
     def _target(self, server: d.Server, pool: d.Pool | None) -> d.ProbeTarget:
-        """The pool's probe settings where it sets them, else the broker's (RDBROKER_PROBE_*)."""
+        """The pool's probe settings where it sets them, else the broker's (RDBROKER_PROBE_*,
+        RDBROKER_SESSIONS_INTERVAL_MS)."""
         s = self.settings
         return d.ProbeTarget(
             address=server.address,
@@ -74,6 +87,7 @@ class ProbeService:
             timeout_ms=(pool and pool.probe_timeout_ms) or s.probe_timeout_ms,
             rise=(pool and pool.probe_rise) or s.probe_rise,
             fall=(pool and pool.probe_fall) or s.probe_fall,
+            sessions_interval_ms=(pool and pool.sessions_interval_ms) or s.sessions_interval_ms,
         )
 
     async def report_results(self, replica_id: str, results: Sequence[d.ProbeResult]) -> list[str]:
@@ -101,6 +115,7 @@ class ProbeService:
         address: str,
         reported: Sequence[d.ReportedSession],
         omits_disconnected: bool = False,
+        listed_at: datetime | None = None,
     ) -> d.ReconcileCounts:
         _require_replica(replica_id)
         if len(reported) > MAX_REPORTED_SESSIONS:
@@ -113,6 +128,11 @@ class ProbeService:
             if item.state not in (d.SessionState.ACTIVE, d.SessionState.DISCONNECTED):
                 raise InvalidInput(f"reported session state must be active or disconnected, not {item.state}")
             by_key[d.user_key(name)] = d.ReportedSession(name, item.state)
+        if listed_at is not None and listed_at < self.broker.now() - MAX_LIST_AGE:
+            raise InvalidInput(
+                f"listed_at {listed_at.isoformat()} is more than {MAX_LIST_AGE} old "
+                "(is the health replica's clock right?)"
+            )
 
         async def work(r: Repos) -> d.ReconcileCounts:
             holder = await r.leases.holder(address)
@@ -121,24 +141,27 @@ class ProbeService:
             server = await r.servers.get(address)
             if server is None:
                 raise NotFound(f"unknown server {address!r}")
-            pool = await r.pools.resolve(server.pool)
-            keep_for = timedelta(
-                seconds=pool.disconnect_timeout_s if pool else d.Pool("").disconnect_timeout_s
-            )
-            return await self._reconcile(r, server, by_key, keep_for, omits_disconnected)
+            pool = await r.pools.resolve(server.pool) or d.Pool(server.pool)
+            now = self.broker.now()
+            # A replica clock ahead of ours must not date the list after changes it could not see.
+            at = min(listed_at, now) if listed_at is not None else now
+            return await self._reconcile(r, server, pool, by_key, omits_disconnected, at)
 
         counts = await self.broker.run_tx(work)
         self.ambiguous_total += counts.ambiguous
         metrics.record_truncated_ambiguous("reconcile", counts.ambiguous)
+        metrics.record_reconcile_ended("logged_off", counts.ended - counts.unconfirmed)
+        metrics.record_reconcile_ended("unconfirmed", counts.unconfirmed)
         if counts.ended or counts.recorded or counts.linked or counts.ambiguous:
             log.info(
-                "reconciled %s: %d ended, %d recorded, %d linked, %d ambiguous",
+                "reconciled %s: %d ended (%d unconfirmed), %d recorded, %d linked, %d ambiguous",
                 address,
                 counts.ended,
+                counts.unconfirmed,
                 counts.recorded,
                 counts.linked,
                 counts.ambiguous,
-                extra={"server": address, "ambiguous": counts.ambiguous},
+                extra={"server": address, "ambiguous": counts.ambiguous, "unconfirmed": counts.unconfirmed},
             )
         return counts
 
@@ -146,43 +169,52 @@ class ProbeService:
         self,
         r: Repos,
         server: d.Server,
+        pool: d.Pool,
         reported: dict[str, d.ReportedSession],
-        keep_for: timedelta,
         omits_disconnected: bool,
+        listed_at: datetime,
     ) -> d.ReconcileCounts:
         now = self.broker.now()
-        grace = timedelta(seconds=self.settings.pending_timeout_s)
-        ended = linked = ambiguous = 0
+        keep_for = timedelta(seconds=pool.disconnect_timeout_s)
+        ended = unconfirmed = linked = ambiguous = 0
         matched: set[str] = set()
-        for session, learnt_from in await r.sessions.live_on_server(server.address):
+        for session, _learnt_from in await r.sessions.live_on_server(server.address):
             if not session.user:
                 continue  # no identity: nothing to compare; it expires on its own
             key = d.user_key(session.user)
+            listed: d.ReportedSession | None = None
+            label = ""
             same = [key] if key in reported else [k for k in reported if d.same_user(session.user, k)]
             if len(same) == 1:  # the same account, maybe reported without its domain (quser)
                 matched.add(same[0])
-                if learnt_from == "agent":
-                    await self._follow_agent(r, session, reported[same[0]].state, now, keep_for)
-                continue
-            matches = {k for k, item in reported.items() if d.cookie_matches(session.user, item.user)}
-            if len(matches) == 1:
-                full = reported[next(iter(matches))]
-                matched.add(d.user_key(full.user))
-                label = d.linked_user(session.user, full.user)
-                taken = await r.sessions.live_for_user(session.pool, d.user_key(label))
-                if label != session.user and taken is None:
+                listed = reported[same[0]]
+            else:
+                matches = {k for k, item in reported.items() if d.cookie_matches(session.user, item.user)}
+                if len(matches) > 1:
+                    ambiguous += 1  # keep the session, link nothing: the cookie cannot tell who it is
+                    continue
+                if len(matches) == 1:
+                    listed = reported[next(iter(matches))]
+                    matched.add(d.user_key(listed.user))
+                    label = d.linked_user(session.user, listed.user)
+            if listed is not None:
+                if not session.confirmed:
+                    await r.sessions.confirm(session.session_id)
+                await self._follow_agent(
+                    r, session, listed.state, listed_at, now, keep_for, omits_disconnected
+                )
+                if (
+                    label
+                    and label != session.user
+                    and await r.sessions.live_for_user(session.pool, d.user_key(label)) is None
+                ):
                     await r.sessions.relabel(session.session_id, label, now)
                     linked += 1
                 continue
-            if len(matches) > 1:
-                ambiguous += 1  # keep the session, link nothing: the cookie cannot tell who it is
-                continue
-            if session.state is d.SessionState.PENDING or now - session.updated_at < grace:
-                continue  # a logon in progress may not be on the server's list yet
-            if omits_disconnected and session.state is d.SessionState.DISCONNECTED:
-                continue  # this list cannot show disconnected sessions: absence proves nothing
-            if await r.sessions.end(session.session_id, "logged_off", now):
+            reason = _unlisted_end(session, pool, omits_disconnected, listed_at)
+            if reason and await r.sessions.end_unchanged_since(session.session_id, reason, listed_at, now):
                 ended += 1
+                unconfirmed += reason == "unconfirmed"
         recorded = 0
         for key, item in reported.items():
             if key in matched:
@@ -196,17 +228,47 @@ class ProbeService:
                 now=now,
                 expires_at=expires_at,
                 learnt_from="agent",
+                confirmed=True,
             )
             recorded += session_id is not None
-        return d.ReconcileCounts(ended=ended, recorded=recorded, linked=linked, ambiguous=ambiguous)
+        return d.ReconcileCounts(
+            ended=ended, recorded=recorded, linked=linked, ambiguous=ambiguous, unconfirmed=unconfirmed
+        )
 
     async def _follow_agent(
-        self, r: Repos, session: d.Session, state: d.SessionState, now: datetime, keep_for: timedelta
+        self,
+        r: Repos,
+        session: d.Session,
+        state: d.SessionState,
+        listed_at: datetime,
+        now: datetime,
+        keep_for: timedelta,
+        omits_disconnected: bool,
     ) -> None:
-        """Sessions learnt from the agent follow its state (no proxy reports on them)."""
-        if session.state is not state:
-            expires_at = now + keep_for if state is d.SessionState.DISCONNECTED else None
-            await r.sessions.set_state_from_agent(session.session_id, state, now, expires_at)
+        """Every session on the server takes the state its agent listed, proxy-made ones included."""
+        if session.state is state or session.updated_at > listed_at:
+            return  # nothing to do, or a proxy event newer than the list (a reconnect, a close) wins
+        if omits_disconnected and session.state is d.SessionState.DISCONNECTED:
+            return  # this list's "active" cannot be told from disconnected
+        expires_at = now + keep_for if state is d.SessionState.DISCONNECTED else None
+        await r.sessions.set_state_from_agent(session.session_id, session.state, state, listed_at, expires_at)
+
+
+def _unlisted_end(session: d.Session, pool: d.Pool, omits_disconnected: bool, listed_at: datetime) -> str:
+    """The end reason of a live session the server's list lacks, or "" to keep it."""
+    if session.updated_at > listed_at:
+        return ""  # its connection opened or closed after the list was taken
+    disconnected = session.state is d.SessionState.DISCONNECTED
+    if omits_disconnected and disconnected:
+        return ""  # this list cannot show disconnected sessions: absence proves nothing
+    if session.confirmed:
+        return "logged_off"
+    if not disconnected:
+        return ""  # a claim whose connection is open: a logon in progress
+    closed_at = session.disconnected_at or session.updated_at
+    if listed_at - closed_at >= timedelta(seconds=pool.confirm_timeout_s):
+        return "unconfirmed"
+    return ""  # closed lately: the agent may not have seen the logon yet
 
 
 def _require_replica(replica_id: str) -> None:

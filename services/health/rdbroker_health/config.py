@@ -57,8 +57,16 @@ class HealthSettings(ServiceSettings):
     lease_ms: int = Field(default=3000, ge=30, le=600_000)
     # Results are sent to the broker in batches gathered over this window.
     report_batch_s: float = Field(default=0.25, gt=0, le=60)
-    # How often a server's session list (its `sessions_url`) is fetched and reported.
-    sessions_interval_s: float = Field(default=10.0, gt=0, le=3600)
+    # How often a server's session list (its `sessions_url`) is fetched and reported: the broker
+    # decides (the pool's `sessions_interval`, else its RDBROKER_SESSIONS_INTERVAL_MS); this is only
+    # the fallback for a target carrying 0.
+    sessions_interval_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="fallback: used only when a claimed target carries 0 "
+        "(the broker's pool `sessions_interval`, else its RDBROKER_SESSIONS_INTERVAL_MS, decides)",
+    )
     # Deadline of each broker RPC (one address); failover tries the next address after it.
     rpc_timeout_s: float = Field(default=2.0, gt=0, le=120)
     # Upper bound on the timeout an operator may ask of ProbeServer.

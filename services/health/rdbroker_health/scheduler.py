@@ -49,6 +49,7 @@ class Target:
     timeout_s: float
     rise: int
     fall: int
+    sessions_interval_s: float
 
     @classmethod
     def from_wire(cls, wire: broker_pb2.ProbeTarget, settings: HealthSettings) -> Target:
@@ -61,6 +62,11 @@ class Target:
             timeout_s=wire.timeout_ms / 1000 if wire.timeout_ms else settings.probe_timeout_s,
             rise=wire.rise or settings.rise,
             fall=wire.fall or settings.fall,
+            sessions_interval_s=(
+                wire.sessions_interval_ms / 1000
+                if wire.sessions_interval_ms
+                else settings.sessions_interval_s
+            ),
         )
 
     def update(self, other: Target) -> None:
@@ -170,7 +176,7 @@ class Scheduler:
             hysteresis = Hysteresis(state, target.rise, target.fall)
             self._health[address] = hysteresis
             self._loops[address] = self._tg.create_task(
-                self._probe_loop(target, hysteresis), name=f"probe {address}"
+                self._server_loop(target, hysteresis), name=f"probe {address}"
             )
 
     def _stop_loop(self, address: str, why: str) -> None:
@@ -183,8 +189,14 @@ class Scheduler:
 
     # Probing ---------------------------------------------------------------------------------
 
+    async def _server_loop(self, target: Target, hysteresis: Hysteresis) -> None:
+        """The server's probes and, at their own interval, its session list: a slow or hanging
+        session source never delays a probe, nor a probe a session list."""
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._probe_loop(target, hysteresis))
+            tg.create_task(self._sessions_loop(target))
+
     async def _probe_loop(self, target: Target, hysteresis: Hysteresis) -> None:
-        next_sessions = time.monotonic()
         # A short random offset so loops claimed together do not probe in step.
         await asyncio.sleep(self.rng.uniform(0, target.interval_s * self.settings.probe_jitter))
         while True:
@@ -193,13 +205,23 @@ class Scheduler:
                 hysteresis.rise, hysteresis.fall = target.rise, target.fall
                 try:
                     await self._probe_once(target, hysteresis)
-                    if target.sessions_url and time.monotonic() >= next_sessions:
-                        next_sessions = time.monotonic() + self.settings.sessions_interval_s
-                        await self._report_sessions(target)
                 except Exception:  # a bug must not stop the other servers' probes
                     log.exception("probe round for %s failed", target.address)
             jitter = self.rng.uniform(-self.settings.probe_jitter, self.settings.probe_jitter)
             await asyncio.sleep(max(0.0, started + target.interval_s * (1 + jitter) - time.monotonic()))
+
+    async def _sessions_loop(self, target: Target) -> None:
+        """Read the session list every `sessions_interval_s` (the target's, read each round): a
+        logoff on the server reaches the broker within about one interval."""
+        await asyncio.sleep(self.rng.uniform(0, target.sessions_interval_s * self.settings.probe_jitter))
+        while True:
+            started = time.monotonic()
+            if target.sessions_url and started < self._lease_until:
+                try:
+                    await self._report_sessions(target)
+                except Exception:  # a bug must not stop this server's probes
+                    log.exception("session list round for %s failed", target.address)
+            await asyncio.sleep(max(0.0, started + target.sessions_interval_s - time.monotonic()))
 
     async def _probe_once(self, target: Target, hysteresis: Hysteresis) -> None:
         attributes = {"server.address": target.address, "rdbroker.pool": target.pool}
@@ -246,6 +268,8 @@ class Scheduler:
         self._have_pending.set()
 
     async def _report_sessions(self, target: Target) -> None:
+        # Taken before asking: anything that changed after this moment, the list may not show.
+        listed_at = datetime.now(UTC)
         result = await http_probe.fetch_sessions(self.http, target.sessions_url, target.timeout_s)
         if not result.ok:
             log.warning("session list of %s not reported: %s", target.address, result.detail)
@@ -256,6 +280,7 @@ class Scheduler:
                 target.address,
                 convert.reported_sessions(result.sessions),
                 result.omits_disconnected,
+                listed_at,
             )
         except BrokerError as exc:
             log.warning("reporting the session list of %s failed: %s", target.address, exc)

@@ -65,7 +65,13 @@ async def test_reconciliation_ends_logged_off_users_and_records_unknown_ones(pro
     await service.connection_opened(gone.session_id, "c1", "p1")
     stays = await service.route(d.RouteRequest("c2", cookie="CORP\\stays"))
     await service.connection_opened(stays.session_id, "c2", "p1")
-    clock.advance(service.settings.pending_timeout_s + 1)
+    clock.advance(1)
+    # The server lists both: they are confirmed sessions now, no longer claims.
+    confirmed = await reconcile(
+        probes, [("gone", d.SessionState.ACTIVE), ("corp\\STAYS", d.SessionState.ACTIVE)]
+    )
+    assert confirmed == d.ReconcileCounts()
+    clock.advance(1)
 
     counts = await reconcile(
         probes, [("corp\\STAYS", d.SessionState.ACTIVE), ("CORP\\new", d.SessionState.DISCONNECTED)]

@@ -60,7 +60,9 @@ async def test_a_bare_name_from_another_user_still_ends_the_session(probes, serv
     await seed(engine, server(A))
     await probes.claim_targets("r1", 60_000)
     await open_session(service, "c1", "CORP\\alice")
-    clock.advance(service.settings.pending_timeout_s + 1)
+    clock.advance(1)
+    await reconcile(probes, [("alice", d.SessionState.ACTIVE)])  # confirmed: the server had it
+    clock.advance(1)
     counts = await reconcile(probes, [("bob", d.SessionState.ACTIVE)])
     assert (counts.ended, counts.recorded) == (1, 1)
     [ended] = await service.lookup_user_sessions("CORP\\alice", include_ended=True)
@@ -89,7 +91,11 @@ async def test_a_list_omitting_disconnected_sessions_does_not_end_them(probes, s
     away = await open_session(service, "c1", "CORP\\away")
     await service.connection_closed(away.session_id, "c1")
     gone = await open_session(service, "c2", "CORP\\gone")
-    clock.advance(service.settings.pending_timeout_s + 1)
+    clock.advance(1)
+    # Both confirmed by a complete list (claims would be kept: an open one, a fresh closed one).
+    listed = [("away", d.SessionState.DISCONNECTED), ("gone", d.SessionState.ACTIVE)]
+    assert (await reconcile(probes, listed)).ended == 0
+    clock.advance(1)
 
     counts = await reconcile(probes, [], omits_disconnected=True)
     assert counts.ended == 1  # the active session the list does not show is ended
@@ -118,9 +124,9 @@ async def test_omits_disconnected_travels_on_the_wire(broker, engine, monkeypatc
     seen: list[bool] = []
     original = ProbeService.report_sessions
 
-    async def spy(self, replica_id, address, reported, omits_disconnected=False):
+    async def spy(self, replica_id, address, reported, omits_disconnected=False, listed_at=None):
         seen.append(omits_disconnected)
-        return await original(self, replica_id, address, reported, omits_disconnected)
+        return await original(self, replica_id, address, reported, omits_disconnected, listed_at)
 
     monkeypatch.setattr(ProbeService, "report_sessions", spy)
     await seed(engine, server(A))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import grpc
 import pytest
 
@@ -68,6 +70,37 @@ async def test_leases_and_results_on_sqlite(sqlite_service):
     assert await probes.report_results("r1", [result]) == []
     placed = await service.route(d.RouteRequest("c1", cookie="u"))
     assert placed.server_address == B
+
+
+async def test_session_lists_confirm_follow_and_end_on_sqlite(sqlite_service):
+    service, engine, clock = sqlite_service
+    await seed(engine, server(A))
+    probes = ProbeService(service)
+    await probes.claim_targets("r1", 3_600_000)
+    mine = await service.route(d.RouteRequest("c1", proxy_id="p", cookie="CORP\\ann"))
+    await service.connection_opened(mine.session_id, "c1", "p")
+    claim = await service.route(d.RouteRequest("c2", proxy_id="p", cookie="never"))
+    await service.connection_opened(claim.session_id, "c2", "p")
+    clock.advance(1)
+    listed_at = clock.now
+    await probes.report_sessions("r1", A, [d.ReportedSession("ann", d.SessionState.DISCONNECTED)])
+    [ann] = await service.lookup_user_sessions("CORP\\ann")
+    assert (ann.state, ann.confirmed) == (d.SessionState.DISCONNECTED, True)
+    await service.connection_closed(claim.session_id, "c2")
+    clock.advance(1)
+    # A list older than the last change undoes nothing.
+    listed = [d.ReportedSession("ann", d.SessionState.ACTIVE)]
+    assert (
+        await probes.report_sessions("r1", A, [], False, listed_at - timedelta(seconds=1))
+        == d.ReconcileCounts()
+    )
+    assert await probes.report_sessions("r1", A, listed) == d.ReconcileCounts()
+    [ann] = await service.lookup_user_sessions("CORP\\ann")
+    assert ann.state is d.SessionState.ACTIVE
+    clock.advance(service.settings.pending_timeout_s + 120)
+    counts = await probes.report_sessions("r1", A, [])
+    assert (counts.ended, counts.unconfirmed) == (2, 1)
+    await assert_live_counters_exact(engine)
 
 
 async def test_the_broker_process_on_sqlite(tmp_path):

@@ -29,6 +29,7 @@ class AgentStub:
 
     bodies: dict[str, bytes | None] = field(default_factory=dict)
     server: asyncio.Server | None = None
+    answered: dict[str, int] = field(default_factory=dict)  # answers sent, by path
 
     async def start(self) -> AgentStub:
         self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -60,6 +61,7 @@ class AgentStub:
                 + body
             )
             await writer.drain()
+            self.answered[path] = self.answered.get(path, 0) + 1
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, IndexError):
             pass
         finally:

@@ -5,6 +5,8 @@ Probe settings come from the broker: interval 200 ms, timeout 150 ms, rise 2, fa
 
 from __future__ import annotations
 
+import pytest
+
 from rdbroker_proto.v1 import broker_pb2
 from rdbroker_rdp.fakeserver import FakeRdpServer
 from tests.integration.health.support import (
@@ -83,7 +85,10 @@ async def test_agent_load_100_keeps_new_users_away(pg_database_url: str) -> None
         await agent.stop()
 
 
-async def test_drain_keeps_new_users_away_but_lets_a_user_reconnect(pg_database_url: str) -> None:
+@pytest.mark.parametrize("disabled", [b"drain", b"102"])  # 102: Kemp's "administratively disabled"
+async def test_drain_keeps_new_users_away_but_lets_a_user_reconnect(
+    pg_database_url: str, disabled: bytes
+) -> None:
     agent = await AgentStub({"/s1/load": b"5", "/s2/load": b"50"}).start()
     try:
         async with (
@@ -105,8 +110,9 @@ async def test_drain_keeps_new_users_away_but_lets_a_user_reconnect(pg_database_
             assert bob.server_address == s1.address  # load 5 beats 50
             await broker.open(bob, "bob")
 
-            agent.bodies["/s1/load"] = b"drain"
+            agent.bodies["/s1/load"] = disabled
             await wait_for(lambda: agent_state(s1.address, "drain"))
+            assert await broker.column(s1.address, "health") == "up"  # not a failed probe
             for user in ("carol", "dave", "erin"):
                 assert (await broker.route(user)).server_address == s2.address
             again = await broker.route("bob")

@@ -25,9 +25,9 @@ async def test_logoff_and_unknown_disconnected_session(pg_database_url: str) -> 
                     Server(s1.address, sessions_url=agent.url("/s1/sessions")),
                     Server(s2.address, sessions_url=agent.url("/s2/sessions")),
                 ],
-                env={"RDBROKER_PENDING_TIMEOUT_S": "0.5"},  # grace for logons in progress
+                env={"RDBROKER_SESSIONS_INTERVAL_MS": "200"},
             ) as broker,
-            health_replica(broker.address, sessions_interval_s=0.2),
+            health_replica(broker.address),
         ):
 
             async def sessions_of(user: str) -> list[broker_pb2.Session]:
@@ -37,7 +37,11 @@ async def test_logoff_and_unknown_disconnected_session(pg_database_url: str) -> 
             async def alice_recorded() -> bool:
                 return any(s.server_address == s1.address for s in await sessions_of("alice"))
 
+            async def bob_recorded() -> bool:
+                return any(s.confirmed for s in await sessions_of("bob"))
+
             await wait_for(alice_recorded)
+            await wait_for(bob_recorded)  # the server's session: confirmed, not a claim
             alice = await broker.route("alice")
             assert (alice.server_address, alice.reason) == (s1.address, broker_pb2.ROUTE_REASON_RECONNECT)
 

@@ -16,6 +16,9 @@ from rdbroker_health.probes.http import AgentState, parse_agent_reply, parse_ses
         ("42\n", 42, AgentState.UP),
         ("  7 \r\n", 7, AgentState.UP),
         ("101", None, AgentState.DOWN),
+        ("102", None, AgentState.DRAIN),  # Kemp: the operator disabled the server; reconnects only
+        ("102\r\n", None, AgentState.DRAIN),
+        ("102 maint", None, AgentState.MAINT),  # the strongest word still wins
         ("75%", 25, AgentState.UP),
         ("100%", 0, AgentState.UP),
         ("0%", 100, AgentState.UP),
@@ -51,7 +54,8 @@ def test_accepted_agent_forms(body: str, load: int | None, state: AgentState) ->
         ("", "empty"),
         ("   \n", "empty"),
         ("#only a comment", "empty"),
-        ("102", "out of range"),
+        ("103", "out of range"),
+        ("102 50", "more than one load"),
         ("999", "out of range"),
         ("-1", "unknown agent word"),
         ("4.5", "unknown agent word"),

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from datetime import UTC, datetime, timedelta
 
 import grpc
 import httpx
@@ -131,6 +132,32 @@ async def test_session_lists_are_reported() -> None:
     ]
     # the list is fetched every sessions_interval_s, not on every probe
     assert probes_so_far > len(broker.session_reports)
+
+
+async def test_session_lists_follow_the_targets_interval_and_carry_listed_at() -> None:
+    # Probes every 2 s, session lists every 100 ms (the broker's value wins over the replica's 60 s).
+    broker = broker_with(
+        1, sessions_url="http://agent.test/sessions", interval_ms=2000, sessions_interval_ms=100
+    )
+    asked: list[datetime] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        asked.append(datetime.now(UTC))
+        return httpx.Response(200, content=b'[{"user": "alice", "state": "active"}]')
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(answer))
+    probes = ProbeLog()
+    async with serving(broker) as address:
+        settings = fast_settings(address, sessions_interval_s=60)
+        async with replica(settings, "r1", probes.probe_for("r1"), http):
+            await wait_until(lambda: len(broker.session_reports) >= 5)
+            probed = len(probes.calls)
+    assert probed <= 2  # the lists do not wait for probes
+    first = broker.session_reports[0]
+    assert first.HasField("listed_at")
+    # Taken just before the agent was asked: never after.
+    assert first.listed_at.ToDatetime(tzinfo=UTC) <= asked[0]
+    assert asked[0] - first.listed_at.ToDatetime(tzinfo=UTC) < timedelta(seconds=5)
 
 
 async def test_rejected_results_stop_the_servers_loop() -> None:

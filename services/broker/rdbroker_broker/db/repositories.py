@@ -374,6 +374,7 @@ class SessionRepository:
         proxy_id: str | None = None,
         client_address: str = "",
         learnt_from: str = "route",
+        confirmed: bool = False,
     ) -> str | None:
         """Insert a session; None when the user already has a live one in the pool (the unique index)."""
         session_id = new_session_id()
@@ -393,6 +394,7 @@ class SessionRepository:
             "disconnected_at": now if state is d.SessionState.DISCONNECTED else None,
             "expires_at": expires_at,
             "end_reason": "",
+            "confirmed": confirmed,
         }
         # Without a user there is no unique key to conflict on: the statement works the same.
         result = await self.conn.execute(_INSERT_SESSION[self.conn.dialect.name], values)
@@ -444,19 +446,55 @@ class SessionRepository:
             .values(user=user, user_key=d.user_key(user), updated_at=now)
         )
 
-    async def set_state_from_agent(
-        self, session_id: str, state: d.SessionState, now: datetime, expires_at: datetime | None
-    ) -> None:
-        await self.conn.execute(
+    async def confirm(self, session_id: str) -> bool:
+        """The server's agent listed the session's user there: it holds capacity while disconnected."""
+        result = await self.conn.execute(
             update(sessions)
-            .where(sessions.c.id == session_id, sessions.c.state != state.value)
+            .where(sessions.c.id == session_id, sessions.c.state.in_(LIVE), sessions.c.confirmed.is_(False))
+            .values(confirmed=True)
+        )
+        return bool(result.rowcount)
+
+    async def set_state_from_agent(
+        self,
+        session_id: str,
+        was: d.SessionState,
+        state: d.SessionState,
+        listed_at: datetime,
+        expires_at: datetime | None,
+    ) -> bool:
+        """The state the agent listed at `listed_at`, unless the session changed since (a proxy event
+        the list could not show: the guard also covers one committed after we read the row)."""
+        result = await self.conn.execute(
+            update(sessions)
+            .where(
+                sessions.c.id == session_id,
+                sessions.c.state == was.value,
+                sessions.c.updated_at <= listed_at,
+            )
             .values(
                 state=state.value,
                 expires_at=expires_at,
-                disconnected_at=now if state is d.SessionState.DISCONNECTED else None,
-                updated_at=now,
+                disconnected_at=listed_at if state is d.SessionState.DISCONNECTED else None,
+                updated_at=listed_at,
             )
         )
+        return bool(result.rowcount)
+
+    async def end_unchanged_since(
+        self, session_id: str, reason: str, listed_at: datetime, now: datetime
+    ) -> bool:
+        """End a live session the list taken at `listed_at` lacks, unless it changed after the list."""
+        result = await self.conn.execute(
+            update(sessions)
+            .where(
+                sessions.c.id == session_id,
+                sessions.c.state.in_(LIVE),
+                sessions.c.updated_at <= listed_at,
+            )
+            .values(state="ended", end_reason=reason, ended_at=now, updated_at=now, expires_at=None)
+        )
+        return bool(result.rowcount)
 
     async def expire(self, now: datetime) -> int:
         """End pending and disconnected sessions whose time is up."""

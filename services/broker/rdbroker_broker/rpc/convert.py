@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from rdbroker_broker import domain as d
+from rdbroker_broker.errors import InvalidInput
 from rdbroker_proto.v1 import broker_pb2 as pb
 
 REASON = {
@@ -129,6 +130,16 @@ def probe_result(msg: pb.ProbeResult) -> d.ProbeResult:
         agent_detail=msg.agent_detail,
         probed_at=msg.probed_at.ToDatetime(tzinfo=UTC) if msg.HasField("probed_at") else None,
     )
+
+
+def listed_at(request: pb.ReportServerSessionsRequest) -> datetime | None:
+    """When the session list was taken; None when unset (the broker then uses its receipt time)."""
+    if not request.HasField("listed_at"):
+        return None
+    try:
+        return request.listed_at.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError) as exc:
+        raise InvalidInput(f"listed_at is not a valid time: {exc}") from exc
 
 
 def reconcile_counts(counts: d.ReconcileCounts) -> pb.ReportServerSessionsResponse:

@@ -198,6 +198,7 @@ class BrokerServicer(pb_grpc.BrokerServicer):
                 timeout_ms=t.timeout_ms,
                 rise=t.rise,
                 fall=t.fall,
+                sessions_interval_ms=t.sessions_interval_ms,
             )
             for t in held
         ]
@@ -221,7 +222,8 @@ class BrokerServicer(pb_grpc.BrokerServicer):
             if state not in (d.SessionState.ACTIVE, d.SessionState.DISCONNECTED):
                 raise InvalidInput(f"session of {item.user[:40]!r}: state must be ACTIVE or DISCONNECTED")
             reported.append(d.ReportedSession(item.user, state))
+        listed_at = convert.listed_at(request)
         counts = await self.probes.report_sessions(
-            request.replica_id, request.address, reported, request.omits_disconnected
+            request.replica_id, request.address, reported, request.omits_disconnected, listed_at
         )
         return convert.reconcile_counts(counts)

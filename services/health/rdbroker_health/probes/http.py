@@ -1,6 +1,7 @@
 """HTTP probes of a server's agent: its load (`agent_url`) and its session list (`sessions_url`).
 
-The load body is Kemp's `0`..`100` (100 = full), `101` (down), or HAProxy agent-check words separated by
+The load body is Kemp's `0`..`100` (100 = full), `101` (down), `102` (the operator disabled the server:
+drain, reconnects only), or HAProxy agent-check words separated by
 commas or spaces: `75%` (available capacity, so load 25), `up`/`ready`, `drain`, `maint`,
 `down`/`fail`/`stopped` (a `#description` may follow). When words disagree the strongest wins:
 down > maint > drain > up. Anything else is a failed probe with the reason.
@@ -86,10 +87,13 @@ def parse_agent_reply(body: str) -> AgentResult:
             elif int(token) == 101:
                 state = max(state, AgentState.DOWN)
                 load = -1  # marks "seen"; reported as no load
+            elif int(token) == 102:  # Kemp: administratively disabled; its users may still reconnect
+                state = max(state, AgentState.DRAIN)
+                load = -1
             elif int(token) <= 100:
                 load = int(token)
             else:
-                return AgentResult(ok=False, detail=f"load {int(token)} out of range 0..101")
+                return AgentResult(ok=False, detail=f"load {int(token)} out of range 0..102")
         elif token in _WORDS:
             state = max(state, _WORDS[token])
         else:

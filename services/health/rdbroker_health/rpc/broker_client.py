@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 from typing import TypeVar
 
 import grpc
@@ -95,10 +96,13 @@ class BrokerClient:
         address: str,
         sessions: Sequence[broker_pb2.ReportedSession],
         omits_disconnected: bool = False,
+        listed_at: datetime | None = None,
     ) -> broker_pb2.ReportServerSessionsResponse:
         request = broker_pb2.ReportServerSessionsRequest(
             replica_id=replica_id, address=address, sessions=sessions, omits_disconnected=omits_disconnected
         )
+        if listed_at is not None:
+            request.listed_at.FromDatetime(listed_at)
         return await self._call(
             "ReportServerSessions", lambda stub: stub.ReportServerSessions(request, timeout=self.timeout_s)
         )
