@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ class AgentStub:
 
     bodies: dict[str, bytes | None] = field(default_factory=dict)
     server: asyncio.Server | None = None
+    served: Counter[str] = field(default_factory=Counter)  # answers given, by path
 
     async def start(self) -> AgentStub:
         self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -52,6 +54,7 @@ class AgentStub:
                 await reader.read()  # hold the connection until the client gives up
                 return
             status = b"200 OK" if path in self.bodies else b"404 Not Found"
+            self.served[path] += 1
             writer.write(
                 b"HTTP/1.1 "
                 + status
