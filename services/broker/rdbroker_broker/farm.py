@@ -27,8 +27,9 @@ from rdbroker_common.settings import join_host_port, split_host_port
 DEFAULT_DISCONNECT_TIMEOUT_S = 8 * 3600.0
 _POOL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,127}$")
 _DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
-_POOL_KEYS = {"name", "default", "disconnect_timeout", "probe"}
-_PROBE_KEYS = {"interval", "timeout", "rise", "fall"}
+_POOL_KEYS = {"name", "default", "disconnect_timeout", "probe", "logon_lag"}
+_PROBE_KEYS = {"interval", "timeout", "rise", "fall", "stale_after"}
+LOGON_LAG_MAX_S = 3600.0
 # The same bounds as the broker's RDBROKER_PROBE_* settings (config.py).
 PROBE_MS_RANGE = (100, 3_600_000)
 PROBE_COUNT_MAX = 100
@@ -172,8 +173,12 @@ def _read_pools(reader: _Reader, node: yaml.Node | None, farm: Farm) -> None:
                 )
             else:
                 timeout = parsed
-        probe = _read_probe(reader, fields.get("probe"), f"{where}.probe")
-        farm.pools.append(d.Pool(name, is_default, timeout, *probe))
+        interval, probe_timeout, rise, fall, stale_after = _read_probe(
+            reader, fields.get("probe"), f"{where}.probe"
+        )
+        pool = d.Pool(name, is_default, timeout, interval, probe_timeout, rise, fall)
+        logon_lag_s = _read_logon_lag(reader, fields, where)
+        farm.pools.append(replace(pool, stale_after_ms=stale_after, logon_lag_s=logon_lag_s))
     defaults = [p for p in farm.pools if p.is_default]
     if len(farm.pools) == 1 and not defaults:
         farm.pools[0] = replace(farm.pools[0], is_default=True)
@@ -181,17 +186,18 @@ def _read_pools(reader: _Reader, node: yaml.Node | None, farm: Farm) -> None:
         reader.problem(node, "pools", f"exactly one pool must have `default: true` ({len(defaults)} do)")
 
 
-def _read_probe(reader: _Reader, node: yaml.Node | None, where: str) -> tuple[int, int, int, int]:
-    """A pool's `probe: {interval: 2s, timeout: 2s, rise: 2, fall: 3}`, each optional: (interval_ms,
-    timeout_ms, rise, fall), 0 where not given (the broker's RDBROKER_PROBE_* value then applies)."""
+def _read_probe(reader: _Reader, node: yaml.Node | None, where: str) -> tuple[int, int, int, int, int]:
+    """A pool's `probe: {interval: 2s, timeout: 2s, rise: 2, fall: 3, stale_after: 16s}`, each optional:
+    (interval_ms, timeout_ms, rise, fall, stale_after_ms), 0 where not given (the broker's
+    RDBROKER_PROBE_* value then applies; for stale_after, three intervals plus the probe lease)."""
     if node is None:
-        return 0, 0, 0, 0
+        return 0, 0, 0, 0, 0
     fields = reader.mapping(node, where, _PROBE_KEYS)
     if fields is None:
-        return 0, 0, 0, 0
+        return 0, 0, 0, 0, 0
     low, high = PROBE_MS_RANGE
     times = []
-    for key in ("interval", "timeout"):
+    for key in ("interval", "timeout", "stale_after"):
         ms = 0
         if key in fields:
             ms = parse_probe_ms(reader.value(fields[key])) or 0
@@ -212,7 +218,25 @@ def _read_probe(reader: _Reader, node: yaml.Node | None, where: str) -> tuple[in
                 )
                 count = 0
         counts.append(count)
-    return times[0], times[1], counts[0], counts[1]
+    interval, stale_after = times[0], times[2]
+    if stale_after and interval and stale_after <= interval:
+        # Every result would go stale before the next one arrives.
+        reader.problem(fields["stale_after"], f"{where}.stale_after", "expected longer than probe.interval")
+        stale_after = 0
+    return times[0], times[1], counts[0], counts[1], stale_after
+
+
+def _read_logon_lag(reader: _Reader, fields: dict[str, yaml.Node], where: str) -> float:
+    """A pool's `logon_lag: 30s`: how long a placement may take to show in its server's agent load."""
+    node = fields.get("logon_lag")
+    if node is None:
+        return d.Pool("").logon_lag_s
+    value = reader.value(node)
+    seconds = 0.0 if value == 0 and not isinstance(value, bool) else parse_probe_ms(value)
+    if seconds is None or not 0 <= seconds <= LOGON_LAG_MAX_S * 1000:
+        reader.problem(node, f"{where}.logon_lag", "expected a duration from 0s to 3600s")
+        return d.Pool("").logon_lag_s
+    return seconds / 1000
 
 
 def parse_probe_ms(value: Any) -> int | None:

@@ -75,3 +75,36 @@ def test_probe_must_be_a_mapping() -> None:
 )
 def test_probe_durations(value: object, ms: int | None) -> None:
     assert parse_probe_ms(value) == ms
+
+
+def test_stale_after_and_logon_lag_are_read_per_pool() -> None:
+    text = FARM.format(probe="interval: 500ms, stale_after: 5s").replace(
+        "    default: true\n", "    default: true\n    logon_lag: 45s\n"
+    )
+    fast, plain = load_farm(text).pools
+    assert (fast.stale_after_ms, fast.logon_lag_s) == (5000, 45.0)
+    # unset: three probe intervals plus the probe lease, and a 30 s logon lag
+    assert (plain.stale_after_ms, plain.logon_lag_s) == (0, 30.0)
+    [only] = load_farm("pools:\n  - name: only\n    logon_lag: 0\n").pools
+    assert only.logon_lag_s == 0.0  # agents whose figures show a logon at once
+
+
+@pytest.mark.parametrize(
+    ("probe", "expected"),
+    [
+        ("stale_after: 50ms", "pools[0].probe.stale_after: expected a duration from 100ms to 3600s"),
+        ("interval: 2s, stale_after: 2s", "pools[0].probe.stale_after: expected longer than probe.interval"),
+    ],
+)
+def test_bad_stale_after_names_the_line_and_field(probe: str, expected: str) -> None:
+    with pytest.raises(FarmError) as caught:
+        load_farm(FARM.format(probe=probe))
+    assert "farm.yaml:5: " + expected in str(caught.value)
+
+
+@pytest.mark.parametrize("lag", ["2h", "soon", "-5", "true"])
+def test_a_bad_logon_lag_names_the_line_and_field(lag: str) -> None:
+    with pytest.raises(
+        FarmError, match=r"farm.yaml:3: pools\[0\]\.logon_lag: expected a duration from 0s to 3600s"
+    ):
+        load_farm(f"pools:\n  - name: only\n    logon_lag: {lag}\n")
