@@ -8,13 +8,15 @@ reconnect answer or, when there is no live session, places the user: both in tha
 Who decides what: the rules live in `domain`; SQL restates three of them, each proven equal to the
 domain by `tests/integration/broker/test_route_fast_path.py` over generated farms: eligibility
 (`eligible_sql`, re-checked under the server's row lock), the ranking order (`rank_key_sql`) and
-reconnect acceptance (`reconnects_sql` + expiry). A new placement is decided by SQL alone (the best
-eligible server nobody else holds); a reconnect stored by SQL is decided again in Python by the domain
-(`service`), which takes the answer back if they ever disagree. A cookie that may name a session
-stored under another key (cut to 9 characters, or `DOMAIN\\user` against a bare name) is placed only
-when the statement finds no such live session (`placement_guard`). Anything unusual (tokens, retries,
-expired or stranded sessions, such a session found, a lost race, no unlocked candidate) is left to
-the transactional path in `service`, which handles every case.
+reconnect acceptance (`reconnects_sql` + expiry), each on the server as `domain.as_seen_at` the
+statement's `now` sees it (`stale_sql`: a stale health result counts as none). A new placement is
+decided by SQL alone (the best eligible server nobody else holds); a reconnect stored by SQL is
+decided again in Python by the domain (`service`), which takes the answer back if they ever disagree.
+A cookie that may name a session stored under another key (cut to 9 characters, or `DOMAIN\\user`
+against a bare name) is placed only when the statement finds no such live session
+(`placement_guard`). Anything unusual (tokens, retries, expired or stranded sessions, such a session
+found, a lost race, no unlocked candidate) is left to the transactional path in `service`, which
+handles every case.
 """
 
 from __future__ import annotations
