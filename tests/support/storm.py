@@ -100,6 +100,14 @@ class LoginStorm:
             for n, user in enumerate(self.users):
                 tg.create_task(self._logon(user, n % len(self.proxies), hold_s=0.05))
 
+    async def logon_paced(self, every_s: float, hold_s: float) -> None:
+        """Every user logs on once (with the one retry), one user every `every_s`, each holding its
+        connection `hold_s`: a logon storm at a steady rate."""
+        async with asyncio.TaskGroup() as tg:
+            for n, user in enumerate(self.users):
+                tg.create_task(self._logon(user, n % len(self.proxies), hold_s=hold_s))
+                await asyncio.sleep(every_s)
+
     async def _user_loop(self, user: str, n: int, rnd: random.Random) -> None:
         proxy_index = n % len(self.proxies)
         count = 0

@@ -9,7 +9,7 @@ import enum
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from rdbroker_broker.errors import InvalidInput
 from rdbroker_rdp import decode_routing_token
@@ -98,6 +98,8 @@ class Server:
     health: Health = Health.UNKNOWN
     agent_state: AgentState = AgentState.NONE
     load: int = -1  # 0..100 as last reported, -1 if never
+    # Placements the last load figure cannot show yet: made after its sample time less the pool's
+    # logon lag (recounted at each load report, then one more per placement).
     placements_since_report: int = 0
     live_sessions: int = 0
     # Live sessions holding capacity: pending, active, or disconnected and confirmed by the agent.
@@ -380,6 +382,21 @@ def as_seen_at(server: Server, now: datetime) -> Server:
     return replace(server, health=Health.UNKNOWN, agent_state=AgentState.NONE, load=-1)
 
 
+def stale_after(pool: Pool | None, probe_interval_ms: int, lease_ms: int) -> timedelta:
+    """How long a health result of the pool's servers counts: the pool's `stale_after_ms`, else three
+    probe intervals (the pool's, else the broker's `probe_interval_ms`) plus the probe lease
+    (`lease_ms`): long enough for a replica to miss two rounds, or to die and be replaced."""
+    if pool is not None and pool.stale_after_ms > 0:
+        return timedelta(milliseconds=pool.stale_after_ms)
+    interval = (pool.probe_interval_ms if pool is not None else 0) or probe_interval_ms
+    return timedelta(milliseconds=3 * interval + lease_ms)
+
+
+def logon_lag(pool: Pool | None) -> timedelta:
+    """How long a placement may take to show in the agent's load figure (the pool's `logon_lag_s`)."""
+    return timedelta(seconds=pool.logon_lag_s if pool is not None else Pool("").logon_lag_s)
+
+
 # --- placement ---------------------------------------------------------------------------------
 
 
@@ -389,11 +406,13 @@ def session_unit(server: Server) -> float:
 
 
 def effective_load(server: Server) -> float:
-    """Last reported load plus placements since that report, divided by weight.
+    """Last reported load plus the placements that figure cannot show yet, divided by weight.
 
-    Without any agent report, the server's own session count stands in for its load (DESIGN §5).
-    Counting recent placements is what spreads a logon storm: the idle-looking server stops looking
-    idle after the first placement instead of at its next load report.
+    Without an agent load (or with a stale one: `as_seen_at`), the server's own session count stands
+    in for its load (DESIGN §5). Counting recent placements is what spreads a logon storm: the
+    idle-looking server stops looking idle after the first placement, and a load report does not make
+    it look idle again, because the placements made since its sample time less the pool's logon lag
+    (users still logging on) stay counted (`placements_since_report`).
     """
     unit = session_unit(server)
     if server.load >= 0:

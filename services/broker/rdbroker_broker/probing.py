@@ -97,11 +97,19 @@ class ProbeService:
         async def work(r: Repos) -> list[str]:
             now = self.broker.now()
             rejected = []
+            pools: dict[str, d.Pool] | None = None
             for result in results:
                 if await r.leases.holder(result.address) != replica_id:
                     rejected.append(result.address)
                     continue
-                await r.servers.record_probe(result, now)
+                server = await r.servers.get(result.address)
+                if server is None:
+                    continue  # removed since the lease was claimed
+                if pools is None:
+                    pools = {p.name: p for p in await r.pools.list()}
+                pool = pools.get(server.pool)
+                stale_after = d.stale_after(pool, self.settings.probe_interval_ms, self.settings.lease_ms)
+                await r.servers.record_probe(result, now, stale_after, d.logon_lag(pool))
             return rejected
 
         rejected = await self.broker.run_tx(work)

@@ -202,7 +202,8 @@ class BrokerService:
     ) -> d.RouteDecision | None:
         """The context statement stored the reconnect answer when SQL's copy of the rules said so;
         the domain rules decide here, and the two are tested equal."""
-        pool, server, answered = found.pool, found.server, found.answered
+        pool, answered = found.pool, found.answered
+        server = d.as_seen_at(found.server, now) if found.server is not None else None
         if server is None or not live.is_live_at(now) or not d.takes_reconnects(server):
             if answered:  # never expected: undo, and let the transactional path decide
                 log.error("reconnect rules in SQL and in the domain disagree on %s", server)
@@ -223,6 +224,7 @@ class BrokerService:
     ) -> d.RouteDecision | None:
         pool, live, server = context
         now = self.now()
+        server = d.as_seen_at(server, now) if server is not None else None
         if live is None or server is None or not live.is_live_at(now) or not d.takes_reconnects(server):
             return None
         decision = d.RouteDecision(
@@ -285,7 +287,7 @@ class BrokerService:
             await r.sessions.end(last.session_id, "connect_failed", now)
             return [failed]
         server = await r.servers.get(failed)
-        if server is not None and d.takes_reconnects(server):
+        if server is not None and d.takes_reconnects(d.as_seen_at(server, now)):
             raise Unavailable(
                 f"server {failed} holds this user's session but could not be reached, and it is not "
                 "marked down; not moving the session (the client should retry)"
@@ -301,7 +303,7 @@ class BrokerService:
         if server is None:
             # Routing to an arbitrary address would make the proxy an open relay.
             raise PermissionDenied(f"routing token names {address}, which is not a registered server")
-        if not d.takes_reconnects(server) or address in exclude:
+        if not d.takes_reconnects(d.as_seen_at(server, now)) or address in exclude:
             log.info("routing token names %s, which is down or in maintenance: placing by policy", address)
             return None
         if user:
@@ -339,6 +341,7 @@ class BrokerService:
         if server is None:
             await r.sessions.end(live.session_id, "server_removed", now)
             return None
+        server = d.as_seen_at(server, now)
         if not d.takes_reconnects(server) or server.address in exclude:
             reason = "server_maintenance" if not server.is_down else "server_down"
             log.info(
@@ -390,12 +393,13 @@ class BrokerService:
     async def _place_new(
         self, r: Repos, pool: d.Pool, user: str, exclude: list[str], request: d.RouteRequest, now: datetime
     ) -> d.RouteDecision:
-        candidates = await r.servers.list(pool.name)
+        # Routing sees each server as of now: a stale health result reads as no result.
+        candidates = [d.as_seen_at(s, now) for s in await r.servers.list(pool.name)]
         ranked = [s.address for s in d.rank_for_new_session(candidates, exclude)]
-        chosen = await self._lock_server(r, ranked) if ranked else None
+        chosen = await self._lock_server(r, ranked, now) if ranked else None
         if chosen is None:
             raise NoCapacity(
-                f"no server in pool {pool.name!r} can take a new session ({_summary(candidates)})"
+                f"no server in pool {pool.name!r} can take a new session ({_summary(candidates, now)})"
             )
         session_id = await self._insert_pending(r, pool.name, user, chosen.address, request, now)
         if session_id is None:
@@ -410,7 +414,7 @@ class BrokerService:
         reason = d.RouteReason.NEW if user else d.RouteReason.NO_IDENTITY
         return d.RouteDecision(chosen.address, session_id, reason, user, pool.name)
 
-    async def _lock_server(self, r: Repos, ranked: list[str]) -> d.Server | None:
+    async def _lock_server(self, r: Repos, ranked: list[str], now: datetime) -> d.Server | None:
         """Lock the best server that still takes a new session, re-checked under its row lock."""
         remaining = list(ranked)
         for _ in range(MAX_LOCK_TRIES):
@@ -424,7 +428,7 @@ class BrokerService:
                     continue
             # The row is locked and its live-session counter only changes under that lock (triggers):
             # what we read is exact until we commit.
-            if d.takes_new_sessions(server):
+            if d.takes_new_sessions(d.as_seen_at(server, now)):
                 return server
             remaining.remove(server.address)
         return None
@@ -814,11 +818,12 @@ def _require(name: str, value: str, limit: int = MAX_ID_CHARS) -> None:
         raise InvalidInput(f"{name} contains control characters")
 
 
-def _summary(servers: list[d.Server]) -> str:
+def _summary(servers: list[d.Server], now: datetime) -> str:
+    """Why no server takes a new session, by the servers as routing sees them at `now`."""
     if not servers:
         return "the pool has no servers"
     states: dict[str, int] = {}
-    for s in servers:
+    for s in (d.as_seen_at(server, now) for server in servers):
         if s.is_down:
             key = "down"
         elif s.effective_admin_state is not d.AdminState.ENABLED:

@@ -27,8 +27,8 @@ NOW = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
 # Servers in every state the columns allow, with values around each threshold.
 servers_strategy = st.lists(
     st.builds(
-        lambda admin, health, agent, weight, load, max_sessions, live, placements: (
-            admin, health, agent, weight, load, max_sessions, live, placements
+        lambda admin, health, agent, weight, load, max_sessions, live, placements, fresh: (
+            admin, health, agent, weight, load, max_sessions, live, placements, fresh
         ),
         # Every state, the eligible ones more often (ranking needs several eligible servers).
         st.sampled_from(["enabled"] * 4 + [s.value for s in d.AdminState]),
@@ -40,6 +40,7 @@ servers_strategy = st.lists(
         st.integers(0, 5),  # max_sessions
         st.integers(0, 6),  # live_sessions
         st.one_of(st.just(0), st.integers(0, 6)),  # placements_since_report
+        st.integers(0, 3),  # fresh_until: FRESH_UNTIL[i] (never probed, stale, stale at NOW, fresh)
     ),
     min_size=1,
     max_size=12,
@@ -47,6 +48,7 @@ servers_strategy = st.lists(
 
 
 EXPIRIES = [None, NOW - timedelta(seconds=1), NOW, NOW + timedelta(seconds=1)]
+FRESH_UNTIL = EXPIRIES  # a result is stale from its fresh_until on
 sessions_strategy = st.lists(
     st.tuples(st.sampled_from(["pending", "active", "disconnected"]), st.integers(0, len(EXPIRIES) - 1)),
     max_size=12,
@@ -60,13 +62,13 @@ def _replace_farm(
     conn.execute("DELETE FROM connections")
     conn.execute("DELETE FROM sessions")
     conn.execute("DELETE FROM servers")
-    for i, (admin, health, agent, weight, load, max_s, live, placed) in enumerate(rows):
+    for i, (admin, health, agent, weight, load, max_s, live, placed, fresh) in enumerate(rows):
         conn.execute(
             "INSERT INTO servers (address, pool, weight, max_sessions, admin_state, health, health_detail,"
-            " agent_state, agent_detail, load, placements_since_report, live_sessions, agent_url,"
-            " sessions_url, created_at, updated_at)"
-            " VALUES (%s, 'default', %s, %s, %s, %s, '', %s, '', %s, %s, %s, '', '', now(), now())",
-            (_address(i), weight, max_s, admin, health, agent, load, placed, live),
+            " agent_state, agent_detail, load, placements_since_report, live_sessions, fresh_until,"
+            " agent_url, sessions_url, created_at, updated_at)"
+            " VALUES (%s, 'default', %s, %s, %s, %s, '', %s, '', %s, %s, %s, %s, '', '', now(), now())",
+            (_address(i), weight, max_s, admin, health, agent, load, placed, live, FRESH_UNTIL[fresh]),
         )
     for i, (state, expiry) in enumerate(sessions[: len(rows)]):
         conn.execute(
@@ -121,7 +123,9 @@ async def test_sql_rules_and_placement_equal_the_domain_rules(engine, pg_databas
     `rank_key_sql` is `domain.rank_for_new_session`, so the placing statement places a new user
     (with or without identity) where `domain.choose_server` would, and nowhere when it finds none;
     the context statements store a reconnect answer exactly when `Session.is_live_at` and
-    `domain.takes_reconnects` say so, and never place a user who has a live session."""
+    `domain.takes_reconnects` say so, and never place a user who has a live session. Every rule
+    applies to the servers as seen at the statement's time (`domain.as_seen_at`: a stale health
+    result reads as none), among servers never probed, stale and fresh."""
     await seed(engine, server(A))
     checked = 0
 
@@ -135,16 +139,20 @@ async def test_sql_rules_and_placement_equal_the_domain_rules(engine, pg_databas
         def check(rows: list[tuple[object, ...]], sessions: list[tuple[str, int]]) -> None:
             nonlocal checked
             _replace_farm(conn, rows, sessions)
-            table = _servers_from_table(conn)
+            stored = _servers_from_table(conn)
+            table = [d.as_seen_at(s, NOW) for s in stored]
+            at = {"now": NOW}
             eligible = f"SELECT address FROM servers c WHERE {routing_sql.eligible_sql('c')}"
-            assert {r[0] for r in conn.execute(eligible)} == {
+            assert {r[0] for r in conn.execute(eligible, at)} == {
                 s.address for s in table if d.takes_new_sessions(s)
             }
             loads: dict[str, float] = dict(
-                conn.execute(f"SELECT address, {routing_sql.effective_load_sql('c')} FROM servers c")
+                conn.execute(f"SELECT address, {routing_sql.effective_load_sql('c')} FROM servers c", at)
             )
             assert loads == {s.address: d.effective_load(s) for s in table}  # equal floats, to the bit
-            ranked_sql = [r[0] for r in conn.execute(f"{eligible} ORDER BY {routing_sql.rank_key_sql('c')}")]
+            ranked_sql = [
+                r[0] for r in conn.execute(f"{eligible} ORDER BY {routing_sql.rank_key_sql('c')}", at)
+            ]
             ranked = [s.address for s in d.rank_for_new_session(table)]
             assert ranked_sql == ranked
             # The one-statement placement takes the domain's choice (nothing locked here).
@@ -168,7 +176,7 @@ def _servers_from_table(conn: psycopg.Connection) -> list[d.Server]:
     """Every server as ranking reads it, column by column (as `ServerRepository.list` maps them)."""
     rows = conn.execute(
         "SELECT address, pool, weight, max_sessions, admin_state, health, agent_state, load,"
-        " placements_since_report, live_sessions FROM servers WHERE pool = 'default'"
+        " placements_since_report, live_sessions, fresh_until FROM servers WHERE pool = 'default'"
     ).fetchall()
     return [routing_sql._server(r) for r in rows]
 
@@ -188,7 +196,7 @@ async def test_the_live_server_matches_the_repository(engine, service):
     async with engine.connect() as conn_sa:
         listed = await ServerRepository(conn_sa).list("default")
     fields = ("address", "pool", "weight", "max_sessions", "admin_state", "health", "agent_state", "load",
-              "placements_since_report", "live_sessions")  # fmt: skip
+              "placements_since_report", "live_sessions", "fresh_until")  # fmt: skip
     [expected] = [s for s in listed if s.address == first.server_address]
     assert [getattr(found.server, f) for f in fields] == [getattr(expected, f) for f in fields]
 

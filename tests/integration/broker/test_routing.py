@@ -67,15 +67,20 @@ async def test_load_reports_and_weights_decide(service, engine, probes):
     assert (await service.route(req("u1"))).server_address == B
 
 
-async def test_a_new_load_report_resets_placements(service, engine, probes):
+async def test_a_new_load_report_counts_the_placements_it_cannot_show_yet(service, engine, probes, clock):
     await seed(engine, server(A, max_sessions=10), server(B, max_sessions=10))
     await probe(probes, A, load=0)
     await probe(probes, B, load=15)
     assert (await service.route(req("u1"))).server_address == A  # 0 + 10 placed
     assert (await service.route(req("u2"))).server_address == A  # 10 + 10 = 20 > 15 next time
     assert (await service.route(req("u3"))).server_address == B
-    await probe(probes, A, load=0)  # the report already counts u1, u2: placements reset
-    assert (await service.route(req("u4"))).server_address == A
+    await probe(probes, A, load=0)  # sampled within the logon lag: u1, u2 may not be in it yet
+    [a, b] = await service.list_servers()
+    assert (a.placements_since_report, b.placements_since_report) == (2, 1)
+    assert (await service.route(req("u4"))).server_address == A  # 0 + 20 < 15 + 10
+    clock.advance(31)
+    await probe(probes, B, load=15)  # sampled past the logon lag: u3 shows in it
+    assert (await service.route(req("u5"))).server_address == B  # 15 < 0 + 30
 
 
 async def test_draining_server_takes_reconnects_but_no_new_sessions(service, engine):

@@ -103,6 +103,25 @@ async def test_session_lists_confirm_follow_and_end_on_sqlite(sqlite_service):
     await assert_live_counters_exact(engine)
 
 
+async def test_results_age_and_load_reports_recount_on_sqlite(sqlite_service):
+    service, engine, clock = sqlite_service
+    await seed(engine, server(A), server(B), pools=(d.Pool("default", True, 3600.0, stale_after_ms=5000),))
+    probes = ProbeService(service)
+    await probes.claim_targets("r1", 60_000)
+    down = d.ProbeResult(A, d.Health.DOWN, False, "timeout", -1, d.AgentState.NONE, "")
+    assert await probes.report_results("r1", [down]) == []
+    assert (await service.route(d.RouteRequest("c1", cookie="u1"))).server_address == B
+    clock.advance(5)  # A's result is stale: A reads unknown, and has fewer sessions
+    assert (await service.route(d.RouteRequest("c2", cookie="u2"))).server_address == A
+    clock.advance(10)
+    await service.route(d.RouteRequest("c3", cookie="u3"))  # on A: 1 session each, address order
+    loaded = d.ProbeResult(A, d.Health.UP, True, "", 10, d.AgentState.UP, "")
+    assert await probes.report_results("r1", [loaded]) == []
+    [a, _] = await service.list_servers()
+    assert a.placements_since_report == 2  # u2 and u3, placed within the 30 s logon lag
+    assert a.fresh_until == clock.now + timedelta(seconds=5)
+
+
 async def test_the_broker_process_on_sqlite(tmp_path):
     url = f"sqlite+aiosqlite:///{tmp_path / 'rdbroker.db'}"
     async with broker_process(url) as (grpc_port, _):

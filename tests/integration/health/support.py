@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ class AgentStub:
 
     bodies: dict[str, bytes | None] = field(default_factory=dict)
     server: asyncio.Server | None = None
-    answered: dict[str, int] = field(default_factory=dict)  # answers sent, by path
+    served: Counter[str] = field(default_factory=Counter)  # answers sent, by path
 
     async def start(self) -> AgentStub:
         self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -61,7 +62,7 @@ class AgentStub:
                 + body
             )
             await writer.drain()
-            self.answered[path] = self.answered.get(path, 0) + 1
+            self.served[path] += 1
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, IndexError):
             pass
         finally:

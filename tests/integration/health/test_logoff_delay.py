@@ -120,10 +120,10 @@ async def test_through_the_proxy_a_claim_is_kept_while_open_and_a_logoff_ends_th
                 return (await session_of("CORP\\zoe")).confirmed
 
             await wait_for(zoe_confirmed, timeout_s=10)
-            lists = agent.answered["/s1/sessions"]
+            lists = agent.served["/s1/sessions"]
 
             async def three_more_lists() -> bool:  # each one lacks "slow"
-                return agent.answered["/s1/sessions"] >= lists + 3
+                return agent.served["/s1/sessions"] >= lists + 3
 
             await wait_for(three_more_lists, timeout_s=10)
             claim = await session_of("CORP\\slow")

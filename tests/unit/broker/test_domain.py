@@ -189,3 +189,29 @@ def test_client_address_fits_its_column():
     d.validate_route_request(d.RouteRequest(connection_id="c1", client_address="a" * d.MAX_ADDRESS_CHARS))
     with pytest.raises(InvalidInput, match="client_address"):
         d.validate_route_request(d.RouteRequest(connection_id="c1", client_address="a" * 256))
+
+
+def test_a_stale_result_reads_as_none():
+    from datetime import UTC, datetime, timedelta
+
+    now = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+    down = srv("a", health=d.Health.DOWN, agent_state=d.AgentState.DRAIN, load=100, fresh_until=now)
+    assert not d.takes_new_sessions(down)
+    assert not d.takes_reconnects(down)
+    seen = d.as_seen_at(down, now)  # fresh_until is the first instant it no longer counts
+    assert (seen.health, seen.agent_state, seen.load) == (d.Health.UNKNOWN, d.AgentState.NONE, -1)
+    assert d.takes_new_sessions(seen)
+    assert d.takes_reconnects(seen)
+    assert d.as_seen_at(down, now - timedelta(microseconds=1)) == down
+    assert d.as_seen_at(srv("b", health=d.Health.DOWN), now).health is d.Health.DOWN  # never aged
+
+
+def test_stale_after_and_logon_lag_come_from_the_pool():
+    from datetime import timedelta
+
+    assert d.stale_after(d.Pool("p", stale_after_ms=1500), 2000, 10_000) == timedelta(milliseconds=1500)
+    assert d.stale_after(d.Pool("p"), 2000, 10_000) == timedelta(seconds=16)  # 3 intervals + lease
+    assert d.stale_after(d.Pool("p", probe_interval_ms=500), 2000, 10_000) == timedelta(seconds=11.5)
+    assert d.stale_after(None, 2000, 600) == timedelta(seconds=6.6)
+    assert d.logon_lag(d.Pool("p")) == timedelta(seconds=30)
+    assert d.logon_lag(d.Pool("p", logon_lag_s=5.5)) == timedelta(seconds=5.5)

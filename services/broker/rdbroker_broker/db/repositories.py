@@ -96,6 +96,30 @@ _LOCK_BEST_SERVER = (
 )
 _SERVER = select(*SERVER_COLUMNS).where(servers.c.address == bindparam("address"))
 _LOCK_SERVER_WAIT = select(*SERVER_COLUMNS).where(servers.c.address == bindparam("address")).with_for_update()
+# Claims that never became sessions on their server: ended before the proxy reported them open,
+# or ended for carrying next to nothing (`abandoned`) or a failed connect. They never show in a load.
+NEVER_SESSIONS = ("abandoned", "connect_failed", "closed_before_open", "pending_expired")
+
+
+def _unseen_placements(address: str, since: datetime) -> Any:
+    """How many Route placements on `address` were made after `since` (ix_sessions_server_created)."""
+    never = and_(
+        sessions.c.state == "ended",
+        sessions.c.opened_at.is_(None) | sessions.c.end_reason.in_(NEVER_SESSIONS),
+    )
+    return (
+        select(func.count())
+        .select_from(sessions)
+        .where(
+            sessions.c.server_address == address,
+            sessions.c.created_at > since,
+            sessions.c.learnt_from == "route",
+            ~never,
+        )
+        .scalar_subquery()
+    )
+
+
 _LIVE_USER_INDEX_WHERE = text(f"{LIVE_STATES_SQL} AND user_key IS NOT NULL")
 _INSERT_SESSION = {
     name: factory(sessions)
@@ -269,7 +293,18 @@ class ServerRepository:
         )
         return bool(result.rowcount)
 
-    async def record_probe(self, result: d.ProbeResult, now: datetime) -> None:
+    async def record_probe(
+        self, result: d.ProbeResult, now: datetime, stale_after: timedelta, logon_lag: timedelta
+    ) -> None:
+        """Store a health result; it counts until its time plus `stale_after` (`fresh_until`).
+
+        With a load figure, `placements_since_report` becomes the server's placements that figure
+        cannot show yet: made by Route after the result's time less `logon_lag` (users still logging
+        on), claims that never became sessions left out. The insert trigger adds each later one.
+        """
+        # The result's time, never later than the broker's own: a replica's clock running ahead
+        # must not keep its results fresh for longer.
+        at = min(result.probed_at or now, now)
         values: dict[str, Any] = {
             "health": result.health.value,
             "health_changed_at": case(
@@ -280,11 +315,16 @@ class ServerRepository:
             "agent_detail": result.agent_detail[:255],
             "load": result.load,
             "probed_at": result.probed_at or now,
+            "fresh_until": at + stale_after,
         }
         if result.load >= 0:
-            # A fresh load figure already includes the sessions placed since the last one.
-            values["load_reported_at"] = result.probed_at or now
-            values["placements_since_report"] = 0
+            values["load_reported_at"] = at
+            values["placements_since_report"] = _unseen_placements(result.address, at - logon_lag)
+            if self.conn.dialect.name == "postgresql":
+                # Lock the row before counting: a placement committing meanwhile (its trigger holds
+                # this lock) is then seen by the count (READ COMMITTED: a new snapshot per
+                # statement), and a later one adds itself to the count after this update.
+                await self.conn.execute(_LOCK_SERVER_WAIT, {"address": result.address})
         await self.conn.execute(update(servers).where(servers.c.address == result.address).values(**values))
 
     async def upsert(self, server: d.Server, now: datetime) -> None:

@@ -8,13 +8,15 @@ reconnect answer or, when there is no live session, places the user: both in tha
 Who decides what: the rules live in `domain`; SQL restates three of them, each proven equal to the
 domain by `tests/integration/broker/test_route_fast_path.py` over generated farms: eligibility
 (`eligible_sql`, re-checked under the server's row lock), the ranking order (`rank_key_sql`) and
-reconnect acceptance (`reconnects_sql` + expiry). A new placement is decided by SQL alone (the best
-eligible server nobody else holds); a reconnect stored by SQL is decided again in Python by the domain
-(`service`), which takes the answer back if they ever disagree. A cookie that may name a session
-stored under another key (cut to 9 characters, or `DOMAIN\\user` against a bare name) is placed only
-when the statement finds no such live session (`placement_guard`). Anything unusual (tokens, retries,
-expired or stranded sessions, such a session found, a lost race, no unlocked candidate) is left to
-the transactional path in `service`, which handles every case.
+reconnect acceptance (`reconnects_sql` + expiry), each on the server as `domain.as_seen_at` the
+statement's `now` sees it (`stale_sql`: a stale health result counts as none). A new placement is
+decided by SQL alone (the best eligible server nobody else holds); a reconnect stored by SQL is
+decided again in Python by the domain (`service`), which takes the answer back if they ever disagree.
+A cookie that may name a session stored under another key (cut to 9 characters, or `DOMAIN\\user`
+against a bare name) is placed only when the statement finds no such live session
+(`placement_guard`). Anything unusual (tokens, retries, expired or stranded sessions, such a session
+found, a lost race, no unlocked candidate) is left to the transactional path in `service`, which
+handles every case.
 """
 
 from __future__ import annotations
@@ -30,23 +32,31 @@ from rdbroker_broker import domain as d
 LIVE_SQL = "('pending', 'active', 'disconnected')"
 
 
+def stale_sql(t: str) -> str:
+    """`domain.result_is_stale` on the `servers` row `t` at the statement's `now`. NULL for a server
+    never probed (no `fresh_until`): used only where NULL counts as false (WHERE, OR, CASE WHEN)."""
+    return f"{t}.fresh_until <= %(now)s"
+
+
 def eligible_sql(t: str) -> str:
-    """`domain.takes_new_sessions` on the `servers` row `t`: not down, operator and agent both
-    enabled, weight > 0, load < 100, under its session limit."""
+    """`domain.takes_new_sessions` on `domain.as_seen_at` of the `servers` row `t`: not down, operator
+    and agent both enabled, weight > 0, load < 100, under its session limit; a stale result's health,
+    agent state and load do not count."""
     return (
-        f"{t}.health <> 'down' AND {t}.admin_state = 'enabled'"
-        f" AND {t}.agent_state NOT IN ('down', 'drain', 'maint') AND {t}.weight > 0 AND {t}.load < 100"
+        f"({t}.health <> 'down' AND {t}.agent_state NOT IN ('down', 'drain', 'maint') AND {t}.load < 100"
+        f" OR {stale_sql(t)}) AND {t}.admin_state = 'enabled' AND {t}.weight > 0"
         f" AND ({t}.max_sessions <= 0 OR {t}.live_sessions < {t}.max_sessions)"
     )
 
 
 def effective_load_sql(t: str) -> str:
-    """`domain.effective_load` on the `servers` row `t`, with the same float operations in the same
-    order (PostgreSQL's float8 is Python's float, so the values are equal to the bit)."""
+    """`domain.effective_load` on `domain.as_seen_at` of the `servers` row `t`, with the same float
+    operations in the same order (PostgreSQL's float8 is Python's float, so the values are equal to
+    the bit)."""
     unit = f"(CASE WHEN {t}.max_sessions > 0 THEN 100.0::float8 / {t}.max_sessions ELSE 1.0::float8 END)"
     return (
-        f"(CASE WHEN {t}.load >= 0 THEN {t}.load + {t}.placements_since_report * {unit}"
-        f" ELSE {t}.live_sessions * {unit} END) / GREATEST({t}.weight, 1)"
+        f"(CASE WHEN {t}.load < 0 OR {stale_sql(t)} THEN {t}.live_sessions * {unit}"
+        f" ELSE {t}.load + {t}.placements_since_report * {unit} END) / GREATEST({t}.weight, 1)"
     )
 
 
@@ -59,15 +69,16 @@ def rank_key_sql(t: str) -> str:
 # What the domain's rules read of a server (ranking, reconnects), in this order.
 _RANK_FIELDS = (
     "address", "pool", "weight", "max_sessions", "admin_state", "health", "agent_state", "load",
-    "placements_since_report", "live_sessions",
+    "placements_since_report", "live_sessions", "fresh_until",
 )  # fmt: skip
 _SESSION_FIELDS = ("id", "user", "server_address", "state", "created_at", "updated_at", "expires_at")
 
 
 def reconnects_sql(t: str) -> str:
-    """`domain.takes_reconnects` on the `servers` row `t`: not down, not in maintenance."""
+    """`domain.takes_reconnects` on `domain.as_seen_at` of the `servers` row `t`: not down, not in
+    maintenance (a stale result's health and agent state do not count)."""
     return (
-        f"{t}.health <> 'down' AND {t}.agent_state NOT IN ('down', 'maint')"
+        f"({t}.health <> 'down' AND {t}.agent_state NOT IN ('down', 'maint') OR {stale_sql(t)})"
         f" AND {t}.admin_state <> 'maintenance'"
     )
 
@@ -330,7 +341,7 @@ async def forget_answer(conn: psycopg.AsyncConnection[Any], request: d.RouteRequ
 
 
 def _server(values: Any) -> d.Server:
-    address, pool, weight, max_sessions, admin, health, agent, load, placements, live = values
+    address, pool, weight, max_sessions, admin, health, agent, load, placements, live, fresh_until = values
     return d.Server(
         address=address,
         pool=pool,
@@ -342,6 +353,7 @@ def _server(values: Any) -> d.Server:
         load=load,
         placements_since_report=placements,
         live_sessions=live,
+        fresh_until=fresh_until.astimezone(UTC) if fresh_until is not None else None,
     )
 
 
