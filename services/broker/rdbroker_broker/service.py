@@ -25,6 +25,7 @@ from rdbroker_broker.db.tables import connections, proxies, sessions
 from rdbroker_broker.errors import (
     BrokerError,
     Conflict,
+    DatabaseUnavailable,
     InvalidInput,
     NoCapacity,
     NotFound,
@@ -88,17 +89,28 @@ class BrokerService:
         self.settings = settings
         self.now = clock
         self._purged_at: datetime | None = None
+        # Since when this broker's database calls have succeeded without interruption (None: not
+        # since it started, or since the last failure). The sweep judges a proxy silent only over
+        # time inside this span: a proxy cannot be heard while the broker cannot write.
+        self.heard_since: datetime | None = None
 
     async def run_tx(self, work: Callable[[Repos], Awaitable[T]]) -> T:
         """Run `work` in a transaction, again when it loses a race (it then sees the winner's rows)."""
         for attempt in range(MAX_TX_ATTEMPTS):
             try:
                 async with self.store.transaction() as r:
-                    return await work(r)
+                    result = await work(r)
+                if self.heard_since is None:
+                    self.heard_since = self.now()
+                return result
             except Retryable as exc:
                 if exc.connectivity and attempt >= 1:
-                    raise Unavailable("the database is unreachable") from exc
+                    self.heard_since = None
+                    raise DatabaseUnavailable("the database is unreachable") from exc
                 log.debug("transaction lost a race, retrying (%s): %s", attempt + 1, exc)
+            except DatabaseUnavailable:
+                self.heard_since = None
+                raise
         raise Conflict("too many concurrent changes to the same rows; retry the call")
 
     # --- Route ---------------------------------------------------------------------------------
@@ -647,17 +659,22 @@ class BrokerService:
             raise InvalidInput(f"too many connection_ids (at most {MAX_HEARTBEAT_CONNECTIONS})")
         complete = len(ids) == active_connections
 
-        async def work(r: Repos) -> int:
+        async def work(r: Repos) -> tuple[int, int]:
             now = self.now()
             await r.proxies.heartbeat(proxy_id, active_connections, now)
+            # A listed connection is open: its session, disconnected by a sweep or an earlier list
+            # that could not see it, is active again (complete list or not).
+            revived = await r.sessions.revive_listed(proxy_id, ids, now) if ids else 0
             lost = 0
             if complete:
                 before = now - timedelta(seconds=self.settings.heartbeat_interval_s)
                 for pool in await r.pools.list():
                     lost += await r.sessions.disconnect_unlisted(pool, proxy_id, ids, before, now)
-            return lost
+            return revived, lost
 
-        lost = await self.run_tx(work)
+        revived, lost = await self.run_tx(work)
+        if revived:
+            log.info("proxy %s still has %d sessions' connections: active again", proxy_id, revived)
         if lost:
             log.info("proxy %s no longer has %d sessions' connections: disconnected", proxy_id, lost)
         return int(self.settings.heartbeat_interval_s * 1000)
@@ -753,17 +770,26 @@ class BrokerService:
         return purged
 
     async def sweep(self) -> dict[str, int]:
-        """Expire sessions, disconnect silent proxies' sessions. Idempotent: every replica may run it."""
+        """Expire sessions, disconnect silent proxies' sessions. Idempotent: every replica may run it.
+
+        A proxy is silent when no heartbeat came for the silence window (`proxy_silence_s`). Only a
+        window this broker spent hearing counts: after its start or a database outage it judges
+        nobody until its database calls have succeeded for a whole window without interruption, so
+        every proxy has had its full number of heartbeats to get through (another replica that heard
+        them all along judges meanwhile).
+        """
 
         async def work(r: Repos) -> dict[str, int]:
             now = self.now()
             expired = await r.sessions.expire(now)
             silent_since = now - timedelta(seconds=self.settings.proxy_silence_s)
-            alive = r.proxies.alive_since(silent_since)
             orphaned = 0
-            for pool in await r.pools.list():
-                orphaned += await r.sessions.disconnect_orphans(pool, alive, silent_since, now)
-            return {"expired": expired, "disconnected": orphaned}
+            heard = self.heard_since is not None and self.heard_since <= silent_since
+            if heard:
+                alive = r.proxies.alive_since(silent_since)
+                for pool in await r.pools.list():
+                    orphaned += await r.sessions.disconnect_orphans(pool, alive, silent_since, now)
+            return {"expired": expired, "disconnected": orphaned, "judged_silence": int(heard)}
 
         counts = await self.run_tx(work)
         if counts["expired"] or counts["disconnected"]:  # said before a purge that may fail

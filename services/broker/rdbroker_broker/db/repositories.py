@@ -19,6 +19,9 @@ from rdbroker_broker import domain as d
 from rdbroker_broker.db.tables import LIVE_STATES_SQL, connections, pools, servers, sessions
 
 LIVE = [s.value for s in d.LIVE_STATES]
+# A session disconnected for want of news, not because its connection was seen to close: a silent
+# proxy (the sweep) or a heartbeat's list that did not show its connection.
+NEWS_LOST = ("proxy_silent", "connection_lost")
 
 
 def upsert(conn: AsyncConnection, table: Any) -> Any:
@@ -489,7 +492,7 @@ class SessionRepository:
                 disconnected_at=now,
                 expires_at=now + timedelta(seconds=pool.disconnect_timeout_s),
                 updated_at=now,
-                end_reason="proxy_silent",
+                end_reason=NEWS_LOST[0],
             )
         )
         return int(result.rowcount)
@@ -514,8 +517,33 @@ class SessionRepository:
                 disconnected_at=now,
                 expires_at=now + timedelta(seconds=pool.disconnect_timeout_s),
                 updated_at=now,
-                end_reason="connection_lost",
+                end_reason=NEWS_LOST[1],
             )
+        )
+        return int(result.rowcount)
+
+    async def revive_listed(self, proxy_id: str, open_ids: Sequence[str], now: datetime) -> int:
+        """A proxy's heartbeat lists these connections as open: its sessions on them that were marked
+        disconnected for want of news (a silent proxy, a list that missed them) are active again.
+        Not one whose connection has been reported closed (a heartbeat sent before the close)."""
+        closed = (
+            select(connections.c.connection_id)
+            .where(
+                connections.c.connection_id == sessions.c.connection_id,
+                connections.c.closed_at.is_not(None),
+            )
+            .exists()
+        )
+        result = await self.conn.execute(
+            update(sessions)
+            .where(
+                sessions.c.proxy_id == proxy_id,
+                sessions.c.state == "disconnected",
+                sessions.c.end_reason.in_(NEWS_LOST),
+                _listed(self.conn, open_ids),
+                ~closed,
+            )
+            .values(state="active", disconnected_at=None, expires_at=None, end_reason="", updated_at=now)
         )
         return int(result.rowcount)
 
@@ -529,6 +557,13 @@ class SessionRepository:
         )
         result = await self.conn.execute(delete(sessions).where(sessions.c.id.in_(some)))
         return int(result.rowcount)
+
+
+def _listed(conn: AsyncConnection, ids: Sequence[str]) -> Any:
+    """`connection_id` among `ids` (one array parameter on PostgreSQL, as `_not_listed`)."""
+    if conn.dialect.name == "postgresql":
+        return sessions.c.connection_id == func.any(bindparam("open_ids", list(ids), type_=ARRAY(String)))
+    return sessions.c.connection_id.in_(list(ids))
 
 
 def _not_listed(conn: AsyncConnection, ids: Sequence[str]) -> Any:
