@@ -42,6 +42,9 @@ class BrokerSettings(ServiceSettings):
     probe_timeout_ms: int = Field(default=2_000, ge=100, le=3_600_000)
     probe_rise: int = Field(default=2, ge=1, le=100)
     probe_fall: int = Field(default=3, ge=1, le=100)
+    # When the proxy cannot reach the server of a user's session, the broker probes it (one RDP
+    # handshake) within this before it moves the session: short, as the user's client is waiting.
+    failover_probe_timeout_ms: int = Field(default=1000, ge=50, le=10_000)
 
     # Input bounds for Route: a user name longer than its database column could never be stored.
     max_cookie_chars: int = Field(default=MAX_USER_CHARS, ge=9, le=MAX_USER_CHARS)

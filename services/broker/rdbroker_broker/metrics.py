@@ -41,6 +41,11 @@ truncated_cookie_ambiguous = _meter.create_counter(
     description="Truncated 9-character cookies matching several users, where=reconcile|route (none linked)",
 )
 
+failover_probes = _meter.create_counter(
+    "rdbroker_failover_probes",
+    description="Servers the proxy could not reach, probed by the broker: outcome=down (moved) or up (kept)",
+)
+
 _route_counts: dict[tuple[str, str], int] = {}
 _refused_counts: dict[str, int] = {}
 _AMBIGUOUS_LABELS: Mapping[str, Mapping[str, str]] = {w: {"where": w} for w in ("reconcile", "route")}
@@ -50,6 +55,13 @@ def record_truncated_ambiguous(where: str, count: int = 1) -> None:
     """Truncated cookies left ambiguous, at session-list reconciliation or at Route."""
     if count:
         truncated_cookie_ambiguous.add(count, _AMBIGUOUS_LABELS[where])
+
+
+_FAILOVER_LABELS: Mapping[bool, Mapping[str, str]] = {True: {"outcome": "up"}, False: {"outcome": "down"}}
+
+
+def record_failover_probe(ok: bool) -> None:
+    failover_probes.add(1, _FAILOVER_LABELS[ok])
 
 
 def record_route(reason: str, outcome: str, seconds: float) -> None:

@@ -6,6 +6,7 @@ wins a race on a unique index: the retry then sees the winner's rows and answers
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -33,8 +34,12 @@ from rdbroker_broker.errors import (
     Unavailable,
 )
 from rdbroker_broker.store import Repos, Retryable, Store
+from rdbroker_common.rdp_probe import ProbeResult, probe_rdp
 
 RouteContext = tuple[d.Pool, d.Session | None, d.Server | None]
+RdpProbe = Callable[[str, float], Awaitable[ProbeResult]]
+# Answers that placed a user afresh: nothing of theirs is on that server yet, so a retry moves them.
+PLACED = (d.RouteReason.NEW, d.RouteReason.NO_IDENTITY)
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +88,17 @@ def utcnow() -> datetime:
 
 class BrokerService:
     def __init__(
-        self, store: Store, settings: BrokerSettings, clock: Callable[[], datetime] = utcnow
+        self,
+        store: Store,
+        settings: BrokerSettings,
+        clock: Callable[[], datetime] = utcnow,
+        probe: RdpProbe = probe_rdp,
     ) -> None:
         self.store = store
         self.settings = settings
         self.now = clock
+        self.probe_rdp = probe
+        self._probing: dict[str, asyncio.Future[ProbeResult | None]] = {}  # address -> the probe under way
         self._purged_at: datetime | None = None
         # Since when this broker's database calls have succeeded without interruption (None: not
         # since it started, or since the last failure). The sweep judges a proxy silent only over
@@ -121,6 +132,10 @@ class BrokerService:
         token_address = d.routing_token_address(request.routing_token)
         decision = None
         context: RouteContext | None = None
+        probe: ProbeResult | None = None
+        if request.attempt > 0 and request.failed_server_address:
+            # Before the transaction: a probe may take its whole timeout, and holds no connection.
+            probe = await self._probe_failed_server(request)
         if request.attempt == 0 and token_address is None and self.store.is_postgres:
             decision = await self._route_postgres(request, user)
         elif request.attempt == 0:
@@ -140,7 +155,7 @@ class BrokerService:
         async def work(r: Repos) -> d.RouteDecision:
             nonlocal tries
             tries += 1
-            return await self._route(r, request, user, token_address, context if tries == 1 else None)
+            return await self._route(r, request, user, token_address, context if tries == 1 else None, probe)
 
         return self._logged(request, await self.run_tx(work))
 
@@ -252,6 +267,7 @@ class BrokerService:
         user: str,
         token_address: str | None,
         context: RouteContext | None,
+        probe: ProbeResult | None = None,
     ) -> d.RouteDecision:
         now = self.now()
         answers: dict[int, d.RouteDecision] = {}
@@ -266,7 +282,7 @@ class BrokerService:
         pool, live, live_server = context
         exclude: list[str] = []
         if request.attempt > 0 and request.failed_server_address:
-            exclude = await self._after_failure(r, request, answers, now)
+            exclude = await self._after_failure(r, request, answers, now, probe)
 
         decision = None
         if token_address is not None:
@@ -283,28 +299,106 @@ class BrokerService:
             raise Retryable("this connection attempt was answered concurrently")
         return decision
 
-    async def _after_failure(
-        self, r: Repos, request: d.RouteRequest, answers: dict[int, d.RouteDecision], now: datetime
-    ) -> list[str]:
-        """The proxy could not reach the server of an earlier answer for this connection."""
+    async def _probe_failed_server(self, request: d.RouteRequest) -> ProbeResult | None:
+        """Probe the server the proxy could not reach when the answer that named it was where the
+        user's session is (a reconnect or a token target) and the directory still sends users there.
+        None when no probe is needed; the transaction checks the same again and decides."""
         failed = request.failed_server_address
-        earlier = [answers[a] for a in sorted(answers) if a < request.attempt]
-        last = earlier[-1] if earlier else None
+        try:
+            async with self.store.autocommit() as r:
+                answers = await r.connections.answers(request.connection_id)
+                last = _last_answer(answers, request.attempt)
+                if request.attempt in answers or last is None or last.server_address != failed:
+                    return None  # answered before, or bad input the transaction refuses
+                if last.reason in PLACED:
+                    return None
+                server = await r.servers.get(failed)
+        except Retryable:
+            return None  # a dead pooled connection: the transaction reads again and says what to do
+        if server is None or not d.takes_reconnects(server):
+            return None
+        return await self._probe(failed)
+
+    async def _probe(self, address: str) -> ProbeResult:
+        """One RDP handshake with `address`; concurrent calls for one address share it (a dead server's
+        users all fail over at once, and it needs probing only once)."""
+        shared = self._probing.get(address)
+        if shared is not None:
+            result = await asyncio.shield(shared)
+            return result if result is not None else await self._probe(address)
+        shared = asyncio.get_running_loop().create_future()
+        self._probing[address] = shared
+        try:
+            result = await self.probe_rdp(address, self.settings.failover_probe_timeout_ms / 1000)
+        except BaseException:
+            shared.set_result(None)  # cancelled: whoever waits probes for themselves
+            raise
+        finally:
+            del self._probing[address]
+        shared.set_result(result)
+        metrics.record_failover_probe(result.ok)
+        return result
+
+    async def _after_failure(
+        self,
+        r: Repos,
+        request: d.RouteRequest,
+        answers: dict[int, d.RouteDecision],
+        now: datetime,
+        probe: ProbeResult | None,
+    ) -> list[str]:
+        """The proxy could not reach the server of this connection's last answer.
+
+        A user placed there afresh is placed elsewhere. A session the user has there (a reconnect, a
+        token target) moves only when the broker's own probe of the server failed too: the server is
+        then recorded down, as a health result would, and the session ends `server_down`. A server
+        that answers the probe keeps the session (Unavailable: the client tries again).
+        """
+        failed = request.failed_server_address
+        last = _last_answer(answers, request.attempt)
         if last is None or last.server_address != failed:
-            return [failed]
-        if last.reason in (d.RouteReason.NEW, d.RouteReason.NO_IDENTITY):
+            if await r.servers.get(failed) is None:
+                raise InvalidInput(f"failed_server_address {failed!r} is not a registered server")
+            sent_to = f"it was sent to {last.server_address}" if last else "it has no earlier answer"
+            raise InvalidInput(
+                f"failed_server_address {failed!r} is not where this connection was sent ({sent_to})"
+            )
+        if last.reason in PLACED:
             # Nothing exists on that server yet: drop the pending session and place elsewhere.
             await r.sessions.end(last.session_id, "connect_failed", now)
             return [failed]
         server = await r.servers.get(failed)
-        if server is not None and d.takes_reconnects(server):
-            raise Unavailable(
-                f"server {failed} holds this user's session but could not be reached, and it is not "
-                "marked down; not moving the session (the client should retry)"
+        if server is None:
+            await r.sessions.end(last.session_id, "server_removed", now)
+            return [failed]
+        reason = "server_down" if server.is_down else "server_maintenance"
+        if d.takes_reconnects(server):
+            if probe is None or probe.ok:
+                raise Unavailable(
+                    f"server {failed} holds this user's session and answers the broker's probe, but the "
+                    "proxy could not reach it; not moving the session (the client should retry)"
+                )
+            await r.servers.record_down(
+                failed, f"failover probe: {probe.detail}", now, now + await self._stale_after(r, server)
             )
-        if last.reason is d.RouteReason.RECONNECT:
-            await r.sessions.end(last.session_id, "server_down", now)
+            log.warning(
+                "server %s could not be reached by the proxy nor probed (%s): recorded down",
+                failed,
+                probe.detail,
+                extra={"server": failed, "connection_id": request.connection_id},
+            )
+            reason = "server_down"
+        await r.sessions.end(last.session_id, reason, now)
         return [failed]
+
+    async def _stale_after(self, r: Repos, server: d.Server) -> timedelta:
+        """How long a health result counts: the pool's `stale_after`, else three probe intervals
+        plus the probe lease (as for the health replicas' results)."""
+        pool = await r.pools.resolve(server.pool)
+        if pool is not None and pool.stale_after_ms:
+            return timedelta(milliseconds=pool.stale_after_ms)
+        interval_ms = (pool.probe_interval_ms if pool else 0) or self.settings.probe_interval_ms
+        return timedelta(milliseconds=3 * interval_ms + self.settings.lease_ms)
 
     async def _route_token(
         self, r: Repos, request: d.RouteRequest, user: str, address: str, exclude: list[str], now: datetime
@@ -798,6 +892,12 @@ class BrokerService:
             )
         counts["purged"] = await self._purge_due(self.now())
         return counts
+
+
+def _last_answer(answers: dict[int, d.RouteDecision], attempt: int) -> d.RouteDecision | None:
+    """The answer this connection was given last before `attempt`."""
+    earlier = [a for a in answers if a < attempt]
+    return answers[max(earlier)] if earlier else None
 
 
 def _unknown_pool(pool: str) -> NotFound:

@@ -273,22 +273,48 @@ class ServerRepository:
         return bool(result.rowcount)
 
     async def record_probe(self, result: d.ProbeResult, now: datetime) -> None:
+        detail = result.rdp_detail[:255]
         values: dict[str, Any] = {
             "health": result.health.value,
             "health_changed_at": case(
                 (servers.c.health != result.health.value, now), else_=servers.c.health_changed_at
             ),
-            "health_detail": result.rdp_detail[:255],
+            "health_detail": detail,
             "agent_state": result.agent_state.value,
             "agent_detail": result.agent_detail[:255],
             "load": result.load,
             "probed_at": result.probed_at or now,
         }
+        if not result.rdp_ok and result.health is not d.Health.DOWN:
+            # A failed probe never proves a server up: a server recorded down (by the broker's own
+            # failover probe, before the replica's fall count got there) stays down.
+            kept = servers.c.health == d.Health.DOWN.value
+            values["health"] = case((kept, servers.c.health), else_=result.health.value)
+            values["health_changed_at"] = case(
+                (kept | (servers.c.health == result.health.value), servers.c.health_changed_at), else_=now
+            )
+            values["health_detail"] = case((kept, servers.c.health_detail), else_=detail)
         if result.load >= 0:
             # A fresh load figure already includes the sessions placed since the last one.
             values["load_reported_at"] = result.probed_at or now
             values["placements_since_report"] = 0
         await self.conn.execute(update(servers).where(servers.c.address == result.address).values(**values))
+
+    async def record_down(self, address: str, detail: str, now: datetime, fresh_until: datetime) -> None:
+        """The broker's own probe failed: the server is down from now, as a health result says it."""
+        await self.conn.execute(
+            update(servers)
+            .where(servers.c.address == address)
+            .values(
+                health=d.Health.DOWN.value,
+                health_changed_at=case(
+                    (servers.c.health != d.Health.DOWN.value, now), else_=servers.c.health_changed_at
+                ),
+                health_detail=detail[:255],
+                probed_at=now,
+                fresh_until=fresh_until,
+            )
+        )
 
     async def upsert(self, server: d.Server, now: datetime) -> None:
         values = {
