@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -51,7 +52,10 @@ PURGE_MAX_BATCHES = 100  # per purge: a larger backlog goes on at the next one
 MAX_TX_ATTEMPTS = 5
 # How many ranked servers a placement tries to lock before giving up on the pool.
 MAX_LOCK_TRIES = 16
-MAX_HEARTBEAT_CONNECTIONS = 30_000  # under SQLite's bound-parameter limit too
+MAX_HEARTBEAT_CONNECTIONS = 30_000
+# A server that answered a failover probe this recently is not probed again (the proxy retries a
+# Route that was answered Unavailable, up to its deadline).
+PROBE_REUSE_S = 1.0  # under SQLite's bound-parameter limit too
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,7 @@ class BrokerService:
         self.now = clock
         self.probe_rdp = probe
         self._probing: dict[str, asyncio.Future[ProbeResult | None]] = {}  # address -> the probe under way
+        self._answered: dict[str, tuple[float, ProbeResult]] = {}  # address -> when it last answered one
         self._purged_at: datetime | None = None
         # Since when this broker's database calls have succeeded without interruption (None: not
         # since it started, or since the last failure). The sweep judges a proxy silent only over
@@ -322,6 +327,9 @@ class BrokerService:
     async def _probe(self, address: str) -> ProbeResult:
         """One RDP handshake with `address`; concurrent calls for one address share it (a dead server's
         users all fail over at once, and it needs probing only once)."""
+        answered = self._answered.get(address)
+        if answered is not None and time.monotonic() - answered[0] < PROBE_REUSE_S:
+            return answered[1]  # the proxy retrying its call: the server answered a moment ago
         shared = self._probing.get(address)
         if shared is not None:
             result = await asyncio.shield(shared)
@@ -337,6 +345,10 @@ class BrokerService:
             del self._probing[address]
         shared.set_result(result)
         metrics.record_failover_probe(result.ok)
+        if result.ok:
+            self._answered[address] = (time.monotonic(), result)
+        else:
+            self._answered.pop(address, None)
         return result
 
     async def _after_failure(
