@@ -1,12 +1,17 @@
-"""State that heals, through a real database outage: a throwaway PostgreSQL cluster is stopped for
-25 s (longer than the proxies' silence window, 3 x 5 s) while a user's connection through the real
-proxy stays open. The user keeps working, and their session stays active in the directory: the
-broker judges no proxy silent on time it could not hear it (a heartbeat that lists the connection
-would revive it otherwise; tests/integration/broker/test_healing.py tests that rule alone)."""
+"""State that heals, through the real proxy with a user's connection held open.
+
+- A throwaway PostgreSQL cluster is stopped for 25 s (longer than the proxies' silence window,
+  3 x 5 s). The user keeps working, and their session stays active in the directory: the broker
+  judges no proxy silent on time it could not hear it.
+- The only broker a proxy knows hangs (SIGSTOP) for 20 s while another broker, which hears the
+  database all along, sweeps: it rightly finds the proxy silent and marks the session disconnected;
+  the proxy's first heartbeat after the SIGCONT lists the connection and the session is active again.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -100,3 +105,42 @@ async def test_a_25_s_database_outage_leaves_a_working_users_session_active(
             await close(writer)
             assert [r[0] for r in session_rows(url, "alice")] == [session_id]
             assert server.first_packets == [ALICE, ALICE]
+
+
+async def test_a_session_marked_disconnected_by_a_silence_sweep_is_revived_by_the_next_heartbeat(
+    pg_database_url: str, tmp_path: Path
+) -> None:
+    url = pg_database_url
+    async with FakeRdpServer(mode="echo") as server:
+        declare_farm(url, tmp_path, server)
+        async with (
+            running_broker(url, "--sweep-interval-s", "1") as sweeper,
+            running_broker(url, "--sweep-interval-s", "3600") as hung,
+            running_proxy([hung.grpc_address], heartbeat_interval_s=5.0, report_timeout_s=1.0) as proxy,
+        ):
+            assert sweeper.grpc_address != hung.grpc_address
+            reader, writer, _ = await handshake(proxy.port, ALICE)
+            await work(reader, writer, 0)
+            await wait_until(lambda: [r[1] for r in session_rows(url, "alice")] == ["active"])
+            [(session_id, _, _)] = session_rows(url, "alice")
+
+            hung.process.send_signal(signal.SIGSTOP)
+            try:
+                n = 1
+                stopped_at = time.monotonic()
+                while session_rows(url, "alice") != [(session_id, "disconnected", "proxy_silent")]:
+                    assert time.monotonic() - stopped_at < 40, session_rows(url, "alice")
+                    await work(reader, writer, n)
+                    n += 1
+                    await asyncio.sleep(0.5)
+            finally:
+                hung.process.send_signal(signal.SIGCONT)
+            continued_at = time.monotonic()
+            while session_rows(url, "alice") != [(session_id, "active", "")]:
+                # The proxy retries a failed heartbeat within a few seconds (its pause doubles up to the
+                # 5 s interval), and that heartbeat lists the open connection.
+                assert time.monotonic() - continued_at < 15, session_rows(url, "alice")
+                await work(reader, writer, n)
+                n += 1
+                await asyncio.sleep(0.5)
+            await close(writer)
