@@ -52,10 +52,10 @@ PURGE_MAX_BATCHES = 100  # per purge: a larger backlog goes on at the next one
 MAX_TX_ATTEMPTS = 5
 # How many ranked servers a placement tries to lock before giving up on the pool.
 MAX_LOCK_TRIES = 16
-MAX_HEARTBEAT_CONNECTIONS = 30_000
+MAX_HEARTBEAT_CONNECTIONS = 30_000  # under SQLite's bound-parameter limit too
 # A server that answered a failover probe this recently is not probed again (the proxy retries a
 # Route that was answered Unavailable, up to its deadline).
-PROBE_REUSE_S = 1.0  # under SQLite's bound-parameter limit too
+PROBE_REUSE_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -386,9 +386,11 @@ class BrokerService:
         reason = "server_down" if server.is_down else "server_maintenance"
         if d.takes_reconnects(server):
             if probe is None or probe.ok:
+                # (No probe: the server was not routable when read before the transaction, and is now.)
+                answers_probe = "answers the broker's probe" if probe else "is routable again"
                 raise Unavailable(
-                    f"server {failed} holds this user's session and answers the broker's probe, but the "
-                    "proxy could not reach it; not moving the session (the client should retry)"
+                    f"server {failed} holds this user's session and {answers_probe}, but the proxy could "
+                    "not reach it; not moving the session (the client should retry)"
                 )
             await r.servers.record_down(
                 failed, f"failover probe: {probe.detail}", now, now + await self._stale_after(r, server)
