@@ -154,3 +154,27 @@ async def test_a_failed_probe_reported_by_a_replica_does_not_undo_the_broker_s_m
         # A probe the server answers is news: the replica's state counts again.
         assert await probes.report_results("h1", [result(d.Health.UP, True)]) == []
         assert (await health_of(engine, dead))[:2] == ("up", "neg_rsp")
+
+
+async def test_failover_on_sqlite_too(tmp_path, clock):
+    from rdbroker_broker.db import migrate
+    from rdbroker_broker.db.engine import make_engine
+    from rdbroker_broker.service import BrokerService
+    from rdbroker_broker.store import Store
+    from tests.integration.broker.conftest import settings_for
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'broker.db'}"
+    engine = make_engine(url)
+    await migrate.upgrade(engine)
+    try:
+        service = BrokerService(Store(engine), settings_for(url), clock)
+        async with FakeRdpServer() as alive:
+            dead = f"127.0.0.1:{free_port()}"
+            await seed(engine, server(dead), server(alive.address))
+            await sessions_on(service, dead, alive.address, ["frank"])
+            assert (await service.route(req("frank", "c1"))).server_address == dead
+            moved = await service.route(req("frank", "c1", attempt=1, failed_server_address=dead))
+            assert (moved.reason, moved.server_address) == (d.RouteReason.NEW, alive.address)
+            assert (await health_of(engine, dead))[0] == "down"
+    finally:
+        await engine.dispose()
