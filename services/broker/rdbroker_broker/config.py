@@ -46,6 +46,10 @@ class BrokerSettings(ServiceSettings):
     # a logoff on a server shows in the directory within about this long.
     sessions_interval_ms: int = Field(default=5_000, ge=100, le=3_600_000)
 
+    # When the proxy cannot reach the server of a user's session, the broker probes it (one RDP
+    # handshake) within this before it moves the session: short, as the user's client is waiting.
+    failover_probe_timeout_ms: int = Field(default=1000, ge=50, le=10_000)
+
     # Input bounds for Route: a user name longer than its database column could never be stored.
     max_cookie_chars: int = Field(default=MAX_USER_CHARS, ge=9, le=MAX_USER_CHARS)
     db_pool_size: int = Field(default=10, ge=1, le=200)

@@ -6,6 +6,7 @@ BrokerError
 ├── NoCapacity         no server can take a new session
 ├── InvalidInput       malformed request fields, farm file errors
 ├── Unavailable        the database, or the server holding the user's session, cannot be reached
+│   ├── DatabaseUnavailable  the database did not answer (the sweep counts these: see BrokerService)
 │   └── Overloaded     the call could not be given a database connection in time (admission.py)
 └── Conflict           the request contradicts the directory (e.g. a second live session)
 """
@@ -34,6 +35,10 @@ class InvalidInput(BrokerError):
 
 
 class Unavailable(BrokerError):
+    pass
+
+
+class DatabaseUnavailable(Unavailable):
     pass
 
 

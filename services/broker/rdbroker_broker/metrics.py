@@ -47,6 +47,11 @@ reconcile_ended = _meter.create_counter(
 )
 _RECONCILE_LABELS: Mapping[str, Mapping[str, str]] = {r: {"reason": r} for r in ("logged_off", "unconfirmed")}
 
+failover_probes = _meter.create_counter(
+    "rdbroker_failover_probes",
+    description="Servers the proxy could not reach, probed by the broker: outcome=down (moved) or up (kept)",
+)
+
 _route_counts: dict[tuple[str, str], int] = {}
 _refused_counts: dict[str, int] = {}
 _AMBIGUOUS_LABELS: Mapping[str, Mapping[str, str]] = {w: {"where": w} for w in ("reconcile", "route")}
@@ -62,6 +67,13 @@ def record_reconcile_ended(reason: str, count: int) -> None:
     """Sessions a session list ended: `logged_off` (not listed) or `unconfirmed` (a claim never listed)."""
     if count:
         reconcile_ended.add(count, _RECONCILE_LABELS[reason])
+
+
+_FAILOVER_LABELS: Mapping[bool, Mapping[str, str]] = {True: {"outcome": "up"}, False: {"outcome": "down"}}
+
+
+def record_failover_probe(ok: bool) -> None:
+    failover_probes.add(1, _FAILOVER_LABELS[ok])
 
 
 def record_route(reason: str, outcome: str, seconds: float) -> None:

@@ -6,7 +6,9 @@ wins a race on a unique index: the retry then sees the winner's rows and answers
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -25,6 +27,7 @@ from rdbroker_broker.db.tables import connections, proxies, sessions
 from rdbroker_broker.errors import (
     BrokerError,
     Conflict,
+    DatabaseUnavailable,
     InvalidInput,
     NoCapacity,
     NotFound,
@@ -32,8 +35,12 @@ from rdbroker_broker.errors import (
     Unavailable,
 )
 from rdbroker_broker.store import Repos, Retryable, Store
+from rdbroker_common.rdp_probe import ProbeResult, probe_rdp
 
 RouteContext = tuple[d.Pool, d.Session | None, d.Server | None]
+RdpProbe = Callable[[str, float], Awaitable[ProbeResult]]
+# Answers that placed a user afresh: nothing of theirs is on that server yet, so a retry moves them.
+PLACED = (d.RouteReason.NEW, d.RouteReason.NO_IDENTITY)
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +53,9 @@ MAX_TX_ATTEMPTS = 5
 # How many ranked servers a placement tries to lock before giving up on the pool.
 MAX_LOCK_TRIES = 16
 MAX_HEARTBEAT_CONNECTIONS = 30_000  # under SQLite's bound-parameter limit too
+# A server that answered a failover probe this recently is not probed again (the proxy retries a
+# Route that was answered Unavailable, up to its deadline).
+PROBE_REUSE_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -82,23 +92,41 @@ def utcnow() -> datetime:
 
 class BrokerService:
     def __init__(
-        self, store: Store, settings: BrokerSettings, clock: Callable[[], datetime] = utcnow
+        self,
+        store: Store,
+        settings: BrokerSettings,
+        clock: Callable[[], datetime] = utcnow,
+        probe: RdpProbe = probe_rdp,
     ) -> None:
         self.store = store
         self.settings = settings
         self.now = clock
+        self.probe_rdp = probe
+        self._probing: dict[str, asyncio.Future[ProbeResult | None]] = {}  # address -> the probe under way
+        self._answered: dict[str, tuple[float, ProbeResult]] = {}  # address -> when it last answered one
         self._purged_at: datetime | None = None
+        # Since when this broker's database calls have succeeded without interruption (None: not
+        # since it started, or since the last failure). The sweep judges a proxy silent only over
+        # time inside this span: a proxy cannot be heard while the broker cannot write.
+        self.heard_since: datetime | None = None
 
     async def run_tx(self, work: Callable[[Repos], Awaitable[T]]) -> T:
         """Run `work` in a transaction, again when it loses a race (it then sees the winner's rows)."""
         for attempt in range(MAX_TX_ATTEMPTS):
             try:
                 async with self.store.transaction() as r:
-                    return await work(r)
+                    result = await work(r)
+                if self.heard_since is None:
+                    self.heard_since = self.now()
+                return result
             except Retryable as exc:
                 if exc.connectivity and attempt >= 1:
-                    raise Unavailable("the database is unreachable") from exc
+                    self.heard_since = None
+                    raise DatabaseUnavailable("the database is unreachable") from exc
                 log.debug("transaction lost a race, retrying (%s): %s", attempt + 1, exc)
+            except DatabaseUnavailable:
+                self.heard_since = None
+                raise
         raise Conflict("too many concurrent changes to the same rows; retry the call")
 
     # --- Route ---------------------------------------------------------------------------------
@@ -109,6 +137,10 @@ class BrokerService:
         token_address = d.routing_token_address(request.routing_token)
         decision = None
         context: RouteContext | None = None
+        probe: ProbeResult | None = None
+        if request.attempt > 0 and request.failed_server_address:
+            # Before the transaction: a probe may take its whole timeout, and holds no connection.
+            probe = await self._probe_failed_server(request)
         if request.attempt == 0 and token_address is None and self.store.is_postgres:
             decision = await self._route_postgres(request, user)
         elif request.attempt == 0:
@@ -128,7 +160,7 @@ class BrokerService:
         async def work(r: Repos) -> d.RouteDecision:
             nonlocal tries
             tries += 1
-            return await self._route(r, request, user, token_address, context if tries == 1 else None)
+            return await self._route(r, request, user, token_address, context if tries == 1 else None, probe)
 
         return self._logged(request, await self.run_tx(work))
 
@@ -242,6 +274,7 @@ class BrokerService:
         user: str,
         token_address: str | None,
         context: RouteContext | None,
+        probe: ProbeResult | None = None,
     ) -> d.RouteDecision:
         now = self.now()
         answers: dict[int, d.RouteDecision] = {}
@@ -256,7 +289,7 @@ class BrokerService:
         pool, live, live_server = context
         exclude: list[str] = []
         if request.attempt > 0 and request.failed_server_address:
-            exclude = await self._after_failure(r, request, answers, now)
+            exclude = await self._after_failure(r, request, answers, now, probe)
 
         decision = None
         if token_address is not None:
@@ -273,28 +306,112 @@ class BrokerService:
             raise Retryable("this connection attempt was answered concurrently")
         return decision
 
-    async def _after_failure(
-        self, r: Repos, request: d.RouteRequest, answers: dict[int, d.RouteDecision], now: datetime
-    ) -> list[str]:
-        """The proxy could not reach the server of an earlier answer for this connection."""
+    async def _probe_failed_server(self, request: d.RouteRequest) -> ProbeResult | None:
+        """Probe the server the proxy could not reach when the answer that named it was where the
+        user's session is (a reconnect or a token target) and the directory still sends users there.
+        None when no probe is needed; the transaction checks the same again and decides."""
         failed = request.failed_server_address
-        earlier = [answers[a] for a in sorted(answers) if a < request.attempt]
-        last = earlier[-1] if earlier else None
+        try:
+            async with self.store.autocommit() as r:
+                answers = await r.connections.answers(request.connection_id)
+                last = _last_answer(answers, request.attempt)
+                if request.attempt in answers or last is None or last.server_address != failed:
+                    return None  # answered before, or bad input the transaction refuses
+                if last.reason in PLACED:
+                    return None
+                server = await r.servers.get(failed)
+        except Retryable:
+            return None  # a dead pooled connection: the transaction reads again and says what to do
+        if server is None or not d.takes_reconnects(d.as_seen_at(server, self.now())):
+            return None
+        return await self._probe(failed)
+
+    async def _probe(self, address: str) -> ProbeResult:
+        """One RDP handshake with `address`; concurrent calls for one address share it (a dead server's
+        users all fail over at once, and it needs probing only once)."""
+        answered = self._answered.get(address)
+        if answered is not None and time.monotonic() - answered[0] < PROBE_REUSE_S:
+            return answered[1]  # the proxy retrying its call: the server answered a moment ago
+        shared = self._probing.get(address)
+        if shared is not None:
+            result = await asyncio.shield(shared)
+            return result if result is not None else await self._probe(address)
+        shared = asyncio.get_running_loop().create_future()
+        self._probing[address] = shared
+        try:
+            result = await self.probe_rdp(address, self.settings.failover_probe_timeout_ms / 1000)
+        except BaseException:
+            shared.set_result(None)  # cancelled: whoever waits probes for themselves
+            raise
+        finally:
+            del self._probing[address]
+        shared.set_result(result)
+        metrics.record_failover_probe(result.ok)
+        if result.ok:
+            self._answered[address] = (time.monotonic(), result)
+        else:
+            self._answered.pop(address, None)
+        return result
+
+    async def _after_failure(
+        self,
+        r: Repos,
+        request: d.RouteRequest,
+        answers: dict[int, d.RouteDecision],
+        now: datetime,
+        probe: ProbeResult | None,
+    ) -> list[str]:
+        """The proxy could not reach the server of this connection's last answer.
+
+        A user placed there afresh is placed elsewhere. A session the user has there (a reconnect, a
+        token target) moves only when the broker's own probe of the server failed too: the server is
+        then recorded down, as a health result would, and the session ends `server_down`. A server
+        that answers the probe keeps the session (Unavailable: the client tries again).
+        """
+        failed = request.failed_server_address
+        last = _last_answer(answers, request.attempt)
         if last is None or last.server_address != failed:
-            return [failed]
-        if last.reason in (d.RouteReason.NEW, d.RouteReason.NO_IDENTITY):
+            if await r.servers.get(failed) is None:
+                raise InvalidInput(f"failed_server_address {failed!r} is not a registered server")
+            sent_to = f"it was sent to {last.server_address}" if last else "it has no earlier answer"
+            raise InvalidInput(
+                f"failed_server_address {failed!r} is not where this connection was sent ({sent_to})"
+            )
+        if last.reason in PLACED:
             # Nothing exists on that server yet: drop the pending session and place elsewhere.
             await r.sessions.end(last.session_id, "connect_failed", now)
             return [failed]
         server = await r.servers.get(failed)
-        if server is not None and d.takes_reconnects(d.as_seen_at(server, now)):
-            raise Unavailable(
-                f"server {failed} holds this user's session but could not be reached, and it is not "
-                "marked down; not moving the session (the client should retry)"
+        if server is None:
+            await r.sessions.end(last.session_id, "server_removed", now)
+            return [failed]
+        seen = d.as_seen_at(server, now)
+        reason = "server_down" if seen.is_down else "server_maintenance"
+        if d.takes_reconnects(seen):
+            if probe is None or probe.ok:
+                # (No probe: the server was not routable when read before the transaction, and is now.)
+                answers_probe = "answers the broker's probe" if probe else "is routable again"
+                raise Unavailable(
+                    f"server {failed} holds this user's session and {answers_probe}, but the proxy could "
+                    "not reach it; not moving the session (the client should retry)"
+                )
+            await r.servers.record_down(
+                failed, f"failover probe: {probe.detail}", now, now + await self._stale_after(r, server.pool)
             )
-        if last.reason is d.RouteReason.RECONNECT:
-            await r.sessions.end(last.session_id, "server_down", now)
+            log.warning(
+                "server %s could not be reached by the proxy nor probed (%s): recorded down",
+                failed,
+                probe.detail,
+                extra={"server": failed, "connection_id": request.connection_id},
+            )
+            reason = "server_down"
+        await r.sessions.end(last.session_id, reason, now)
         return [failed]
+
+    async def _stale_after(self, r: Repos, pool_name: str) -> timedelta:
+        """How long a health result of the pool's servers counts (as for the replicas' results)."""
+        pool = await r.pools.resolve(pool_name)
+        return d.stale_after(pool, self.settings.probe_interval_ms, self.settings.lease_ms)
 
     async def _route_token(
         self, r: Repos, request: d.RouteRequest, user: str, address: str, exclude: list[str], now: datetime
@@ -651,17 +768,22 @@ class BrokerService:
             raise InvalidInput(f"too many connection_ids (at most {MAX_HEARTBEAT_CONNECTIONS})")
         complete = len(ids) == active_connections
 
-        async def work(r: Repos) -> int:
+        async def work(r: Repos) -> tuple[int, int]:
             now = self.now()
             await r.proxies.heartbeat(proxy_id, active_connections, now)
+            # A listed connection is open: its session, disconnected by a sweep or an earlier list
+            # that could not see it, is active again (complete list or not).
+            revived = await r.sessions.revive_listed(proxy_id, ids, now) if ids else 0
             lost = 0
             if complete:
                 before = now - timedelta(seconds=self.settings.heartbeat_interval_s)
                 for pool in await r.pools.list():
                     lost += await r.sessions.disconnect_unlisted(pool, proxy_id, ids, before, now)
-            return lost
+            return revived, lost
 
-        lost = await self.run_tx(work)
+        revived, lost = await self.run_tx(work)
+        if revived:
+            log.info("proxy %s still has %d sessions' connections: active again", proxy_id, revived)
         if lost:
             log.info("proxy %s no longer has %d sessions' connections: disconnected", proxy_id, lost)
         return int(self.settings.heartbeat_interval_s * 1000)
@@ -757,17 +879,26 @@ class BrokerService:
         return purged
 
     async def sweep(self) -> dict[str, int]:
-        """Expire sessions, disconnect silent proxies' sessions. Idempotent: every replica may run it."""
+        """Expire sessions, disconnect silent proxies' sessions. Idempotent: every replica may run it.
+
+        A proxy is silent when no heartbeat came for the silence window (`proxy_silence_s`). Only a
+        window this broker spent hearing counts: after its start or a database outage it judges
+        nobody until its database calls have succeeded for a whole window without interruption, so
+        every proxy has had its full number of heartbeats to get through (another replica that heard
+        them all along judges meanwhile).
+        """
 
         async def work(r: Repos) -> dict[str, int]:
             now = self.now()
             expired = await r.sessions.expire(now)
             silent_since = now - timedelta(seconds=self.settings.proxy_silence_s)
-            alive = r.proxies.alive_since(silent_since)
             orphaned = 0
-            for pool in await r.pools.list():
-                orphaned += await r.sessions.disconnect_orphans(pool, alive, silent_since, now)
-            return {"expired": expired, "disconnected": orphaned}
+            heard = self.heard_since is not None and self.heard_since <= silent_since
+            if heard:
+                alive = r.proxies.alive_since(silent_since)
+                for pool in await r.pools.list():
+                    orphaned += await r.sessions.disconnect_orphans(pool, alive, silent_since, now)
+            return {"expired": expired, "disconnected": orphaned, "judged_silence": int(heard)}
 
         counts = await self.run_tx(work)
         if counts["expired"] or counts["disconnected"]:  # said before a purge that may fail
@@ -776,6 +907,12 @@ class BrokerService:
             )
         counts["purged"] = await self._purge_due(self.now())
         return counts
+
+
+def _last_answer(answers: dict[int, d.RouteDecision], attempt: int) -> d.RouteDecision | None:
+    """The answer this connection was given last before `attempt`."""
+    earlier = [a for a in answers if a < attempt]
+    return answers[max(earlier)] if earlier else None
 
 
 def _unknown_pool(pool: str) -> NotFound:

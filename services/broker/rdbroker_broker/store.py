@@ -21,7 +21,7 @@ from rdbroker_broker.db.repositories import (
     ServerRepository,
     SessionRepository,
 )
-from rdbroker_broker.errors import Unavailable
+from rdbroker_broker.errors import DatabaseUnavailable
 
 # serialization_failure, deadlock_detected, lock_not_available (lock_timeout): run it again.
 RETRYABLE_SQLSTATES = {"40001", "40P01", "55P03"}
@@ -66,7 +66,7 @@ class Store:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Repos]:
-        """Commit on exit, roll back on an exception; database trouble becomes `Unavailable`."""
+        """Commit on exit, roll back on an exception; database trouble becomes `DatabaseUnavailable`."""
         async with self.gate.slot():
             with _mapped_errors():
                 async with self.engine.begin() as conn:
@@ -114,14 +114,14 @@ class Store:
             await greenlet_spawn(pooled.close)
 
     async def ping(self) -> None:
-        """Raise `Unavailable` unless the database answers. Not through the gate: a broker that is
+        """Raise `DatabaseUnavailable` unless the database answers. Not through the gate: a broker that is
         busy answering calls is still ready."""
         try:
             with _mapped_errors():
                 async with self.engine.begin() as conn:
                     await conn.exec_driver_sql("SELECT 1")
         except Retryable as exc:
-            raise Unavailable("the database is unreachable") from exc
+            raise DatabaseUnavailable("the database is unreachable") from exc
 
 
 def _repos(conn: AsyncConnection) -> Repos:
@@ -147,7 +147,7 @@ def _mapped_errors() -> Iterator[None]:
         if sqlstate in RETRYABLE_SQLSTATES:
             raise Retryable(str(exc.orig)) from exc
         if sqlstate == QUERY_CANCELED:
-            raise Unavailable("the database did not answer in time") from exc
+            raise DatabaseUnavailable("the database did not answer in time") from exc
         if exc.connection_invalidated or _is_connectivity(exc):
             # No pre-ping (a round trip per transaction): a dead pooled connection shows up
             # here instead, is discarded by the pool, and the use case runs once more.
@@ -155,9 +155,11 @@ def _mapped_errors() -> Iterator[None]:
         raise
     except PoolTimeout as exc:
         # The database may be fine: every pooled connection stayed busy for the pool's timeout.
-        raise Unavailable("the broker is overloaded: no database connection came free in time") from exc
+        raise DatabaseUnavailable(
+            "the broker is overloaded: no database connection came free in time"
+        ) from exc
     except OSError as exc:
-        raise Unavailable("the database is unreachable") from exc
+        raise DatabaseUnavailable("the database is unreachable") from exc
 
 
 @contextmanager
@@ -171,7 +173,7 @@ def _mapped_psycopg_errors() -> Iterator[None]:
         if sqlstate in RETRYABLE_SQLSTATES:
             raise Retryable(str(exc)) from exc
         if sqlstate == QUERY_CANCELED:
-            raise Unavailable("the database did not answer in time") from exc
+            raise DatabaseUnavailable("the database did not answer in time") from exc
         if (
             (sqlstate or "").startswith(("08", "57P0"))
             or sqlstate == "25006"
@@ -180,7 +182,7 @@ def _mapped_psycopg_errors() -> Iterator[None]:
             raise Retryable(str(exc), connectivity=True) from exc
         raise
     except OSError as exc:
-        raise Unavailable("the database is unreachable") from exc
+        raise DatabaseUnavailable("the database is unreachable") from exc
 
 
 def _is_connectivity(exc: DBAPIError) -> bool:

@@ -3,7 +3,8 @@
 A server goes DOWN after `fall` failed probes in a row and UP after `rise` good ones in a row. It starts
 from the state the broker hands over, so a replica taking over a server keeps its state. UNKNOWN (never
 probed) is routable, as HAProxy's servers start up: it needs `fall` failures to go DOWN, and one good
-probe confirms it UP.
+probe confirms it UP. When the broker records a server DOWN on its own (its failover probe, when a
+proxy could not reach the server) the replica resumes from there if its own last probe failed too.
 """
 
 from __future__ import annotations
@@ -47,3 +48,11 @@ class Hysteresis:
         elif self.state is not Health.DOWN and self._bad >= self.fall:
             self.state = Health.DOWN
         return Transition(before, self.state) if self.state is not before else None
+
+    @property
+    def last_failed(self) -> bool:
+        return self._bad > 0
+
+    def resume(self, state: Health) -> None:
+        """Take `state` as the current one (the broker's), keeping the counts of the probes seen."""
+        self.state = state

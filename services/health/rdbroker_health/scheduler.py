@@ -169,6 +169,13 @@ class Scheduler:
         for address, target in wanted.items():
             if address in self._loops:
                 self._targets[address].update(target)
+                hysteresis = self._health[address]
+                down = states.get(address) is Health.DOWN
+                if down and hysteresis.state is not Health.DOWN and hysteresis.last_failed:
+                    # The broker's own probe found it dead (a proxy could not reach it); our last
+                    # probe failed too: resume from DOWN, so it takes `rise` good probes to come back.
+                    log.info("%s: the broker recorded it down; resuming from there", address)
+                    hysteresis.resume(Health.DOWN)
                 continue
             self._targets[address] = target
             state = states.get(address, Health.UNKNOWN)

@@ -36,9 +36,10 @@ class Spawn(Protocol):
     ) -> asyncio.Task[None]: ...
 
 
-# A connection to a server that the broker placed afresh may be re-placed once; a reconnect or a
-# token target names where the user's session is, so only the broker may decide to move it.
-MOVABLE = frozenset({pb.ROUTE_REASON_NEW, pb.ROUTE_REASON_NO_IDENTITY})
+# Route calls per client connection: the first answer and the retries after servers that could not
+# be reached. The broker decides each retry: a user placed afresh is placed elsewhere; a user's own
+# session moves only if the broker's probe of its server fails too (else the client is closed).
+MAX_ROUTE_ATTEMPTS = 3
 
 FIRST_PACKET, ROUTING, SPLICING, CLOSED = range(4)
 # A connection the client ended before it was spliced is no failure of ours.
@@ -231,9 +232,8 @@ class ClientConnection(asyncio.Protocol):
             answer = await self.context.broker.route(request)
             self._take(answer)
             splice = await self._connect(answer.server_address)
-            if splice is None and answer.reason in MOVABLE:
-                # Tell the broker, which ends that pending session and places again elsewhere.
-                request.attempt = 1
+            while splice is None and request.attempt + 1 < MAX_ROUTE_ATTEMPTS:
+                request.attempt += 1
                 request.failed_server_address = answer.server_address
                 answer = await self.context.broker.route(request)
                 self._take(answer)

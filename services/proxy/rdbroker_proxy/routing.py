@@ -56,6 +56,7 @@ BATCH_RETRY_S = 60.0  # a broker that answered UNIMPLEMENTED is asked again afte
 RETRY_PAUSE_S = 0.05
 MAX_BACKOFF_S = 5.0
 MAX_ROUTE_PAUSE_S = 0.5  # between Route rounds over every broker
+HEARTBEAT_RETRY_S = 0.5  # the first pause after a failed heartbeat (then doubling up to the interval)
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
@@ -359,9 +360,14 @@ class BrokerClient:
     async def run_heartbeats(self, connection_ids: Callable[[], Sequence[str]]) -> None:
         """Heartbeat now and then every interval the broker asks for (cancel to stop).
 
-        A missed heartbeat is not queued: the next one carries the current state.
+        A missed heartbeat is not queued: the next one carries the current state. After a failure
+        the next try comes sooner (HEARTBEAT_RETRY_S, doubling up to the interval), so a broker or
+        database that comes back hears this proxy within a second or so, long before it could judge
+        it silent.
         """
         interval = self.heartbeat_interval_s
+        retry = HEARTBEAT_RETRY_S
+        failing = False
         while True:
             ids = list(connection_ids())
             request = pb.ProxyHeartbeatRequest(
@@ -373,7 +379,14 @@ class BrokerClient:
                     interval = min(max(answer.heartbeat_interval_ms / 1000, 0.1), 300.0)
             except BrokerUnavailable as exc:
                 metrics.broker_unreachable.add(1, metrics.UNREACHABLE_HEARTBEAT)
-                log.warning("heartbeat failed: %s", exc)
+                log.log(logging.DEBUG if failing else logging.WARNING, "heartbeat failed: %s", exc)
+                failing = True
+                await asyncio.sleep(min(retry, interval))
+                retry = min(retry * 2, interval)
+                continue
+            if failing:
+                log.info("heartbeats work again")
+                failing, retry = False, HEARTBEAT_RETRY_S
             await asyncio.sleep(interval)
 
     def _heartbeat_call(

@@ -314,3 +314,27 @@ async def test_a_reconnect_committed_while_the_list_is_applied_is_not_ended(
     counts = await report(probes, [], listed_at=listed_at)
     assert counts.ended == 0  # the write re-checks the row: the reconnect is newer than the list
     assert (await session_of(service, first.session_id)).state is ACTIVE
+
+
+async def test_the_agents_state_is_not_undone_by_proxy_heartbeats(farm, probes, service, clock):
+    """A session the agent calls active while the proxy has no connection for it stays active through
+    the proxy's heartbeats; one the agent calls disconnected is not revived by a heartbeat listing its
+    old connection (the agent, not the proxy, is the truth for its server)."""
+    mine = await opened(service, "c1", "alice")
+    clock.advance(1)
+    await report(probes, [("alice", ACTIVE)])
+    await service.connection_closed(mine.session_id, "c1")
+    clock.advance(1)
+    await report(probes, [("alice", ACTIVE)])  # attached on the server without this proxy
+    assert (await session_of(service, mine.session_id)).state is ACTIVE
+    clock.advance(service.settings.heartbeat_interval_s * 2)
+    await service.proxy_heartbeat("p1", 0, [])  # a complete list without c1
+    assert (await session_of(service, mine.session_id)).state is ACTIVE
+
+    theirs = await opened(service, "c2", "bob")
+    clock.advance(1)
+    await report(probes, [("alice", ACTIVE), ("bob", DISCONNECTED)])
+    assert (await session_of(service, theirs.session_id)).state is DISCONNECTED
+    clock.advance(1)
+    await service.proxy_heartbeat("p1", 1, ["c2"])  # the proxy still splices c2
+    assert (await session_of(service, theirs.session_id)).state is DISCONNECTED

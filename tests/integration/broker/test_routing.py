@@ -7,6 +7,7 @@ import pytest
 from rdbroker_broker import domain as d
 from rdbroker_broker.errors import InvalidInput, NoCapacity, NotFound, PermissionDenied, Unavailable
 from rdbroker_broker.probing import ProbeService
+from rdbroker_rdp.fakeserver import FakeRdpServer
 from tests.integration.broker.conftest import assert_live_counters_exact, seed, server
 
 A, B, C = "10.0.0.1:3389", "10.0.0.2:3389", "10.0.0.3:3389"
@@ -218,22 +219,28 @@ async def test_retry_after_a_failed_new_placement_moves_and_cleans_up(service, e
     assert states == {first.session_id: d.SessionState.ENDED, retry.session_id: d.SessionState.PENDING}
 
 
-async def test_retry_after_a_failed_reconnect_is_unavailable_until_the_server_is_down(
+async def test_retry_after_a_failed_reconnect_is_unavailable_while_the_server_answers(
     service, engine, probes
 ):
-    await seed(engine, server(A), server(B))
-    first = await service.route(req("ivy"))
-    again = await service.route(req("ivy", connection_id="cy"))
-    with pytest.raises(Unavailable, match="not moving"):
-        await service.route(
-            req("ivy", connection_id="cy", attempt=1, failed_server_address=again.server_address)
+    # The proxy could not reach the session's server, but the broker's probe can: not moved.
+    async with FakeRdpServer() as a, FakeRdpServer() as b:
+        await seed(engine, server(a.address), server(b.address))
+        first = await service.route(req("ivy"))
+        again = await service.route(req("ivy", connection_id="cy"))
+        with pytest.raises(Unavailable, match="not moving"):
+            await service.route(
+                req("ivy", connection_id="cy", attempt=1, failed_server_address=again.server_address)
+            )
+        assert sum(s.accepted for s in (a, b)) == 1  # one probe: one handshake, then closed
+        [kept] = await service.lookup_user_sessions("ivy")
+        assert kept.session_id == first.session_id
+        await probe(probes, first.server_address, health=d.Health.DOWN)
+        moved = await service.route(
+            req("ivy", connection_id="cy", attempt=2, failed_server_address=again.server_address)
         )
-    await probe(probes, first.server_address, health=d.Health.DOWN)
-    moved = await service.route(
-        req("ivy", connection_id="cy", attempt=2, failed_server_address=again.server_address)
-    )
-    assert moved.reason is d.RouteReason.NEW
-    assert moved.server_address != first.server_address
+        assert moved.reason is d.RouteReason.NEW
+        assert moved.server_address != first.server_address
+        assert sum(s.accepted for s in (a, b)) == 1  # marked down already: no probe
 
 
 async def test_unknown_pool_and_missing_default(service, engine):

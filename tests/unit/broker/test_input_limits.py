@@ -37,3 +37,12 @@ def test_max_cookie_chars_is_capped_at_the_user_column():
     assert BrokerSettings(max_cookie_chars=d.MAX_USER_CHARS).max_cookie_chars == 256
     with pytest.raises(ValidationError, match="max_cookie_chars"):
         BrokerSettings(max_cookie_chars=d.MAX_USER_CHARS + 1)
+
+
+def test_the_failover_probe_timeout_is_bounded(monkeypatch: pytest.MonkeyPatch):
+    assert BrokerSettings().failover_probe_timeout_ms == 1000
+    monkeypatch.setenv("RDBROKER_FAILOVER_PROBE_TIMEOUT_MS", "250")
+    assert BrokerSettings().failover_probe_timeout_ms == 250
+    for bad in (0, 49, 10_001):
+        with pytest.raises(ValidationError, match="failover_probe_timeout_ms"):
+            BrokerSettings(failover_probe_timeout_ms=bad)

@@ -80,7 +80,10 @@ class FakeBroker(broker_pb2_grpc.BrokerServicer):
                 self.rejected.append((request.replica_id, result.address))
                 continue
             self.reports.append(Report(request.replica_id, result, time.monotonic()))
-            self.targets[result.address].health = result.health
+            target = self.targets[result.address]
+            if target.health == broker_pb2.HEALTH_STATE_DOWN and not result.rdp_ok:
+                continue  # as the broker: a failed probe never brings a server recorded down up
+            target.health = result.health
         return broker_pb2.ReportProbeResultsResponse(rejected_addresses=rejected)
 
     async def ReportServerSessions(self, request, context):

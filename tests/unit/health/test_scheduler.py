@@ -79,6 +79,24 @@ async def test_a_replica_taking_over_keeps_the_brokers_state() -> None:
         assert len(probes.calls) >= 3
 
 
+async def test_a_replica_resumes_from_down_when_the_broker_recorded_it_after_a_failed_probe() -> None:
+    # The broker probed the server itself (a proxy could not reach it) and recorded it down while this
+    # replica, one of whose probes failed too, still counted towards a high `fall`.
+    broker = broker_with(1, health=UP, rise=2, fall=50, interval_ms=100)
+    server = next(iter(broker.targets))
+    probes = ProbeLog(down={server})
+    async with serving(broker) as address, replica(fast_settings(address), "r1", probes.probe_for("r1")):
+        await wait_until(lambda: any(not r.result.rdp_ok for r in broker.reports))
+        assert broker.health(server) == UP
+        broker.targets[server].health = DOWN
+        await wait_until(lambda: broker.reports[-1].result.health == DOWN)
+        assert len(probes.calls) < 50  # resumed from the broker's DOWN, not from its own count
+        probes.down.clear()
+        await wait_until(lambda: broker.reports[-1].result.rdp_ok)
+        assert broker.reports[-1].result.health == DOWN  # `rise` good probes bring it back, not one
+        await wait_until(lambda: broker.health(server) == UP)
+
+
 async def test_agent_load_is_reported() -> None:
     broker = broker_with(2, agent_url="http://agent.test/load")
     http = httpx.AsyncClient(

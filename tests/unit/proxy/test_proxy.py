@@ -338,19 +338,30 @@ async def test_a_new_placement_that_cannot_connect_is_reported_and_placed_again(
     assert live.first_packets == [CR]
 
 
-async def test_a_reconnect_to_a_dead_server_is_not_moved_by_the_proxy(farm: Farm) -> None:
+async def test_a_reconnect_to_a_dead_server_is_asked_again_and_the_broker_decides(farm: Farm) -> None:
     dead = f"127.0.0.1:{free_port()}"
     farm.directory.pools[""].append(dead)
     farm.directory.users[("", "alice")] = dead
+    async with running_proxy([farm.broker.address]) as proxy:
+        _, writer, _ = await handshake(proxy.port, CR)
+        await close(writer)
+    first, retry = farm.directory.routes
+    assert farm.directory.answers[(first.connection_id, 0)].reason == pb.ROUTE_REASON_RECONNECT
+    assert (retry.connection_id, retry.attempt, retry.failed_server_address) == (first.connection_id, 1, dead)
+    assert sum(len(s.first_packets) for s in farm.servers) == 1  # placed by the broker's second answer
+
+
+async def test_a_connection_asks_the_broker_at_most_three_times(farm: Farm) -> None:
+    dead = [f"127.0.0.1:{free_port()}" for _ in range(4)]
+    farm.directory.pools[""] = dead
     async with running_proxy([farm.broker.address]) as proxy:
         reader, writer = await open_client(proxy.port)
         writer.write(CR)
         assert await closed_by_peer(reader)
         await close(writer)
         await wait_until(lambda: len(farm.directory.closed) == 1)
-    assert [r.attempt for r in farm.directory.routes] == [0]
+    assert [r.attempt for r in farm.directory.routes] == [0, 1, 2]
     assert farm.directory.closed[0].end_reason == "connect_failed"
-    assert sum(s.accepted for s in farm.servers) == 0
 
 
 async def test_a_server_that_refuses_the_negotiation_and_closes_is_passed_through() -> None:

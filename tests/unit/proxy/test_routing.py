@@ -262,3 +262,21 @@ async def test_heartbeats_follow_the_interval_the_broker_names() -> None:
     assert beat.proxy_id == "p"
     assert beat.active_connections == 2
     assert list(beat.connection_ids) == ["c1", "c2"]
+
+
+async def test_a_failed_heartbeat_is_retried_long_before_the_interval() -> None:
+    # The broker is away at first; the interval is a minute. When the broker comes back the proxy is
+    # heard within seconds, long before anyone could judge it silent.
+    port = free_port()
+    directory = Directory({"": [SERVER]}, heartbeat_interval_ms=60_000)
+    c = client([f"127.0.0.1:{port}"], heartbeat_interval_s=60.0)
+    try:
+        async with asyncio.TaskGroup() as tg:
+            beats = tg.create_task(c.run_heartbeats(lambda: ["c1"]))
+            await asyncio.sleep(1.0)  # a few failed heartbeats meanwhile
+            async with fake_broker(directory, port):
+                await wait_until(lambda: len(directory.heartbeats) == 1, timeout_s=8.0)
+            beats.cancel()
+    finally:
+        await c.close()
+    assert list(directory.heartbeats[0].connection_ids) == ["c1"]

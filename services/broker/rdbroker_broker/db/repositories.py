@@ -19,6 +19,9 @@ from rdbroker_broker import domain as d
 from rdbroker_broker.db.tables import LIVE_STATES_SQL, connections, pools, servers, sessions
 
 LIVE = [s.value for s in d.LIVE_STATES]
+# A session disconnected for want of news, not because its connection was seen to close: a silent
+# proxy (the sweep) or a heartbeat's list that did not show its connection.
+NEWS_LOST = ("proxy_silent", "connection_lost")
 
 
 def upsert(conn: AsyncConnection, table: Any) -> Any:
@@ -305,18 +308,28 @@ class ServerRepository:
         # The result's time, never later than the broker's own: a replica's clock running ahead
         # must not keep its results fresh for longer.
         at = min(result.probed_at or now, now)
+        detail = result.rdp_detail[:255]
         values: dict[str, Any] = {
             "health": result.health.value,
             "health_changed_at": case(
                 (servers.c.health != result.health.value, now), else_=servers.c.health_changed_at
             ),
-            "health_detail": result.rdp_detail[:255],
+            "health_detail": detail,
             "agent_state": result.agent_state.value,
             "agent_detail": result.agent_detail[:255],
             "load": result.load,
             "probed_at": result.probed_at or now,
             "fresh_until": at + stale_after,
         }
+        if not result.rdp_ok and result.health is not d.Health.DOWN:
+            # A failed probe never proves a server up: a server recorded down (by the broker's own
+            # failover probe, before the replica's fall count got there) stays down.
+            kept = servers.c.health == d.Health.DOWN.value
+            values["health"] = case((kept, servers.c.health), else_=result.health.value)
+            values["health_changed_at"] = case(
+                (kept | (servers.c.health == result.health.value), servers.c.health_changed_at), else_=now
+            )
+            values["health_detail"] = case((kept, servers.c.health_detail), else_=detail)
         if result.load >= 0:
             values["load_reported_at"] = at
             values["placements_since_report"] = _unseen_placements(result.address, at - logon_lag)
@@ -326,6 +339,22 @@ class ServerRepository:
                 # statement), and a later one adds itself to the count after this update.
                 await self.conn.execute(_LOCK_SERVER_WAIT, {"address": result.address})
         await self.conn.execute(update(servers).where(servers.c.address == result.address).values(**values))
+
+    async def record_down(self, address: str, detail: str, now: datetime, fresh_until: datetime) -> None:
+        """The broker's own probe failed: the server is down from now, as a health result says it."""
+        await self.conn.execute(
+            update(servers)
+            .where(servers.c.address == address)
+            .values(
+                health=d.Health.DOWN.value,
+                health_changed_at=case(
+                    (servers.c.health != d.Health.DOWN.value, now), else_=servers.c.health_changed_at
+                ),
+                health_detail=detail[:255],
+                probed_at=now,
+                fresh_until=fresh_until,
+            )
+        )
 
     async def upsert(self, server: d.Server, now: datetime) -> None:
         values = {
@@ -504,7 +533,21 @@ class SessionRepository:
         expires_at: datetime | None,
     ) -> bool:
         """The state the agent listed at `listed_at`, unless the session changed since (a proxy event
-        the list could not show: the guard also covers one committed after we read the row)."""
+        the list could not show: the guard also covers one committed after we read the row).
+
+        The agent's word then owns the state: the end reason a proxy's silence left is cleared (a
+        heartbeat must not revive what the server calls disconnected), and a session the server calls
+        active while no proxy connection is open keeps no connection id (a heartbeat must not disconnect
+        it again because it does not list that old connection)."""
+        values: dict[str, Any] = {
+            "state": state.value,
+            "expires_at": expires_at,
+            "disconnected_at": listed_at if state is d.SessionState.DISCONNECTED else None,
+            "updated_at": listed_at,
+            "end_reason": "",
+        }
+        if state is d.SessionState.ACTIVE and was is not d.SessionState.PENDING:
+            values["connection_id"] = None
         result = await self.conn.execute(
             update(sessions)
             .where(
@@ -512,12 +555,7 @@ class SessionRepository:
                 sessions.c.state == was.value,
                 sessions.c.updated_at <= listed_at,
             )
-            .values(
-                state=state.value,
-                expires_at=expires_at,
-                disconnected_at=listed_at if state is d.SessionState.DISCONNECTED else None,
-                updated_at=listed_at,
-            )
+            .values(**values)
         )
         return bool(result.rowcount)
 
@@ -567,7 +605,7 @@ class SessionRepository:
                 disconnected_at=now,
                 expires_at=now + timedelta(seconds=pool.disconnect_timeout_s),
                 updated_at=now,
-                end_reason="proxy_silent",
+                end_reason=NEWS_LOST[0],
             )
         )
         return int(result.rowcount)
@@ -584,6 +622,7 @@ class SessionRepository:
                 sessions.c.proxy_id == proxy_id,
                 sessions.c.state == "active",
                 sessions.c.learnt_from == "route",
+                sessions.c.connection_id.is_not(None),  # none: the agent saw it attached without a proxy
                 _not_listed(self.conn, open_ids),
                 sessions.c.updated_at < before,
             )
@@ -592,8 +631,33 @@ class SessionRepository:
                 disconnected_at=now,
                 expires_at=now + timedelta(seconds=pool.disconnect_timeout_s),
                 updated_at=now,
-                end_reason="connection_lost",
+                end_reason=NEWS_LOST[1],
             )
+        )
+        return int(result.rowcount)
+
+    async def revive_listed(self, proxy_id: str, open_ids: Sequence[str], now: datetime) -> int:
+        """A proxy's heartbeat lists these connections as open: its sessions on them that were marked
+        disconnected for want of news (a silent proxy, a list that missed them) are active again.
+        Not one whose connection has been reported closed (a heartbeat sent before the close)."""
+        closed = (
+            select(connections.c.connection_id)
+            .where(
+                connections.c.connection_id == sessions.c.connection_id,
+                connections.c.closed_at.is_not(None),
+            )
+            .exists()
+        )
+        result = await self.conn.execute(
+            update(sessions)
+            .where(
+                sessions.c.proxy_id == proxy_id,
+                sessions.c.state == "disconnected",
+                sessions.c.end_reason.in_(NEWS_LOST),
+                _listed(self.conn, open_ids),
+                ~closed,
+            )
+            .values(state="active", disconnected_at=None, expires_at=None, end_reason="", updated_at=now)
         )
         return int(result.rowcount)
 
@@ -607,6 +671,13 @@ class SessionRepository:
         )
         result = await self.conn.execute(delete(sessions).where(sessions.c.id.in_(some)))
         return int(result.rowcount)
+
+
+def _listed(conn: AsyncConnection, ids: Sequence[str]) -> Any:
+    """`connection_id` among `ids` (one array parameter on PostgreSQL, as `_not_listed`)."""
+    if conn.dialect.name == "postgresql":
+        return sessions.c.connection_id == func.any(bindparam("open_ids", list(ids), type_=ARRAY(String)))
+    return sessions.c.connection_id.in_(list(ids))
 
 
 def _not_listed(conn: AsyncConnection, ids: Sequence[str]) -> Any:

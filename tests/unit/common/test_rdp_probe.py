@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from rdbroker_health.probes.rdp import probe_rdp
+from rdbroker_common.rdp_probe import probe_rdp
 from rdbroker_rdp import SSL_NOT_ALLOWED_BY_SERVER, parse_connection_request
 from rdbroker_rdp.fakeserver import FakeRdpServer
 from tests.support.postgres import free_port
