@@ -389,7 +389,8 @@ def session_unit(server: Server) -> float:
 def effective_load(server: Server) -> float:
     """Last reported load plus placements since that report, divided by weight.
 
-    Without any agent report, the server's own session count stands in for its load (DESIGN §5).
+    Without any agent report, the sessions holding capacity on the server stand in for its load
+    (DESIGN §5): a closed claim the server's agent never confirmed counts for nothing.
     Counting recent placements is what spreads a logon storm: the idle-looking server stops looking
     idle after the first placement instead of at its next load report.
     """
@@ -397,16 +398,17 @@ def effective_load(server: Server) -> float:
     if server.load >= 0:
         raw = server.load + server.placements_since_report * unit
     else:
-        raw = server.live_sessions * unit
+        raw = server.held_sessions * unit
     return raw / max(server.weight, 1)
 
 
 def takes_new_sessions(server: Server) -> bool:
+    """Up and enabled, with weight, below full load and below its limit of sessions holding capacity."""
     if server.is_down or server.effective_admin_state is not AdminState.ENABLED:
         return False
     if server.weight <= 0 or server.load >= 100:
         return False
-    return not (server.max_sessions > 0 and server.live_sessions >= server.max_sessions)
+    return not (server.max_sessions > 0 and server.held_sessions >= server.max_sessions)
 
 
 def takes_reconnects(server: Server) -> bool:
@@ -415,9 +417,10 @@ def takes_reconnects(server: Server) -> bool:
 
 
 def rank_for_new_session(servers: Iterable[Server], exclude: Sequence[str] = ()) -> list[Server]:
-    """Servers that can take a new session, best first (lowest effective load, then fewest sessions)."""
+    """Servers that can take a new session, best first (lowest effective load, then fewest sessions
+    holding capacity)."""
     eligible = [s for s in servers if takes_new_sessions(s) and s.address not in exclude]
-    return sorted(eligible, key=lambda s: (effective_load(s), s.live_sessions, s.address))
+    return sorted(eligible, key=lambda s: (effective_load(s), s.held_sessions, s.address))
 
 
 def choose_server(servers: Iterable[Server], exclude: Sequence[str] = ()) -> Server | None:

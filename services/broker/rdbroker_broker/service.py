@@ -823,7 +823,7 @@ def _summary(servers: list[d.Server]) -> str:
             key = "down"
         elif s.effective_admin_state is not d.AdminState.ENABLED:
             key = s.effective_admin_state.value
-        elif s.load >= 100 or (s.max_sessions and s.live_sessions >= s.max_sessions):
+        elif s.load >= 100 or (s.max_sessions and s.held_sessions >= s.max_sessions):
             key = "full"
         else:
             key = "unavailable"

@@ -89,8 +89,19 @@ def test_logon_storm_spreads_when_placements_are_counted():
     assert {chosen.count(name) for name in "abcd"} == {10}
 
 
-def test_without_reports_the_session_count_is_the_load():
-    assert best([srv("a", live_sessions=5), srv("b", live_sessions=2)]).address == "b"
+def test_without_reports_the_sessions_holding_capacity_are_the_load():
+    assert best([srv("a", held_sessions=5), srv("b", held_sessions=2)]).address == "b"
+    # Closed unconfirmed claims are live (they keep affinity) but hold no capacity.
+    assert (
+        best([srv("a", live_sessions=9, held_sessions=1), srv("b", live_sessions=2, held_sessions=2)]).address
+        == "a"
+    )
+
+
+def test_a_limit_counts_sessions_holding_capacity_not_closed_claims():
+    assert d.takes_new_sessions(srv("x", max_sessions=3, live_sessions=50, held_sessions=2))
+    assert not d.takes_new_sessions(srv("x", max_sessions=3, live_sessions=3, held_sessions=3))
+    assert d.effective_load(srv("x", max_sessions=4, live_sessions=40, held_sessions=1)) == 25 / 100
 
 
 @pytest.mark.parametrize(
@@ -103,7 +114,7 @@ def test_without_reports_the_session_count_is_the_load():
         srv("x", agent_state=d.AgentState.DRAIN),
         srv("x", agent_state=d.AgentState.MAINT),
         srv("x", load=100),
-        srv("x", max_sessions=2, live_sessions=2),
+        srv("x", max_sessions=2, live_sessions=2, held_sessions=2),
         srv("x", weight=0),
     ],
 )
@@ -114,19 +125,19 @@ def test_servers_that_take_no_new_sessions(server):
 
 def test_unknown_health_and_up_are_routable():
     assert d.takes_new_sessions(srv("x"))
-    assert d.takes_new_sessions(srv("x", health=d.Health.UP, load=99, max_sessions=3, live_sessions=2))
+    assert d.takes_new_sessions(srv("x", health=d.Health.UP, load=99, max_sessions=3, held_sessions=2))
 
 
 def test_reconnects_go_to_draining_but_not_down_or_maintenance():
     assert d.takes_reconnects(srv("x", admin_state=d.AdminState.DRAINING))
-    assert d.takes_reconnects(srv("x", load=100, max_sessions=1, live_sessions=1))
+    assert d.takes_reconnects(srv("x", load=100, max_sessions=1, held_sessions=1))
     assert not d.takes_reconnects(srv("x", admin_state=d.AdminState.MAINTENANCE))
     assert not d.takes_reconnects(srv("x", health=d.Health.DOWN))
     assert not d.takes_reconnects(srv("x", agent_state=d.AgentState.MAINT))
 
 
 def test_excluded_servers_are_skipped():
-    assert best([srv("a"), srv("b", live_sessions=3)], exclude=["a"]).address == "b"
+    assert best([srv("a"), srv("b", held_sessions=3)], exclude=["a"]).address == "b"
 
 
 @pytest.mark.parametrize(
