@@ -41,6 +41,11 @@ truncated_cookie_ambiguous = _meter.create_counter(
     description="Truncated 9-character cookies matching several users, where=reconcile|route (none linked)",
 )
 
+claims_abandoned = _meter.create_counter(
+    "rdbroker_claims_abandoned",
+    description="Claims ended at once because their connection carried fewer than junk_bytes from the server",
+)
+
 _route_counts: dict[tuple[str, str], int] = {}
 _refused_counts: dict[str, int] = {}
 _AMBIGUOUS_LABELS: Mapping[str, Mapping[str, str]] = {w: {"where": w} for w in ("reconcile", "route")}
@@ -50,6 +55,12 @@ def record_truncated_ambiguous(where: str, count: int = 1) -> None:
     """Truncated cookies left ambiguous, at session-list reconciliation or at Route."""
     if count:
         truncated_cookie_ambiguous.add(count, _AMBIGUOUS_LABELS[where])
+
+
+def record_abandoned(count: int = 1) -> None:
+    """Junk connections' claims ended `abandoned` (a connection report, either path)."""
+    if count:
+        claims_abandoned.add(count)
 
 
 def record_route(reason: str, outcome: str, seconds: float) -> None:

@@ -49,7 +49,9 @@ async def test_routing_on_sqlite(sqlite_service):
     clock.advance(6)
     await service.proxy_heartbeat("p", 1, ["c1"])  # lists c1: nothing to disconnect
     assert {s.state for s in await service.lookup_user_sessions("alice")} == {d.SessionState.ACTIVE}
-    await service.connection_closed(first.session_id, "c1", end_reason="client_closed")
+    await service.connection_closed(
+        first.session_id, "c1", bytes_from_server=6308, end_reason="client_closed"
+    )
     [session] = await service.lookup_user_sessions("ALICE")
     assert session.state is d.SessionState.DISCONNECTED
     assert session.expires_at is not None
