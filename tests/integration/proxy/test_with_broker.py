@@ -67,9 +67,10 @@ async def test_a_user_comes_back_to_the_same_server_through_the_real_broker(real
     brokers = [b.grpc_address for b in real_farm.brokers]
     async with running_proxy(brokers) as proxy:
         reader, writer, _ = await handshake(proxy.port, packet)
-        writer.write(b"hello")
+        logon = bytes(range(256)) * 16  # more than junk_bytes back from the server: a session to keep
+        writer.write(logon)
         async with asyncio.timeout(10):
-            assert await reader.readexactly(5) == b"hello"
+            assert await reader.readexactly(len(logon)) == logon
         await close(writer)
         await wait_until(lambda: not proxy.context.connections)
         await wait_until(lambda: proxy.broker is not None and proxy.broker.pending_reports == 0)
