@@ -102,7 +102,9 @@ async def test_a_killed_broker_is_routed_around_and_every_user_has_one_session(r
     users = [f"user{i:02d}" for i in range(40)]
     done: list[str] = []
     brokers = [b.grpc_address for b in real_farm.brokers]
-    async with running_proxy(brokers, route_timeout_s=10.0, route_attempt_timeout_s=3.0) as proxy:
+    async with running_proxy(
+        brokers, route_timeout_s=10.0, route_attempt_timeout_s=3.0, max_routing_per_client=0
+    ) as proxy:
 
         async def connect(user: str) -> None:
             packet = build_connection_request(cookie=user, requested_protocols=3)
@@ -143,7 +145,9 @@ async def test_a_logon_storm_on_an_overloaded_broker_routes_everyone_once(
         )
         async with running_broker(pg_database_url, *overloaded) as broker:
             farm = RealFarm([a, b], [broker])
-            async with running_proxy([broker.grpc_address], route_timeout_s=30.0) as proxy:
+            async with running_proxy(
+                [broker.grpc_address], route_timeout_s=30.0, max_routing_per_client=0
+            ) as proxy:
 
                 async def logon(user: str) -> None:
                     packet = build_connection_request(cookie=user, requested_protocols=3)
