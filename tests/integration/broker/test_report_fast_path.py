@@ -16,6 +16,7 @@ import psycopg
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from rdbroker_broker import metrics
 from rdbroker_broker.db import report_sql
 from rdbroker_broker.db.tables import connections, sessions
 from rdbroker_broker.errors import NotFound
@@ -240,11 +241,13 @@ async def test_the_common_events_never_reach_the_use_case(engine, service, monke
     assert (ended.state.value, ended.end_reason) == ("ended", "abandoned")
 
 
-async def test_junk_ends_only_the_claim_its_own_connection_made(engine, service):
+async def test_junk_ends_only_the_claim_its_own_connection_made(engine, service, monkeypatch):
     """Fewer than junk_bytes from the server ends an unconfirmed claim closed by the connection that
     made it; the same bytes leave a confirmed session, or a claim another connection came back to,
     disconnected. Both paths: the batch statement, and the use case."""
     await seed(engine, server(A))
+    abandoned: list[int] = []
+    monkeypatch.setattr(metrics, "record_abandoned", lambda count=1: abandoned.append(count))
     for fast in (True, False):
 
         async def apply(events: list[ConnectionEvent], fast: bool = fast) -> None:
@@ -272,6 +275,8 @@ async def test_junk_ends_only_the_claim_its_own_connection_made(engine, service)
             [found] = await service.lookup_user_sessions(f"{fast}user{n}", include_ended=True)
             states[n] = (found.state.value, found.end_reason)
         assert states == {0: ("ended", "abandoned"), 1: ("disconnected", ""), 2: ("disconnected", "")}, fast
+        assert sum(abandoned) == 1, fast  # counted once, on either path
+        abandoned.clear()
 
 
 async def test_a_session_whose_pool_is_not_found_by_name_still_disconnects(engine, service, clock):

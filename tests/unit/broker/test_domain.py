@@ -200,3 +200,32 @@ def test_client_address_fits_its_column():
     d.validate_route_request(d.RouteRequest(connection_id="c1", client_address="a" * d.MAX_ADDRESS_CHARS))
     with pytest.raises(InvalidInput, match="client_address"):
         d.validate_route_request(d.RouteRequest(connection_id="c1", client_address="a" * 256))
+
+
+JUNK = {
+    "learnt_from": "route",
+    "confirmed": False,
+    "origin_connection_id": "c1",
+    "connection_id": "c1",
+    "bytes_from_server": 2047,
+}
+
+
+def test_a_claim_closed_by_its_own_connection_with_fewer_than_junk_bytes_is_junk():
+    assert d.is_junk_claim(d.Pool("p"), **JUNK)
+    assert d.is_junk_claim(d.Pool("p"), **(JUNK | {"bytes_from_server": 0}))
+
+
+@pytest.mark.parametrize(
+    ("pool", "change"),
+    [
+        (d.Pool("p"), {"bytes_from_server": 2048}),  # the threshold itself carried a logon's start
+        (d.Pool("p", junk_bytes=0), {"bytes_from_server": 0}),  # 0 turns the rule off
+        (d.Pool("p"), {"confirmed": True}),  # the server's agent listed the user there
+        (d.Pool("p"), {"learnt_from": "agent"}),  # the agent's own session, never a claim
+        (d.Pool("p"), {"connection_id": "c2"}),  # a later connection came back to the claim
+        (d.Pool("p"), {"origin_connection_id": None}),
+    ],
+)
+def test_what_is_not_junk(pool, change):
+    assert not d.is_junk_claim(pool, **(JUNK | change))
