@@ -104,6 +104,8 @@ def start_proxy(procs: Processes, broker: str) -> tuple[subprocess.Popen[bytes],
             "9000",
             "--first-packet-timeout-s",
             "30",
+            "--max-routing-per-client",
+            "0",  # every client of the bench is 127.0.0.1
         ]
     )
     wait_port(port)

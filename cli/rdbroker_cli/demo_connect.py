@@ -2,8 +2,10 @@
 one (Connection Request with `Cookie: mstshash=USER`), wait for the server's Connection Confirm, then ask the
 REST API where the broker put the user. Run it twice: the second time lands on the same server.
 
-It is a demo and smoke-test tool, not an RDP client: after the confirm it closes (or holds the connection
-open for `--hold` seconds, so the session shows as active meanwhile).
+It is a demo and smoke-test tool, not an RDP client: after the confirm it stands in for a logon by sending
+LOGON_BYTES and reading back what the server answers (the demo's fake servers echo them; the broker ends a
+connection that carried fewer than its pool's `junk_bytes` from the server as junk), then closes (or holds
+the connection open for `--hold` seconds, so the session shows as active meanwhile).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from rdbroker_rdp import (
 )
 
 DEFAULT_PROXY = "127.0.0.1:3389"
+LOGON_BYTES = 4096  # more than the default junk_bytes (2048) once echoed back
 
 
 class DemoError(Exception):
@@ -65,6 +68,8 @@ async def connect(address: str, user: str, pool: str, timeout_s: float) -> tuple
     )
     try:
         confirm = await _exchange(reader, writer, request, address, timeout_s)
+        if confirm.kind != "neg_failure":
+            await _logon(reader, writer, timeout_s)
     except BaseException:
         writer.close()
         raise
@@ -95,6 +100,17 @@ async def _exchange(
     except OSError as exc:
         raise DemoError(f"the connection to {address} failed: {exc}") from exc
     return confirm
+
+
+async def _logon(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout_s: float) -> None:
+    """Send LOGON_BYTES and read the answer until as many came back, the server closed, or timeout_s."""
+    received = 0
+    with contextlib.suppress(TimeoutError, OSError):
+        async with asyncio.timeout(timeout_s):
+            writer.write(bytes(LOGON_BYTES))
+            await writer.drain()
+            while received < LOGON_BYTES and (chunk := await reader.read(65536)):
+                received += len(chunk)
 
 
 def where(client: ApiClient, user: str, timeout_s: float) -> list[dict[str, Any]]:

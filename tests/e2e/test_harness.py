@@ -14,6 +14,7 @@ import pytest
 
 from tests.support.cluster import Harness, HarnessError, tcp_open
 from tests.support.postgres import free_port
+from tests.support.rdp_host import CONFIRM, LOGON_BYTES
 from tests.support.storm import (
     LoginStorm,
     StormSettings,
@@ -103,7 +104,9 @@ def test_supervisor_starts_kills_and_cleans_up() -> None:
             sock.sendall(bytes.fromhex("030000130ee000000000000100080003000000"))
             assert sock.recv(19) == bytes.fromhex("030000130ed000001234000200080000000000")
             sock.sendall(b"WHO?\n")
-            assert sock.recv(100) == f"SERVER 127.0.0.1:{port}\n".encode()
+            answer = sock.makefile("rb").readline()
+            assert answer.rstrip() == f"SERVER 127.0.0.1:{port}".encode()
+            assert len(CONFIRM) + len(answer) == LOGON_BYTES
         other = h.supervisor.start(
             "other", ["-m", "tests.support.rdp_host", "--listen", f"127.0.0.1:{free_port()}"]
         )

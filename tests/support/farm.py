@@ -155,6 +155,8 @@ class Farm:
                 ",".join(self.brokers),
                 "--grpc-listen",
                 f"127.0.0.1:{grpc_port}",
+                "--max-routing-per-client",
+                "0",  # every client of the storms is 127.0.0.1
             ],
             ports={"rdp": rdp_port, "grpc": grpc_port},
             grpc_ready="grpc",

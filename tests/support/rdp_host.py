@@ -2,9 +2,11 @@
 
 `python -m tests.support.rdp_host --listen 127.0.0.1:PORT` answers the first TPKT (the Connection
 Request, as a real server would) with a Connection Confirm (RDP_NEG_RSP), then echoes every byte, except
-that a client whose first bytes after the Confirm are `WHO?\\n` gets `SERVER 127.0.0.1:PORT\\n` back.
-That answer is the ground truth of where a connection through the proxies really landed; health probes
-send nothing after the Confirm, so they never see it. It needs no rdbroker code, so it starts fast and a
+that a client whose first bytes after the Confirm are `WHO?\\n` gets `SERVER 127.0.0.1:PORT` back,
+padded with spaces to a logon's worth of bytes (LOGON_BYTES, so the broker keeps the session: fewer
+than the pool's junk_bytes would end it as junk), then `\\n`. That answer is the ground truth of where
+a connection through the proxies really landed; health probes send nothing after the Confirm, so they
+never see it. It needs no rdbroker code, so it starts fast and a
 SIGKILL of it is a terminal server dying. One line per accepted connection goes to stdout.
 """
 
@@ -17,12 +19,18 @@ import sys
 
 CONFIRM = bytes.fromhex("030000130ed000001234000200080000000000")  # NEG_RSP, selected protocol RDP
 WHO = b"WHO?\n"
+LOGON_BYTES = 6308  # from the server, a full logon to an idle xrdp desktop (docs/broker.md)
 FIRST_PACKET_TIMEOUT_S = 10.0
 
 
 def say(line: str) -> None:
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
+
+
+def who_answer(name: str) -> bytes:
+    line = f"SERVER {name}".encode()
+    return line.ljust(LOGON_BYTES - len(CONFIRM) - 1) + b"\n"
 
 
 async def serve_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, name: str) -> None:
@@ -40,7 +48,7 @@ async def serve_client(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
         writer.write(CONFIRM)
         await writer.drain()
         first = await reader.read(len(WHO))
-        writer.write(f"SERVER {name}\n".encode() if first == WHO else first)
+        writer.write(who_answer(name) if first == WHO else first)
         await writer.drain()
         while data := await reader.read(65536):
             writer.write(data)

@@ -397,6 +397,30 @@ def logon_lag(pool: Pool | None) -> timedelta:
     return timedelta(seconds=pool.logon_lag_s if pool is not None else Pool("").logon_lag_s)
 
 
+# --- claims ------------------------------------------------------------------------------------
+
+
+def is_junk_claim(
+    pool: Pool,
+    *,
+    learnt_from: str,
+    confirmed: bool,
+    origin_connection_id: str | None,
+    connection_id: str,
+    bytes_from_server: int,
+) -> bool:
+    """A closed connection's claim is junk: a Route made it for this very connection, the server's
+    agent never confirmed it, and the server sent fewer than the pool's `junk_bytes` (a port scan,
+    another balancer's health check, a client that gave up during negotiation). It holds nothing:
+    it ends `abandoned` instead of becoming disconnected."""
+    return (
+        learnt_from == "route"
+        and not confirmed
+        and origin_connection_id == connection_id
+        and bytes_from_server < pool.junk_bytes
+    )
+
+
 # --- placement ---------------------------------------------------------------------------------
 
 
@@ -408,26 +432,28 @@ def session_unit(server: Server) -> float:
 def effective_load(server: Server) -> float:
     """Last reported load plus the placements that figure cannot show yet, divided by weight.
 
-    Without an agent load (or with a stale one: `as_seen_at`), the server's own session count stands
-    in for its load (DESIGN §5). Counting recent placements is what spreads a logon storm: the
-    idle-looking server stops looking idle after the first placement, and a load report does not make
-    it look idle again, because the placements made since its sample time less the pool's logon lag
-    (users still logging on) stay counted (`placements_since_report`).
+    Without an agent load (or with a stale one: `as_seen_at`), the sessions holding capacity on the
+    server stand in for its load (DESIGN §5): a closed claim the server's agent never confirmed counts
+    for nothing. Counting recent placements is what spreads a logon storm: the idle-looking server
+    stops looking idle after the first placement, and a load report does not make it look idle again,
+    because the placements made since its sample time less the pool's logon lag (users still logging
+    on) stay counted (`placements_since_report`).
     """
     unit = session_unit(server)
     if server.load >= 0:
         raw = server.load + server.placements_since_report * unit
     else:
-        raw = server.live_sessions * unit
+        raw = server.held_sessions * unit
     return raw / max(server.weight, 1)
 
 
 def takes_new_sessions(server: Server) -> bool:
+    """Up and enabled, with weight, below full load and below its limit of sessions holding capacity."""
     if server.is_down or server.effective_admin_state is not AdminState.ENABLED:
         return False
     if server.weight <= 0 or server.load >= 100:
         return False
-    return not (server.max_sessions > 0 and server.live_sessions >= server.max_sessions)
+    return not (server.max_sessions > 0 and server.held_sessions >= server.max_sessions)
 
 
 def takes_reconnects(server: Server) -> bool:
@@ -436,9 +462,10 @@ def takes_reconnects(server: Server) -> bool:
 
 
 def rank_for_new_session(servers: Iterable[Server], exclude: Sequence[str] = ()) -> list[Server]:
-    """Servers that can take a new session, best first (lowest effective load, then fewest sessions)."""
+    """Servers that can take a new session, best first (lowest effective load, then fewest sessions
+    holding capacity)."""
     eligible = [s for s in servers if takes_new_sessions(s) and s.address not in exclude]
-    return sorted(eligible, key=lambda s: (effective_load(s), s.live_sessions, s.address))
+    return sorted(eligible, key=lambda s: (effective_load(s), s.held_sessions, s.address))
 
 
 def choose_server(servers: Iterable[Server], exclude: Sequence[str] = ()) -> Server | None:

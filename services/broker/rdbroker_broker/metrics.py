@@ -52,6 +52,11 @@ failover_probes = _meter.create_counter(
     description="Servers the proxy could not reach, probed by the broker: outcome=down (moved) or up (kept)",
 )
 
+claims_abandoned = _meter.create_counter(
+    "rdbroker_claims_abandoned",
+    description="Claims ended at once because their connection carried fewer than junk_bytes from the server",
+)
+
 _route_counts: dict[tuple[str, str], int] = {}
 _refused_counts: dict[str, int] = {}
 _AMBIGUOUS_LABELS: Mapping[str, Mapping[str, str]] = {w: {"where": w} for w in ("reconcile", "route")}
@@ -74,6 +79,12 @@ _FAILOVER_LABELS: Mapping[bool, Mapping[str, str]] = {True: {"outcome": "up"}, F
 
 def record_failover_probe(ok: bool) -> None:
     failover_probes.add(1, _FAILOVER_LABELS[ok])
+
+
+def record_abandoned(count: int = 1) -> None:
+    """Junk connections' claims ended `abandoned` (a connection report, either path)."""
+    if count:
+        claims_abandoned.add(count)
 
 
 def record_route(reason: str, outcome: str, seconds: float) -> None:

@@ -653,6 +653,7 @@ class BrokerService:
         for index, outcome in zip(valid, outcomes, strict=True):
             if outcome is report_sql.Outcome.UNKNOWN_SESSION:
                 results[index] = NotFound(f"unknown session {events[index].session_id!r}")
+        metrics.record_abandoned(outcomes.count(report_sql.Outcome.ABANDONED))
         return True
 
     def _statement(self, event: ConnectionEvent) -> report_sql.Statement:
@@ -676,6 +677,7 @@ class BrokerService:
         fails (a dead connection, a deadlock with another proxy's batch), nothing of it remains
         and the answer is `start`: the use case applies that event and the rest come back here."""
         index = start
+        abandoned = 0
         try:
             async with self.store.raw_autocommit() as conn, conn.transaction():
                 while index < len(events):
@@ -688,14 +690,16 @@ class BrokerService:
                         continue
                     outcome = await report_sql.run(conn, self._statement(event))
                     if outcome is report_sql.Outcome.USE_CASE:
-                        return index  # what came before commits first: the order holds
+                        break  # what came before commits first: the order holds
                     if outcome is report_sql.Outcome.UNKNOWN_SESSION:
                         results[index] = NotFound(f"unknown session {event.session_id!r}")
+                    abandoned += outcome is report_sql.Outcome.ABANDONED
                     index += 1
         except Retryable as exc:
             log.debug("connection reports: batch transaction failed, applied one by one (%s)", exc)
             results[start:index] = [None] * (index - start)
             return start
+        metrics.record_abandoned(abandoned)  # counted once committed
         return index
 
     async def _report_use_case(self, event: ConnectionEvent) -> None:
@@ -731,9 +735,17 @@ class BrokerService:
     async def _closed_tx(self, event: Closed) -> None:
         session_id, connection_id = event.session_id, event.connection_id
 
-        async def work(r: Repos) -> None:
+        async def work(r: Repos) -> bool:
             now = self.now()
-            row = await r.sessions.field(session_id, "state", "pool", "connection_id", "origin_connection_id")
+            row = await r.sessions.field(
+                session_id,
+                "state",
+                "pool",
+                "connection_id",
+                "origin_connection_id",
+                "learnt_from",
+                "confirmed",
+            )
             if row is None:
                 raise NotFound(f"unknown session {session_id!r}")
             await r.connections.closed(
@@ -748,11 +760,24 @@ class BrokerService:
                 # Never reached the server: nothing to keep for the user.
                 await r.sessions.end(session_id, event.end_reason or "closed_before_open", now)
             elif row.state == d.SessionState.ACTIVE and row.connection_id == connection_id:
-                pool = await r.pools.resolve(row.pool)
-                timeout = pool.disconnect_timeout_s if pool else d.Pool("").disconnect_timeout_s
-                await r.sessions.disconnect(session_id, now, now + timedelta(seconds=timeout))
+                pool = await r.pools.resolve(row.pool) or d.Pool("")
+                junk = d.is_junk_claim(
+                    pool,
+                    learnt_from=row.learnt_from,
+                    confirmed=bool(row.confirmed),
+                    origin_connection_id=row.origin_connection_id,
+                    connection_id=connection_id,
+                    bytes_from_server=event.bytes_from_server,
+                )
+                if junk:
+                    return await r.sessions.end(session_id, "abandoned", now)
+                await r.sessions.disconnect(
+                    session_id, now, now + timedelta(seconds=pool.disconnect_timeout_s)
+                )
+            return False
 
-        await self.run_tx(work)
+        if await self.run_tx(work):
+            metrics.record_abandoned()
 
     async def proxy_heartbeat(
         self, proxy_id: str, active_connections: int, connection_ids: Sequence[str] | None = None
@@ -965,7 +990,7 @@ def _summary(servers: list[d.Server], now: datetime) -> str:
             key = "down"
         elif s.effective_admin_state is not d.AdminState.ENABLED:
             key = s.effective_admin_state.value
-        elif s.load >= 100 or (s.max_sessions and s.live_sessions >= s.max_sessions):
+        elif s.load >= 100 or (s.max_sessions and s.held_sessions >= s.max_sessions):
             key = "full"
         else:
             key = "unavailable"

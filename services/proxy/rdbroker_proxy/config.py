@@ -48,6 +48,12 @@ class ProxySettings(ServiceSettings):
     connect_timeout_s: float = Field(default=5.0, gt=0, le=120, description="server connect timeout")
     idle_timeout_s: float = Field(default=0.0, ge=0, description="idle close (0 = off)")
     max_connections: int = Field(default=10000, ge=1, description="clients at once (more: closed)")
+    max_routing_per_client: int = Field(
+        default=20,
+        ge=0,
+        le=100000,
+        description="one client address's connections not yet spliced (more: closed; 0 = no limit)",
+    )
     backlog: int = Field(default=1024, ge=1, description="listen backlog")
     heartbeat_interval_s: float = Field(default=5.0, gt=0, le=300, description="until the broker names one")
     report_buffer: int = Field(default=10000, ge=1, description="reports held for brokers")

@@ -42,6 +42,8 @@ class Spawn(Protocol):
 MAX_ROUTE_ATTEMPTS = 3
 
 FIRST_PACKET, ROUTING, SPLICING, CLOSED = range(4)
+# A client address over its limit of connections in the routing step is logged at most this often.
+CLIENT_LIMIT_LOG_INTERVAL_S = 10.0
 # A connection the client ended before it was spliced is no failure of ours.
 CLIENT_ENDS = frozenset({"client_closed", "client_closed_early"})
 _tracer = trace.get_tracer("rdbroker.proxy")
@@ -58,6 +60,12 @@ class ProxyContext:
     connections: set[ClientConnection] = field(default_factory=set)
     accepted: int = 0
     refused_over_cap: int = 0
+    # Connections per client address from accept until their splice starts (or they end): a scanner
+    # or a misbehaving client cannot hold every Route and every first-packet timer of the proxy.
+    routing_per_client: dict[str, int] = field(default_factory=dict)
+    refused_over_client_limit: int = 0
+    _client_limit_logged_at: float = float("-inf")
+    _client_limit_unlogged: int = 0
     drained: asyncio.Event | None = None  # set when the last connection ends, once shutdown asks
     # Bytes of the connections that have ended (the live ones keep their own, in their splice).
     ended_from_client: int = 0
@@ -70,6 +78,40 @@ class ProxyContext:
 
     def connection_ids(self) -> list[str]:
         return [c.connection_id for c in self.connections if c.connection_id]
+
+    def enter_routing(self, host: str) -> bool:
+        """Count one more connection of `host` in the routing step; False (not counted) over the limit."""
+        limit = self.settings.max_routing_per_client
+        count = self.routing_per_client.get(host, 0)
+        if limit and count >= limit:
+            self._refuse_over_client_limit(host)
+            return False
+        self.routing_per_client[host] = count + 1
+        return True
+
+    def leave_routing(self, host: str) -> None:
+        count = self.routing_per_client[host] - 1
+        if count:
+            self.routing_per_client[host] = count
+        else:
+            del self.routing_per_client[host]
+
+    def _refuse_over_client_limit(self, host: str) -> None:
+        self.refused_over_client_limit += 1
+        self._client_limit_unlogged += 1
+        now = time.monotonic()
+        if now - self._client_limit_logged_at < CLIENT_LIMIT_LOG_INTERVAL_S:
+            return
+        log.warning(
+            "client %s has %d connections in the routing step (max_routing_per_client): closed %d"
+            " connections over the limit since the last such line",
+            host,
+            self.routing_per_client.get(host, 0),
+            self._client_limit_unlogged,
+            extra={"client_host": host, "closed": self._client_limit_unlogged},
+        )
+        self._client_limit_logged_at = now
+        self._client_limit_unlogged = 0
 
 
 def identity_for_log(cookie: str, mode: str) -> str:
@@ -90,6 +132,7 @@ class ClientConnection(asyncio.Protocol):
         "cookie",
         "pool",
         "reason",
+        "routing_host",
         "server_address",
         "session_id",
         "span",
@@ -119,6 +162,7 @@ class ClientConnection(asyncio.Protocol):
         self.session_id = ""
         self.server_address = ""
         self.reason = ""
+        self.routing_host: str | None = None  # the client address counted in routing_per_client
 
     # -- asyncio callbacks ----------------------------------------------------------------------
 
@@ -133,6 +177,13 @@ class ClientConnection(asyncio.Protocol):
             ctx.refused_over_cap += 1
             self.finish("over_capacity", abort=True)
             return
+        host = peer[0] if isinstance(peer, tuple) else ""
+        if not ctx.enter_routing(host):
+            # A clean close (FIN), no broker call, no line per connection: the context logs a summary.
+            self.state = CLOSED
+            transport.close()
+            return
+        self.routing_host = host
         ctx.connections.add(self)
         self._timer = asyncio.get_running_loop().call_later(
             ctx.settings.first_packet_timeout_s, self.finish, "first_packet_timeout"
@@ -246,6 +297,7 @@ class ClientConnection(asyncio.Protocol):
                 return
             self.splice = splice
             self.state = SPLICING
+            self._leave_routing()
             replay, self._buf = bytes(self._buf), bytearray()
             splice.start(replay, self.client_eof)
             self.context.broker.report_opened(
@@ -270,6 +322,11 @@ class ClientConnection(asyncio.Protocol):
             self.finish("internal_error", abort=True)
         finally:
             self._task = None
+
+    def _leave_routing(self) -> None:
+        host, self.routing_host = self.routing_host, None
+        if host is not None:
+            self.context.leave_routing(host)
 
     def _take(self, answer: pb.RouteResponse) -> None:
         self.session_id = answer.session_id
@@ -341,6 +398,7 @@ class ClientConnection(asyncio.Protocol):
         ctx = self.context
         ctx.ended_from_client += from_client
         ctx.ended_from_server += from_server
+        self._leave_routing()
         ctx.forget(self)
         duration_ms = int((time.monotonic() - self.started) * 1000)
         if self.span is not None:

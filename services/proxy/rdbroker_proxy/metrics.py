@@ -62,6 +62,15 @@ def _bytes(_options: CallbackOptions) -> Iterable[Observation]:
     return [Observation(from_client, FROM_CLIENT), Observation(from_server, FROM_SERVER)]
 
 
+def _over_client_limit(_options: CallbackOptions) -> Iterable[Observation]:
+    return [Observation(sum(ctx.refused_over_client_limit for ctx in list(_contexts)))]
+
+
+_meter.create_observable_counter(
+    "rdbroker_proxy_over_client_limit",
+    callbacks=[_over_client_limit],
+    description="Connections closed at accept: their client address was at max_routing_per_client",
+)
 _meter.create_observable_gauge(
     "rdbroker_proxy_active_connections",
     callbacks=[_active],

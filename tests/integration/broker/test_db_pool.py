@@ -46,7 +46,10 @@ async def test_many_concurrent_calls_share_a_pool_of_two(pg_database_url):
             request = pb.RouteRequest(connection_id=f"c{n}", proxy_id="p1", cookie=f"user{n}")
             decision = await service.route(convert.route_request(request))
             errors = await service.report_connections(
-                [Opened(decision.session_id, f"c{n}", "p1"), Closed(decision.session_id, f"c{n}")]
+                [
+                    Opened(decision.session_id, f"c{n}", "p1"),
+                    Closed(decision.session_id, f"c{n}", bytes_from_server=6308),
+                ]
             )
             assert errors == [None, None]
             again = pb.RouteRequest(connection_id=f"r{n}", proxy_id="p1", cookie=f"USER{n}")

@@ -17,6 +17,7 @@ from rdbroker_broker.db.tables import sessions
 from rdbroker_broker.errors import InvalidInput
 from rdbroker_proto.v1 import broker_pb2 as pb
 from tests.integration.broker.conftest import assert_live_counters_exact, seed, server
+from tests.support.rdp_host import LOGON_BYTES
 
 A = "10.0.7.1:3389"
 ACTIVE, DISCONNECTED = d.SessionState.ACTIVE, d.SessionState.DISCONNECTED
@@ -80,8 +81,8 @@ async def test_a_listed_claim_is_confirmed_and_holds_capacity_while_disconnected
     assert await held(service) == (2, 2)  # both connections are open
 
     clock.advance(1)
-    await service.connection_closed(mine.session_id, "c1")
-    await service.connection_closed(other.session_id, "c2")
+    await service.connection_closed(mine.session_id, "c1", bytes_from_server=LOGON_BYTES)
+    await service.connection_closed(other.session_id, "c2", bytes_from_server=LOGON_BYTES)
     # Both are live (the users come back to them); only the confirmed one holds capacity.
     assert await held(service) == (2, 1)
     await assert_live_counters_exact(engine)
@@ -100,7 +101,7 @@ async def test_a_closed_claim_ends_unconfirmed_after_confirm_timeout_and_not_bef
 ):
     claim = await opened(service, "c1", "mallory")
     clock.advance(5)
-    await service.connection_closed(claim.session_id, "c1")
+    await service.connection_closed(claim.session_id, "c1", bytes_from_server=LOGON_BYTES)
     closed_at = clock.now
 
     clock.advance(POOL.confirm_timeout_s - 1)
@@ -142,7 +143,7 @@ async def test_a_logoff_of_a_confirmed_proxy_made_session_ends_it_at_the_next_li
     clock.advance(1)
     await report(probes, [("alice", ACTIVE)])  # quser's bare name confirms it
     clock.advance(1)
-    await service.connection_closed(mine.session_id, "c1")
+    await service.connection_closed(mine.session_id, "c1", bytes_from_server=LOGON_BYTES)
     clock.advance(0.5)  # the user logs off on the server half a second after disconnecting
     counts = await report(probes, [])
     assert (counts.ended, counts.unconfirmed) == (1, 0)
@@ -185,7 +186,7 @@ async def test_a_reconnect_opened_after_the_list_was_taken_is_not_flipped(farm, 
     clock.advance(1)
     await report(probes, [("frank", ACTIVE)])
     clock.advance(1)
-    await service.connection_closed(first.session_id, "c1")
+    await service.connection_closed(first.session_id, "c1", bytes_from_server=LOGON_BYTES)
     clock.advance(1)
     await report(probes, [("frank", DISCONNECTED)])
     clock.advance(5)
@@ -214,7 +215,7 @@ async def test_a_close_after_the_list_is_not_undone_by_it(farm, probes, service,
     clock.advance(1)
     listed_at = clock.now
     clock.advance(0.1)
-    await service.connection_closed(mine.session_id, "c1")
+    await service.connection_closed(mine.session_id, "c1", bytes_from_server=LOGON_BYTES)
     clock.advance(0.1)
     assert await report(probes, [("gina", ACTIVE)], listed_at=listed_at) == d.ReconcileCounts()
     assert (await session_of(service, mine.session_id)).state is DISCONNECTED
@@ -225,10 +226,10 @@ async def test_lists_omitting_disconnected_sessions_prove_nothing_about_them(far
     clock.advance(1)
     await report(probes, [("hank", ACTIVE)])
     clock.advance(1)
-    await service.connection_closed(away.session_id, "c1")
+    await service.connection_closed(away.session_id, "c1", bytes_from_server=LOGON_BYTES)
     claim = await opened(service, "c2", "ivan")
     clock.advance(1)
-    await service.connection_closed(claim.session_id, "c2")
+    await service.connection_closed(claim.session_id, "c2", bytes_from_server=LOGON_BYTES)
     clock.advance(POOL.confirm_timeout_s * 2)
 
     # psutil cannot see disconnected sessions: neither the confirmed one nor the old claim ends, and
@@ -298,7 +299,7 @@ async def test_a_reconnect_committed_while_the_list_is_applied_is_not_ended(
     clock.advance(1)
     await report(probes, [("kim", ACTIVE)])
     clock.advance(1)
-    await service.connection_closed(first.session_id, "c1")
+    await service.connection_closed(first.session_id, "c1", bytes_from_server=LOGON_BYTES)
     clock.advance(1)
     listed_at = clock.now  # kim is logged off on the server when the list is taken
     clock.advance(0.1)
@@ -323,7 +324,7 @@ async def test_the_agents_state_is_not_undone_by_proxy_heartbeats(farm, probes, 
     mine = await opened(service, "c1", "alice")
     clock.advance(1)
     await report(probes, [("alice", ACTIVE)])
-    await service.connection_closed(mine.session_id, "c1")
+    await service.connection_closed(mine.session_id, "c1", bytes_from_server=LOGON_BYTES)
     clock.advance(1)
     await report(probes, [("alice", ACTIVE)])  # attached on the server without this proxy
     assert (await session_of(service, mine.session_id)).state is ACTIVE

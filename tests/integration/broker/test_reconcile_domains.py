@@ -89,7 +89,7 @@ async def test_a_list_omitting_disconnected_sessions_does_not_end_them(probes, s
     await seed(engine, server(A))
     await probes.claim_targets("r1", 60_000)
     away = await open_session(service, "c1", "CORP\\away")
-    await service.connection_closed(away.session_id, "c1")
+    await service.connection_closed(away.session_id, "c1", bytes_from_server=6308)
     gone = await open_session(service, "c2", "CORP\\gone")
     clock.advance(1)
     # Both confirmed by a complete list (claims would be kept: an open one, a fresh closed one).

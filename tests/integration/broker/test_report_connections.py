@@ -71,7 +71,7 @@ def closed(session_id: str, connection_id: str, reason: str = "client_closed") -
             session_id=session_id,
             connection_id=connection_id,
             bytes_from_client=100,
-            bytes_from_server=2000,
+            bytes_from_server=6308,
             duration_ms=30,
             end_reason=reason,
         )

@@ -16,6 +16,7 @@ import psycopg
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from rdbroker_broker import metrics
 from rdbroker_broker.db import report_sql
 from rdbroker_broker.db.tables import connections, sessions
 from rdbroker_broker.errors import NotFound
@@ -29,8 +30,10 @@ SCRIPTS = 60
 SESSIONS = 200
 SESSION_FIELDS = (
     "state", "server_address", "connection_id", "proxy_id", "opened_at", "disconnected_at",
-    "expires_at", "ended_at", "end_reason", "updated_at",
+    "expires_at", "ended_at", "end_reason", "updated_at", "confirmed",
 )  # fmt: skip
+# Bytes from the server at a close: around the default junk_bytes (2048), and a real logon's.
+SERVER_BYTES = (0, 19, 2047, 2048, 6308)
 CONNECTION_FIELDS = (
     "attempt", "reason", "opened_at", "closed_at", "bytes_from_client", "bytes_from_server",
     "duration_ms", "end_reason",
@@ -57,10 +60,14 @@ def script(rng: random.Random) -> list[tuple[str, ...]]:
             steps.append(("expire",))  # time passes beyond every timeout; the sweep runs
         elif roll < 0.25:
             steps.append(("unknown",))  # a report naming a session that does not exist
+        elif roll < 0.3:
+            steps.append(("confirm",))  # the server's agent lists the user's live session
         else:
             connection = f"c{rng.randrange(routed)}"
             reason = rng.choice(["", "client_closed", "server_closed"])
-            steps.append((rng.choice(["opened", "closed"]), connection, reason))
+            # Opened more often than not: a claim is junk only once its connection reached the server.
+            kind = rng.choice(["opened", "opened", "closed"])
+            steps.append((kind, connection, reason, str(rng.choice(SERVER_BYTES))))
     return steps
 
 
@@ -75,6 +82,12 @@ class World:
     async def step(self, step: tuple[str, ...]) -> None:
         if step[0] == "route":
             await self.routed(step[1])
+        elif step[0] == "confirm":
+            async with self.service.store.raw_autocommit() as conn:
+                await conn.execute(
+                    "UPDATE sessions SET confirmed = true WHERE \"user\" = %s AND state <> 'ended'",
+                    (self.user,),
+                )
         else:  # "end"
             for session in await self.service.lookup_user_sessions(self.user):
                 await self.service.end_session(session.session_id)
@@ -85,7 +98,7 @@ class World:
             return Opened(f"{self.prefix}-nosuch", f"{self.prefix}-c9", "p1")
         if kind == "opened":
             return Opened(self.session_of[step[1]], self.cid(step[1]), "p1")
-        return Closed(self.session_of[step[1]], self.cid(step[1]), 10, 20, 30, step[2])
+        return Closed(self.session_of[step[1]], self.cid(step[1]), 10, int(step[3]), 30, step[2])
 
     @property
     def user(self) -> str:
@@ -148,6 +161,16 @@ async def rows(engine: AsyncEngine, prefix: str) -> list[tuple[Any, ...]]:
     return [tuple(_unprefixed(v, prefix) for v in row) for row in found]
 
 
+async def states(engine: AsyncEngine, prefix: str) -> set[tuple[str, bool, str]]:
+    async with engine.connect() as conn:
+        found = await conn.execute(
+            select(sessions.c.end_reason, sessions.c.confirmed, sessions.c.state).where(
+                sessions.c.user == f"{prefix}user"
+            )
+        )
+        return {(reason, confirmed, state) for reason, confirmed, state in found}
+
+
 def _unprefixed(value: object, prefix: str) -> object:
     if isinstance(value, str):
         return value.replace(prefix, "W")
@@ -161,6 +184,7 @@ async def test_reports_apply_as_the_use_case_does_over_generated_scripts(engine,
     rng = random.Random(20261127)
     fell_back = 0
     real_use_case = service._report_use_case
+    seen: set[tuple[str, bool, str]] = set()  # (end_reason, confirmed, state) after any step
 
     async def counted(event: ConnectionEvent) -> None:
         nonlocal fell_back
@@ -180,15 +204,21 @@ async def test_reports_apply_as_the_use_case_does_over_generated_scripts(engine,
             await (fast.report(group) if group[0][0] in REPORTS else fast.step(group[0]))
             service._report_use_case = real_use_case  # type: ignore[method-assign]
             await (slow.report(group) if group[0][0] in REPORTS else slow.step(group[0]))
+            seen.update(await states(engine, fast.prefix))
         assert fast.outcomes == slow.outcomes, steps
         assert await rows(engine, fast.prefix) == await rows(engine, slow.prefix), steps
-    # The scripts reach the cases the statement leaves to the use case (a revived ended session).
+    # The scripts reach the cases the statement leaves to the use case (a revived ended session),
+    # and a claim ended as junk as well as claims and confirmed sessions disconnected.
     assert fell_back > 0
+    assert ("abandoned", False, "ended") in seen
+    assert ("", False, "disconnected") in seen
+    assert ("", True, "disconnected") in seen
 
 
 async def test_the_common_events_never_reach_the_use_case(engine, service, monkeypatch):
     await seed(engine, server(A))
     sid = await route(service, "c1", "kim")
+    junk = await route(service, "j1", "scanner")
 
     async def refuse(event: ConnectionEvent) -> None:
         raise AssertionError(f"the use case ran for {event}")
@@ -196,14 +226,57 @@ async def test_the_common_events_never_reach_the_use_case(engine, service, monke
     monkeypatch.setattr(service, "_report_use_case", refuse)
     events: list[ConnectionEvent] = [
         Opened(sid, "c1", "p1"),
-        Closed(sid, "c1", 1, 2, 3, "client_closed"),
+        Closed(sid, "c1", 1, 6308, 3, "client_closed"),
         Opened("nosuch", "c9", "p1"),
+        Opened(junk, "j1", "p1"),
+        Closed(junk, "j1", 19, 19, 3, "client_closed"),
     ]
     results = await service.report_connections(events)
     assert results[:2] == [None, None]
     assert isinstance(results[2], NotFound)
+    assert results[3:] == [None, None]
     found = await service.lookup_user_sessions("kim")
     assert [s.state.value for s in found] == ["disconnected"]
+    [ended] = await service.lookup_user_sessions("scanner", include_ended=True)
+    assert (ended.state.value, ended.end_reason) == ("ended", "abandoned")
+
+
+async def test_junk_ends_only_the_claim_its_own_connection_made(engine, service, monkeypatch):
+    """Fewer than junk_bytes from the server ends an unconfirmed claim closed by the connection that
+    made it; the same bytes leave a confirmed session, or a claim another connection came back to,
+    disconnected. Both paths: the batch statement, and the use case."""
+    await seed(engine, server(A))
+    abandoned: list[int] = []
+    monkeypatch.setattr(metrics, "record_abandoned", lambda count=1: abandoned.append(count))
+    for fast in (True, False):
+
+        async def apply(events: list[ConnectionEvent], fast: bool = fast) -> None:
+            if fast:
+                assert await service.report_connections(events) == [None] * len(events)
+            else:
+                for event in events:
+                    await service._report_use_case(event)
+
+        claim, confirmed, back = [await route(service, f"{fast}{n}", f"{fast}user{n}") for n in range(3)]
+        async with service.store.raw_autocommit() as conn:
+            await conn.execute("UPDATE sessions SET confirmed = true WHERE id = %s", (confirmed,))
+        await apply([Opened(back, f"{fast}2", "p1"), Closed(back, f"{fast}2", 1, 6308, 3, "client_closed")])
+        assert await route(service, f"{fast}2b", f"{fast}user2") == back
+        opened = [
+            Opened(claim, f"{fast}0", "p1"),
+            Opened(confirmed, f"{fast}1", "p1"),
+            Opened(back, f"{fast}2b", "p1"),
+        ]
+        await apply(
+            [*opened, *(Closed(e.session_id, e.connection_id, 19, 2047, 3, "client_closed") for e in opened)]
+        )
+        states = {}
+        for n in range(3):
+            [found] = await service.lookup_user_sessions(f"{fast}user{n}", include_ended=True)
+            states[n] = (found.state.value, found.end_reason)
+        assert states == {0: ("ended", "abandoned"), 1: ("disconnected", ""), 2: ("disconnected", "")}, fast
+        assert sum(abandoned) == 1, fast  # counted once, on either path
+        abandoned.clear()
 
 
 async def test_a_session_whose_pool_is_not_found_by_name_still_disconnects(engine, service, clock):
@@ -213,7 +286,7 @@ async def test_a_session_whose_pool_is_not_found_by_name_still_disconnects(engin
     await service.connection_opened(sid, "c1", "p1")
     async with engine.begin() as conn:
         await conn.execute(sessions.update().where(sessions.c.id == sid).values(pool="DEFAULT"))
-    await service.connection_closed(sid, "c1", end_reason="client_closed")
+    await service.connection_closed(sid, "c1", bytes_from_server=6308, end_reason="client_closed")
     (session,) = await service.lookup_user_sessions("kim")
     assert session.state.value == "disconnected"
     assert session.expires_at is not None
@@ -281,7 +354,7 @@ async def test_a_failed_batch_transaction_leaves_nothing_and_the_events_apply_on
     monkeypatch.setattr(service, "_report_use_case", counted)
     events: list[ConnectionEvent] = [
         Opened(first, "c1", "p1"),
-        Closed(first, "c1", 1, 2, 3, "client_closed"),
+        Closed(first, "c1", 1, 6308, 3, "client_closed"),
         Opened(second, "c2", "p1"),
         Opened("nosuch", "c9", "p1"),
     ]
@@ -306,7 +379,7 @@ async def test_a_batch_is_one_round_trip(engine, service, monkeypatch):
 
     monkeypatch.setattr(report_sql, "run", one_at_a_time)
     events: list[ConnectionEvent] = [Opened(sid, f"c{n}", "p1") for n, sid in enumerate(sids)]
-    events += [Closed(sid, f"c{n}") for n, sid in enumerate(sids[:10])]
+    events += [Closed(sid, f"c{n}", bytes_from_server=6308) for n, sid in enumerate(sids[:10])]
     assert await service.report_connections(events) == [None] * 30
     states = [s.state.value for n in range(20) for s in await service.lookup_user_sessions(f"user{n}")]
     assert states == ["disconnected"] * 10 + ["active"] * 10

@@ -198,7 +198,9 @@ async def test_claims_that_never_were_sessions_do_not_count(service, engine, pro
     await seed(engine, server(A), pools=pool(logon_lag_s=30))
     kept = await service.route(d.RouteRequest(connection_id="c-kept", cookie="kept"))
     await service.connection_opened(kept.session_id, "c-kept", "p1")
-    await service.connection_closed(kept.session_id, "c-kept", end_reason="client_closed")
+    await service.connection_closed(
+        kept.session_id, "c-kept", bytes_from_server=6308, end_reason="client_closed"
+    )  # a logon's worth of bytes: fewer would end it as junk
     pending = await service.route(req("pending"))
     early = await service.route(d.RouteRequest(connection_id="c-early", cookie="early"))
     await service.connection_closed(early.session_id, "c-early", end_reason="client_closed_early")

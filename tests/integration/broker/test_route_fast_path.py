@@ -27,8 +27,8 @@ NOW = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
 # Servers in every state the columns allow, with values around each threshold.
 servers_strategy = st.lists(
     st.builds(
-        lambda admin, health, agent, weight, load, max_sessions, live, placements, fresh: (
-            admin, health, agent, weight, load, max_sessions, live, placements, fresh
+        lambda admin, health, agent, weight, load, max_sessions, live, placements, held, fresh: (
+            admin, health, agent, weight, load, max_sessions, live, placements, held, fresh
         ),
         # Every state, the eligible ones more often (ranking needs several eligible servers).
         st.sampled_from(["enabled"] * 4 + [s.value for s in d.AdminState]),
@@ -40,6 +40,7 @@ servers_strategy = st.lists(
         st.integers(0, 5),  # max_sessions
         st.integers(0, 6),  # live_sessions
         st.one_of(st.just(0), st.integers(0, 6)),  # placements_since_report
+        st.integers(0, 6),  # held_sessions (independent of live_sessions: closed claims hold none)
         st.integers(0, 3),  # fresh_until: FRESH_UNTIL[i] (never probed, stale, stale at NOW, fresh)
     ),
     min_size=1,
@@ -62,13 +63,13 @@ def _replace_farm(
     conn.execute("DELETE FROM connections")
     conn.execute("DELETE FROM sessions")
     conn.execute("DELETE FROM servers")
-    for i, (admin, health, agent, weight, load, max_s, live, placed, fresh) in enumerate(rows):
+    for i, (admin, health, agent, weight, load, max_s, live, placed, held, fresh) in enumerate(rows):
         conn.execute(
             "INSERT INTO servers (address, pool, weight, max_sessions, admin_state, health, health_detail,"
-            " agent_state, agent_detail, load, placements_since_report, live_sessions, fresh_until,"
-            " agent_url, sessions_url, created_at, updated_at)"
-            " VALUES (%s, 'default', %s, %s, %s, %s, '', %s, '', %s, %s, %s, %s, '', '', now(), now())",
-            (_address(i), weight, max_s, admin, health, agent, load, placed, live, FRESH_UNTIL[fresh]),
+            " agent_state, agent_detail, load, placements_since_report, live_sessions, held_sessions,"
+            " fresh_until, agent_url, sessions_url, created_at, updated_at)"
+            " VALUES (%s, 'default', %s, %s, %s, %s, '', %s, '', %s, %s, %s, %s, %s, '', '', now(), now())",
+            (_address(i), weight, max_s, admin, health, agent, load, placed, live, held, FRESH_UNTIL[fresh]),
         )
     for i, (state, expiry) in enumerate(sessions[: len(rows)]):
         conn.execute(
@@ -176,7 +177,8 @@ def _servers_from_table(conn: psycopg.Connection) -> list[d.Server]:
     """Every server as ranking reads it, column by column (as `ServerRepository.list` maps them)."""
     rows = conn.execute(
         "SELECT address, pool, weight, max_sessions, admin_state, health, agent_state, load,"
-        " placements_since_report, live_sessions, fresh_until FROM servers WHERE pool = 'default'"
+        " placements_since_report, live_sessions, held_sessions, fresh_until"
+        " FROM servers WHERE pool = 'default'"
     ).fetchall()
     return [routing_sql._server(r) for r in rows]
 
@@ -196,7 +198,7 @@ async def test_the_live_server_matches_the_repository(engine, service):
     async with engine.connect() as conn_sa:
         listed = await ServerRepository(conn_sa).list("default")
     fields = ("address", "pool", "weight", "max_sessions", "admin_state", "health", "agent_state", "load",
-              "placements_since_report", "live_sessions", "fresh_until")  # fmt: skip
+              "placements_since_report", "live_sessions", "held_sessions", "fresh_until")  # fmt: skip
     [expected] = [s for s in listed if s.address == first.server_address]
     assert [getattr(found.server, f) for f in fields] == [getattr(expected, f) for f in fields]
 

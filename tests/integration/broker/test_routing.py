@@ -47,7 +47,9 @@ async def test_reconnect_to_a_disconnected_session(service, engine):
     await seed(engine, server(A), server(B))
     first = await service.route(req("bob", connection_id="c1"))
     await service.connection_opened(first.session_id, "c1", "p1")
-    await service.connection_closed(first.session_id, "c1", end_reason="client_closed")
+    await service.connection_closed(
+        first.session_id, "c1", bytes_from_server=6308, end_reason="client_closed"
+    )
     [session] = await service.lookup_user_sessions("bob")
     assert session.state is d.SessionState.DISCONNECTED
     again = await service.route(req("bob"))
@@ -154,7 +156,9 @@ async def test_pending_expires_and_disconnected_expires_after_pool_timeout(servi
     assert routed.reason is d.RouteReason.NEW
     assert routed.session_id != pending.session_id
     await service.connection_opened(routed.session_id, "c9", "p1")
-    await service.connection_closed(routed.session_id, "c9", end_reason="client_closed")
+    await service.connection_closed(
+        routed.session_id, "c9", bytes_from_server=6308, end_reason="client_closed"
+    )
     clock.advance(599)
     assert (await service.route(req("erin"))).reason is d.RouteReason.RECONNECT
     clock.advance(2)

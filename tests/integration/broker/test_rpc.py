@@ -74,7 +74,11 @@ async def test_session_lifecycle_over_grpc(broker, engine):
 
     await broker.stub.ConnectionClosed(
         pb.ConnectionClosedRequest(
-            session_id=routed.session_id, connection_id="c1", bytes_from_client=10, end_reason="client_closed"
+            session_id=routed.session_id,
+            connection_id="c1",
+            bytes_from_client=10,
+            bytes_from_server=6308,
+            end_reason="client_closed",
         )
     )
     found = await broker.stub.LookupUserSessions(pb.LookupUserSessionsRequest(user="CORP\\KIM"))

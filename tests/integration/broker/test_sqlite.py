@@ -18,6 +18,7 @@ from rdbroker_proto.v1 import broker_pb2 as pb
 from rdbroker_proto.v1 import broker_pb2_grpc
 from tests.integration.broker.conftest import Clock, assert_live_counters_exact, seed, server, settings_for
 from tests.integration.broker.processes import broker_process
+from tests.support.rdp_host import LOGON_BYTES
 
 A, B = "10.0.0.1:3389", "10.0.0.2:3389"
 
@@ -51,7 +52,9 @@ async def test_routing_on_sqlite(sqlite_service):
     clock.advance(6)
     await service.proxy_heartbeat("p", 1, ["c1"])  # lists c1: nothing to disconnect
     assert {s.state for s in await service.lookup_user_sessions("alice")} == {d.SessionState.ACTIVE}
-    await service.connection_closed(first.session_id, "c1", end_reason="client_closed")
+    await service.connection_closed(
+        first.session_id, "c1", bytes_from_server=6308, end_reason="client_closed"
+    )
     [session] = await service.lookup_user_sessions("ALICE")
     assert session.state is d.SessionState.DISCONNECTED
     assert session.expires_at is not None
@@ -86,7 +89,7 @@ async def test_session_lists_confirm_follow_and_end_on_sqlite(sqlite_service):
     await probes.report_sessions("r1", A, [d.ReportedSession("ann", d.SessionState.DISCONNECTED)])
     [ann] = await service.lookup_user_sessions("CORP\\ann")
     assert (ann.state, ann.confirmed) == (d.SessionState.DISCONNECTED, True)
-    await service.connection_closed(claim.session_id, "c2")
+    await service.connection_closed(claim.session_id, "c2", bytes_from_server=LOGON_BYTES)
     clock.advance(1)
     # A list older than the last change undoes nothing.
     listed = [d.ReportedSession("ann", d.SessionState.ACTIVE)]

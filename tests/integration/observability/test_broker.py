@@ -124,7 +124,10 @@ async def test_sessions_by_state_follow_the_directory(broker, engine, telemetry)
     assert await eventually(lambda: sessions("pending", 0)) == 0
     await broker.stub.ConnectionClosed(
         pb.ConnectionClosedRequest(
-            session_id=routed.session_id, connection_id="s1", end_reason="client_closed"
+            session_id=routed.session_id,
+            connection_id="s1",
+            bytes_from_server=6308,
+            end_reason="client_closed",
         )
     )
     assert await eventually(lambda: sessions("disconnected", 1)) == 1

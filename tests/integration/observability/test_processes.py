@@ -125,8 +125,9 @@ async def test_broker_and_proxy_processes_serve_their_metrics(pg_database_url, e
                 except (OSError, asyncio.IncompleteReadError) as exc:
                     logs = proxy_log.read_text()[-3000:] + broker_log.read_text()[-3000:]
                     raise AssertionError(f"the connection was not routed:\n{logs}") from exc
-                writer.write(b"z" * 100)
-                assert await asyncio.wait_for(reader.readexactly(100), 10) == b"z" * 100
+                logon = b"z" * 4096  # echoed: more than junk_bytes from the server, a session to keep
+                writer.write(logon)
+                assert await asyncio.wait_for(reader.readexactly(len(logon)), 10) == logon
                 assert prom.sample(prom.scrape(proxy_metrics), "rdbroker_proxy_active_connections") == 1
                 text = prom.scrape(broker_metrics)
                 assert prom.sample(text, "rdbroker_routes_total", reason="new", outcome="ok") == 1
@@ -138,7 +139,7 @@ async def test_broker_and_proxy_processes_serve_their_metrics(pg_database_url, e
                     prom.scrape(proxy_metrics), "rdbroker_proxy_bytes_total", direction="from_server"
                 )
                 assert sent is not None
-                assert sent >= 100
+                assert sent >= len(logon)
                 # The proxy reports the close: the broker's count moves the session to disconnected.
                 assert (
                     await wait_for_sample(broker_metrics, "rdbroker_sessions", 1, state="disconnected") == 1

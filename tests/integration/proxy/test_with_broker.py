@@ -67,9 +67,10 @@ async def test_a_user_comes_back_to_the_same_server_through_the_real_broker(real
     brokers = [b.grpc_address for b in real_farm.brokers]
     async with running_proxy(brokers) as proxy:
         reader, writer, _ = await handshake(proxy.port, packet)
-        writer.write(b"hello")
+        logon = bytes(range(256)) * 16  # more than junk_bytes back from the server: a session to keep
+        writer.write(logon)
         async with asyncio.timeout(10):
-            assert await reader.readexactly(5) == b"hello"
+            assert await reader.readexactly(len(logon)) == logon
         await close(writer)
         await wait_until(lambda: not proxy.context.connections)
         await wait_until(lambda: proxy.broker is not None and proxy.broker.pending_reports == 0)
@@ -101,7 +102,9 @@ async def test_a_killed_broker_is_routed_around_and_every_user_has_one_session(r
     users = [f"user{i:02d}" for i in range(40)]
     done: list[str] = []
     brokers = [b.grpc_address for b in real_farm.brokers]
-    async with running_proxy(brokers, route_timeout_s=10.0, route_attempt_timeout_s=3.0) as proxy:
+    async with running_proxy(
+        brokers, route_timeout_s=10.0, route_attempt_timeout_s=3.0, max_routing_per_client=0
+    ) as proxy:
 
         async def connect(user: str) -> None:
             packet = build_connection_request(cookie=user, requested_protocols=3)
@@ -142,7 +145,9 @@ async def test_a_logon_storm_on_an_overloaded_broker_routes_everyone_once(
         )
         async with running_broker(pg_database_url, *overloaded) as broker:
             farm = RealFarm([a, b], [broker])
-            async with running_proxy([broker.grpc_address], route_timeout_s=30.0) as proxy:
+            async with running_proxy(
+                [broker.grpc_address], route_timeout_s=30.0, max_routing_per_client=0
+            ) as proxy:
 
                 async def logon(user: str) -> None:
                     packet = build_connection_request(cookie=user, requested_protocols=3)

@@ -89,8 +89,19 @@ def test_logon_storm_spreads_when_placements_are_counted():
     assert {chosen.count(name) for name in "abcd"} == {10}
 
 
-def test_without_reports_the_session_count_is_the_load():
-    assert best([srv("a", live_sessions=5), srv("b", live_sessions=2)]).address == "b"
+def test_without_reports_the_sessions_holding_capacity_are_the_load():
+    assert best([srv("a", held_sessions=5), srv("b", held_sessions=2)]).address == "b"
+    # Closed unconfirmed claims are live (they keep affinity) but hold no capacity.
+    assert (
+        best([srv("a", live_sessions=9, held_sessions=1), srv("b", live_sessions=2, held_sessions=2)]).address
+        == "a"
+    )
+
+
+def test_a_limit_counts_sessions_holding_capacity_not_closed_claims():
+    assert d.takes_new_sessions(srv("x", max_sessions=3, live_sessions=50, held_sessions=2))
+    assert not d.takes_new_sessions(srv("x", max_sessions=3, live_sessions=3, held_sessions=3))
+    assert d.effective_load(srv("x", max_sessions=4, live_sessions=40, held_sessions=1)) == 25 / 100
 
 
 @pytest.mark.parametrize(
@@ -103,7 +114,7 @@ def test_without_reports_the_session_count_is_the_load():
         srv("x", agent_state=d.AgentState.DRAIN),
         srv("x", agent_state=d.AgentState.MAINT),
         srv("x", load=100),
-        srv("x", max_sessions=2, live_sessions=2),
+        srv("x", max_sessions=2, live_sessions=2, held_sessions=2),
         srv("x", weight=0),
     ],
 )
@@ -114,19 +125,19 @@ def test_servers_that_take_no_new_sessions(server):
 
 def test_unknown_health_and_up_are_routable():
     assert d.takes_new_sessions(srv("x"))
-    assert d.takes_new_sessions(srv("x", health=d.Health.UP, load=99, max_sessions=3, live_sessions=2))
+    assert d.takes_new_sessions(srv("x", health=d.Health.UP, load=99, max_sessions=3, held_sessions=2))
 
 
 def test_reconnects_go_to_draining_but_not_down_or_maintenance():
     assert d.takes_reconnects(srv("x", admin_state=d.AdminState.DRAINING))
-    assert d.takes_reconnects(srv("x", load=100, max_sessions=1, live_sessions=1))
+    assert d.takes_reconnects(srv("x", load=100, max_sessions=1, held_sessions=1))
     assert not d.takes_reconnects(srv("x", admin_state=d.AdminState.MAINTENANCE))
     assert not d.takes_reconnects(srv("x", health=d.Health.DOWN))
     assert not d.takes_reconnects(srv("x", agent_state=d.AgentState.MAINT))
 
 
 def test_excluded_servers_are_skipped():
-    assert best([srv("a"), srv("b", live_sessions=3)], exclude=["a"]).address == "b"
+    assert best([srv("a"), srv("b", held_sessions=3)], exclude=["a"]).address == "b"
 
 
 @pytest.mark.parametrize(
@@ -215,3 +226,32 @@ def test_stale_after_and_logon_lag_come_from_the_pool():
     assert d.stale_after(None, 2000, 600) == timedelta(seconds=6.6)
     assert d.logon_lag(d.Pool("p")) == timedelta(seconds=30)
     assert d.logon_lag(d.Pool("p", logon_lag_s=5.5)) == timedelta(seconds=5.5)
+
+
+JUNK = {
+    "learnt_from": "route",
+    "confirmed": False,
+    "origin_connection_id": "c1",
+    "connection_id": "c1",
+    "bytes_from_server": 2047,
+}
+
+
+def test_a_claim_closed_by_its_own_connection_with_fewer_than_junk_bytes_is_junk():
+    assert d.is_junk_claim(d.Pool("p"), **JUNK)
+    assert d.is_junk_claim(d.Pool("p"), **(JUNK | {"bytes_from_server": 0}))
+
+
+@pytest.mark.parametrize(
+    ("pool", "change"),
+    [
+        (d.Pool("p"), {"bytes_from_server": 2048}),  # the threshold itself carried a logon's start
+        (d.Pool("p", junk_bytes=0), {"bytes_from_server": 0}),  # 0 turns the rule off
+        (d.Pool("p"), {"confirmed": True}),  # the server's agent listed the user there
+        (d.Pool("p"), {"learnt_from": "agent"}),  # the agent's own session, never a claim
+        (d.Pool("p"), {"connection_id": "c2"}),  # a later connection came back to the claim
+        (d.Pool("p"), {"origin_connection_id": None}),
+    ],
+)
+def test_what_is_not_junk(pool, change):
+    assert not d.is_junk_claim(pool, **(JUNK | change))

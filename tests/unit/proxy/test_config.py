@@ -42,6 +42,9 @@ def test_flags_win_over_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         ("first_packet_timeout_s", "0"),
         ("max_first_packet", str(MAX_FIRST_PACKET + 1)),
         ("max_connections", "0"),
+        ("max_routing_per_client", "-1"),
+        ("max_routing_per_client", "100001"),
+        ("max_routing_per_client", "twenty"),
         ("log_identity", "plain"),
     ],
 )

@@ -24,7 +24,10 @@ CONCURRENCY = 20
 async def test_file_descriptors_return_after_1000_connections() -> None:
     async with BulkServer() as server:
         directory = Directory({"": [server.address]})
-        async with fake_broker(directory) as broker, running_proxy([broker.address]) as proxy:
+        async with (
+            fake_broker(directory) as broker,
+            running_proxy([broker.address], max_routing_per_client=0) as proxy,
+        ):
             _, writer, _ = await handshake(proxy.port, CR)  # warm up channels and caches
             await close(writer)
             await wait_until(lambda: not proxy.context.connections)
@@ -51,4 +54,5 @@ async def test_file_descriptors_return_after_1000_connections() -> None:
             await wait_until(lambda: not proxy.context.connections, timeout_s=30)
             await wait_until(lambda: open_fds() <= before, timeout_s=30)
             assert proxy.context.accepted == CONNECTIONS + 1
+            assert proxy.context.routing_per_client == {}  # every connection counted out again
     assert len(directory.routes) == CONNECTIONS // 10 * 9 + 1

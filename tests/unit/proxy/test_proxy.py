@@ -255,7 +255,9 @@ async def test_a_client_that_closes_mid_packet_is_forgotten(farm: Farm) -> None:
 
 async def test_silent_clients_do_not_hold_up_others(farm: Farm) -> None:
     silent_deadline_s = 5.0
-    async with running_proxy([farm.broker.address], first_packet_timeout_s=silent_deadline_s) as proxy:
+    async with running_proxy(
+        [farm.broker.address], first_packet_timeout_s=silent_deadline_s, max_routing_per_client=0
+    ) as proxy:
         loop = asyncio.get_running_loop()
         silent = [await open_client(proxy.port) for _ in range(200)]
         await wait_until(lambda: len(proxy.context.connections) == 200)

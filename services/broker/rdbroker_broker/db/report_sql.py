@@ -21,6 +21,7 @@ import psycopg
 
 class Outcome(Enum):
     APPLIED = "applied"
+    ABANDONED = "abandoned"  # applied, and it ended the connection's claim as junk
     UNKNOWN_SESSION = "unknown_session"
     USE_CASE = "use_case"  # not applied here: the transactional use case decides
 
@@ -44,14 +45,23 @@ SELECT EXISTS (SELECT FROM s), EXISTS (SELECT FROM sessions WHERE id = %(session
 """
 
 # The connection row records the close; a pending session whose first connection closed ends (it
-# never reached the server); an active session whose current connection closed is disconnected
-# until its pool's timeout. The two session updates exclude each other (pending vs active).
+# never reached the server); an unconfirmed claim whose own connection carried fewer than the pool's
+# junk_bytes from the server ends `abandoned` (a scanner, a health check, a failed client: nothing to
+# keep); any other active session whose current connection closed is disconnected until its pool's
+# timeout. The three session updates exclude each other (pending; active junk; active not junk), and
+# each states its condition on the row itself, so it is re-checked on the newest row under the lock.
 # `(state = ...) IS TRUE` is never an index condition: the row is always found by its primary key.
 # (With `state = ...` the planner may walk the state index instead, when its statistics saw few
 # sessions in that state: at a logon storm's rate that walk costs more than the update.)
+# `domain.is_junk_claim` on the session row: an unconfirmed claim of a route, closed by the connection that
+# made it, that carried fewer than the pool's junk_bytes from the server.
+JUNK = (
+    "learnt_from = 'route' AND NOT confirmed AND origin_connection_id = %(connection_id)s"
+    " AND %(bytes_from_server)s < (SELECT junk_bytes FROM s)"
+)
 CLOSED = """
 WITH s AS (
-    SELECT p.disconnect_timeout_s AS timeout_s
+    SELECT p.disconnect_timeout_s AS timeout_s, p.junk_bytes
     FROM sessions s LEFT JOIN pools p ON p.name = s.pool
     WHERE s.id = %(session_id)s
 ), c AS (
@@ -68,18 +78,26 @@ WITH s AS (
     WHERE id = %(session_id)s AND (state = 'pending') IS TRUE
       AND origin_connection_id = %(connection_id)s
     RETURNING 1
+), abandoned AS (
+    UPDATE sessions
+    SET state = 'ended', end_reason = 'abandoned', ended_at = %(now)s, updated_at = %(now)s,
+        expires_at = NULL
+    WHERE id = %(session_id)s AND (state = 'active') IS TRUE AND connection_id = %(connection_id)s
+      AND ({JUNK}) IS TRUE
+    RETURNING 1
 ), disconnected AS (
     UPDATE sessions
     SET state = 'disconnected', disconnected_at = %(now)s, updated_at = %(now)s,
         expires_at = %(now)s + make_interval(secs => (SELECT timeout_s FROM s))
     WHERE id = %(session_id)s AND (state = 'active') IS TRUE AND connection_id = %(connection_id)s
-      AND (SELECT timeout_s FROM s) IS NOT NULL
+      AND (SELECT timeout_s FROM s) IS NOT NULL AND ({JUNK}) IS NOT TRUE
     RETURNING 1
 )
 SELECT EXISTS (SELECT FROM s), (SELECT timeout_s FROM s) IS NOT NULL,
        EXISTS (SELECT FROM sessions WHERE id = %(session_id)s AND (state = 'active') IS TRUE
-                                          AND connection_id = %(connection_id)s)
-"""
+                                          AND connection_id = %(connection_id)s),
+       EXISTS (SELECT FROM abandoned)
+""".replace("{JUNK}", JUNK)
 
 
 # A statement, its parameters, and what its one result row means.
@@ -122,14 +140,14 @@ def closed(
 
 
 def _closed_outcome(row: tuple[Any, ...]) -> Outcome:
-    exists, pool_found, active_here = row
+    exists, pool_found, active_here, abandoned = row
     if not exists:
         return Outcome.UNKNOWN_SESSION
     # The snapshot saw it active on this connection but its pool is gone by that name: the use
-    # case resolves the pool (or its default timeout) and disconnects it.
+    # case resolves the pool (or its defaults) and disconnects or abandons it.
     if active_here and not pool_found:
         return Outcome.USE_CASE
-    return Outcome.APPLIED
+    return Outcome.ABANDONED if abandoned else Outcome.APPLIED
 
 
 async def run(conn: psycopg.AsyncConnection[Any], statement: Statement) -> Outcome:

@@ -40,12 +40,12 @@ def stale_sql(t: str) -> str:
 
 def eligible_sql(t: str) -> str:
     """`domain.takes_new_sessions` on `domain.as_seen_at` of the `servers` row `t`: not down, operator
-    and agent both enabled, weight > 0, load < 100, under its session limit; a stale result's health,
-    agent state and load do not count."""
+    and agent both enabled, weight > 0, load < 100, under its limit of sessions holding capacity; a
+    stale result's health, agent state and load do not count."""
     return (
         f"({t}.health <> 'down' AND {t}.agent_state NOT IN ('down', 'drain', 'maint') AND {t}.load < 100"
         f" OR {stale_sql(t)}) AND {t}.admin_state = 'enabled' AND {t}.weight > 0"
-        f" AND ({t}.max_sessions <= 0 OR {t}.live_sessions < {t}.max_sessions)"
+        f" AND ({t}.max_sessions <= 0 OR {t}.held_sessions < {t}.max_sessions)"
     )
 
 
@@ -55,21 +55,21 @@ def effective_load_sql(t: str) -> str:
     the bit)."""
     unit = f"(CASE WHEN {t}.max_sessions > 0 THEN 100.0::float8 / {t}.max_sessions ELSE 1.0::float8 END)"
     return (
-        f"(CASE WHEN {t}.load < 0 OR {stale_sql(t)} THEN {t}.live_sessions * {unit}"
+        f"(CASE WHEN {t}.load < 0 OR {stale_sql(t)} THEN {t}.held_sessions * {unit}"
         f" ELSE {t}.load + {t}.placements_since_report * {unit} END) / GREATEST({t}.weight, 1)"
     )
 
 
 def rank_key_sql(t: str) -> str:
-    """`domain.rank_for_new_session`'s sort key on the `servers` row `t`: effective load, live
-    sessions, then the address in code-point order (COLLATE "C", as Python compares strings)."""
-    return f'{effective_load_sql(t)}, {t}.live_sessions, {t}.address COLLATE "C"'
+    """`domain.rank_for_new_session`'s sort key on the `servers` row `t`: effective load, sessions
+    holding capacity, then the address in code-point order (COLLATE "C", as Python compares strings)."""
+    return f'{effective_load_sql(t)}, {t}.held_sessions, {t}.address COLLATE "C"'
 
 
 # What the domain's rules read of a server (ranking, reconnects), in this order.
 _RANK_FIELDS = (
     "address", "pool", "weight", "max_sessions", "admin_state", "health", "agent_state", "load",
-    "placements_since_report", "live_sessions", "fresh_until",
+    "placements_since_report", "live_sessions", "held_sessions", "fresh_until",
 )  # fmt: skip
 _SESSION_FIELDS = ("id", "user", "server_address", "state", "created_at", "updated_at", "expires_at")
 
@@ -125,7 +125,7 @@ FROM ctx
 # Without a live session, the same statement places the user (autocommit: one implicit transaction).
 # The best-ranked eligible server nobody else holds is locked; should it have changed since the
 # statement's snapshot, PostgreSQL re-checks the eligibility on its newest row under the lock (the
-# live-session counter only changes under that lock, by trigger), so a limit is never exceeded. The
+# session counters only change under that lock, by trigger), so a limit is never exceeded. The
 # session insert loses quietly to another replica's placement of the same user (the unique index); the
 # answer insert has no ON CONFLICT, so a repeated (connection_id, attempt) fails the statement and
 # nothing of it remains.
@@ -341,7 +341,9 @@ async def forget_answer(conn: psycopg.AsyncConnection[Any], request: d.RouteRequ
 
 
 def _server(values: Any) -> d.Server:
-    address, pool, weight, max_sessions, admin, health, agent, load, placements, live, fresh_until = values
+    address, pool, weight, max_sessions, admin, health, agent, load, placements, live, held, fresh_until = (
+        values
+    )
     return d.Server(
         address=address,
         pool=pool,
@@ -353,6 +355,7 @@ def _server(values: Any) -> d.Server:
         load=load,
         placements_since_report=placements,
         live_sessions=live,
+        held_sessions=held,
         fresh_until=fresh_until.astimezone(UTC) if fresh_until is not None else None,
     )
 
