@@ -19,8 +19,8 @@ import logging
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
+from rdbroker_broker import accounts, metrics
 from rdbroker_broker import domain as d
-from rdbroker_broker import metrics
 from rdbroker_broker.errors import InvalidInput, NotFound, PermissionDenied
 from rdbroker_broker.service import BrokerService
 from rdbroker_broker.store import Repos
@@ -154,24 +154,35 @@ class ProbeService:
         grace = timedelta(seconds=self.settings.pending_timeout_s)
         ended = linked = ambiguous = 0
         matched: set[str] = set()
+        pool = await r.pools.resolve(server.pool) or d.Pool(server.pool)
+        rules = accounts.Rules.of(pool.domain, pool.upn_suffixes)
+        forms = {k: accounts.resolve(item.user, rules) for k, item in reported.items()}
         for session, learnt_from in await r.sessions.live_on_server(server.address):
             if not session.user:
                 continue  # no identity: nothing to compare; it expires on its own
             key = d.user_key(session.user)
-            same = [key] if key in reported else [k for k in reported if d.same_user(session.user, k)]
+            account = accounts.resolve(session.user, rules)
+            same = (
+                [key]
+                if key in reported
+                else [k for k in reported if accounts.same_account(account, forms[k], rules)]
+            )
             if len(same) == 1:  # the same account, maybe reported without its domain (quser)
                 matched.add(same[0])
                 if learnt_from == "agent":
                     await self._follow_agent(r, session, reported[same[0]].state, now, keep_for)
                 continue
-            matches = {k for k, item in reported.items() if d.cookie_matches(session.user, item.user)}
+            matches = {k for k in reported if accounts.compatible(account, forms[k], rules)}
             if len(matches) == 1:
                 full = reported[next(iter(matches))]
                 matched.add(d.user_key(full.user))
-                label = d.linked_user(session.user, full.user)
-                taken = await r.sessions.live_for_user(session.pool, d.user_key(label))
+                label = accounts.fuller(session.user, full.user, rules)
+                new_key = accounts.key_of(label, rules)
+                taken = (
+                    None if new_key == account.key else await r.sessions.live_for_user(session.pool, new_key)
+                )
                 if label != session.user and taken is None:
-                    await r.sessions.relabel(session.session_id, label, now)
+                    await r.sessions.relabel(session.session_id, label, now, rules)
                     linked += 1
                 continue
             if len(matches) > 1:
@@ -196,6 +207,7 @@ class ProbeService:
                 now=now,
                 expires_at=expires_at,
                 learnt_from="agent",
+                rules=rules,
             )
             recorded += session_id is not None
         return d.ReconcileCounts(ended=ended, recorded=recorded, linked=linked, ambiguous=ambiguous)

@@ -97,6 +97,8 @@ def _context(
         "attempt": 0,
         "proxy_id": "p1",
         "client_address": "",
+        "domain": "",
+        "upn_suffixes": "",
     }
     if not place:
         row = conn.execute(routing_sql.CONTEXT_DEFAULT, params).fetchone()
@@ -106,6 +108,7 @@ def _context(
     params |= {
         "session_id": new_session_id(),
         "user": user,
+        "account_name": user or None,
         "session_proxy_id": "p1",
         "expires_at": NOW + timedelta(seconds=30),
         "reason": "new" if user else "no_identity",
@@ -352,21 +355,21 @@ async def test_the_prefix_guard_reads_the_prefix_index(
             conn.execute("ANALYZE sessions")
         conn.execute(f"SET plan_cache_mode = {plan_cache_mode}")  # psycopg prepares hot statements
         params = {
-            "user_key": "ftbco\\a70", "own_from": "ftbco\\a70", "own_to": "ftbco\\a71",
-            "bare_from": "a70", "bare_to": "a71",
+            "user_key": "ftbco\\a70", "kf": ["ftbco\\a70", "a70"], "kt": ["ftbco\\a71", "a71"],
+            "nf": ["a70"], "nt": ["a71"], "domain": "", "upn_suffixes": "", "account_name": "a70",
             "pool_key": "", "now": NOW, "connection_id": "c1", "attempt": 0, "proxy_id": "p",
             "client_address": "", "session_id": "s1", "user": "FTBCO\\A70", "session_proxy_id": "p",
             "expires_at": NOW, "reason": "new",
         }  # fmt: skip
-        plan = "\n".join(
-            row[0] for row in conn.execute("EXPLAIN " + routing_sql.CONTEXT_PLACE_GUARDED_DEFAULT, params)
-        )
+        statement = routing_sql._PLACING[(True, True)][0]  # key ranges and user-part ranges
+        plan = "\n".join(row[0] for row in conn.execute("EXPLAIN " + statement, params))
     assert "uq_sessions_live_user on sessions t" in plan, plan
+    assert "ix_sessions_live_account on sessions t" in plan, plan
     assert "Seq Scan on sessions" not in plan, plan
     guards = _probe_conditions(plan, "t")
-    assert len(guards) == 2, plan  # the own-prefix range and the bare name
+    assert len(guards) == 2, plan  # one probe per range list, each range one index probe
     # Each probe is bounded by the pool too (the index's leading column), or it walks every key.
-    assert all(c.startswith("uq_sessions_live_user: ") and "(pool = " in c for c in guards), plan
+    assert all("(pool = " in c and ("~>=~" in c) for c in guards), plan
     # The read of the user's live session is bounded by the user's key: by (pool, user_key) on the
     # live-user index, or by user_key on its own index; never user_key alone on the live-user index.
     (live,) = _probe_conditions(plan, "l")
