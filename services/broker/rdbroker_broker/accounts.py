@@ -125,7 +125,9 @@ def fuller(current: str, other: str, rules: Rules = NO_RULES) -> str:
         if sep and domain and "\\" not in whole and "@" not in whole:
             return f"{domain}\\{whole}"
         return whole
-    return other if (b.qualified, len(b.key)) > (a.qualified, len(a.key)) else current
+    return (
+        other if (b.qualified, len(b.key), len(other)) > (a.qualified, len(a.key), len(current)) else current
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +169,11 @@ def probes(account: Account, rules: Rules = NO_RULES) -> Probes | None:
             keys.append(span)  # a bare name's key is its user part
         else:
             names.append(span)  # a qualified name's user part
+            if not account.name_cut:
+                # mstsc's cut of `DOMAIN\\user` (of a domain of one character or more) keeps a
+                # prefix of the user part: each possible one, exactly.
+                top = min(len(account.name) - 1, CUT_CHARS - 2)
+                names += [_exact(account.name[:n]) for n in range(1, top + 1)]
     return Probes(tuple(dict.fromkeys(keys)), tuple(dict.fromkeys(names)))
 
 

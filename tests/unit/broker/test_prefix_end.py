@@ -49,8 +49,13 @@ def test_placement_guards() -> None:
         [],
     )
     assert placement_guard(probes(resolve("CORP\\bob"))) == (["bob"], ["bob\x01"], [], [])
-    # A bare name: a qualified name's user part may be it.
-    assert placement_guard(probes(resolve("alice"))) == ([], [], ["alice"], ["alice\x01"])
+    # A bare name: a qualified name's user part may be it, or a qualified cut's (`CORP\\alic`).
+    assert placement_guard(probes(resolve("alice"))) == (
+        [],
+        [],
+        ["alice", "a", "al", "ali", "alic"],
+        ["alice\x01", "a\x01", "al\x01", "ali\x01", "alic\x01"],
+    )
     # Cut by mstsc: longer names starting with it, and bare names starting with its user part.
     assert placement_guard(probes(resolve("CORP\\alic"))) == (
         ["corp\\alic", "alic"],
