@@ -120,6 +120,10 @@ class BrokerService:
     async def route(self, request: d.RouteRequest) -> d.RouteDecision:
         d.validate_route_request(request)
         user = d.identity_from(request, self.settings.max_cookie_chars)
+        if user and len(accounts.key_of(user, self._accounts_for(request.pool)[1])) > d.MAX_USER_CHARS:
+            raise InvalidInput(
+                f"cookie is too long once qualified with the pool's domain (at most {d.MAX_USER_CHARS})"
+            )
         token_address = d.routing_token_address(request.routing_token)
         decision = None
         context: RouteContext | None = None
@@ -145,6 +149,14 @@ class BrokerService:
             return await self._route(r, request, user, token_address, context if tries == 1 else None)
 
         return self._logged(request, await self.run_tx(work))
+
+    def _check_qualified(self, pool: str, user: str) -> None:
+        key = accounts.key_of(user, self._accounts_for(pool)[1])
+        if len(key) > d.MAX_USER_CHARS:
+            raise InvalidInput(
+                f"cookie is too long once qualified with the pool's domain ({len(key)} characters, "
+                f"at most {d.MAX_USER_CHARS})"
+            )
 
     def _logged(self, request: d.RouteRequest, decision: d.RouteDecision) -> d.RouteDecision:
         if log.isEnabledFor(logging.DEBUG):  # the hot path: no record built unless asked for
@@ -972,7 +984,12 @@ async def list_sessions(
         if filters.server:
             where.append(sessions.c.server_address == filters.server)
         if filters.user:
-            where.append(sessions.c.user_key == d.user_key(filters.user.strip()))
+            # The name's key in each pool's rules (one pool's, when filtered by pool).
+            each = [await _pool_named(r, filters.pool)] if filters.pool else await r.pools.list()
+            keys = {d.user_key(filters.user.strip())} | {
+                accounts.key_of(filters.user, pool_rules(p)) for p in each
+            }
+            where.append(sessions.c.user_key.in_(sorted(keys)))
         total = (await r.conn.execute(select(func.count()).select_from(sessions).where(*where))).scalar_one()
         query = select(sessions).where(*where).order_by(sessions.c.created_at, sessions.c.id)
         rows = await r.conn.execute(query.limit(limit).offset(offset))

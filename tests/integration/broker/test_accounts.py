@@ -15,6 +15,7 @@ from rdbroker_broker import metrics
 from rdbroker_broker.db import migrate
 from rdbroker_broker.db.engine import make_engine
 from rdbroker_broker.db.tables import sessions
+from rdbroker_broker.errors import InvalidInput
 from rdbroker_broker.farm import apply_farm
 from rdbroker_broker.service import BrokerService, find_user_sessions
 from rdbroker_broker.store import Store
@@ -337,3 +338,15 @@ async def test_lookup_in_a_named_pool_uses_that_pools_settings(service, engine):
     assert found.session_id == placed.session_id
     assert await find_user_sessions(service, "bob@corp.example.com", pool="lab") == []
     assert await service.lookup_user_sessions("CORP\\bob", pool="lab") == []
+
+
+@pytest.mark.parametrize("learnt", [False, True])
+async def test_a_name_too_long_once_qualified_is_invalid(service, engine, learnt):
+    """A 254-character bare name fits its column; `corp\\` and it do not: INVALID_ARGUMENT, whether
+    the broker knows the pool's domain yet (checked before the statement) or not (at the insert)."""
+    await seed(engine, server(A), pools=(CORP,))
+    if learnt:
+        await route(service, "c0", "someone")
+    with pytest.raises(InvalidInput, match="too long once qualified with the pool's domain"):
+        await route(service, "c1", "b" * 254)
+    assert [u for u, _, _ in await live_rows(engine)] == (["someone"] if learnt else [])

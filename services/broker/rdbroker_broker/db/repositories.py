@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from rdbroker_broker import accounts
 from rdbroker_broker import domain as d
 from rdbroker_broker.db.tables import LIVE_STATES_SQL, connections, pools, servers, sessions
+from rdbroker_broker.errors import InvalidInput
 
 LIVE = [s.value for s in d.LIVE_STATES]
 
@@ -406,7 +407,7 @@ class SessionRepository:
         """Insert a session, keyed on its account's canonical key in the pool's `rules`; None when
         that account already has a live one in the pool (the unique index)."""
         session_id = new_session_id()
-        account = accounts.resolve(user, rules) if user else None
+        account = _fitting(user, rules) if user else None
         values = {
             "id": session_id,
             "pool": pool,
@@ -471,7 +472,7 @@ class SessionRepository:
     async def relabel(
         self, session_id: str, user: str, now: datetime, rules: accounts.Rules = accounts.NO_RULES
     ) -> None:
-        account = accounts.resolve(user, rules)
+        account = _fitting(user, rules)
         await self.conn.execute(
             update(sessions)
             .where(sessions.c.id == session_id)
@@ -593,6 +594,17 @@ class SessionRepository:
         )
         result = await self.conn.execute(delete(sessions).where(sessions.c.id.in_(some)))
         return int(result.rowcount)
+
+
+def _fitting(user: str, rules: accounts.Rules) -> accounts.Account:
+    """The account of `user`, whose key must fit its column once qualified with the pool's domain."""
+    account = accounts.resolve(user, rules)
+    if len(account.key) > d.MAX_USER_CHARS:
+        raise InvalidInput(
+            f"user {user[:40]!r} is too long once qualified with the pool's domain "
+            f"({len(account.key)} characters, at most {d.MAX_USER_CHARS})"
+        )
+    return account
 
 
 def _byte_order(conn: AsyncConnection, column: Any, op: str, value: str) -> Any:
