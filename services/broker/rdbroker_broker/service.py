@@ -938,14 +938,17 @@ async def account_sessions(
     under its own rules): those under its keys (`lookup_keys`), and the live session another
     spelling of it is stored under when exactly one may be it (the Route's rule)."""
     pools = [await _pool_named(r, pool)] if pool else await r.pools.list()
-    found: dict[str, d.Session] = {}
+    keys = {key for each in pools for key in lookup_keys(user, pool_rules(each))} or set(lookup_keys(user))
+    # By key in every pool at once: a session keeps its pool's name as it was written.
+    listed = await r.sessions.for_keys(sorted(keys), pools[0].name if pool else "", include_ended, limit)
+    found = {s.session_id: s for s in listed}
     for each in pools:
+        if any(s.state in d.LIVE_STATES and s.pool == each.name for s in found.values()):
+            continue
         rules = pool_rules(each)
-        for session in await r.sessions.for_keys(lookup_keys(user, rules), each.name, include_ended, limit):
-            found.setdefault(session.session_id, session)
         account = accounts.resolve(user, rules)
         probes = accounts.probes(account, rules)
-        if probes and not any(s.state in d.LIVE_STATES and s.pool == each.name for s in found.values()):
+        if probes:
             others = [
                 s
                 for s in await r.sessions.live_in_ranges(each.name, probes)
