@@ -11,11 +11,13 @@ import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sqlalchemy import select
 
 from rdbroker_broker import domain as d
 from rdbroker_broker.db import routing_sql
 from rdbroker_broker.db.engine import make_engine
 from rdbroker_broker.db.repositories import ServerRepository, new_session_id
+from rdbroker_broker.db.tables import sessions
 from rdbroker_broker.errors import NoCapacity
 from rdbroker_broker.service import BrokerService
 from rdbroker_broker.store import Store
@@ -417,3 +419,30 @@ async def test_a_domain_cookie_without_a_bare_session_is_placed_in_one_statement
     monkeypatch.setattr(service, "run_tx", no_transaction)
     placed = await service.route(d.RouteRequest(connection_id="c1", cookie="CORP\\alice"))
     assert placed.reason is d.RouteReason.NEW
+
+
+async def test_a_pool_whose_account_settings_changed_is_routed_by_the_transactional_path(
+    engine, service, monkeypatch
+):
+    """The statement's key was made with the pool's account settings as the broker last read them:
+    when the row says otherwise, it stores and places nothing; the transactional path answers with
+    the pool's settings, and the next Route is one statement again."""
+    corp = d.Pool("default", True, 3600.0, domain="CORP", upn_suffixes=("corp.example.com",))
+    await seed(engine, server(A), server(B), pools=(corp,))
+    transactions: list[object] = []
+    original = service.run_tx
+
+    async def counted(work):
+        transactions.append(work)
+        return await original(work)
+
+    monkeypatch.setattr(service, "run_tx", counted)
+    placed = await service.route(d.RouteRequest(connection_id="c1", cookie="bob"))  # settings unknown
+    assert placed.reason is d.RouteReason.NEW
+    assert len(transactions) == 1
+    async with engine.connect() as conn:
+        (key,) = (await conn.execute(select(sessions.c.user_key))).scalars()
+    assert key == "corp\\bob"
+    again = await service.route(d.RouteRequest(connection_id="c2", cookie="BOB@corp.example.com"))
+    assert (again.reason, again.session_id) == (d.RouteReason.RECONNECT, placed.session_id)
+    assert len(transactions) == 1  # one statement
