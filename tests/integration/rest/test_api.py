@@ -53,6 +53,14 @@ async def test_a_full_name_finds_the_session_of_a_truncated_cookie(client, servi
     assert answer["sessions"][0]["user"] == "CORP\\alic"
 
 
+@pytest.mark.parametrize(("placed_as", "looked_up"), [("CORP\\bob", "bob"), ("bob", "CORP%5CBOB")])
+async def test_a_bare_name_and_a_domain_name_find_each_other(client, service, placed_as, looked_up):
+    """The pool has no `domain`: a bare and a qualified spelling are one account (docs/accounts.md)."""
+    decision = await place(service, placed_as, "c1")
+    answer = (await client.get(f"/v1/users/{looked_up}/sessions")).json()
+    assert [s["id"] for s in answer["sessions"]] == [decision.session_id]
+
+
 async def test_lookup_by_pool_and_ended_sessions(client, service):
     decision = await place(service, "bob", "c1")
     await service.end_session(decision.session_id)
