@@ -76,6 +76,9 @@ def resolve(name: str, rules: Rules = NO_RULES) -> Account:
         # Another realm's UPN: its own account; only its suffix may be cut.
         return Account(folded, local, cut, False, True)
     if domain:
+        if cut and f"{domain}\\".startswith(folded):
+            # mstsc's cut of `DOMAIN\\user` inside a domain of 9 characters or more: any account.
+            return Account(f"{domain}\\", "", True, True, True)
         # A cut bare name may be mstsc's cut of a longer bare name or of a UPN: a prefix.
         return Account(f"{domain}\\{folded}", folded, cut, cut, True)
     return Account(folded, folded, cut, cut, False)

@@ -23,7 +23,9 @@ CORP = Rules.of("CORP", ["Corp.Example.com"])
         ("alexander", "corp\\alexander", "alexander", True),
         ("OTHERDOM\\bob", "otherdom\\bob", "bob", False),  # another domain: another account
         ("bob@other.example.com", "bob@other.example.com", "bob", False),
-        ("alice@zzz", "alice@zzz", "alice", True),  # another realm's cut UPN: its key is a prefix
+        ("alice@zzz", "alice@zzz", "alice", True),
+        ("CORPORATE", "corp\\corporate", "corporate", True),  # a user starting `corporate`
+        ("CORP\\", "corp\\", "", False),  # another realm's cut UPN: its key is a prefix
     ],
 )
 def test_with_a_pool_domain(name: str, key: str, account_name: str, cut: bool) -> None:
@@ -68,3 +70,11 @@ def test_the_fuller_name_labels_a_joined_session() -> None:
     assert fuller("alice", "CORP\\alic") == "CORP\\alice"
     assert fuller("CORP\\alic", "CORP\\alice") == "CORP\\alice"
     assert fuller("alice@cor", "alice@corp.example.com", CORP) == "alice@corp.example.com"
+
+
+def test_the_cut_of_a_long_domain_names_any_account_of_it() -> None:
+    rules = Rules.of("AWAKECODING", [])
+    cut = resolve("AWAKECODI", rules)
+    assert (cut.key, cut.cut) == ("awakecoding\\", True)
+    assert compatible(cut, resolve("bob", rules), rules)
+    assert compatible(resolve("AWAKECODI"), resolve("AWAKECODING\\bob"))  # without a domain too
