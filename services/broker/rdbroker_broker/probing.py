@@ -1,14 +1,14 @@
 """Use cases for health replicas: probe leases, probe results and session-list reconciliation.
 
 Reconciliation rules (ReportServerSessions), for one server's list from its agent:
-- a directory user and a reported user are the same when their names are equal, or their user parts
-  are when one side carries no domain (Windows' quser reports "alice" for the cookie "CORP\\alice");
+- a directory user and a reported user are the same account by the pool's account rules (`accounts`,
+  docs/accounts.md): Windows' quser and xrdp report "alice" for the cookie "CORP\\alice";
 - a live directory session whose user the server no longer reports is ended ("logged_off"), unless it
   is pending or changed within the pending timeout (a logon still in progress), or it is disconnected
   and the list says it omits disconnected sessions (psutil's user list cannot show them);
 - a server session for a user the directory has no live session for (in the pool) is recorded;
-- a 9-character truncated-cookie session matching exactly one reported user is linked to that full name
-  (`CORP\\alic` matches `CORP\\alice` and a bare `alice`; it is relabelled `CORP\\alice`);
+- a session under a cut name (mstsc's 9 characters) compatible with exactly one reported user is linked
+  to that full name (`CORP\\alic` matches `CORP\\alice` and a bare `alice`; it is relabelled `CORP\\alice`);
 - a truncated cookie matching several reported users is ambiguous: the session is kept as it is, never
   linked or ended by this report, and counted (logged as `ambiguous`, summed in `ambiguous_total`).
 """
