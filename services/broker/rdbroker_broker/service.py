@@ -90,17 +90,17 @@ class BrokerService:
         self._purged_at: datetime | None = None
         # Pools' account settings as last read, by the pool name a Route names ("" = the default):
         # the Route statement needs the canonical key before it reads the pool, and checks them.
-        self._pool_accounts: dict[str, tuple[str, str]] = {}
+        self._pool_accounts: dict[str, tuple[tuple[str, str], accounts.Rules]] = {}
 
     def _accounts_for(self, pool: str) -> tuple[tuple[str, str], accounts.Rules]:
-        stored = self._pool_accounts.get(pool.casefold(), ("", ""))
-        return stored, _rules(stored)
+        return self._pool_accounts.get(pool.casefold(), _NO_ACCOUNTS)
 
     def _remember_accounts(self, pool_asked: str, pool: d.Pool) -> bool:
         """Remember the pool's account settings; False when they differ from what was used."""
         stored = routing_sql.account_settings(pool)
-        known = self._pool_accounts.get(pool_asked.casefold(), ("", ""))
-        self._pool_accounts[pool_asked.casefold()] = stored
+        known = self._accounts_for(pool_asked)[0]
+        if stored != known:
+            self._pool_accounts[pool_asked.casefold()] = (stored, pool_rules(pool))
         return stored == known
 
     async def run_tx(self, work: Callable[[Repos], Awaitable[T]]) -> T:
@@ -809,8 +809,7 @@ def pool_rules(pool: d.Pool) -> accounts.Rules:
     return accounts.Rules.of(pool.domain, pool.upn_suffixes)
 
 
-def _rules(stored: tuple[str, str]) -> accounts.Rules:
-    return accounts.Rules.of(stored[0], stored[1].split(","))
+_NO_ACCOUNTS: tuple[tuple[str, str], accounts.Rules] = (("", ""), accounts.NO_RULES)
 
 
 def _unknown_pool(pool: str) -> NotFound:
