@@ -213,7 +213,7 @@ class PoolRepository:
             "probe_rise": pool.probe_rise,
             "probe_fall": pool.probe_fall,
             "domain": pool.domain,
-            "upn_suffixes": ",".join(pool.upn_suffixes),
+            "upn_suffixes": ",".join(s for s in pool.upn_suffixes if s),  # as `pool_from_row` reads it
             "junk_bytes": pool.junk_bytes,
             "confirm_timeout_s": pool.confirm_timeout_s,
             "sessions_interval_ms": pool.sessions_interval_ms,

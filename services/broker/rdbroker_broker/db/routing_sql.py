@@ -10,9 +10,11 @@ domain by `tests/integration/broker/test_route_fast_path.py` over generated farm
 (`eligible_sql`, re-checked under the server's row lock), the ranking order (`rank_key_sql`) and
 reconnect acceptance (`reconnects_sql` + expiry). A new placement is decided by SQL alone (the best
 eligible server nobody else holds); a reconnect stored by SQL is decided again in Python by the domain
-(`service`), which takes the answer back if they ever disagree. A cookie that may name a session
-stored under another key (cut to 9 characters, or `DOMAIN\\user` against a bare name) is placed only
-when the statement finds no such live session (`placement_guard`). Anything unusual (tokens, retries,
+(`service`), which takes the answer back if they ever disagree. The key is the account's canonical key
+(`accounts`), made with the pool's account settings as the caller last read them: the statement checks
+them (`rules_ok`) and does nothing when they changed. A name whose account may have a session stored
+under another key (a cut, another spelling) is placed only when the statement finds no such live
+session (`placement_guard`). Anything unusual (tokens, retries,
 expired or stranded sessions, such a session found, a lost race, no unlocked candidate) is left to
 the transactional path in `service`, which handles every case.
 """
@@ -221,7 +223,7 @@ prefix_end = accounts.prefix_end
 
 def account_settings(pool: d.Pool) -> tuple[str, str]:
     """A pool's account settings as its row stores them (what the context statement compares)."""
-    return pool.domain, ",".join(pool.upn_suffixes)
+    return pool.domain, ",".join(s for s in pool.upn_suffixes if s)
 
 
 ANSWER = """
