@@ -120,10 +120,8 @@ class BrokerService:
     async def route(self, request: d.RouteRequest) -> d.RouteDecision:
         d.validate_route_request(request)
         user = d.identity_from(request, self.settings.max_cookie_chars)
-        if user and len(accounts.key_of(user, self._accounts_for(request.pool)[1])) > d.MAX_USER_CHARS:
-            raise InvalidInput(
-                f"cookie is too long once qualified with the pool's domain (at most {d.MAX_USER_CHARS})"
-            )
+        if len(user) > d.MAX_USER_CHARS // 2:  # only a long name may not fit once qualified
+            self._check_qualified(request.pool, user)
         token_address = d.routing_token_address(request.routing_token)
         decision = None
         context: RouteContext | None = None
