@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
 
@@ -446,3 +446,20 @@ async def test_a_pool_whose_account_settings_changed_is_routed_by_the_transactio
     again = await service.route(d.RouteRequest(connection_id="c2", cookie="BOB@corp.example.com"))
     assert (again.reason, again.session_id) == (d.RouteReason.RECONNECT, placed.session_id)
     assert len(transactions) == 1  # one statement
+
+
+def test_guard_ranges_reach_postgresql_as_they_are(pg_database_url):
+    """The guard's ranges travel as array literals: backslashes, quotes, braces, commas, spaces and
+    control characters arrive unchanged."""
+    characters = st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00")
+    with psycopg.connect(pg_database_url, autocommit=True) as conn:
+
+        @given(st.lists(st.text(characters, max_size=8)))
+        @example(["corp\\alic\x01", 'a"b', "{x, y}", " ", "", "NULL", "\\"])
+        @settings(max_examples=300, deadline=None)
+        def check(values: list[str]) -> None:
+            row = conn.execute("SELECT %s::text[]", (routing_sql._text_array(values),)).fetchone()
+            assert row is not None
+            assert row[0] == values
+
+        check()

@@ -221,6 +221,13 @@ def placement_guard(probes: accounts.Probes | None) -> Guard | None:
 prefix_end = accounts.prefix_end
 
 
+def _text_array(values: list[str]) -> str:
+    """A `text[]` parameter as PostgreSQL's array literal (the statement casts it): psycopg adapts a
+    Python list several times slower than a string, on every Route."""
+    quoted = ('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values)
+    return "{" + ",".join(quoted) + "}"
+
+
 def account_settings(pool: d.Pool) -> tuple[str, str]:
     """A pool's account settings as its row stores them (what the context statement compares)."""
     return pool.domain, ",".join(s for s in pool.upn_suffixes if s)
@@ -287,7 +294,8 @@ async def route_context(
         key_from, key_to, name_from, name_to = placement.guard
         default, named = _PLACING[(bool(key_from), bool(name_from))]
         query = named if request.pool else default
-        params.update(kf=key_from, kt=key_to, nf=name_from, nt=name_to)
+        params["kf"], params["kt"] = _text_array(key_from), _text_array(key_to)
+        params["nf"], params["nt"] = _text_array(name_from), _text_array(name_to)
     if placement is not None:
         params["session_id"] = placement.session_id
         params["user"] = placement.user
