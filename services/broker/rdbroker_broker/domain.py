@@ -281,67 +281,6 @@ def validate_route_request(request: RouteRequest) -> None:
         raise InvalidInput("attempt is out of range (at most 100)")
 
 
-def _split_user(name: str) -> tuple[str, str]:
-    """("corp", "alice") for `CORP\\alice`, ("", "alice") for `alice`: casefolded, spaces dropped."""
-    domain, _, user = user_key(name.strip()).rpartition("\\")
-    return domain, user
-
-
-def bare_user_key(user: str) -> str:
-    """The key of the user part of `DOMAIN\\user` (what quser reports); "" for a name without one."""
-    domain, user_part = _split_user(user)
-    return user_part if domain and user_part else ""
-
-
-def same_user(directory_user: str, reported_user: str) -> bool:
-    """Whether two full names are one account: equal, or equal user parts when one side has no domain.
-
-    Windows' `quser` (the agent's Windows source) prints bare names ("alice") while mstsc cookies
-    carry the domain ("CORP\\alice"); two different domains are two different accounts.
-    """
-    d_domain, d_user = _split_user(directory_user)
-    r_domain, r_user = _split_user(reported_user)
-    return bool(d_user) and d_user == r_user and (d_domain == r_domain or not d_domain or not r_domain)
-
-
-def cookie_matches(cookie: str, reported_user: str) -> bool:
-    """Whether a directory user (a cookie, maybe truncated to 9 characters) names `reported_user`.
-
-    mstsc truncates "DOMAIN\\user" to 9 characters and may pad with spaces; FreeRDP drops the domain;
-    quser reports bare user names. So a 9-character `CORP\\alic` matches `CORP\\alice` and `alice`
-    (a reported user part starting with the cookie's truncated user part), never `OTHER\\alice`.
-    Several reported users matching one cookie is the caller's ambiguity to resolve.
-    """
-    want = cookie.strip()
-    if not want:
-        return False
-    if same_user(want, reported_user):
-        return True
-    if len(want) != TRUNCATED_COOKIE_CHARS:
-        return False  # shorter names are complete: only same_user applies
-    key = user_key(want)
-    reported = reported_user.strip()
-    candidates = {reported, reported.rpartition("\\")[2]}
-    if any(user_key(name[:TRUNCATED_COOKIE_CHARS].rstrip()) == key for name in candidates):
-        return True
-    w_domain, w_user = _split_user(want)
-    r_domain, r_user = _split_user(reported)
-    return bool(w_domain) and not r_domain and r_user.startswith(w_user)
-
-
-def linked_user(cookie: str, reported_user: str) -> str:
-    """The name a truncated-cookie session takes once linked: the reported name, qualified with the
-    cookie's domain when the report has none, so the user's next full `DOMAIN\\user` cookie finds it."""
-    domain, sep, _ = cookie.strip().rpartition("\\")
-    if sep and domain and "\\" not in reported_user:
-        return f"{domain}\\{reported_user.strip()}"
-    return reported_user.strip()
-
-
-def looks_truncated(user: str) -> bool:
-    return len(user) == TRUNCATED_COOKIE_CHARS
-
-
 # --- routing tokens ----------------------------------------------------------------------------
 
 

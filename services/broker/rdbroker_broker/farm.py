@@ -7,6 +7,7 @@ still holds live sessions is refused unless `force` (which ends those sessions f
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -16,6 +17,7 @@ import yaml
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from rdbroker_broker import accounts
 from rdbroker_broker import domain as d
 from rdbroker_broker import pool_settings as ps
 from rdbroker_broker.db import migrate
@@ -24,6 +26,8 @@ from rdbroker_broker.db.repositories import LIVE, PoolRepository, ServerReposito
 from rdbroker_broker.db.tables import sessions
 from rdbroker_broker.errors import Unavailable
 from rdbroker_common.settings import join_host_port, split_host_port
+
+log = logging.getLogger(__name__)
 
 DEFAULT_DISCONNECT_TIMEOUT_S = 8 * 3600.0
 _POOL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,127}$")
@@ -399,6 +403,8 @@ async def apply_farm(
                     if old
                     else f"create pool {pool.name}"
                 )
+            if old is not None and (old.domain, old.upn_suffixes) != (pool.domain, pool.upn_suffixes):
+                plan.changes += await rekey_pool(live, pool, now)
         for server in farm.servers:
             old_server = old_servers.get(server.address)
             if old_server is None or _declared(old_server) != _declared(server):
@@ -483,6 +489,24 @@ def pool_changes(old: d.Pool, new: d.Pool) -> str:
         for name, shown in _SHOWN
         if getattr(old, name) != getattr(new, name)
     )
+
+
+async def rekey_pool(live: SessionRepository, pool: d.Pool, now: datetime) -> list[str]:
+    """The pool's account settings changed: its live sessions move to their accounts' new keys
+    (docs/accounts.md). A session whose new key another live session holds keeps its key (two
+    sessions of one account: the next Route of either spelling finds one, the other expires)."""
+    rules = accounts.Rules.of(pool.domain, pool.upn_suffixes)
+    rekeyed, skipped = await live.rekey_pool(pool.name, rules, now)
+    for session_id in skipped:
+        log.warning(
+            "pool %s: session %s not re-keyed: another live session holds its account's new key",
+            pool.name,
+            session_id,
+        )
+    lines = [f"re-key {rekeyed} live sessions of pool {pool.name}"] if rekeyed else []
+    if skipped:
+        lines.append(f"keep the key of {len(skipped)} live sessions of pool {pool.name} (taken)")
+    return lines
 
 
 def _declared(server: d.Server) -> tuple[str, int, int, str, str]:

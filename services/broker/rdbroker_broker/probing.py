@@ -2,8 +2,8 @@
 
 Reconciliation (ReportServerSessions): a server's agent is the truth for that server. For one list,
 taken at `listed_at`, and every live directory session on the server (proxy-made ones included):
-- a directory user and a reported user are the same when their names are equal, or their user parts
-  are when one side carries no domain (Windows' quser reports "alice" for the cookie "CORP\\alice");
+- a directory user and a reported user are the same account by the pool's account rules (`accounts`,
+  docs/accounts.md): Windows' quser and xrdp report "alice" for the cookie "CORP\\alice";
 - a listed user's session is confirmed (it then holds capacity while disconnected) and takes the listed
   state (disconnected: the pool's disconnect timeout; active: no expiry), unless it changed after
   `listed_at` (a proxy event the list could not show, e.g. a reconnect) or the list omits disconnected
@@ -15,9 +15,9 @@ taken at `listed_at`, and every live directory session on the server (proxy-made
   than that ends `unconfirmed` (counted: `unconfirmed`, `rdbroker_reconcile_ended_total{reason}`);
 - a server session for a user the directory has no live session for (in the pool) is recorded,
   confirmed (`learnt_from = agent`);
-- a 9-character truncated-cookie session matching exactly one reported user is linked to that full name
-  (`CORP\\alic` matches `CORP\\alice` and a bare `alice`; it is relabelled `CORP\\alice`) and treated as
-  listed;
+- a session under a cut name (mstsc's 9 characters) compatible with exactly one reported user is linked
+  to that full name (`CORP\\alic` matches `CORP\\alice` and a bare `alice`; it is relabelled `CORP\\alice`)
+  and treated as listed;
 - a truncated cookie matching several reported users is ambiguous: the session is kept as it is, never
   linked, confirmed or ended by this report, and counted (logged as `ambiguous`, summed in
   `ambiguous_total`).
@@ -29,8 +29,8 @@ import logging
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
+from rdbroker_broker import accounts, metrics
 from rdbroker_broker import domain as d
-from rdbroker_broker import metrics
 from rdbroker_broker.errors import InvalidInput, NotFound, PermissionDenied
 from rdbroker_broker.service import BrokerService
 from rdbroker_broker.store import Repos
@@ -186,38 +186,48 @@ class ProbeService:
         keep_for = timedelta(seconds=pool.disconnect_timeout_s)
         ended = unconfirmed = linked = ambiguous = 0
         matched: set[str] = set()
+        rules = accounts.Rules.of(pool.domain, pool.upn_suffixes)
+        forms = {k: accounts.resolve(item.user, rules) for k, item in reported.items()}
         for session, _learnt_from in await r.sessions.live_on_server(server.address):
             if not session.user:
                 continue  # no identity: nothing to compare; it expires on its own
             key = d.user_key(session.user)
+            account = accounts.resolve(session.user, rules)
             listed: d.ReportedSession | None = None
             label = ""
-            same = [key] if key in reported else [k for k in reported if d.same_user(session.user, k)]
+            same = (
+                [key]
+                if key in reported
+                else [k for k in reported if accounts.same_account(account, forms[k], rules)]
+            )
             if len(same) == 1:  # the same account, maybe reported without its domain (quser)
                 matched.add(same[0])
                 listed = reported[same[0]]
             else:
-                matches = {k for k, item in reported.items() if d.cookie_matches(session.user, item.user)}
+                matches = {k for k in reported if accounts.compatible(account, forms[k], rules)}
                 if len(matches) > 1:
-                    ambiguous += 1  # keep the session, link nothing: the cookie cannot tell who it is
+                    ambiguous += 1  # keep the session, link nothing: the cut cannot tell who it is
                     continue
                 if len(matches) == 1:
                     listed = reported[next(iter(matches))]
                     matched.add(d.user_key(listed.user))
-                    label = d.linked_user(session.user, listed.user)
+                    label = accounts.fuller(session.user, listed.user, rules)
             if listed is not None:
                 if not session.confirmed:
                     await r.sessions.confirm(session.session_id)
                 await self._follow_agent(
                     r, session, listed.state, listed_at, now, keep_for, omits_disconnected
                 )
-                if (
-                    label
-                    and label != session.user
-                    and await r.sessions.live_for_user(session.pool, d.user_key(label)) is None
-                ):
-                    await r.sessions.relabel(session.session_id, label, now)
-                    linked += 1
+                if label and label != session.user:
+                    new_key = accounts.key_of(label, rules)
+                    taken = (
+                        None
+                        if new_key == account.key
+                        else await r.sessions.live_for_user(session.pool, new_key)
+                    )
+                    if taken is None:
+                        await r.sessions.relabel(session.session_id, label, now, rules)
+                        linked += 1
                 continue
             reason = _unlisted_end(session, pool, omits_disconnected, listed_at)
             if reason and await r.sessions.end_unchanged_since(session.session_id, reason, listed_at, now):
@@ -237,6 +247,7 @@ class ProbeService:
                 expires_at=expires_at,
                 learnt_from="agent",
                 confirmed=True,
+                rules=rules,
             )
             recorded += session_id is not None
         return d.ReconcileCounts(

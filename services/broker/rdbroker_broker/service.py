@@ -18,8 +18,8 @@ import psycopg
 from sqlalchemy import Column, ColumnElement, String, func, select
 from sqlalchemy.exc import IntegrityError
 
+from rdbroker_broker import accounts, metrics, pool_settings
 from rdbroker_broker import domain as d
-from rdbroker_broker import metrics, pool_settings
 from rdbroker_broker.config import BrokerSettings
 from rdbroker_broker.db import report_sql, routing_sql
 from rdbroker_broker.db.repositories import new_session_id, session_from_row
@@ -109,6 +109,20 @@ class BrokerService:
         # since it started, or since the last failure). The sweep judges a proxy silent only over
         # time inside this span: a proxy cannot be heard while the broker cannot write.
         self.heard_since: datetime | None = None
+        # Pools' account settings as last read, by the pool name a Route names ("" = the default):
+        # the Route statement needs the canonical key before it reads the pool, and checks them.
+        self._pool_accounts: dict[str, tuple[tuple[str, str], accounts.Rules]] = {}
+
+    def _accounts_for(self, pool: str) -> tuple[tuple[str, str], accounts.Rules]:
+        return self._pool_accounts.get(pool.casefold(), _NO_ACCOUNTS)
+
+    def _remember_accounts(self, pool_asked: str, pool: d.Pool) -> bool:
+        """Remember the pool's account settings; False when they differ from what was used."""
+        stored = routing_sql.account_settings(pool)
+        known = self._accounts_for(pool_asked)[0]
+        if stored != known:
+            self._pool_accounts[pool_asked.casefold()] = (stored, pool_rules(pool))
+        return stored == known
 
     async def run_tx(self, work: Callable[[Repos], Awaitable[T]]) -> T:
         """Run `work` in a transaction, again when it loses a race (it then sees the winner's rows)."""
@@ -134,6 +148,8 @@ class BrokerService:
     async def route(self, request: d.RouteRequest) -> d.RouteDecision:
         d.validate_route_request(request)
         user = d.identity_from(request, self.settings.max_cookie_chars)
+        if len(user) > d.MAX_USER_CHARS // 2:  # only a long name may not fit once qualified
+            self._check_qualified(request.pool, user)
         token_address = d.routing_token_address(request.routing_token)
         decision = None
         context: RouteContext | None = None
@@ -164,6 +180,14 @@ class BrokerService:
 
         return self._logged(request, await self.run_tx(work))
 
+    def _check_qualified(self, pool: str, user: str) -> None:
+        key = accounts.key_of(user, self._accounts_for(pool)[1])
+        if len(key) > d.MAX_USER_CHARS:
+            raise InvalidInput(
+                f"cookie is too long once qualified with the pool's domain ({len(key)} characters, "
+                f"at most {d.MAX_USER_CHARS})"
+            )
+
     def _logged(self, request: d.RouteRequest, decision: d.RouteDecision) -> d.RouteDecision:
         if log.isEnabledFor(logging.DEBUG):  # the hot path: no record built unless asked for
             log.debug(
@@ -180,10 +204,17 @@ class BrokerService:
         return decision
 
     async def _read_context(self, r: Repos, pool: str, user: str) -> RouteContext:
-        """The pool, the user's live session in it and that session's server, in one round trip."""
-        context = await r.sessions.route_context(pool, d.user_key(user) if user else "")
+        """The pool, the user's live session in it and that session's server: one round trip, a
+        second when the pool's account settings changed (the key depends on them)."""
+        _, rules = self._accounts_for(pool)
+        context = await r.sessions.route_context(pool, accounts.key_of(user, rules) if user else "")
         if context is None:
             raise _unknown_pool(pool)
+        found = context[0]
+        if not self._remember_accounts(pool, found) and user:
+            live = await r.sessions.live_for_user(found.name, accounts.key_of(user, pool_rules(found)))
+            server = await r.servers.get(live.server_address) if live else None
+            return found, live, server
         return context
 
     async def _route_postgres(self, request: d.RouteRequest, user: str) -> d.RouteDecision | None:
@@ -193,17 +224,25 @@ class BrokerService:
         try:
             async with self.store.raw_autocommit() as conn:
                 now = self.now()
-                key = d.user_key(user) if user else ""
-                # A truncated-looking or `DOMAIN\\user` cookie may name a session stored under
-                # another key: this statement places it only when no such session is live (else,
-                # or when the key range cannot be written, the transactional path tells them apart).
+                stored, rules = self._accounts_for(request.pool)
+                account = accounts.resolve(user, rules) if user else None
+                key = account.key if account else ""
+                # Another spelling of the account (a cut, a bare or qualified name) may name a
+                # session stored under another key: this statement places it only when no such
+                # session is live (else, or when a range cannot be written, the transactional path
+                # tells them apart).
                 expires_at = now + timedelta(seconds=self.settings.pending_timeout_s)
-                guard = routing_sql.placement_guard(user, key) if user else routing_sql.NO_GUARD
+                guard = (
+                    routing_sql.placement_guard(accounts.probes(account, rules))
+                    if account
+                    else routing_sql.NO_GUARD
+                )
                 placement = None
                 if guard is not None:
-                    placement = routing_sql.NewSession(new_session_id(), user, expires_at, guard)
+                    name = account.name if account else ""
+                    placement = routing_sql.NewSession(new_session_id(), user, expires_at, name, guard)
                 try:
-                    found = await routing_sql.route_context(conn, request, key, now, placement)
+                    found = await routing_sql.route_context(conn, request, key, now, placement, stored)
                 except psycopg.errors.UniqueViolation as exc:
                     if not routing_sql.repeats_an_answer(exc):
                         raise
@@ -212,6 +251,8 @@ class BrokerService:
                     return await routing_sql.stored_answer(conn, request)
                 if found is None:
                     raise _unknown_pool(request.pool)
+                if not self._remember_accounts(request.pool, found.pool):
+                    return None  # the statement stored nothing: the transactional path, with them
                 if found.live is not None:
                     return await self._fast_reconnect_postgres(conn, request, found, found.live, now)
                 if found.placed is None or placement is None:
@@ -296,7 +337,7 @@ class BrokerService:
             decision = await self._route_token(r, request, user, token_address, exclude, now)
         if decision is None and user:
             if exclude:  # the failure handling may have ended the session read above
-                live = await r.sessions.live_for_user(pool.name, d.user_key(user))
+                live = await r.sessions.live_for_user(pool.name, accounts.key_of(user, pool_rules(pool)))
                 live_server = await r.servers.get(live.server_address) if live else None
             decision = await self._reconnect(r, pool, user, live, live_server, exclude, now)
         if decision is None:
@@ -423,14 +464,15 @@ class BrokerService:
         if not d.takes_reconnects(d.as_seen_at(server, now)) or address in exclude:
             log.info("routing token names %s, which is down or in maintenance: placing by policy", address)
             return None
+        pool = await r.pools.resolve(server.pool) or d.Pool(server.pool)
         if user:
-            live = await r.sessions.live_for_user(server.pool, d.user_key(user))
+            live = await r.sessions.live_for_user(server.pool, accounts.key_of(user, pool_rules(pool)))
             if live is not None and live.server_address == address and live.is_live_at(now):
                 return d.RouteDecision(address, live.session_id, d.RouteReason.TOKEN, live.user, server.pool)
-        session_id = await self._insert_pending(r, server.pool, user, address, request, now)
+        session_id = await self._insert_pending(r, pool, user, address, request, now)
         if session_id is None:  # the user lives elsewhere in the pool: honour the token without affinity
             user = ""
-            session_id = await self._insert_pending(r, server.pool, "", address, request, now)
+            session_id = await self._insert_pending(r, pool, "", address, request, now)
         assert session_id is not None
         return d.RouteDecision(address, session_id, d.RouteReason.TOKEN, user, server.pool)
 
@@ -444,11 +486,8 @@ class BrokerService:
         exclude: list[str],
         now: datetime,
     ) -> d.RouteDecision | None:
-        if live is None and d.looks_truncated(user):
-            live = await self._truncated_match(r, pool, user)
-            server = await r.servers.get(live.server_address) if live else None
-        if live is None and d.bare_user_key(user):
-            live = await self._bare_match(r, pool, user, now)
+        if live is None:
+            live = await self._account_match(r, pool, user, now)
             server = await r.servers.get(live.server_address) if live else None
         if live is None:
             return None
@@ -470,42 +509,36 @@ class BrokerService:
             return None
         return d.RouteDecision(server.address, live.session_id, d.RouteReason.RECONNECT, live.user, pool.name)
 
-    async def _bare_match(self, r: Repos, pool: d.Pool, cookie: str, now: datetime) -> d.Session | None:
-        """A `DOMAIN\\user` cookie (maybe truncated) whose session the server reported under the bare
-        user name (quser prints no domain): linked to the cookie's full name, so that the next
-        Route finds it directly."""
-        bare = d.bare_user_key(cookie)
-        if d.looks_truncated(cookie):
-            candidates = await r.sessions.live_with_prefix(pool.name, bare)
-        else:
-            exact = await r.sessions.live_for_user(pool.name, bare)
-            candidates = [exact] if exact is not None else []
-        found = [s for s in candidates if "\\" not in s.user and d.cookie_matches(cookie, s.user)]
-        users = {d.user_key(s.user) for s in found}
-        if len(users) > 1:
-            metrics.record_truncated_ambiguous("route")
-            log.warning("cookie matches %d users' bare-named sessions: not reconnecting by it", len(users))
-        if len(users) != 1:
+    async def _account_match(self, r: Repos, pool: d.Pool, user: str, now: datetime) -> d.Session | None:
+        """The live session another spelling of this account is stored under (a cut, a bare or a
+        qualified name: `accounts`), when exactly one live session may be it; relabelled to the
+        most complete name of the two, so that the next Route finds it by its key."""
+        rules = pool_rules(pool)
+        account = accounts.resolve(user, rules)
+        probes = accounts.probes(account, rules)
+        if not probes:
             return None
-        session = found[0]
-        linked = d.linked_user(cookie, session.user)
-        await r.sessions.relabel(session.session_id, linked, now)
-        return replace(session, user=linked)
-
-    async def _truncated_match(self, r: Repos, pool: d.Pool, cookie: str) -> d.Session | None:
-        """A 9-character mstsc cookie whose session was linked to the full user name."""
         found = [
             s
-            for s in await r.sessions.live_with_prefix(pool.name, d.user_key(cookie))
-            if d.cookie_matches(cookie, s.user)
+            for s in await r.sessions.live_in_ranges(pool.name, probes)
+            if s.user and accounts.compatible(account, accounts.resolve(s.user, rules), rules)
         ]
-        users = {d.user_key(s.user) for s in found}
-        if len(users) == 1:
-            return found[0]
-        if len(users) > 1:
+        if len(found) > 1:
             metrics.record_truncated_ambiguous("route")
-            log.warning("truncated cookie matches %d users' sessions: not reconnecting by it", len(users))
-        return None
+            log.warning("%r may be %d accounts' live sessions: joining none", user, len(found))
+            return None
+        if not found:
+            return None
+        session = found[0]
+        label = accounts.fuller(session.user, user, rules)
+        if label != session.user:
+            new_key = accounts.key_of(label, rules)
+            if new_key == accounts.key_of(session.user, rules) or (
+                await r.sessions.live_for_user(pool.name, new_key) is None
+            ):
+                await r.sessions.relabel(session.session_id, label, now, rules)
+                session = replace(session, user=label)
+        return session
 
     async def _place_new(
         self, r: Repos, pool: d.Pool, user: str, exclude: list[str], request: d.RouteRequest, now: datetime
@@ -518,10 +551,10 @@ class BrokerService:
             raise NoCapacity(
                 f"no server in pool {pool.name!r} can take a new session ({_summary(candidates, now)})"
             )
-        session_id = await self._insert_pending(r, pool.name, user, chosen.address, request, now)
+        session_id = await self._insert_pending(r, pool, user, chosen.address, request, now)
         if session_id is None:
             # Another replica placed this user a moment ago: answer with its session.
-            live = await r.sessions.live_for_user(pool.name, d.user_key(user))
+            live = await r.sessions.live_for_user(pool.name, accounts.key_of(user, pool_rules(pool)))
             if live is None:
                 raise Retryable("the competing session ended meanwhile")
             return d.RouteDecision(
@@ -551,10 +584,11 @@ class BrokerService:
         return None
 
     async def _insert_pending(
-        self, r: Repos, pool: str, user: str, address: str, request: d.RouteRequest, now: datetime
+        self, r: Repos, pool: d.Pool, user: str, address: str, request: d.RouteRequest, now: datetime
     ) -> str | None:
         return await r.sessions.insert(
-            pool=pool,
+            pool=pool.name,
+            rules=pool_rules(pool),
             user=user,
             server_address=address,
             state=d.SessionState.PENDING,
@@ -821,13 +855,7 @@ class BrokerService:
         _require("user", user)
 
         async def work(r: Repos) -> list[d.Session]:
-            pool_name = ""
-            if pool:
-                found = await r.pools.resolve(pool)
-                if found is None:
-                    raise NotFound(f"unknown pool {pool!r}")
-                pool_name = found.name
-            return await r.sessions.for_user(d.user_key(user.strip()), pool_name, include_ended)
+            return await account_sessions(r, user, pool, include_ended, 100)
 
         return await self.run_tx(work)
 
@@ -940,6 +968,14 @@ def _last_answer(answers: dict[int, d.RouteDecision], attempt: int) -> d.RouteDe
     return answers[max(earlier)] if earlier else None
 
 
+def pool_rules(pool: d.Pool) -> accounts.Rules:
+    """The account rules of a pool's settings."""
+    return accounts.Rules.of(pool.domain, pool.upn_suffixes)
+
+
+_NO_ACCOUNTS: tuple[tuple[str, str], accounts.Rules] = (("", ""), accounts.NO_RULES)
+
+
 def _unknown_pool(pool: str) -> NotFound:
     return NotFound(
         f"unknown pool {pool!r}"
@@ -1045,31 +1081,58 @@ async def _pool_named(r: Repos, name: str) -> d.Pool:
     return found
 
 
-def lookup_keys(user: str) -> list[str]:
-    """The user keys a lookup of `user` matches: the name itself, and the forms old clients send for it
-    (mstsc truncates `DOMAIN\\user` to 9 characters, FreeRDP drops the domain)."""
+def lookup_keys(user: str, rules: accounts.Rules = accounts.NO_RULES) -> list[str]:
+    """The keys whose sessions a lookup of `user` lists, ended ones included: the account's key in
+    the pool's rules, and the keys older directories stored its spellings under (the casefolded
+    name, its 9-character cut, its user part)."""
     name = user.strip()
     forms = {name, name[: d.TRUNCATED_COOKIE_CHARS].rstrip()}
     if "\\" in name:
         short = name.split("\\", 1)[1]
         forms |= {short, short[: d.TRUNCATED_COOKIE_CHARS].rstrip()}
-    return sorted({d.user_key(form) for form in forms if form})
+    keys = {d.user_key(form) for form in forms if form}
+    keys.add(accounts.key_of(name, rules))
+    return sorted(keys)
+
+
+async def account_sessions(
+    r: Repos, user: str, pool: str, include_ended: bool, limit: int
+) -> list[d.Session]:
+    """The sessions of the account `user` names, newest first, in one pool or in every pool (each
+    under its own rules): those under its keys (`lookup_keys`), and the live session another
+    spelling of it is stored under when exactly one may be it (the Route's rule)."""
+    pools = [await _pool_named(r, pool)] if pool else await r.pools.list()
+    keys = {key for each in pools for key in lookup_keys(user, pool_rules(each))} or set(lookup_keys(user))
+    # By key in every pool at once: a session keeps its pool's name as it was written.
+    listed = await r.sessions.for_keys(sorted(keys), pools[0].name if pool else "", include_ended, limit)
+    found = {s.session_id: s for s in listed}
+    for each in pools:
+        if any(s.state in d.LIVE_STATES and s.pool == each.name for s in found.values()):
+            continue
+        rules = pool_rules(each)
+        account = accounts.resolve(user, rules)
+        probes = accounts.probes(account, rules)
+        if probes:
+            others = [
+                s
+                for s in await r.sessions.live_in_ranges(each.name, probes)
+                if s.user and accounts.compatible(account, accounts.resolve(s.user, rules), rules)
+            ]
+            if len(others) == 1:
+                found.setdefault(others[0].session_id, others[0])
+    ordered = sorted(found.values(), key=lambda s: (s.created_at, s.session_id), reverse=True)
+    return ordered[:limit]
 
 
 async def find_user_sessions(
     service: BrokerService, user: str, pool: str = "", include_ended: bool = False, limit: int = 50
 ) -> list[d.Session]:
-    """Where is this user? Their sessions, newest first, including ones keyed on a truncated cookie."""
+    """Where is this user? Their sessions, newest first, whatever spelling they were recorded under
+    (`account_sessions`)."""
     _require("user", user.strip())
 
     async def work(r: Repos) -> list[d.Session]:
-        query = select(sessions).where(sessions.c.user_key.in_(lookup_keys(user)))
-        if pool:
-            query = query.where(sessions.c.pool == (await _pool_named(r, pool)).name)
-        if not include_ended:
-            query = query.where(sessions.c.state.in_([s.value for s in d.LIVE_STATES]))
-        query = query.order_by(sessions.c.created_at.desc(), sessions.c.id).limit(limit)
-        return [session_from_row(row) for row in await r.conn.execute(query)]
+        return await account_sessions(r, user, pool, include_ended, limit)
 
     return await service.run_tx(work)
 
@@ -1088,7 +1151,12 @@ async def list_sessions(
         if filters.server:
             where.append(sessions.c.server_address == filters.server)
         if filters.user:
-            where.append(sessions.c.user_key == d.user_key(filters.user.strip()))
+            # The name's key in each pool's rules (one pool's, when filtered by pool).
+            each = [await _pool_named(r, filters.pool)] if filters.pool else await r.pools.list()
+            keys = {d.user_key(filters.user.strip())} | {
+                accounts.key_of(filters.user, pool_rules(p)) for p in each
+            }
+            where.append(sessions.c.user_key.in_(sorted(keys)))
         total = (await r.conn.execute(select(func.count()).select_from(sessions).where(*where))).scalar_one()
         query = select(sessions).where(*where).order_by(sessions.c.created_at, sessions.c.id)
         rows = await r.conn.execute(query.limit(limit).offset(offset))
@@ -1232,6 +1300,12 @@ async def update_pool(service: BrokerService, name: str, changes: dict[str, obje
             raise InvalidInput("; ".join(f"{field}: {message}" for field, message in problems))
         if changed != pool:
             await r.pools.upsert(changed, service.now())
+        if (changed.domain, changed.upn_suffixes) != (pool.domain, pool.upn_suffixes):
+            # Live sessions move to their accounts' keys under the new rules (docs/accounts.md).
+            rekeyed, skipped = await r.sessions.rekey_pool(changed.name, pool_rules(changed), service.now())
+            log.info(
+                "pool %s: %d live sessions re-keyed, %d kept (key taken)", changed.name, rekeyed, len(skipped)
+            )
         return await _summary_of(r, changed)
 
     summary = await service.run_tx(work)

@@ -185,3 +185,48 @@ async def test_held_sessions_count_open_and_confirmed_sessions_only(dialect, pg_
         assert await counts() == {"a:1": (0, 0), "b:1": (0, 0)}
     finally:
         await engine.dispose()
+
+
+@pytest.mark.parametrize("dialect", ["postgresql", "sqlite"])
+async def test_live_sessions_get_their_account_name(dialect, pg_database_url, tmp_path):
+    """0006: live sessions recorded before `account_name` was stored get their user part; their keys
+    stay (no pool has a domain yet); ended ones are history and stay as they are."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import text
+
+    url = pg_database_url if dialect == "postgresql" else f"sqlite+aiosqlite:///{tmp_path / 'b.db'}"
+    engine = make_engine(url)
+    now = datetime.now(UTC)
+    users = {"s1": ("CORP\\Bob", "active"), "s2": ("Carol@Corp.Example.com", "disconnected"),
+             "s3": ("dave", "pending"), "s4": ("CORP\\erin", "ended")}  # fmt: skip
+    try:
+        await migrate.upgrade(engine, "0005")
+        async with engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO pools (name, name_key, is_default, disconnect_timeout_s, created_at,"
+                    " updated_at) VALUES ('default', 'default', true, 60, :now, :now)"
+                ),
+                {"now": now},
+            )
+            for sid, (user, state) in users.items():
+                await conn.execute(
+                    text(
+                        'INSERT INTO sessions (id, pool, "user", user_key, server_address, state,'
+                        " learnt_from, client_address, created_at, updated_at, end_reason) VALUES"
+                        " (:id, 'default', :u, :k, 'a:1', :state, 'route', '', :now, :now, '')"
+                    ),
+                    {"id": sid, "u": user, "k": user.casefold(), "state": state, "now": now},
+                )
+        await migrate.upgrade(engine)
+        async with engine.connect() as conn:
+            rows = await conn.execute(text("SELECT id, user_key, account_name FROM sessions ORDER BY id"))
+            assert [tuple(r) for r in rows] == [
+                ("s1", "corp\\bob", "bob"),
+                ("s2", "carol@corp.example.com", "carol"),
+                ("s3", "dave", "dave"),
+                ("s4", "corp\\erin", None),
+            ]
+    finally:
+        await engine.dispose()

@@ -9,13 +9,15 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from sqlalchemy import select
 
 from rdbroker_broker import domain as d
 from rdbroker_broker.db import routing_sql
 from rdbroker_broker.db.engine import make_engine
 from rdbroker_broker.db.repositories import ServerRepository, new_session_id
+from rdbroker_broker.db.tables import sessions
 from rdbroker_broker.errors import NoCapacity
 from rdbroker_broker.service import BrokerService
 from rdbroker_broker.store import Store
@@ -100,6 +102,8 @@ def _context(
         "attempt": 0,
         "proxy_id": "p1",
         "client_address": "",
+        "domain": "",
+        "upn_suffixes": "",
     }
     if not place:
         row = conn.execute(routing_sql.CONTEXT_DEFAULT, params).fetchone()
@@ -109,6 +113,7 @@ def _context(
     params |= {
         "session_id": new_session_id(),
         "user": user,
+        "account_name": user or None,
         "session_proxy_id": "p1",
         "expires_at": NOW + timedelta(seconds=30),
         "reason": "new" if user else "no_identity",
@@ -362,21 +367,21 @@ async def test_the_prefix_guard_reads_the_prefix_index(
             conn.execute("ANALYZE sessions")
         conn.execute(f"SET plan_cache_mode = {plan_cache_mode}")  # psycopg prepares hot statements
         params = {
-            "user_key": "ftbco\\a70", "own_from": "ftbco\\a70", "own_to": "ftbco\\a71",
-            "bare_from": "a70", "bare_to": "a71",
+            "user_key": "ftbco\\a70", "kf": ["ftbco\\a70", "a70"], "kt": ["ftbco\\a71", "a71"],
+            "nf": ["a70"], "nt": ["a71"], "domain": "", "upn_suffixes": "", "account_name": "a70",
             "pool_key": "", "now": NOW, "connection_id": "c1", "attempt": 0, "proxy_id": "p",
             "client_address": "", "session_id": "s1", "user": "FTBCO\\A70", "session_proxy_id": "p",
             "expires_at": NOW, "reason": "new",
         }  # fmt: skip
-        plan = "\n".join(
-            row[0] for row in conn.execute("EXPLAIN " + routing_sql.CONTEXT_PLACE_GUARDED_DEFAULT, params)
-        )
+        statement = routing_sql._PLACING[(True, True)][0]  # key ranges and user-part ranges
+        plan = "\n".join(row[0] for row in conn.execute("EXPLAIN " + statement, params))
     assert "uq_sessions_live_user on sessions t" in plan, plan
+    assert "ix_sessions_live_account on sessions t" in plan, plan
     assert "Seq Scan on sessions" not in plan, plan
     guards = _probe_conditions(plan, "t")
-    assert len(guards) == 2, plan  # the own-prefix range and the bare name
+    assert len(guards) == 2, plan  # one probe per range list, each range one index probe
     # Each probe is bounded by the pool too (the index's leading column), or it walks every key.
-    assert all(c.startswith("uq_sessions_live_user: ") and "(pool = " in c for c in guards), plan
+    assert all("(pool = " in c and ("~>=~" in c) for c in guards), plan
     # The read of the user's live session is bounded by the user's key: by (pool, user_key) on the
     # live-user index, or by user_key on its own index; never user_key alone on the live-user index.
     (live,) = _probe_conditions(plan, "l")
@@ -424,3 +429,47 @@ async def test_a_domain_cookie_without_a_bare_session_is_placed_in_one_statement
     monkeypatch.setattr(service, "run_tx", no_transaction)
     placed = await service.route(d.RouteRequest(connection_id="c1", cookie="CORP\\alice"))
     assert placed.reason is d.RouteReason.NEW
+
+
+async def test_a_pool_whose_account_settings_changed_is_routed_by_the_transactional_path(
+    engine, service, monkeypatch
+):
+    """The statement's key was made with the pool's account settings as the broker last read them:
+    when the row says otherwise, it stores and places nothing; the transactional path answers with
+    the pool's settings, and the next Route is one statement again."""
+    corp = d.Pool("default", True, 3600.0, domain="CORP", upn_suffixes=("corp.example.com",))
+    await seed(engine, server(A), server(B), pools=(corp,))
+    transactions: list[object] = []
+    original = service.run_tx
+
+    async def counted(work):
+        transactions.append(work)
+        return await original(work)
+
+    monkeypatch.setattr(service, "run_tx", counted)
+    placed = await service.route(d.RouteRequest(connection_id="c1", cookie="bob"))  # settings unknown
+    assert placed.reason is d.RouteReason.NEW
+    assert len(transactions) == 1
+    async with engine.connect() as conn:
+        (key,) = (await conn.execute(select(sessions.c.user_key))).scalars()
+    assert key == "corp\\bob"
+    again = await service.route(d.RouteRequest(connection_id="c2", cookie="BOB@corp.example.com"))
+    assert (again.reason, again.session_id) == (d.RouteReason.RECONNECT, placed.session_id)
+    assert len(transactions) == 1  # one statement
+
+
+def test_guard_ranges_reach_postgresql_as_they_are(pg_database_url):
+    """The guard's ranges travel as array literals: backslashes, quotes, braces, commas, spaces and
+    control characters arrive unchanged."""
+    characters = st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00")
+    with psycopg.connect(pg_database_url, autocommit=True) as conn:
+
+        @given(st.lists(st.text(characters, max_size=8)))
+        @example(["corp\\alic\x01", 'a"b', "{x, y}", " ", "", "NULL", "\\"])
+        @settings(max_examples=300, deadline=None)
+        def check(values: list[str]) -> None:
+            row = conn.execute("SELECT %s::text[]", (routing_sql._text_array(values),)).fetchone()
+            assert row is not None
+            assert row[0] == values
+
+        check()

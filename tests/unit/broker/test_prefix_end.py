@@ -7,6 +7,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
+from rdbroker_broker.accounts import Rules, probes, resolve
 from rdbroker_broker.db import routing_sql
 from rdbroker_broker.db.routing_sql import NO_GUARD, placement_guard, prefix_end
 
@@ -39,20 +40,45 @@ def test_the_ends_of_the_code_points() -> None:
 
 
 def test_placement_guards() -> None:
-    # A full name with no domain can only be stored under its own key: no guard.
-    assert placement_guard("alice", "alice") == NO_GUARD
-    # `DOMAIN\user`: the server may have reported the bare `alice`.
-    assert placement_guard("CORP\\alice", "corp\\alice") == ("", "", "alice", "alice\x01")
+    # A complete qualified name with no pool domain: the bare name may hold its session, and so
+    # may mstsc's cut of it.
+    assert placement_guard(probes(resolve("CORP\\alice"))) == (
+        ["corp\\alic", "alice"],
+        ["corp\\alic\x01", "alice\x01"],
+        [],
+        [],
+    )
+    assert placement_guard(probes(resolve("CORP\\bob"))) == (["bob"], ["bob\x01"], [], [])
+    # A bare name: a qualified name's user part may be it, or a qualified cut's (`CORP\\alic`).
+    assert placement_guard(probes(resolve("alice"))) == (
+        [],
+        [],
+        ["alice", "a", "al", "ali", "alic"],
+        ["alice\x01", "a\x01", "al\x01", "ali\x01", "alic\x01"],
+    )
     # Cut by mstsc: longer names starting with it, and bare names starting with its user part.
-    assert placement_guard("CORP\\alic", "corp\\alic") == ("corp\\alic", "corp\\alid", "alic", "alid")
-    assert placement_guard("abcdefghi", "abcdefghi") == ("abcdefghi", "abcdefghj", "", "")
-    assert placement_guard("CORP\\abc\U0010ffff", "corp\\abc\U0010ffff") is None
+    assert placement_guard(probes(resolve("CORP\\alic"))) == (
+        ["corp\\alic", "alic"],
+        ["corp\\alid", "alid"],
+        [],
+        [],
+    )
+    assert placement_guard(probes(resolve("abcdefghi"))) == (
+        ["abcdefghi"],
+        ["abcdefghj"],
+        ["abcdefghi"],
+        ["abcdefghj"],
+    )
+    # With a pool domain every complete spelling has one key: only cuts of it are probed.
+    rules = Rules.of("CORP", ["corp.example.com"])
+    assert placement_guard(probes(resolve("bob", rules), rules)) == NO_GUARD
+    assert placement_guard(probes(resolve("CORP\\abc\U0010ffff"))) is None
 
 
-def test_a_placing_statement_probes_only_the_ranges_a_cookie_has() -> None:
+def test_a_placing_statement_probes_only_the_ranges_a_name_has() -> None:
     # An empty range ('' to '') is no free probe: PostgreSQL walks every live key of the pool.
-    for own in (False, True):
-        for bare in (False, True):
-            for statement in routing_sql._PLACING[(own, bare)]:
-                assert ("%(own_from)s" in statement) is own
-                assert ("%(bare_from)s" in statement) is bare
+    for keys in (False, True):
+        for names in (False, True):
+            for statement in routing_sql._PLACING[(keys, names)]:
+                assert ("%(kf)s" in statement) is keys
+                assert ("%(nf)s" in statement) is names

@@ -15,6 +15,9 @@ from rdbroker_proxy.server import ProxyServer
 from rdbroker_rdp import build_connection_confirm, build_connection_request, parse_first_packet
 
 CR = build_connection_request(cookie="alice", requested_protocols=3)
+# What a client sends and an echoing fake server sends back for a logon: more than a pool's
+# `junk_bytes` (2 KiB) from the server, so the broker keeps the session when the connection closes.
+LOGON = bytes(range(256)) * 24
 STEP_TIMEOUT_S = 10.0  # generous: a loaded 2-core machine; only a hang hits it
 
 

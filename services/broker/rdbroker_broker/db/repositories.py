@@ -15,8 +15,10 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from rdbroker_broker import accounts
 from rdbroker_broker import domain as d
 from rdbroker_broker.db.tables import LIVE_STATES_SQL, connections, pools, servers, sessions
+from rdbroker_broker.errors import InvalidInput
 
 LIVE = [s.value for s in d.LIVE_STATES]
 # A session disconnected for want of news, not because its connection was seen to close: a silent
@@ -74,6 +76,8 @@ _ROUTE_CONTEXT_COLUMNS = [
     pools.c.name.label("pool_name"),
     pools.c.is_default,
     pools.c.disconnect_timeout_s,
+    pools.c.domain,
+    pools.c.upn_suffixes,
     *[c.label(f"s_{c.name}") for c in SESSION_COLUMNS],
     *[c.label(f"v_{c.name}") for c in SERVER_COLUMNS],
 ]
@@ -236,7 +240,7 @@ class PoolRepository:
             "probe_rise": pool.probe_rise,
             "probe_fall": pool.probe_fall,
             "domain": pool.domain,
-            "upn_suffixes": ",".join(pool.upn_suffixes),
+            "upn_suffixes": ",".join(s for s in pool.upn_suffixes if s),  # as `pool_from_row` reads it
             "junk_bytes": pool.junk_bytes,
             "confirm_timeout_s": pool.confirm_timeout_s,
             "sessions_interval_ms": pool.sessions_interval_ms,
@@ -401,20 +405,39 @@ class SessionRepository:
         if row is None:
             return None
         m = row._mapping
-        found = d.Pool(m["pool_name"], m["is_default"], m["disconnect_timeout_s"])
+        suffixes = tuple(x for x in m["upn_suffixes"].split(",") if x)
+        found = d.Pool(
+            m["pool_name"],
+            m["is_default"],
+            m["disconnect_timeout_s"],
+            domain=m["domain"],
+            upn_suffixes=suffixes,
+        )
         if m["s_id"] is None:
             return found, None, None
         session = session_from_row(_prefixed(m, "s_"))
         server = server_from_row(_prefixed(m, "v_")) if m["v_address"] is not None else None
         return found, session, server
 
-    async def live_with_prefix(self, pool: str, prefix: str) -> list[d.Session]:
-        query = select(sessions).where(
-            sessions.c.pool == pool,
-            sessions.c.user_key.startswith(prefix, autoescape=True),
-            sessions.c.state.in_(LIVE),
-        )
-        return [session_from_row(r) for r in await self.conn.execute(query.limit(50))]
+    async def live_in_ranges(self, pool: str, probes: accounts.Probes, limit: int = 50) -> list[d.Session]:
+        """Live sessions in the pool whose key or user part falls in one of the ranges (each one probe
+        of a byte-order index), at most `limit` per range."""
+        found: dict[str, d.Session] = {}
+        for column, ranges in (
+            (sessions.c.user_key, probes.key_ranges),
+            (sessions.c.account_name, probes.name_ranges),
+        ):
+            for lo, hi in ranges:
+                query = select(sessions).where(
+                    sessions.c.pool == pool,
+                    sessions.c.state.in_(LIVE),
+                    _byte_order(self.conn, column, ">=", lo),
+                    _byte_order(self.conn, column, "<", hi),
+                )
+                for row in await self.conn.execute(query.limit(limit)):
+                    session = session_from_row(row)
+                    found.setdefault(session.session_id, session)
+        return list(found.values())
 
     async def live_on_server(self, address: str) -> list[tuple[d.Session, str]]:
         """Live sessions on a server with how each was learnt ("route" or "agent")."""
@@ -422,7 +445,12 @@ class SessionRepository:
         return [(session_from_row(r), r._mapping["learnt_from"]) for r in await self.conn.execute(query)]
 
     async def for_user(self, key: str, pool: str, include_ended: bool, limit: int = 100) -> list[d.Session]:
-        query = select(sessions).where(sessions.c.user_key == key)
+        return await self.for_keys([key], pool, include_ended, limit)
+
+    async def for_keys(
+        self, keys: Sequence[str], pool: str, include_ended: bool, limit: int = 100
+    ) -> list[d.Session]:
+        query = select(sessions).where(sessions.c.user_key.in_(list(keys)))
         if pool:
             query = query.where(sessions.c.pool == pool)
         if not include_ended:
@@ -444,14 +472,18 @@ class SessionRepository:
         client_address: str = "",
         learnt_from: str = "route",
         confirmed: bool = False,
+        rules: accounts.Rules = accounts.NO_RULES,
     ) -> str | None:
-        """Insert a session; None when the user already has a live one in the pool (the unique index)."""
+        """Insert a session, keyed on its account's canonical key in the pool's `rules`; None when
+        that account already has a live one in the pool (the unique index)."""
         session_id = new_session_id()
+        account = _fitting(user, rules) if user else None
         values = {
             "id": session_id,
             "pool": pool,
             "user": user,
-            "user_key": d.user_key(user) if user else None,
+            "user_key": account.key if account else None,
+            "account_name": account.name if account else None,
             "server_address": server_address,
             "state": state.value,
             "learnt_from": learnt_from,
@@ -508,12 +540,45 @@ class SessionRepository:
         columns = [sessions.c[name] for name in names]
         return (await self.conn.execute(select(*columns).where(sessions.c.id == session_id))).first()
 
-    async def relabel(self, session_id: str, user: str, now: datetime) -> None:
+    async def relabel(
+        self, session_id: str, user: str, now: datetime, rules: accounts.Rules = accounts.NO_RULES
+    ) -> None:
+        account = _fitting(user, rules)
         await self.conn.execute(
             update(sessions)
             .where(sessions.c.id == session_id)
-            .values(user=user, user_key=d.user_key(user), updated_at=now)
+            .values(user=user, user_key=account.key, account_name=account.name, updated_at=now)
         )
+
+    async def rekey_pool(self, pool: str, rules: accounts.Rules, now: datetime) -> tuple[int, list[str]]:
+        """Store every live session of the pool under its account's key in `rules` (a pool's domain
+        or UPN suffixes changed). A session whose new key another live session holds keeps its key:
+        answers how many were re-keyed, and the ids of those skipped."""
+        query = select(sessions.c.id, sessions.c.user, sessions.c.user_key, sessions.c.account_name).where(
+            sessions.c.pool == pool, sessions.c.state.in_(LIVE), sessions.c.user_key.is_not(None)
+        )
+        rows = list(await self.conn.execute(query))
+        taken = {row.user_key for row in rows}
+        changes = []
+        for row in rows:
+            account = accounts.resolve(row.user, rules)
+            if (account.key, account.name) != (row.user_key, row.account_name):
+                changes.append((row, account))
+        rekeyed, skipped = 0, []
+        # Keys being given up first, so that two sessions may swap nothing but their own keys.
+        for row, account in changes:
+            if account.key != row.user_key and account.key in taken:
+                skipped.append(row.id)
+                continue
+            await self.conn.execute(
+                update(sessions)
+                .where(sessions.c.id == row.id)
+                .values(user_key=account.key, account_name=account.name, updated_at=now)
+            )
+            taken.discard(row.user_key)
+            taken.add(account.key)
+            rekeyed += 1
+        return rekeyed, skipped
 
     async def confirm(self, session_id: str) -> bool:
         """The server's agent listed the session's user there: it holds capacity while disconnected."""
@@ -678,6 +743,26 @@ def _listed(conn: AsyncConnection, ids: Sequence[str]) -> Any:
     if conn.dialect.name == "postgresql":
         return sessions.c.connection_id == func.any(bindparam("open_ids", list(ids), type_=ARRAY(String)))
     return sessions.c.connection_id.in_(list(ids))
+
+
+def _fitting(user: str, rules: accounts.Rules) -> accounts.Account:
+    """The account of `user`, whose key must fit its column once qualified with the pool's domain."""
+    account = accounts.resolve(user, rules)
+    if len(account.key) > d.MAX_USER_CHARS:
+        raise InvalidInput(
+            f"user {user[:40]!r} is too long once qualified with the pool's domain "
+            f"({len(account.key)} characters, at most {d.MAX_USER_CHARS})"
+        )
+    return account
+
+
+def _byte_order(conn: AsyncConnection, column: Any, op: str, value: str) -> Any:
+    """`column op value` in code-point order: PostgreSQL's byte-order operators (the indexes use
+    text_pattern_ops); SQLite compares text by bytes already."""
+    if conn.dialect.name == "postgresql":
+        pattern = {">=": "~>=~", "<": "~<~"}[op]
+        return column.op(pattern, is_comparison=True)(bindparam(None, value, type_=String))
+    return column >= value if op == ">=" else column < value
 
 
 def _not_listed(conn: AsyncConnection, ids: Sequence[str]) -> Any:

@@ -12,11 +12,12 @@ reconnect acceptance (`reconnects_sql` + expiry), each on the server as `domain.
 statement's `now` sees it (`stale_sql`: a stale health result counts as none). A new placement is
 decided by SQL alone (the best eligible server nobody else holds); a reconnect stored by SQL is
 decided again in Python by the domain (`service`), which takes the answer back if they ever disagree.
-A cookie that may name a session stored under another key (cut to 9 characters, or `DOMAIN\\user`
-against a bare name) is placed only when the statement finds no such live session
-(`placement_guard`). Anything unusual (tokens, retries, expired or stranded sessions, such a session
-found, a lost race, no unlocked candidate) is left to the transactional path in `service`, which
-handles every case.
+The key is the account's canonical key (`accounts`), made with the pool's account settings as the
+caller last read them: the statement checks them (`rules_ok`) and does nothing when they changed. A
+name whose account may have a session stored under another key (a cut, another spelling) is placed
+only when the statement finds no such live session (`placement_guard`). Anything unusual (tokens,
+retries, expired or stranded sessions, such a session found, a lost race, no unlocked candidate) is
+left to the transactional path in `service`, which handles every case.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 
 import psycopg
 
+from rdbroker_broker import accounts
 from rdbroker_broker import domain as d
 
 LIVE_SQL = "('pending', 'active', 'disconnected')"
@@ -96,10 +98,11 @@ _CONNECTION_COLUMNS = (
 # older than the table's growth).
 _CONTEXT = f"""
 WITH ctx AS (
-    SELECT p.name AS pool_name, p.is_default, p.disconnect_timeout_s,
+    SELECT p.name AS pool_name, p.is_default, p.disconnect_timeout_s, p.domain, p.upn_suffixes,
            {", ".join(f's."{name}" AS s_{name}' for name in _SESSION_FIELDS)},
            {", ".join(f"v.{name} AS v_{name}" for name in _RANK_FIELDS)},
-           (s.expires_at IS NULL OR s.expires_at > %(now)s) AND {reconnects_sql("v")} AS reconnects
+           (s.expires_at IS NULL OR s.expires_at > %(now)s) AND {reconnects_sql("v")} AS reconnects,
+           p.domain = %(domain)s AND p.upn_suffixes = %(upn_suffixes)s AS rules_ok
     FROM pools p
     LEFT JOIN LATERAL (
         SELECT * FROM sessions l WHERE l.pool = p.name AND l.user_key = %(user_key)s AND l.state IN {LIVE_SQL}
@@ -111,15 +114,11 @@ WITH ctx AS (
     INSERT INTO connections ({_CONNECTION_COLUMNS})
     SELECT %(connection_id)s, %(attempt)s, s_id, %(proxy_id)s, v_address, 'reconnect', s_user, pool_name,
            %(client_address)s, %(now)s, 0, 0, 0, ''
-    FROM ctx WHERE reconnects
+    FROM ctx WHERE reconnects AND rules_ok
     ON CONFLICT (connection_id, attempt) DO NOTHING
     RETURNING attempt
 ){{placement}}
-SELECT pool_name, is_default, disconnect_timeout_s,
-       {", ".join(f"s_{name}" for name in _SESSION_FIELDS)},
-       {", ".join(f"v_{name}" for name in _RANK_FIELDS)},
-       EXISTS (SELECT FROM answered), {{placed}}
-FROM ctx
+SELECT ctx.*, EXISTS (SELECT FROM answered), {{placed}} FROM ctx
 """
 
 # Without a live session, the same statement places the user (autocommit: one implicit transaction).
@@ -132,15 +131,16 @@ FROM ctx
 _PLACEMENT = f"""
 , chosen AS (
     SELECT c.address, c.pool FROM servers c
-    WHERE c.pool = (SELECT pool_name FROM ctx WHERE s_id IS NULL{{prefix_guard}}) AND {eligible_sql("c")}
+    WHERE c.pool = (SELECT pool_name FROM ctx WHERE s_id IS NULL AND rules_ok{{prefix_guard}})
+      AND {eligible_sql("c")}
     ORDER BY {rank_key_sql("c")}
     LIMIT 1
     FOR UPDATE SKIP LOCKED
 ), placed AS (
-    INSERT INTO sessions (id, pool, "user", user_key, server_address, state, learnt_from,
+    INSERT INTO sessions (id, pool, "user", user_key, account_name, server_address, state, learnt_from,
                           origin_connection_id, proxy_id, client_address, created_at, updated_at,
                           expires_at, end_reason)
-    SELECT %(session_id)s, pool, %(user)s, %(user_key)s, address, 'pending', 'route',
+    SELECT %(session_id)s, pool, %(user)s, %(user_key)s, %(account_name)s, address, 'pending', 'route',
            %(connection_id)s, %(session_proxy_id)s, %(client_address)s, %(now)s, %(now)s,
            %(expires_at)s, ''
     FROM chosen
@@ -153,34 +153,33 @@ _PLACEMENT = f"""
     FROM placed
     RETURNING server_address
 )"""
-# A cookie whose live session may be stored under another key is placed here only when no live
-# session's key falls in either range (what the live-user unique index, in byte order, serves): a 9-character
-# cookie may be mstsc's cut of a longer user name the agent linked (keys starting with it), and a
-# `DOMAIN\\user` cookie's session may be the one the server reported under the bare user name
-# (quser prints none). Otherwise the transactional path tells them apart.
+# A name whose account's live session may be stored under another key (a cut, another spelling:
+# `accounts.probes`) is placed here only when no live session's key (or user part) falls in any of
+# its ranges, read on the byte-order indexes (uq_sessions_live_user, ix_sessions_live_account), one
+# probe per range; otherwise the transactional path tells them apart.
 # The pool comes from a scalar subquery, not from the outer ctx row: as a correlated column the
 # planner left it out of the index condition (prepared, generic plans), and each probe walked every
 # live key of every pool (a placement's cost grew with the number of live sessions).
-_KEY_RANGE_EMPTY = """
+# (The range implies `IS NOT NULL`, which the partial indexes need: a strict operator proves it.)
+_RANGES_EMPTY = """
     AND NOT EXISTS (
-        SELECT FROM sessions t
-        WHERE t.pool = (SELECT pool_name FROM ctx) AND t.state IN {live} AND t.user_key IS NOT NULL
-          AND t.user_key ~>=~ %({name}_from)s AND t.user_key ~<~ %({name}_to)s
+        SELECT FROM unnest(%({name}f)s::text[], %({name}t)s::text[]) g(lo, hi), LATERAL (
+            SELECT FROM sessions t WHERE t.pool = (SELECT pool_name FROM ctx) AND t.state IN {live}
+              AND t.{column} ~>=~ lo AND t.{column} ~<~ hi LIMIT 1
+        ) x
     )"""
+# (LIMIT keeps the subquery LATERAL: one index probe per range, bounded by the range.)
 
 
-def _key_guard(*names: str) -> str:
-    """One subquery per range, not one with OR: each is then one probe of the index. Only the ranges
-    a cookie needs: an empty range ('' to '') would walk every live key of the pool."""
-    return "".join(_KEY_RANGE_EMPTY.format(live=LIVE_SQL, name=name) for name in names)
+def _guard(keys: bool, names: bool) -> str:
+    """Only the probes a name needs: a statement without ranges reads no index for them."""
+    key_guard = _RANGES_EMPTY.format(live=LIVE_SQL, name="k", column="user_key") if keys else ""
+    name_guard = _RANGES_EMPTY.format(live=LIVE_SQL, name="n", column="account_name") if names else ""
+    return key_guard + name_guard
 
 
 _PLACED = "(SELECT server_address FROM placed_answer)"
 _DEFAULT, _NAMED = "p.is_default", "p.name_key = %(pool_key)s"
-_PLAIN = _PLACEMENT.format(prefix_guard="")
-_OWN = _PLACEMENT.format(prefix_guard=_key_guard("own"))
-_BARE = _PLACEMENT.format(prefix_guard=_key_guard("bare"))
-_GUARDED = _PLACEMENT.format(prefix_guard=_key_guard("own", "bare"))
 
 
 def compact(sql: str) -> str:
@@ -191,59 +190,57 @@ def compact(sql: str) -> str:
 
 CONTEXT_DEFAULT = compact(_CONTEXT.format(pool_filter=_DEFAULT, placement="", placed="NULL"))
 CONTEXT_NAMED = compact(_CONTEXT.format(pool_filter=_NAMED, placement="", placed="NULL"))
-CONTEXT_PLACE_DEFAULT = compact(_CONTEXT.format(pool_filter=_DEFAULT, placement=_PLAIN, placed=_PLACED))
-CONTEXT_PLACE_NAMED = compact(_CONTEXT.format(pool_filter=_NAMED, placement=_PLAIN, placed=_PLACED))
-CONTEXT_PLACE_OWN_DEFAULT = compact(_CONTEXT.format(pool_filter=_DEFAULT, placement=_OWN, placed=_PLACED))
-CONTEXT_PLACE_OWN_NAMED = compact(_CONTEXT.format(pool_filter=_NAMED, placement=_OWN, placed=_PLACED))
-CONTEXT_PLACE_BARE_DEFAULT = compact(_CONTEXT.format(pool_filter=_DEFAULT, placement=_BARE, placed=_PLACED))
-CONTEXT_PLACE_BARE_NAMED = compact(_CONTEXT.format(pool_filter=_NAMED, placement=_BARE, placed=_PLACED))
-CONTEXT_PLACE_GUARDED_DEFAULT = compact(
-    _CONTEXT.format(pool_filter=_DEFAULT, placement=_GUARDED, placed=_PLACED)
-)
-CONTEXT_PLACE_GUARDED_NAMED = compact(_CONTEXT.format(pool_filter=_NAMED, placement=_GUARDED, placed=_PLACED))
-# (own range, bare range) -> the placing statement for the default pool and for a named one.
+# (key ranges, name ranges) -> the placing statement for the default pool and for a named one.
 _PLACING = {
-    (False, False): (CONTEXT_PLACE_DEFAULT, CONTEXT_PLACE_NAMED),
-    (True, False): (CONTEXT_PLACE_OWN_DEFAULT, CONTEXT_PLACE_OWN_NAMED),
-    (False, True): (CONTEXT_PLACE_BARE_DEFAULT, CONTEXT_PLACE_BARE_NAMED),
-    (True, True): (CONTEXT_PLACE_GUARDED_DEFAULT, CONTEXT_PLACE_GUARDED_NAMED),
+    (keys, names): tuple(
+        compact(
+            _CONTEXT.format(
+                pool_filter=f, placement=_PLACEMENT.format(prefix_guard=_guard(keys, names)), placed=_PLACED
+            )
+        )
+        for f in (_DEFAULT, _NAMED)
+    )
+    for keys in (False, True)
+    for names in (False, True)
 }
+# Named, so that the statement-size test reads every one of them.
+CONTEXT_PLACE_DEFAULT, CONTEXT_PLACE_NAMED = _PLACING[(False, False)]
+CONTEXT_PLACE_NAMES_DEFAULT, CONTEXT_PLACE_NAMES_NAMED = _PLACING[(False, True)]
+CONTEXT_PLACE_KEYS_DEFAULT, CONTEXT_PLACE_KEYS_NAMED = _PLACING[(True, False)]
+CONTEXT_PLACE_GUARDED_DEFAULT, CONTEXT_PLACE_GUARDED_NAMED = _PLACING[(True, True)]
 
 
-Guard = tuple[str, str, str, str]  # [own_from, own_to) and [bare_from, bare_to); ("", "") is empty
-NO_GUARD: Guard = ("", "", "", "")
+# The ranges a placing statement must find empty: ([key from], [key to], [name from], [name to]).
+Guard = tuple[list[str], list[str], list[str], list[str]]
+NO_GUARD: Guard = ([], [], [], [])
 
 
-def placement_guard(user: str, key: str) -> Guard | None:
-    """The key ranges a placing statement must find empty before placing `user` (NO_GUARD when
-    its own key is the only one it can be stored under); None when a range cannot be written."""
-    own_from = own_to = bare_from = bare_to = ""
-    truncated = d.looks_truncated(user)
-    if truncated:
-        end = prefix_end(key)
-        if end is None:
-            return None
-        own_from, own_to = key, end
-    bare = d.bare_user_key(user)
-    if bare and truncated:
-        end = prefix_end(bare)
-        if end is None:
-            return None
-        bare_from, bare_to = bare, end
-    elif bare:
-        bare_from, bare_to = bare, bare + "\x01"  # the bare key alone: no key holds a control character
-    return own_from, own_to, bare_from, bare_to
-
-
-def prefix_end(key: str) -> str | None:
-    """The least string above every string starting with `key`, in byte (UTF-8: code point)
-    order; None when there is none to write (the key ends in the last code point)."""
-    last = ord(key[-1]) + 1
-    if last > 0x10FFFF:
+def placement_guard(probes: accounts.Probes | None) -> Guard | None:
+    """The ranges of `accounts.probes` as statement parameters (None stays None: no statement can
+    guard the placement, the transactional path places)."""
+    if probes is None:
         return None
-    if 0xD800 <= last <= 0xDFFF:  # surrogates are not characters: the next one is U+E000
-        last = 0xE000
-    return key[:-1] + chr(last)
+    return (
+        [lo for lo, _ in probes.key_ranges],
+        [hi for _, hi in probes.key_ranges],
+        [lo for lo, _ in probes.name_ranges],
+        [hi for _, hi in probes.name_ranges],
+    )
+
+
+prefix_end = accounts.prefix_end
+
+
+def _text_array(values: list[str]) -> str:
+    """A `text[]` parameter as PostgreSQL's array literal (the statement casts it): psycopg adapts a
+    Python list several times slower than a string, on every Route."""
+    quoted = ('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values)
+    return "{" + ",".join(quoted) + "}"
+
+
+def account_settings(pool: d.Pool) -> tuple[str, str]:
+    """A pool's account settings as its row stores them (what the context statement compares)."""
+    return pool.domain, ",".join(s for s in pool.upn_suffixes if s)
 
 
 ANSWER = """
@@ -261,6 +258,7 @@ class NewSession:
     session_id: str
     user: str
     expires_at: datetime
+    account_name: str = ""  # the user part (sessions.account_name)
     # Key ranges that must hold no live session for the statement to place (`placement_guard`).
     guard: Guard = NO_GUARD
 
@@ -282,10 +280,11 @@ async def route_context(
     key: str,
     now: datetime,
     placement: NewSession | None = None,
+    pool_accounts: tuple[str, str] = ("", ""),
 ) -> Context | None:
     """The pool ("" = the default), the user's live session and its server; the reconnect answer
     stored when SQL's rules take it; with `placement` and no live session, the user placed. None for
-    an unknown pool."""
+    an unknown pool. Nothing is stored when the pool's account settings are not `pool_accounts`."""
     params: dict[str, Any] = {
         "user_key": key or None,
         "pool_key": request.pool.casefold(),
@@ -294,27 +293,34 @@ async def route_context(
         "attempt": request.attempt,
         "proxy_id": request.proxy_id,
         "client_address": request.client_address,
+        # The pool's account settings `key` was made with, as stored (`account_settings`): when the
+        # pool's differ, the statement stores and places nothing and the caller reads them anew.
+        "domain": pool_accounts[0],
+        "upn_suffixes": pool_accounts[1],
     }
     if placement is None:
         query = CONTEXT_NAMED if request.pool else CONTEXT_DEFAULT
     else:
-        own_from, own_to, bare_from, bare_to = placement.guard
-        default, named = _PLACING[(bool(own_to), bool(bare_to))]
+        key_from, key_to, name_from, name_to = placement.guard
+        default, named = _PLACING[(bool(key_from), bool(name_from))]
         query = named if request.pool else default
-        params.update(own_from=own_from, own_to=own_to, bare_from=bare_from, bare_to=bare_to)
+        params["kf"], params["kt"] = _text_array(key_from), _text_array(key_to)
+        params["nf"], params["nt"] = _text_array(name_from), _text_array(name_to)
     if placement is not None:
         params["session_id"] = placement.session_id
         params["user"] = placement.user
+        params["account_name"] = placement.account_name or None
         params["session_proxy_id"] = request.proxy_id or None
         params["expires_at"] = placement.expires_at
         params["reason"] = (d.RouteReason.NEW if placement.user else d.RouteReason.NO_IDENTITY).value
     row = await (await conn.execute(query, params)).fetchone()
     if row is None:
         return None
-    found = d.Pool(row[0], row[1], row[2])
-    session_at = 3
+    suffixes = tuple(x for x in row[4].split(",") if x)
+    found = d.Pool(row[0], row[1], row[2], domain=row[3], upn_suffixes=suffixes)
+    session_at = 5
     server_at = session_at + len(_SESSION_FIELDS)
-    answered_at = server_at + len(_RANK_FIELDS)
+    answered_at = server_at + len(_RANK_FIELDS) + 2  # after `reconnects` and `rules_ok`
     answered, placed = bool(row[answered_at]), row[answered_at + 1]
     if row[session_at] is None:
         return Context(found, None, None, answered, placed)
@@ -329,7 +335,7 @@ async def route_context(
         updated_at=updated,
         expires_at=expires.astimezone(UTC) if expires is not None else None,
     )
-    server = _server(row[server_at:answered_at]) if row[server_at] is not None else None
+    server = _server(row[server_at : answered_at - 2]) if row[server_at] is not None else None
     return Context(found, session, server, answered, placed)
 
 

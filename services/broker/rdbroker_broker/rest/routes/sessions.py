@@ -33,8 +33,8 @@ async def user_sessions(
     pool: PoolQuery = "",
     include_ended: Annotated[bool, Query(description="add recent ended sessions")] = False,
 ) -> UserSessionsOut:
-    """The user's live sessions (their server), newest first; a full name also finds a session keyed
-    on the 9-character name old clients send. An unknown user has none."""
+    """The user's live sessions (their server), newest first, found by any spelling of the account
+    (`DOMAIN\\user`, bare, UPN, mstsc's 9-character cuts; docs/accounts.md). An unknown user has none."""
     found = await use_cases.find_user_sessions(request.app.state.service, user, pool, include_ended)
     return UserSessionsOut(user=user, sessions=[SessionOut.of(s) for s in found])
 
