@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -116,6 +117,23 @@ class Proxy:
                 self.process.wait(timeout=10)
 
 
+def straight_to_server(address: str) -> int:
+    """A bare Connection Request to the server itself, then a half-close as the proxy passes on a
+    client's close: every byte the server sends until it closes."""
+    from rdbroker_rdp import PROTOCOL_HYBRID, PROTOCOL_SSL, build_connection_request
+
+    host, port = address.rsplit(":", 1)
+    received = b""
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(build_connection_request(requested_protocols=PROTOCOL_SSL | PROTOCOL_HYBRID))
+        while len(received) < 19:
+            received += sock.recv(4096)
+        sock.shutdown(socket.SHUT_WR)
+        while chunk := sock.recv(4096):
+            received += chunk
+    return len(received)
+
+
 def cases(proxy: str, server: xs.XrdpServer, user: xs.LocalUser) -> list[tuple[str, Callable[[], object]]]:
     def desktops() -> int:
         return server.xrdp_text().count(xs.DESKTOP_REACHED)
@@ -159,9 +177,12 @@ def main() -> int:
     user: xs.LocalUser | None = None
     proxy: Proxy | None = None
     rows = []
+    direct: list[int] = []
     try:
         server.start()
         user = xs.make_user()
+        direct = [straight_to_server(server.address) for _ in range(args.runs)]
+        sys.stderr.write(f"straight to the server: {direct}\n")
         proxy = Proxy(root, server.address).start()
         for name, run in cases(proxy.address, server, user):
             per_run: list[list[int]] = []
@@ -171,7 +192,7 @@ def main() -> int:
                 run()
                 per_run.append([int(str(c["bytes_from_server"])) for c in proxy.new_connections()])
                 desktops.append(server.sessions_created() - before)
-                xs.stop_pids(xs.user_pids(user.name))  # each run starts without a desktop
+                server.end_desktops(user.name)  # each run starts without a desktop
             rows.append((name, per_run, desktops))
             sys.stderr.write(f"{name}: {per_run}, sessions created {desktops}\n")
     finally:
@@ -197,6 +218,10 @@ def main() -> int:
             side = "both sides of"
         made = "/".join(map(str, sorted(set(desktops))))
         sys.stdout.write(f"| {name} | {counts} | {span} ({side} {JUNK_BYTES:,}) | {made} |\n")
+    sys.stdout.write(
+        f"\nStraight to the server (no proxy), a bare Connection Request, the Confirm read, then a"
+        f" half-close: {min(direct)}-{max(direct)} bytes until the server closed.\n"
+    )
     return 0
 
 

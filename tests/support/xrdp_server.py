@@ -43,6 +43,7 @@ PACKAGES = {
 }
 # sesman logs these (xrdp 0.9.21) when a desktop is made and when it goes away.
 SESSION_CREATED = "++ created session"
+SESSION_UP = "Session in progress on display"
 SESSION_TERMINATED = "++ terminated session"
 # The session script: hold the display open until the session is ended.
 STARTWM = "#!/bin/sh\nexec sleep 86400\n"
@@ -130,8 +131,30 @@ class XrdpServer:
             return self.sesman_log.read_text(errors="replace")
         return ""
 
+    def log_tails(self, lines: int = 15) -> str:
+        """The end of xrdp's and sesman's logs, for an assertion's message."""
+        return "\n".join(
+            f"--- {name}:\n" + "\n".join(text.splitlines()[-lines:])
+            for name, text in (("xrdp", self.xrdp_text()), ("sesman", self.sesman_text()))
+        )
+
     def sessions_created(self) -> int:
         return self.sesman_text().count(SESSION_CREATED)
+
+    def end_desktops(self, user: str, timeout_s: float = 20.0) -> None:
+        """End every desktop of `user` and wait until sesman has seen them go. Each must be up first:
+        sesman waits 10 s for an X server killed while it starts."""
+        deadline = time.monotonic() + timeout_s
+        text = self.sesman_text
+        while text().count(SESSION_UP) < text().count(SESSION_CREATED):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"a desktop did not come up within {timeout_s} s")
+            time.sleep(0.1)
+        stop_pids(user_pids(user))
+        while text().count(SESSION_TERMINATED) < text().count(SESSION_CREATED):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"sesman did not end the desktops within {timeout_s} s")
+            time.sleep(0.1)
 
     def configure(self) -> None:
         etc, run = self.root / "etc", self.root / "run"
