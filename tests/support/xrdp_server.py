@@ -36,6 +36,7 @@ PACKAGES = {
     "xrdp-sesman": "xrdp",
     "Xvnc": "tigervnc-standalone-server",
     "xfreerdp": "freerdp2-x11",
+    "rdesktop": "rdesktop",
     "xvfb-run": "xvfb",
     "nmap": "nmap",
     "unshare": "util-linux",
@@ -50,7 +51,7 @@ STARTWM = "#!/bin/sh\nexec sleep 86400\n"
 
 
 def missing_tools(tools: tuple[str, ...] = tuple(PACKAGES)) -> list[str]:
-    """`program (package)` for each program that is not installed, or [] when root is missing too."""
+    """`program (package)` for each program that is not installed, and `root` when not run as root."""
     missing = [f"{tool} ({PACKAGES.get(tool, tool)})" for tool in tools if shutil.which(tool) is None]
     if os.geteuid() != 0:
         missing.append("root (xrdp-sesman and useradd need it)")
