@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Debian packages the tests drive: Chromium (the dashboard's browser test; Playwright cannot download
-# its own browser here) and real RDP software (xrdp servers, FreeRDP and rdesktop clients under Xvfb)
-# to check the proxy against reality. Installs only what is missing, as root or through sudo.
+# its own browser here) and real RDP software (xrdp + sesman servers with Xvnc desktops, FreeRDP and
+# rdesktop clients under Xvfb, nmap's RDP scripts) to check the proxy against reality. Installs only
+# what is missing, as root or through sudo.
 set -euo pipefail
-declare -A wanted=([chromium]=chromium [xrdp]=xrdp [xfreerdp]=freerdp2-x11 [rdesktop]=rdesktop [xvfb-run]=xvfb [xauth]=xauth)
-missing=()
+declare -A wanted=([chromium]=chromium [xrdp]=xrdp [xrdp-sesman]=xrdp [Xvnc]=tigervnc-standalone-server
+  [xfreerdp]=freerdp2-x11 [rdesktop]=rdesktop [xvfb-run]=xvfb [xauth]=xauth [nmap]=nmap)
+declare -A needed=()  # a package once, however many of its tools are missing
 for tool in "${!wanted[@]}"; do
-  command -v "$tool" >/dev/null 2>&1 || missing+=("${wanted[$tool]}")
+  command -v "$tool" >/dev/null 2>&1 || needed[${wanted[$tool]}]=1
 done
+missing=("${!needed[@]}")
 [ ${#missing[@]} -eq 0 ] && exit 0
 if ! command -v apt-get >/dev/null 2>&1; then
   echo "install_system_deps: no apt-get; please install: ${missing[*]}" >&2

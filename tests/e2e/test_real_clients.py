@@ -1,17 +1,21 @@
-"""Real RDP software through the proxy: FreeRDP and rdesktop clients, xrdp servers.
+"""Real RDP software through the proxy: FreeRDP and rdesktop clients, nmap, xrdp servers.
 
 The proxy must route on what real clients send and pass TLS through untouched: each client has to get
 through the TLS handshake and the whole RDP connection sequence with xrdp, up to the point where xrdp
-hands the logon to its session manager (which the test does not run, so no desktop is ever created).
+hands the logon to its session manager (which the first tests do not run, so no desktop is created there).
 Two xrdp instances stand for two terminal servers, so a user's second logon must land where the first did.
-The packages (xrdp, freerdp2-x11, rdesktop, xvfb) are installed by scripts/test.sh.
+
+The last tests log on for real: xrdp with xrdp-sesman and Xvnc desktops, a local user with a password, and
+junk, failed and real logons side by side, judged by the bytes the proxy saw from the server. They need
+root (sesman, useradd, a private mount namespace) and skip with the reason when they cannot run.
+The packages (xrdp, tigervnc-standalone-server, freerdp2-x11, rdesktop, xvfb, nmap) are installed by
+scripts/test.sh.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
 import signal
 import subprocess
@@ -21,11 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import psycopg
 import pytest
+from psycopg.rows import dict_row
 
 from rdbroker_proto.v1 import broker_pb2, broker_pb2_grpc
+from tests.support import xrdp_server as xs
 from tests.support.cluster import Harness
-from tests.support.postgres import free_port
+from tests.support.postgres import create_database, drop_database, free_port
 
 TOOLS = ("xrdp", "xfreerdp", "rdesktop", "xvfb-run")
 # xrdp logs this once a client's logon info has arrived over TLS: the RDP connection sequence is done.
@@ -103,8 +110,12 @@ def lines_in_section(lines: list[str]) -> bool:
     return bool(sections) and sections[-1].strip() != "[Globals]"
 
 
-def run_client(command: list[str], servers: list[Xrdp], answer: bytes = b"", seconds: float = 40) -> None:
-    """Run an RDP client under Xvfb until one of the servers logs one more logon, then stop it.
+@contextlib.contextmanager
+def client_at_logon(
+    command: list[str], servers: list[Xrdp], answer: bytes = b"", seconds: float = 40
+) -> Iterator[None]:
+    """Run an RDP client under Xvfb until one of the servers logs one more logon, keep it connected
+    for the body of the `with`, then stop it.
 
     `answer` goes to the client's standard input (rdesktop asks whether to trust the certificate)."""
     before = sum(s.text().count(LOGON_REACHED) for s in servers)
@@ -124,11 +135,16 @@ def run_client(command: list[str], servers: list[Xrdp], answer: bytes = b"", sec
         while sum(s.text().count(LOGON_REACHED) for s in servers) == before:
             assert time.monotonic() < deadline, f"{command[0]} never reached the logon on any server"
             time.sleep(0.2)
+        yield
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(client.pid, signal.SIGKILL)
-        client.wait(timeout=10)
+        xs.stop_x_client(client, command[0])  # Xvfb then removes its display's lock file
         client.stdin.close()
+
+
+def run_client(command: list[str], servers: list[Xrdp], answer: bytes = b"", seconds: float = 40) -> None:
+    """Run an RDP client under Xvfb until one of the servers logs one more logon, then stop it."""
+    with client_at_logon(command, servers, answer, seconds):
+        pass
 
 
 @pytest.fixture
@@ -207,20 +223,20 @@ def test_freerdp_and_rdesktop_through_the_proxy_keep_their_server(farm) -> None:
 
     # FreeRDP: NLA refused by xrdp, TLS negotiated, whole connection sequence through the proxy.
     freerdp = ["xfreerdp", f"/v:{proxy}", "/u:alice", "/p:secret", "/cert:ignore", "/sec:tls"]
-    run_client(freerdp, servers)
-    alice = sessions_of(broker, "alice")
-    assert len(alice) == 1, alice
-    home = by_address[alice[0].server_address]
-    assert logons_at(home) == 1
-    assert "TLS connection established" in home.text()
+    with client_at_logon(freerdp, servers):
+        alice = sessions_of(broker, "alice")
+        assert len(alice) == 1, alice
+        home = by_address[alice[0].server_address]
+        assert logons_at(home) == 1
+        assert "TLS connection established" in home.text()
 
-    # rdesktop sends its own cookie; it is placed too. alice's closed claim holds no capacity (no
-    # agent confirmed it), so it does not count in her server's load: bob may land there too.
-    logons = {address: logons_at(server) for address, server in by_address.items()}
-    run_client(["rdesktop", "-u", "bob", "-p", "secret", proxy], servers, answer=b"yes\n")
-    bob = sessions_of(broker, "bob")
-    assert len(bob) == 1, bob
-    assert logons_at(by_address[bob[0].server_address]) == logons[bob[0].server_address] + 1
+        # rdesktop sends its own cookie; it is placed too, on the other server: alice's is busier
+        # while her connection is open (a closed claim no agent confirmed holds no capacity).
+        run_client(["rdesktop", "-u", "bob", "-p", "secret", proxy], servers, answer=b"yes\n")
+        bob = sessions_of(broker, "bob")
+        assert len(bob) == 1, bob
+        assert bob[0].server_address != home.address
+        assert logons_at(by_address[bob[0].server_address]) == 1
 
     # alice again: back to the server that holds her session, never a second session.
     before = logons_at(home)
@@ -254,3 +270,175 @@ async def test_health_probe_reads_xrdps_confirm_and_creates_no_session(one_xrdp:
     assert "Security protocol" in text  # it negotiated...
     assert LOGON_REACHED not in text  # ...and never got near a logon
     assert "TLS connection established" not in text
+
+
+# Junk, failed logons and real logons on a real desktop server ---------------------------------------
+# One xrdp + xrdp-sesman server with Xvnc desktops (tests/support/xrdp_server.py), a local user with a
+# password, and a broker and a proxy on PostgreSQL in front of it. What the proxy reported for each
+# connection (`connections.bytes_from_server`) is compared with the pool's junk_bytes: bench/logon_bytes.py
+# measures the same cases (docs/broker.md, "What a connection carries").
+
+JUNK_BYTES = 2048  # the default pool's junk_bytes
+DESKTOP_TOOLS = ("xrdp", "xrdp-sesman", "Xvnc", "xfreerdp", "xvfb-run", "nmap", "unshare", "useradd")
+
+
+@dataclass
+class DesktopFarm:
+    harness: Harness
+    server: xs.XrdpServer
+    user: xs.LocalUser
+    proxy: str
+    database_url: str
+    seen: set[str]
+
+    def desktops(self) -> int:
+        return self.server.xrdp_text().count(xs.DESKTOP_REACHED)
+
+    def connections(self, timeout_s: float = 15.0) -> list[dict[str, object]]:
+        """The connections made since the last call, once the proxy has reported every one closed."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with psycopg.connect(self.database_url, row_factory=dict_row) as conn:
+                rows = conn.execute(
+                    "SELECT c.connection_id, c.bytes_from_server, c.closed_at, c.end_reason AS closed_by,"
+                    " s.id AS session_id, s.state, s.end_reason, s.confirmed"
+                    " FROM connections c JOIN sessions s ON s.id = c.session_id ORDER BY c.created_at"
+                ).fetchall()
+            fresh = [r for r in rows if r["connection_id"] not in self.seen]
+            if fresh and all(r["closed_at"] is not None for r in fresh):
+                self.seen.update(str(r["connection_id"]) for r in fresh)
+                return fresh
+            assert time.monotonic() < deadline, f"connections not all reported closed: {fresh}"
+            time.sleep(0.2)
+
+    def full_logon(self, password: str, hold_s: float) -> None:
+        """xfreerdp with a password through the proxy; the right one: held `hold_s` once the desktop
+        is connected; a wrong one: held `hold_s` in all (xrdp shows its login failure meanwhile)."""
+        before = self.desktops()
+        until = (lambda: self.desktops() > before) if password == self.user.password else None
+        xs.freerdp_logon(self.proxy, self.user.name, password, until=until, hold_s=hold_s)
+
+
+@pytest.fixture(scope="module")
+def desktop_farm(pg_server_url: str) -> Iterator[DesktopFarm]:
+    missing = xs.missing_tools(DESKTOP_TOOLS)
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)}: run scripts/install_system_deps.sh as root")
+    database_url = create_database(pg_server_url)
+    harness = Harness()
+    server = xs.XrdpServer(harness.root / "xrdp")
+    server.root.mkdir()
+    user: xs.LocalUser | None = None
+    try:
+        server.start()
+        user = xs.make_user()
+        farm_file = harness.root / "farm.yaml"
+        farm_file.write_text(
+            "pools:\n  - name: default\n    default: true\n    disconnect_timeout: 1h\n"
+            f"servers:\n  - address: {server.address}\n    pool: default\n"
+        )
+        sup = harness.supervisor
+        sup.run("migrate", ["-m", "rdbroker_cli", "migrate", "--database-url", database_url])
+        sup.run(
+            "apply", ["-m", "rdbroker_cli", "apply", "--database-url", database_url, "-f", str(farm_file)]
+        )
+        grpc_port, http_port, rdp_port, probe_port = (free_port() for _ in range(4))
+        sup.start(
+            "broker",
+            [
+                "-m",
+                "rdbroker_broker",
+                "--database-url",
+                database_url,
+                "--grpc-listen",
+                f"127.0.0.1:{grpc_port}",
+                "--http-listen",
+                f"127.0.0.1:{http_port}",
+            ],
+            ports={"grpc": grpc_port},
+            grpc_ready="grpc",
+        )
+        sup.start(
+            "proxy",
+            [
+                "-m",
+                "rdbroker_proxy",
+                "--listen",
+                f"127.0.0.1:{rdp_port}",
+                "--broker",
+                f"127.0.0.1:{grpc_port}",
+                "--grpc-listen",
+                f"127.0.0.1:{probe_port}",
+            ],
+            ports={"rdp": rdp_port, "grpc": probe_port},
+            grpc_ready="grpc",
+            tcp_ready=["rdp"],
+        )
+        yield DesktopFarm(harness, server, user, f"127.0.0.1:{rdp_port}", database_url, set())
+    finally:
+        server.stop()
+        if user is not None:
+            user.remove()
+        harness.cleanup()
+        drop_database(database_url)
+
+
+def junk(farm: DesktopFarm) -> list[dict[str, object]]:
+    """A bare Connection Request, rdbroker's own health probe and nmap's rdp-enum-encryption."""
+    assert xs.bare_request(farm.proxy)[:2] == b"\x03\x00"  # the server's Confirm came back
+    assert xs.health_probe(farm.proxy)
+    assert "rdp-enum-encryption" in xs.nmap_enum_encryption(farm.proxy)
+    return farm.connections()
+
+
+def test_junk_carries_less_than_junk_bytes_and_makes_no_desktop(desktop_farm: DesktopFarm) -> None:
+    created = desktop_farm.server.sessions_created()
+    connections = junk(desktop_farm)
+    assert len(connections) >= 3, connections  # nmap alone makes several
+    carried = [int(str(c["bytes_from_server"])) for c in connections]
+    assert all(0 < b < JUNK_BYTES for b in carried), carried
+    assert desktop_farm.server.sessions_created() == created
+
+
+@pytest.mark.slow
+def test_failed_and_real_logons_carry_more_than_junk_bytes(desktop_farm: DesktopFarm) -> None:
+    farm, user = desktop_farm, desktop_farm.user
+    created = farm.server.sessions_created()
+
+    # xrdp checks no password before the logon (TLS, no CredSSP): +auth-only succeeds either way.
+    assert xs.freerdp_auth_only(farm.proxy, user.name, "wrong") == 0
+    (wrong_auth_only,) = farm.connections()
+    assert int(str(wrong_auth_only["bytes_from_server"])) > JUNK_BYTES
+
+    farm.full_logon("wrong", hold_s=5)
+    (wrong_full,) = farm.connections()
+    assert int(str(wrong_full["bytes_from_server"])) > JUNK_BYTES
+    assert farm.server.sessions_created() == created  # neither failure made a desktop
+
+    # +auth-only with the right password: xrdp usually goes on to make a desktop after the client has
+    # left (unless it notices the departure first); either way that desktop goes before the next case.
+    assert xs.freerdp_auth_only(farm.proxy, user.name, user.password) == 0
+    (right_auth_only,) = farm.connections()
+    assert int(str(right_auth_only["bytes_from_server"])) > JUNK_BYTES
+    deadline = time.monotonic() + 2
+    while farm.server.sessions_created() == created and time.monotonic() < deadline:
+        time.sleep(0.1)
+    farm.server.end_desktops(user.name)
+
+    created = farm.server.sessions_created()
+    farm.full_logon(user.password, hold_s=2)  # waits (bounded) for the desktop to be connected
+    (logon,) = farm.connections()
+    assert int(str(logon["bytes_from_server"])) > JUNK_BYTES
+    assert farm.server.sessions_created() == created + 1  # a fresh desktop, not a reconnection
+    farm.server.end_desktops(user.name)
+
+    # Nothing the proxy saw tells these apart: each stays a live claim, unconfirmed without an agent.
+    for claim in (wrong_auth_only, wrong_full, right_auth_only, logon):
+        assert claim["state"] == "disconnected", claim
+        assert claim["confirmed"] is False, claim
+
+
+def test_junk_claims_end_abandoned(desktop_farm: DesktopFarm) -> None:
+    for connection in junk(desktop_farm):
+        assert connection["state"] == "ended", connection
+        assert connection["end_reason"] == "abandoned", connection
