@@ -183,6 +183,14 @@ Index(
     sqlite_where=text(f"{LIVE_STATES_SQL} AND account_name IS NOT NULL"),
 )
 Index("ix_sessions_server_created", sessions.c.server_address, sessions.c.created_at)
+# The few sessions a proxy's heartbeat may revive (disconnected for want of news, migration 0007).
+_NEWS_LOST = "state = 'disconnected' AND end_reason IN ('proxy_silent', 'connection_lost')"
+Index(
+    "ix_sessions_news_lost",
+    sessions.c.proxy_id,
+    postgresql_where=text(_NEWS_LOST),
+    sqlite_where=text(_NEWS_LOST),
+)
 
 connections = Table(
     "connections",
