@@ -24,7 +24,7 @@ from rdbroker_rdp.fakeserver import FakeRdpServer
 from tests.integration.broker.processes import running_broker
 from tests.integration.proxy.test_with_broker import declare_farm
 from tests.support.postgres import Cluster
-from tests.unit.proxy.support import close, handshake, running_proxy, wait_until
+from tests.unit.proxy.support import LOGON, close, handshake, running_proxy, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -52,8 +52,9 @@ def session_rows(url: str, user: str) -> list[tuple[str, str, str]]:
 
 
 async def work(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
-    """The user is still working: a round trip through the proxy and the server."""
-    message = f"keystroke {n}\n".encode()
+    """The user is still working: a round trip through the proxy and the server (the first one a
+    logon's worth of bytes, so the broker keeps the session when the connection closes)."""
+    message = LOGON if n == 0 else f"keystroke {n}\n".encode()
     writer.write(message)
     async with asyncio.timeout(5):
         assert await reader.readexactly(len(message)) == message

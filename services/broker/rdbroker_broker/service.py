@@ -12,7 +12,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import psycopg
 from sqlalchemy import Column, ColumnElement, String, func, select
@@ -1284,7 +1284,7 @@ async def pool_summary(service: BrokerService, name: str) -> PoolSummary:
     return await service.run_tx(work)
 
 
-async def update_pool(service: BrokerService, name: str, changes: dict[str, object]) -> PoolSummary:
+async def update_pool(service: BrokerService, name: str, changes: dict[str, Any]) -> PoolSummary:
     """Change some of a pool's settings (domain.Pool fields, each already within its bounds); refused
     (InvalidInput) when the result breaks a rule across settings. The next farm `apply` sets them
     from the file again."""
@@ -1294,7 +1294,7 @@ async def update_pool(service: BrokerService, name: str, changes: dict[str, obje
 
     async def work(r: Repos) -> PoolSummary:
         pool = await _pool_named(r, name)
-        changed = replace(pool, **changes)  # type: ignore[arg-type]
+        changed = replace(pool, **changes)
         problems = pool_settings.pool_problems(changed, service.settings.probe_interval_ms)
         if problems:
             raise InvalidInput("; ".join(f"{field}: {message}" for field, message in problems))
