@@ -161,49 +161,14 @@ def farm(pg_database_url: str) -> Iterator[tuple[Harness, list[Xrdp], str, str]]
     servers: list[Xrdp] = []
     try:
         servers = [start_xrdp(harness.root, f"xrdp{i}") for i in range(2)]
-        farm_file = harness.root / "farm.yaml"
-        farm_file.write_text(
+        apply_farm(
+            harness,
+            pg_database_url,
             "pools:\n  - name: default\n    default: true\n    disconnect_timeout: 1h\nservers:\n"
-            + "".join(f"  - address: {s.address}\n    pool: default\n" for s in servers)
+            + "".join(f"  - address: {s.address}\n    pool: default\n" for s in servers),
         )
-        sup = harness.supervisor
-        sup.run("migrate", ["-m", "rdbroker_cli", "migrate", "--database-url", pg_database_url])
-        sup.run(
-            "apply", ["-m", "rdbroker_cli", "apply", "--database-url", pg_database_url, "-f", str(farm_file)]
-        )
-        grpc_port, http_port, rdp_port, probe_port = (free_port() for _ in range(4))
-        sup.start(
-            "broker",
-            [
-                "-m",
-                "rdbroker_broker",
-                "--database-url",
-                pg_database_url,
-                "--grpc-listen",
-                f"127.0.0.1:{grpc_port}",
-                "--http-listen",
-                f"127.0.0.1:{http_port}",
-            ],
-            ports={"grpc": grpc_port},
-            grpc_ready="grpc",
-        )
-        sup.start(
-            "proxy",
-            [
-                "-m",
-                "rdbroker_proxy",
-                "--listen",
-                f"127.0.0.1:{rdp_port}",
-                "--broker",
-                f"127.0.0.1:{grpc_port}",
-                "--grpc-listen",
-                f"127.0.0.1:{probe_port}",
-            ],
-            ports={"rdp": rdp_port, "grpc": probe_port},
-            grpc_ready="grpc",
-            tcp_ready=["rdp"],
-        )
-        yield harness, servers, f"127.0.0.1:{rdp_port}", f"127.0.0.1:{grpc_port}"
+        proxy, broker = start_broker_and_proxy(harness, pg_database_url)
+        yield harness, servers, proxy, broker
     finally:
         for server in servers:
             server.stop()
