@@ -6,8 +6,11 @@ hands the logon to its session manager (which the first tests do not run, so no 
 Two xrdp instances stand for two terminal servers, so a user's second logon must land where the first did.
 
 The last tests log on for real: xrdp with xrdp-sesman and Xvnc desktops, a local user with a password, and
-junk, failed and real logons side by side, judged by the bytes the proxy saw from the server. They need
-root (sesman, useradd, a private mount namespace) and skip with the reason when they cannot run.
+junk, failed and real logons side by side, judged by the bytes the proxy saw from the server, on a server
+without an agent (every claim above junk_bytes stays unconfirmed) and on one with the real rdbroker-agent
+listing sesman's desktops (`source = "xrdp"`) to a health replica: there the agent confirms real logons and
+ends the rest. They need root (sesman, useradd, a private mount namespace) and skip with the reason when
+they cannot run.
 The packages (xrdp, tigervnc-standalone-server, freerdp2-x11, rdesktop, xvfb, nmap) are installed by
 scripts/test.sh.
 """
@@ -16,13 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psycopg
@@ -34,6 +39,7 @@ from tests.support import xrdp_server as xs
 from tests.support.cluster import Harness
 from tests.support.postgres import create_database, drop_database, free_port
 
+log = logging.getLogger(__name__)
 TOOLS = ("xrdp", "xfreerdp", "rdesktop", "xvfb-run")
 # xrdp logs this once a client's logon info has arrived over TLS: the RDP connection sequence is done.
 LOGON_REACHED = "[INFO ] connecting to sesman"
@@ -155,49 +161,14 @@ def farm(pg_database_url: str) -> Iterator[tuple[Harness, list[Xrdp], str, str]]
     servers: list[Xrdp] = []
     try:
         servers = [start_xrdp(harness.root, f"xrdp{i}") for i in range(2)]
-        farm_file = harness.root / "farm.yaml"
-        farm_file.write_text(
+        apply_farm(
+            harness,
+            pg_database_url,
             "pools:\n  - name: default\n    default: true\n    disconnect_timeout: 1h\nservers:\n"
-            + "".join(f"  - address: {s.address}\n    pool: default\n" for s in servers)
+            + "".join(f"  - address: {s.address}\n    pool: default\n" for s in servers),
         )
-        sup = harness.supervisor
-        sup.run("migrate", ["-m", "rdbroker_cli", "migrate", "--database-url", pg_database_url])
-        sup.run(
-            "apply", ["-m", "rdbroker_cli", "apply", "--database-url", pg_database_url, "-f", str(farm_file)]
-        )
-        grpc_port, http_port, rdp_port, probe_port = (free_port() for _ in range(4))
-        sup.start(
-            "broker",
-            [
-                "-m",
-                "rdbroker_broker",
-                "--database-url",
-                pg_database_url,
-                "--grpc-listen",
-                f"127.0.0.1:{grpc_port}",
-                "--http-listen",
-                f"127.0.0.1:{http_port}",
-            ],
-            ports={"grpc": grpc_port},
-            grpc_ready="grpc",
-        )
-        sup.start(
-            "proxy",
-            [
-                "-m",
-                "rdbroker_proxy",
-                "--listen",
-                f"127.0.0.1:{rdp_port}",
-                "--broker",
-                f"127.0.0.1:{grpc_port}",
-                "--grpc-listen",
-                f"127.0.0.1:{probe_port}",
-            ],
-            ports={"rdp": rdp_port, "grpc": probe_port},
-            grpc_ready="grpc",
-            tcp_ready=["rdp"],
-        )
-        yield harness, servers, f"127.0.0.1:{rdp_port}", f"127.0.0.1:{grpc_port}"
+        proxy, broker = start_broker_and_proxy(harness, pg_database_url)
+        yield harness, servers, proxy, broker
     finally:
         for server in servers:
             server.stop()
@@ -311,6 +282,34 @@ class DesktopFarm:
             assert time.monotonic() < deadline, f"connections not all reported closed: {fresh}"
             time.sleep(0.2)
 
+    def query(self, sql: str, *args: object) -> list[dict[str, Any]]:
+        with psycopg.connect(self.database_url, row_factory=dict_row) as conn:
+            return conn.execute(sql, args).fetchall()
+
+    def server_row(self) -> dict[str, Any]:
+        (row,) = self.query("SELECT * FROM servers WHERE address = %s", self.server.address)
+        return row
+
+    def session(self, session_id: object) -> dict[str, Any]:
+        (row,) = self.query("SELECT * FROM sessions WHERE id = %s", session_id)
+        return row
+
+    def live_session(self) -> dict[str, Any] | None:
+        """The farm user's live session, if there is one."""
+        rows = self.query(
+            "SELECT * FROM sessions WHERE account_name = %s AND state <> 'ended'", self.user.name.casefold()
+        )
+        assert len(rows) <= 1, rows  # one account, one session
+        return rows[0] if rows else None
+
+    def wait_for(self, check: Callable[[], object], what: str, timeout_s: float) -> float:
+        """Poll `check` until it is truthy (bounded); answers the seconds it took."""
+        started = time.monotonic()
+        while not check():
+            assert time.monotonic() - started < timeout_s, f"{what}: not within {timeout_s} s"
+            time.sleep(0.05)
+        return time.monotonic() - started
+
     def full_logon(self, password: str, hold_s: float) -> None:
         """xfreerdp with a password through the proxy; the right one: held `hold_s` once the desktop
         is connected; a wrong one: held `hold_s` in all (xrdp shows its login failure meanwhile)."""
@@ -319,8 +318,62 @@ class DesktopFarm:
         xs.freerdp_logon(self.proxy, self.user.name, password, until=until, hold_s=hold_s)
 
 
-@pytest.fixture(scope="module")
-def desktop_farm(pg_server_url: str) -> Iterator[DesktopFarm]:
+def apply_farm(harness: Harness, database_url: str, farm: str) -> None:
+    """Migrate the database and apply the farm file `farm` (YAML text)."""
+    farm_file = harness.root / "farm.yaml"
+    farm_file.write_text(farm)
+    sup = harness.supervisor
+    sup.run("migrate", ["-m", "rdbroker_cli", "migrate", "--database-url", database_url])
+    sup.run("apply", ["-m", "rdbroker_cli", "apply", "--database-url", database_url, "-f", str(farm_file)])
+
+
+def start_broker_and_proxy(harness: Harness, database_url: str) -> tuple[str, str]:
+    """A broker on `database_url` and a proxy in front of it: answers (proxy, broker gRPC) addresses."""
+    sup = harness.supervisor
+    grpc_port, http_port, rdp_port, probe_port = (free_port() for _ in range(4))
+    sup.start(
+        "broker",
+        [
+            "-m",
+            "rdbroker_broker",
+            "--database-url",
+            database_url,
+            "--grpc-listen",
+            f"127.0.0.1:{grpc_port}",
+            "--http-listen",
+            f"127.0.0.1:{http_port}",
+        ],
+        ports={"grpc": grpc_port},
+        grpc_ready="grpc",
+    )
+    sup.start(
+        "proxy",
+        [
+            "-m",
+            "rdbroker_proxy",
+            "--listen",
+            f"127.0.0.1:{rdp_port}",
+            "--broker",
+            f"127.0.0.1:{grpc_port}",
+            "--grpc-listen",
+            f"127.0.0.1:{probe_port}",
+        ],
+        ports={"rdp": rdp_port, "grpc": probe_port},
+        grpc_ready="grpc",
+        tcp_ready=["rdp"],
+    )
+    return f"127.0.0.1:{rdp_port}", f"127.0.0.1:{grpc_port}"
+
+
+# With an agent: the real rdbroker-agent beside the server (its xrdp source lists sesman's desktops), the
+# server registered with its agent_url and sessions_url, and a health replica reading the list every
+# SESSIONS_INTERVAL_MS (the pool's probe.sessions_interval), with a short confirm_timeout.
+SESSIONS_INTERVAL_MS = 500
+CONFIRM_TIMEOUT_S = 4
+AGENT_CONFIG = '[[counters]]\nkind = "sessions"\nfull_scale = 10\n\n[sessions]\nsource = "xrdp"\n'
+
+
+def run_desktop_farm(pg_server_url: str, *, with_agent: bool) -> Iterator[DesktopFarm]:
     missing = xs.missing_tools(DESKTOP_TOOLS)
     if missing:
         pytest.skip(f"needs {', '.join(missing)}: run scripts/install_system_deps.sh as root")
@@ -331,56 +384,65 @@ def desktop_farm(pg_server_url: str) -> Iterator[DesktopFarm]:
     user: xs.LocalUser | None = None
     try:
         server.start()
-        user = xs.make_user()
-        farm_file = harness.root / "farm.yaml"
-        farm_file.write_text(
-            "pools:\n  - name: default\n    default: true\n    disconnect_timeout: 1h\n"
-            f"servers:\n  - address: {server.address}\n    pool: default\n"
-        )
-        sup = harness.supervisor
-        sup.run("migrate", ["-m", "rdbroker_cli", "migrate", "--database-url", database_url])
-        sup.run(
-            "apply", ["-m", "rdbroker_cli", "apply", "--database-url", database_url, "-f", str(farm_file)]
-        )
-        grpc_port, http_port, rdp_port, probe_port = (free_port() for _ in range(4))
-        sup.start(
-            "broker",
-            [
-                "-m",
-                "rdbroker_broker",
-                "--database-url",
-                database_url,
-                "--grpc-listen",
-                f"127.0.0.1:{grpc_port}",
-                "--http-listen",
-                f"127.0.0.1:{http_port}",
-            ],
-            ports={"grpc": grpc_port},
-            grpc_ready="grpc",
-        )
-        sup.start(
-            "proxy",
-            [
-                "-m",
-                "rdbroker_proxy",
-                "--listen",
-                f"127.0.0.1:{rdp_port}",
-                "--broker",
-                f"127.0.0.1:{grpc_port}",
-                "--grpc-listen",
-                f"127.0.0.1:{probe_port}",
-            ],
-            ports={"rdp": rdp_port, "grpc": probe_port},
-            grpc_ready="grpc",
-            tcp_ready=["rdp"],
-        )
-        yield DesktopFarm(harness, server, user, f"127.0.0.1:{rdp_port}", database_url, set())
+        user = xs.make_user("rdba" if with_agent else "rdbt")
+        pool = "pools:\n  - name: default\n    default: true\n    disconnect_timeout: 1h\n"
+        entry = f"servers:\n  - address: {server.address}\n    pool: default\n"
+        if with_agent:
+            agent_port = free_port()
+            agent_config = harness.root / "agent.toml"
+            agent_config.write_text(AGENT_CONFIG)
+            harness.supervisor.start(
+                "agent",
+                [
+                    "-m",
+                    "rdbroker_agent",
+                    "--config",
+                    str(agent_config),
+                    "--listen",
+                    f"127.0.0.1:{agent_port}",
+                ],
+                ports={"http": agent_port},
+                tcp_ready=["http"],
+            )
+            pool += (
+                f"    confirm_timeout: {CONFIRM_TIMEOUT_S}s\n"
+                f"    probe: {{interval: 1s, sessions_interval: {SESSIONS_INTERVAL_MS}ms}}\n"
+            )
+            entry += (
+                f"    agent_url: http://127.0.0.1:{agent_port}/load\n"
+                f"    sessions_url: http://127.0.0.1:{agent_port}/sessions\n"
+            )
+        apply_farm(harness, database_url, pool + entry)
+        proxy, broker = start_broker_and_proxy(harness, database_url)
+        farm = DesktopFarm(harness, server, user, proxy, database_url, set())
+        if with_agent:
+            health_port = free_port()
+            harness.supervisor.start(
+                "health",
+                ["-m", "rdbroker_health", "--broker", broker, "--grpc-listen", f"127.0.0.1:{health_port}"],
+                ports={"grpc": health_port},
+                grpc_ready="grpc",
+            )
+            farm.wait_for(lambda: farm.server_row()["load"] >= 0, "the agent's first load report", 20)
+        yield farm
     finally:
         server.stop()
         if user is not None:
             user.remove()
         harness.cleanup()
         drop_database(database_url)
+
+
+@pytest.fixture(scope="module")
+def desktop_farm(pg_server_url: str) -> Iterator[DesktopFarm]:
+    """The server without an agent: nothing lists its sessions."""
+    yield from run_desktop_farm(pg_server_url, with_agent=False)
+
+
+@pytest.fixture(scope="module")
+def agent_farm(pg_server_url: str) -> Iterator[DesktopFarm]:
+    """The server with the real rdbroker-agent and a health replica reading its session list."""
+    yield from run_desktop_farm(pg_server_url, with_agent=True)
 
 
 def junk(farm: DesktopFarm) -> list[dict[str, object]]:
@@ -436,9 +498,125 @@ def test_failed_and_real_logons_carry_more_than_junk_bytes(desktop_farm: Desktop
     for claim in (wrong_auth_only, wrong_full, right_auth_only, logon):
         assert claim["state"] == "disconnected", claim
         assert claim["confirmed"] is False, claim
+    assert farm.server_row()["held_sessions"] == 0  # and hold no capacity once their connections closed
 
 
 def test_junk_claims_end_abandoned(desktop_farm: DesktopFarm) -> None:
     for connection in junk(desktop_farm):
         assert connection["state"] == "ended", connection
         assert connection["end_reason"] == "abandoned", connection
+
+
+# The same cases with an agent that lists the server's sessions ----------------------------------------
+# The agent is the truth for its server: the claim of a logon whose desktop the agent lists is confirmed
+# and holds capacity; a failed logon's claim ends `unconfirmed` confirm_timeout after its connection
+# closed; a desktop ended on the server ends its session `logged_off` within one list interval plus a second.
+
+LIST_S = SESSIONS_INTERVAL_MS / 1000
+LOGOFF_ROUNDS = 3
+
+
+def ended_within_confirm_timeout(farm: DesktopFarm, session_id: object) -> dict[str, Any]:
+    """Wait (bounded) for an unconfirmed claim to end; check it lived confirm_timeout after its close."""
+    farm.wait_for(lambda: farm.session(session_id)["state"] == "ended", "claim ended", CONFIRM_TIMEOUT_S + 10)
+    row = farm.session(session_id)
+    assert (row["end_reason"], row["confirmed"]) == ("unconfirmed", False), row
+    lived = (row["ended_at"] - row["disconnected_at"]).total_seconds()
+    # Not before confirm_timeout, and at the first list after it (a report takes well under a second).
+    log.warning(
+        "unconfirmed claim ended %.2f s after its close (confirm_timeout %d s)", lived, CONFIRM_TIMEOUT_S
+    )
+    assert CONFIRM_TIMEOUT_S <= lived <= CONFIRM_TIMEOUT_S + LIST_S + 1.0, (lived, row)
+    return row
+
+
+@pytest.mark.slow
+def test_with_an_agent_junk_is_abandoned_and_failed_logons_end_unconfirmed(agent_farm: DesktopFarm) -> None:
+    farm, user = agent_farm, agent_farm.user
+    for connection in junk(farm):
+        assert (connection["state"], connection["end_reason"]) == ("ended", "abandoned"), connection
+
+    # Each failed attempt in turn (a second one within confirm_timeout would go back to the first's claim).
+    created = farm.server.sessions_created()
+    assert xs.freerdp_auth_only(farm.proxy, user.name, "wrong") == 0
+    (wrong_auth_only,) = farm.connections()
+    ended_within_confirm_timeout(farm, wrong_auth_only["session_id"])
+    farm.full_logon("wrong", hold_s=5)
+    (wrong_full,) = farm.connections()
+    assert wrong_full["session_id"] != wrong_auth_only["session_id"]  # the ended claim pins nobody
+    ended_within_confirm_timeout(farm, wrong_full["session_id"])
+    for claim in (wrong_auth_only, wrong_full):
+        assert int(str(claim["bytes_from_server"])) > JUNK_BYTES, claim
+    assert farm.server.sessions_created() == created  # no desktop: nothing for the agent to list
+
+    # +auth-only with the right password: xrdp usually makes a desktop after the client has left. The
+    # agent tells the two outcomes apart: a desktop listed confirms the claim, none leaves it unconfirmed.
+    assert xs.freerdp_auth_only(farm.proxy, user.name, user.password) == 0
+    (right_auth_only,) = farm.connections()
+    claim = right_auth_only["session_id"]
+    deadline = time.monotonic() + 2
+    while farm.server.sessions_created() == created and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if farm.server.sessions_created() > created:
+        log.warning("+auth-only with the right password: xrdp made a desktop after the client left")
+        farm.wait_for(lambda: farm.session(claim)["confirmed"], "desktop confirmed", LIST_S + 5)
+        farm.server.end_desktops(user.name)
+        farm.wait_for(lambda: farm.session(claim)["state"] == "ended", "desktop ended", LIST_S + 5)
+        assert farm.session(claim)["end_reason"] == "logged_off"
+    else:
+        ended_within_confirm_timeout(farm, claim)
+
+
+def logon_confirmed_then_logged_off(farm: DesktopFarm) -> float:
+    """One full logon through the proxy, its desktop ended on the server afterwards; answers the seconds
+    from the desktop's end to the session's end in the directory."""
+    created, desktops = farm.server.sessions_created(), farm.desktops()
+
+    def confirmed_on_desktop() -> bool:
+        live = farm.live_session()
+        return (
+            farm.desktops() > desktops
+            and live is not None
+            and live["confirmed"]
+            and live["state"] == "active"
+        )
+
+    # Confirmed while the client is still connected to its desktop (waited for, bounded).
+    xs.freerdp_logon(farm.proxy, farm.user.name, farm.user.password, until=confirmed_on_desktop, hold_s=0.5)
+    (logon,) = farm.connections()
+    assert farm.server.sessions_created() == created + 1  # a fresh desktop
+    session_id = logon["session_id"]
+
+    # The client is gone, the desktop stays: the session is disconnected, confirmed, and holds capacity.
+    farm.wait_for(lambda: farm.session(session_id)["state"] == "disconnected", "disconnected", LIST_S + 5)
+    assert farm.session(session_id)["confirmed"] is True
+    (others,) = farm.query(
+        "SELECT count(*) AS n FROM sessions WHERE server_address = %s AND id <> %s AND"
+        " (state IN ('pending', 'active') OR (state = 'disconnected' AND confirmed))",
+        farm.server.address,
+        session_id,
+    )  # desktops of other users on this host, which the agent lists too (normally none)
+    assert farm.server_row()["held_sessions"] == others["n"] + 1
+
+    # The desktop is ended on the server: the session ends logged_off. Timed from the SIGTERM to the
+    # desktop's processes until a read of the directory shows it ended (polled every 50 ms).
+    started = time.time()
+    farm.server.end_desktops(farm.user.name)
+    farm.wait_for(lambda: farm.session(session_id)["state"] == "ended", "logged off", LIST_S + 5)
+    shown = time.time() - started
+    row = farm.session(session_id)
+    assert row["end_reason"] == "logged_off", row
+    return shown
+
+
+@pytest.mark.slow
+def test_with_an_agent_a_logon_is_confirmed_holds_capacity_and_its_logoff_shows(
+    agent_farm: DesktopFarm,
+) -> None:
+    delays = [logon_confirmed_then_logged_off(agent_farm) for _ in range(LOGOFF_ROUNDS)]
+    log.warning(
+        "desktop ended -> session ended, %d ms lists: %s s",
+        SESSIONS_INTERVAL_MS,
+        [f"{d:.2f}" for d in delays],
+    )
+    assert max(delays) <= LIST_S + 1.0, delays  # within one list interval plus a second

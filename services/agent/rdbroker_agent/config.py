@@ -30,7 +30,7 @@ class Counter:
 
 @dataclass(frozen=True, slots=True)
 class SessionSource:
-    kind: Literal["psutil", "command"] = "psutil"
+    kind: Literal["psutil", "xrdp", "command"] = "psutil"
     command: tuple[str, ...] = ()  # kind "command": argv of a program that prints the sessions as JSON
 
 
@@ -152,9 +152,13 @@ def _session_source(raw: object) -> SessionSource:
         if "command" in raw:
             raise ConfigError("sessions.command needs sessions.source = 'command'")
         return SessionSource("psutil")
+    if source == "xrdp":
+        if "command" in raw:
+            raise ConfigError("sessions.command needs sessions.source = 'command'")
+        return SessionSource("xrdp")
     if source == "command":
         return SessionSource("command", _command(raw.get("command"), "sessions.command"))
-    raise ConfigError(f"sessions.source must be 'psutil' or 'command', not {source!r}")
+    raise ConfigError(f"sessions.source must be 'psutil', 'xrdp' or 'command', not {source!r}")
 
 
 def _command(raw: object, where: str) -> tuple[str, ...]:

@@ -67,14 +67,16 @@ def _exists(path: Path) -> bool:
 
 
 def omits_disconnected(config: AgentConfig) -> bool:
-    """psutil's user list cannot show disconnected sessions; a command source (quser, xrdp) can."""
-    return config.sessions.kind != "command"
+    """psutil's user list cannot show disconnected sessions; xrdp's desktops and a command (quser) can."""
+    return config.sessions.kind == "psutil"
 
 
 async def read_sessions(config: AgentConfig, sources: Sources) -> list[Session]:
     """The server's sessions from the configured source; SourceError when it fails."""
     if config.sessions.kind == "command":
         return parse_sessions(await sources.run(config.sessions.command, config.command_timeout_s))
+    if config.sessions.kind == "xrdp":
+        return await sources.xrdp_sessions()
     return await sources.logged_in_sessions()
 
 

@@ -1,4 +1,4 @@
-"""Where readings come from: psutil for CPU, memory and logged-in users, and operator commands.
+"""Where readings come from: psutil for CPU, memory, logged-in users and xrdp desktops, and operator commands.
 
 `Sources` is the seam tests replace with fixed values; `SystemSources` is the real machine.
 """
@@ -10,7 +10,7 @@ import contextlib
 import json
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -39,6 +39,7 @@ class Sources(Protocol):
     async def cpu_percent(self) -> float: ...
     async def memory_percent(self) -> float: ...
     async def logged_in_sessions(self) -> list[Session]: ...
+    async def xrdp_sessions(self) -> list[Session]: ...
     async def run(self, command: Sequence[str], timeout_s: float) -> str: ...
 
 
@@ -61,8 +62,48 @@ class SystemSources:
             names = dict.fromkeys(u.name for u in psutil.users() if u.name)
         return [Session(name, "active") for name in names]
 
+    async def xrdp_sessions(self) -> list[Session]:
+        with _psutil_errors("xrdp desktops"):
+            return xrdp_desktops(psutil.process_iter(["name", "username"]))
+
     async def run(self, command: Sequence[str], timeout_s: float) -> str:
         return await run_command(command, timeout_s)
+
+
+# X servers xrdp-sesman starts for a desktop: Xvnc (sesman's [Xvnc]) and Xorg with xorgxrdp ([Xorg]).
+XRDP_X_SERVERS = ("Xvnc", "Xorg")
+
+
+def xrdp_desktops(processes: Iterable[psutil.Process]) -> list[Session]:
+    """The desktops xrdp-sesman holds, one session per user: each X server whose parent is sesman.
+
+    xrdp-sesman writes no utmp entry and, without systemd-logind, nothing else records its sessions, so
+    psutil's users cannot see them; its X servers can. An Xvnc desktop is `active` while xrdp holds a TCP
+    connection to its VNC port (xrdp 0.9 connects over TCP) and `disconnected` without one. An Xorg desktop
+    talks to xrdp over a unix socket this source does not read: it is listed `active`. Reading other users'
+    sockets needs root.
+    """
+    states: dict[str, SessionState] = {}
+    for proc in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):  # ended while we looked: not a session any more
+            if proc.info["name"] not in XRDP_X_SERVERS or not proc.info["username"]:
+                continue
+            parent = proc.parent()
+            if parent is None or parent.name() != "xrdp-sesman":
+                continue
+            user: str = proc.info["username"]
+            if proc.info["name"] == "Xvnc":
+                connections = proc.net_connections("tcp")
+                listening = {c.laddr.port for c in connections if c.status == psutil.CONN_LISTEN}
+                connected = any(
+                    c.status == psutil.CONN_ESTABLISHED and c.laddr.port in listening for c in connections
+                )
+                state: SessionState = "active" if connected else "disconnected"
+            else:
+                state = "active"
+            if states.get(user) != "active":  # a user with several desktops is active in any of them
+                states[user] = state
+    return [Session(user, state) for user, state in states.items()]
 
 
 @contextlib.contextmanager

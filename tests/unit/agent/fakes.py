@@ -14,6 +14,7 @@ class FakeSources:
     cpu: float | Exception = 0.0
     memory: float | Exception = 0.0
     users: list[Session] | Exception = field(default_factory=list)
+    desktops: list[Session] | Exception = field(default_factory=list)
     outputs: dict[tuple[str, ...], str | Exception] = field(default_factory=dict)
     runs: list[tuple[str, ...]] = field(default_factory=list)
 
@@ -27,6 +28,11 @@ class FakeSources:
         if isinstance(self.users, Exception):
             raise self.users
         return list(self.users)
+
+    async def xrdp_sessions(self) -> list[Session]:
+        if isinstance(self.desktops, Exception):
+            raise self.desktops
+        return list(self.desktops)
 
     async def run(self, command: Sequence[str], timeout_s: float) -> str:
         self.runs.append(tuple(command))

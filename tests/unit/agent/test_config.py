@@ -45,6 +45,12 @@ def test_command_counter_and_command_sessions() -> None:
     assert config.on_counter_error == "down"
 
 
+def test_xrdp_sessions() -> None:
+    config = parse_config({"counters": [{"kind": "cpu"}], "sessions": {"source": "xrdp"}})
+    assert config.sessions.kind == "xrdp"
+    assert config.sessions.command == ()
+
+
 CPU = {"counters": [{"kind": "cpu"}]}
 
 
@@ -79,11 +85,15 @@ CPU = {"counters": [{"kind": "cpu"}]}
         ({**CPU, "command_timeout_s": 0}, r"command_timeout_s must be in \(0, 300\]"),
         (
             {**CPU, "sessions": {"source": "wmi"}},
-            r"sessions\.source must be 'psutil'",
+            r"sessions\.source must be 'psutil', 'xrdp' or 'command', not 'wmi'",
         ),
         ({**CPU, "sessions": {"source": "command"}}, r"sessions\.command must be"),
         (
             {**CPU, "sessions": {"command": ["x"]}},
+            r"needs sessions\.source = 'command'",
+        ),
+        (
+            {**CPU, "sessions": {"source": "xrdp", "command": ["x"]}},
             r"needs sessions\.source = 'command'",
         ),
     ],

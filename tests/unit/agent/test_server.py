@@ -64,6 +64,21 @@ async def test_sessions_from_a_command_source() -> None:
         assert (await get(server, "/load")).text == "25\n"
 
 
+async def test_sessions_from_xrdp_desktops() -> None:
+    config = parse_config(
+        {"counters": [{"kind": "sessions", "full_scale": 4}], "sessions": {"source": "xrdp"}}
+    )
+    desktops = [Session("alice", "active"), Session("bob", "disconnected")]
+    async with AgentServer(
+        config, FakeSources(users=[Session("carol", "active")], desktops=desktops)
+    ) as server:
+        assert (await get(server, "/sessions")).json() == {
+            "omits_disconnected": False,  # sesman's desktops are all there, connected or not
+            "sessions": [{"user": "alice", "state": "active"}, {"user": "bob", "state": "disconnected"}],
+        }
+        assert (await get(server, "/load")).text == "50\n"
+
+
 async def test_failed_session_source_is_503() -> None:
     async with AgentServer(CONFIG, FakeSources(users=SourceError("utmp unreadable"))) as server:
         response = await get(server, "/sessions")

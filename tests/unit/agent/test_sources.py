@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import psutil
 import pytest
 
 from rdbroker_agent.errors import SourceError
-from rdbroker_agent.sources import Session, SystemSources, parse_number, parse_sessions, run_command
+from rdbroker_agent.sources import (
+    Session,
+    SystemSources,
+    parse_number,
+    parse_sessions,
+    run_command,
+    xrdp_desktops,
+)
 
 PY = sys.executable
 
@@ -98,3 +107,81 @@ async def test_psutil_errors_become_source_errors(monkeypatch: pytest.MonkeyPatc
         await sources.cpu_percent()
     with pytest.raises(SourceError, match="psutil could not read users"):
         await sources.logged_in_sessions()
+
+
+# xrdp desktops: X servers whose parent is xrdp-sesman, read through psutil's Process API ---------------
+
+
+@dataclass
+class FakeProcess:
+    """The part of psutil.Process that xrdp_desktops reads (`info` as process_iter fills it)."""
+
+    comm: str
+    username: str
+    parent_name: str | None = "xrdp-sesman"
+    connections: list[tuple[int, str]] = field(default_factory=list)  # (local port, status)
+    gone: bool = False
+
+    @property
+    def info(self) -> dict[str, object]:
+        return {"name": self.comm, "username": self.username}
+
+    def name(self) -> str:
+        return self.comm
+
+    def parent(self) -> FakeProcess | None:
+        if self.gone:
+            raise psutil.NoSuchProcess(1)
+        return None if self.parent_name is None else FakeProcess(self.parent_name, "root", None)
+
+    def net_connections(self, kind: str) -> list[SimpleNamespace]:
+        assert kind == "tcp"
+        return [SimpleNamespace(laddr=SimpleNamespace(port=p), status=s) for p, s in self.connections]
+
+
+LISTEN = [(5910, psutil.CONN_LISTEN), (5910, psutil.CONN_LISTEN)]  # Xvnc's VNC port, IPv4 and IPv6
+CONNECTED = [*LISTEN, (5910, psutil.CONN_ESTABLISHED)]  # xrdp connected to it
+
+
+def test_xrdp_desktops_are_sesmans_x_servers() -> None:
+    processes = [
+        FakeProcess("Xvnc", "alice", connections=CONNECTED),
+        FakeProcess("Xvnc", "bob", connections=LISTEN),
+        FakeProcess("Xorg", "carol"),  # xorgxrdp: a unix socket to xrdp, listed active
+        FakeProcess("Xvnc", "dave", parent_name="vncserver", connections=CONNECTED),  # not xrdp's
+        FakeProcess("Xvfb", "erin"),  # not an X server sesman starts
+        FakeProcess("sleep", "alice"),  # the session script
+        FakeProcess("Xvnc", "frank", connections=CONNECTED, gone=True),  # ended while listed
+    ]
+    assert xrdp_desktops(processes) == [  # type: ignore[arg-type]
+        Session("alice", "active"),
+        Session("bob", "disconnected"),
+        Session("carol", "active"),
+    ]
+
+
+def test_xrdp_desktop_connected_only_on_its_own_port() -> None:
+    # Xvnc's outgoing or other connections are not xrdp's: only an established one on a port it listens on.
+    elsewhere = [*LISTEN, (41234, psutil.CONN_ESTABLISHED), (5910, psutil.CONN_TIME_WAIT)]
+    assert xrdp_desktops([FakeProcess("Xvnc", "alice", connections=elsewhere)]) == [  # type: ignore[list-item]
+        Session("alice", "disconnected")
+    ]
+
+
+def test_a_user_with_several_desktops_is_active_in_any() -> None:
+    for order in ((LISTEN, CONNECTED), (CONNECTED, LISTEN)):
+        processes = [FakeProcess("Xvnc", "alice", connections=c) for c in order]
+        assert xrdp_desktops(processes) == [Session("alice", "active")]  # type: ignore[arg-type]
+
+
+async def test_xrdp_sessions_on_this_machine_and_denied_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    sources = SystemSources()
+    sessions = await sources.xrdp_sessions()  # whatever desktops run here: well-formed, one per user
+    assert len({s.user for s in sessions}) == len(sessions)
+
+    def denied(*args: object, **kwargs: object) -> list[object]:
+        raise psutil.AccessDenied()
+
+    monkeypatch.setattr(psutil, "process_iter", denied)
+    with pytest.raises(SourceError, match="psutil could not read xrdp desktops"):
+        await sources.xrdp_sessions()
