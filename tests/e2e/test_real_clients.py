@@ -125,17 +125,8 @@ def client_at_logon(
 
     `answer` goes to the client's standard input (rdesktop asks whether to trust the certificate)."""
     before = sum(s.text().count(LOGON_REACHED) for s in servers)
-    client = subprocess.Popen(
-        ["xvfb-run", "-a", *command],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        stdin=subprocess.PIPE,
-        start_new_session=True,
-    )
+    client = xs.start_x_client(command, answer)
     assert client.stdin is not None
-    with contextlib.suppress(BrokenPipeError):
-        client.stdin.write(answer)
-        client.stdin.flush()
     try:
         deadline = time.monotonic() + seconds
         while sum(s.text().count(LOGON_REACHED) for s in servers) == before:

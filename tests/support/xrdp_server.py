@@ -362,17 +362,8 @@ def run_x_client(
 ) -> int:
     """Run `command` under Xvfb. With `until`, wait for it (bounded), hold, kill: answers -9. Without,
     wait `hold_s` and kill, or (hold_s=0) let it exit by itself within the timeout: its exit code."""
-    client = subprocess.Popen(
-        ["xvfb-run", "-a", *command],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        stdin=subprocess.PIPE,
-        start_new_session=True,
-    )
+    client = start_x_client(command, answer)
     assert client.stdin is not None
-    with contextlib.suppress(BrokenPipeError):
-        client.stdin.write(answer)
-        client.stdin.flush()
     try:
         deadline = time.monotonic() + timeout_s
         if until is not None:
@@ -389,6 +380,23 @@ def run_x_client(
     finally:
         stop_x_client(client, command[0])
         client.stdin.close()
+
+
+def start_x_client(command: list[str], answer: bytes = b"") -> subprocess.Popen[bytes]:
+    """`command` under its own Xvfb, in a session of its own; `answer` goes to its standard input
+    (rdesktop asks whether to trust the certificate). Stop it with `stop_x_client`."""
+    client = subprocess.Popen(
+        ["xvfb-run", "-a", *command],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert client.stdin is not None
+    with contextlib.suppress(BrokenPipeError):
+        client.stdin.write(answer)
+        client.stdin.flush()
+    return client
 
 
 def stop_x_client(client: subprocess.Popen[bytes], name: str) -> None:
