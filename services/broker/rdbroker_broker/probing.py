@@ -98,7 +98,9 @@ class ProbeService:
             now = self.broker.now()
             rejected = []
             pools: dict[str, d.Pool] | None = None
-            for result in results:
+            # In address order, as a proxy's report batch locks them: two transactions that update
+            # several server rows never wait for each other's rows in opposite orders (a deadlock).
+            for result in sorted(results, key=lambda result: result.address):
                 if await r.leases.holder(result.address) != replica_id:
                     rejected.append(result.address)
                     continue

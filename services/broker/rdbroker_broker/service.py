@@ -714,6 +714,7 @@ class BrokerService:
         abandoned = 0
         try:
             async with self.store.raw_autocommit() as conn, conn.transaction():
+                await report_sql.lock_servers(conn, sorted({e.session_id for e in events[start:]}))
                 while index < len(events):
                     event = events[index]
                     try:

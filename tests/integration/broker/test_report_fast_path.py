@@ -16,6 +16,7 @@ import psycopg
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from rdbroker_broker import domain as d
 from rdbroker_broker import metrics
 from rdbroker_broker.db import report_sql
 from rdbroker_broker.db.tables import connections, sessions
@@ -411,3 +412,48 @@ async def test_two_proxies_batches_on_the_same_sessions_in_opposite_orders_both_
     assert undone == 0
     states = {s.state.value for n in range(SESSIONS) for s in await service.lookup_user_sessions(f"user{n}")}
     assert states == {"active"}
+
+
+async def test_batches_and_probe_results_over_the_same_servers_never_deadlock(engine, service, probes):
+    """Closing sessions changes their servers' counters (held_sessions, by trigger), so a batch writes
+    server rows as well as sessions. Two proxies' batches over sessions on several servers, and a
+    health replica's results for those servers, all at once: every transaction takes the server rows
+    in address order, so none waits for another in a cycle (a deadlock would undo a batch, or fail
+    the results after PostgreSQL's deadlock_timeout)."""
+    addresses = [f"10.0.1.{n}:3389" for n in range(1, 7)]
+    await seed(engine, *(server(a) for a in addresses))
+    await probes.claim_targets("r1", 3_600_000)
+    undone = 0
+    real = service._reports_fast
+
+    async def counted(*args: Any) -> int:
+        nonlocal undone
+        undone += 1
+        return await real(*args)
+
+    service._reports_fast = counted  # type: ignore[method-assign]
+    sids = [await route(service, f"c{n}", f"user{n}") for n in range(600)]
+    results = [d.ProbeResult(a, d.Health.UP, True, "", 10, d.AgentState.UP, "") for a in reversed(addresses)]
+    for round_ in range(3):  # each round a chance to deadlock, were the orders not the same
+        opened: list[ConnectionEvent] = [Opened(sid, f"c{n}r{round_}", "p1") for n, sid in enumerate(sids)]
+        assert await service.report_connections(opened) == [None] * len(sids)
+        # Each batch closes sessions spread over every server (a claim's close changes held_sessions).
+        halves = [
+            [
+                Closed(sid, f"c{n}r{round_}", bytes_from_server=6308)
+                for n, sid in enumerate(sids)
+                if n % 2 == side
+            ]
+            for side in (0, 1)
+        ]
+        first, second, refused = await asyncio.gather(
+            service.report_connections(halves[0]),
+            service.report_connections(halves[1]),
+            probes.report_results("r1", results),
+        )
+        assert (first, second, refused) == ([None] * 300, [None] * 300, [])
+    assert undone == 0
+    listed = await service.list_servers()
+    assert sum(s.live_sessions for s in listed) == 600
+    assert sum(s.held_sessions for s in listed) == 0  # closed claims hold nothing
+    assert {s.load for s in listed} == {10}

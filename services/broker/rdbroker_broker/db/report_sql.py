@@ -157,10 +157,29 @@ async def run(conn: psycopg.AsyncConnection[Any], statement: Statement) -> Outco
     return outcome(row)
 
 
+# The server rows a batch's session updates may change (their counters, by trigger), locked first and
+# in address order. The statements then find them held: without this two proxies' batches (or a batch
+# and a health replica's results, also in address order) could take them in opposite orders and
+# deadlock, each deadlock costing PostgreSQL's deadlock_timeout and a replay one event at a time.
+LOCK_SERVERS = """
+SELECT address FROM servers
+WHERE address IN (SELECT server_address FROM sessions WHERE id = ANY(%(ids)s))
+ORDER BY address FOR UPDATE
+"""
+
+
+async def lock_servers(conn: psycopg.AsyncConnection[Any], session_ids: list[str]) -> None:
+    """Lock the servers of these sessions (LOCK_SERVERS), in a transaction the caller holds."""
+    await conn.execute(LOCK_SERVERS, {"ids": session_ids})
+
+
 async def run_all(conn: psycopg.AsyncConnection[Any], statements: list[Statement]) -> list[Outcome]:
     """Every statement sent at once (pipeline mode: one round trip, not one per statement), in
-    order; their outcomes in the same order."""
+    order, after the servers of their sessions are locked (LOCK_SERVERS); their outcomes in the
+    same order."""
+    session_ids = sorted({params["session_id"] for _, params, _ in statements})
     async with conn.pipeline() as pipeline:
+        await conn.execute(LOCK_SERVERS, {"ids": session_ids})
         cursors = [await conn.execute(sql, params) for sql, params, _ in statements]
         await pipeline.sync()
         rows = [await cursor.fetchone() for cursor in cursors]
