@@ -831,6 +831,9 @@ class BrokerService:
         async def work(r: Repos) -> tuple[int, int]:
             now = self.now()
             await r.proxies.heartbeat(proxy_id, active_connections, now)
+            # The servers whose counters these updates may change, first and in address order (as
+            # report batches take them): several session rows change here, in no particular order.
+            await r.sessions.lock_proxy_servers(proxy_id)
             # A listed connection is open: its session, disconnected by a sweep or an earlier list
             # that could not see it, is active again (complete list or not).
             revived = await r.sessions.revive_listed(proxy_id, ids, now) if ids else 0

@@ -414,12 +414,12 @@ async def test_two_proxies_batches_on_the_same_sessions_in_opposite_orders_both_
     assert states == {"active"}
 
 
-async def test_batches_and_probe_results_over_the_same_servers_never_deadlock(engine, service, probes):
+async def test_batches_and_probe_results_over_the_same_servers_never_deadlock(engine, service, probes, clock):
     """Closing sessions changes their servers' counters (held_sessions, by trigger), so a batch writes
     server rows as well as sessions. Two proxies' batches over sessions on several servers, and a
     health replica's results for those servers, all at once: every transaction takes the server rows
     in address order, so none waits for another in a cycle (a deadlock would undo a batch, or fail
-    the results after PostgreSQL's deadlock_timeout)."""
+    the results or the heartbeat after PostgreSQL's deadlock_timeout)."""
     addresses = [f"10.0.1.{n}:3389" for n in range(1, 7)]
     await seed(engine, *(server(a) for a in addresses))
     await probes.claim_targets("r1", 3_600_000)
@@ -446,10 +446,13 @@ async def test_batches_and_probe_results_over_the_same_servers_never_deadlock(en
             ]
             for side in (0, 1)
         ]
-        first, second, refused = await asyncio.gather(
+        clock.advance(service.settings.heartbeat_interval_s + 1)
+        # ... and the proxy's heartbeat, whose list lacks them all (their close reports are late).
+        first, second, refused, _ = await asyncio.gather(
             service.report_connections(halves[0]),
             service.report_connections(halves[1]),
             probes.report_results("r1", results),
+            service.proxy_heartbeat("p1", 0, []),
         )
         assert (first, second, refused) == ([None] * 300, [None] * 300, [])
     assert undone == 0

@@ -701,6 +701,25 @@ class SessionRepository:
         )
         return int(result.rowcount)
 
+    async def lock_proxy_servers(self, proxy_id: str) -> None:
+        """Lock, in address order, the servers of the proxy's sessions a heartbeat may change (active,
+        or disconnected for want of news): a transaction that writes several server rows (by the
+        sessions' triggers) takes them in one order, so it never waits for another in a cycle.
+        SQLite has no row locks: its one writer at a time needs none."""
+        if self.conn.dialect.name != "postgresql":
+            return
+        touched = select(sessions.c.server_address).where(
+            sessions.c.proxy_id == proxy_id,
+            (sessions.c.state == "active")
+            | ((sessions.c.state == "disconnected") & sessions.c.end_reason.in_(NEWS_LOST)),
+        )
+        await self.conn.execute(
+            select(servers.c.address)
+            .where(servers.c.address.in_(touched))
+            .order_by(servers.c.address)
+            .with_for_update()
+        )
+
     async def revive_listed(self, proxy_id: str, open_ids: Sequence[str], now: datetime) -> int:
         """A proxy's heartbeat lists these connections as open: its sessions on them that were marked
         disconnected for want of news (a silent proxy, a list that missed them) are active again.
