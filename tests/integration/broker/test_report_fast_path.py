@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
+import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -386,20 +387,27 @@ async def test_a_batch_is_one_round_trip(engine, service, monkeypatch):
     assert states == ["disconnected"] * 10 + ["active"] * 10
 
 
-async def test_two_proxies_batches_on_the_same_sessions_in_opposite_orders_both_apply(engine, service):
+@pytest.fixture
+def undone(service: BrokerService) -> list[int]:
+    """One entry per batch undone and applied one event at a time (its pipelined transaction failed)."""
+    seen: list[int] = []
+    real = service._reports_fast
+
+    async def counted(*args: Any) -> int:
+        seen.append(1)
+        return await real(*args)
+
+    service._reports_fast = counted  # type: ignore[method-assign]
+    return seen
+
+
+async def test_two_proxies_batches_on_the_same_sessions_in_opposite_orders_both_apply(
+    engine, service, undone
+):
     # Each batch is one transaction: locking the same sessions in opposite orders would deadlock
     # (PostgreSQL fails one after deadlock_timeout, 1 s, and it is applied one event at a time).
     # Batches lock in session order instead, so neither is ever undone.
     await seed(engine, server(A))
-    undone = 0
-    real = service._reports_fast
-
-    async def counted(*args: Any) -> int:
-        nonlocal undone
-        undone += 1
-        return await real(*args)
-
-    service._reports_fast = counted  # type: ignore[method-assign]
     sids = [await route(service, f"c{n}", f"user{n}") for n in range(SESSIONS)]
     forward: list[ConnectionEvent] = [Opened(sid, f"c{n}", "p1") for n, sid in enumerate(sids)]
     backward: list[ConnectionEvent] = [Opened(sid, f"c{n}", "p2") for n, sid in enumerate(sids)][::-1]
@@ -409,12 +417,14 @@ async def test_two_proxies_batches_on_the_same_sessions_in_opposite_orders_both_
         )
         assert first == [None] * SESSIONS
         assert second == [None] * SESSIONS
-    assert undone == 0
+    assert undone == []
     states = {s.state.value for n in range(SESSIONS) for s in await service.lookup_user_sessions(f"user{n}")}
     assert states == {"active"}
 
 
-async def test_batches_and_probe_results_over_the_same_servers_never_deadlock(engine, service, probes, clock):
+async def test_batches_and_probe_results_over_the_same_servers_never_deadlock(
+    engine, service, probes, clock, undone
+):
     """Closing sessions changes their servers' counters (held_sessions, by trigger), so a batch writes
     server rows as well as sessions. Two proxies' batches over sessions on several servers, and a
     health replica's results for those servers, all at once: every transaction takes the server rows
@@ -423,15 +433,6 @@ async def test_batches_and_probe_results_over_the_same_servers_never_deadlock(en
     addresses = [f"10.0.1.{n}:3389" for n in range(1, 7)]
     await seed(engine, *(server(a) for a in addresses))
     await probes.claim_targets("r1", 3_600_000)
-    undone = 0
-    real = service._reports_fast
-
-    async def counted(*args: Any) -> int:
-        nonlocal undone
-        undone += 1
-        return await real(*args)
-
-    service._reports_fast = counted  # type: ignore[method-assign]
     sids = [await route(service, f"c{n}", f"user{n}") for n in range(600)]
     results = [d.ProbeResult(a, d.Health.UP, True, "", 10, d.AgentState.UP, "") for a in reversed(addresses)]
     for round_ in range(3):  # each round a chance to deadlock, were the orders not the same
@@ -455,7 +456,7 @@ async def test_batches_and_probe_results_over_the_same_servers_never_deadlock(en
             service.proxy_heartbeat("p1", 0, []),
         )
         assert (first, second, refused) == ([None] * 300, [None] * 300, [])
-    assert undone == 0
+    assert undone == []
     listed = await service.list_servers()
     assert sum(s.live_sessions for s in listed) == 600
     assert sum(s.held_sessions for s in listed) == 0  # closed claims hold nothing
