@@ -90,6 +90,8 @@ pools = Table(
     Column("sessions_interval_ms", Integer, nullable=False, server_default="0"),
     Column("stale_after_ms", Integer, nullable=False, server_default="0"),
     Column("logon_lag_s", Float, nullable=False, server_default="30"),
+    # False: a routing token (`Cookie: msts=`) is ignored and the connection placed by policy (0008).
+    Column("honor_routing_tokens", Boolean, nullable=False, server_default=text("true")),
 )
 Index(
     "uq_pools_one_default",
@@ -241,4 +243,18 @@ probe_leases = Table(
     ),
     Column("replica_id", String(128), nullable=False, index=True),
     Column("expires_at", UtcDateTime, nullable=False),
+)
+
+# One row per operator change to the directory (migration 0008; `GET /v1/audit`).
+audit = Table(
+    "audit",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True),
+    Column("at", UtcDateTime, nullable=False, index=True),
+    Column("actor", String(255), nullable=False),
+    Column("client", String(255), nullable=False, server_default=""),
+    Column("action", String(64), nullable=False),
+    Column("target", String(255), nullable=False, server_default=""),
+    Column("outcome", String(32), nullable=False),
+    Column("detail", String(1024), nullable=False, server_default=""),
 )
