@@ -555,10 +555,12 @@ class BrokerService:
             return ignored("ignored_policy", f"the server is in pool {home.name}, not {pool.name}")
         # The server's row locked, its capacity re-checked: what a placement there would check.
         locked = await r.servers.lock(address)
-        why = _no_new_sessions(d.as_seen_at(locked, now)) if locked is not None else "removed meanwhile"
-        if why:
+        if locked is None:
+            return ignored("ignored_policy", "the server was removed meanwhile")
+        why = _no_new_sessions(d.as_seen_at(locked, now))
+        if why and user:
             return ignored("ignored_policy", f"the server takes no new sessions ({why})")
-        note.outcome = "honoured"
+        note.outcome = "no_identity" if why else "honoured"  # (filled up meanwhile: as above)
         # A user whose session is on another server of the pool gets this one without affinity, as
         # does one another replica placed meanwhile: one live session per account stays true.
         owner = user if mine is None else ""
