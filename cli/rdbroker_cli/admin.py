@@ -210,6 +210,12 @@ def _pools_parser() -> argparse.ArgumentParser:
     change.add_argument(
         "--probe-timeout", type=_duration(zero=True), default=None, help="like 2s, or default"
     )
+    change.add_argument(
+        "--honor-routing-tokens",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="follow clients' routing tokens where policy allows (--no-...: ignore them, place by policy)",
+    )
     change.add_argument("--probe-rise", type=_positive, default=None, help="1..100, 0 = default")
     change.add_argument("--probe-fall", type=_positive, default=None, help="1..100, 0 = default")
     _connection_options(change)
@@ -265,6 +271,7 @@ _POOL_FLAGS: dict[str, tuple[str, float]] = {
     "probe_timeout": ("probe_timeout_ms", 1),
     "probe_rise": ("probe_rise", 1),
     "probe_fall": ("probe_fall", 1),
+    "honor_routing_tokens": ("honor_routing_tokens", 1),
 }
 APPLY_NOTE = "note: the next `rdbroker apply` of a farm file sets the pool's settings from the file again\n"
 

@@ -142,6 +142,10 @@ def size(row: Mapping[str, Any]) -> str:
     return f"{value}B"
 
 
+def _yes_no(value: Any) -> str:
+    return "yes" if value is True else "no" if value is False else "-"  # "-": an older broker
+
+
 def suffixes(row: Mapping[str, Any]) -> str:
     values = row.get("upn_suffixes")
     return ",".join(str(v) for v in values) if isinstance(values, list) and values else "-"
@@ -157,6 +161,7 @@ POOL_COLUMNS: list[Column] = [
     ("CONFIRM", seconds("confirm_timeout_s")),
     ("STALE AFTER", milliseconds("stale_after_ms")),
     ("LOGON LAG", seconds("logon_lag_s")),
+    ("TOKENS", lambda row: _yes_no(row.get("honor_routing_tokens"))),
     ("SERVERS", field("servers", "0")),
     ("SESSIONS", field("live_sessions", "0")),
 ]
@@ -172,6 +177,7 @@ POOL_SETTINGS: list[Column] = [
     ("confirm_timeout", seconds("confirm_timeout_s")),
     ("stale_after", milliseconds("stale_after_ms", "default (three probe intervals plus the probe lease)")),
     ("logon_lag", seconds("logon_lag_s")),
+    ("honor_routing_tokens", lambda row: _yes_no(row.get("honor_routing_tokens"))),
     ("probe.interval", milliseconds("probe_interval_ms", "default (RDBROKER_PROBE_INTERVAL_MS)")),
     ("probe.timeout", milliseconds("probe_timeout_ms", "default (RDBROKER_PROBE_TIMEOUT_MS)")),
     ("probe.rise", count("probe_rise")),

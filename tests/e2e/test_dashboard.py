@@ -135,7 +135,7 @@ def test_pool_settings_stale_results_and_confirmed_sessions(
     admin = {"Authorization": f"Bearer {rest.ADMIN}"}
     settings = {"domain": "CORP", "upn_suffixes": ["corp.example.com"], "junk_bytes": 4096,
                 "confirm_timeout_s": 300, "stale_after_ms": 30_000, "logon_lag_s": 10,
-                "sessions_interval_ms": 5000}  # fmt: skip
+                "sessions_interval_ms": 5000, "honor_routing_tokens": False}  # fmt: skip
     answer = httpx.patch(f"{live_broker.url}/v1/pools/default", json=settings, headers=admin)
     assert answer.status_code == 200, answer.text
     stale, fresh = SERVERS[0], SERVERS[1]
@@ -177,12 +177,15 @@ def test_pool_settings_stale_results_and_confirmed_sessions(
         "confirm_timeout_s": "Confirm within 5m",
         "stale_after_ms": "Results stale after 30s",
         "logon_lag_s": "Logon lag 10s",
+        "honor_routing_tokens": "Routing tokens ignored",
         "probe_interval_ms": "Probe every default",
         "sessions_interval_ms": "Session lists every 5s",
     }
     for setting, label in shown.items():
         expect(pool.locator(f'li[data-setting="{setting}"]')).to_have_text(label)
-    expect(page.locator("article.pool[data-pool=Sales] li[data-setting=domain]")).to_have_text("Domain none")
+    sales = page.locator("article.pool[data-pool=Sales]")
+    expect(sales.locator("li[data-setting=domain]")).to_have_text("Domain none")
+    expect(sales.locator("li[data-setting=honor_routing_tokens]")).to_have_text("Routing tokens honoured")
 
     stale_row = page.locator(f'tr[data-address="{stale}"]')
     expect(stale_row.locator("td.health")).to_have_text(f"unknown (last result {probed:%H:%M:%S})")

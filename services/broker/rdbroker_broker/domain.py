@@ -86,6 +86,8 @@ class Pool:
     sessions_interval_ms: int = 0  # agents' session lists; 0 = the broker's RDBROKER_SESSIONS_INTERVAL_MS
     stale_after_ms: int = 0  # 0 = three probe intervals plus the probe lease
     logon_lag_s: float = 30.0  # how long a placement takes to show in the agent's load figure
+    # False: a connection's `Cookie: msts=` routing token is ignored, the connection placed by policy.
+    honor_routing_tokens: bool = True
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ _POOL_KEYS = {
     "confirm_timeout",
     "stale_after",
     "logon_lag",
+    "honor_routing_tokens",
 }
 _PROBE_KEYS = {"interval", "timeout", "rise", "fall", "sessions_interval"}
 # The same bounds as the broker's RDBROKER_PROBE_* settings (config.py).
@@ -266,6 +267,7 @@ def _read_claim_settings(reader: _Reader, fields: dict[str, yaml.Node], where: s
 
     check("domain", domain)
     check("upn_suffixes", upn_suffixes)
+    check("honor_routing_tokens", lambda value: {"honor_routing_tokens": ps.check_flag(value)})
     check("junk_bytes", junk_bytes)
     for name, key in _FARM_KEY.items():
         check(key, duration(name))
@@ -459,6 +461,7 @@ _SHOWN: list[tuple[str, str]] = [
     ("confirm_timeout_s", "confirm_timeout"),
     ("stale_after_ms", "stale_after"),
     ("logon_lag_s", "logon_lag"),
+    ("honor_routing_tokens", "honor_routing_tokens"),
 ]
 
 
@@ -468,7 +471,7 @@ def show_setting(field_name: str, value: Any) -> str:
         return f"[{', '.join(value)}]"
     if field_name == "domain":
         return value or "none"
-    if field_name == "is_default":
+    if field_name in ("is_default", "honor_routing_tokens"):
         return "true" if value else "false"
     if field_name == "junk_bytes":
         return ps.format_size(value)

@@ -109,6 +109,37 @@ _meter.create_observable_counter(
 )
 
 
+# What became of a Route's routing token (docs/broker.md, Routing): followed as a placement, as the
+# user's reconnect, or for a connection without identity; else why it was not followed.
+TOKEN_OUTCOMES = (
+    "honoured",
+    "reconnect",
+    "no_identity",
+    "ignored_policy",
+    "ignored_disabled",
+    "refused_down",
+    "refused_maintenance",
+    "unknown_server",
+)
+_token_counts: dict[str, int] = {}
+
+
+def record_routing_token(outcome: str) -> None:
+    """One Route's routing token, by outcome (`TOKEN_OUTCOMES`)."""
+    _token_counts[outcome] = _token_counts.get(outcome, 0) + 1
+
+
+def _observe_tokens(_options: CallbackOptions) -> Iterable[Observation]:
+    return [Observation(count, {"outcome": outcome}) for outcome, count in _token_counts.copy().items()]
+
+
+_meter.create_observable_counter(
+    "rdbroker_routing_tokens",
+    callbacks=[_observe_tokens],
+    description="Routes that carried a routing token, by outcome (" + "/".join(TOKEN_OUTCOMES) + ")",
+)
+
+
 def record_refused(reason: str) -> None:
     """A call refused for overload (admission.py): queue_full, no_time or timed_out."""
     _refused_counts[reason] = _refused_counts.get(reason, 0) + 1

@@ -71,7 +71,7 @@ BOUNDS: dict[str, Bound] = {
 }
 PROBE_COUNT_MAX = 100
 # What `PATCH /v1/pools/{name}` may change: every setting but the name and which pool is the default.
-PATCHABLE = frozenset(BOUNDS) | {"probe_rise", "probe_fall", "domain", "upn_suffixes"}
+PATCHABLE = frozenset(BOUNDS) | {"probe_rise", "probe_fall", "domain", "upn_suffixes", "honor_routing_tokens"}
 
 
 def check_number(field: str, value: Any) -> float:
@@ -82,6 +82,13 @@ def check_count(value: Any) -> int:
     """A probe rise/fall: 1..100, or 0 for the broker's RDBROKER_PROBE_RISE/FALL."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= PROBE_COUNT_MAX:
         raise SettingError(f"expected an integer from 1 to {PROBE_COUNT_MAX}, or 0 for the broker's value")
+    return value
+
+
+def check_flag(value: Any) -> bool:
+    """A yes/no setting: true or false only (a loose reading would take the string "false" for true)."""
+    if not isinstance(value, bool):
+        raise SettingError("expected true or false")
     return value
 
 

@@ -82,6 +82,19 @@ class Closed:
 ConnectionEvent = Opened | Closed
 
 
+@dataclass
+class TokenNote:
+    """What a Route made of its routing token: a `metrics.TOKEN_OUTCOMES` value and, for a token
+    not followed, why (counted and logged once its transaction is over)."""
+
+    outcome: str = ""
+    why: str = ""
+
+
+# Outcomes where the connection went where its token said.
+TOKEN_FOLLOWED = frozenset({"honoured", "reconnect", "no_identity"})
+
+
 class _Undo(Exception):
     """Rolls a pipelined report batch back: one of its events needs the use case."""
 
@@ -172,13 +185,22 @@ class BrokerService:
         if decision is not None:
             return self._logged(request, decision)
         tries = 0
+        token = TokenNote()
 
         async def work(r: Repos) -> d.RouteDecision:
             nonlocal tries
             tries += 1
-            return await self._route(r, request, user, token_address, context if tries == 1 else None, probe)
+            token.outcome = token.why = ""  # a transaction run again decides again
+            ctx = context if tries == 1 else None
+            return await self._route(r, request, user, token_address, ctx, probe, token)
 
-        return self._logged(request, await self.run_tx(work))
+        try:
+            decision = await self.run_tx(work)
+        except BrokerError:
+            self._token_counted(request, token_address, token, None)
+            raise
+        self._token_counted(request, token_address, token, decision)
+        return self._logged(request, decision)
 
     def _check_qualified(self, pool: str, user: str) -> None:
         key = accounts.key_of(user, self._accounts_for(pool)[1])
@@ -187,6 +209,26 @@ class BrokerService:
                 f"cookie is too long once qualified with the pool's domain ({len(key)} characters, "
                 f"at most {d.MAX_USER_CHARS})"
             )
+
+    def _token_counted(
+        self, request: d.RouteRequest, address: str | None, token: TokenNote, decision: d.RouteDecision | None
+    ) -> None:
+        """Count what became of the routing token once its transaction is over (a transaction run
+        again decides again), and say why a token was not followed."""
+        if not token.outcome:
+            return  # no token, or a retried call answered as before
+        metrics.record_routing_token(token.outcome)
+        if token.outcome in TOKEN_FOLLOWED:
+            return
+        placed = f"placed by policy on {decision.server_address}" if decision else "not placed"
+        log.info(
+            "routing token names %s, not followed (%s: %s): %s",
+            address,
+            token.outcome,
+            token.why,
+            placed,
+            extra={"connection_id": request.connection_id, "server": address},
+        )
 
     def _logged(self, request: d.RouteRequest, decision: d.RouteDecision) -> d.RouteDecision:
         if log.isEnabledFor(logging.DEBUG):  # the hot path: no record built unless asked for
@@ -315,7 +357,8 @@ class BrokerService:
         user: str,
         token_address: str | None,
         context: RouteContext | None,
-        probe: ProbeResult | None = None,
+        probe: ProbeResult | None,
+        token: TokenNote,
     ) -> d.RouteDecision:
         now = self.now()
         answers: dict[int, d.RouteDecision] = {}
@@ -332,13 +375,16 @@ class BrokerService:
         if request.attempt > 0 and request.failed_server_address:
             exclude = await self._after_failure(r, request, answers, now, probe)
 
+        if exclude and user:  # the failure handling may have ended the session read above
+            live = await r.sessions.live_for_user(pool.name, accounts.key_of(user, pool_rules(pool)))
+            live_server = await r.servers.get(live.server_address) if live else None
+
         decision = None
         if token_address is not None:
-            decision = await self._route_token(r, request, user, token_address, exclude, now)
+            decision = await self._route_token(
+                r, request, pool, user, live, token_address, exclude, now, token
+            )
         if decision is None and user:
-            if exclude:  # the failure handling may have ended the session read above
-                live = await r.sessions.live_for_user(pool.name, accounts.key_of(user, pool_rules(pool)))
-                live_server = await r.servers.get(live.server_address) if live else None
             decision = await self._reconnect(r, pool, user, live, live_server, exclude, now)
         if decision is None:
             decision = await self._place_new(r, pool, user, exclude, request, now)
@@ -455,26 +501,78 @@ class BrokerService:
         return d.stale_after(pool, self.settings.probe_interval_ms, self.settings.lease_ms)
 
     async def _route_token(
-        self, r: Repos, request: d.RouteRequest, user: str, address: str, exclude: list[str], now: datetime
+        self,
+        r: Repos,
+        request: d.RouteRequest,
+        pool: d.Pool,
+        user: str,
+        live: d.Session | None,
+        address: str,
+        exclude: list[str],
+        now: datetime,
+        note: TokenNote,
     ) -> d.RouteDecision | None:
+        """Follow the routing token where policy would let this connection go; None (and `note`
+        says why) places it by policy as if it carried none. A token is a client's word, and any
+        client can write one: it never overrides the operator's drain, a server's capacity or the
+        pool a connection belongs to, except to take a user back to their own session."""
+
+        def ignored(outcome: str, why: str) -> d.RouteDecision | None:
+            note.outcome, note.why = outcome, why
+            return None
+
+        if not pool.honor_routing_tokens:
+            return ignored("ignored_disabled", f"pool {pool.name} ignores routing tokens")
         server = await r.servers.get(address)
         if server is None:
+            note.outcome, note.why = "unknown_server", "not a registered server"
             # Routing to an arbitrary address would make the proxy an open relay.
             raise PermissionDenied(f"routing token names {address}, which is not a registered server")
-        if not d.takes_reconnects(d.as_seen_at(server, now)) or address in exclude:
-            log.info("routing token names %s, which is down or in maintenance: placing by policy", address)
-            return None
-        pool = await r.pools.resolve(server.pool) or d.Pool(server.pool)
+        seen = d.as_seen_at(server, now)  # a stale health result counts as none, as for placements
+        if seen.is_down or address in exclude:
+            return ignored("refused_down", "the server is down")
+        if seen.effective_admin_state is d.AdminState.MAINTENANCE:
+            return ignored("refused_maintenance", "the server is in maintenance")
+        home = pool if server.pool == pool.name else await r.pools.resolve(server.pool) or d.Pool(server.pool)
+        if not home.honor_routing_tokens:
+            return ignored("ignored_disabled", f"the server's pool {home.name} ignores routing tokens")
+        mine = None
         if user:
-            live = await r.sessions.live_for_user(server.pool, accounts.key_of(user, pool_rules(pool)))
-            if live is not None and live.server_address == address and live.is_live_at(now):
-                return d.RouteDecision(address, live.session_id, d.RouteReason.TOKEN, live.user, server.pool)
-        session_id = await self._insert_pending(r, pool, user, address, request, now)
-        if session_id is None:  # the user lives elsewhere in the pool: honour the token without affinity
-            user = ""
+            mine = live if home is pool else await self._live_session(r, home, user)
+            if mine is None:  # another spelling of the account may hold it (the rule of `_reconnect`)
+                mine = await self._account_match(r, home, user, now)
+            if mine is not None and mine.server_address == address and mine.is_live_at(now):
+                note.outcome = "reconnect"
+                return d.RouteDecision(address, mine.session_id, d.RouteReason.TOKEN, mine.user, home.name)
+        elif home is not pool or not d.takes_new_sessions(seen):
+            # No identity to look up: the token is the connection's only route (a client sent back
+            # to the server of its session carries the token, often without a cookie).
+            note.outcome = "no_identity"
+            session_id = await self._insert_pending(r, home, "", address, request, now)
+            assert session_id is not None  # an anonymous session is never a duplicate
+            return d.RouteDecision(address, session_id, d.RouteReason.TOKEN, "", home.name)
+        if home is not pool:
+            return ignored("ignored_policy", f"the server is in pool {home.name}, not {pool.name}")
+        # The server's row locked, its capacity re-checked: what a placement there would check.
+        locked = await r.servers.lock(address)
+        if locked is None:
+            return ignored("ignored_policy", "the server was removed meanwhile")
+        why = _no_new_sessions(d.as_seen_at(locked, now))
+        if why and user:
+            return ignored("ignored_policy", f"the server takes no new sessions ({why})")
+        note.outcome = "no_identity" if why else "honoured"  # (filled up meanwhile: as above)
+        # A user whose session is on another server of the pool gets this one without affinity, as
+        # does one another replica placed meanwhile: one live session per account stays true.
+        owner = user if mine is None else ""
+        session_id = await self._insert_pending(r, pool, owner, address, request, now)
+        if session_id is None:
+            owner = ""
             session_id = await self._insert_pending(r, pool, "", address, request, now)
         assert session_id is not None
-        return d.RouteDecision(address, session_id, d.RouteReason.TOKEN, user, server.pool)
+        return d.RouteDecision(address, session_id, d.RouteReason.TOKEN, owner, pool.name)
+
+    async def _live_session(self, r: Repos, pool: d.Pool, user: str) -> d.Session | None:
+        return await r.sessions.live_for_user(pool.name, accounts.key_of(user, pool_rules(pool)))
 
     async def _reconnect(
         self,
@@ -964,6 +1062,21 @@ class BrokerService:
             )
         counts["purged"] = await self._purge_due(self.now())
         return counts
+
+
+def _no_new_sessions(server: d.Server) -> str:
+    """Why `domain.takes_new_sessions` refuses the server ("" when it takes them)."""
+    if d.takes_new_sessions(server):
+        return ""
+    if server.is_down:
+        return "down"
+    if server.effective_admin_state is not d.AdminState.ENABLED:
+        return server.effective_admin_state.value
+    if server.weight <= 0:
+        return "weight 0"
+    if server.load >= 100:
+        return "load 100"
+    return f"full: {server.held_sessions} of {server.max_sessions} sessions"
 
 
 def _last_answer(answers: dict[int, d.RouteDecision], attempt: int) -> d.RouteDecision | None:

@@ -9,6 +9,7 @@ import pytest
 from opentelemetry import trace
 
 from rdbroker_proto.v1 import broker_pb2 as pb
+from rdbroker_rdp import encode_routing_token
 from tests.integration.broker.conftest import seed, server
 from tests.integration.observability.conftest import eventually
 from tests.support import prom
@@ -103,6 +104,31 @@ async def test_route_counts_and_latency_move_with_routing(broker, engine, teleme
     text = prom.scrape(port)
     assert prom.sample(text, "rdbroker_route_duration_seconds_count") == timed + 3
     assert prom.sample(text, "rdbroker_route_duration_seconds_bucket", le="+Inf") == timed + 3
+
+
+async def test_routing_tokens_are_counted_by_outcome(broker, engine, telemetry):
+    handle, _ = telemetry
+    port = handle.metrics_port
+
+    def tokens(outcome: str) -> float:
+        return prom.sample(prom.scrape(port), "rdbroker_routing_tokens_total", outcome=outcome) or 0.0
+
+    await seed(engine, server(A), server("10.0.8.2:3389"))
+    to_a = encode_routing_token("10.0.8.1", 3389)
+    outcomes = ("honoured", "ignored_policy", "unknown_server")
+    before = {outcome: tokens(outcome) for outcome in outcomes}
+    await broker.stub.Route(
+        pb.RouteRequest(connection_id="k1", proxy_id="p1", cookie="ko", routing_token=to_a)
+    )
+    await broker.stub.SetServerState(pb.SetServerStateRequest(address=A, admin_state=pb.ADMIN_STATE_DRAINING))
+    await broker.stub.Route(
+        pb.RouteRequest(connection_id="k2", proxy_id="p1", cookie="lo", routing_token=to_a)
+    )
+    nowhere = encode_routing_token("192.0.2.9", 3389)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await broker.stub.Route(pb.RouteRequest(connection_id="k3", cookie="mo", routing_token=nowhere))
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert {outcome: tokens(outcome) - before[outcome] for outcome in outcomes} == dict.fromkeys(outcomes, 1)
 
 
 async def test_sessions_by_state_follow_the_directory(broker, engine, telemetry):

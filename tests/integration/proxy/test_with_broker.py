@@ -107,6 +107,27 @@ async def test_a_token_routes_to_a_registered_server_and_not_elsewhere(real_farm
     assert real_farm.servers[0].accepted == 0
 
 
+async def test_a_crafted_token_to_a_draining_server_does_not_land_a_new_user_there(
+    real_farm: RealFarm,
+) -> None:
+    home, draining = real_farm.servers
+    async with grpc.aio.insecure_channel(real_farm.brokers[0].grpc_address) as channel:
+        await BrokerStub(channel).SetServerState(
+            pb.SetServerStateRequest(address=draining.address, admin_state=pb.ADMIN_STATE_DRAINING),
+            timeout=10,
+        )
+    token = encode_routing_token("127.0.0.1", draining.port)
+    crafted = build_connection_request(cookie="mallory", routing_token=token, requested_protocols=3)
+    async with running_proxy([b.grpc_address for b in real_farm.brokers]) as proxy:
+        _, writer, _ = await handshake(proxy.port, crafted)
+        await close(writer)
+        await wait_until(lambda: not proxy.context.connections)
+    # Placed by policy on the server that takes new users; the draining one never heard of it.
+    assert home.first_packets == [crafted]
+    assert draining.accepted == 0
+    assert [s.server_address for s in await real_farm.sessions("mallory")] == [home.address]
+
+
 async def test_a_killed_broker_is_routed_around_and_every_user_has_one_session(real_farm: RealFarm) -> None:
     users = [f"user{i:02d}" for i in range(40)]
     done: list[str] = []

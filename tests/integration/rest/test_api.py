@@ -16,6 +16,7 @@ from rdbroker_broker.db.engine import make_engine
 from rdbroker_broker.db.tables import servers
 from rdbroker_broker.rest.app import create_app
 from rdbroker_broker.service import BrokerService
+from rdbroker_rdp import encode_routing_token
 from tests.integration.rest.conftest import ADMIN, READ, SERVERS, place
 
 PROBLEM = "application/problem+json"
@@ -253,6 +254,7 @@ DEFAULT_SETTINGS = {
     "confirm_timeout_s": 120.0,
     "stale_after_ms": 0,
     "logon_lag_s": 30.0,
+    "honor_routing_tokens": True,
     "probe_interval_ms": 0,
     "probe_timeout_ms": 0,
     "probe_rise": 0,
@@ -279,6 +281,7 @@ async def test_patch_a_pool_changes_its_settings(client, service):
         "confirm_timeout_s": 300,
         "stale_after_ms": 30_000,
         "logon_lag_s": 0,
+        "honor_routing_tokens": False,
         "probe_interval_ms": 1000,
         "sessions_interval_ms": 5000,
         "disconnect_timeout_s": 1800,
@@ -299,6 +302,7 @@ async def test_patch_a_pool_changes_its_settings(client, service):
         30_000,
     )
     assert (pool.confirm_timeout_s, pool.logon_lag_s, pool.sessions_interval_ms) == (300.0, 0.0, 5000)
+    assert pool.honor_routing_tokens is False
 
     # A subset changes only itself; an empty body changes nothing; "" and [] clear; 0 means the default.
     again = await client.patch("/v1/pools/Sales", json={"junk_bytes": 0})
@@ -340,13 +344,30 @@ async def test_patch_a_pool_changes_its_settings(client, service):
         ({"upn_suffixes": ["a.com", "A.com"]}, "body.upn_suffixes", "a.com is listed twice"),
         ({"name": "other"}, "body.name", "Extra inputs"),
         ({"default": True}, "body.default", "Extra inputs"),
+        # A security switch takes true or false only: "false" or 0 must not read as a value.
+        ({"honor_routing_tokens": "false"}, "body.honor_routing_tokens", "expected true or false"),
+        ({"honor_routing_tokens": 0}, "body.honor_routing_tokens", "expected true or false"),
+        ({"honor_routing_tokens": "yes"}, "body.honor_routing_tokens", "expected true or false"),
     ],
 )
 async def test_patch_a_pool_refuses_bad_values(client, body, location, message):
     problem = assert_problem(await client.patch("/v1/pools/default", json=body), 422, "Invalid request")
     assert problem["errors"][0]["location"] == location
     assert message in problem["errors"][0]["message"]
-    assert (await client.get("/v1/pools/default")).json()["junk_bytes"] == 2048  # nothing changed
+    unchanged = (await client.get("/v1/pools/default")).json()
+    assert (unchanged["junk_bytes"], unchanged["honor_routing_tokens"]) == (2048, True)  # nothing changed
+
+
+async def test_patch_a_pool_to_ignore_routing_tokens(client, service):
+    host, port = SERVERS[1].split(":")  # the default pool's second server
+    token = encode_routing_token(host, int(port))
+    first = await service.route(d.RouteRequest("t1", proxy_id="p1", cookie="ada", routing_token=token))
+    assert (first.reason, first.server_address) == (d.RouteReason.TOKEN, SERVERS[1])
+    answer = await client.patch("/v1/pools/default", json={"honor_routing_tokens": False})
+    assert (answer.status_code, answer.json()["honor_routing_tokens"]) == (200, False)
+    ignored = await service.route(d.RouteRequest("t2", proxy_id="p1", cookie="bea", routing_token=token))
+    assert (ignored.reason, ignored.server_address) == (d.RouteReason.NEW, SERVERS[0])  # least loaded
+    assert (await client.get("/v1/pools/Sales")).json()["honor_routing_tokens"] is True
 
 
 async def test_patch_a_pool_refuses_settings_that_contradict_each_other(client):

@@ -62,8 +62,8 @@ def test_operator_session(live_broker: LiveBroker, capsys, monkeypatch):
     code, out, _ = run(capsys, "pools", "list")
     assert code == 0
     assert [line.split() for line in out.splitlines()[1:]] == [
-        ["Sales", "8h", "-", "-", "2KiB", "2m", "default", "30s", "1", "0"],
-        ["default", "yes", "8h", "-", "-", "2KiB", "2m", "default", "30s", "2", "0"],
+        ["Sales", "8h", "-", "-", "2KiB", "2m", "default", "30s", "yes", "1", "0"],
+        ["default", "yes", "8h", "-", "-", "2KiB", "2m", "default", "30s", "yes", "2", "0"],
     ]
     code, out, err = run(
         capsys, "pools", "set", "sales", "--domain", "CORP", "--upn-suffix", "Corp.Example.com",
@@ -83,6 +83,12 @@ def test_operator_session(live_broker: LiveBroker, capsys, monkeypatch):
         "rdbroker: 400 Invalid input: upn_suffixes: UPN suffixes need the pool's `domain` (the domain they "
         "mean)\n",
     )
+    code, out, err = run(
+        capsys, "pools", "set", "sales", "--no-honor-routing-tokens", "--json", "--token", ADMIN
+    )
+    assert (code, err, json.loads(out)["honor_routing_tokens"]) == (0, NOTE, False)
+    code, out, _ = run(capsys, "pools", "show", "Sales")
+    assert (code, out.splitlines()[9]) == (0, "honor_routing_tokens:     no")
     code, _, err = run(capsys, "pools", "set", "sales", "--logon-lag", "2h", "--token", ADMIN)
     assert (code, err) == (
         1,

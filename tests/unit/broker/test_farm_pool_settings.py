@@ -18,6 +18,7 @@ pools:
     confirm_timeout: 2m
     stale_after: 30s
     logon_lag: 45s
+    honor_routing_tokens: false
     probe: {interval: 2s, sessions_interval: 5s}
   - name: plain
 """
@@ -33,6 +34,7 @@ def test_every_setting_is_read_into_the_pool() -> None:
         45.0,
     )
     assert (full.probe_interval_ms, full.sessions_interval_ms) == (2000, 5000)
+    assert full.honor_routing_tokens is False
 
 
 def test_a_pool_without_them_gets_the_defaults() -> None:
@@ -45,6 +47,7 @@ def test_a_pool_without_them_gets_the_defaults() -> None:
         120.0,
     )
     assert (plain.stale_after_ms, plain.logon_lag_s, plain.sessions_interval_ms) == (0, 30.0, 0)
+    assert plain.honor_routing_tokens is True
     assert plain == defaults
 
 
@@ -61,6 +64,9 @@ def test_a_pool_without_them_gets_the_defaults() -> None:
         ("logon_lag: 0s", "logon_lag_s", 0.0),
         ("domain: corp-eu.x_1", "domain", "corp-eu.x_1"),
         ("domain: ABCDEFGHIJKLMNO", "domain", "ABCDEFGHIJKLMNO"),  # 15, the NetBIOS maximum
+        ("honor_routing_tokens: true", "honor_routing_tokens", True),
+        ("honor_routing_tokens: false", "honor_routing_tokens", False),
+        ("honor_routing_tokens: no", "honor_routing_tokens", False),  # YAML 1.1's boolean
     ],
 )
 def test_values_and_their_spellings(setting: str, pool_field: str, value: object) -> None:
@@ -94,6 +100,10 @@ pools:
         ("upn_suffixes: [-corp.com]", "pools[0].upn_suffixes: '-corp.com' is not a DNS name"),
         ("upn_suffixes: [a.com, A.com]", "pools[0].upn_suffixes: a.com is listed twice"),
         ("upn_suffixes: [12]", "pools[0].upn_suffixes: expected a DNS name"),
+        ("honor_routing_tokens: maybe", "pools[0].honor_routing_tokens: expected true or false"),
+        ('honor_routing_tokens: "false"', "pools[0].honor_routing_tokens: expected true or false"),
+        ("honor_routing_tokens: 0", "pools[0].honor_routing_tokens: expected true or false"),
+        ("honour_routing_tokens: false", "pools[0].honour_routing_tokens: unknown field"),
         (
             "probe: {sessions_interval: 50ms}",
             "pools[0].probe.sessions_interval: expected a duration from 100ms",
@@ -151,10 +161,12 @@ def test_the_plan_line_names_what_changed() -> None:
         stale_after_ms=30_000,
         sessions_interval_ms=5000,
         logon_lag_s=0.0,
+        honor_routing_tokens=False,
     )
     assert pool_changes(old, new) == (
         "probe.sessions_interval default -> 5s, domain none -> CORP, upn_suffixes [] -> [corp.example.com], "
-        "junk_bytes 2KiB -> 4KiB, stale_after default -> 30s, logon_lag 30s -> 0s"
+        "junk_bytes 2KiB -> 4KiB, stale_after default -> 30s, logon_lag 30s -> 0s, "
+        "honor_routing_tokens true -> false"
     )
     assert pool_changes(new, new) == ""
 

@@ -90,6 +90,7 @@ def build_app() -> FastAPI:
             "confirm_timeout_s": 120.0,
             "stale_after_ms": 0,
             "logon_lag_s": 30.0,
+            "honor_routing_tokens": True,
             "probe_interval_ms": 2000,
             "probe_timeout_ms": 0,
             "probe_rise": 0,

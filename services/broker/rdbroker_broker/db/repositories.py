@@ -78,6 +78,7 @@ _ROUTE_CONTEXT_COLUMNS = [
     pools.c.disconnect_timeout_s,
     pools.c.domain,
     pools.c.upn_suffixes,
+    pools.c.honor_routing_tokens,
     *[c.label(f"s_{c.name}") for c in SESSION_COLUMNS],
     *[c.label(f"v_{c.name}") for c in SERVER_COLUMNS],
 ]
@@ -209,6 +210,7 @@ def pool_from_row(row: Row[Any]) -> d.Pool:
         sessions_interval_ms=m["sessions_interval_ms"],
         stale_after_ms=m["stale_after_ms"],
         logon_lag_s=m["logon_lag_s"],
+        honor_routing_tokens=m["honor_routing_tokens"],
     )
 
 
@@ -246,6 +248,7 @@ class PoolRepository:
             "sessions_interval_ms": pool.sessions_interval_ms,
             "stale_after_ms": pool.stale_after_ms,
             "logon_lag_s": pool.logon_lag_s,
+            "honor_routing_tokens": pool.honor_routing_tokens,
             "updated_at": now,
         }
         stmt = upsert(self.conn, pools).values(**values, created_at=now)
@@ -412,6 +415,7 @@ class SessionRepository:
             m["disconnect_timeout_s"],
             domain=m["domain"],
             upn_suffixes=suffixes,
+            honor_routing_tokens=m["honor_routing_tokens"],
         )
         if m["s_id"] is None:
             return found, None, None

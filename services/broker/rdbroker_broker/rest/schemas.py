@@ -7,7 +7,7 @@ import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 from rdbroker_broker import domain as d
 from rdbroker_broker import pool_settings as ps
@@ -191,6 +191,11 @@ Domain = Annotated[
     AfterValidator(ps.check_domain),
     Field(description='NetBIOS domain of bare user names, "" for none', examples=["CORP"]),
 ]
+HonorRoutingTokens = Annotated[
+    bool,
+    BeforeValidator(ps.check_flag),
+    Field(description="false: connections' routing tokens are ignored, each placed by policy"),
+]
 UpnSuffix = Annotated[str, StringConstraints(max_length=253), AfterValidator(ps.check_upn_suffix)]
 UpnSuffixes = Annotated[
     list[UpnSuffix],
@@ -211,6 +216,9 @@ class PoolOut(BaseModel):
     confirm_timeout_s: float = Field(description="how long a closed claim waits for the agent to list it")
     stale_after_ms: int = Field(description="a health result older than this stops counting; 0 = default")
     logon_lag_s: float = Field(description="how long a placement takes to show in an agent's load")
+    honor_routing_tokens: bool = Field(
+        description="routing tokens are followed where policy allows (false: ignored, placed by policy)"
+    )
     probe_interval_ms: int = Field(description="0 = the broker's RDBROKER_PROBE_INTERVAL_MS")
     probe_timeout_ms: int = Field(description="0 = the broker's RDBROKER_PROBE_TIMEOUT_MS")
     probe_rise: int = Field(description="0 = the broker's RDBROKER_PROBE_RISE")
@@ -231,6 +239,7 @@ class PoolOut(BaseModel):
             confirm_timeout_s=pool.confirm_timeout_s,
             stale_after_ms=pool.stale_after_ms,
             logon_lag_s=pool.logon_lag_s,
+            honor_routing_tokens=pool.honor_routing_tokens,
             probe_interval_ms=pool.probe_interval_ms,
             probe_timeout_ms=pool.probe_timeout_ms,
             probe_rise=pool.probe_rise,
@@ -252,6 +261,7 @@ class PoolPatch(BaseModel):
     confirm_timeout_s: ConfirmTimeout | None = None
     stale_after_ms: StaleAfterMs | None = None
     logon_lag_s: LogonLag | None = None
+    honor_routing_tokens: HonorRoutingTokens | None = None
     probe_interval_ms: ProbeMs | None = None
     probe_timeout_ms: ProbeTimeoutMs | None = None
     probe_rise: ProbeCount | None = None

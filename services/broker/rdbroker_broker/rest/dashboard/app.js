@@ -131,6 +131,7 @@ const POOL_SETTINGS = [
   ["confirm_timeout_s", "Confirm within", (p) => formatMs(Math.round(p.confirm_timeout_s * 1000))],
   ["stale_after_ms", "Results stale after", (p) => (p.stale_after_ms ? formatMs(p.stale_after_ms) : "default")],
   ["logon_lag_s", "Logon lag", (p) => formatMs(Math.round(p.logon_lag_s * 1000))],
+  ["honor_routing_tokens", "Routing tokens", (p) => (p.honor_routing_tokens === false ? "ignored" : "honoured")],
   ["probe_interval_ms", "Probe every", (p) => (p.probe_interval_ms ? formatMs(p.probe_interval_ms) : "default")],
   ["sessions_interval_ms", "Session lists every", (p) => (p.sessions_interval_ms ? formatMs(p.sessions_interval_ms) : "default")],
 ];
