@@ -544,6 +544,10 @@ class BrokerService:
             if mine is not None and mine.server_address == address and mine.is_live_at(now):
                 note.outcome = "reconnect"
                 return d.RouteDecision(address, mine.session_id, d.RouteReason.TOKEN, mine.user, home.name)
+            if mine is not None and mine.is_live_at(now):
+                # Following the token would give the account a second session: policy sends the
+                # user back to the one they have.
+                return ignored("ignored_policy", f"the user's session is on {mine.server_address}")
         elif home is not pool or not d.takes_new_sessions(seen):
             # No identity to look up: the token is the connection's only route (a client sent back
             # to the server of its session carries the token, often without a cookie).
@@ -561,9 +565,9 @@ class BrokerService:
         if why and user:
             return ignored("ignored_policy", f"the server takes no new sessions ({why})")
         note.outcome = "no_identity" if why else "honoured"  # (filled up meanwhile: as above)
-        # A user whose session is on another server of the pool gets this one without affinity, as
-        # does one another replica placed meanwhile: one live session per account stays true.
-        owner = user if mine is None else ""
+        # One another replica placed meanwhile gets this server without affinity: one live session
+        # per account stays true.
+        owner = user
         session_id = await self._insert_pending(r, pool, owner, address, request, now)
         if session_id is None:
             owner = ""

@@ -155,6 +155,21 @@ async def test_a_user_whose_session_is_elsewhere_goes_to_it(routing: Farm, count
     assert counted() == {"ignored_policy": 1}
 
 
+async def test_a_token_never_gives_an_account_a_second_session(routing: Farm, counted) -> None:
+    await routing.seed(server(T), server(B))
+    dan = await routing.route("dan")
+    assert dan.server_address == B
+    # T takes new sessions, but dan's session is on B: following the token would open a second one.
+    again = await routing.route("dan", TO_T)
+    assert (again.reason, again.server_address, again.session_id) == (
+        d.RouteReason.RECONNECT,
+        B,
+        dan.session_id,
+    )
+    assert await routing.live_on(T) == []
+    assert counted() == {"ignored_policy": 1}
+
+
 @pytest.mark.parametrize("full", ["max_sessions", "load"])
 async def test_a_token_to_a_full_server_takes_back_only_its_users(routing: Farm, counted, full: str) -> None:
     await routing.seed(server(T, max_sessions=1 if full == "max_sessions" else 0), server(B))
