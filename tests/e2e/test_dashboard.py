@@ -4,20 +4,30 @@ servers, asks for a token, drains a server with the admin token and shows the ne
 the pools' settings, a stale health result as unknown with its time, held sessions and whether the
 server's agent confirmed a user's session.
 
+Every page runs under the broker's Content-Security-Policy with no request leaving loopback (`watched`: a
+request to another host is recorded and aborted, a CSP violation is recorded from the page's
+`securitypolicyviolation` events and Chromium's console). `/docs` renders Swagger UI from the broker's
+own files and calls the API from it; an inline script does not run and no other page may frame the broker.
+
 scripts/test.sh installs chromium when it is missing; without it this test fails (it is not skipped).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import re
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import psycopg
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, ConsoleMessage, Page, Route, expect, sync_playwright
 
 from tests.e2e.test_demo import demo_process
 from tests.integration.rest import conftest as rest
@@ -36,6 +46,79 @@ CHROMIUM_ARGS = [
 live_broker = rest.live_broker  # `rdbroker broker` on PostgreSQL, the REST tests' fixture
 READ_TOKEN = "dashboard-read-token"
 ADMIN_TOKEN = "dashboard-admin-token"
+
+
+# Runs before any script of a page, outside its CSP (Playwright injects it through the DevTools protocol).
+REPORT_VIOLATIONS = """
+document.addEventListener("securitypolicyviolation", (event) => {
+  const line = `${event.effectiveDirective} blocked ${event.blockedURI || "inline"} on ${location.pathname}`;
+  (window.cspViolations = window.cspViolations || []).push(line);
+  window.reportCspViolation(line);
+});
+"""
+
+
+def is_loopback_url(url: str) -> bool:
+    parts = urlsplit(url)
+    if parts.scheme in ("data", "blob", "about"):
+        return True
+    try:
+        return parts.hostname == "localhost" or ipaddress.ip_address(parts.hostname or "").is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class Watch:
+    """What the pages of one browser context asked for and what their CSP refused."""
+
+    requests: list[str] = field(default_factory=list)
+    off_host: list[str] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+
+    def route(self, route: Route) -> None:
+        url = route.request.url
+        self.requests.append(url)
+        if is_loopback_url(url):
+            route.continue_()
+        else:  # recorded, and never sent: the tests talk to loopback only
+            self.off_host.append(url)
+            route.abort()
+
+    def report(self, line: str) -> None:
+        self.violations.append(line)
+
+    def console(self, message: ConsoleMessage) -> None:
+        if "Content Security Policy" in message.text:
+            self.violations.append(message.text)
+
+    def assert_clean(self) -> None:
+        assert self.off_host == []
+        assert self.violations == []
+
+
+@contextlib.contextmanager
+def watched(browser: Browser, **options: Any) -> Iterator[tuple[BrowserContext, Watch]]:
+    context = browser.new_context(**options)
+    watch = Watch()
+    context.expose_function("reportCspViolation", watch.report)
+    context.add_init_script(REPORT_VIOLATIONS)
+    context.on("console", watch.console)
+    context.route("**/*", watch.route)
+    try:
+        yield context, watch
+    finally:
+        context.close()
+
+
+def assert_hardening_headers(headers: dict[str, str]) -> None:
+    policy = headers["content-security-policy"]
+    assert "default-src 'self'" in policy
+    assert "frame-ancestors 'none'" in policy
+    assert "unsafe" not in policy
+    assert headers["x-content-type-options"] == "nosniff"
+    assert headers["referrer-policy"] == "no-referrer"
+    assert headers["x-frame-options"] == "DENY"
 
 
 @pytest.fixture(scope="module")
@@ -58,14 +141,16 @@ def enter_token(page: Page, token: str, reason: str) -> None:
 
 def test_drain_a_server_from_the_dashboard(tmp_path, browser):
     tokens = {"RDBROKER_API_READ_TOKEN": READ_TOKEN, "RDBROKER_API_ADMIN_TOKEN": ADMIN_TOKEN}
-    with demo_process(tmp_path, tokens) as banner:
+    with demo_process(tmp_path, tokens) as banner, watched(browser) as (context, watch):
         url = banner["dashboard"]
         address = banner["fake RDP servers"].split(", ")[0]
-        page = browser.new_page()
+        page = context.new_page()
         errors: list[str] = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
         page.set_default_timeout(20_000)
-        page.goto(url)
+        answer = page.goto(url)
+        assert answer is not None
+        assert_hardening_headers(answer.headers)
 
         # Reads need a token on this broker: the page asks for one, then shows the servers.
         enter_token(page, READ_TOKEN, "needs a read or admin token")
@@ -103,14 +188,16 @@ def test_drain_a_server_from_the_dashboard(tmp_path, browser):
         page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
         page.close()
         assert errors == []
+        assert f"{url}dashboard/app.js" in watch.requests
+        watch.assert_clean()
 
 
 def test_drain_on_an_open_api_asks_for_no_token(tmp_path, browser):
     # As `rdbroker demo` runs by default: no tokens, loopback only. The buttons just work.
     no_tokens = {"RDBROKER_API_READ_TOKEN": "", "RDBROKER_API_ADMIN_TOKEN": ""}
-    with demo_process(tmp_path, no_tokens) as banner:
+    with demo_process(tmp_path, no_tokens) as banner, watched(browser) as (context, watch):
         address = banner["fake RDP servers"].split(", ")[0]
-        page = browser.new_page()
+        page = context.new_page()
         errors: list[str] = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
         page.set_default_timeout(20_000)
@@ -126,6 +213,7 @@ def test_drain_on_an_open_api_asks_for_no_token(tmp_path, browser):
         expect(page.locator("#token-dialog")).to_be_hidden()
         page.close()
         assert errors == []
+        watch.assert_clean()
 
 
 def test_pool_settings_stale_results_and_confirmed_sessions(
@@ -161,46 +249,112 @@ def test_pool_settings_stale_results_and_confirmed_sessions(
                 (sid, user, user, stale, state, confirmed),
             )
 
-    context = browser.new_context(timezone_id="UTC")
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.set_default_timeout(20_000)
-    page.goto(live_broker.url + "/")
-    enter_token(page, rest.READ, "needs a read or admin token")
+    with watched(browser, timezone_id="UTC") as (context, watch):
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.set_default_timeout(20_000)
+        page.goto(live_broker.url + "/")
+        enter_token(page, rest.READ, "needs a read or admin token")
 
-    pool = page.locator("article.pool[data-pool=default]")
-    shown = {
-        "domain": "Domain CORP",
-        "upn_suffixes": "UPN suffixes corp.example.com",
-        "junk_bytes": "Junk under 4 KiB",
-        "confirm_timeout_s": "Confirm within 5m",
-        "stale_after_ms": "Results stale after 30s",
-        "logon_lag_s": "Logon lag 10s",
-        "honor_routing_tokens": "Routing tokens ignored",
-        "probe_interval_ms": "Probe every default",
-        "sessions_interval_ms": "Session lists every 5s",
-    }
-    for setting, label in shown.items():
-        expect(pool.locator(f'li[data-setting="{setting}"]')).to_have_text(label)
-    sales = page.locator("article.pool[data-pool=Sales]")
-    expect(sales.locator("li[data-setting=domain]")).to_have_text("Domain none")
-    expect(sales.locator("li[data-setting=honor_routing_tokens]")).to_have_text("Routing tokens honoured")
+        pool = page.locator("article.pool[data-pool=default]")
+        shown = {
+            "domain": "Domain CORP",
+            "upn_suffixes": "UPN suffixes corp.example.com",
+            "junk_bytes": "Junk under 4 KiB",
+            "confirm_timeout_s": "Confirm within 5m",
+            "stale_after_ms": "Results stale after 30s",
+            "logon_lag_s": "Logon lag 10s",
+            "honor_routing_tokens": "Routing tokens ignored",
+            "probe_interval_ms": "Probe every default",
+            "sessions_interval_ms": "Session lists every 5s",
+        }
+        for setting, label in shown.items():
+            expect(pool.locator(f'li[data-setting="{setting}"]')).to_have_text(label)
+        sales = page.locator("article.pool[data-pool=Sales]")
+        expect(sales.locator("li[data-setting=domain]")).to_have_text("Domain none")
+        expect(sales.locator("li[data-setting=honor_routing_tokens]")).to_have_text("Routing tokens honoured")
 
-    stale_row = page.locator(f'tr[data-address="{stale}"]')
-    expect(stale_row.locator("td.health")).to_have_text(f"unknown (last result {probed:%H:%M:%S})")
-    expect(stale_row).to_have_class(re.compile(r"\bstale\b"))
-    # ben's pending claim holds capacity, ana's confirmed disconnected session too.
-    expect(stale_row.locator("td.sessions")).to_have_text("2")
-    expect(stale_row.locator("td.held")).to_have_text("2")
-    expect(page.locator(f'tr[data-address="{fresh}"] td.health')).to_have_text("up")
-    expect(page.locator(f'tr[data-address="{fresh}"] td.held')).to_have_text("0")
+        stale_row = page.locator(f'tr[data-address="{stale}"]')
+        expect(stale_row.locator("td.health")).to_have_text(f"unknown (last result {probed:%H:%M:%S})")
+        expect(stale_row).to_have_class(re.compile(r"\bstale\b"))
+        # ben's pending claim holds capacity, ana's confirmed disconnected session too.
+        expect(stale_row.locator("td.sessions")).to_have_text("2")
+        expect(stale_row.locator("td.held")).to_have_text("2")
+        expect(page.locator(f'tr[data-address="{fresh}"] td.health')).to_have_text("up")
+        expect(page.locator(f'tr[data-address="{fresh}"] td.held')).to_have_text("0")
 
-    for user, confirmed in (("ana", "yes"), ("ben", "claim")):
-        page.fill("#search-user", user)
-        page.click("#search-form button[type=submit]")
-        row = page.locator(f"#search-results tr[data-session=s-{user}]")
-        expect(row.locator("td.confirmed")).to_have_text(confirmed)
-    page.screenshot(path=str(tmp_path / "dashboard-settings.png"), full_page=True)
-    context.close()
+        for user, confirmed in (("ana", "yes"), ("ben", "claim")):
+            page.fill("#search-user", user)
+            page.click("#search-form button[type=submit]")
+            row = page.locator(f"#search-results tr[data-session=s-{user}]")
+            expect(row.locator("td.confirmed")).to_have_text(confirmed)
+        page.screenshot(path=str(tmp_path / "dashboard-settings.png"), full_page=True)
     assert errors == []
+    watch.assert_clean()
+
+
+def test_docs_renders_swagger_ui_from_the_broker(live_broker: LiveBroker, browser, tmp_path):
+    schema = httpx.get(f"{live_broker.url}/openapi.json").json()
+    operations = sum(len(methods) for methods in schema["paths"].values())
+    with watched(browser) as (context, watch):
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.set_default_timeout(20_000)
+        answer = page.goto(live_broker.url + "/docs")
+        assert answer is not None
+        assert_hardening_headers(answer.headers)
+        expect(page.locator(".information-container .title")).to_contain_text("rdbroker")
+        expect(page.locator(".opblock")).to_have_count(operations)
+
+        # Swagger UI's own calls run under the same policy: authorize with the read token, try a read.
+        page.click("button.authorize")
+        page.locator(".modal-ux input").fill(rest.READ)
+        page.click(".modal-ux .auth-btn-wrapper button.authorize")
+        page.click(".modal-ux button.btn-done")
+        servers = page.locator(".opblock-get", has=page.locator('[data-path="/v1/servers"]'))
+        servers.locator(".opblock-summary").click()
+        servers.locator("button.try-out__btn").click()
+        servers.locator("button.execute").click()
+        expect(servers.locator(".live-responses-table tbody .response-col_status").first).to_have_text("200")
+        expect(servers.locator(".live-responses-table .microlight").first).to_contain_text(SERVERS[0])
+        page.screenshot(path=str(tmp_path / "docs.png"))
+        page.close()
+    assert errors == []
+    loaded = {urlsplit(url).path for url in watch.requests}
+    assert {
+        "/docs/assets/swagger-ui-bundle.js",
+        "/docs/assets/init.js",
+        "/openapi.json",
+        "/v1/servers",
+    } <= loaded
+    watch.assert_clean()
+
+
+def test_the_browser_runs_no_inline_script_and_frames_no_broker_page(live_broker: LiveBroker, browser):
+    # The checks above can fail: an injected inline script is refused and reported, and so is a frame.
+    with watched(browser) as (context, watch):
+        page = context.new_page()
+        page.set_default_timeout(20_000)
+        page.goto(live_broker.url + "/docs")
+        expect(page.locator(".opblock").first).to_be_visible()
+        ran = page.evaluate(
+            """() => {
+                const script = document.createElement("script");
+                script.textContent = "window.inlineRan = true";
+                document.head.append(script);
+                return window.inlineRan === true;
+            }"""
+        )
+        assert ran is False
+        page.wait_for_function("() => (window.cspViolations || []).length > 0")
+        assert page.evaluate("window.cspViolations") == ["script-src-elem blocked inline on /docs"]
+
+        framing = context.new_page()
+        with framing.expect_console_message(lambda m: "frame-ancestors 'none'" in m.text):
+            framing.set_content(f'<iframe src="{live_broker.url}/"></iframe>')
+        [_, frame] = framing.frames
+        assert frame.locator("#pools").count() == 0  # Chromium shows its error page instead
+    assert watch.off_host == []
+    assert any("frame-ancestors 'none'" in line for line in watch.violations)

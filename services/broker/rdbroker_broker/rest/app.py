@@ -1,5 +1,8 @@
 """The REST application (docs/api.md): lookups and operator actions under `/v1`, the dashboard at `/`,
 OpenAPI at `/docs`, and the probes `/healthz` (alive) and `/readyz` (the database answers).
+
+Every page and its files come from the broker itself, under the headers of rest/headers.py
+(docs/security.md, "Web pages and the REST API").
 """
 
 from __future__ import annotations
@@ -12,11 +15,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.types import ASGIApp
 
 from rdbroker_broker import errors
 from rdbroker_broker import service as use_cases
 from rdbroker_broker.rest import problems
 from rdbroker_broker.rest.guard import RequestGuard
+from rdbroker_broker.rest.headers import SecurityHeaders
 from rdbroker_broker.rest.routes import pools, servers, sessions
 from rdbroker_broker.rest.schemas import Problem
 from rdbroker_broker.service import BrokerService
@@ -24,6 +29,8 @@ from rdbroker_broker.service import BrokerService
 log = logging.getLogger(__name__)
 
 DASHBOARD = Path(__file__).resolve().parent / "dashboard"
+# Swagger UI's files (swagger-ui-dist, vendored: see apidocs/README.md) and the page that starts it.
+API_DOCS = Path(__file__).resolve().parent / "apidocs"
 
 # Documented on every route, so clients (and schemathesis) know the error shape.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -44,12 +51,22 @@ def _is_probe(scope: MutableMapping[str, Any]) -> bool:
     return scope.get("path") in PROBE_PATHS
 
 
+class BrokerApp(FastAPI):
+    """FastAPI with SecurityHeaders outside its whole stack: Starlette's ServerErrorMiddleware, which
+    answers a 500, sits outside every middleware `add_middleware` installs."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return SecurityHeaders(super().build_middleware_stack())
+
+
 def create_app(service: BrokerService) -> FastAPI:
-    app = FastAPI(
+    app = BrokerApp(
         title="rdbroker",
         version="1",
         description=DESCRIPTION,
-        docs_url="/docs",
+        # FastAPI's own /docs page loads Swagger UI from a CDN and starts it with an inline script;
+        # _api_docs serves the same UI from the broker's files.
+        docs_url=None,
         redoc_url=None,
         responses=ERROR_RESPONSES,
         # FastAPI's own OpenTelemetry: a server span per request, without the kubelet's probes and
@@ -65,6 +82,7 @@ def create_app(service: BrokerService) -> FastAPI:
         app.include_router(router)
     _probes(app, service)
     _dashboard(app)
+    _api_docs(app)
     if not service.settings.api_tokens_configured:
         log.warning(
             "REST API has no tokens: anyone on this host may use it; listening on loopback only (%s), "
@@ -95,3 +113,11 @@ def _dashboard(app: FastAPI) -> None:
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
         return FileResponse(DASHBOARD / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+def _api_docs(app: FastAPI) -> None:
+    app.mount("/docs/assets", StaticFiles(directory=API_DOCS / "assets"), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> FileResponse:
+        return FileResponse(API_DOCS / "index.html", headers={"Cache-Control": "no-cache"})
