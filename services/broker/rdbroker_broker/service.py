@@ -23,7 +23,7 @@ from rdbroker_broker import accounts, audit, metrics, pool_settings
 from rdbroker_broker import domain as d
 from rdbroker_broker.config import BrokerSettings
 from rdbroker_broker.db import report_sql, routing_sql
-from rdbroker_broker.db.audit_repository import AuditFilter
+from rdbroker_broker.db.audit_repository import AuditFilter as AuditFilter  # for the REST routes
 from rdbroker_broker.db.repositories import new_session_id, session_from_row
 from rdbroker_broker.db.tables import connections, proxies, sessions
 from rdbroker_broker.errors import (
