@@ -1,4 +1,4 @@
-"""Admin verbs over the REST API: `rdbroker servers ...`, `rdbroker sessions ...`, `rdbroker pools ...`.
+"""Admin verbs over the REST API: `rdbroker servers ...`, `sessions ...`, `pools ...`, `audit`.
 
 Tables by default, `--json` for scripts. `--url` / `--token` default to `RDBROKER_URL` / `RDBROKER_TOKEN`.
 Any failure prints one line on stderr and exits 1 (2 for a bad command line).
@@ -306,6 +306,40 @@ def _run_pools(client: ApiClient, args: argparse.Namespace) -> tuple[Any, str]:
     return {"pools": pools}, tables.render(pools, tables.POOL_COLUMNS)
 
 
+# --- audit ---------------------------------------------------------------------------------------
+
+
+def _audit_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="rdbroker audit",
+        description="operators' changes to the directory, newest first (needs the admin token); "
+        "refused attempts are in the broker's log only",
+    )
+    parser.add_argument("--action", default="", help="only this action, like server.drain")
+    parser.add_argument("--target", default="", help="only this server address, pool name or session id")
+    parser.add_argument("--actor", default="", help="only this actor, like token:admin")
+    parser.add_argument("--limit", type=_positive, default=50, help="at most this many (1..1000)")
+    parser.add_argument("--before", type=_positive, default=None, help="only entries older than this id")
+    _connection_options(parser)
+    return parser
+
+
+def _run_audit(client: ApiClient, args: argparse.Namespace) -> tuple[Any, str]:
+    params = [(name, getattr(args, name)) for name in ("action", "target", "actor") if getattr(args, name)]
+    params.append(("limit", str(args.limit)))
+    if args.before is not None:
+        params.append(("before", str(args.before)))
+    page = client.list_audit(params)
+    items = page["items"]
+    if not items:
+        return page, "no audit records\n"
+    text = tables.render(items, tables.AUDIT_COLUMNS)
+    older = page.get("next_before")
+    if isinstance(older, int):
+        text += f"older entries: --before {older}\n"
+    return page, text
+
+
 # --- the entry points ----------------------------------------------------------------------------
 
 Runner = Callable[[ApiClient, argparse.Namespace], tuple[Any, str]]
@@ -339,3 +373,7 @@ def sessions_main(argv: list[str]) -> int:
 
 def pools_main(argv: list[str]) -> int:
     return _main(_pools_parser(), _run_pools, argv)
+
+
+def audit_main(argv: list[str]) -> int:
+    return _main(_audit_parser(), _run_audit, argv)

@@ -132,6 +132,11 @@ class ApiClient:
     def end_session(self, session_id: str) -> dict[str, Any]:
         return _object(self.request("DELETE", f"/v1/sessions/{path_part(session_id)}"))
 
+    def list_audit(self, params: list[tuple[str, str]]) -> dict[str, Any]:
+        answer = _object(self.request("GET", "/v1/audit", params=params))
+        _items(answer, "items")
+        return answer
+
 
 def _object(answer: Any) -> dict[str, Any]:
     if not isinstance(answer, dict):

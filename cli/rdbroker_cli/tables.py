@@ -106,6 +106,17 @@ SESSION_COLUMNS: list[Column] = [
 ]
 
 
+AUDIT_COLUMNS: list[Column] = [
+    ("ID", field("id")),
+    ("AT", when("at")),
+    ("ACTOR", field("actor")),
+    ("CLIENT", field("client", "-")),
+    ("ACTION", field("action")),
+    ("TARGET", field("target", "-")),
+    ("DETAIL", field("detail", "-")),
+]
+
+
 def milliseconds(name: str, zero: str = "default") -> Callable[[Mapping[str, Any]], str]:
     """A time in milliseconds as `500ms`, `30s`, `1h30m`; 0 as `zero`."""
 

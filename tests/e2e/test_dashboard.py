@@ -158,6 +158,13 @@ def test_drain_a_server_from_the_dashboard(tmp_path, browser):
         expect(row).to_be_visible()
         expect(row.locator("td.state")).to_have_text("enabled")
         expect(page.locator("article.pool[data-pool=default] tbody tr")).to_have_count(3)
+        # The audit trail is the admin token's to read: the panel says so, and asks nothing.
+        page.click("#audit summary")
+        expect(page.locator("#audit-message")).to_have_text(
+            "The audit trail needs the admin token: use “Token…”."
+        )
+        expect(page.locator("#token-dialog")).to_be_hidden()
+        page.click("#audit summary")
 
         # Draining needs the admin token: the read token is refused and the page asks again.
         row.locator('button[data-action="drain"]').click()
@@ -180,6 +187,14 @@ def test_drain_a_server_from_the_dashboard(tmp_path, browser):
         expect(page.locator(f'tr[data-address="{other}"] td.state')).to_have_text(
             "maintenance", timeout=20_000
         )
+
+        # Recent changes: the audit trail, newest first, by the token that made each change.
+        page.click("#audit summary")
+        newest = page.locator("#audit-entries tbody tr").first
+        expect(newest.locator("td.action")).to_have_text("server.maintenance")
+        expect(newest.locator("td.target")).to_have_text(other)
+        expect(newest.locator("td.actor")).to_have_text("token:admin")
+        expect(page.locator("#audit-entries td.action", has_text="server.drain")).to_have_count(1)
 
         # The user search answers from the same API.
         page.fill("#search-user", "nobody")
@@ -208,6 +223,10 @@ def test_drain_on_an_open_api_asks_for_no_token(tmp_path, browser):
         row.locator('button[data-action="drain"]').click()
         expect(row.locator("td.state")).to_have_text("draining")
         expect(page.locator("#token-dialog")).to_be_hidden()
+        page.click("#audit summary")
+        newest = page.locator("#audit-entries tbody tr").first
+        expect(newest.locator("td.action")).to_have_text("server.drain")
+        expect(newest.locator("td.actor")).to_have_text("open-api")
         page.reload()
         expect(page.locator(f'tr[data-address="{address}"] td.state')).to_have_text("draining")
         expect(page.locator("#token-dialog")).to_be_hidden()

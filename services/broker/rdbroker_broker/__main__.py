@@ -12,6 +12,7 @@ import psycopg
 from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
+from rdbroker_broker import callers
 from rdbroker_broker.app import StartupError, serve
 from rdbroker_broker.config import BrokerSettings
 from rdbroker_broker.db import migrate
@@ -111,7 +112,7 @@ def migrate_main(argv: list[str] | None = None) -> int:
 
 
 def apply_main(argv: list[str] | None = None) -> int:
-    from rdbroker_broker.farm import FarmError, apply_farm, load_farm
+    from rdbroker_broker.farm import FarmError, apply_caller, apply_farm, load_farm
 
     parser = argparse.ArgumentParser(prog="rdbroker apply", description="Apply a farm file (pools, servers).")
     _common_flags(parser)
@@ -153,7 +154,8 @@ def apply_main(argv: list[str] | None = None) -> int:
         return 1 if plan.refusals else 0
 
     try:
-        return asyncio.run(run())
+        with callers.use_caller(apply_caller()):  # the audit trail's actor (docs/security.md)
+            return asyncio.run(run())
     except (BrokerError, FarmError) as exc:
         return _fail(parser.prog, str(exc), 1)
     except (SQLAlchemyError, psycopg.Error, OSError) as exc:  # unreachable, auth, bad database, ...

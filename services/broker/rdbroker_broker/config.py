@@ -35,6 +35,8 @@ class BrokerSettings(ServiceSettings):
 
     # Ended sessions, closed connections and silent proxies are deleted after this long.
     retention_s: float = Field(default=7 * 86400.0, gt=0)
+    # Operators' audit records (`GET /v1/audit`) are deleted after this long, by the same sweep.
+    audit_retention_s: float = Field(default=365 * 86400.0, gt=0)
 
     # Probe leases and the defaults handed to health replicas with each target.
     lease_ms: int = Field(default=10_000, ge=100, le=3_600_000)

@@ -221,6 +221,20 @@ class FarmPlan:
     refusals: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class AuditEntry:
+    """One operator change, or attempt at one (audit.py): who, from where, what, on what, how it ended."""
+
+    action: str  # "server.drain", "pool.update", ...
+    target: str  # the server's address, the pool's name, the session's id
+    actor: str  # callers.Caller.actor: "token:admin", a certificate's SPIFFE ID, "apply:alice@host", ...
+    client: str  # the caller's address, "" when local
+    outcome: str  # audit.OK, audit.UNCHANGED, or why it was refused or failed
+    detail: str = ""
+    at: datetime | None = None
+    id: int = 0  # the row's id once stored (0: not stored)
+
+
 # --- identities --------------------------------------------------------------------------------
 
 

@@ -7,8 +7,11 @@ still holds live sessions is refused unless `force` (which ends those sessions f
 
 from __future__ import annotations
 
+import getpass
 import logging
+import os
 import re
+import socket
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -17,10 +20,11 @@ import yaml
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from rdbroker_broker import accounts
+from rdbroker_broker import accounts, audit, callers
 from rdbroker_broker import domain as d
 from rdbroker_broker import pool_settings as ps
 from rdbroker_broker.db import migrate
+from rdbroker_broker.db.audit_repository import AuditRepository
 from rdbroker_broker.db.engine import is_sqlite
 from rdbroker_broker.db.repositories import LIVE, PoolRepository, ServerRepository, SessionRepository
 from rdbroker_broker.db.tables import sessions
@@ -379,15 +383,58 @@ def _read_servers(reader: _Reader, node: yaml.Node | None, farm: Farm) -> None:
         )
 
 
+def apply_caller() -> callers.Caller:
+    """Who runs `rdbroker apply`, for the audit trail: `apply:<OS user>@<host>`."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a container's arbitrary uid has no name
+        user = f"uid{os.getuid()}"
+    return callers.Caller(f"apply:{user}@{socket.gethostname()}")
+
+
 async def apply_farm(
     engine: AsyncEngine, farm: Farm, *, dry_run: bool = False, prune: bool = False, force: bool = False
 ) -> d.FarmPlan:
-    """Make the database match the file in one transaction; nothing is kept if anything is refused."""
+    """Make the database match the file in one transaction; nothing is kept if anything is refused.
+
+    Each change line of the plan is an audit record (written in that transaction) and an audit line,
+    by the current caller (`apply_caller()` when there is none); a refusal is an audit line only. A
+    dry run changes nothing and writes neither."""
+    caller = callers.current.get()
+    if caller == callers.UNKNOWN:
+        caller = apply_caller()
+    try:
+        plan, applied, refused = await _apply(engine, farm, caller, dry_run=dry_run, prune=prune, force=force)
+    except Exception as exc:
+        if not dry_run:
+            audit.refused("farm.apply", "", exc, caller)
+        raise
+    if not dry_run:
+        for item in refused or applied:
+            audit.write_log(item)
+    return plan
+
+
+async def _apply(
+    engine: AsyncEngine, farm: Farm, caller: callers.Caller, *, dry_run: bool, prune: bool, force: bool
+) -> tuple[d.FarmPlan, list[d.AuditEntry], list[d.AuditEntry]]:
+    """`apply_farm`'s transaction: the plan, its changes' audit entries, and its refusals'."""
     if is_sqlite(str(engine.url)):
         await migrate.upgrade(engine)
     elif await migrate.current_revision(engine) != migrate.head_revision():
         raise Unavailable("the database schema is not at head: run `rdbroker migrate` first")
     plan = d.FarmPlan()
+    applied: list[d.AuditEntry] = []
+    refused: list[d.AuditEntry] = []
+
+    def change(action: str, target: str, line: str) -> None:
+        plan.changes.append(line)
+        applied.append(audit.entry(action, target, audit.OK, line, caller))
+
+    def refusal(action: str, target: str, line: str) -> None:
+        plan.refusals.append(line)
+        refused.append(audit.entry(action, target, audit.REFUSED, line, caller))
+
     now = datetime.now(UTC)
     async with engine.connect() as conn:
         tx = await conn.begin()
@@ -400,20 +447,22 @@ async def apply_farm(
             old = old_pools.get(pool.name)
             if old != pool:
                 await pools.upsert(pool, now)
-                plan.changes.append(
-                    f"update pool {pool.name} ({pool_changes(old, pool)})"
-                    if old
-                    else f"create pool {pool.name}"
-                )
+                if old:
+                    change("pool.update", pool.name, f"update pool {pool.name} ({pool_changes(old, pool)})")
+                else:
+                    change("pool.create", pool.name, f"create pool {pool.name}")
             if old is not None and (old.domain, old.upn_suffixes) != (pool.domain, pool.upn_suffixes):
-                plan.changes += await rekey_pool(live, pool, now)
+                rekeyed, kept = await rekey_pool(live, pool, now)
+                if rekeyed:
+                    change("pool.rekey", pool.name, rekeyed)
+                if kept:
+                    plan.changes.append(kept)
         for server in farm.servers:
             old_server = old_servers.get(server.address)
             if old_server is None or _declared(old_server) != _declared(server):
                 await servers.upsert(server, now)
-                plan.changes.append(
-                    f"{'update' if old_server else 'create'} server {server.address} ({server.pool})"
-                )
+                verb, action = ("update", "server.update") if old_server else ("create", "server.add")
+                change(action, server.address, f"{verb} server {server.address} ({server.pool})")
         declared = {s.address for s in farm.servers}
         for address, old_server in sorted(old_servers.items()):
             if address in declared:
@@ -421,29 +470,34 @@ async def apply_farm(
             if not prune:
                 plan.changes.append(f"keep server {address}: not in the file (--prune deletes it)")
             elif old_server.live_sessions and not force:
-                plan.refusals.append(
+                refusal(
+                    "server.remove",
+                    address,
                     f"server {address} holds {old_server.live_sessions} live sessions: not deleted "
-                    "(drain it and wait, or add --force to end them)"
+                    "(drain it and wait, or add --force to end them)",
                 )
             else:
                 if old_server.live_sessions:
                     for session_id in await _live_session_ids(conn, address):
                         await live.end(session_id, "server_removed", now)
-                    plan.changes.append(f"end {old_server.live_sessions} live sessions on {address}")
+                    change(
+                        "sessions.end", address, f"end {old_server.live_sessions} live sessions on {address}"
+                    )
                 await servers.delete(address)
-                plan.changes.append(f"delete server {address}")
+                change("server.remove", address, f"delete server {address}")
         if prune:
             used = {s.pool for s in farm.servers}
             for name in sorted(set(old_pools) - {p.name for p in farm.pools}):
                 if name in used:
                     continue
                 await pools.delete(name)
-                plan.changes.append(f"delete pool {name}")
+                change("pool.delete", name, f"delete pool {name}")
         if dry_run or plan.refusals:
             await tx.rollback()
         else:
+            await AuditRepository(conn).add(applied, now)
             await tx.commit()
-    return plan
+    return plan, applied, refused
 
 
 # Every setting of a pool as the farm file spells it, for the plan's `update pool` lines.
@@ -494,10 +548,11 @@ def pool_changes(old: d.Pool, new: d.Pool) -> str:
     )
 
 
-async def rekey_pool(live: SessionRepository, pool: d.Pool, now: datetime) -> list[str]:
+async def rekey_pool(live: SessionRepository, pool: d.Pool, now: datetime) -> tuple[str, str]:
     """The pool's account settings changed: its live sessions move to their accounts' new keys
     (docs/accounts.md). A session whose new key another live session holds keeps its key (two
-    sessions of one account: the next Route of either spelling finds one, the other expires)."""
+    sessions of one account: the next Route of either spelling finds one, the other expires).
+    Answers the plan's lines: what was re-keyed, what was kept ("" for none)."""
     rules = accounts.Rules.of(pool.domain, pool.upn_suffixes)
     rekeyed, skipped = await live.rekey_pool(pool.name, rules, now)
     for session_id in skipped:
@@ -506,10 +561,9 @@ async def rekey_pool(live: SessionRepository, pool: d.Pool, now: datetime) -> li
             pool.name,
             session_id,
         )
-    lines = [f"re-key {rekeyed} live sessions of pool {pool.name}"] if rekeyed else []
-    if skipped:
-        lines.append(f"keep the key of {len(skipped)} live sessions of pool {pool.name} (taken)")
-    return lines
+    done = f"re-key {rekeyed} live sessions of pool {pool.name}" if rekeyed else ""
+    kept = f"keep the key of {len(skipped)} live sessions of pool {pool.name} (taken)" if skipped else ""
+    return done, kept
 
 
 def _declared(server: d.Server) -> tuple[str, int, int, str, str]:

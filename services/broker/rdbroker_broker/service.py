@@ -7,6 +7,7 @@ wins a race on a unique index: the retry then sees the winner's rows and answers
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -18,10 +19,11 @@ import psycopg
 from sqlalchemy import Column, ColumnElement, String, func, select
 from sqlalchemy.exc import IntegrityError
 
-from rdbroker_broker import accounts, metrics, pool_settings
+from rdbroker_broker import accounts, audit, metrics, pool_settings
 from rdbroker_broker import domain as d
 from rdbroker_broker.config import BrokerSettings
 from rdbroker_broker.db import report_sql, routing_sql
+from rdbroker_broker.db.audit_repository import AuditFilter as AuditFilter  # for the REST routes
 from rdbroker_broker.db.repositories import new_session_id, session_from_row
 from rdbroker_broker.db.tables import connections, proxies, sessions
 from rdbroker_broker.errors import (
@@ -983,47 +985,59 @@ class BrokerService:
         return await self.run_tx(work)
 
     async def set_server_state(self, address: str, state: d.AdminState) -> d.Server:
-        _require("address", address)
+        """Drain, maintenance or enable (audited as `server.<verb>`)."""
 
-        async def work(r: Repos) -> d.Server:
-            if not await r.servers.set_admin_state(address, state, self.now()):
+        async def work(r: Repos, change: Change) -> d.Server:
+            _require("address", address)
+            before = await r.servers.lock(address)
+            if before is None:
                 raise NotFound(f"unknown server {address!r}")
+            await r.servers.set_admin_state(address, state, self.now())
+            if before.admin_state is not state:
+                await change.record(r, f"admin_state {before.admin_state.value} -> {state.value}")
             server = await r.servers.get(address)
             assert server is not None
             return server
 
-        server = await self.run_tx(work)
+        server = await audited(self, STATE_ACTIONS[state], address, work)
         log.info("server %s is now %s", address, state.value)
         return server
 
     async def end_session(self, session_id: str, reason: str = "operator") -> d.Session:
-        _require("session_id", session_id)
+        """Forget a placement (audited as `session.end`); ending an ended session changes nothing."""
 
-        async def work(r: Repos) -> d.Session:
-            if await r.sessions.get(session_id) is None:
-                raise NotFound(f"unknown session {session_id!r}")
-            await r.sessions.end(session_id, reason, self.now())
+        async def work(r: Repos, change: Change) -> d.Session:
+            _require("session_id", session_id)
             session = await r.sessions.get(session_id)
-            assert session is not None
-            return session
+            if session is None:
+                raise NotFound(f"unknown session {session_id!r}")
+            if await r.sessions.end(session_id, reason, self.now()):
+                where = f"on {session.server_address} (pool {session.pool}), reason {reason}"
+                await change.record(r, where, private=f"user {session.user}" if session.user else "")
+            ended = await r.sessions.get(session_id)
+            assert ended is not None
+            return ended
 
-        return await self.run_tx(work)
+        return await audited(self, "session.end", session_id, work)
 
     # --- housekeeping --------------------------------------------------------------------------
 
     async def _purge_due(self, now: datetime) -> int:
-        """History past `retention_s` is deleted at most every PURGE_EVERY_S, in transactions of at
-        most PURGE_BATCH rows each: finding it reads every ended session, and a backlog (a lowered
-        retention) deleted in one transaction would hold its locks and WAL for as long."""
+        """History past `retention_s` (audit records past `audit_retention_s`) is deleted at most every
+        PURGE_EVERY_S, in transactions of at most PURGE_BATCH rows of each table: finding it reads every
+        ended session, and a backlog (a lowered retention) deleted in one transaction would hold its
+        locks and WAL for as long."""
         if self._purged_at is not None and (now - self._purged_at).total_seconds() < PURGE_EVERY_S:
             return 0
         self._purged_at = now
         before = now - timedelta(seconds=self.settings.retention_s)
+        audit_before = now - timedelta(seconds=self.settings.audit_retention_s)
         purged = 0
         for _ in range(PURGE_MAX_BATCHES):
 
             async def batch(r: Repos) -> int:
                 n = await r.sessions.purge_ended(before, PURGE_BATCH)
+                n += await r.audit.purge(audit_before, PURGE_BATCH)
                 return n + await r.connections.purge(before, PURGE_BATCH)
 
             done = await self.run_tx(batch)
@@ -1158,6 +1172,83 @@ def _summary(servers: list[d.Server], now: datetime) -> str:
 # --- operator use cases of the REST API (listing, registering, removing) -------------------------
 # Module functions over a BrokerService, so the class above stays the routing core. Queries the
 # repositories have no method for are built here from `db.tables` (still service -> db).
+
+STATE_ACTIONS = {
+    d.AdminState.DRAINING: "server.drain",
+    d.AdminState.MAINTENANCE: "server.maintenance",
+    d.AdminState.ENABLED: "server.enable",
+}
+
+
+class Change:
+    """An operator's change under way, by the caller of the request (`callers.current`). The use case
+    calls `record` in its transaction once it has changed something; a call that changed nothing
+    stays UNCHANGED (a log line, no record)."""
+
+    def __init__(self, service: BrokerService, action: str, target: str) -> None:
+        self.service = service
+        self.asked = audit.entry(action, target, audit.UNCHANGED)
+        self.entry = self.asked
+
+    async def record(self, r: Repos, detail: str, private: str = "", target: str = "") -> None:
+        """Write the record in the change's transaction. `target` names what was changed when the
+        request named it otherwise (a pool's name in another case). `private` (a user name) goes in
+        the record's detail only, not in the log line: logs are read more widely than this table."""
+        self.entry = replace(
+            self.entry,
+            outcome=audit.OK,
+            target=(target or self.entry.target)[: audit.TEXT_CHARS],
+            detail=detail[: audit.DETAIL_CHARS],
+        )
+        stored = "; ".join(part for part in (detail, private) if part)
+        await r.audit.add([replace(self.entry, detail=stored[: audit.DETAIL_CHARS])], self.service.now())
+
+
+async def audited(
+    service: BrokerService, action: str, target: str, work: Callable[[Repos, Change], Awaitable[T]]
+) -> T:
+    """Run an operator's change in a transaction (`run_tx`) and write its audit line however it ends:
+    its outcome and detail once committed, or why it was refused or failed (then nothing of it,
+    its record included, was kept)."""
+    change = Change(service, action, target)
+
+    async def attempt(r: Repos) -> T:
+        change.entry = change.asked  # a retried transaction starts over
+        return await work(r, change)
+
+    try:
+        result = await service.run_tx(attempt)
+    except Exception as exc:
+        detail = audit.failure_detail(exc)[: audit.DETAIL_CHARS]
+        audit.write_log(replace(change.asked, outcome=audit.outcome_of(exc), detail=detail))
+        raise
+    audit.write_log(change.entry)
+    return result
+
+
+_SERVER_FIELDS = ("pool", "weight", "max_sessions", "agent_url", "sessions_url", "admin_state")
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, enum.Enum):
+        value = value.value
+    if isinstance(value, tuple):
+        return "[" + ", ".join(str(v) for v in value) + "]"
+    return repr(value) if value == "" else str(value)
+
+
+def _described(thing: Any, names: Sequence[str]) -> str:
+    """`pool default, weight 100, ...`: the fields of a new server, for its audit record."""
+    return ", ".join(f"{name} {_shown(getattr(thing, name))}" for name in names)
+
+
+def _differences(old: Any, new: Any, names: Sequence[str]) -> str:
+    """`weight 100 -> 50, admin_state enabled -> draining`: what a change changed ("" for nothing)."""
+    return ", ".join(
+        f"{name} {_shown(getattr(old, name))} -> {_shown(getattr(new, name))}"
+        for name in names
+        if getattr(old, name) != getattr(new, name)
+    )
 
 
 @dataclass(frozen=True)
@@ -1299,7 +1390,7 @@ async def get_server(service: BrokerService, address: str) -> d.Server:
 async def add_server(service: BrokerService, server: d.Server) -> d.Server:
     """Register a server; `server.pool` "" means the default pool. Conflict if the address is taken."""
 
-    async def work(r: Repos) -> d.Server:
+    async def work(r: Repos, change: Change) -> d.Server:
         if await r.servers.get(server.address) is not None:
             raise Conflict(f"a server is already registered at {server.address}")
         pool = await _pool_named(r, server.pool)
@@ -1309,16 +1400,17 @@ async def add_server(service: BrokerService, server: d.Server) -> d.Server:
             await r.servers.set_admin_state(server.address, server.admin_state, now)
         added = await r.servers.get(server.address)
         assert added is not None
+        await change.record(r, _described(added, _SERVER_FIELDS))
         return added
 
-    added = await service.run_tx(work)
+    added = await audited(service, "server.add", server.address, work)
     log.info("server %s registered in pool %s", added.address, added.pool)
     return added
 
 
 async def update_server(service: BrokerService, address: str, changes: ServerChanges) -> d.Server:
-    async def work(r: Repos) -> d.Server:
-        server = await r.servers.get(address)
+    async def work(r: Repos, change: Change) -> d.Server:
+        server = await r.servers.lock(address)
         if server is None:
             raise NotFound(f"no server is registered at {address}")
         fields = {
@@ -1333,17 +1425,21 @@ async def update_server(service: BrokerService, address: str, changes: ServerCha
             await r.servers.set_admin_state(address, changes.admin_state, now)
         updated = await r.servers.get(address)
         assert updated is not None
+        difference = _differences(server, updated, _SERVER_FIELDS)
+        if difference:
+            await change.record(r, difference)
         return updated
 
-    return await service.run_tx(work)
+    return await audited(service, "server.update", address, work)
 
 
 async def remove_server(service: BrokerService, address: str, force: bool = False) -> int:
     """Unregister a server. Refused (Conflict) while it holds live sessions, unless `force`, which ends
     them first (end reason `server_removed`). Answers how many sessions were ended."""
 
-    async def work(r: Repos) -> int:
-        if await r.servers.get(address) is None:
+    async def work(r: Repos, change: Change) -> int:
+        server = await r.servers.lock(address)
+        if server is None:
             raise NotFound(f"no server is registered at {address}")
         live = await r.sessions.live_on_server(address)
         if live and not force:
@@ -1355,9 +1451,11 @@ async def remove_server(service: BrokerService, address: str, force: bool = Fals
         for session, _ in live:
             await r.sessions.end(session.session_id, "server_removed", now)
         await r.servers.delete(address)
+        ended = f", {len(live)} live sessions ended" if live else ""
+        await change.record(r, f"pool {server.pool}{ended}")
         return len(live)
 
-    ended = await service.run_tx(work)
+    ended = await audited(service, "server.remove", address, work)
     log.info("server %s removed (%d live sessions ended)", address, ended)
     return ended
 
@@ -1409,11 +1507,11 @@ async def update_pool(service: BrokerService, name: str, changes: dict[str, Any]
     """Change some of a pool's settings (domain.Pool fields, each already within its bounds); refused
     (InvalidInput) when the result breaks a rule across settings. The next farm `apply` sets them
     from the file again."""
-    unknown = set(changes) - pool_settings.PATCHABLE
-    if unknown:
-        raise InvalidInput(f"not a pool setting: {', '.join(sorted(unknown))}")
 
-    async def work(r: Repos) -> PoolSummary:
+    async def work(r: Repos, change: Change) -> PoolSummary:
+        unknown = set(changes) - pool_settings.PATCHABLE
+        if unknown:
+            raise InvalidInput(f"not a pool setting: {', '.join(sorted(unknown))}")
         pool = await _pool_named(r, name)
         changed = replace(pool, **changes)
         problems = pool_settings.pool_problems(changed, service.settings.probe_interval_ms)
@@ -1421,6 +1519,7 @@ async def update_pool(service: BrokerService, name: str, changes: dict[str, Any]
             raise InvalidInput("; ".join(f"{field}: {message}" for field, message in problems))
         if changed != pool:
             await r.pools.upsert(changed, service.now())
+            await change.record(r, _differences(pool, changed, sorted(changes)), target=pool.name)
         if (changed.domain, changed.upn_suffixes) != (pool.domain, pool.upn_suffixes):
             # Live sessions move to their accounts' keys under the new rules (docs/accounts.md).
             rekeyed, skipped = await r.sessions.rekey_pool(changed.name, pool_rules(changed), service.now())
@@ -1429,6 +1528,17 @@ async def update_pool(service: BrokerService, name: str, changes: dict[str, Any]
             )
         return await _summary_of(r, changed)
 
-    summary = await service.run_tx(work)
+    summary = await audited(service, "pool.update", name, work)
     log.info("pool %s settings changed: %s", summary.pool.name, ", ".join(sorted(changes)) or "none")
     return summary
+
+
+async def audit_trail(
+    service: BrokerService, filters: AuditFilter, limit: int, before: int | None = None
+) -> list[d.AuditEntry]:
+    """Operators' changes, newest first: at most `limit`, with ids below `before` when given."""
+
+    async def work(r: Repos) -> list[d.AuditEntry]:
+        return await r.audit.page(filters, limit, before)
+
+    return await service.run_tx(work)

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.util import greenlet_spawn
 
 from rdbroker_broker.admission import Gate
+from rdbroker_broker.db.audit_repository import AuditRepository
 from rdbroker_broker.db.health_repositories import LeaseRepository, ProxyRepository
 from rdbroker_broker.db.repositories import (
     ConnectionRepository,
@@ -46,6 +47,7 @@ class Repos:
     connections: ConnectionRepository
     proxies: ProxyRepository
     leases: LeaseRepository
+    audit: AuditRepository
 
 
 class Store:
@@ -133,6 +135,7 @@ def _repos(conn: AsyncConnection) -> Repos:
         connections=ConnectionRepository(conn),
         proxies=ProxyRepository(conn),
         leases=LeaseRepository(conn),
+        audit=AuditRepository(conn),
     )
 
 

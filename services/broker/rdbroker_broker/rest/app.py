@@ -22,7 +22,7 @@ from rdbroker_broker import service as use_cases
 from rdbroker_broker.rest import problems
 from rdbroker_broker.rest.guard import RequestGuard
 from rdbroker_broker.rest.headers import SecurityHeaders
-from rdbroker_broker.rest.routes import pools, servers, sessions
+from rdbroker_broker.rest.routes import audit, pools, servers, sessions
 from rdbroker_broker.rest.schemas import Problem
 from rdbroker_broker.service import BrokerService
 
@@ -78,7 +78,7 @@ def create_app(service: BrokerService) -> FastAPI:
     problems.install(app)
     # Outermost: a refused browser request reaches no route (see rest/guard.py).
     app.add_middleware(RequestGuard, open_api=not service.settings.api_tokens_configured)
-    for router in (sessions.router, servers.router, pools.router):
+    for router in (sessions.router, servers.router, pools.router, audit.router):
         app.include_router(router)
     _probes(app, service)
     _dashboard(app)

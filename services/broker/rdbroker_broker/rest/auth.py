@@ -12,8 +12,13 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from rdbroker_broker import callers
 from rdbroker_broker.config import BrokerSettings
 from rdbroker_broker.rest.problems import ApiError
+
+# The audit trail's actors (docs/security.md): which token a request carried, or none at all.
+ADMIN_TOKEN, READ_TOKEN, OPEN_API = "token:admin", "token:read", "open-api"
+READ_ROLE = "read"
 
 bearer = HTTPBearer(auto_error=False, description="the read or the admin token")
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
@@ -28,16 +33,26 @@ def _settings(request: Request) -> BrokerSettings:
     return settings
 
 
+def _authenticated(request: Request, actor: str, role: str) -> None:
+    """Who this request is, for the use cases' audit trail (callers.py). Set in the request's own task
+    (an async dependency), so the route and the error handlers see it."""
+    client = request.client.host if request.client is not None else ""
+    callers.current.set(callers.Caller(actor, client, role))
+
+
 def _check(request: Request, credentials: HTTPAuthorizationCredentials | None, admin: bool) -> None:
     settings = _settings(request)
     read, full = settings.api_read_token_text, settings.api_admin_token_text
     if not read and not full:
+        _authenticated(request, OPEN_API, callers.ADMIN)
         return  # open API, loopback only (see BrokerSettings)
     given = credentials.credentials if credentials is not None else ""
     if _matches(given, full):
+        _authenticated(request, ADMIN_TOKEN, callers.ADMIN)
         return
     if _matches(given, read):
         if not admin:
+            _authenticated(request, READ_TOKEN, READ_ROLE)
             return
         raise ApiError(
             403, "Admin token required", "this change needs the admin token; the read token only reads"

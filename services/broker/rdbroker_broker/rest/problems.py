@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rdbroker_broker import errors
+from rdbroker_broker.rest import audited
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,7 @@ def install(app: FastAPI) -> None:
         detail = "; ".join(f"{f['location']}: {f['message']}" for f in fields[:5])
         if len(fields) > 5:
             detail += f"; and {len(fields) - 5} more"
+        await audited.refused(request, detail)
         return problem(request, 422, TITLES[422], detail, field_errors=fields)
 
     @app.exception_handler(StarletteHTTPException)

@@ -11,8 +11,8 @@ from typing import Any, TypeVar
 
 import grpc
 
+from rdbroker_broker import audit, metrics
 from rdbroker_broker import domain as d
-from rdbroker_broker import metrics
 from rdbroker_broker.admission import beyond_queue_bound, call_deadline, run_to_completion
 from rdbroker_broker.errors import BrokerError, InvalidInput, Overloaded
 from rdbroker_broker.probing import ProbeService
@@ -173,7 +173,9 @@ class BrokerServicer(pb_grpc.BrokerServicer):
     ) -> pb.SetServerStateResponse:
         state = convert.ADMIN_IN.get(request.admin_state)
         if state is None:
-            raise InvalidInput("admin_state must be ENABLED, DRAINING or MAINTENANCE")
+            refusal = InvalidInput("admin_state must be ENABLED, DRAINING or MAINTENANCE")
+            audit.refused("server.state", request.address, refusal)  # the use case logs the others
+            raise refusal
         server = await self.service.set_server_state(request.address, state)
         return pb.SetServerStateResponse(server=convert.server(server, self.service.now()))
 

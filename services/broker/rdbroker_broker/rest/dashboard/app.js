@@ -1,4 +1,5 @@
-// The rdbroker dashboard: servers of each pool, a user search, drain/maintenance/enable buttons.
+// The rdbroker dashboard: servers of each pool, a user search, drain/maintenance/enable buttons, and
+// operators' recent changes (the audit trail, admin token only).
 // Plain DOM, no build step. Every value from the API goes in through textContent, never as HTML.
 "use strict";
 
@@ -259,7 +260,7 @@ async function changeState(address, action, label) {
       return;
     }
   }
-  await refresh();
+  await Promise.all([refresh(), refreshAudit()]);
 }
 
 // --- user search -----------------------------------------------------------------------------------
@@ -297,16 +298,52 @@ async function search(event) {
   }
 }
 
+// --- audit trail -----------------------------------------------------------------------------------
+
+const AUDIT_ENTRIES = 20;
+
+// Read only while the panel is open: a read token would be refused at every refresh.
+async function refreshAudit() {
+  if (!$("#audit").open) return;
+  const table = $("#audit-entries");
+  const message = $("#audit-message");
+  try {
+    const answer = await api("GET", `/v1/audit?limit=${AUDIT_ENTRIES}`);
+    const rows = answer.items.map((entry) => {
+      const row = document.createElement("tr");
+      row.dataset.id = `${entry.id}`;
+      row.append(
+        text("td", formatTime(entry.at)),
+        text("td", entry.actor, "actor"),
+        text("td", entry.client || "–"),
+        text("td", entry.action, "action"),
+        text("td", entry.target || "–", "target"),
+        text("td", entry.detail || "–", "detail"),
+      );
+      return row;
+    });
+    table.querySelector("tbody").replaceChildren(...rows);
+    table.hidden = rows.length === 0;
+    message.textContent = rows.length ? "" : "No changes recorded.";
+  } catch (err) {
+    table.hidden = true;
+    message.textContent = err.status === 401 || err.status === 403
+      ? "The audit trail needs the admin token: use “Token…”."
+      : err.message;
+  }
+}
+
 // --- start -----------------------------------------------------------------------------------------
 
 async function loop() {
-  if (!document.hidden) await refresh();
+  if (!document.hidden) await Promise.all([refresh(), refreshAudit()]);
   const every = Number(document.body.dataset.refreshMs) || 5000;
   refreshTimer = setTimeout(loop, every);
 }
 
 document.addEventListener("DOMContentLoaded", () => {
   $("#search-form").addEventListener("submit", search);
+  $("#audit").addEventListener("toggle", refreshAudit);
   $("#token-button").addEventListener("click", async () => {
     const value = await askToken("API token", "A read token shows the farm; the admin token also changes it.");
     if (value !== null) {

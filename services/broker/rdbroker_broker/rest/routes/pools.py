@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Request
 
 from rdbroker_broker import service as use_cases
-from rdbroker_broker.rest import auth
+from rdbroker_broker.rest import audited, auth
 from rdbroker_broker.rest.schemas import PRINTABLE, PoolOut, PoolPatch, PoolsOut
 
 router = APIRouter(prefix="/v1", tags=["pools"])
@@ -32,7 +32,11 @@ async def get_pool(request: Request, name: PoolPath) -> PoolOut:
     return _out(await use_cases.pool_summary(request.app.state.service, name))
 
 
-@router.patch("/pools/{name}", dependencies=[auth.Admin], summary="Change a pool's settings")
+@router.patch(
+    "/pools/{name}",
+    dependencies=[auth.Admin, audited.action("pool.update")],
+    summary="Change a pool's settings",
+)
 async def update_pool(request: Request, name: PoolPath, body: PoolPatch) -> PoolOut:
     """Any subset of the settings, within the farm file's bounds (422 otherwise); 400 when the result
     breaks a rule across settings (UPN suffixes without a domain, `stale_after_ms` not longer than

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Path, Query, Request, Response
 
 from rdbroker_broker import domain as d
 from rdbroker_broker import service as use_cases
-from rdbroker_broker.rest import auth
+from rdbroker_broker.rest import audited, auth
 from rdbroker_broker.rest.schemas import PRINTABLE, ServerIn, ServerOut, ServerPatch, ServersOut
 
 router = APIRouter(prefix="/v1", tags=["servers"])
@@ -50,7 +50,12 @@ async def get_server(request: Request, address: AddressPath) -> ServerOut:
     return _out(request, await use_cases.get_server(_service(request), address))
 
 
-@router.post("/servers", dependencies=[auth.Admin], status_code=201, summary="Register a server")
+@router.post(
+    "/servers",
+    dependencies=[auth.Admin, audited.action("server.add")],
+    status_code=201,
+    summary="Register a server",
+)
 async def add_server(request: Request, response: Response, body: ServerIn) -> ServerOut:
     server = d.Server(
         address=body.address,
@@ -66,7 +71,11 @@ async def add_server(request: Request, response: Response, body: ServerIn) -> Se
     return _out(request, added)
 
 
-@router.patch("/servers/{address}", dependencies=[auth.Admin], summary="Change a server")
+@router.patch(
+    "/servers/{address}",
+    dependencies=[auth.Admin, audited.action("server.update")],
+    summary="Change a server",
+)
 async def update_server(request: Request, address: AddressPath, body: ServerPatch) -> ServerOut:
     changes = use_cases.ServerChanges(
         weight=body.weight,
@@ -80,7 +89,7 @@ async def update_server(request: Request, address: AddressPath, body: ServerPatc
 
 @router.delete(
     "/servers/{address}",
-    dependencies=[auth.Admin],
+    dependencies=[auth.Admin, audited.action("server.remove")],
     status_code=204,
     response_class=Response,
     summary="Remove a server",
@@ -99,18 +108,30 @@ async def _set_state(request: Request, address: str, state: d.AdminState) -> Ser
     return _out(request, await _service(request).set_server_state(address, state))
 
 
-@router.post("/servers/{address}/drain", dependencies=[auth.Admin], summary="Drain a server")
+@router.post(
+    "/servers/{address}/drain",
+    dependencies=[auth.Admin, audited.action("server.drain")],
+    summary="Drain a server",
+)
 async def drain(request: Request, address: AddressPath) -> ServerOut:
     """No new sessions; its users still reconnect to it."""
     return await _set_state(request, address, d.AdminState.DRAINING)
 
 
-@router.post("/servers/{address}/maintenance", dependencies=[auth.Admin], summary="Maintenance")
+@router.post(
+    "/servers/{address}/maintenance",
+    dependencies=[auth.Admin, audited.action("server.maintenance")],
+    summary="Maintenance",
+)
 async def maintenance(request: Request, address: AddressPath) -> ServerOut:
     """Nothing is routed to it, not even its own users."""
     return await _set_state(request, address, d.AdminState.MAINTENANCE)
 
 
-@router.post("/servers/{address}/enable", dependencies=[auth.Admin], summary="Enable a server")
+@router.post(
+    "/servers/{address}/enable",
+    dependencies=[auth.Admin, audited.action("server.enable")],
+    summary="Enable a server",
+)
 async def enable(request: Request, address: AddressPath) -> ServerOut:
     return await _set_state(request, address, d.AdminState.ENABLED)

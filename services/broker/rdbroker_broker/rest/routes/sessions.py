@@ -8,7 +8,7 @@ from fastapi import APIRouter, Path, Query, Request
 
 from rdbroker_broker import domain as d
 from rdbroker_broker import service as use_cases
-from rdbroker_broker.rest import auth
+from rdbroker_broker.rest import audited, auth
 from rdbroker_broker.rest.schemas import PRINTABLE, SessionOut, SessionPageOut, UserSessionsOut
 
 router = APIRouter(prefix="/v1", tags=["sessions"])
@@ -57,7 +57,11 @@ async def list_sessions(
     )
 
 
-@router.delete("/sessions/{session_id}", dependencies=[auth.Admin], summary="End a session")
+@router.delete(
+    "/sessions/{session_id}",
+    dependencies=[auth.Admin, audited.action("session.end")],
+    summary="End a session",
+)
 async def end_session(
     request: Request, session_id: Annotated[str, Path(min_length=1, max_length=64, pattern=PRINTABLE)]
 ) -> SessionOut:
