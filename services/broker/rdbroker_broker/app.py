@@ -148,6 +148,9 @@ async def serve(
             access_log=False,
             lifespan="off",
             timeout_graceful_shutdown=1,
+            # The audit trail names the peer that connected: a `X-Forwarded-For` from any local
+            # process must not rename it.
+            proxy_headers=False,
         )
         http_server = _Uvicorn(config)
         await grpc_server.start()
