@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from rdbroker_broker import metrics
 from rdbroker_broker.config import BrokerSettings
 from rdbroker_broker.db import migrate
-from rdbroker_broker.db.engine import is_sqlite, make_engine, redact
+from rdbroker_broker.db.engine import is_sqlite, make_engine
 from rdbroker_broker.db.tracing import trace_statements
 from rdbroker_broker.errors import BrokerError
 from rdbroker_broker.probing import ProbeService
@@ -29,6 +29,7 @@ from rdbroker_broker.rpc.servicer import BrokerServicer
 from rdbroker_broker.service import BrokerService
 from rdbroker_broker.store import Store
 from rdbroker_common import telemetry, tls
+from rdbroker_common.redact import redact
 from rdbroker_common.rpc_server import add_standard_services, mark_serving
 from rdbroker_common.settings import split_host_port
 from rdbroker_proto.v1 import broker_pb2, broker_pb2_grpc
