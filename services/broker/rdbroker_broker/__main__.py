@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(parser.prog, str(exc), 1)
     except (SQLAlchemyError, psycopg.Error, OSError) as exc:  # unreachable, auth, no such database, ...
         url = settings.database_url_text
-        message = f"cannot start: the database {redact(url)} did not answer: {_one_line(exc, url)}"
+        message = f"cannot start: the database {redact(url)}: {_one_line(exc, url)}"
         log.error("%s", message)
         return _fail(parser.prog, message, 1)
     except Exception:
