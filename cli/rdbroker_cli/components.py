@@ -16,6 +16,7 @@ import yaml
 from sqlalchemy.exc import SQLAlchemyError
 
 from rdbroker_broker.config import BrokerSettings
+from rdbroker_common.redact import redact as redact_text
 from rdbroker_health.config import HealthSettings
 from rdbroker_proxy.config import ProxySettings
 from rdbroker_rdp.fakeserver import FakeRdpServer
@@ -77,17 +78,16 @@ def health_settings(config: UpConfig, broker: str) -> HealthSettings:
 
 
 def first_line(exc: BaseException) -> str:
-    """The driver's own message, first line only (SQLAlchemy adds its background links below)."""
+    """The driver's own message, first line only (SQLAlchemy adds its background links below), any
+    password it quotes hidden."""
     cause = getattr(exc, "orig", None) or exc
     lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
-    return lines[0] if lines else type(cause).__name__
+    return redact_text(lines[0]) if lines else type(cause).__name__
 
 
 def redact(url: str) -> str:
-    """A database URL fit to print: the password hidden (multi-host libpq URLs too)."""
-    from rdbroker_broker.db.engine import redact as broker_redact
-
-    return broker_redact(url)
+    """A database URL fit to print: the password hidden (every form: `rdbroker_common.redact`)."""
+    return redact_text(url)
 
 
 async def apply_farm(

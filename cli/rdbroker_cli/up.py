@@ -29,6 +29,7 @@ from rdbroker_cli import components
 from rdbroker_cli import farm as farms
 from rdbroker_cli.admin import Parser
 from rdbroker_common import lifecycle, logs, telemetry
+from rdbroker_common.redact import redact
 from rdbroker_common.settings import join_host_port, split_host_port
 
 log = logging.getLogger("rdbroker_cli.up")
@@ -269,7 +270,7 @@ def _run(main: Callable[[], Awaitable[None]]) -> int:
     try:
         lifecycle.run(main)  # type: ignore[arg-type]  # any awaitable-returning callable will do
     except UpError as exc:
-        sys.stderr.write(f"rdbroker: {exc}\n")
+        sys.stderr.write(f"rdbroker: {redact(str(exc))}\n")
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C while stopping
         return 130

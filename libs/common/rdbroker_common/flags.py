@@ -11,7 +11,7 @@ import argparse
 from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 from pydantic_settings import BaseSettings
 
 S = TypeVar("S", bound=BaseSettings)
@@ -64,6 +64,17 @@ def parse_settings(
     parser = argparse.ArgumentParser(prog=prog, description=description)
     add_settings_flags(parser, cls, env_only=env_only)
     return settings_from(cls, parser.parse_args(list(argv)))
+
+
+def settings_errors(exc: ValidationError) -> str:
+    """One line per invalid setting, without the values given: pydantic's own text quotes the input
+    (for a settings-wide check, every setting's value, the database URL included)."""
+    lines = []
+    for error in exc.errors(include_input=False, include_url=False):
+        where = ".".join(str(part) for part in error.get("loc", ()))
+        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        lines.append(f"  {where}: {message}" if where else f"  {message}")
+    return "\n".join(lines)
 
 
 def _shown(value: object) -> str:

@@ -3,6 +3,10 @@
 The JSON formatter runs once per proxied connection, so it is written for speed; its output is exactly
 that of `json.dumps({"ts", "level", "logger", "msg", **extras, "trace_id", "span_id", "exc"},
 default=str, ensure_ascii=False)` (tests/unit/common/test_logs.py pins it).
+
+Both formatters are the safety net of `redact`: a finished line that may hold a password (a database
+URL in a message, an exception's text or a field; `redact.suspicious`) is formatted again from
+redacted parts. Values of fields named like a password (`password`, `sslpassword`, ...) are masked too.
 """
 
 from __future__ import annotations
@@ -11,11 +15,14 @@ import json
 import logging
 import math
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanContext
+
+from rdbroker_common import redact
 
 # Attributes every LogRecord has; anything else came in through `extra=` and is logged as a field.
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
@@ -45,7 +52,7 @@ class JsonFormatter(logging.Formatter):
         except KeyError:
             plan = self._plan(layout)
         if plan is None:
-            return self._format_slowly(record)
+            return self._checked(self._format_slowly(record), record)
         value = self._value
         parts = [
             f'{{"ts": "{self._timestamp(record.created)}", "level": {value(record.levelname)}, '
@@ -69,7 +76,11 @@ class JsonFormatter(logging.Formatter):
             parts.append(ids)
         if record.exc_info:
             parts.append('"exc": ' + value(self.formatException(record.exc_info)))
-        return ", ".join(parts) + "}"
+        return self._checked(", ".join(parts) + "}", record)
+
+    def _checked(self, line: str, record: logging.LogRecord) -> str:
+        # One check of the finished line; the rare line that may hold a secret is built again.
+        return self._format_slowly(record, scrub=_scrubbed) if redact.suspicious(line) else line
 
     def _plan(self, layout: tuple[str, ...]) -> tuple[tuple[str, str], ...] | None:
         extras = [key for key in layout if key not in _STANDARD and not key.startswith("_")]
@@ -107,24 +118,56 @@ class JsonFormatter(logging.Formatter):
             self._second = (whole, text)
         return f"{text}{micros // 1000:03d}+00:00"
 
-    def _format_slowly(self, record: logging.LogRecord) -> str:
-        """The reference: a dict in the final key order, for records whose extras reuse our field names."""
+    def _format_slowly(self, record: logging.LogRecord, scrub: Callable[[Any], Any] = lambda v: v) -> str:
+        """The reference: a dict in the final key order, for records whose extras reuse our field names,
+        and (with `scrub`) for lines that may hold a secret."""
         out: dict[str, Any] = {
             "ts": self._timestamp(record.created),
             "level": record.levelname,
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": scrub(record.getMessage()),
         }
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
-                out[key] = value
+                out[key] = redact.MASK if redact.is_secret_key(key) else scrub(value)
         span = trace.get_current_span().get_span_context()
         if span.is_valid:
             out["trace_id"] = format(span.trace_id, "032x")
             out["span_id"] = format(span.span_id, "016x")
         if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
+            out["exc"] = scrub(self.formatException(record.exc_info))
         return self._encode(out)
+
+
+def _scrubbed(value: Any) -> Any:
+    """`value` as the JSON encoder would print it, every string redacted. Only called on values that
+    were encoded once already, so there is no cycle to guard against."""
+    if isinstance(value, str):
+        return redact.redact(value)
+    if isinstance(value, int | float) or value is None:  # bool and the int enums too, as json prints them
+        return value
+    if isinstance(value, dict):
+        return {
+            (redact.redact(k) if isinstance(k, str) else k): (
+                redact.MASK if isinstance(k, str) and redact.is_secret_key(k) else _scrubbed(v)
+            )
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [_scrubbed(item) for item in value]
+    return redact.redact(str(value))  # what `default=str` prints
+
+
+class TextFormatter(logging.Formatter):
+    """`%(asctime)s %(levelname)s %(name)s: %(message)s` (and the traceback), redacted when it may hold a
+    secret."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        return redact.redact(line) if redact.suspicious(line) else line
 
 
 def configure(level: str = "INFO", fmt: str = "json") -> None:
@@ -132,7 +175,7 @@ def configure(level: str = "INFO", fmt: str = "json") -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Literal
 
 from pydantic import Field
@@ -56,6 +58,13 @@ DNS_SCHEME = "dns:///"
 # gRPC channel option for a `dns:///` target: spread calls over every address the name resolves to
 # (a Kubernetes headless Service answers one per broker pod), re-resolving as pods come and go.
 ROUND_ROBIN = ("grpc.lb_policy_name", "round_robin")
+# gRPC re-resolves a `dns:///` name when a connection closes (a broker pod gone, or its max-age GOAWAY),
+# but by default at most once every 30 s: a rolling update could leave a client on vanished addresses
+# that long. One second bounds it and keeps DNS traffic low (only connection events ask).
+DNS_MIN_RESOLUTION_INTERVAL = ("grpc.dns_min_time_between_resolutions_ms", 1000)
+# A failed resolution (no broker ready, so no address) is retried with a backoff that grows to 120 s,
+# which no channel option shortens: a `dns:///` channel failing this long is replaced (`Renewal`).
+DNS_RENEW_AFTER_S = 5.0
 
 
 def broker_targets(value: str) -> list[str]:
@@ -77,6 +86,32 @@ def broker_targets(value: str) -> list[str]:
     return targets
 
 
-def channel_options(target: str) -> list[tuple[str, str]]:
-    """Options a channel to `target` needs beyond the caller's own: round-robin for `dns:///`."""
-    return [ROUND_ROBIN] if target.startswith(DNS_SCHEME) else []
+def channel_options(target: str) -> list[tuple[str, str | int]]:
+    """Options a channel to `target` needs beyond the caller's own: round-robin and prompt
+    re-resolution for `dns:///`."""
+    return [ROUND_ROBIN, DNS_MIN_RESOLUTION_INTERVAL] if target.startswith(DNS_SCHEME) else []
+
+
+class Renewal:
+    """When to replace a `dns:///` channel that has been failing for `after_s`: a new channel resolves
+    the name at once, where the old one waits out its resolver's backoff (up to 120 s after a long
+    outage). Addresses other than `dns:///` are never replaced (their reconnect backoff is short)."""
+
+    def __init__(
+        self, after_s: float = DNS_RENEW_AFTER_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.after_s = after_s
+        self._clock = clock
+        self._failing_since: dict[int, float] = {}
+
+    def due(self, index: int, target: str, failing: bool) -> bool:
+        """Whether channel `index` (to `target`, now `failing` or not) should be replaced now."""
+        if not failing or not target.startswith(DNS_SCHEME):
+            self._failing_since.pop(index, None)
+            return False
+        now = self._clock()
+        since = self._failing_since.setdefault(index, now)
+        if now - since < self.after_s:
+            return False
+        self._failing_since[index] = now  # the new channel gets its own `after_s`
+        return True

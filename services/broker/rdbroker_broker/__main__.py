@@ -16,10 +16,11 @@ from rdbroker_broker import callers
 from rdbroker_broker.app import StartupError, serve
 from rdbroker_broker.config import BrokerSettings
 from rdbroker_broker.db import migrate
-from rdbroker_broker.db.engine import make_engine, redact
+from rdbroker_broker.db.engine import make_engine
 from rdbroker_broker.errors import BrokerError
 from rdbroker_common import lifecycle, logs, telemetry
-from rdbroker_common.flags import add_settings_flags, settings_from
+from rdbroker_common.flags import add_settings_flags, settings_errors, settings_from
+from rdbroker_common.redact import redact
 
 log = logging.getLogger("rdbroker_broker")
 
@@ -37,7 +38,8 @@ def _settings(args: argparse.Namespace) -> BrokerSettings:
 
 
 def _fail(prog: str, message: str, code: int = 2) -> int:
-    sys.stderr.write(f"{prog}: {message}\n")
+    # Every error line goes through redact: driver messages may quote the database URL.
+    sys.stderr.write(f"{prog}: {redact(message)}\n")
     return code
 
 
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = _settings(args)
     except ValidationError as exc:
-        return _fail(parser.prog, f"bad settings:\n{exc}")
+        return _fail(parser.prog, f"bad settings:\n{settings_errors(exc)}")
     logs.configure(settings.log_level, settings.log_format)
     try:
         handle = telemetry.setup(
@@ -76,6 +78,15 @@ def main(argv: list[str] | None = None) -> int:
     except (StartupError, BrokerError) as exc:
         log.error("%s", exc)
         return _fail(parser.prog, str(exc), 1)
+    except (SQLAlchemyError, psycopg.Error, OSError) as exc:  # unreachable, auth, no such database, ...
+        url = settings.database_url_text
+        message = f"cannot start: the database {redact(url)}: {_one_line(exc, url)}"
+        log.error("%s", message)
+        return _fail(parser.prog, message, 1)
+    except Exception:
+        # Through the log formatter, which redacts, rather than Python's own traceback printer.
+        log.exception("the broker stopped on an unexpected error")
+        return 1
     finally:
         handle.shutdown()
     return 0
@@ -90,7 +101,7 @@ def migrate_main(argv: list[str] | None = None) -> int:
     try:
         settings = _settings(args)
     except ValidationError as exc:
-        return _fail(parser.prog, f"bad settings:\n{exc}")
+        return _fail(parser.prog, f"bad settings:\n{settings_errors(exc)}")
     logs.configure(settings.log_level, "text")
 
     async def run() -> str | None:
@@ -106,7 +117,8 @@ def migrate_main(argv: list[str] | None = None) -> int:
     except (BrokerError, OSError) as exc:
         return _fail(parser.prog, str(exc), 1)
     except Exception as exc:  # the driver's own errors: unreachable, auth, ...
-        return _fail(parser.prog, f"cannot migrate {redact(settings.database_url_text)}: {exc}", 1)
+        url = settings.database_url_text
+        return _fail(parser.prog, f"cannot migrate {redact(url)}: {_one_line(exc, url)}", 1)
     sys.stdout.write(f"database at revision {revision}\n")
     return 0
 
@@ -128,7 +140,7 @@ def apply_main(argv: list[str] | None = None) -> int:
     try:
         settings = _settings(args)
     except ValidationError as exc:
-        return _fail(parser.prog, f"bad settings:\n{exc}")
+        return _fail(parser.prog, f"bad settings:\n{settings_errors(exc)}")
     logs.configure(settings.log_level, "text")
     try:
         farm = load_farm(
@@ -168,7 +180,7 @@ def _one_line(exc: BaseException, url: str) -> str:
     with the URL's password hidden should the message quote it."""
     cause = getattr(exc, "orig", None) or exc
     lines = str(cause).strip().splitlines() or [type(cause).__name__]
-    return lines[0].replace(url, redact(url))
+    return redact(lines[0].replace(url, redact(url)))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """The broker process: gRPC (grpc.aio) and REST (uvicorn) in one event loop, one shutdown order.
 
-SIGTERM (or `stop`) -> grpc.health NOT_SERVING -> listeners stop, in-flight calls get
+SIGTERM (or `stop`) -> grpc.health NOT_SERVING and `/readyz` 503 -> listeners stop, in-flight calls get
 `shutdown_grace_s` -> the sweeper stops -> the engine is disposed.
+
+Readiness is the process's: both listeners up, the schema at head when it was checked at start. The
+database's state (`database_state.py`) is reported, not made a reason to leave the Service.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import contextlib
 import logging
 import random
 import socket
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -19,16 +23,18 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from rdbroker_broker import metrics
 from rdbroker_broker.config import BrokerSettings
+from rdbroker_broker.database_state import DatabaseState
 from rdbroker_broker.db import migrate
-from rdbroker_broker.db.engine import is_sqlite, make_engine, redact
+from rdbroker_broker.db.engine import is_sqlite, make_engine
 from rdbroker_broker.db.tracing import trace_statements
-from rdbroker_broker.errors import BrokerError
+from rdbroker_broker.errors import BrokerError, DatabaseUnavailable
 from rdbroker_broker.probing import ProbeService
-from rdbroker_broker.rest.app import create_app
+from rdbroker_broker.rest.app import create_app, set_stopping
 from rdbroker_broker.rpc.servicer import BrokerServicer
 from rdbroker_broker.service import BrokerService
 from rdbroker_broker.store import Store
 from rdbroker_common import telemetry, tls
+from rdbroker_common.redact import redact
 from rdbroker_common.rpc_server import add_standard_services, mark_serving
 from rdbroker_common.settings import split_host_port
 from rdbroker_proto.v1 import broker_pb2, broker_pb2_grpc
@@ -49,17 +55,19 @@ class _Uvicorn(uvicorn.Server):
         yield
 
 
-async def prepare_database(settings: BrokerSettings, engine: AsyncEngine) -> None:
+async def prepare_database(settings: BrokerSettings, engine: AsyncEngine) -> str | None:
+    """Upgrade the schema (SQLite, `--migrate`) or check it is at head; answers its revision."""
     url = settings.database_url_text
     if is_sqlite(url) or settings.migrate:
         await migrate.upgrade(engine)
-        return
+        return migrate.head_revision()
     current, head = await migrate.current_revision(engine), migrate.head_revision()
     if current != head:
         raise StartupError(
             f"database schema is at revision {current or 'none'}, the broker needs {head}: run "
             f"`rdbroker migrate --database-url {redact(url)}` (or start with --migrate)"
         )
+    return current
 
 
 def _grpc_server(settings: BrokerSettings, servicer: BrokerServicer) -> tuple[grpc.aio.Server, int]:
@@ -108,6 +116,8 @@ async def _sweep_forever(service: BrokerService, stop: asyncio.Event) -> None:
     while not stop.is_set():
         try:
             await service.sweep()
+        except DatabaseUnavailable:
+            pass  # the database state logs each change, not each failed sweep
         except BrokerError as exc:
             log.warning("sweep failed: %s", exc)
         except Exception:
@@ -115,6 +125,25 @@ async def _sweep_forever(service: BrokerService, stop: asyncio.Event) -> None:
         # Jitter keeps replicas from sweeping in lockstep.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval * random.uniform(0.8, 1.2))
+
+
+async def _watch_database(store: Store, interval_s: float, stop: asyncio.Event) -> None:
+    """Ping the database when no call reached it for `interval_s`: an idle broker learns that it went
+    away or came back. A busy broker's calls tell it already (`Store`)."""
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval_s)
+        if stop.is_set() or time.monotonic() - store.database.heard_at < interval_s:
+            continue
+        try:
+            async with asyncio.timeout(interval_s):
+                await store.ping()
+        except TimeoutError:
+            store.database.failed(f"the database did not answer a ping within {interval_s:g} s")
+        except BrokerError:
+            pass  # the store told the state
+        except Exception as exc:  # the driver's own errors (a database that refuses us)
+            store.database.failed(exc)
 
 
 async def serve(
@@ -133,17 +162,21 @@ async def serve(
     )
     trace_statements(engine)
     session_counts = metrics.SessionCounts(engine, settings.sessions_metric_interval_s)
+    database = DatabaseState()
     try:
-        await prepare_database(settings, engine)
-        store = Store(engine, max_waiting=settings.db_max_waiting, on_refused=metrics.record_refused)
+        revision = await prepare_database(settings, engine)
+        store = Store(
+            engine, max_waiting=settings.db_max_waiting, on_refused=metrics.record_refused, database=database
+        )
         service = BrokerService(store, settings)
         servicer = BrokerServicer(service, ProbeService(service))
         grpc_server, grpc_port = _grpc_server(settings, servicer)
         health = add_standard_services(grpc_server, [SERVICE_NAME])
         sock = _http_socket(settings.http_listen)
         http_port = int(sock.getsockname()[1])
+        rest = create_app(service, schema_revision=revision)
         config = uvicorn.Config(
-            create_app(service),  # FastAPI traces each request itself once a tracer provider is set
+            rest,  # FastAPI traces each request itself once a tracer provider is set
             log_config=None,
             access_log=False,
             lifespan="off",
@@ -159,7 +192,9 @@ async def serve(
             tasks.create_task(http_server.serve(sockets=[sock]))
             tasks.create_task(_sweep_forever(service, stop))
             tasks.create_task(session_counts.refresh_forever(stop))
+            tasks.create_task(_watch_database(store, settings.db_check_interval_s, stop))
             metrics.publish_sessions(session_counts)
+            metrics.publish_database(database)
             if bound is not None:
                 bound.update(grpc=grpc_port, http=http_port)
             log.info(
@@ -176,10 +211,12 @@ async def serve(
                 ready.set()
             await stop.wait()
             log.info("shutting down")
+            set_stopping(rest)
             await health.enter_graceful_shutdown()
             http_server.should_exit = True
             await grpc_server.stop(settings.shutdown_grace_s)
         sock.close()
     finally:
         metrics.withdraw_sessions(session_counts)
+        metrics.withdraw_database(database)
         await engine.dispose()

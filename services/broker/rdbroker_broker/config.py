@@ -61,6 +61,9 @@ class BrokerSettings(ServiceSettings):
     # PostgreSQL bounds on one statement and on one lock wait (0 = none).
     db_statement_timeout_ms: int = Field(default=10_000, ge=0, le=3_600_000)
     db_lock_timeout_ms: int = Field(default=5_000, ge=0, le=3_600_000)
+    # A broker that made no database call for this long pings it, so that `/v1/status` and the
+    # `rdbroker_database_up` gauge notice a database going away (or coming back) while it is idle.
+    db_check_interval_s: float = Field(default=5.0, gt=0, le=3600)
 
     # Every client connection is closed (GOAWAY) after this long, in-flight calls getting the grace,
     # so `dns:///` clients re-resolve the headless Service and spread over new broker pods.

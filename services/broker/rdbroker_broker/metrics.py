@@ -20,6 +20,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from rdbroker_broker.database_state import DatabaseState
 from rdbroker_broker.db.tables import sessions
 
 log = logging.getLogger(__name__)
@@ -211,3 +212,27 @@ def publish_sessions(source: SessionCounts) -> None:
 def withdraw_sessions(source: SessionCounts) -> None:
     with contextlib.suppress(ValueError):
         _sources.remove(source)
+
+
+_databases: list[DatabaseState] = []
+
+
+def _observe_database(_options: CallbackOptions) -> Iterable[Observation]:
+    # The newest broker in this process, as for the sessions gauge.
+    return [Observation(int(_databases[-1].up))] if _databases else []
+
+
+_meter.create_observable_gauge(
+    "rdbroker_database_up",
+    callbacks=[_observe_database],
+    description="1 while this broker reaches its database, 0 from a call that could not until one can",
+)
+
+
+def publish_database(state: DatabaseState) -> None:
+    _databases.append(state)
+
+
+def withdraw_database(state: DatabaseState) -> None:
+    with contextlib.suppress(ValueError):
+        _databases.remove(state)

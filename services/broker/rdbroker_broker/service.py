@@ -151,7 +151,10 @@ class BrokerService:
             except Retryable as exc:
                 if exc.connectivity and attempt >= 1:
                     self.heard_since = None
-                    raise DatabaseUnavailable("the database is unreachable") from exc
+                    unavailable = DatabaseUnavailable("the database is unreachable")
+                    unavailable.__cause__ = exc
+                    self.store.database.failed(unavailable)
+                    raise unavailable from exc
                 log.debug("transaction lost a race, retrying (%s): %s", attempt + 1, exc)
             except DatabaseUnavailable:
                 self.heard_since = None
@@ -1477,16 +1480,6 @@ async def pool_summaries(service: BrokerService) -> list[PoolSummary]:
         ]
 
     return await service.run_tx(work)
-
-
-async def check_database(service: BrokerService) -> None:
-    """Readiness: one round trip to the database, retried once on a dead pooled connection;
-    Unavailable when the database does not answer."""
-
-    async def work(r: Repos) -> None:
-        await r.conn.exec_driver_sql("SELECT 1")
-
-    await service.run_tx(work)
 
 
 async def _summary_of(r: Repos, pool: d.Pool) -> PoolSummary:

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.util import greenlet_spawn
 
 from rdbroker_broker.admission import Gate
+from rdbroker_broker.database_state import DatabaseState
 from rdbroker_broker.db.audit_repository import AuditRepository
 from rdbroker_broker.db.health_repositories import LeaseRepository, ProxyRepository
 from rdbroker_broker.db.repositories import (
@@ -22,7 +23,7 @@ from rdbroker_broker.db.repositories import (
     ServerRepository,
     SessionRepository,
 )
-from rdbroker_broker.errors import DatabaseUnavailable
+from rdbroker_broker.errors import BrokerError, DatabaseUnavailable, Unavailable
 
 # serialization_failure, deadlock_detected, lock_not_available (lock_timeout): run it again.
 RETRYABLE_SQLSTATES = {"40001", "40P01", "55P03"}
@@ -52,7 +53,8 @@ class Repos:
 
 class Store:
     """Every connection is taken through `gate` (as many slots as the pool has connections), which
-    orders the waiting calls and refuses those that could not be answered in time."""
+    orders the waiting calls and refuses those that could not be answered in time. Each use's outcome
+    feeds `database` (up or down, as the calls find it)."""
 
     def __init__(
         self,
@@ -60,17 +62,35 @@ class Store:
         *,
         max_waiting: int = 1000,
         on_refused: Callable[[str], None] = lambda reason: None,
+        database: DatabaseState | None = None,
     ) -> None:
         self.engine = engine
         self.is_postgres = engine.dialect.name == "postgresql"
         pool: Any = engine.pool
         self.gate = Gate(pool.size(), max_waiting=max_waiting, wait_s=pool.timeout(), on_refused=on_refused)
+        self.database = database or DatabaseState()
+
+    @contextmanager
+    def _watched(self) -> Iterator[None]:
+        """Database errors mapped, and the outcome told to `database`. A dead pooled connection
+        (`Retryable`) is not news yet: the use case runs again and `BrokerService.run_tx` tells."""
+        try:
+            with _mapped_errors():
+                yield
+        except DatabaseUnavailable as exc:
+            self.database.failed(exc)
+            raise
+        except BrokerError as exc:
+            if not isinstance(exc, Unavailable):  # a refusal (not found, no capacity): the database answered
+                self.database.succeeded()
+            raise
+        self.database.succeeded()
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Repos]:
         """Commit on exit, roll back on an exception; database trouble becomes `DatabaseUnavailable`."""
         async with self.gate.slot():
-            with _mapped_errors():
+            with self._watched():
                 async with self.engine.begin() as conn:
                     yield _repos(conn)
 
@@ -79,7 +99,7 @@ class Store:
         """Each statement commits on its own: no BEGIN/COMMIT round trips, for reads and for a
         single idempotent write (the Route reconnect fast path)."""
         async with self.gate.slot():
-            with _mapped_errors():
+            with self._watched():
                 async with self.engine.connect() as conn:
                     yield _repos(await conn.execution_options(isolation_level="AUTOCOMMIT"))
 
@@ -95,14 +115,15 @@ class Store:
 
     @asynccontextmanager
     async def _raw_autocommit(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        with _mapped_errors(), _mapped_psycopg_errors():  # the pool's connect is not wrapped
+        with self._watched_raw(), _mapped_errors(), _mapped_psycopg_errors():  # connect is not wrapped
             pooled = await self.engine.raw_connection()
         conn: psycopg.AsyncConnection[Any] = pooled.driver_connection  # type: ignore[assignment]
         broken = False
         try:
-            with _mapped_psycopg_errors():
+            with self._watched_raw(), _mapped_psycopg_errors():
                 await conn.set_autocommit(True)
                 yield conn
+            self.database.succeeded()
         except Retryable as exc:
             broken = exc.connectivity
             raise
@@ -115,15 +136,29 @@ class Store:
                 await conn.set_autocommit(False)  # as the pool's other users expect it
             await greenlet_spawn(pooled.close)
 
-    async def ping(self) -> None:
-        """Raise `DatabaseUnavailable` unless the database answers. Not through the gate: a broker that is
-        busy answering calls is still ready."""
+    @contextmanager
+    def _watched_raw(self) -> Iterator[None]:
         try:
-            with _mapped_errors():
-                async with self.engine.begin() as conn:
-                    await conn.exec_driver_sql("SELECT 1")
-        except Retryable as exc:
-            raise DatabaseUnavailable("the database is unreachable") from exc
+            yield
+        except DatabaseUnavailable as exc:
+            self.database.failed(exc)
+            raise
+
+    async def ping(self) -> None:
+        """Raise `DatabaseUnavailable` unless the database answers; `database` learns either way. Not
+        through the gate: the ping is for an idle broker (`app._watch_database`)."""
+        for attempt in range(2):  # the first may meet a pooled connection the database closed
+            try:
+                with self._watched():
+                    async with self.engine.begin() as conn:
+                        await conn.exec_driver_sql("SELECT 1")
+                return
+            except Retryable as exc:
+                if attempt:
+                    unavailable = DatabaseUnavailable("the database is unreachable")
+                    unavailable.__cause__ = exc
+                    self.database.failed(unavailable)
+                    raise unavailable from exc
 
 
 def _repos(conn: AsyncConnection) -> Repos:

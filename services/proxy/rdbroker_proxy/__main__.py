@@ -9,6 +9,7 @@ import sys
 from pydantic import ValidationError
 
 from rdbroker_common import lifecycle, logs, telemetry
+from rdbroker_common.flags import settings_errors
 from rdbroker_proxy.config import ProxySettings, parse_args
 from rdbroker_proxy.server import ProxyServer
 
@@ -37,7 +38,7 @@ def main(argv: list[str]) -> int:
     try:
         settings = parse_args(argv)
     except ValidationError as exc:
-        sys.stderr.write(f"rdbroker proxy: invalid settings:\n{exc}\n")
+        sys.stderr.write(f"rdbroker proxy: invalid settings:\n{settings_errors(exc)}\n")
         return 2
     logs.configure(settings.log_level, settings.log_format)
     # Fields our formatters never print, looked up for every record (one line per connection).

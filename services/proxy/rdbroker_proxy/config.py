@@ -7,9 +7,10 @@ import socket
 from collections.abc import Sequence
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from rdbroker_common import loghash
 from rdbroker_common.flags import parse_settings
 from rdbroker_common.settings import ServiceSettings, broker_targets, split_host_port
 from rdbroker_rdp import MAX_FIRST_PACKET
@@ -59,7 +60,13 @@ class ProxySettings(ServiceSettings):
     report_buffer: int = Field(default=10000, ge=1, description="reports held for brokers")
     report_timeout_s: float = Field(default=2.0, gt=0, le=60, description="deadline of one report call")
     report_flush_timeout_s: float = Field(default=5.0, ge=0, le=300, description="report flush at exit")
-    log_identity: Literal["hash", "cookie"] = Field(default="hash", description="cookie or its hash in logs")
+    log_identity: Literal["hash", "cookie"] = Field(
+        default="hash", description="the cookie in logs as a keyed hash, or as is"
+    )
+    # The HMAC key of `log_identity = "hash"`, one per deployment (docs/security.md). The key itself is
+    # read from the environment only: a command line shows in `ps`.
+    log_hash_key: SecretStr = Field(default=SecretStr(""), description="HMAC key of the identity hash")
+    log_hash_key_file: str = Field(default="", description="file holding the HMAC key of the identity hash")
 
     @field_validator("listen", "grpc_listen")
     @classmethod
@@ -79,9 +86,26 @@ class ProxySettings(ServiceSettings):
     def _brokers(cls, value: str) -> str:
         return ",".join(broker_targets(value))
 
+    @model_validator(mode="after")
+    def _one_log_hash_key(self) -> ProxySettings:
+        if self.log_hash_key.get_secret_value() and self.log_hash_key_file:
+            raise ValueError(f"set either {loghash.ENV} or log_hash_key_file, not both")
+        return self
+
     @property
     def broker_addresses(self) -> list[str]:
         return self.broker.split(",")
+
+    def log_hasher(self) -> loghash.LogHasher:
+        """The identity hasher: the configured key, or this process's random one. Reads the key file;
+        raises ValueError (a short or empty key) or OSError (an unreadable file)."""
+        return loghash.LogHasher(
+            loghash.load_key(self.log_hash_key.get_secret_value(), self.log_hash_key_file)
+        )
+
+
+# Secrets are read from the environment only: a command line is visible to every user of the host.
+ENV_ONLY = ("log_hash_key",)
 
 
 def parse_args(argv: Sequence[str]) -> ProxySettings:
@@ -91,4 +115,5 @@ def parse_args(argv: Sequence[str]) -> ProxySettings:
         argv,
         prog="rdbroker proxy",
         description="RDP proxy replica: reads the first packet, asks the broker, splices to the server.",
+        env_only=ENV_ONLY,
     )

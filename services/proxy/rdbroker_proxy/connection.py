@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -57,6 +56,7 @@ class ProxyContext:
     settings: ProxySettings
     broker: BrokerClient
     spawn: Spawn
+    log_identity: Callable[[str], str]  # a cookie as it is logged (`identity_logger`)
     connections: set[ClientConnection] = field(default_factory=set)
     accepted: int = 0
     refused_over_cap: int = 0
@@ -114,10 +114,11 @@ class ProxyContext:
         self._client_limit_unlogged = 0
 
 
-def identity_for_log(cookie: str, mode: str) -> str:
-    if not cookie or mode == "cookie":
-        return cookie
-    return "sha256:" + hashlib.sha256(cookie.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+def identity_logger(mode: str, hasher: Callable[[str], str]) -> Callable[[str], str]:
+    """How a connection's cookie shows in its log line: keyed-hashed (`loghash`), or as is."""
+    if mode == "cookie":
+        return lambda cookie: cookie
+    return lambda cookie: hasher(cookie) if cookie else ""
 
 
 class ClientConnection(asyncio.Protocol):
@@ -425,7 +426,7 @@ class ClientConnection(asyncio.Protocol):
                 "connection_id": self.connection_id,
                 "session_id": self.session_id,
                 "pool": self.pool,
-                "identity": identity_for_log(self.cookie, ctx.settings.log_identity),
+                "identity": ctx.log_identity(self.cookie),
                 "server": self.server_address,
                 "route_reason": self.reason,
                 "bytes_from_client": from_client,

@@ -32,7 +32,7 @@ import grpc
 from google.protobuf.message import Message
 
 from rdbroker_common import telemetry, tls
-from rdbroker_common.settings import channel_options
+from rdbroker_common.settings import Renewal, channel_options
 from rdbroker_proto.v1 import broker_pb2 as pb
 from rdbroker_proto.v1.broker_pb2_grpc import BrokerStub
 from rdbroker_proxy import metrics
@@ -114,6 +114,8 @@ class BrokerClient:
         self._tls = client_tls
         if client_tls is not None:
             credentials = client_tls.credentials
+        self._credentials = credentials
+        self._renewal = Renewal()
         self._channels = [_channel(a, credentials) for a in self.addresses]
         self._stubs: list[BrokerAsyncStub] = [BrokerStub(channel) for channel in self._channels]
         self._retiring: set[asyncio.Task[None]] = set()
@@ -133,6 +135,7 @@ class BrokerClient:
     def _order(self, kind: Literal["route", "report"]) -> list[int]:
         """Every broker once, rotated for balance, the ones known to be failing last."""
         self._follow_tls()
+        self._renew_failing()
         n = len(self._stubs)
         start = self._turn[kind]
         self._turn[kind] = (start + 1) % n
@@ -148,10 +151,27 @@ class BrokerClient:
         if self._tls is None or not self._tls.changed():
             return
         old = self._channels
-        self._channels = [_channel(a, self._tls.credentials) for a in self.addresses]
+        self._credentials = self._tls.credentials
+        self._channels = [_channel(a, self._credentials) for a in self.addresses]
         self._stubs = [BrokerStub(channel) for channel in self._channels]
         log.info("TLS files changed: new broker channels")
-        task = tls.retire_channels(old)
+        self._retire(old)
+
+    def _renew_failing(self) -> None:
+        """A `dns:///` channel failing for a few seconds is replaced: the new one resolves the name at
+        once (brokers back after an outage), where the old one waits out its resolver's backoff."""
+        failing = grpc.ChannelConnectivity.TRANSIENT_FAILURE
+        for index, channel in enumerate(self._channels):
+            if self._renewal.due(index, self.addresses[index], channel.get_state() == failing):
+                log.info(
+                    "broker channel to %s failing: a new one resolves the name again", self.addresses[index]
+                )
+                self._channels[index] = _channel(self.addresses[index], self._credentials)
+                self._stubs[index] = BrokerStub(self._channels[index])
+                self._retire([channel])
+
+    def _retire(self, channels: list[grpc.aio.Channel]) -> None:
+        task = tls.retire_channels(channels)
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 

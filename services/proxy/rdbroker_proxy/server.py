@@ -16,12 +16,12 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health
 
-from rdbroker_common import tls
+from rdbroker_common import loghash, tls
 from rdbroker_common.rpc_server import add_standard_services, mark_serving
 from rdbroker_common.settings import split_host_port
 from rdbroker_proxy import metrics
 from rdbroker_proxy.config import ProxySettings
-from rdbroker_proxy.connection import ClientConnection, ProxyContext
+from rdbroker_proxy.connection import ClientConnection, ProxyContext, identity_logger
 from rdbroker_proxy.routing import BrokerClient
 
 log = logging.getLogger(__name__)
@@ -66,9 +66,14 @@ class ProxyServer:
         return self._context
 
     async def serve(self, stop: asyncio.Event) -> None:
-        """Serve until `stop` is set, then shut down. Raises OSError when a port cannot be bound."""
+        """Serve until `stop` is set, then shut down. Raises OSError when a port cannot be bound or the
+        log hash key file cannot be read, ValueError on a bad TLS setting or log hash key."""
         settings = self.settings
         loop = asyncio.get_running_loop()
+        hasher = settings.log_hasher()
+        log_identity = identity_logger(settings.log_identity, hasher)
+        if settings.log_identity == "hash" and hasher.ephemeral:
+            log.warning(loghash.NO_KEY_WARNING)
         broker = self.broker = BrokerClient(
             settings.broker_addresses,
             proxy_id=settings.proxy_id,
@@ -84,7 +89,9 @@ class ProxyServer:
         try:
             self._health = add_standard_services(grpc_server, [SERVICE_NAME])
             self.grpc_port = self._bind_health(grpc_server)
-            context = self._context = ProxyContext(settings=settings, broker=broker, spawn=_not_serving)
+            context = self._context = ProxyContext(
+                settings=settings, broker=broker, spawn=_not_serving, log_identity=log_identity
+            )
             metrics.publish(context)
             host, port = split_host_port(settings.listen)
             # Bound before the TaskGroup, so a port in use is a plain OSError for the caller.

@@ -176,7 +176,8 @@ async def test_an_unreachable_database_is_unavailable(pg_database_url):
             await service.route(RouteRequest("c", cookie="u"))
         transport = httpx.ASGITransport(app=create_app(service))
         async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
-            assert (await client.get("/readyz")).status_code == 503
+            assert (await client.get("/readyz")).status_code == 200  # readiness is the process's
             assert (await client.get("/v1/users/u/sessions")).status_code == 503
+            assert (await client.get("/v1/status")).json()["database"]["state"] == "down"
     finally:
         await engine.dispose()

@@ -477,15 +477,48 @@ async def test_probes_dashboard_and_openapi(client):
     assert (await client.get("/docs")).status_code == 200
 
 
-async def test_the_database_down_is_503(service: BrokerService, client):
+async def test_the_database_down_is_503_but_the_broker_stays_ready(service: BrokerService, client):
+    """Calls that need the database fail; readiness does not follow (a failover would empty the
+    Service); /v1/status tells the database's state from what the calls found, and its return."""
+    assert (await client.get("/v1/status")).json()["database"]["state"] == "up"
     working = service.store.engine
-    service.store.engine = make_engine("postgresql://postgres@127.0.0.1:1/nowhere?connect_timeout=2")
+    service.store.engine = make_engine("postgresql://postgres:S3cretPw@127.0.0.1:1/nowhere?connect_timeout=2")
     try:
         assert_problem(await client.get("/v1/servers"), 503, "Unavailable", "unreachable")
-        assert_problem(await client.get("/readyz"), 503, "Unavailable")
+        assert (await client.get("/readyz")).json() == {"status": "ready"}
+        status = (await client.get("/v1/status")).json()
+        assert status["ready"] is True
+        database = status["database"]
+        assert database["state"] == "down"
+        assert database["last_error"].startswith("the database is unreachable: ")
+        assert "port 1 failed" in database["last_error"]
+        assert "S3cretPw" not in str(status)
     finally:
         await service.store.engine.dispose()
         service.store.engine = working
+    assert (await client.get("/v1/servers")).status_code == 200
+    database = (await client.get("/v1/status")).json()["database"]
+    assert (database["state"], database["last_error"] is not None) == ("up", True)
+
+
+async def test_status_says_what_runs(client, service: BrokerService):
+    from rdbroker_broker.rest.app import create_app, set_stopping
+
+    status = (await client.get("/v1/status")).json()
+    assert status["version"] == "0.1.0"
+    assert (status["ready"], status["database"]["state"], status["database"]["last_error"]) == (
+        True,
+        "up",
+        None,
+    )
+    app = create_app(service, schema_revision="0008")
+    set_stopping(app)  # what SIGTERM does first
+    transport = httpx.ASGITransport(app=app)
+    headers = {"Authorization": f"Bearer {ADMIN}"}
+    async with httpx.AsyncClient(transport=transport, base_url="http://broker", headers=headers) as stopping:
+        assert_problem(await stopping.get("/readyz"), 503, "Unavailable", "shutting down")
+        status = (await stopping.get("/v1/status")).json()
+        assert (status["ready"], status["schema_revision"]) == (False, "0008")
 
 
 async def test_a_bug_is_a_bare_500_problem(service, monkeypatch, caplog):

@@ -142,6 +142,18 @@ def test_api_tokens_come_from_a_secret(target: str) -> None:
         assert set(secret["data"]) == {"read-token", "admin-token"}
 
 
+@pytest.mark.parametrize("target", m.patched_targets())
+def test_the_log_hash_key_comes_from_a_secret(target: str) -> None:
+    proxy = deployment_container(target, "proxy")
+    ref = m.env_values(proxy)["RDBROKER_LOG_HASH_KEY"]["valueFrom"]["secretKeyRef"]
+    assert (ref["name"].startswith("rdbroker-log-hash-key"), ref["key"]) == (True, "key")
+    if target == "dev":  # generated there; production creates it (docs/deploy.md)
+        secret = next(
+            s for s in m.of_kind(m.render(target), "Secret") if s["metadata"]["name"] == ref["name"]
+        )
+        assert set(secret["data"]) == {"key"}
+
+
 # --- ports and probes -----------------------------------------------------------------------------
 
 
@@ -431,6 +443,7 @@ SECRET_STAND_INS = {
     "RDBROKER_DATABASE_URL": "postgresql://rdbroker:secret@rdbroker-pg-rw.rdbroker:5432/rdbroker",
     "RDBROKER_API_READ_TOKEN": "read-token",
     "RDBROKER_API_ADMIN_TOKEN": "admin-token",
+    "RDBROKER_LOG_HASH_KEY": "a-log-hash-key-of-32-characters!",
 }
 
 

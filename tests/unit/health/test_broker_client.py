@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import pytest
 
 from rdbroker_health.errors import BrokerRefused, BrokerUnavailable
@@ -45,3 +48,36 @@ async def test_an_error_answer_is_refused_without_failover() -> None:
         finally:
             await client.close()
     assert (one.claims, two.claims) == (1, 0)
+
+
+async def test_a_failing_dns_channel_is_replaced_by_one_that_resolves_again() -> None:
+    """gRPC's resolver backoff grows to 120 s while a name has no broker; a new channel resolves at once."""
+    from rdbroker_common.settings import Renewal
+
+    now = [100.0]
+    port = free_port()
+    client = BrokerClient([f"dns:///127.0.0.1:{port}"], timeout_s=0.5)
+    client._renewal = Renewal(5.0, lambda: now[0])
+    try:
+        first = client._channels[0]
+        for _ in range(2):  # the first finds the channel idle, the second failing
+            with pytest.raises(BrokerUnavailable):
+                await client.claim("r1", 1000)
+        assert client._channels[0] is first
+        now[0] += 5.0
+        with pytest.raises(BrokerUnavailable):
+            await client.claim("r1", 1000)
+        assert client._channels[0] is not first
+        broker = FakeBroker()  # type: ignore[abstract]
+        broker.add("10.0.0.1:3389")
+        async with serving(broker, port=port):
+            # The scheduler calls again each round; the channel is out of its reconnect backoff
+            # (at most 2 s) well within these rounds.
+            for _ in range(100):
+                with contextlib.suppress(BrokerUnavailable):
+                    assert [t.address for t in await client.claim("r1", 1000)] == ["10.0.0.1:3389"]
+                    break
+                await asyncio.sleep(0.1)
+            assert broker.claims == 1
+    finally:
+        await client.close()

@@ -425,7 +425,7 @@ async def test_identity_is_hashed_in_logs_by_default(farm: Farm, caplog: pytest.
         await close(writer)
         await wait_until(lambda: len(farm.directory.closed) == 1)
     [line] = [r for r in caplog.records if r.getMessage().startswith("connection ended")]
-    assert line.identity.startswith("sha256:")  # type: ignore[attr-defined]
+    assert line.identity.startswith("hmac:")  # type: ignore[attr-defined]
     assert "alice" not in caplog.text
 
 

@@ -14,6 +14,7 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from rdbroker_broker.errors import InvalidInput
+from rdbroker_common.redact import hide_url_secrets, redact
 
 _PG_PREFIXES = ("postgresql+psycopg://", "postgresql+psycopg_async://", "postgresql://", "postgres://")
 _SQLITE_PREFIXES = ("sqlite+aiosqlite://", "sqlite://")
@@ -38,16 +39,6 @@ def sqlite_url(url: str) -> str:
     raise InvalidInput(f"not a SQLite URL: {redact(url)}")
 
 
-def redact(url: str) -> str:
-    """The URL without its password, for logs and error messages."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    creds, _, tail = rest.rpartition("@")
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{tail}" if ":" in creds else url
-
-
 def make_engine(
     url: str,
     *,
@@ -58,7 +49,11 @@ def make_engine(
 ) -> AsyncEngine:
     """The engine for `url`. The timeouts (PostgreSQL; 0 = none) bound every statement and lock wait,
     so a stuck database or a lock held by a dying peer turns into an error instead of a hung call;
-    `pool_timeout_s` bounds a call's wait for a free pooled connection."""
+    `pool_timeout_s` bounds a call's wait for a free pooled connection.
+
+    The URL's password is masked in every log line of this process from here on (`redact.hide`),
+    whatever message quotes it."""
+    hide_url_secrets(url)
     if is_sqlite(url):
         return _sqlite_engine(sqlite_url(url))
     if url.startswith(_PG_PREFIXES):

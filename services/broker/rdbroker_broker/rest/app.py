@@ -1,5 +1,5 @@
 """The REST application (docs/api.md): lookups and operator actions under `/v1`, the dashboard at `/`,
-OpenAPI at `/docs`, and the probes `/healthz` (alive) and `/readyz` (the database answers).
+OpenAPI at `/docs`, and the probes `/healthz` (alive) and `/readyz` (serving, not shutting down).
 
 Every page and its files come from the broker itself, under the headers of rest/headers.py
 (docs/security.md, "Web pages and the REST API").
@@ -17,12 +17,10 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
-from rdbroker_broker import errors
-from rdbroker_broker import service as use_cases
 from rdbroker_broker.rest import problems
 from rdbroker_broker.rest.guard import RequestGuard
 from rdbroker_broker.rest.headers import SecurityHeaders
-from rdbroker_broker.rest.routes import audit, pools, servers, sessions
+from rdbroker_broker.rest.routes import audit, pools, servers, sessions, status
 from rdbroker_broker.rest.schemas import Problem
 from rdbroker_broker.service import BrokerService
 
@@ -59,7 +57,8 @@ class BrokerApp(FastAPI):
         return SecurityHeaders(super().build_middleware_stack())
 
 
-def create_app(service: BrokerService) -> FastAPI:
+def create_app(service: BrokerService, *, schema_revision: str | None = None) -> FastAPI:
+    """`schema_revision`: what the broker found at start (shown by `/v1/status`)."""
     app = BrokerApp(
         title="rdbroker",
         version="1",
@@ -75,12 +74,14 @@ def create_app(service: BrokerService) -> FastAPI:
     )
     app.state.service = service
     app.state.settings = service.settings
+    app.state.schema_revision = schema_revision
+    app.state.stopping = False
     problems.install(app)
     # Outermost: a refused browser request reaches no route (see rest/guard.py).
     app.add_middleware(RequestGuard, open_api=not service.settings.api_tokens_configured)
-    for router in (sessions.router, servers.router, pools.router, audit.router):
+    for router in (sessions.router, servers.router, pools.router, audit.router, status.router):
         app.include_router(router)
-    _probes(app, service)
+    _probes(app)
     _dashboard(app)
     _api_docs(app)
     if not service.settings.api_tokens_configured:
@@ -92,17 +93,24 @@ def create_app(service: BrokerService) -> FastAPI:
     return app
 
 
-def _probes(app: FastAPI, service: BrokerService) -> None:
+def set_stopping(app: FastAPI) -> None:
+    """The broker is shutting down: `/readyz` answers 503 from now on."""
+    app.state.stopping = True
+
+
+def _probes(app: FastAPI) -> None:
     @app.get("/healthz", tags=["probes"], summary="The process is alive")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["probes"], summary="The database answers", response_model=None)
+    @app.get("/readyz", tags=["probes"], summary="The broker serves (not shutting down)", response_model=None)
     async def readyz(request: Request) -> JSONResponse | dict[str, str]:
-        try:
-            await use_cases.check_database(service)
-        except errors.Unavailable as exc:
-            return problems.problem(request, 503, problems.TITLES[503], str(exc))
+        """Ready while the process serves: its listeners are up (this answers) and the schema was at
+        head when it started (else it would not have). Not a database ping: a PostgreSQL failover would
+        take every broker out of its Service at once, though each answers again the moment the database
+        is back. The database's state is in `/v1/status` and `rdbroker_database_up`."""
+        if app.state.stopping:
+            return problems.problem(request, 503, problems.TITLES[503], "the broker is shutting down")
         return {"status": "ready"}
 
 

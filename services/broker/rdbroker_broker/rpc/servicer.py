@@ -14,7 +14,7 @@ import grpc
 from rdbroker_broker import audit, metrics
 from rdbroker_broker import domain as d
 from rdbroker_broker.admission import beyond_queue_bound, call_deadline, run_to_completion
-from rdbroker_broker.errors import BrokerError, InvalidInput, Overloaded
+from rdbroker_broker.errors import BrokerError, DatabaseUnavailable, InvalidInput, Overloaded
 from rdbroker_broker.probing import ProbeService
 from rdbroker_broker.rpc import convert
 from rdbroker_broker.rpc.status import status_for
@@ -46,8 +46,9 @@ def guarded(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
             return await run_to_completion(method(self, request, context))
         except BrokerError as exc:
             code = status_for(exc)
-            if code is grpc.StatusCode.UNAVAILABLE and not isinstance(exc, Overloaded):
-                log.warning("%s: %s", method.__name__, exc)  # overload: the gate warns, once a while
+            # Overload: the gate warns once a while; the database away: its state, once per change.
+            if code is grpc.StatusCode.UNAVAILABLE and not isinstance(exc, Overloaded | DatabaseUnavailable):
+                log.warning("%s: %s", method.__name__, exc)
             await context.abort(code, str(exc))
         except Exception:
             log.exception("%s failed", method.__name__)

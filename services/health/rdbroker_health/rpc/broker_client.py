@@ -19,7 +19,7 @@ from typing import TypeVar
 import grpc
 
 from rdbroker_common import tls
-from rdbroker_common.settings import channel_options
+from rdbroker_common.settings import Renewal, channel_options
 from rdbroker_health import metrics
 from rdbroker_health.errors import BrokerRefused, BrokerUnavailable
 from rdbroker_proto.v1 import broker_pb2, broker_pb2_grpc
@@ -58,6 +58,8 @@ class BrokerClient:
         self._interceptors = interceptors
         if client_tls is not None:
             credentials = client_tls.credentials
+        self._credentials = credentials
+        self._renewal = Renewal()
         self._channels = [self._channel(a, credentials, interceptors) for a in self.addresses]
         self._stubs = [broker_pb2_grpc.BrokerStub(c) for c in self._channels]
         self._current = 0
@@ -119,17 +121,36 @@ class BrokerClient:
         if self._tls is None or not self._tls.changed():
             return
         old = self._channels
-        credentials = self._tls.credentials
+        credentials = self._credentials = self._tls.credentials
         self._channels = [self._channel(a, credentials, self._interceptors) for a in self.addresses]
         self._stubs = [broker_pb2_grpc.BrokerStub(c) for c in self._channels]
         log.info("TLS files changed: new broker channels")
-        task = tls.retire_channels(old)
+        self._retire(old)
+
+    def _renew_failing(self) -> None:
+        """A `dns:///` channel failing for a few seconds is replaced: the new one resolves the name at
+        once (brokers back after an outage), where the old one waits out its resolver's backoff."""
+        failing = grpc.ChannelConnectivity.TRANSIENT_FAILURE
+        for index, channel in enumerate(self._channels):
+            if self._renewal.due(index, self.addresses[index], channel.get_state() == failing):
+                log.info(
+                    "broker channel to %s failing: a new one resolves the name again", self.addresses[index]
+                )
+                self._channels[index] = self._channel(
+                    self.addresses[index], self._credentials, self._interceptors
+                )
+                self._stubs[index] = broker_pb2_grpc.BrokerStub(self._channels[index])
+                self._retire([channel])
+
+    def _retire(self, channels: list[grpc.aio.Channel]) -> None:
+        task = tls.retire_channels(channels)
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 
     def _order(self) -> list[int]:
         """Every address once: the last one that answered first, those known to be failing last."""
         self._follow_tls()
+        self._renew_failing()
         n = len(self._stubs)
         rotated = [(self._current + step) % n for step in range(n)]
         failing = grpc.ChannelConnectivity.TRANSIENT_FAILURE
