@@ -183,7 +183,8 @@ class XrdpServer:
     def start(self, timeout_s: float = 20.0) -> XrdpServer:
         self.configure()
         etc, run = self.root / "etc", self.root / "run"
-        mounts = f"mount --bind {etc} /etc/xrdp && mount --bind {run} /run/xrdp"
+        # /run is a tmpfs: after a reboot the package's /run/xrdp is gone until its service starts once.
+        mounts = f"mkdir -p /run/xrdp && mount --bind {etc} /etc/xrdp && mount --bind {run} /run/xrdp"
         for program in ("xrdp-sesman", "xrdp"):
             with open(self.root / f"{program}.out", "ab") as out:
                 self.processes.append(
