@@ -21,7 +21,7 @@ from pydantic_settings import SettingsConfigDict
 from rdbroker_common import lifecycle, logs
 from rdbroker_common.settings import ServiceSettings, join_host_port, split_host_port
 
-from .auth import ALLOW_FLAG, AgentAuth, ListenRefused, default_listen
+from .auth import ALLOW_FLAG, AgentAuth, ListenRefused, default_listen, is_loopback
 from .config import load_config
 from .errors import ConfigError
 from .server import AgentServer
@@ -151,6 +151,8 @@ async def _serve(server: AgentServer) -> None:
             server.auth.describe(),
             extra={"port": server.port},
         )
+        if not server.auth.required and not is_loopback(server.host):
+            log.warning("anyone reaching %s may read this server's sessions (%s)", server.host, ALLOW_FLAG)
         await stop.wait()
     log.info("agent stopped")
 
