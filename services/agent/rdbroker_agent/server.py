@@ -20,13 +20,10 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import re
 import socket
-import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from pathlib import Path
 from types import TracebackType
 
 import uvicorn
@@ -39,6 +36,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from rdbroker_common.bearer import Tokens
+from rdbroker_common.https import TlsContext
 
 from .auth import AgentAuth, check_listen
 from .config import AgentConfig
@@ -83,7 +81,7 @@ class AgentServer:
         self.max_connections = max_connections
         self.auth = auth if auth is not None else AgentAuth(client_certificates=config.tls_ca is not None)
         check_listen(host, self.auth, allow_unauthenticated)
-        self.tls = ServerTls.from_config(config)
+        self.tls = _server_tls(config)
         self.load = SharedResult(lambda: measure_load(self.config, self.sources), load_cache_s)
         self.refusals = _Refusals()
         self.app = self._app()
@@ -250,70 +248,6 @@ class _Refusals:
             self._unlogged, self._logged_at = 0, now
 
 
-class ServerTls:
-    """The agent's HTTPS context. Renewed files take over from the next connection (each connection
-    looks at them: three `os.stat`); a set that does not load keeps the previous one, logged once. A new
-    CA is added to the trusted ones: restart to stop trusting an old CA."""
-
-    def __init__(self, cert: Path, key: Path, ca: Path | None) -> None:
-        self.paths = (cert, key, ca)
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
-        self._seen = self._stamp()
-        try:
-            _load_tls(self.context, cert, key, ca)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from exc
-        if ca is not None:
-            self.context.verify_mode = ssl.CERT_REQUIRED
-
-    @classmethod
-    def from_config(cls, config: AgentConfig) -> ServerTls | None:
-        if config.tls_cert is None or config.tls_key is None:
-            return None
-        return cls(config.tls_cert, config.tls_key, config.tls_ca)
-
-    def refresh(self) -> None:
-        stamp = self._stamp()
-        if stamp == self._seen:
-            return
-        self._seen = stamp
-        cert, key, ca = self.paths
-        try:
-            # Checked on a scratch context first: a half-loaded live one could pair a key with the
-            # wrong certificate.
-            _load_tls(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), cert, key, ca)
-            _load_tls(self.context, cert, key, ca)
-        except ValueError as exc:
-            log.warning("TLS files changed but do not load, keeping the previous ones: %s", exc)
-            return
-        log.info("TLS files changed: using the new certificate", extra={"tls_cert": str(cert)})
-
-    def _stamp(self) -> tuple[tuple[int, int, int, int] | None, ...]:
-        stamps: list[tuple[int, int, int, int] | None] = []
-        for path in self.paths:
-            try:
-                st = os.stat(path) if path is not None else None
-            except OSError:
-                st = None
-            stamps.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) if st else None)
-        return tuple(stamps)
-
-
-def _load_tls(context: ssl.SSLContext, cert: Path, key: Path, ca: Path | None) -> None:
-    try:
-        context.load_cert_chain(cert, key)
-    except (ssl.SSLError, OSError) as exc:
-        raise ValueError(
-            f"tls_cert/tls_key: {str(cert)!r} and {str(key)!r} do not load as a pair: {exc}"
-        ) from exc
-    if ca is not None:
-        try:
-            context.load_verify_locations(cafile=ca)
-        except (ssl.SSLError, OSError) as exc:
-            raise ValueError(f"tls_ca: {str(ca)!r} holds no usable certificate: {exc}") from exc
-
-
 class _Protocol(H11Protocol):
     """uvicorn's h11 protocol with two bounds on each request head, and a look at the TLS files on each
     new connection. The head must arrive within `head_timeout_s` (uvicorn times out only a connection
@@ -321,7 +255,7 @@ class _Protocol(H11Protocol):
     incomplete after a read, so one sent in a single burst (a read takes up to 256 KiB) would pass."""
 
     head_timeout_s = 10.0
-    server_tls: ServerTls | None = None
+    server_tls: TlsContext | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._deadline: asyncio.TimerHandle | None = None
@@ -408,6 +342,17 @@ class _Uvicorn(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         self.ready.set()
+
+
+def _server_tls(config: AgentConfig) -> TlsContext | None:
+    """HTTPS with tls_cert/tls_key; with tls_ca, client certificates it signed are required. Renewed files
+    take over from the next connection (each connection looks at them: three `os.stat`)."""
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    try:
+        return TlsContext.server(config.tls_cert, config.tls_key, config.tls_ca)
+    except ValueError as exc:
+        raise ConfigError(f"tls_cert/tls_key/tls_ca: {exc}") from exc
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -258,5 +258,5 @@ def test_tls_files_that_do_not_load_stop_the_start(tmp_path: Path) -> None:
     (tmp_path / "agent.crt").write_text("not a certificate")
     (tmp_path / "agent.key").write_text("not a key")
     config = parse_config({**COUNTERS, "tls_cert": "agent.crt", "tls_key": "agent.key"}, base_dir=tmp_path)
-    with pytest.raises(ConfigError, match=r"tls_cert/tls_key: .* do not load"):
+    with pytest.raises(ConfigError, match=r"tls_cert/tls_key/tls_ca: certificate .* do not load"):
         AgentServer(config, FakeSources(), auth=with_token())
