@@ -15,10 +15,14 @@ from rdbroker_agent.config import parse_config
 from rdbroker_agent.server import AgentServer
 from rdbroker_agent.sources import Session
 from rdbroker_common.bearer import Tokens
+from rdbroker_health import app
+from rdbroker_health.probes.http import fetch_sessions, probe_agent
 from rdbroker_proto.v1 import broker_pb2
 from rdbroker_rdp.fakeserver import FakeRdpServer
 from tests.integration.health.support import Server, health_replica, real_broker, wait_for
 from tests.unit.agent.fakes import FakeSources
+from tests.unit.common.test_tls import Authority
+from tests.unit.health.support import fast_settings
 
 TOKEN = "integration-agent-token-01"
 WRONG = "integration-wrong-token"  # another length than TOKEN: a rewrite within one mtime tick shows
@@ -116,3 +120,45 @@ async def test_a_replica_without_a_token_is_told_the_agent_wants_one(pg_database
 
             await wait_for(told)
             assert (await broker.servers())[s1.address].health == UP
+
+
+async def test_a_replica_with_a_client_certificate_probes_an_agent_that_requires_one(tmp_path: Path) -> None:
+    ca = Authority(tmp_path, "rdbroker")
+    served = ca.issue("agent", server=True)
+    config = parse_config(
+        {
+            "counters": [{"kind": "cpu"}],
+            "tls_cert": str(served.cert),
+            "tls_key": str(served.key),
+            "tls_ca": str(ca.ca_path),
+        }
+    )
+    replica_cert = ca.issue("health", server=False)
+    agent = AgentServer(config, FakeSources(cpu=40, users=[Session("alice", "active")]))
+    async with agent:
+        url = f"https://127.0.0.1:{agent.port}"
+        with_cert = fast_settings(
+            "127.0.0.1:1",
+            agent_tls_ca=str(ca.ca_path),
+            agent_tls_cert=str(replica_cert.cert),
+            agent_tls_key=str(replica_cert.key),
+        )
+        without_cert = fast_settings("127.0.0.1:1", agent_tls_ca=str(ca.ca_path))
+        for settings, expected in [(with_cert, "load=40 state=up"), (without_cert, None)]:
+            files = app.agent_tls(settings)
+            assert files is not None
+            async with app.agent_client(files.context) as client:
+                result = await probe_agent(client, f"{url}/load", 5.0)
+                sessions = await fetch_sessions(client, f"{url}/sessions", 5.0)
+            if expected is not None:
+                assert (result.ok, result.detail) == (True, expected)
+                assert [s.user for s in sessions.sessions] == ["alice"]
+            else:
+                # The handshake fails: no HTTP answer, so not a token refusal either.
+                assert not result.ok
+                assert not result.refused
+                assert not sessions.ok
+                assert result.detail == (
+                    "ReadError: the agent closed the connection without an answer "
+                    "(over HTTPS: does it require a client certificate? --agent-tls-cert/--agent-tls-key)"
+                )

@@ -212,7 +212,16 @@ async def _get(
     except httpx.ConnectError as exc:
         return b"", _Failure(f"connect failed: {exc or type(exc).__name__}")
     except (httpx.HTTPError, OSError) as exc:
-        return b"", _Failure(f"{type(exc).__name__}: {exc}")
+        return b"", _Failure(f"{type(exc).__name__}: {str(exc) or _closed(url)}")
+
+
+def _closed(url: str) -> str:
+    """For an error without a message: the peer closed. An HTTPS agent does so when the TLS handshake
+    did not give it the client certificate it requires (TLS 1.3 fails it after the client's part)."""
+    hint = ""
+    if url.lower().startswith("https:"):
+        hint = " (over HTTPS: does it require a client certificate? --agent-tls-cert/--agent-tls-key)"
+    return f"the agent closed the connection without an answer{hint}"
 
 
 def _shown(text: str) -> str:
