@@ -57,7 +57,8 @@ async def test_a_refused_token_is_a_visible_agent_failure_until_the_replica_has_
         ):
 
             async def agent_detail_is(expected: str) -> bool:
-                return await broker.column(s1.address, "agent_detail") == expected
+                # What operators see (ListServers; REST and the CLI show the same field).
+                return (await broker.servers())[s1.address].agent_detail == expected
 
             await wait_for(lambda: agent_detail_is(f"agent refused our token (401): {SET_TOKEN}"))
             seen = (await broker.servers())[s1.address]
@@ -89,8 +90,7 @@ async def test_a_refused_token_is_a_visible_agent_failure_until_the_replica_has_
             await agent.stop()
 
             async def unreachable() -> bool:
-                detail = await broker.column(s1.address, "agent_detail")
-                return isinstance(detail, str) and detail.startswith("connect failed")
+                return (await broker.servers())[s1.address].agent_detail.startswith("connect failed")
 
             await wait_for(unreachable)
     warned = [
@@ -115,7 +115,7 @@ async def test_a_replica_without_a_token_is_told_the_agent_wants_one(pg_database
         async with real_broker(pg_database_url, [server]) as broker, health_replica(broker.address):
 
             async def told() -> bool:
-                detail = await broker.column(s1.address, "agent_detail")
+                detail = (await broker.servers())[s1.address].agent_detail
                 return detail == f"agent requires a token (401): {SET_TOKEN}"
 
             await wait_for(told)
