@@ -69,8 +69,9 @@ class AgentServer:
         auth: AgentAuth | None = None,
         allow_unauthenticated: bool = False,
     ):
-        """ListenRefused when nothing authenticates requests and `host` is not loopback (unless
-        `allow_unauthenticated`); ConfigError when the TLS files do not load."""
+        """`auth` defaults to the config's (its token_file, tls_ca; no environment token).
+        ListenRefused when nothing authenticates requests and `host` is not loopback (unless
+        `allow_unauthenticated`); ConfigError when the token or TLS files cannot be used."""
         if max_connections < 1:
             raise ValueError(f"max_connections must be >= 1, not {max_connections}")
         self.config = config
@@ -79,7 +80,7 @@ class AgentServer:
         self.port = port
         self.request_timeout_s = request_timeout_s
         self.max_connections = max_connections
-        self.auth = auth if auth is not None else AgentAuth(client_certificates=config.tls_ca is not None)
+        self.auth = auth if auth is not None else AgentAuth.from_config(config, env_token="")
         check_listen(host, self.auth, allow_unauthenticated)
         self.tls = _server_tls(config)
         self.load = SharedResult(lambda: measure_load(self.config, self.sources), load_cache_s)
