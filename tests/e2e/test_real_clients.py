@@ -358,8 +358,10 @@ def start_broker_and_proxy(harness: Harness, database_url: str) -> tuple[str, st
 
 # With an agent: the real rdbroker-agent beside the server (its xrdp source lists sesman's desktops), the
 # server registered with its agent_url and sessions_url, and a health replica reading the list every
-# SESSIONS_INTERVAL_MS (the pool's probe.sessions_interval), with a short confirm_timeout.
+# SESSIONS_INTERVAL_MS (the pool's probe.sessions_interval), with a short confirm_timeout. The agent
+# requires a token, and the replica sends it, as deployed.
 SESSIONS_INTERVAL_MS = 500
+AGENT_TOKEN = "e2e-agent-token-3f9a1c"
 CONFIRM_TIMEOUT_S = 4
 AGENT_CONFIG = '[[counters]]\nkind = "sessions"\nfull_scale = 10\n\n[sessions]\nsource = "xrdp"\n'
 
@@ -394,6 +396,7 @@ def run_desktop_farm(pg_server_url: str, *, with_agent: bool) -> Iterator[Deskto
                 ],
                 ports={"http": agent_port},
                 tcp_ready=["http"],
+                env={"RDBROKER_AGENT_TOKEN": AGENT_TOKEN},
             )
             pool += (
                 f"    confirm_timeout: {CONFIRM_TIMEOUT_S}s\n"
@@ -413,6 +416,7 @@ def run_desktop_farm(pg_server_url: str, *, with_agent: bool) -> Iterator[Deskto
                 ["-m", "rdbroker_health", "--broker", broker, "--grpc-listen", f"127.0.0.1:{health_port}"],
                 ports={"grpc": health_port},
                 grpc_ready="grpc",
+                env={"RDBROKER_AGENT_TOKEN": AGENT_TOKEN},
             )
             farm.wait_for(lambda: farm.server_row()["load"] >= 0, "the agent's first load report", 20)
         yield farm

@@ -1,4 +1,5 @@
-"""The agent's TOML config: counters with weights and full-scale values, limits, drain, session source.
+"""The agent's TOML config: counters with weights and full-scale values, limits, drain, session source,
+and who may ask (a bearer token file, TLS files).
 
 Every key is checked and unknown keys are refused, so a typo is an error at start rather than a
 counter silently left out. See services/agent/agent.example.toml for every key with its meaning.
@@ -43,6 +44,10 @@ class AgentConfig:
     on_counter_error: Literal["skip", "down"] = "skip"
     command_timeout_s: float = 5.0
     sessions: SessionSource = SessionSource()
+    token_file: Path | None = None  # bearer token(s), one per line, re-read when the file changes
+    tls_cert: Path | None = None  # HTTPS with this certificate and key
+    tls_key: Path | None = None
+    tls_ca: Path | None = None  # and client certificates from this CA required (they authenticate)
 
 
 _TOP_KEYS = {
@@ -53,7 +58,12 @@ _TOP_KEYS = {
     "on_counter_error",
     "command_timeout_s",
     "sessions",
+    "token_file",
+    "tls_cert",
+    "tls_key",
+    "tls_ca",
 }
+_PATH_KEYS = ("drain_file", "token_file", "tls_cert", "tls_key", "tls_ca")
 _COUNTER_KEYS = {"name", "kind", "weight", "full_scale", "command"}
 _SESSION_KEYS = {"source", "command"}
 
@@ -89,9 +99,11 @@ def parse_config(data: dict[str, Any], *, base_dir: Path | None = None) -> Agent
     drain = data.get("drain", False)
     if not isinstance(drain, bool):
         raise ConfigError(f"drain must be true or false, not {drain!r}")
-    drain_file = data.get("drain_file")
-    if drain_file is not None and (not isinstance(drain_file, str) or not drain_file):
-        raise ConfigError("drain_file must be a non-empty path")
+    paths = {key: _path(data.get(key), key, base_dir) for key in _PATH_KEYS}
+    if (paths["tls_cert"] is None) != (paths["tls_key"] is None):
+        raise ConfigError("tls_cert and tls_key go together (HTTPS needs both)")
+    if paths["tls_ca"] is not None and paths["tls_cert"] is None:
+        raise ConfigError("tls_ca (client certificates) needs tls_cert and tls_key (HTTPS)")
     on_error = data.get("on_counter_error", "skip")
     if on_error not in ("skip", "down"):
         raise ConfigError(f"on_counter_error must be 'skip' or 'down', not {on_error!r}")
@@ -99,20 +111,31 @@ def parse_config(data: dict[str, Any], *, base_dir: Path | None = None) -> Agent
     if not 0 < timeout <= 300:
         raise ConfigError(f"command_timeout_s must be in (0, 300], not {timeout}")
     sessions = _session_source(data.get("sessions", {}))
-    drain_path = None
-    if drain_file is not None:
-        drain_path = Path(drain_file)
-        if base_dir is not None and not drain_path.is_absolute():
-            drain_path = base_dir / drain_path
     return AgentConfig(
         counters=counters,
         max_sessions=max_sessions,
         drain=drain,
-        drain_file=drain_path,
+        drain_file=paths["drain_file"],
         on_counter_error=on_error,
         command_timeout_s=timeout,
         sessions=sessions,
+        token_file=paths["token_file"],
+        tls_cert=paths["tls_cert"],
+        tls_key=paths["tls_key"],
+        tls_ca=paths["tls_ca"],
     )
+
+
+def _path(raw: object, key: str, base_dir: Path | None) -> Path | None:
+    """A path key: relative to the config file's folder."""
+    if raw is None:
+        return None
+    if not isinstance(raw, str) or not raw:
+        raise ConfigError(f"{key} must be a non-empty path")
+    path = Path(raw)
+    if base_dir is not None and not path.is_absolute():
+        path = base_dir / path
+    return path
 
 
 def _counter(raw: object, index: int) -> Counter:

@@ -109,6 +109,7 @@ class Server:
     agent_url: str = ""
     sessions_url: str = ""
     health_detail: str = ""
+    agent_detail: str = ""  # the last agent probe's outcome: its answer, or why it failed
     health_changed_at: datetime | None = None
     probed_at: datetime | None = None  # the last health result
     fresh_until: datetime | None = None  # when that result stops counting

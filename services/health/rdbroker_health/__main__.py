@@ -1,6 +1,7 @@
 """`rdbroker health` / `python -m rdbroker_health`: run one health-probe replica.
 
-Every setting is a flag `--foo-bar` and a variable `RDBROKER_FOO_BAR`; flags win.
+Every setting is a flag `--foo-bar` and a variable `RDBROKER_FOO_BAR`; flags win. The agents' token is
+a variable only (`RDBROKER_AGENT_TOKEN`), or a file (`--agent-token-file`).
 """
 
 from __future__ import annotations
@@ -18,14 +19,17 @@ from rdbroker_health.config import HealthSettings
 from rdbroker_health.errors import ConfigError
 
 log = logging.getLogger("rdbroker_health")
+ENV_ONLY = ("agent_token",)  # secrets: a command line shows in `ps`
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rdbroker health",
         description="Probe the terminal servers this replica claims from the broker and report to it.",
+        # `--agent-token SECRET` must not pass as an abbreviation of --agent-token-file.
+        allow_abbrev=False,
     )
-    add_settings_flags(parser, HealthSettings)
+    add_settings_flags(parser, HealthSettings, env_only=ENV_ONLY)
     return parser
 
 

@@ -7,8 +7,11 @@ are sent, the gRPC server gets `shutdown_grace_s` for calls in flight, then clie
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import ssl
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 import httpx
@@ -16,6 +19,8 @@ from grpc_health.v1 import health
 from grpc_health.v1 import health_pb2_grpc as std_health_pb2_grpc
 
 from rdbroker_common import telemetry, tls
+from rdbroker_common.bearer import TokenError, Tokens
+from rdbroker_common.https import TlsContext
 from rdbroker_common.rpc_server import add_standard_services, mark_serving
 from rdbroker_health.config import HealthSettings
 from rdbroker_health.errors import ConfigError
@@ -38,8 +43,10 @@ async def run(
     """Serve and probe until `stop` is set. `on_listening` gets the bound gRPC port (tests use port 0)."""
     try:
         server_credentials, client_tls = await asyncio.to_thread(_credentials, settings)
+        agent_files = await asyncio.to_thread(agent_tls, settings)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+    tokens = await asyncio.to_thread(agent_tokens, settings)
     replica_id = settings.effective_replica_id()
     broker = BrokerClient(
         settings.broker_addresses,
@@ -47,9 +54,13 @@ async def run(
         interceptors=telemetry.client_interceptors(),
         client_tls=client_tls,
     )
-    http = agent_client()
+    http = agent_client(agent_files.context if agent_files is not None else None)
+    scheduler = Scheduler(settings, broker, replica_id, http, probe_rdp=probe_rdp, agent_tokens=tokens)
+    servicer = HealthServicer(
+        settings, http, probe_rdp, agent_tokens=tokens, trusted_agent_urls=scheduler.agent_urls
+    )
     server = grpc.aio.server(interceptors=telemetry.server_interceptors())
-    health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(settings, http, probe_rdp), server)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     standard_health = add_standard_services(server, [SERVICE_NAME])
     try:
         if server_credentials is not None:
@@ -59,7 +70,6 @@ async def run(
     except RuntimeError as exc:
         raise ConfigError(f"cannot listen on {settings.grpc_listen}: {exc}") from exc
     probe_server = _probe_server(settings.probe_listen, standard_health) if settings.probe_listen else None
-    scheduler = Scheduler(settings, broker, replica_id, http, probe_rdp=probe_rdp)
     try:
         await server.start()
         if probe_server is not None:
@@ -76,6 +86,7 @@ async def run(
             on_listening(port)
         async with asyncio.TaskGroup() as tg:
             tg.create_task(scheduler.run(stop), name="scheduler")  # ends after the last results are sent
+            tg.create_task(_follow_renewals(agent_files, stop), name="agent-tls")
             await stop.wait()
             log.info("stopping: NOT_SERVING, stopping probe loops")
             await standard_health.enter_graceful_shutdown()
@@ -102,14 +113,51 @@ def _probe_server(listen: str, status: health.aio.HealthServicer) -> grpc.aio.Se
     return server
 
 
-def agent_client() -> httpx.AsyncClient:
+def agent_client(context: ssl.SSLContext | None = None) -> httpx.AsyncClient:
     """The HTTP client for agents: no proxy from the environment (agents sit next to the servers), no
-    redirects, and no pool limit, since each held server has at most one request in flight."""
+    redirects (the token must not follow one), and no pool limit, since each held server has at most
+    one request in flight. `context`: for HTTPS agents (else the system's CAs)."""
     return httpx.AsyncClient(
         follow_redirects=False,
         trust_env=False,
+        verify=context if context is not None else True,
         limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
     )
+
+
+def agent_tokens(settings: HealthSettings) -> Tokens | None:
+    """The token sent to agents, from RDBROKER_AGENT_TOKEN or --agent-token-file; ConfigError if unusable."""
+    try:
+        return Tokens.configured(
+            settings.agent_token.get_secret_value(),
+            settings.agent_token_file,
+            names=("RDBROKER_AGENT_TOKEN", "--agent-token-file"),
+        )
+    except TokenError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def agent_tls(settings: HealthSettings) -> TlsContext | None:
+    """HTTPS to agents: trust --agent-tls-ca (else the system's CAs), present --agent-tls-cert/key to an
+    agent that asks for a client certificate. None when none is set; ValueError if they do not load."""
+    ca, cert, key = (
+        Path(v.strip()) if v.strip() else None
+        for v in (settings.agent_tls_ca, settings.agent_tls_cert, settings.agent_tls_key)
+    )
+    if ca is None and cert is None:
+        return None
+    try:
+        return TlsContext.client(ca, cert, key)
+    except ValueError as exc:
+        raise ValueError(f"--agent-tls-ca/--agent-tls-cert/--agent-tls-key: {exc}") from exc
+
+
+async def _follow_renewals(files: TlsContext | None, stop: asyncio.Event) -> None:
+    """Renewed agent TLS files take over at the agents' next connection (looked at every few seconds)."""
+    while files is not None and not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), tls.CLIENT_CHECK_INTERVAL_S)
+        files.refresh()  # on the loop's thread: the context must not change under a handshake
 
 
 Credentials = tuple[grpc.ServerCredentials | None, tls.ClientTls | None]

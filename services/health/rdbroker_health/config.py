@@ -6,7 +6,7 @@ import os
 import socket
 import uuid
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from rdbroker_common.settings import ServiceSettings, broker_targets, split_host_port
@@ -79,6 +79,20 @@ class HealthSettings(ServiceSettings):
     tls_cert: str = ""
     tls_key: str = ""
 
+    # Sent as `Authorization: Bearer` to the servers' agents (their RDBROKER_AGENT_TOKEN): from the
+    # environment only (a command line shows in `ps`), or the first line of a file, re-read on change.
+    agent_token: SecretStr = Field(
+        default=SecretStr(""), description="the agents' bearer token (environment only)"
+    )
+    agent_token_file: str = Field(
+        default="", description="a file holding the agents' token, re-read when it changes"
+    )
+    # HTTPS agents: trust this CA (empty: the system's), and present this certificate and key to an
+    # agent that asks for one (its tls_ca).
+    agent_tls_ca: str = ""
+    agent_tls_cert: str = ""
+    agent_tls_key: str = ""
+
     @field_validator("broker")
     @classmethod
     def _check_broker(cls, value: str) -> str:
@@ -96,6 +110,12 @@ class HealthSettings(ServiceSettings):
         if value.strip():
             split_host_port(value)
         return value.strip()
+
+    @model_validator(mode="after")
+    def _check_agent_tls(self) -> HealthSettings:
+        if bool(self.agent_tls_cert.strip()) != bool(self.agent_tls_key.strip()):
+            raise ValueError("agent_tls_cert and agent_tls_key go together")
+        return self
 
     @property
     def broker_addresses(self) -> list[str]:

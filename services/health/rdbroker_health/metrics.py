@@ -11,7 +11,9 @@ from opentelemetry.metrics import CallbackOptions, Observation
 _meter = metrics.get_meter("rdbroker_health")
 
 probe_results = _meter.create_counter(
-    "rdbroker_probe_results", description="Probes run, by server, probe (rdp/agent) and outcome (ok/fail)"
+    "rdbroker_probe_results",
+    description="Probes run, by server, probe (rdp/agent) and outcome (ok/fail; refused: the agent "
+    "answered 401/403 to our token)",
 )
 broker_unreachable = _meter.create_counter(
     "rdbroker_broker_unreachable", description="Broker calls for which no broker address answered"

@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 from opentelemetry import trace
 
+from rdbroker_common.bearer import Tokens
 from rdbroker_health import metrics
 from rdbroker_health.config import HealthSettings
 from rdbroker_health.errors import BrokerError
@@ -85,8 +86,10 @@ class Scheduler:
         *,
         probe_rdp: RdpProbe = rdp.probe_rdp,
         rng: random.Random | None = None,
+        agent_tokens: Tokens | None = None,
     ) -> None:
         self.settings = settings
+        self.agent_tokens = agent_tokens
         self.broker = broker
         self.replica_id = replica_id
         self.http = http
@@ -102,6 +105,24 @@ class Scheduler:
         self._tg: asyncio.TaskGroup | None = None
         self._claim_failing = False
         self._report_failing = False
+        self._refusing_urls: set[str] = set()  # agent URLs that refused our token when last asked
+
+    def agent_urls(self) -> set[str]:
+        """The agent and session-list URLs of the held servers: the broker's, so the token may go there."""
+        return {url for t in self._targets.values() for url in (t.agent_url, t.sessions_url) if url}
+
+    def _authorization(self) -> str | None:
+        return self.agent_tokens.header() if self.agent_tokens is not None else None
+
+    def _note_refusal(self, target: Target, url: str, refused: bool, detail: str) -> None:
+        """Warn once when an agent URL starts refusing our token; tell when it accepts it again."""
+        extra = {"server": target.address, "pool": target.pool}
+        if refused and url not in self._refusing_urls:
+            self._refusing_urls.add(url)
+            log.warning("agent of %s at %s: %s", target.address, url, detail, extra=extra)
+        elif not refused and url in self._refusing_urls:
+            self._refusing_urls.discard(url)
+            log.info("agent of %s at %s answers us again", target.address, url, extra=extra)
 
     @property
     def held(self) -> set[str]:
@@ -188,8 +209,10 @@ class Scheduler:
 
     def _stop_loop(self, address: str, why: str) -> None:
         task = self._loops.pop(address, None)
-        self._targets.pop(address, None)
+        target = self._targets.pop(address, None)
         self._health.pop(address, None)
+        if target is not None:
+            self._refusing_urls -= {target.agent_url, target.sessions_url}
         if task is not None:
             log.info("stopped probing %s: %s", address, why)
             task.cancel()
@@ -240,7 +263,11 @@ class Scheduler:
         async with asyncio.TaskGroup() as tg:
             rdp_task = tg.create_task(self.probe_rdp(target.address, target.timeout_s))
             agent_task = (
-                tg.create_task(http_probe.probe_agent(self.http, target.agent_url, target.timeout_s))
+                tg.create_task(
+                    http_probe.probe_agent(
+                        self.http, target.agent_url, target.timeout_s, self._authorization()
+                    )
+                )
                 if target.agent_url
                 else None
             )
@@ -256,7 +283,9 @@ class Scheduler:
         server = {"server": target.address}
         metrics.probe_results.add(1, {**server, "probe": "rdp", "outcome": _outcome(rdp_result.ok)})
         if agent is not None:
-            metrics.probe_results.add(1, {**server, "probe": "agent", "outcome": _outcome(agent.ok)})
+            outcome = "refused" if agent.refused else _outcome(agent.ok)
+            metrics.probe_results.add(1, {**server, "probe": "agent", "outcome": outcome})
+            self._note_refusal(target, target.agent_url, agent.refused, agent.detail)
         if transition is not None:
             log.log(
                 logging.WARNING if transition.after is Health.DOWN else logging.INFO,
@@ -277,9 +306,14 @@ class Scheduler:
     async def _report_sessions(self, target: Target) -> None:
         # Taken before asking: anything that changed after this moment, the list may not show.
         listed_at = datetime.now(UTC)
-        result = await http_probe.fetch_sessions(self.http, target.sessions_url, target.timeout_s)
+        result = await http_probe.fetch_sessions(
+            self.http, target.sessions_url, target.timeout_s, self._authorization()
+        )
+        self._note_refusal(target, target.sessions_url, result.refused, result.detail)
         if not result.ok:
-            log.warning("session list of %s not reported: %s", target.address, result.detail)
+            # A refusal is warned about once (_note_refusal), not at every list.
+            level = logging.DEBUG if result.refused else logging.WARNING
+            log.log(level, "session list of %s not reported: %s", target.address, result.detail)
             return
         try:
             answer = await self.broker.report_sessions(

@@ -1,4 +1,5 @@
-"""`python -m rdbroker_agent` as a process: config file, 127.0.0.1 port, drain file, SIGTERM, bad config."""
+"""`python -m rdbroker_agent` as a process: config file, 127.0.0.1 port, drain file, SIGTERM, bad config,
+the token from the environment, the refusal to listen beyond loopback without authentication."""
 
 from __future__ import annotations
 
@@ -97,3 +98,96 @@ def test_bad_listen_address_exits_2(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert b"missing port" in result.stderr
+
+
+def run_agent(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "rdbroker_agent", "--config", str(write_config(tmp_path)), *args],
+        capture_output=True,
+        timeout=30,
+        check=False,
+        env={**os.environ, "RDBROKER_LOG_FORMAT": "text"},
+    )
+
+
+def test_without_auth_a_non_loopback_listen_is_refused_in_one_line(tmp_path: Path) -> None:
+    result = run_agent(tmp_path, "--listen", "0.0.0.0:0")
+    assert result.returncode == 2
+    lines = result.stderr.decode().splitlines()
+    assert len(lines) == 1
+    assert "refusing to listen on 0.0.0.0 without authentication" in lines[0]
+    assert "--allow-unauthenticated" in lines[0]
+
+
+def test_allow_unauthenticated_lifts_the_refusal(tmp_path: Path) -> None:
+    # 192.0.2.1 (TEST-NET-1) is on no interface here: past the refusal, the bind itself fails, so the
+    # test never listens beyond loopback.
+    result = run_agent(tmp_path, "--listen", "192.0.2.1:0", "--allow-unauthenticated")
+    assert result.returncode == 1
+    assert b"cannot listen on 192.0.2.1:0" in result.stderr
+    assert b"refusing" not in result.stderr
+
+
+def test_without_auth_the_default_listen_is_loopback(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rdbroker_agent", "--config", str(write_config(tmp_path))],
+        stderr=subprocess.PIPE,
+        env={**os.environ, "RDBROKER_LOG_FORMAT": "text", "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline().decode()
+        # Listening, or the port is taken on this machine: either way, on 127.0.0.1:8088.
+        assert "agent listening on 127.0.0.1:8088 (http)" in line or "cannot listen on 127.0.0.1:8088" in line
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=15)
+
+
+def test_a_token_from_the_environment_is_required_and_never_logged(tmp_path: Path) -> None:
+    token = "process-token-5f0c2d9a71"
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rdbroker_agent",
+            "--config",
+            str(write_config(tmp_path)),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--log-level",
+            "DEBUG",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={
+            **os.environ,
+            "RDBROKER_LOG_FORMAT": "text",
+            "PYTHONUNBUFFERED": "1",
+            "RDBROKER_AGENT_TOKEN": token,
+        },
+    )
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline().decode()
+        assert f"agent listening on 127.0.0.1:{port} (http), requests need a bearer token" in line
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            assert client.get("/load").status_code == 401
+            assert (
+                client.get("/load", headers={"Authorization": "Bearer wrong-token-000000"}).status_code == 401
+            )
+            assert client.get("/load", headers={"Authorization": f"Bearer {token}"}).text == "20\n"
+            assert client.get("/healthz").text == "ok\n"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=15)
+        assert proc.returncode == 0, err
+        assert b"refused 1 request(s) without valid credentials" in err  # logged once for both
+        assert token.encode() not in out + err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

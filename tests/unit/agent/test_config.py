@@ -21,6 +21,8 @@ def test_example_config_loads() -> None:
     ]
     assert config.max_sessions == 40
     assert config.drain_file == EXAMPLE.parent / "drain"
+    assert config.token_file == EXAMPLE.parent / "agent.token"
+    assert (config.tls_cert, config.tls_key, config.tls_ca) == (None, None, None)
     assert config.on_counter_error == "skip"
     assert config.sessions.kind == "psutil"
 

@@ -1,5 +1,5 @@
 """`GET /load` is computed once for concurrent requests and reused for `load_cache_s`; the agent serves
-at most `max_connections` at once and closes the rest at once."""
+at most `max_connections` connections at once: a request on one more gets 503 and a close."""
 
 from __future__ import annotations
 
@@ -140,35 +140,46 @@ async def test_concurrent_load_requests_run_the_counters_once() -> None:
     assert sources.calls == 1
 
 
-async def test_over_the_connection_cap_a_connection_is_closed_at_once() -> None:
+async def hold(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection kept open by an unfinished request head."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /lo")
+    await writer.drain()
+    return reader, writer
+
+
+async def until(check) -> None:
+    for _ in range(500):  # bounded
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not met")
+
+
+async def test_over_the_connection_cap_a_request_gets_503() -> None:
     async with AgentServer(CONFIG, FakeSources(cpu=10.0), max_connections=2) as server:
-        held = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(2)]
-        for _, writer in held:
-            writer.write(b"GET /lo")  # an unfinished head keeps the connection open
-            await writer.drain()
-        for _ in range(100):  # bounded: the server has taken both
-            if server.open_connections == 2:
-                break
-            await asyncio.sleep(0.01)
-        assert server.open_connections == 2
+        held = [await hold(server.port)]
+        await until(lambda: server.open_connections == 1)
+        # One held and this one: two, within the cap.
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=5) as client:
+            assert (await client.get("/load")).text == "10\n"
+        held.append(await hold(server.port))
+        await until(lambda: server.open_connections == 2)
 
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        try:
-            writer.write(b"GET /load HTTP/1.1\r\n\r\n")
-            await writer.drain()
-            assert await asyncio.wait_for(reader.read(), 5) == b""
-        except ConnectionResetError:
-            pass  # closed with our request unread: a reset is a close too
+        writer.write(b"GET /load HTTP/1.1\r\nHost: agent\r\n\r\n")
+        await writer.drain()
+        reply = await asyncio.wait_for(reader.read(), 5)  # the whole answer, then the close
         writer.close()
-        assert server.refused_connections == 1
+        await writer.wait_closed()
+        assert reply.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+        assert b"\r\nconnection: close\r\n" in reply.lower()
+        assert reply.endswith(b"\r\n\r\nService Unavailable")
 
         for _, held_writer in held:
             held_writer.close()
             await held_writer.wait_closed()
-        for _ in range(100):
-            if server.open_connections == 0:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: server.open_connections == 0)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=5) as client:
             assert (await client.get("/load")).text == "10\n"
 

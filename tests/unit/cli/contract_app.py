@@ -40,6 +40,7 @@ def _server(address: str, pool: str = "default", **extra: Any) -> dict[str, Any]
         "health_detail": "neg_rsp protocol=1",
         "health_changed_at": "2026-11-27T09:00:02Z",
         "agent_state": "none",
+        "agent_detail": "",
         "probed_at": "2026-11-27T09:41:12Z",
         "stale": False,
         "load": -1,

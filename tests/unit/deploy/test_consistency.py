@@ -154,6 +154,17 @@ def test_the_log_hash_key_comes_from_a_secret(target: str) -> None:
         assert set(secret["data"]) == {"key"}
 
 
+@pytest.mark.parametrize("target", m.patched_targets())
+def test_the_agent_token_comes_from_a_secret(target: str) -> None:
+    health = deployment_container(target, "health")
+    ref = m.env_values(health)["RDBROKER_AGENT_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert ref["name"].startswith("rdbroker-agent-token")  # dev's generator adds a hash
+    assert ref["key"] == "token"
+    if target == "dev":  # generated there; production creates it (docs/deploy.md)
+        secrets = {s["metadata"]["name"]: s for s in m.of_kind(m.render(target), "Secret")}
+        assert set(secrets[ref["name"]]["data"]) == {"token"}
+
+
 # --- ports and probes -----------------------------------------------------------------------------
 
 
@@ -444,6 +455,7 @@ SECRET_STAND_INS = {
     "RDBROKER_API_READ_TOKEN": "read-token",
     "RDBROKER_API_ADMIN_TOKEN": "admin-token",
     "RDBROKER_LOG_HASH_KEY": "a-log-hash-key-of-32-characters!",
+    "RDBROKER_AGENT_TOKEN": "agent-token-stand-in",
 }
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from rdbroker_common.bearer import Tokens
 from rdbroker_health.config import HealthSettings
 from rdbroker_health.probes.rdp import ProbeResult
 from rdbroker_health.rpc.broker_client import BrokerClient
@@ -71,11 +72,12 @@ async def replica(
     replica_id: str,
     probe: RdpProbe,
     http: httpx.AsyncClient | None = None,
+    agent_tokens: Tokens | None = None,
 ) -> AsyncIterator[tuple[Scheduler, asyncio.Event, asyncio.Task[None]]]:
     """A running Scheduler; set the event to stop it cleanly, or cancel the task to 'kill' it."""
     broker = BrokerClient(settings.broker_addresses, timeout_s=settings.rpc_timeout_s)
     client = http or httpx.AsyncClient()
-    scheduler = Scheduler(settings, broker, replica_id, client, probe_rdp=probe)
+    scheduler = Scheduler(settings, broker, replica_id, client, probe_rdp=probe, agent_tokens=agent_tokens)
     stop = asyncio.Event()
     try:
         async with asyncio.TaskGroup() as tg:

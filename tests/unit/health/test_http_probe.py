@@ -153,3 +153,39 @@ async def test_real_server_gone_is_a_connect_failure(http_server: TinyHttpServer
         result = await probe_agent(client, url, 1.0)
     assert not result.ok
     assert result.detail.startswith("connect failed")
+
+
+SET_TOKEN = "set RDBROKER_AGENT_TOKEN (or --agent-token-file) on the health replicas to the agent's token"
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_an_agent_refusing_us_is_a_refused_probe_saying_what_to_set(status: int) -> None:
+    sent: list[str | None] = []
+
+    def agent(request: httpx.Request) -> httpx.Response:
+        sent.append(request.headers.get("authorization"))
+        return httpx.Response(status, text="50")
+
+    async with client_answering(agent) as client:
+        with_token = await probe_agent(client, "http://ts1:8088/load", 1.0, "Bearer our-token")
+        without = await probe_agent(client, "http://ts1:8088/load", 1.0)
+        sessions = await fetch_sessions(client, "http://ts1:8088/sessions", 1.0, "Bearer our-token")
+    assert sent == ["Bearer our-token", None, "Bearer our-token"]
+    assert (with_token.ok, with_token.refused, with_token.load) == (False, True, None)
+    assert with_token.detail == f"agent refused our token ({status}): {SET_TOKEN}"
+    assert without.detail == f"agent requires a token ({status}): {SET_TOKEN}"
+    assert (sessions.ok, sessions.refused, sessions.detail) == (False, True, with_token.detail)
+
+
+async def test_other_failures_are_not_refusals() -> None:
+    async with client_answering(lambda request: httpx.Response(404)) as client:
+        result = await probe_agent(client, "http://ts1:8088/load", 1.0, "Bearer our-token")
+    assert (result.ok, result.refused, result.detail) == (False, False, "http 404")
+
+    def refused(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    async with client_answering(refused) as client:
+        result = await probe_agent(client, "http://ts1:8088/load", 1.0, "Bearer our-token")
+    assert not result.refused
+    assert result.detail.startswith("connect failed")

@@ -12,6 +12,7 @@ import grpc
 import httpx
 import pytest
 
+from rdbroker_common.bearer import Tokens
 from rdbroker_health.probes.rdp import probe_rdp
 from rdbroker_proto.v1 import broker_pb2, broker_pb2_grpc
 from rdbroker_rdp.fakeserver import FakeRdpServer
@@ -130,6 +131,37 @@ async def test_failed_agent_reports_no_load_and_its_reason() -> None:
         "http 500",
     )
     assert result.rdp_ok
+
+
+async def test_an_agent_refusing_our_token_is_an_agent_failure_not_a_down_server() -> None:
+    broker = broker_with(1, agent_url="http://agent.test/load", sessions_url="http://agent.test/sessions")
+    sent: list[str | None] = []
+
+    def agent(request: httpx.Request) -> httpx.Response:
+        sent.append(request.headers.get("authorization"))
+        return httpx.Response(401, text="wrong bearer token\n")
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(agent))
+    async with (
+        serving(broker) as address,
+        replica(
+            fast_settings(address),
+            "r1",
+            ProbeLog().probe_for("r1"),
+            http,
+            agent_tokens=Tokens(fixed="our-token-0123456789"),
+        ),
+    ):
+        await wait_until(lambda: any(r.result.health == UP for r in broker.reports))
+    result = broker.reports[-1].result
+    assert (result.health, result.rdp_ok) == (UP, True)
+    assert (result.load, result.agent_state) == (-1, broker_pb2.AGENT_STATE_UNSPECIFIED)
+    assert result.agent_detail == (
+        "agent refused our token (401): set RDBROKER_AGENT_TOKEN (or --agent-token-file) "
+        "on the health replicas to the agent's token"
+    )
+    assert set(sent) == {"Bearer our-token-0123456789"}  # load probes and session lists alike
+    assert not broker.session_reports  # a refused list reports nothing
 
 
 async def test_session_lists_are_reported() -> None:

@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2 as std_health_pb2
 from grpc_health.v1 import health_pb2_grpc as std_health_pb2_grpc
 
 from rdbroker_common import tls
+from rdbroker_common.bearer import Tokens
 from rdbroker_health import app
 from rdbroker_health.__main__ import main
 from rdbroker_health.errors import ConfigError
@@ -63,6 +64,66 @@ async def test_probe_server_answers_rdp_and_agent() -> None:
         await channel.close()
         await server.stop(0)
         await http.aclose()
+
+
+async def test_probe_server_sends_the_token_only_to_a_held_servers_agent() -> None:
+    sent: dict[str, str | None] = {}
+
+    def agent(request: httpx.Request) -> httpx.Response:
+        sent[str(request.url)] = request.headers.get("authorization")
+        ok = request.headers.get("authorization") == "Bearer replica-token-0123"
+        return httpx.Response(200, text="30") if ok else httpx.Response(401)
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(agent))
+    held = "http://agent.held/load"
+    servicer = HealthServicer(
+        fast_settings("127.0.0.1:1", max_on_demand_timeout_s=5),
+        http,
+        probe_rdp,
+        agent_tokens=Tokens(fixed="replica-token-0123"),
+        trusted_agent_urls=lambda: {held},
+    )
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel, FakeRdpServer() as rdp:
+            stub = health_pb2_grpc.HealthStub(channel)
+            answer = await stub.ProbeServer(
+                health_pb2.ProbeServerRequest(address=rdp.address, agent_url=held), timeout=5
+            )
+            assert (answer.load, answer.agent_detail) == (30, "load=30 state=up")
+            # A URL the caller names: whoever answers there must not get the token.
+            answer = await stub.ProbeServer(
+                health_pb2.ProbeServerRequest(address=rdp.address, agent_url="http://elsewhere/load"),
+                timeout=5,
+            )
+            assert answer.load == -1
+            assert answer.agent_detail == (
+                "agent requires a token (401): on-demand probes send the agent token only to the "
+                "agent_url of a server this replica probes"
+            )
+    finally:
+        await server.stop(0)
+        await http.aclose()
+    assert sent == {held: "Bearer replica-token-0123", "http://elsewhere/load": None}
+
+
+def test_the_agent_token_is_no_flag_and_a_bad_token_file_stops_the_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as flag:
+        main(["--agent-token", "x"])  # a command line shows in `ps`; nor an abbreviation of -file
+    assert flag.value.code == 2
+    assert "unrecognized arguments: --agent-token" in capsys.readouterr().err
+    settings = fast_settings("127.0.0.1:1", agent_token_file=str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match=r"token file .* cannot read"):
+        asyncio.run(app.run(settings, asyncio.Event()))
+    both = fast_settings("127.0.0.1:1", agent_token="t" * 20, agent_token_file=str(tmp_path / "t"))
+    with pytest.raises(ConfigError, match="set RDBROKER_AGENT_TOKEN or --agent-token-file, not both"):
+        asyncio.run(app.run(both, asyncio.Event()))
+    assert "t" * 20 not in repr(both)
 
 
 @pytest.mark.parametrize(

@@ -571,6 +571,7 @@ class Server(_message.Message):
     HELD_SESSIONS_FIELD_NUMBER: _builtins.int
     PROBED_AT_FIELD_NUMBER: _builtins.int
     STALE_FIELD_NUMBER: _builtins.int
+    AGENT_DETAIL_FIELD_NUMBER: _builtins.int
     address: _builtins.str
     pool: _builtins.str
     weight: _builtins.int
@@ -589,6 +590,10 @@ class Server(_message.Message):
     """live sessions holding capacity (open, pending, or confirmed)"""
     stale: _builtins.bool
     """that result is too old to count: health reads UNKNOWN"""
+    agent_detail: _builtins.str
+    """The last agent probe's outcome: its answer ("load=35 state=up") or why it failed ("connect
+    failed: ...", "agent refused our token (401): ...").
+    """
     @_builtins.property
     def health_changed_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -613,10 +618,11 @@ class Server(_message.Message):
         held_sessions: _builtins.int = ...,
         probed_at: _timestamp_pb2.Timestamp | None = ...,
         stale: _builtins.bool = ...,
+        agent_detail: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["health_changed_at", b"health_changed_at", "probed_at", b"probed_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "admin_state", b"admin_state", "agent_url", b"agent_url", "health", b"health", "health_changed_at", b"health_changed_at", "health_detail", b"health_detail", "held_sessions", b"held_sessions", "live_sessions", b"live_sessions", "load", b"load", "max_sessions", b"max_sessions", "pool", b"pool", "probed_at", b"probed_at", "sessions_url", b"sessions_url", "stale", b"stale", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "admin_state", b"admin_state", "agent_detail", b"agent_detail", "agent_url", b"agent_url", "health", b"health", "health_changed_at", b"health_changed_at", "health_detail", b"health_detail", "held_sessions", b"held_sessions", "live_sessions", b"live_sessions", "load", b"load", "max_sessions", b"max_sessions", "pool", b"pool", "probed_at", b"probed_at", "sessions_url", b"sessions_url", "stale", b"stale", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

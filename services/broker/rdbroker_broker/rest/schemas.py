@@ -124,6 +124,10 @@ class ServerOut(BaseModel):
         description="the last result is too old to count: health, agent and load read unknown"
     )
     agent_state: AgentStateName
+    agent_detail: str = Field(
+        description="the last agent probe's outcome: its answer, or why it failed (no answer, "
+        "or the agent refused the health replicas' token)"
+    )
     load: int = Field(description="0..100 as last reported by the agent, -1 if never (or stale)")
     live_sessions: int
     held_sessions: int = Field(
@@ -150,6 +154,7 @@ class ServerOut(BaseModel):
             probed_at=s.probed_at,
             stale=d.result_is_stale(server, now),
             agent_state=s.agent_state.value,
+            agent_detail=s.agent_detail,
             load=s.load,
             live_sessions=s.live_sessions,
             held_sessions=s.held_sessions,

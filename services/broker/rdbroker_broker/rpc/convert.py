@@ -108,6 +108,7 @@ def server(found: d.Server, now: datetime) -> pb.Server:
         agent_url=s.agent_url,
         sessions_url=s.sessions_url,
         health_detail=s.health_detail,
+        agent_detail=s.agent_detail,
         health_changed_at=timestamp(s.health_changed_at),
         held_sessions=s.held_sessions,
         probed_at=timestamp(s.probed_at),

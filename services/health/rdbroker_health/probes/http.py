@@ -5,6 +5,10 @@ drain, reconnects only), or HAProxy agent-check words separated by
 commas or spaces: `75%` (available capacity, so load 25), `up`/`ready`, `drain`, `maint`,
 `down`/`fail`/`stopped` (a `#description` may follow). When words disagree the strongest wins:
 down > maint > drain > up. Anything else is a failed probe with the reason.
+
+Both requests carry `Authorization: Bearer <token>` when the replica has an agent token. An agent
+answering 401 or 403 refused it (or wanted one): a failed probe marked `refused`, whose detail says
+what to set, told apart from an agent that does not answer (a down server's silence).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import httpx
 MAX_AGENT_BODY = 1024
 MAX_SESSIONS_BODY = 1 << 20
 MAX_USER_LENGTH = 256
+REFUSED_STATUSES = (401, 403)
+_SET_TOKEN = "set RDBROKER_AGENT_TOKEN (or --agent-token-file) on the health replicas to the agent's token"
 
 
 class AgentState(enum.IntEnum):
@@ -52,6 +58,7 @@ class AgentResult:
     load: int | None = None  # 0..100 when the agent gave one
     state: AgentState = AgentState.NONE
     detail: str = ""
+    refused: bool = False  # the agent refused our credentials (401/403)
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,7 @@ class SessionsResult:
     sessions: list[ServerSession] = field(default_factory=list)
     detail: str = ""
     omits_disconnected: bool = False  # the list cannot show disconnected sessions (psutil)
+    refused: bool = False  # the agent refused our credentials (401/403)
 
 
 def parse_agent_reply(body: str) -> AgentResult:
@@ -140,47 +148,80 @@ def parse_sessions(body: bytes) -> SessionsResult:
     return SessionsResult(ok=True, sessions=sessions, detail=detail, omits_disconnected=omits)
 
 
-async def probe_agent(client: httpx.AsyncClient, url: str, timeout_s: float) -> AgentResult:
-    """GET the agent URL and parse its body. Never raises."""
-    body, error = await _get(client, url, timeout_s, MAX_AGENT_BODY)
+async def probe_agent(
+    client: httpx.AsyncClient, url: str, timeout_s: float, authorization: str | None = None
+) -> AgentResult:
+    """GET the agent URL (with `authorization` as the header, if any) and parse its body. Never raises."""
+    body, error = await _get(client, url, timeout_s, MAX_AGENT_BODY, authorization)
     if error is not None:
-        return AgentResult(ok=False, detail=error)
+        return AgentResult(ok=False, detail=error.detail, refused=error.refused)
     return parse_agent_reply(body.decode("utf-8", errors="replace").lstrip("\ufeff"))
 
 
-async def fetch_sessions(client: httpx.AsyncClient, url: str, timeout_s: float) -> SessionsResult:
+async def fetch_sessions(
+    client: httpx.AsyncClient, url: str, timeout_s: float, authorization: str | None = None
+) -> SessionsResult:
     """GET the session list URL and parse it. Never raises."""
-    body, error = await _get(client, url, timeout_s, MAX_SESSIONS_BODY)
+    body, error = await _get(client, url, timeout_s, MAX_SESSIONS_BODY, authorization)
     if error is not None:
-        return SessionsResult(ok=False, detail=error)
+        return SessionsResult(ok=False, detail=error.detail, refused=error.refused)
     return parse_sessions(body)
 
 
-async def _get(client: httpx.AsyncClient, url: str, timeout_s: float, limit: int) -> tuple[bytes, str | None]:
-    """The body of a 2xx answer (at most `limit` bytes), or the reason there is none."""
+@dataclass(frozen=True)
+class _Failure:
+    detail: str
+    refused: bool = False
+
+
+def refused_detail(status: int, token_sent: bool) -> str:
+    if token_sent:
+        return f"agent refused our token ({status}): {_SET_TOKEN}"
+    return f"agent requires a token ({status}): {_SET_TOKEN}"
+
+
+async def _get(
+    client: httpx.AsyncClient, url: str, timeout_s: float, limit: int, authorization: str | None
+) -> tuple[bytes, _Failure | None]:
+    """The body of a 2xx answer (at most `limit` bytes), or why there is none."""
+    headers = {"Authorization": authorization} if authorization is not None else None
     try:
         async with asyncio.timeout(timeout_s):
-            async with client.stream("GET", url, timeout=timeout_s, follow_redirects=False) as response:
+            async with client.stream(
+                "GET", url, headers=headers, timeout=timeout_s, follow_redirects=False
+            ) as response:
+                if response.status_code in REFUSED_STATUSES:
+                    detail = refused_detail(response.status_code, authorization is not None)
+                    return b"", _Failure(detail, refused=True)
                 if not response.is_success:
-                    return b"", f"http {response.status_code}"
+                    return b"", _Failure(f"http {response.status_code}")
                 chunks: list[bytes] = []
                 size = 0
                 async for chunk in response.aiter_bytes():
                     size += len(chunk)
                     if size > limit:
-                        return b"", f"body longer than {limit} bytes"
+                        return b"", _Failure(f"body longer than {limit} bytes")
                     chunks.append(chunk)
                 return b"".join(chunks), None
     except (TimeoutError, httpx.TimeoutException):
-        return b"", f"timeout after {timeout_s:g}s"
+        return b"", _Failure(f"timeout after {timeout_s:g}s")
     except httpx.InvalidURL as exc:
-        return b"", f"bad url: {exc}"
+        return b"", _Failure(f"bad url: {exc}")
     except httpx.UnsupportedProtocol as exc:
-        return b"", f"bad url: {exc}"
+        return b"", _Failure(f"bad url: {exc}")
     except httpx.ConnectError as exc:
-        return b"", f"connect failed: {exc or type(exc).__name__}"
+        return b"", _Failure(f"connect failed: {exc or type(exc).__name__}")
     except (httpx.HTTPError, OSError) as exc:
-        return b"", f"{type(exc).__name__}: {exc}"
+        return b"", _Failure(f"{type(exc).__name__}: {str(exc) or _closed(url)}")
+
+
+def _closed(url: str) -> str:
+    """For an error without a message: the peer closed. An HTTPS agent does so when the TLS handshake
+    did not give it the client certificate it requires (TLS 1.3 fails it after the client's part)."""
+    hint = ""
+    if url.lower().startswith("https:"):
+        hint = " (over HTTPS: does it require a client certificate? --agent-tls-cert/--agent-tls-key)"
+    return f"the agent closed the connection without an answer{hint}"
 
 
 def _shown(text: str) -> str:
