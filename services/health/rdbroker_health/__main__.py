@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from rdbroker_common import lifecycle, logs, telemetry
 from rdbroker_common.flags import add_settings_flags, settings_from
 from rdbroker_health import app
-from rdbroker_health.config import HealthSettings
+from rdbroker_health.config import ENV_ONLY, HealthSettings
 from rdbroker_health.errors import ConfigError
 
 log = logging.getLogger("rdbroker_health")
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rdbroker health",
         description="Probe the terminal servers this replica claims from the broker and report to it.",
     )
-    add_settings_flags(parser, HealthSettings)
+    add_settings_flags(parser, HealthSettings, env_only=ENV_ONLY)
     return parser
 
 

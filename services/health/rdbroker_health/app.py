@@ -1,4 +1,7 @@
-"""One health replica: the gRPC server (Health + grpc.health.v1 + reflection) and the probe scheduler.
+"""One health replica: the gRPC server (Health + grpc.health.v1) and the probe scheduler.
+
+ProbeServer is an admin call (docs/security.md): an admin certificate under mutual TLS, or the admin
+bearer token. Neither configured, the server may only listen on loopback unless `insecure_grpc`.
 
 Shutdown (SIGTERM sets `stop`): readiness goes NOT_SERVING, the probe loops stop and the last results
 are sent, the gRPC server gets `shutdown_grace_s` for calls in flight, then clients are closed.
@@ -15,7 +18,8 @@ import httpx
 from grpc_health.v1 import health
 from grpc_health.v1 import health_pb2_grpc as std_health_pb2_grpc
 
-from rdbroker_common import telemetry, tls
+from rdbroker_common import rpc_authz, telemetry, tls
+from rdbroker_common.broker_token import BrokerToken
 from rdbroker_common.rpc_server import add_standard_services, mark_serving
 from rdbroker_health.config import HealthSettings
 from rdbroker_health.errors import ConfigError
@@ -38,19 +42,27 @@ async def run(
     """Serve and probe until `stop` is set. `on_listening` gets the bound gRPC port (tests use port 0)."""
     try:
         server_credentials, client_tls = await asyncio.to_thread(_credentials, settings)
+        token = await asyncio.to_thread(
+            BrokerToken, settings.broker_token.get_secret_value(), settings.broker_token_file
+        )
+        authorization = authz_interceptor(settings, mtls=server_credentials is not None)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+    refusal = exposure_refusal(settings, mtls=server_credentials is not None)
+    if refusal is not None:
+        raise ConfigError(refusal)
     replica_id = settings.effective_replica_id()
     broker = BrokerClient(
         settings.broker_addresses,
         timeout_s=settings.rpc_timeout_s,
         interceptors=telemetry.client_interceptors(),
         client_tls=client_tls,
+        token=token,
     )
     http = agent_client()
-    server = grpc.aio.server(interceptors=telemetry.server_interceptors())
+    server = grpc.aio.server(interceptors=[*telemetry.server_interceptors(), authorization])
     health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(settings, http, probe_rdp), server)
-    standard_health = add_standard_services(server, [SERVICE_NAME])
+    standard_health = add_standard_services(server, [SERVICE_NAME], reflection=settings.grpc_reflection)
     try:
         if server_credentials is not None:
             port = server.add_secure_port(settings.grpc_listen, server_credentials)
@@ -109,6 +121,32 @@ def agent_client() -> httpx.AsyncClient:
         follow_redirects=False,
         trust_env=False,
         limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
+    )
+
+
+# Least privilege, as on the broker: ProbeServer (and reflection, when on) is the admin's.
+METHOD_ROLES = {f"/{SERVICE_NAME}/ProbeServer": rpc_authz.ADMIN}
+
+
+def authz_interceptor(settings: HealthSettings, *, mtls: bool) -> rpc_authz.AuthzInterceptor:
+    policy = rpc_authz.Policy(
+        methods=METHOD_ROLES,
+        tokens={rpc_authz.ADMIN: settings.grpc_admin_token.get_secret_value()},
+        mtls=mtls,
+        trust_domain=settings.grpc_trust_domain,
+        server="the health replica",
+    )
+    return rpc_authz.AuthzInterceptor(policy)
+
+
+def exposure_refusal(settings: HealthSettings, *, mtls: bool) -> str | None:
+    return rpc_authz.exposure_refusal(
+        settings.grpc_listen,
+        mtls=mtls,
+        tokens=bool(settings.grpc_admin_token.get_secret_value()),
+        insecure=settings.insecure_grpc,
+        token_names="RDBROKER_GRPC_ADMIN_TOKEN",
+        server="the health replica",
     )
 
 
