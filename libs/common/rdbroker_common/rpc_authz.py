@@ -76,7 +76,8 @@ class Policy:
     """Which role each method needs and how callers prove a role.
 
     `methods` maps full method names ("/rdbroker.v1.Broker/Route") to roles; any other method needs
-    `default_role`. `tokens` maps roles to their bearer tokens (empty ones are ignored).
+    `default_role`. `tokens` maps roles to their bearer tokens: a comma-separated list, so that during a
+    rotation the old and the new token both work (empty entries are ignored).
     """
 
     methods: Mapping[str, str]
@@ -90,16 +91,26 @@ class Policy:
         for method, role in self.methods.items():
             if role not in ROLES:
                 raise ValueError(f"{method}: unknown role {role!r}")
-        object.__setattr__(self, "tokens", {r: t for r, t in self.tokens.items() if t})
-        for role in self.tokens:
+        split = {
+            role: tuple(t.strip() for t in text.split(",") if t.strip()) for role, text in self.tokens.items()
+        }
+        object.__setattr__(self, "_accepted", {role: tokens for role, tokens in split.items() if tokens})
+        for role in self._accepted:
             if role not in ROLES:
                 raise ValueError(f"token for unknown role {role!r}")
         object.__setattr__(self, "trust_domain", check_trust_domain(self.trust_domain))
 
+    _accepted: Mapping[str, tuple[str, ...]] = field(init=False, repr=False, compare=False)
+
     @property
     def open(self) -> bool:
         """Neither certificates nor tokens: every caller may call everything."""
-        return not self.mtls and not self.tokens
+        return not self.mtls and not self._accepted
+
+    @property
+    def token_roles(self) -> frozenset[str]:
+        """The roles a bearer token can be had for."""
+        return frozenset(self._accepted)
 
     @property
     def spiffe_prefix(self) -> str:
@@ -157,7 +168,7 @@ def _missing(policy: Policy, seen: str) -> str:
     ways = []
     if policy.mtls:
         ways.append(f"a client certificate with the URI SAN {policy.spiffe_prefix}<role>")
-    if policy.tokens:
+    if policy.token_roles:
         ways.append("`authorization: Bearer <token>` metadata (RDBROKER_BROKER_TOKEN or --broker-token-file)")
     got = f" (the certificate names {seen})" if seen else ""
     return f"{policy.server} needs credentials{got}: {' or '.join(ways)}"
@@ -167,7 +178,7 @@ def _how(policy: Policy, role: str) -> str:
     ways = []
     if policy.mtls:
         ways.append(f"a certificate for {policy.spiffe_prefix}{role}")
-    if role in policy.tokens:
+    if role in policy.token_roles:
         ways.append(f"the {role} token")
     return " or ".join(ways) or f"no credential for {role} is configured"
 
@@ -203,9 +214,10 @@ def _token_role(policy: Policy, token: str) -> str:
     """The role whose token this is, "" for none. Every configured token is compared, in constant time."""
     given = token.encode()
     found = ""
-    for role, expected in policy.tokens.items():
-        if hmac.compare_digest(given, expected.encode()) and given:
-            found = role
+    for role, accepted in policy._accepted.items():
+        for expected in accepted:
+            if hmac.compare_digest(given, expected.encode()):
+                found = role
     return found
 
 
@@ -353,18 +365,16 @@ class AuthzInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
-def exposure_refusal(
-    listen: str, *, mtls: bool, tokens: bool, insecure: bool, token_names: str, server: str
-) -> str | None:
+def exposure_refusal(listen: str, policy: Policy, *, insecure: bool, token_names: str) -> str | None:
     """Why a server may not start open on `listen`, or None: a gRPC port without TLS or tokens serves
     anyone who can reach it, so only loopback may be open unless `--insecure-grpc` says so."""
-    if mtls or tokens or insecure:
+    if not policy.open or insecure:
         return None
     host = split_host_port(listen)[0]
     if is_loopback(host):
         return None
     return (
-        f"{server} would serve gRPC on {listen} to anyone: set {token_names}, or mutual TLS "
+        f"{policy.server} would serve gRPC on {listen} to anyone: set {token_names}, or mutual TLS "
         "(--tls-ca/--tls-cert/--tls-key), or listen on 127.0.0.1, or give --insecure-grpc "
         "(RDBROKER_INSECURE_GRPC) to serve it open on purpose"
     )

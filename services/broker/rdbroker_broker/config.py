@@ -70,7 +70,8 @@ class BrokerSettings(ServiceSettings):
     # gRPC authorization by role (docs/security.md). A caller's role comes from its client certificate
     # (URI SAN spiffe://<grpc_trust_domain>/rdbroker/<role>) under mutual TLS, or else from its bearer
     # token matching one of these (environment only). With neither TLS nor a token every caller may call
-    # every RPC, so gRPC may then only listen on loopback unless `insecure_grpc` is set.
+    # every RPC, so gRPC may then only listen on loopback unless `insecure_grpc` is set. Each may be a
+    # comma-separated list: during a rotation the old and the new token both work.
     grpc_proxy_token: SecretStr = SecretStr("")
     grpc_health_token: SecretStr = SecretStr("")
     grpc_admin_token: SecretStr = SecretStr("")
@@ -122,7 +123,7 @@ class BrokerSettings(ServiceSettings):
 
     @property
     def grpc_tokens(self) -> dict[str, str]:
-        """Role -> bearer token, the roles with a token only."""
+        """Role -> its bearer token(s), comma-separated; the roles with a token only."""
         tokens = {
             PROXY: self.grpc_proxy_token.get_secret_value(),
             HEALTH: self.grpc_health_token.get_secret_value(),

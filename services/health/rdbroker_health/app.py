@@ -45,10 +45,12 @@ async def run(
         token = await asyncio.to_thread(
             BrokerToken, settings.broker_token.get_secret_value(), settings.broker_token_file
         )
-        authorization = authz_interceptor(settings, mtls=server_credentials is not None)
+        policy = authz_policy(settings, mtls=server_credentials is not None)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    refusal = exposure_refusal(settings, mtls=server_credentials is not None)
+    refusal = rpc_authz.exposure_refusal(
+        settings.grpc_listen, policy, insecure=settings.insecure_grpc, token_names="RDBROKER_GRPC_ADMIN_TOKEN"
+    )
     if refusal is not None:
         raise ConfigError(refusal)
     replica_id = settings.effective_replica_id()
@@ -60,7 +62,9 @@ async def run(
         token=token,
     )
     http = agent_client()
-    server = grpc.aio.server(interceptors=[*telemetry.server_interceptors(), authorization])
+    server = grpc.aio.server(
+        interceptors=[*telemetry.server_interceptors(), rpc_authz.AuthzInterceptor(policy)]
+    )
     health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(settings, http, probe_rdp), server)
     standard_health = add_standard_services(server, [SERVICE_NAME], reflection=settings.grpc_reflection)
     try:
@@ -128,24 +132,12 @@ def agent_client() -> httpx.AsyncClient:
 METHOD_ROLES = {f"/{SERVICE_NAME}/ProbeServer": rpc_authz.ADMIN}
 
 
-def authz_interceptor(settings: HealthSettings, *, mtls: bool) -> rpc_authz.AuthzInterceptor:
-    policy = rpc_authz.Policy(
+def authz_policy(settings: HealthSettings, *, mtls: bool) -> rpc_authz.Policy:
+    return rpc_authz.Policy(
         methods=METHOD_ROLES,
         tokens={rpc_authz.ADMIN: settings.grpc_admin_token.get_secret_value()},
         mtls=mtls,
         trust_domain=settings.grpc_trust_domain,
-        server="the health replica",
-    )
-    return rpc_authz.AuthzInterceptor(policy)
-
-
-def exposure_refusal(settings: HealthSettings, *, mtls: bool) -> str | None:
-    return rpc_authz.exposure_refusal(
-        settings.grpc_listen,
-        mtls=mtls,
-        tokens=bool(settings.grpc_admin_token.get_secret_value()),
-        insecure=settings.insecure_grpc,
-        token_names="RDBROKER_GRPC_ADMIN_TOKEN",
         server="the health replica",
     )
 

@@ -165,6 +165,15 @@ async def test_the_bearer_scheme_is_case_insensitive() -> None:
     assert got == "token:proxy|proxy"
 
 
+async def test_during_a_rotation_old_and_new_tokens_both_work() -> None:
+    policy = Policy(METHODS, tokens={PROXY: "new-token, old-token", ADMIN: "admin-secret"})
+    async with serving(policy) as served, served.channel() as channel:
+        assert await call(channel, PROXY_CALL, bearer("new-token")) == "token:proxy|proxy"
+        assert await call(channel, PROXY_CALL, bearer("old-token")) == "token:proxy|proxy"
+        assert (await call(channel, PROXY_CALL, bearer("new-token, old-token"))).startswith("UNAUTHENTICATED")
+        assert (await call(channel, PROXY_CALL, bearer("new-token,"))).startswith("UNAUTHENTICATED")
+
+
 async def test_a_role_without_a_token_has_no_way_in() -> None:
     async with serving(Policy(METHODS, tokens={PROXY: "p"})) as served, served.channel() as channel:
         assert await call(channel, PROXY_CALL, bearer("p")) == "token:proxy|proxy"
@@ -291,24 +300,24 @@ def test_refusals_are_logged_once_per_interval_per_reason(caplog: pytest.LogCapt
 @pytest.mark.parametrize(
     ("listen", "mtls", "tokens", "insecure", "refused"),
     [
-        ("127.0.0.1:50051", False, False, False, False),
-        ("localhost:50051", False, False, False, False),
-        ("[::1]:50051", False, False, False, False),
-        ("0.0.0.0:50051", False, False, False, True),
-        ("[::]:50051", False, False, False, True),
-        ("10.0.0.5:50051", False, False, False, True),
-        ("broker.example:50051", False, False, False, True),
-        ("0.0.0.0:50051", True, False, False, False),
-        ("0.0.0.0:50051", False, True, False, False),
-        ("0.0.0.0:50051", False, False, True, False),
+        ("127.0.0.1:50051", False, "", False, False),
+        ("localhost:50051", False, "", False, False),
+        ("[::1]:50051", False, "", False, False),
+        ("0.0.0.0:50051", False, "", False, True),
+        ("[::]:50051", False, "", False, True),
+        ("10.0.0.5:50051", False, "", False, True),
+        ("broker.example:50051", False, "", False, True),
+        ("0.0.0.0:50051", False, " , ", False, True),  # a list of nothing is no token
+        ("0.0.0.0:50051", True, "", False, False),
+        ("0.0.0.0:50051", False, "t", False, False),
+        ("0.0.0.0:50051", False, "", True, False),
     ],
 )
 def test_an_open_port_is_allowed_on_loopback_only(
-    listen: str, mtls: bool, tokens: bool, insecure: bool, refused: bool
+    listen: str, mtls: bool, tokens: str, insecure: bool, refused: bool
 ) -> None:
-    why = rpc_authz.exposure_refusal(
-        listen, mtls=mtls, tokens=tokens, insecure=insecure, token_names="T", server="the broker"
-    )
+    policy = Policy(METHODS, tokens={ADMIN: tokens}, mtls=mtls, server="the broker")
+    why = rpc_authz.exposure_refusal(listen, policy, insecure=insecure, token_names="T")
     assert (why is not None) == refused
     if why is not None:
         assert "\n" not in why

@@ -54,9 +54,7 @@ def exposure_refusal(settings: BrokerSettings) -> str | None:
     """Why the broker may not serve gRPC as configured (open on a non-loopback address), or None."""
     return rpc_authz.exposure_refusal(
         settings.grpc_listen,
-        mtls=tls.is_enabled(settings.tls_ca, settings.tls_cert, settings.tls_key),
-        tokens=bool(settings.grpc_tokens),
+        policy(settings),
         insecure=settings.insecure_grpc,
         token_names="RDBROKER_GRPC_PROXY_TOKEN, RDBROKER_GRPC_HEALTH_TOKEN and RDBROKER_GRPC_ADMIN_TOKEN",
-        server="the broker",
     )
