@@ -82,11 +82,16 @@ def grpc_tokens(settings: BrokerSettings) -> dict[str, SecretStr]:
     }
 
 
+def _first(tokens: SecretStr) -> SecretStr:
+    """The token a client sends: the first of a rotation's `new,old` list."""
+    return SecretStr(next((t.strip() for t in tokens.get_secret_value().split(",") if t.strip()), ""))
+
+
 def proxy_settings(config: UpConfig, broker: BrokerSettings) -> ProxySettings:
     overrides = _given(listen=config.listen, log_level=config.log_level)
     return ProxySettings(
         broker=broker.grpc_listen,
-        broker_token=broker.grpc_proxy_token,
+        broker_token=_first(broker.grpc_proxy_token),
         broker_token_file="",
         grpc_listen=ANY_LOOPBACK_PORT,
         log_format=config.log_format,
@@ -98,7 +103,7 @@ def health_settings(config: UpConfig, broker: BrokerSettings) -> HealthSettings:
     overrides = _given(log_level=config.log_level)
     return HealthSettings(
         broker=broker.grpc_listen,
-        broker_token=broker.grpc_health_token,
+        broker_token=_first(broker.grpc_health_token),
         broker_token_file="",
         # Its ProbeServer is an admin call, as the broker's admin RPCs are.
         grpc_admin_token=broker.grpc_admin_token,

@@ -81,11 +81,12 @@ class Policy:
     """
 
     methods: Mapping[str, str]
-    tokens: Mapping[str, str] = field(default_factory=dict)
+    tokens: Mapping[str, str] = field(default_factory=dict, repr=False)  # secrets: never in a log line
     mtls: bool = False
     trust_domain: str = DEFAULT_TRUST_DOMAIN
     default_role: str = ADMIN
     server: str = "this server"  # for messages: "the broker", "the health replica"
+    _accepted: Mapping[str, tuple[str, ...]] = field(init=False, repr=False, compare=False)  # role -> tokens
 
     def __post_init__(self) -> None:
         for method, role in self.methods.items():
@@ -99,8 +100,6 @@ class Policy:
             if role not in ROLES:
                 raise ValueError(f"token for unknown role {role!r}")
         object.__setattr__(self, "trust_domain", check_trust_domain(self.trust_domain))
-
-    _accepted: Mapping[str, tuple[str, ...]] = field(init=False, repr=False, compare=False)
 
     @property
     def open(self) -> bool:

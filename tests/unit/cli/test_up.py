@@ -217,11 +217,15 @@ def test_up_gives_each_component_its_own_random_grpc_token(monkeypatch):
     assert health.broker_token.get_secret_value() == first.grpc_tokens["health"]
     assert health.grpc_admin_token.get_secret_value() == first.grpc_tokens["admin"]
 
-    # A token the environment gives is kept (an operator may call admin RPCs with it).
+    # A token the environment gives is kept (an operator may call admin RPCs with it); of a rotation's
+    # list the proxy sends the first.
     monkeypatch.setenv("RDBROKER_GRPC_ADMIN_TOKEN", "operator-admin-token")
+    monkeypatch.setenv("RDBROKER_GRPC_PROXY_TOKEN", "new-proxy-token,old-proxy-token")
     given = components.broker_settings(config)
     assert given.grpc_tokens["admin"] == "operator-admin-token"
-    assert given.grpc_tokens["proxy"] not in tokens
+    assert given.grpc_tokens["proxy"] == "new-proxy-token,old-proxy-token"
+    assert given.grpc_tokens["health"] not in tokens
+    assert components.proxy_settings(config, given).broker_token.get_secret_value() == "new-proxy-token"
 
 
 async def test_up_routes_with_its_tokens_and_refuses_callers_without_one(monkeypatch, tmp_path):

@@ -337,3 +337,8 @@ def test_a_policy_knows_only_the_three_roles() -> None:
     with pytest.raises(ValueError, match="token for unknown role 'root'"):
         Policy(METHODS, tokens={"root": "x"})
     assert Policy(METHODS, tokens={PROXY: "", HEALTH: ""}).open  # empty tokens are no tokens
+
+
+def test_a_policy_never_shows_its_tokens() -> None:
+    policy = Policy(METHODS, tokens=TOKENS)
+    assert not any(token in repr(policy) for token in TOKENS.values())
