@@ -130,10 +130,17 @@ async def test_an_open_port_off_loopback_refuses_to_start(overrides: dict[str, A
     assert str(caught.value).startswith(message)
 
 
+class _NoTelemetry:
+    def shutdown(self) -> None:
+        pass
+
+
 def test_the_command_refuses_in_one_line(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The process's logging and telemetry stay pytest's (a flush would disturb the shared Prometheus reader).
     monkeypatch.setattr("rdbroker_common.logs.configure", lambda *a, **k: None)
+    monkeypatch.setattr("rdbroker_common.telemetry.setup", lambda *a, **k: _NoTelemetry())
     with caplog.at_level(logging.ERROR, logger="rdbroker_health"):
         assert main(["--broker", "127.0.0.1:1", "--grpc-listen", "0.0.0.0:0"]) == 2
     [record] = [r for r in caplog.records if r.name == "rdbroker_health"]
