@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import yaml
+from pydantic import SecretStr
 from sqlalchemy.exc import SQLAlchemyError
 
 from rdbroker_broker.config import BrokerSettings
@@ -53,6 +55,7 @@ def _given(**values: Any) -> dict[str, Any]:
 
 
 def broker_settings(config: UpConfig) -> BrokerSettings:
+    """The broker's settings, each gRPC role token it lacks made up for this run (`grpc_tokens`)."""
     overrides = _given(
         database_url=config.database_url,
         grpc_listen=config.grpc_listen,
@@ -60,20 +63,54 @@ def broker_settings(config: UpConfig) -> BrokerSettings:
         log_level=config.log_level,
     )
     # One process owns its database here: upgrading the schema at start is what a newcomer expects.
-    return BrokerSettings(migrate=True, log_format=config.log_format, **overrides)
+    settings = BrokerSettings(migrate=True, log_format=config.log_format, **overrides)
+    return settings.model_copy(update=grpc_tokens(settings))
 
 
-def proxy_settings(config: UpConfig, broker: str) -> ProxySettings:
+def grpc_tokens(settings: BrokerSettings) -> dict[str, SecretStr]:
+    """A random token for each role the environment gave none: the proxy and the health replica get
+    their own, in process, so no other user of the host can call the broker's gRPC port, even on
+    loopback (and the admin token, unknown outside this process, keeps admin RPCs to the REST API)."""
+    tokens = {
+        "grpc_proxy_token": settings.grpc_proxy_token,
+        "grpc_health_token": settings.grpc_health_token,
+        "grpc_admin_token": settings.grpc_admin_token,
+    }
+    return {
+        name: SecretStr(secrets.token_urlsafe(32))
+        for name, token in tokens.items()
+        if not token.get_secret_value()
+    }
+
+
+def _first(tokens: SecretStr) -> SecretStr:
+    """The token a client sends: the first of a rotation's `new,old` list."""
+    return SecretStr(next((t.strip() for t in tokens.get_secret_value().split(",") if t.strip()), ""))
+
+
+def proxy_settings(config: UpConfig, broker: BrokerSettings) -> ProxySettings:
     overrides = _given(listen=config.listen, log_level=config.log_level)
     return ProxySettings(
-        broker=broker, grpc_listen=ANY_LOOPBACK_PORT, log_format=config.log_format, **overrides
+        broker=broker.grpc_listen,
+        broker_token=_first(broker.grpc_proxy_token),
+        broker_token_file="",
+        grpc_listen=ANY_LOOPBACK_PORT,
+        log_format=config.log_format,
+        **overrides,
     )
 
 
-def health_settings(config: UpConfig, broker: str) -> HealthSettings:
+def health_settings(config: UpConfig, broker: BrokerSettings) -> HealthSettings:
     overrides = _given(log_level=config.log_level)
     return HealthSettings(
-        broker=broker, grpc_listen=ANY_LOOPBACK_PORT, log_format=config.log_format, **overrides
+        broker=broker.grpc_listen,
+        broker_token=_first(broker.grpc_health_token),
+        broker_token_file="",
+        # Its ProbeServer is an admin call, as the broker's admin RPCs are.
+        grpc_admin_token=broker.grpc_admin_token,
+        grpc_listen=ANY_LOOPBACK_PORT,
+        log_format=config.log_format,
+        **overrides,
     )
 
 

@@ -189,8 +189,8 @@ async def serve(
     """Apply `farm`, then run broker, proxy and health until `stop` is set. Raises UpError."""
     try:  # every setting is checked before anything starts
         broker_settings = components.broker_settings(config)
-        proxy_settings = components.proxy_settings(config, broker_settings.grpc_listen)
-        health_settings = components.health_settings(config, broker_settings.grpc_listen)
+        proxy_settings = components.proxy_settings(config, broker_settings)
+        health_settings = components.health_settings(config, broker_settings)
     except ValidationError as exc:
         raise UpError(f"invalid settings: {_first_error(exc)}") from exc
     where = Listening(database=components.redact(broker_settings.database_url_text), farm=farms.summary(farm))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections.abc import Callable
 from typing import Literal
@@ -48,6 +49,16 @@ def split_host_port(value: str, *, default_port: int | None = None) -> tuple[str
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ValueError(f"bad port in {value!r}")
     return host, int(port_text)
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or `localhost`; any other name may resolve anywhere, so it is not."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def join_host_port(host: str, port: int) -> str:

@@ -30,6 +30,7 @@ from rdbroker_broker.db.tracing import trace_statements
 from rdbroker_broker.errors import BrokerError, DatabaseUnavailable
 from rdbroker_broker.probing import ProbeService
 from rdbroker_broker.rest.app import create_app, set_stopping
+from rdbroker_broker.rpc import authz
 from rdbroker_broker.rpc.servicer import BrokerServicer
 from rdbroker_broker.service import BrokerService
 from rdbroker_broker.store import Store
@@ -75,14 +76,19 @@ def _grpc_server(settings: BrokerSettings, servicer: BrokerServicer) -> tuple[gr
     # is a start-up error, never a fallback.
     try:
         creds = tls.server_credentials(settings.tls_ca, settings.tls_cert, settings.tls_key)
+        refusal = authz.exposure_refusal(settings)
+        authorization = authz.interceptor(settings)
     except ValueError as exc:
         raise StartupError(str(exc)) from exc
+    if refusal is not None:
+        raise StartupError(refusal)
     options = [
         ("grpc.so_reuseport", 0),
         ("grpc.max_connection_age_ms", settings.grpc_max_connection_age_ms),
         ("grpc.max_connection_age_grace_ms", settings.grpc_max_connection_age_grace_ms),
     ]
-    server = grpc.aio.server(options=options, interceptors=telemetry.server_interceptors())
+    # Tracing outside, so a refused call still continues its caller's trace.
+    server = grpc.aio.server(options=options, interceptors=[*telemetry.server_interceptors(), authorization])
     broker_pb2_grpc.add_BrokerServicer_to_server(servicer, server)
     try:
         if creds is not None:
@@ -171,7 +177,7 @@ async def serve(
         service = BrokerService(store, settings)
         servicer = BrokerServicer(service, ProbeService(service))
         grpc_server, grpc_port = _grpc_server(settings, servicer)
-        health = add_standard_services(grpc_server, [SERVICE_NAME])
+        health = add_standard_services(grpc_server, [SERVICE_NAME], reflection=settings.grpc_reflection)
         sock = _http_socket(settings.http_listen)
         http_port = int(sock.getsockname()[1])
         rest = create_app(service, schema_revision=revision)

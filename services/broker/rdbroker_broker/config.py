@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import ipaddress
-
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from rdbroker_broker.domain import MAX_USER_CHARS
-from rdbroker_common.settings import ServiceSettings, split_host_port
+from rdbroker_common.rpc_authz import ADMIN, DEFAULT_TRUST_DOMAIN, HEALTH, PROXY, check_trust_domain
+from rdbroker_common.settings import ServiceSettings, is_loopback, split_host_port
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///rdbroker.db"
 
@@ -73,10 +72,28 @@ class BrokerSettings(ServiceSettings):
     tls_ca: str = ""
     tls_cert: str = ""
     tls_key: str = ""
+    # gRPC authorization by role (docs/security.md). A caller's role comes from its client certificate
+    # (URI SAN spiffe://<grpc_trust_domain>/rdbroker/<role>) under mutual TLS, or else from its bearer
+    # token matching one of these (environment only). With neither TLS nor a token every caller may call
+    # every RPC, so gRPC may then only listen on loopback unless `insecure_grpc` is set. Each may be a
+    # comma-separated list: during a rotation the old and the new token both work.
+    grpc_proxy_token: SecretStr = SecretStr("")
+    grpc_health_token: SecretStr = SecretStr("")
+    grpc_admin_token: SecretStr = SecretStr("")
+    grpc_trust_domain: str = DEFAULT_TRUST_DOMAIN
+    insecure_grpc: bool = Field(
+        default=False, description="serve gRPC open (no TLS, no tokens) on a non-loopback address"
+    )
+    grpc_reflection: bool = Field(default=False, description="serve gRPC server reflection (for grpcurl)")
 
     # Prometheus /metrics (host:port); empty = off. The sessions-by-state gauge is recounted this often.
     metrics_listen: str = ""
     sessions_metric_interval_s: float = Field(default=5.0, gt=0, le=3600)
+
+    @field_validator("grpc_trust_domain")
+    @classmethod
+    def _trust_domain(cls, value: str) -> str:
+        return check_trust_domain(value)
 
     @field_validator("grpc_listen", "http_listen")
     @classmethod
@@ -110,15 +127,15 @@ class BrokerSettings(ServiceSettings):
         return self.api_admin_token.get_secret_value()
 
     @property
+    def grpc_tokens(self) -> dict[str, str]:
+        """Role -> its bearer token(s), comma-separated; the roles with a token only."""
+        tokens = {
+            PROXY: self.grpc_proxy_token.get_secret_value(),
+            HEALTH: self.grpc_health_token.get_secret_value(),
+            ADMIN: self.grpc_admin_token.get_secret_value(),
+        }
+        return {role: token for role, token in tokens.items() if token}
+
+    @property
     def api_tokens_configured(self) -> bool:
         return bool(self.api_read_token_text or self.api_admin_token_text)
-
-
-def is_loopback(host: str) -> bool:
-    """127.0.0.0/8, ::1 or `localhost`; any other name may resolve anywhere, so it is not."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

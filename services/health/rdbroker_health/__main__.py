@@ -15,11 +15,10 @@ from pydantic import ValidationError
 from rdbroker_common import lifecycle, logs, telemetry
 from rdbroker_common.flags import add_settings_flags, settings_from
 from rdbroker_health import app
-from rdbroker_health.config import HealthSettings
+from rdbroker_health.config import ENV_ONLY, HealthSettings
 from rdbroker_health.errors import ConfigError
 
 log = logging.getLogger("rdbroker_health")
-ENV_ONLY = ("agent_token",)  # secrets: a command line shows in `ps`
 
 
 def build_parser() -> argparse.ArgumentParser:

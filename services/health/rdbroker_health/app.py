@@ -1,4 +1,7 @@
-"""One health replica: the gRPC server (Health + grpc.health.v1 + reflection) and the probe scheduler.
+"""One health replica: the gRPC server (Health + grpc.health.v1) and the probe scheduler.
+
+ProbeServer is an admin call (docs/security.md): an admin certificate under mutual TLS, or the admin
+bearer token. Neither configured, the server may only listen on loopback unless `insecure_grpc`.
 
 Shutdown (SIGTERM sets `stop`): readiness goes NOT_SERVING, the probe loops stop and the last results
 are sent, the gRPC server gets `shutdown_grace_s` for calls in flight, then clients are closed.
@@ -18,8 +21,9 @@ import httpx
 from grpc_health.v1 import health
 from grpc_health.v1 import health_pb2_grpc as std_health_pb2_grpc
 
-from rdbroker_common import telemetry, tls
+from rdbroker_common import rpc_authz, telemetry, tls
 from rdbroker_common.bearer import TokenError, Tokens
+from rdbroker_common.broker_token import BrokerToken
 from rdbroker_common.https import TlsContext
 from rdbroker_common.rpc_server import add_standard_services, mark_serving
 from rdbroker_health.config import HealthSettings
@@ -44,8 +48,17 @@ async def run(
     try:
         server_credentials, client_tls = await asyncio.to_thread(_credentials, settings)
         agent_files = await asyncio.to_thread(agent_tls, settings)
+        token = await asyncio.to_thread(
+            BrokerToken, settings.broker_token.get_secret_value(), settings.broker_token_file
+        )
+        policy = authz_policy(settings, mtls=server_credentials is not None)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+    refusal = rpc_authz.exposure_refusal(
+        settings.grpc_listen, policy, insecure=settings.insecure_grpc, token_names="RDBROKER_GRPC_ADMIN_TOKEN"
+    )
+    if refusal is not None:
+        raise ConfigError(refusal)
     tokens = await asyncio.to_thread(agent_tokens, settings)
     replica_id = settings.effective_replica_id()
     broker = BrokerClient(
@@ -53,15 +66,18 @@ async def run(
         timeout_s=settings.rpc_timeout_s,
         interceptors=telemetry.client_interceptors(),
         client_tls=client_tls,
+        token=token,
     )
     http = agent_client(agent_files.context if agent_files is not None else None)
     scheduler = Scheduler(settings, broker, replica_id, http, probe_rdp=probe_rdp, agent_tokens=tokens)
     servicer = HealthServicer(
         settings, http, probe_rdp, agent_tokens=tokens, trusted_agent_urls=scheduler.agent_urls
     )
-    server = grpc.aio.server(interceptors=telemetry.server_interceptors())
+    server = grpc.aio.server(
+        interceptors=[*telemetry.server_interceptors(), rpc_authz.AuthzInterceptor(policy)]
+    )
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    standard_health = add_standard_services(server, [SERVICE_NAME])
+    standard_health = add_standard_services(server, [SERVICE_NAME], reflection=settings.grpc_reflection)
     try:
         if server_credentials is not None:
             port = server.add_secure_port(settings.grpc_listen, server_credentials)
@@ -158,6 +174,20 @@ async def _follow_renewals(files: TlsContext | None, stop: asyncio.Event) -> Non
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), tls.CLIENT_CHECK_INTERVAL_S)
         files.refresh()  # on the loop's thread: the context must not change under a handshake
+
+
+# Least privilege, as on the broker: ProbeServer (and reflection, when on) is the admin's.
+METHOD_ROLES = {f"/{SERVICE_NAME}/ProbeServer": rpc_authz.ADMIN}
+
+
+def authz_policy(settings: HealthSettings, *, mtls: bool) -> rpc_authz.Policy:
+    return rpc_authz.Policy(
+        methods=METHOD_ROLES,
+        tokens={rpc_authz.ADMIN: settings.grpc_admin_token.get_secret_value()},
+        mtls=mtls,
+        trust_domain=settings.grpc_trust_domain,
+        server="the health replica",
+    )
 
 
 Credentials = tuple[grpc.ServerCredentials | None, tls.ClientTls | None]

@@ -9,7 +9,11 @@ import uuid
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from rdbroker_common.rpc_authz import DEFAULT_TRUST_DOMAIN, check_trust_domain
 from rdbroker_common.settings import ServiceSettings, broker_targets, split_host_port
+
+# A command line shows in `ps` to every user of the host: tokens come from the environment (or a file).
+ENV_ONLY = ("broker_token", "grpc_admin_token", "agent_token")
 
 # The broker (pool `probe:` in the farm file, else RDBROKER_PROBE_*) decides probe settings.
 _DECIDES = "(the broker's farm pool `probe:` settings, else its RDBROKER_PROBE_*, decide)"
@@ -78,6 +82,21 @@ class HealthSettings(ServiceSettings):
     tls_ca: str = ""
     tls_cert: str = ""
     tls_key: str = ""
+    # The health role's bearer token for the brokers (docs/security.md): environment only, or a file
+    # re-read when it changes (a mounted Secret).
+    broker_token: SecretStr = SecretStr("")
+    broker_token_file: str = Field(
+        default="", description="file holding the bearer token sent to the brokers (re-read on change)"
+    )
+    # ProbeServer is an admin call: a client certificate naming spiffe://<grpc_trust_domain>/rdbroker/admin,
+    # or this token (environment only, the broker's RDBROKER_GRPC_ADMIN_TOKEN). With neither TLS nor
+    # the token the port is open to every caller, so it may only listen on loopback unless `insecure_grpc`.
+    grpc_admin_token: SecretStr = SecretStr("")
+    grpc_trust_domain: str = DEFAULT_TRUST_DOMAIN
+    insecure_grpc: bool = Field(
+        default=False, description="serve gRPC open (no TLS, no admin token) on a non-loopback address"
+    )
+    grpc_reflection: bool = Field(default=False, description="serve gRPC server reflection (for grpcurl)")
 
     # Sent as `Authorization: Bearer` to the servers' agents (their RDBROKER_AGENT_TOKEN): from the
     # environment only (a command line shows in `ps`), or the first line of a file, re-read on change.
@@ -97,6 +116,11 @@ class HealthSettings(ServiceSettings):
     @classmethod
     def _check_broker(cls, value: str) -> str:
         return ",".join(broker_targets(value))
+
+    @field_validator("grpc_trust_domain")
+    @classmethod
+    def _trust_domain(cls, value: str) -> str:
+        return check_trust_domain(value)
 
     @field_validator("grpc_listen")
     @classmethod

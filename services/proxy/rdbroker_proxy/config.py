@@ -15,6 +15,9 @@ from rdbroker_common.flags import parse_settings
 from rdbroker_common.settings import ServiceSettings, broker_targets, split_host_port
 from rdbroker_rdp import MAX_FIRST_PACKET
 
+# A command line shows in `ps` to every user of the host: the token comes from the environment or a file.
+ENV_ONLY = ("broker_token",)
+
 
 def default_proxy_id() -> str:
     # The pod name in Kubernetes; the pid keeps two replicas on one host apart.
@@ -39,6 +42,12 @@ class ProxySettings(ServiceSettings):
     tls_ca: str = Field(default="", description="CA bundle for gRPC (mutual TLS when set)")
     tls_cert: str = Field(default="", description="certificate for gRPC mutual TLS")
     tls_key: str = Field(default="", description="private key for gRPC mutual TLS")
+    # The proxy role's bearer token for the brokers (docs/security.md): environment only, or a file
+    # re-read when it changes (a mounted Secret).
+    broker_token: SecretStr = SecretStr("")
+    broker_token_file: str = Field(
+        default="", description="file holding the bearer token sent to the brokers (re-read on change)"
+    )
 
     first_packet_timeout_s: float = Field(default=5.0, gt=0, le=300, description="first packet deadline")
     max_first_packet: int = Field(

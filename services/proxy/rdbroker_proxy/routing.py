@@ -11,6 +11,9 @@ overflows, and what overflows is counted and logged. Each drain sends up to REPO
 one ReportConnections call (one gRPC call instead of one per report, which is most of the proxy's
 CPU per connection); a broker without that RPC gets the single ConnectionOpened/Closed calls.
 
+With `token`, each call carries `authorization: Bearer <token>` (the broker's proxy role); a token file is
+looked at at most every few seconds, never per call.
+
 With `client_tls`, renewed certificate files are noticed on a call at most every few seconds: new channels
 take the next calls and the replaced ones close after a grace period (`rdbroker_common.tls`).
 
@@ -32,6 +35,7 @@ import grpc
 from google.protobuf.message import Message
 
 from rdbroker_common import telemetry, tls
+from rdbroker_common.broker_token import BrokerToken
 from rdbroker_common.settings import Renewal, channel_options
 from rdbroker_proto.v1 import broker_pb2 as pb
 from rdbroker_proto.v1.broker_pb2_grpc import BrokerStub
@@ -76,6 +80,13 @@ ReportKind = Literal["opened", "closed"]
 Report = tuple[ReportKind, pb.ConnectionOpenedRequest | pb.ConnectionClosedRequest]
 
 
+def _auth(metadata: grpc.aio.Metadata, token: BrokerToken) -> grpc.aio.Metadata:
+    """The call's trace context plus the bearer token, if one is configured."""
+    for key, value in token.metadata():
+        metadata.add(key, value)
+    return metadata
+
+
 def _channel(target: str, credentials: grpc.ChannelCredentials | None) -> grpc.aio.Channel:
     # A `dns:///` target is one channel balanced round-robin over every address the name resolves to.
     options = [*CHANNEL_OPTIONS, *channel_options(target)]
@@ -100,6 +111,7 @@ class BrokerClient:
         heartbeat_interval_s: float = 5.0,
         credentials: grpc.ChannelCredentials | None = None,
         client_tls: tls.ClientTls | None = None,
+        token: BrokerToken | None = None,
     ) -> None:
         if not addresses:
             raise ValueError("no broker addresses")
@@ -112,6 +124,7 @@ class BrokerClient:
         self.report_linger_s = report_linger_s
         self.heartbeat_interval_s = heartbeat_interval_s
         self._tls = client_tls
+        self._token = token or BrokerToken()
         if client_tls is not None:
             credentials = client_tls.credentials
         self._credentials = credentials
@@ -196,7 +209,7 @@ class BrokerClient:
                     break
                 timeout = min(remaining, self.route_attempt_timeout_s)
                 try:
-                    return await self._route_once(self._stubs[index], request, timeout)
+                    return await self._route_once(self._stubs[index], request, timeout, self._token)
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() not in RETRYABLE:
                         raise RouteRefused(exc.code(), exc.details() or "") from exc
@@ -218,10 +231,10 @@ class BrokerClient:
 
     @staticmethod
     def _route_once(
-        stub: BrokerAsyncStub, request: pb.RouteRequest, timeout: float
+        stub: BrokerAsyncStub, request: pb.RouteRequest, timeout: float, token: BrokerToken
     ) -> Awaitable[pb.RouteResponse]:
         return telemetry.traced_unary(
-            ROUTE, lambda metadata: stub.Route(request, timeout=timeout, metadata=metadata)
+            ROUTE, lambda metadata: stub.Route(request, timeout=timeout, metadata=_auth(metadata, token))
         )
 
     # -- reports -------------------------------------------------------------------------------
@@ -305,7 +318,7 @@ class BrokerClient:
             answer = await telemetry.traced_unary(
                 REPORT_CONNECTIONS,
                 lambda metadata: stub.ReportConnections(
-                    request, timeout=self.report_timeout_s, metadata=metadata
+                    request, timeout=self.report_timeout_s, metadata=_auth(metadata, self._token)
                 ),
             )
         except grpc.aio.AioRpcError as exc:
@@ -370,10 +383,14 @@ class BrokerClient:
     def _single(
         self, stub: BrokerAsyncStub, request: pb.ConnectionOpenedRequest | pb.ConnectionClosedRequest
     ) -> Callable[[grpc.aio.Metadata], Awaitable[Message]]:
-        timeout = self.report_timeout_s
+        timeout, token = self.report_timeout_s, self._token
         if isinstance(request, pb.ConnectionOpenedRequest):
-            return lambda metadata: stub.ConnectionOpened(request, timeout=timeout, metadata=metadata)
-        return lambda metadata: stub.ConnectionClosed(request, timeout=timeout, metadata=metadata)
+            return lambda metadata: stub.ConnectionOpened(
+                request, timeout=timeout, metadata=_auth(metadata, token)
+            )
+        return lambda metadata: stub.ConnectionClosed(
+            request, timeout=timeout, metadata=_auth(metadata, token)
+        )
 
     # -- heartbeats ----------------------------------------------------------------------------
 
@@ -414,7 +431,9 @@ class BrokerClient:
     ) -> Callable[[BrokerAsyncStub], Awaitable[pb.ProxyHeartbeatResponse]]:
         return lambda stub: telemetry.traced_unary(
             HEARTBEAT,
-            lambda metadata: stub.ProxyHeartbeat(request, timeout=self.report_timeout_s, metadata=metadata),
+            lambda metadata: stub.ProxyHeartbeat(
+                request, timeout=self.report_timeout_s, metadata=_auth(metadata, self._token)
+            ),
         )
 
     async def _call_any(self, call: Callable[[BrokerAsyncStub], Awaitable[M]]) -> M:

@@ -17,6 +17,7 @@ import grpc
 from grpc_health.v1 import health
 
 from rdbroker_common import loghash, tls
+from rdbroker_common.broker_token import BrokerToken
 from rdbroker_common.rpc_server import add_standard_services, mark_serving
 from rdbroker_common.settings import split_host_port
 from rdbroker_proxy import metrics
@@ -37,6 +38,11 @@ def client_tls(settings: ProxySettings) -> tls.ClientTls | None:
     """
     files = tls.TlsFiles.from_settings(settings.tls_ca, settings.tls_cert, settings.tls_key)
     return None if files is None else tls.ClientTls(files)
+
+
+def broker_token(settings: ProxySettings) -> BrokerToken:
+    """The bearer token for the brokers; raises ValueError on a bad setting or an unreadable file."""
+    return BrokerToken(settings.broker_token.get_secret_value(), settings.broker_token_file)
 
 
 def _not_serving(
@@ -83,6 +89,7 @@ class ProxyServer:
             report_buffer=settings.report_buffer,
             heartbeat_interval_s=settings.heartbeat_interval_s,
             client_tls=client_tls(settings),
+            token=broker_token(settings),
         )
         grpc_server = grpc.aio.server()
         listener: asyncio.Server | None = None

@@ -33,9 +33,12 @@ class BrokerProcess:
 
 
 @contextlib.asynccontextmanager
-async def running_broker(database_url: str, *extra: str) -> AsyncIterator[BrokerProcess]:
-    """A broker process on free loopback ports, once /readyz answers. At exit a broker still running
-    gets SIGTERM and must exit 0 within 30 s (a test may have killed it instead)."""
+async def running_broker(
+    database_url: str, *extra: str, env: dict[str, str] | None = None
+) -> AsyncIterator[BrokerProcess]:
+    """A broker process on free loopback ports, once /readyz answers (`env` added to this process's).
+    At exit a broker still running gets SIGTERM and must exit 0 within 30 s (a test may have killed it
+    instead)."""
     grpc_port, http_port = free_port(), free_port()
     args = [
         sys.executable,
@@ -52,7 +55,7 @@ async def running_broker(database_url: str, *extra: str) -> AsyncIterator[Broker
         *extra,
     ]
     log = tempfile.TemporaryFile()  # noqa: SIM115 - a file, not a pipe: nobody has to keep reading it
-    proc = await asyncio.create_subprocess_exec(*args, env=os.environ.copy(), stderr=log)
+    proc = await asyncio.create_subprocess_exec(*args, env={**os.environ, **(env or {})}, stderr=log)
     stopped_cleanly = True
     broker: BrokerProcess | None = None
     try:
@@ -87,7 +90,9 @@ async def running_broker(database_url: str, *extra: str) -> AsyncIterator[Broker
 
 
 @contextlib.asynccontextmanager
-async def broker_process(database_url: str, *extra: str) -> AsyncIterator[tuple[int, int]]:
+async def broker_process(
+    database_url: str, *extra: str, env: dict[str, str] | None = None
+) -> AsyncIterator[tuple[int, int]]:
     """A broker process; yields (grpc_port, http_port) once /readyz answers; SIGTERM at exit."""
-    async with running_broker(database_url, *extra) as broker:
+    async with running_broker(database_url, *extra, env=env) as broker:
         yield broker.grpc_port, broker.http_port

@@ -25,7 +25,9 @@ def make_pki(root: Path) -> None:
     for name in ("server", "client"):
         openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
                 "-subj", f"/CN={name}", cwd=root)  # fmt: skip
-        (root / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        # The client is a proxy: its role is the URI SAN (rpc/authz.py).
+        role = ",URI:spiffe://rdbroker.local/rdbroker/proxy" if name == "client" else ""
+        (root / f"{name}.ext").write_text(f"subjectAltName=IP:127.0.0.1,DNS:localhost{role}\n")
         openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
                 "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=root)  # fmt: skip
 

@@ -12,7 +12,7 @@ from rdbroker_broker.app import serve
 from rdbroker_proto.v1 import broker_pb2 as pb
 from rdbroker_proto.v1 import broker_pb2_grpc
 from tests.integration.broker.conftest import settings_for
-from tests.unit.common.test_tls import Authority, Issued
+from tests.unit.common.test_tls import Authority, Issued, spiffe
 from tests.unit.common.tls_files import SecretVolume, certificate, der, peer_certificate
 
 
@@ -51,7 +51,7 @@ async def test_renewed_and_rotated_certificates_without_restart(
     try:
         await asyncio.wait_for(ready.wait(), 30)
         port = bound["grpc"]
-        client = ca.issue("proxy", server=False)
+        client = ca.issue("proxy", server=False, uris=[spiffe("proxy")])
         assert await heartbeat(port, ca, client) == 5000
         assert await shown(port, ca, client) == der(certificate(cert_a.cert))
 
@@ -70,7 +70,7 @@ async def test_renewed_and_rotated_certificates_without_restart(
         new_ca = Authority(pki, "second")
         cert_c = new_ca.issue("broker-c", server=True)
         volume.install(new_ca, cert_c)
-        new_client = new_ca.issue("proxy-new", server=False)
+        new_client = new_ca.issue("proxy-new", server=False, uris=[spiffe("proxy")])
         assert await heartbeat(port, new_ca, new_client) == 5000
         assert await shown(port, new_ca, new_client) == der(certificate(cert_c.cert))
         with pytest.raises(grpc.aio.AioRpcError) as caught:

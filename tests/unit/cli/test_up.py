@@ -197,3 +197,79 @@ def test_replace_farm_is_a_flag_of_up():
     assert up.config_from(args).replace_farm is True
     args = up.build_parser(demo=False).parse_args(["--server", "10.0.0.1"])
     assert up.config_from(args).replace_farm is False
+
+
+def test_up_gives_each_component_its_own_random_grpc_token(monkeypatch):
+    from rdbroker_cli import components
+
+    for role in ("PROXY", "HEALTH", "ADMIN"):
+        monkeypatch.delenv(f"RDBROKER_GRPC_{role}_TOKEN", raising=False)
+    config = up.UpConfig(database_url="sqlite+aiosqlite:///unused.db")
+    first, second = components.broker_settings(config), components.broker_settings(config)
+    tokens = set(first.grpc_tokens.values())
+    assert set(first.grpc_tokens) == {"proxy", "health", "admin"}
+    assert len(tokens) == 3  # one per role
+    assert all(len(token) >= 40 for token in tokens)
+    assert tokens.isdisjoint(second.grpc_tokens.values())  # made up per run
+    proxy = components.proxy_settings(config, first)
+    health = components.health_settings(config, first)
+    assert proxy.broker_token.get_secret_value() == first.grpc_tokens["proxy"]
+    assert health.broker_token.get_secret_value() == first.grpc_tokens["health"]
+    assert health.grpc_admin_token.get_secret_value() == first.grpc_tokens["admin"]
+
+    # A token the environment gives is kept (an operator may call admin RPCs with it); of a rotation's
+    # list the proxy sends the first.
+    monkeypatch.setenv("RDBROKER_GRPC_ADMIN_TOKEN", "operator-admin-token")
+    monkeypatch.setenv("RDBROKER_GRPC_PROXY_TOKEN", "new-proxy-token,old-proxy-token")
+    given = components.broker_settings(config)
+    assert given.grpc_tokens["admin"] == "operator-admin-token"
+    assert given.grpc_tokens["proxy"] == "new-proxy-token,old-proxy-token"
+    assert given.grpc_tokens["health"] not in tokens
+    assert components.proxy_settings(config, given).broker_token.get_secret_value() == "new-proxy-token"
+
+
+async def test_up_routes_with_its_tokens_and_refuses_callers_without_one(monkeypatch, tmp_path):
+    import asyncio
+
+    import grpc
+
+    from rdbroker_proto.v1 import broker_pb2 as pb
+    from rdbroker_proto.v1 import broker_pb2_grpc
+    from rdbroker_rdp import build_connection_request
+    from tests.unit.proxy.support import close, handshake
+
+    for role in ("PROXY", "HEALTH", "ADMIN"):
+        monkeypatch.delenv(f"RDBROKER_GRPC_{role}_TOKEN", raising=False)
+    config = up.UpConfig(
+        listen="127.0.0.1:0",
+        http_listen="127.0.0.1:0",
+        grpc_listen="127.0.0.1:0",
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'demo.db'}",
+    )
+    stop, ready = asyncio.Event(), asyncio.Event()
+    seen: list[up.Listening] = []
+
+    def on_ready(where: up.Listening) -> None:
+        seen.append(where)
+        ready.set()
+
+    task = asyncio.get_running_loop().create_task(up.run_demo(config, 1, stop, on_ready))
+    try:
+        async with asyncio.timeout(30):
+            await ready.wait()
+        where = seen[0]
+        rdp_port = int(where.rdp.rsplit(":", 1)[1])
+        _, writer, _ = await handshake(rdp_port, build_connection_request(cookie="alice"))  # routed
+        await close(writer)
+        async with grpc.aio.insecure_channel(where.grpc) as channel:
+            stub = broker_pb2_grpc.BrokerStub(channel)
+            for rpc, request in (
+                (stub.ListServers, pb.ListServersRequest()),
+                (stub.Route, pb.RouteRequest(connection_id="c", cookie="mallory")),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as caught:  # another local user, say
+                    await rpc(request, timeout=10)
+                assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)

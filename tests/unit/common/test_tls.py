@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,9 +17,15 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rdbroker_common import tls
+from rdbroker_common.rpc_authz import DEFAULT_TRUST_DOMAIN
 from rdbroker_common.rpc_server import add_standard_services, mark_serving
 
 RPC_TIMEOUT_S = 10.0
+
+
+def spiffe(role: str, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> str:
+    """The URI SAN that gives a client certificate an rdbroker gRPC role."""
+    return f"spiffe://{trust_domain}/rdbroker/{role}"
 
 
 @dataclass(frozen=True)
@@ -65,7 +71,8 @@ class Authority:
         self.ca_path = folder / f"{name}-ca.crt"
         self.ca_path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, common_name: str, *, server: bool) -> Issued:
+    def issue(self, common_name: str, *, server: bool, uris: Sequence[str] = ()) -> Issued:
+        """A certificate for `common_name`; `uris` become URI SANs (`spiffe(role)` names a role)."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
@@ -80,13 +87,11 @@ class Authority:
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         )
+        names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(uri) for uri in uris]
         if server:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-                ),
-                critical=False,
-            )
+            names += [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        if names:
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
         cert = builder.sign(self.key, hashes.SHA256())
         issued = Issued(cert=self.folder / f"{common_name}.crt", key=self.folder / f"{common_name}.key")
         issued.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))

@@ -89,6 +89,7 @@ CERTIFICATE = resource(
             "commonName": STRING,
             "isCA": {"type": "boolean"},
             "dnsNames": {"type": "array", "items": STRING, "minItems": 1},
+            "uris": {"type": "array", "items": STRING, "minItems": 1},
             "usages": {"type": "array", "items": {"enum": KEY_USAGES}, "minItems": 1},
             "duration": DURATION,
             "renewBefore": DURATION,

@@ -64,6 +64,21 @@ def test_each_service_mounts_its_own_certificate(target: str, name: str) -> None
 
 
 @pytest.mark.parametrize("target", TARGETS)
+def test_each_client_certificate_names_its_role_in_the_trust_domain_of_its_servers(target: str) -> None:
+    docs = m.render(target)
+    domains = set()
+    for server in ("broker", "health"):  # the health replica checks admin certificates for ProbeServer
+        [container] = m.named(docs, "Deployment", server)["spec"]["template"]["spec"]["containers"]
+        domains.add(m.env_value(container, "RDBROKER_GRPC_TRUST_DOMAIN"))
+    [domain] = domains
+    for role in ("proxy", "health"):
+        spec = m.named(docs, "Certificate", f"{role}-tls")["spec"]
+        assert spec["uris"] == [f"spiffe://{domain}/rdbroker/{role}"], role
+    # The broker is no client of anyone: its certificate carries no role.
+    assert "uris" not in m.named(docs, "Certificate", "broker-tls")["spec"]
+
+
+@pytest.mark.parametrize("target", TARGETS)
 def test_the_broker_certificate_names_the_host_its_clients_dial(target: str) -> None:
     docs = m.render(target)
     dns_names = m.named(docs, "Certificate", "broker-tls")["spec"]["dnsNames"]

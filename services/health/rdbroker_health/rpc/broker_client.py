@@ -4,6 +4,8 @@ Calls go to the last address that answered; on UNAVAILABLE or DEADLINE_EXCEEDED 
 tried, once around the list. Every call used here is safe to repeat (a claim renews, a report
 overwrites), so a call that may have reached a broker before failing can be sent to another.
 
+With `token`, each call carries `authorization: Bearer <token>` (the broker's health role).
+
 With `client_tls`, renewed certificate files are noticed on a call at most every few seconds: new
 channels take the next calls and the replaced ones close after a grace period.
 """
@@ -19,6 +21,7 @@ from typing import TypeVar
 import grpc
 
 from rdbroker_common import tls
+from rdbroker_common.broker_token import BrokerToken
 from rdbroker_common.settings import Renewal, channel_options
 from rdbroker_health import metrics
 from rdbroker_health.errors import BrokerRefused, BrokerUnavailable
@@ -49,12 +52,14 @@ class BrokerClient:
         credentials: grpc.ChannelCredentials | None = None,
         interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
         client_tls: tls.ClientTls | None = None,
+        token: BrokerToken | None = None,
     ) -> None:
         if not addresses:
             raise ValueError("at least one broker address is needed")
         self.addresses = list(addresses)
         self.timeout_s = timeout_s
         self._tls = client_tls
+        self._token = token or BrokerToken()
         self._interceptors = interceptors
         if client_tls is not None:
             credentials = client_tls.credentials
@@ -80,7 +85,8 @@ class BrokerClient:
     async def claim(self, replica_id: str, lease_ms: int) -> list[broker_pb2.ProbeTarget]:
         request = broker_pb2.ClaimProbeTargetsRequest(replica_id=replica_id, lease_ms=lease_ms)
         response = await self._call(
-            "ClaimProbeTargets", lambda stub: stub.ClaimProbeTargets(request, timeout=self.timeout_s)
+            "ClaimProbeTargets",
+            lambda stub: stub.ClaimProbeTargets(request, timeout=self.timeout_s, metadata=self._metadata()),
         )
         return list(response.targets)
 
@@ -88,7 +94,8 @@ class BrokerClient:
         """Send results; answers the addresses the broker refused (this replica holds no lease on them)."""
         request = broker_pb2.ReportProbeResultsRequest(replica_id=replica_id, results=results)
         response = await self._call(
-            "ReportProbeResults", lambda stub: stub.ReportProbeResults(request, timeout=self.timeout_s)
+            "ReportProbeResults",
+            lambda stub: stub.ReportProbeResults(request, timeout=self.timeout_s, metadata=self._metadata()),
         )
         return list(response.rejected_addresses)
 
@@ -106,8 +113,14 @@ class BrokerClient:
         if listed_at is not None:
             request.listed_at.FromDatetime(listed_at)
         return await self._call(
-            "ReportServerSessions", lambda stub: stub.ReportServerSessions(request, timeout=self.timeout_s)
+            "ReportServerSessions",
+            lambda stub: stub.ReportServerSessions(
+                request, timeout=self.timeout_s, metadata=self._metadata()
+            ),
         )
+
+    def _metadata(self) -> grpc.aio.Metadata:
+        return grpc.aio.Metadata(*self._token.metadata())
 
     async def close(self) -> None:
         for task in list(self._retiring):
