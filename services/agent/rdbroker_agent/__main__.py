@@ -19,6 +19,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from rdbroker_common import lifecycle, logs
+from rdbroker_common.flags import settings_errors
 from rdbroker_common.settings import ServiceSettings, join_host_port, split_host_port
 
 from .auth import ALLOW_FLAG, AgentAuth, ListenRefused, default_listen, is_loopback
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = AgentSettings(**overrides)
     except ValidationError as exc:
-        sys.stderr.write(f"rdbroker-agent: invalid settings:\n{exc}\n")
+        sys.stderr.write(f"rdbroker-agent: invalid settings:\n{settings_errors(exc)}\n")
         return 2
     logs.configure(settings.log_level, settings.log_format)
     # uvicorn's own lines (a 400 or 503 it answers) would let anyone on the network fill the log.

@@ -13,7 +13,7 @@ import sys
 from pydantic import ValidationError
 
 from rdbroker_common import lifecycle, logs, telemetry
-from rdbroker_common.flags import add_settings_flags, settings_from
+from rdbroker_common.flags import add_settings_flags, settings_errors, settings_from
 from rdbroker_health import app
 from rdbroker_health.config import ENV_ONLY, HealthSettings
 from rdbroker_health.errors import ConfigError
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from(HealthSettings, args)
     except ValidationError as exc:
-        sys.stderr.write(f"rdbroker health: invalid settings:\n{exc}\n")
+        sys.stderr.write(f"rdbroker health: invalid settings:\n{settings_errors(exc)}\n")
         return 2
     logs.configure(settings.log_level, settings.log_format)
     try:

@@ -156,3 +156,14 @@ def test_apply_and_bad_settings_do_not_print_the_password(tmp_path: Path) -> Non
     assert "http_listen 0.0.0.0:8080 is not a loopback address" in bad.stderr
     for result in (applied, bad):
         _assert_hidden(result.stdout + result.stderr, (SECRET,))
+
+
+def test_a_health_replica_with_bad_settings_does_not_print_its_tokens() -> None:
+    # A settings-wide check fails: pydantic's own text would quote every setting's value.
+    env = _env(RDBROKER_AGENT_TOKEN=SECRET, RDBROKER_AGENT_TLS_CERT="/nonexistent/cert.pem")
+    bad = subprocess.run(
+        [sys.executable, "-m", "rdbroker_health"], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert bad.returncode == 2
+    assert "agent_tls_cert and agent_tls_key go together" in bad.stderr
+    _assert_hidden(bad.stdout + bad.stderr, (SECRET,))
