@@ -28,6 +28,7 @@ from rdbroker_proto.v1 import broker_pb2_grpc
 from tests.integration.broker.conftest import RunningBroker, running_broker, seed, server, settings_for
 from tests.integration.broker.processes import broker_process
 from tests.support import prom
+from tests.support.audit import audit_rows
 from tests.support.postgres import free_port
 from tests.unit.common.test_tls import Authority, Issued, spiffe
 
@@ -230,6 +231,35 @@ async def test_the_use_cases_see_who_called(
     assert [(c.actor, c.role) for c in seen] == [("token:admin", "admin"), ("open", "admin")]
     assert all(c.client.startswith("ipv4:127.0.0.1:") for c in seen)
     assert callers.current.get() is callers.UNKNOWN  # nothing leaks out of the calls
+
+
+async def test_admin_calls_are_audited_under_the_caller_s_name(
+    pg_database_url: str, engine: Any, tmp_path: Path
+) -> None:
+    """The interceptor's caller reaches the audit record: the token's name, or the certificate's ID."""
+    await seed(engine, server(A))
+    drain = pb.SetServerStateRequest(address=A, admin_state=pb.ADMIN_STATE_DRAINING)
+    enable = pb.SetServerStateRequest(address=A, admin_state=pb.ADMIN_STATE_ENABLED)
+    async with running_broker(with_tokens(pg_database_url)) as broker:
+        await broker.stub.SetServerState(drain, metadata=bearer(TOKENS["admin"]), timeout=TIMEOUT_S)
+    ca = Authority(tmp_path, "farm")
+    served = ca.issue("broker", server=True)
+    admin = ca.issue("admin", server=False, uris=[spiffe("admin")])
+    settings = settings_for(
+        pg_database_url, tls_ca=str(ca.ca_path), tls_cert=str(served.cert), tls_key=str(served.key)
+    )
+    async with running_broker(settings) as broker:
+        channel = channel_for(broker.grpc_port, ca, admin)
+        try:
+            await broker_pb2_grpc.BrokerStub(channel).SetServerState(enable, timeout=TIMEOUT_S)
+        finally:
+            await channel.close()
+    rows = [r for r in await audit_rows(engine, target=A) if r["action"] != "server.add"]  # (the seed)
+    assert [(r["action"], r["actor"], r["outcome"]) for r in rows] == [
+        ("server.drain", "token:admin", "ok"),
+        ("server.enable", spiffe("admin"), "ok"),
+    ]
+    assert all(r["client"].startswith(("ipv4:127.0.0.1:", "ipv6:")) for r in rows)
 
 
 # --- certificates ----------------------------------------------------------------------------------
