@@ -537,7 +537,7 @@ def main() -> None:
             )
             wait_port(fake_port, child=fake_broker)
 
-        # name -> a fresh process under test: (child, its port); `behind` names what serves it
+        # Each starter makes a fresh process under test and answers (the child, its port).
         def fresh_up_sqlite() -> tuple[subprocess.Popen[bytes], int]:
             url = f"sqlite+aiosqlite:///{workdir / f'up-{uuid.uuid4().hex[:8]}.db'}"
             return start_up(procs, url, backends)
