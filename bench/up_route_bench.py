@@ -142,7 +142,7 @@ GROUPS = {
     "protobuf": ("protobuf",),
     "sqlalchemy": ("sqlalchemy/",),
     "aiosqlite + sqlite3": ("aiosqlite", "sqlite3"),
-    "asyncpg": ("asyncpg",),
+    "psycopg": ("psycopg",),
     "broker use case": ("rdbroker_broker/service.py",),
     "proxy connection": ("rdbroker_proxy/connection.py",),
     "telemetry": ("opentelemetry",),
@@ -164,6 +164,10 @@ def profile_summary(path: Path) -> str:
                 groups[name] += n
     shares = ", ".join(f"{name} {100 * n / max(total, 1):.0f}%" for name, n in groups.items())
     return f"{path.stem}: {total} samples; {shares}"
+
+
+def main_thread_cpu(proc: psutil.Process) -> float:
+    return sum(t.user_time + t.system_time for t in proc.threads() if t.id == proc.pid)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -249,10 +253,10 @@ def main() -> None:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                         )  # fmt: skip
                         time.sleep(1.0)  # attached
-                    cpu = sum(proc.cpu_times()[:2])
+                    cpu, loop_cpu = sum(proc.cpu_times()[:2]), main_thread_cpu(proc)
                     load = setups(ports[mode], packets, args.setups, args.concurrency)
                     seconds, lat, errors = uvloop.run(load)
-                    cpu = sum(proc.cpu_times()[:2]) - cpu
+                    cpu, loop_cpu = sum(proc.cpu_times()[:2]) - cpu, main_thread_cpu(proc) - loop_cpu
                     if spy is not None:
                         spy.send_signal(signal.SIGINT)
                         spy.wait(60)
@@ -260,6 +264,9 @@ def main() -> None:
                     note(mode, "p50 ms", pct(lat, 0.5))
                     note(mode, "p99 ms", pct(lat, 0.99))
                     note(mode, "CPU us/setup", cpu * 1e6 / max(len(lat), 1))
+                    # The event loop's thread vs the others (gRPC core's pollers, aiosqlite's thread).
+                    note(mode, "  loop thread", loop_cpu * 1e6 / max(len(lat), 1))
+                    note(mode, "  other threads", (cpu - loop_cpu) * 1e6 / max(len(lat), 1))
                     note(mode, "errors", errors)
                     _, alone, _ = uvloop.run(setups(ports[mode], packets, 200, 1))
                     note(mode, "alone p50 ms", pct(alone, 0.5))
@@ -273,12 +280,18 @@ def main() -> None:
             if args.profile:
                 for mode in MODES:
                     sys.stdout.write(profile_summary(args.profile / f"{mode}.txt") + "\n")
+            stop(children[len(backends) :])  # before their databases go
     finally:
-        for child in reversed(children):
+        stop(children)
+
+
+def stop(children: list[subprocess.Popen[bytes]]) -> None:
+    for child in reversed(children):
+        if child.poll() is None:
             child.terminate()
-        for child in children:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                child.wait(30)
+    for child in children:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(30)
 
 
 if __name__ == "__main__":
