@@ -3,7 +3,7 @@ against over the broker's gRPC port (as before), interleaved in one run.
 
     .venv/bin/python bench/up_route_bench.py [--rounds 3] [--setups 2000] [--concurrency 16]
         [--users 500] [--store sqlite|postgresql] [--server-url postgresql://postgres@127.0.0.1:5432]
-        [--profile DIR]
+        [--profile DIR] [--up-cpu N]
 
 Two `up` processes (the same code, `UpConfig.in_process` True or False), each with its own database
 (a SQLite file, or a throwaway PostgreSQL database) and the same 4 fast fake terminal servers
@@ -166,6 +166,12 @@ def profile_summary(path: Path) -> str:
     return f"{path.stem}: {total} samples; {shares}"
 
 
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of `pid` (gRPC's and aiosqlite's included) on `cpus`."""
+    for thread in psutil.Process(pid).threads():
+        os.sched_setaffinity(thread.id, cpus)
+
+
 def main_thread_cpu(proc: psutil.Process) -> float:
     return sum(t.user_time + t.system_time for t in proc.threads() if t.id == proc.pid)
 
@@ -196,6 +202,9 @@ def main() -> None:
     parser.add_argument("--store", choices=("sqlite", "postgresql"), default="sqlite")
     parser.add_argument("--server-url", default="postgresql://postgres@127.0.0.1:5432")
     parser.add_argument("--profile", type=Path, help="py-spy each `up` in the first round, into DIR")
+    parser.add_argument(
+        "--up-cpu", type=int, help="pin the `up` processes to this CPU, the rest (load, backends) off it"
+    )
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--database-url", help=argparse.SUPPRESS)
     parser.add_argument("--listen", help=argparse.SUPPRESS)
@@ -226,6 +235,12 @@ def main() -> None:
                 children.append(child)
                 wait_port(port, child)
                 ports[mode], pids[mode] = port, child.pid
+                if args.up_cpu is not None:
+                    pin(child.pid, {args.up_cpu})
+            if args.up_cpu is not None:
+                rest = set(range(os.cpu_count() or 1)) - {args.up_cpu}
+                for pid in [os.getpid(), *(c.pid for c in children[: len(backends)])]:
+                    pin(pid, rest)
             packets = [
                 build_connection_request(cookie=f"user{i:05d}", requested_protocols=3)
                 for i in range(args.users)
