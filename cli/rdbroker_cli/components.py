@@ -24,6 +24,7 @@ from rdbroker_proxy.config import ProxySettings
 from rdbroker_rdp.fakeserver import FakeRdpServer
 
 if TYPE_CHECKING:
+    from rdbroker_cli.inprocess import HealthBroker, LocalBroker, ProxyBroker
     from rdbroker_cli.up import UpConfig
 
 log = logging.getLogger(__name__)
@@ -176,7 +177,10 @@ async def apply_farm(
     return list(plan.refusals)
 
 
-async def run_broker(settings: BrokerSettings, stop: asyncio.Event, ports: BrokerPorts) -> None:
+async def run_broker(
+    settings: BrokerSettings, stop: asyncio.Event, ports: BrokerPorts, local: LocalBroker | None = None
+) -> None:
+    """Serve the broker; `local` gets its servicer for the in-process clients while it serves."""
     from rdbroker_broker.app import StartupError, serve
     from rdbroker_broker.errors import BrokerError
 
@@ -191,16 +195,42 @@ async def run_broker(settings: BrokerSettings, stop: asyncio.Event, ports: Broke
     try:
         async with asyncio.TaskGroup() as tg:
             waiter = tg.create_task(report_ready())
-            await serve(settings, ready=started, stop=stop, bound=bound)
+            try:
+                await serve(
+                    settings,
+                    ready=started,
+                    stop=stop,
+                    bound=bound,
+                    local=None if local is None else lambda servicer: setattr(local, "servicer", servicer),
+                )
+            finally:
+                if local is not None:
+                    local.servicer = None  # its engine is disposed: later calls fail as unreachable
             waiter.cancel()
     except* (StartupError, BrokerError) as group:
         raise ComponentError(f"the broker cannot start: {group.exceptions[0]}") from group
 
 
-async def run_proxy(settings: ProxySettings, stop: asyncio.Event, ports: ProxyPorts) -> None:
+async def run_proxy(
+    settings: ProxySettings, stop: asyncio.Event, ports: ProxyPorts, local: LocalBroker | None = None
+) -> None:
+    """Serve the proxy; with `local` it calls the broker in-process, else over gRPC (`settings.broker`)."""
+    from rdbroker_cli.inprocess import ProxyBroker
     from rdbroker_proxy.server import ProxyServer
 
-    server = ProxyServer(settings)
+    def in_process() -> ProxyBroker:
+        assert local is not None
+        return ProxyBroker(
+            local,
+            settings.proxy_id,
+            route_timeout_s=settings.route_timeout_s,
+            route_attempt_timeout_s=settings.route_attempt_timeout_s,
+            report_timeout_s=settings.report_timeout_s,
+            report_buffer=settings.report_buffer,
+            heartbeat_interval_s=settings.heartbeat_interval_s,
+        )
+
+    server = ProxyServer(settings, broker=None if local is None else in_process)
 
     async def report_ready() -> None:
         await server.ready.wait()
@@ -218,12 +248,18 @@ async def run_proxy(settings: ProxySettings, stop: asyncio.Event, ports: ProxyPo
         ) from group
 
 
-async def run_health(settings: HealthSettings, stop: asyncio.Event) -> None:
+async def run_health(settings: HealthSettings, stop: asyncio.Event, local: LocalBroker | None = None) -> None:
+    """Run the health replica; with `local` it calls the broker in-process, else over gRPC."""
+    from rdbroker_cli.inprocess import HealthBroker
     from rdbroker_health import app
     from rdbroker_health.errors import ConfigError
 
+    def in_process() -> HealthBroker:
+        assert local is not None
+        return HealthBroker(local, settings.rpc_timeout_s)
+
     try:
-        await app.run(settings, stop)
+        await app.run(settings, stop, broker=None if local is None else in_process)
     except ConfigError as exc:
         raise ComponentError(f"the health replica cannot start: {exc}") from exc
 

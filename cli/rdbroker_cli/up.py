@@ -5,8 +5,10 @@ with the servers of `--server` (repeatable) or of a farm file (`-f`). `demo` doe
 RDP servers on loopback and a throwaway database, so routing can be watched without a farm.
 
 Start-up order: the farm is applied to the database (schema upgraded first), the broker starts, and once it
-listens the proxy and the health replica start against its gRPC port. SIGTERM or Ctrl-C stops them all
-gracefully (each with its own shutdown order); one that fails stops the others the same way.
+listens the proxy and the health replica start. They call the broker's use cases in-process
+(`inprocess.py`: no gRPC, no serialization); its gRPC port stays for operators' tools. SIGTERM or Ctrl-C
+stops them all gracefully (each with its own shutdown order), the broker last so their final reports
+reach it; one that fails stops the others the same way.
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ class UpConfig:
     log_level: str | None = None
     log_format: str = "text"
     replace_farm: bool = False  # remove servers the database holds that the farm does not name
+    # The proxy and the health replica call the broker in-process; False: over its gRPC port as separate
+    # processes would (no flag: benchmarks and tests compare the two).
+    in_process: bool = True
 
 
 @dataclass
@@ -203,23 +208,45 @@ async def serve(
 
     failures: list[str] = []
     broker, proxy = components.BrokerPorts(), components.ProxyPorts()
+    local = None
+    if config.in_process:
+        from rdbroker_cli.inprocess import LocalBroker
+
+        local = LocalBroker()
+    # The broker stops after the proxy and the health replica: their last reports still reach it.
+    broker_stop = asyncio.Event()
+    clients: list[asyncio.Task[None]] = []
     async with asyncio.TaskGroup() as tg:
 
-        def start(name: str, work: Awaitable[None]) -> None:
-            tg.create_task(_guard(name, work, stop, failures), name=f"up-{name}")
+        def start(name: str, work: Awaitable[None]) -> asyncio.Task[None]:
+            return tg.create_task(_guard(name, work, stop, failures), name=f"up-{name}")
 
-        start("broker", components.run_broker(broker_settings, stop, broker))
+        async def stop_broker_last() -> None:
+            await stop.wait()
+            await asyncio.gather(*clients)  # _guard never raises
+            broker_stop.set()
+
+        tg.create_task(stop_broker_last(), name="up-broker-stop")
+        start("broker", components.run_broker(broker_settings, broker_stop, broker, local))
         if await _first(broker.ready, stop):
-            # The proxy and the health replica dial the port the broker actually bound.
+            # The proxy and the health replica dial the port the broker actually bound (unless in-process).
             where.grpc = _local(_bound(broker_settings.grpc_listen, broker.grpc_port))
             where.http = _local(_bound(broker_settings.http_listen, broker.http_port))
-            start(
-                "proxy",
-                components.run_proxy(proxy_settings.model_copy(update={"broker": where.grpc}), stop, proxy),
+            clients.append(
+                start(
+                    "proxy",
+                    components.run_proxy(
+                        proxy_settings.model_copy(update={"broker": where.grpc}), stop, proxy, local
+                    ),
+                )
             )
-            start(
-                "health",
-                components.run_health(health_settings.model_copy(update={"broker": where.grpc}), stop),
+            clients.append(
+                start(
+                    "health",
+                    components.run_health(
+                        health_settings.model_copy(update={"broker": where.grpc}), stop, local
+                    ),
+                )
             )
             if await _first(proxy.ready, stop):
                 where.rdp = _bound(proxy_settings.listen, proxy.port)

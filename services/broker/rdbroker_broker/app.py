@@ -15,7 +15,7 @@ import logging
 import random
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import uvicorn
@@ -157,8 +157,10 @@ async def serve(
     ready: asyncio.Event | None = None,
     stop: asyncio.Event | None = None,
     bound: dict[str, int] | None = None,
+    local: Callable[[BrokerServicer], None] | None = None,
 ) -> None:
-    """Run the broker until `stop` is set. `bound` receives the ports actually listened on."""
+    """Run the broker until `stop` is set. `bound` receives the ports actually listened on; `local` the
+    servicer, for in-process callers (`rdbroker up`), before `ready` is set."""
     stop = stop or asyncio.Event()
     engine = make_engine(
         settings.database_url_text,
@@ -176,6 +178,8 @@ async def serve(
         )
         service = BrokerService(store, settings)
         servicer = BrokerServicer(service, ProbeService(service))
+        if local is not None:
+            local(servicer)
         grpc_server, grpc_port = _grpc_server(settings, servicer)
         health = add_standard_services(grpc_server, [SERVICE_NAME], reflection=settings.grpc_reflection)
         sock = _http_socket(settings.http_listen)

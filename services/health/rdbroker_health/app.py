@@ -29,7 +29,7 @@ from rdbroker_common.rpc_server import add_standard_services, mark_serving
 from rdbroker_health.config import HealthSettings
 from rdbroker_health.errors import ConfigError
 from rdbroker_health.probes import rdp
-from rdbroker_health.rpc.broker_client import BrokerClient
+from rdbroker_health.rpc.broker_client import Broker, BrokerClient
 from rdbroker_health.rpc.servicer import SERVICE_NAME, HealthServicer
 from rdbroker_health.scheduler import RdpProbe, Scheduler
 from rdbroker_proto.v1 import health_pb2_grpc
@@ -43,8 +43,11 @@ async def run(
     *,
     probe_rdp: RdpProbe = rdp.probe_rdp,
     on_listening: Callable[[int], None] | None = None,
+    broker: Callable[[], Broker] | None = None,
 ) -> None:
-    """Serve and probe until `stop` is set. `on_listening` gets the bound gRPC port (tests use port 0)."""
+    """Serve and probe until `stop` is set. `on_listening` gets the bound gRPC port (tests use port 0);
+    `broker` makes the client of the broker (default: gRPC to the settings' `broker` addresses; `rdbroker
+    up` passes its in-process one)."""
     try:
         server_credentials, client_tls = await asyncio.to_thread(_credentials, settings)
         agent_files = await asyncio.to_thread(agent_tls, settings)
@@ -61,15 +64,19 @@ async def run(
         raise ConfigError(refusal)
     tokens = await asyncio.to_thread(agent_tokens, settings)
     replica_id = settings.effective_replica_id()
-    broker = BrokerClient(
-        settings.broker_addresses,
-        timeout_s=settings.rpc_timeout_s,
-        interceptors=telemetry.client_interceptors(),
-        client_tls=client_tls,
-        token=token,
+    client: Broker = (
+        broker()
+        if broker is not None
+        else BrokerClient(
+            settings.broker_addresses,
+            timeout_s=settings.rpc_timeout_s,
+            interceptors=telemetry.client_interceptors(),
+            client_tls=client_tls,
+            token=token,
+        )
     )
     http = agent_client(agent_files.context if agent_files is not None else None)
-    scheduler = Scheduler(settings, broker, replica_id, http, probe_rdp=probe_rdp, agent_tokens=tokens)
+    scheduler = Scheduler(settings, client, replica_id, http, probe_rdp=probe_rdp, agent_tokens=tokens)
     servicer = HealthServicer(
         settings, http, probe_rdp, agent_tokens=tokens, trusted_agent_urls=scheduler.agent_urls
     )
@@ -111,7 +118,7 @@ async def run(
         if probe_server is not None:
             await probe_server.stop(None)
         await server.stop(settings.shutdown_grace_s)
-        await broker.close()
+        await client.close()
         await http.aclose()
         log.info("health replica %s stopped", replica_id)
 

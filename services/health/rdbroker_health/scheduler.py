@@ -29,7 +29,7 @@ from rdbroker_health.hysteresis import Health, Hysteresis
 from rdbroker_health.probes import http as http_probe
 from rdbroker_health.probes import rdp
 from rdbroker_health.rpc import convert
-from rdbroker_health.rpc.broker_client import BrokerClient
+from rdbroker_health.rpc.broker_client import Broker
 from rdbroker_proto.v1 import broker_pb2
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class Scheduler:
     def __init__(
         self,
         settings: HealthSettings,
-        broker: BrokerClient,
+        broker: Broker,
         replica_id: str,
         http: httpx.AsyncClient,
         *,

@@ -22,7 +22,7 @@ from rdbroker_common.settings import split_host_port
 from rdbroker_proto.v1 import broker_pb2 as pb
 from rdbroker_proxy.config import ProxySettings
 from rdbroker_proxy.errors import BrokerUnavailable, RouteRefused
-from rdbroker_proxy.routing import BrokerClient
+from rdbroker_proxy.routing import Broker
 from rdbroker_proxy.splice import Splice
 from rdbroker_rdp import FirstPacket, X224Error, decode_cookie, parse_first_packet
 
@@ -54,7 +54,7 @@ class ProxyContext:
     """What every connection of one proxy shares."""
 
     settings: ProxySettings
-    broker: BrokerClient
+    broker: Broker
     spawn: Spawn
     log_identity: Callable[[str], str]  # a cookie as it is logged (`identity_logger`)
     connections: set[ClientConnection] = field(default_factory=set)

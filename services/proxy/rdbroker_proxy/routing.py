@@ -27,9 +27,10 @@ import asyncio
 import contextlib
 import logging
 import time
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -95,7 +96,180 @@ def _channel(target: str, credentials: grpc.ChannelCredentials | None) -> grpc.a
     return grpc.aio.insecure_channel(target, options=options)
 
 
-class BrokerClient:
+class Broker(Protocol):
+    """What the proxy needs from "a broker": the gRPC `BrokerClient` below, or the in-process client
+    `rdbroker up` gives it (rdbroker_cli.inprocess), which calls the broker's use cases directly."""
+
+    proxy_id: str
+    sent_reports: int
+    dropped_reports: int  # past the buffer bound
+    rejected_reports: int  # refused by a broker
+
+    @property
+    def pending_reports(self) -> int: ...
+
+    async def route(self, request: pb.RouteRequest) -> pb.RouteResponse:
+        """Where this connection goes. Raises RouteRefused or BrokerUnavailable."""
+        ...
+
+    def report_opened(self, request: pb.ConnectionOpenedRequest) -> None: ...
+
+    def report_closed(self, request: pb.ConnectionClosedRequest) -> None: ...
+
+    async def run_reports(self) -> None: ...
+
+    async def flush(self, timeout_s: float) -> bool: ...
+
+    async def run_heartbeats(self, connection_ids: Callable[[], Sequence[str]]) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class QueuedReports(ABC):
+    """The report queue and the heartbeat loop, whatever carries the calls: a subclass sends a batch
+    (`_send_batch`) and a heartbeat (`_heartbeat`)."""
+
+    def __init__(
+        self,
+        proxy_id: str,
+        *,
+        report_buffer: int = 10000,
+        report_linger_s: float = REPORT_LINGER_S,
+        heartbeat_interval_s: float = 5.0,
+    ) -> None:
+        self.proxy_id = proxy_id
+        self.report_buffer = report_buffer
+        self.report_linger_s = report_linger_s
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self._reports: deque[Report] = deque()
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.dropped_reports = 0  # past the buffer bound
+        self.rejected_reports = 0  # refused by a broker
+        self.sent_reports = 0
+        self._last_drop_log = 0.0
+
+    @abstractmethod
+    async def _send_batch(self, batch: list[Report]) -> list[Report]:
+        """Send a batch; answers what could not be sent, in order."""
+
+    @abstractmethod
+    async def _heartbeat(self, request: pb.ProxyHeartbeatRequest) -> pb.ProxyHeartbeatResponse:
+        """One heartbeat; raises BrokerUnavailable."""
+
+    # -- reports -------------------------------------------------------------------------------
+
+    def report_opened(self, request: pb.ConnectionOpenedRequest) -> None:
+        self._enqueue(("opened", request))
+
+    def report_closed(self, request: pb.ConnectionClosedRequest) -> None:
+        self._enqueue(("closed", request))
+
+    @property
+    def pending_reports(self) -> int:
+        return len(self._reports)
+
+    def _enqueue(self, report: Report) -> None:
+        if len(self._reports) >= self.report_buffer:
+            self._reports.popleft()  # the oldest goes first: newer reports describe the present
+            self.dropped_reports += 1
+            metrics.report_drops.add(1, metrics.DROP_BUFFER_FULL)
+            now = time.monotonic()
+            if now - self._last_drop_log >= 10.0:
+                self._last_drop_log = now
+                log.warning(
+                    "report buffer full: dropping the oldest reports",
+                    extra={"dropped_reports": self.dropped_reports, "report_buffer": self.report_buffer},
+                )
+        self._reports.append(report)
+        self._idle.clear()
+        self._wakeup.set()
+
+    async def run_reports(self) -> None:
+        """Drain the report queue forever (cancel to stop; `flush()` first to send what is left)."""
+        backoff = RETRY_PAUSE_S
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._reports:
+                if len(self._reports) < REPORT_BATCH and self.report_linger_s > 0:
+                    await asyncio.sleep(self.report_linger_s)
+                batch = [self._reports.popleft() for _ in range(min(REPORT_BATCH, len(self._reports)))]
+                unsent = await self._send_batch(batch)
+                if unsent:
+                    self._reports.extendleft(reversed(unsent))
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, MAX_BACKOFF_S)
+                else:
+                    backoff = RETRY_PAUSE_S
+            self._idle.set()
+
+    async def flush(self, timeout_s: float) -> bool:
+        """Wait until every queued report is sent (True) or the timeout passes (False)."""
+        if not self._reports and self._idle.is_set():
+            return True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+                return True
+        return False
+
+    def _rejected(
+        self, kind: ReportKind, report: pb.ConnectionOpenedRequest | pb.ConnectionClosedRequest, reason: str
+    ) -> None:
+        self.rejected_reports += 1
+        metrics.report_drops.add(1, metrics.DROP_REJECTED)
+        log.warning(
+            "broker rejected a %s report: %s", kind, reason, extra={"connection_id": report.connection_id}
+        )
+
+    def _answered(self, batch: list[Report], answer: pb.ReportConnectionsResponse) -> None:
+        """Count a batch the broker took, logging each event it refused."""
+        reasons = list(answer.rejected_reasons)
+        refused: set[int] = set()
+        for n, position in enumerate(answer.rejected):
+            if position < len(batch) and position not in refused:  # a broker's answer is input too
+                refused.add(position)
+                self._rejected(*batch[position], reasons[n] if n < len(reasons) else "refused")
+        self.sent_reports += len(batch) - len(refused)
+
+    # -- heartbeats ----------------------------------------------------------------------------
+
+    async def run_heartbeats(self, connection_ids: Callable[[], Sequence[str]]) -> None:
+        """Heartbeat now and then every interval the broker asks for (cancel to stop).
+
+        A missed heartbeat is not queued: the next one carries the current state. After a failure
+        the next try comes sooner (HEARTBEAT_RETRY_S, doubling up to the interval), so a broker or
+        database that comes back hears this proxy within a second or so, long before it could judge
+        it silent.
+        """
+        interval = self.heartbeat_interval_s
+        retry = HEARTBEAT_RETRY_S
+        failing = False
+        while True:
+            ids = list(connection_ids())
+            request = pb.ProxyHeartbeatRequest(
+                proxy_id=self.proxy_id, active_connections=len(ids), connection_ids=ids
+            )
+            try:
+                answer = await self._heartbeat(request)
+                if answer.heartbeat_interval_ms:
+                    interval = min(max(answer.heartbeat_interval_ms / 1000, 0.1), 300.0)
+            except BrokerUnavailable as exc:
+                metrics.broker_unreachable.add(1, metrics.UNREACHABLE_HEARTBEAT)
+                log.log(logging.DEBUG if failing else logging.WARNING, "heartbeat failed: %s", exc)
+                failing = True
+                await asyncio.sleep(min(retry, interval))
+                retry = min(retry * 2, interval)
+                continue
+            if failing:
+                log.info("heartbeats work again")
+                failing, retry = False, HEARTBEAT_RETRY_S
+            await asyncio.sleep(interval)
+
+
+class BrokerClient(QueuedReports):
     """Talks to a set of broker replicas. Build it inside the event loop; `close()` it at the end."""
 
     def __init__(
@@ -115,14 +289,16 @@ class BrokerClient:
     ) -> None:
         if not addresses:
             raise ValueError("no broker addresses")
+        super().__init__(
+            proxy_id,
+            report_buffer=report_buffer,
+            report_linger_s=report_linger_s,
+            heartbeat_interval_s=heartbeat_interval_s,
+        )
         self.addresses = list(addresses)
-        self.proxy_id = proxy_id
         self.route_timeout_s = route_timeout_s
         self.route_attempt_timeout_s = route_attempt_timeout_s
         self.report_timeout_s = report_timeout_s
-        self.report_buffer = report_buffer
-        self.report_linger_s = report_linger_s
-        self.heartbeat_interval_s = heartbeat_interval_s
         self._tls = client_tls
         self._token = token or BrokerToken()
         if client_tls is not None:
@@ -133,14 +309,6 @@ class BrokerClient:
         self._stubs: list[BrokerAsyncStub] = [BrokerStub(channel) for channel in self._channels]
         self._retiring: set[asyncio.Task[None]] = set()
         self._turn = {"route": 0, "report": 0}  # separate rotations: reports do not skew Route's
-        self._reports: deque[Report] = deque()
-        self._wakeup = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self.dropped_reports = 0  # past the buffer bound
-        self.rejected_reports = 0  # refused by a broker
-        self.sent_reports = 0
-        self._last_drop_log = 0.0
         self._no_batch: dict[int, float] = {}  # broker index -> when it answered UNIMPLEMENTED
 
     # -- choosing a broker ---------------------------------------------------------------------
@@ -237,63 +405,6 @@ class BrokerClient:
             ROUTE, lambda metadata: stub.Route(request, timeout=timeout, metadata=_auth(metadata, token))
         )
 
-    # -- reports -------------------------------------------------------------------------------
-
-    def report_opened(self, request: pb.ConnectionOpenedRequest) -> None:
-        self._enqueue(("opened", request))
-
-    def report_closed(self, request: pb.ConnectionClosedRequest) -> None:
-        self._enqueue(("closed", request))
-
-    @property
-    def pending_reports(self) -> int:
-        return len(self._reports)
-
-    def _enqueue(self, report: Report) -> None:
-        if len(self._reports) >= self.report_buffer:
-            self._reports.popleft()  # the oldest goes first: newer reports describe the present
-            self.dropped_reports += 1
-            metrics.report_drops.add(1, metrics.DROP_BUFFER_FULL)
-            now = time.monotonic()
-            if now - self._last_drop_log >= 10.0:
-                self._last_drop_log = now
-                log.warning(
-                    "report buffer full: dropping the oldest reports",
-                    extra={"dropped_reports": self.dropped_reports, "report_buffer": self.report_buffer},
-                )
-        self._reports.append(report)
-        self._idle.clear()
-        self._wakeup.set()
-
-    async def run_reports(self) -> None:
-        """Drain the report queue forever (cancel to stop; `flush()` first to send what is left)."""
-        backoff = RETRY_PAUSE_S
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while self._reports:
-                if len(self._reports) < REPORT_BATCH and self.report_linger_s > 0:
-                    await asyncio.sleep(self.report_linger_s)
-                batch = [self._reports.popleft() for _ in range(min(REPORT_BATCH, len(self._reports)))]
-                unsent = await self._send_batch(batch)
-                if unsent:
-                    self._reports.extendleft(reversed(unsent))
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, MAX_BACKOFF_S)
-                else:
-                    backoff = RETRY_PAUSE_S
-            self._idle.set()
-
-    async def flush(self, timeout_s: float) -> bool:
-        """Wait until every queued report is sent (True) or the timeout passes (False)."""
-        if not self._reports and self._idle.is_set():
-            return True
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_s):
-                await self._idle.wait()
-                return True
-        return False
-
     async def _send_batch(self, batch: list[Report]) -> list[Report]:
         """Send a batch; answers what could not be sent, in order."""
         index = self._order("report")[0]
@@ -339,23 +450,8 @@ class BrokerClient:
                 self._rejected(kind, report, f"{code.name}: {exc.details()}")
             return []
         self._no_batch.pop(index, None)
-        reasons = list(answer.rejected_reasons)
-        refused: set[int] = set()
-        for n, position in enumerate(answer.rejected):
-            if position < len(batch) and position not in refused:  # a broker's answer is input too
-                refused.add(position)
-                self._rejected(*batch[position], reasons[n] if n < len(reasons) else "refused")
-        self.sent_reports += len(batch) - len(refused)
+        self._answered(batch, answer)
         return []
-
-    def _rejected(
-        self, kind: ReportKind, report: pb.ConnectionOpenedRequest | pb.ConnectionClosedRequest, reason: str
-    ) -> None:
-        self.rejected_reports += 1
-        metrics.report_drops.add(1, metrics.DROP_REJECTED)
-        log.warning(
-            "broker rejected a %s report: %s", kind, reason, extra={"connection_id": report.connection_id}
-        )
 
     async def _send_singly(self, batch: list[Report]) -> list[Report]:
         """The single RPCs, for brokers without ReportConnections. One connection's reports stay in order."""
@@ -394,37 +490,8 @@ class BrokerClient:
 
     # -- heartbeats ----------------------------------------------------------------------------
 
-    async def run_heartbeats(self, connection_ids: Callable[[], Sequence[str]]) -> None:
-        """Heartbeat now and then every interval the broker asks for (cancel to stop).
-
-        A missed heartbeat is not queued: the next one carries the current state. After a failure
-        the next try comes sooner (HEARTBEAT_RETRY_S, doubling up to the interval), so a broker or
-        database that comes back hears this proxy within a second or so, long before it could judge
-        it silent.
-        """
-        interval = self.heartbeat_interval_s
-        retry = HEARTBEAT_RETRY_S
-        failing = False
-        while True:
-            ids = list(connection_ids())
-            request = pb.ProxyHeartbeatRequest(
-                proxy_id=self.proxy_id, active_connections=len(ids), connection_ids=ids
-            )
-            try:
-                answer = await self._call_any(self._heartbeat_call(request))
-                if answer.heartbeat_interval_ms:
-                    interval = min(max(answer.heartbeat_interval_ms / 1000, 0.1), 300.0)
-            except BrokerUnavailable as exc:
-                metrics.broker_unreachable.add(1, metrics.UNREACHABLE_HEARTBEAT)
-                log.log(logging.DEBUG if failing else logging.WARNING, "heartbeat failed: %s", exc)
-                failing = True
-                await asyncio.sleep(min(retry, interval))
-                retry = min(retry * 2, interval)
-                continue
-            if failing:
-                log.info("heartbeats work again")
-                failing, retry = False, HEARTBEAT_RETRY_S
-            await asyncio.sleep(interval)
+    async def _heartbeat(self, request: pb.ProxyHeartbeatRequest) -> pb.ProxyHeartbeatResponse:
+        return await self._call_any(self._heartbeat_call(request))
 
     def _heartbeat_call(
         self, request: pb.ProxyHeartbeatRequest

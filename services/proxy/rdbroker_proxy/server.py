@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import grpc
@@ -23,7 +23,7 @@ from rdbroker_common.settings import split_host_port
 from rdbroker_proxy import metrics
 from rdbroker_proxy.config import ProxySettings
 from rdbroker_proxy.connection import ClientConnection, ProxyContext, identity_logger
-from rdbroker_proxy.routing import BrokerClient
+from rdbroker_proxy.routing import Broker, BrokerClient
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,20 @@ def broker_token(settings: ProxySettings) -> BrokerToken:
     return BrokerToken(settings.broker_token.get_secret_value(), settings.broker_token_file)
 
 
+def grpc_broker(settings: ProxySettings) -> BrokerClient:
+    return BrokerClient(
+        settings.broker_addresses,
+        proxy_id=settings.proxy_id,
+        route_timeout_s=settings.route_timeout_s,
+        route_attempt_timeout_s=settings.route_attempt_timeout_s,
+        report_timeout_s=settings.report_timeout_s,
+        report_buffer=settings.report_buffer,
+        heartbeat_interval_s=settings.heartbeat_interval_s,
+        client_tls=client_tls(settings),
+        token=broker_token(settings),
+    )
+
+
 def _not_serving(
     coro: Coroutine[Any, Any, None], *, context: contextvars.Context | None = None
 ) -> asyncio.Task[None]:
@@ -55,12 +69,15 @@ def _not_serving(
 class ProxyServer:
     """Run with `await ProxyServer(settings).serve(stop)`; `ready` is set once both ports are bound."""
 
-    def __init__(self, settings: ProxySettings) -> None:
+    def __init__(self, settings: ProxySettings, broker: Callable[[], Broker] | None = None) -> None:
+        """`broker` makes the client of the broker inside the event loop (default: gRPC to the
+        settings' `broker` addresses; `rdbroker up` passes its in-process one)."""
         self.settings = settings
+        self._make_broker = broker
         self.ready = asyncio.Event()
         self.port = 0
         self.grpc_port = 0
-        self.broker: BrokerClient | None = None
+        self.broker: Broker | None = None
         self._context: ProxyContext | None = None
         self._health: health.aio.HealthServicer | None = None
 
@@ -80,17 +97,7 @@ class ProxyServer:
         log_identity = identity_logger(settings.log_identity, hasher)
         if settings.log_identity == "hash" and hasher.ephemeral:
             log.warning(loghash.NO_KEY_WARNING)
-        broker = self.broker = BrokerClient(
-            settings.broker_addresses,
-            proxy_id=settings.proxy_id,
-            route_timeout_s=settings.route_timeout_s,
-            route_attempt_timeout_s=settings.route_attempt_timeout_s,
-            report_timeout_s=settings.report_timeout_s,
-            report_buffer=settings.report_buffer,
-            heartbeat_interval_s=settings.heartbeat_interval_s,
-            client_tls=client_tls(settings),
-            token=broker_token(settings),
-        )
+        broker = self.broker = self._make_broker() if self._make_broker else grpc_broker(settings)
         grpc_server = grpc.aio.server()
         listener: asyncio.Server | None = None
         try:

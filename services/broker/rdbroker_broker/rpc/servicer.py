@@ -14,6 +14,8 @@ import grpc
 from rdbroker_broker import audit, metrics
 from rdbroker_broker import domain as d
 from rdbroker_broker.admission import beyond_queue_bound, call_deadline, run_to_completion
+from rdbroker_broker.callers import Caller
+from rdbroker_broker.callers import current as current_caller
 from rdbroker_broker.errors import BrokerError, DatabaseUnavailable, InvalidInput, Overloaded
 from rdbroker_broker.probing import ProbeService
 from rdbroker_broker.rpc import convert
@@ -57,6 +59,40 @@ def guarded(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
     return wrapper
 
 
+class LocalStatus(Exception):
+    """An in-process call's failure as a gRPC client would have seen it: the status code, its details."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+async def call_locally(work: Callable[[], Awaitable[Resp]], caller: Caller, timeout_s: float | None) -> Resp:
+    """What a gRPC call of this servicer does, without gRPC (`rdbroker up`'s proxy and health replica):
+    the caller bound for the audit trail, the deadline for admission, the work run to completion past the
+    deadline, and every failure raised as the status `guarded` would have sent (LocalStatus)."""
+    deadline = None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
+    # run_to_completion's task copies this context: the caller and the deadline go with the work.
+    caller_token, deadline_token = current_caller.set(caller), call_deadline.set(deadline)
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await run_to_completion(work())
+    except TimeoutError:
+        raise LocalStatus(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
+    except BrokerError as exc:
+        code = status_for(exc)
+        if code is grpc.StatusCode.UNAVAILABLE and not isinstance(exc, Overloaded | DatabaseUnavailable):
+            log.warning("in-process call: %s", exc)
+        raise LocalStatus(code, str(exc)) from exc
+    except Exception as exc:
+        log.exception("in-process call failed")
+        raise LocalStatus(grpc.StatusCode.INTERNAL, "internal error in the broker (see its log)") from exc
+    finally:
+        call_deadline.reset(deadline_token)
+        current_caller.reset(caller_token)
+
+
 class BrokerServicer(pb_grpc.BrokerServicer):
     def __init__(self, service: BrokerService, probes: ProbeService) -> None:
         self.service = service
@@ -64,6 +100,10 @@ class BrokerServicer(pb_grpc.BrokerServicer):
 
     @guarded
     async def Route(self, request: pb.RouteRequest, context: Context) -> pb.RouteResponse:
+        return await self.route(request)
+
+    async def route(self, request: pb.RouteRequest) -> pb.RouteResponse:
+        """Route's work, for gRPC and for in-process callers (`call_locally`); raises BrokerError."""
         started = time.perf_counter()
         reason, outcome = "none", grpc.StatusCode.INTERNAL.name
         try:
@@ -101,6 +141,9 @@ class BrokerServicer(pb_grpc.BrokerServicer):
     async def ReportConnections(
         self, request: pb.ReportConnectionsRequest, context: Context
     ) -> pb.ReportConnectionsResponse:
+        return await self.report_connections(request)
+
+    async def report_connections(self, request: pb.ReportConnectionsRequest) -> pb.ReportConnectionsResponse:
         """Apply the events in order, each as its single RPC would. A refused event is answered by
         index and the rest go on; a database outage fails the whole call (the use cases are
         idempotent, so the proxy resends the whole batch)."""
@@ -149,6 +192,9 @@ class BrokerServicer(pb_grpc.BrokerServicer):
     async def ProxyHeartbeat(
         self, request: pb.ProxyHeartbeatRequest, context: Context
     ) -> pb.ProxyHeartbeatResponse:
+        return await self.proxy_heartbeat(request)
+
+    async def proxy_heartbeat(self, request: pb.ProxyHeartbeatRequest) -> pb.ProxyHeartbeatResponse:
         beyond_queue_bound.set(True)  # never refused for a full queue (admission.py)
         interval_ms = await self.service.proxy_heartbeat(
             request.proxy_id, request.active_connections, request.connection_ids
@@ -189,6 +235,9 @@ class BrokerServicer(pb_grpc.BrokerServicer):
     async def ClaimProbeTargets(
         self, request: pb.ClaimProbeTargetsRequest, context: Context
     ) -> pb.ClaimProbeTargetsResponse:
+        return await self.claim_probe_targets(request)
+
+    async def claim_probe_targets(self, request: pb.ClaimProbeTargetsRequest) -> pb.ClaimProbeTargetsResponse:
         held = await self.probes.claim_targets(request.replica_id, request.lease_ms)
         targets = [
             pb.ProbeTarget(
@@ -211,6 +260,11 @@ class BrokerServicer(pb_grpc.BrokerServicer):
     async def ReportProbeResults(
         self, request: pb.ReportProbeResultsRequest, context: Context
     ) -> pb.ReportProbeResultsResponse:
+        return await self.report_probe_results(request)
+
+    async def report_probe_results(
+        self, request: pb.ReportProbeResultsRequest
+    ) -> pb.ReportProbeResultsResponse:
         results = [convert.probe_result(r) for r in request.results]
         rejected = await self.probes.report_results(request.replica_id, results)
         return pb.ReportProbeResultsResponse(rejected_addresses=rejected)
@@ -218,6 +272,11 @@ class BrokerServicer(pb_grpc.BrokerServicer):
     @guarded
     async def ReportServerSessions(
         self, request: pb.ReportServerSessionsRequest, context: Context
+    ) -> pb.ReportServerSessionsResponse:
+        return await self.report_server_sessions(request)
+
+    async def report_server_sessions(
+        self, request: pb.ReportServerSessionsRequest
     ) -> pb.ReportServerSessionsResponse:
         reported = []
         for item in request.sessions:

@@ -16,7 +16,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import grpc
 
@@ -41,6 +41,28 @@ _CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),
 ]
+
+
+class Broker(Protocol):
+    """What the health replica needs from "a broker": the gRPC `BrokerClient` below, or the in-process
+    client `rdbroker up` gives it (rdbroker_cli.inprocess). Raise BrokerRefused or BrokerUnavailable."""
+
+    async def claim(self, replica_id: str, lease_ms: int) -> list[broker_pb2.ProbeTarget]: ...
+
+    async def report_results(
+        self, replica_id: str, results: Sequence[broker_pb2.ProbeResult]
+    ) -> list[str]: ...
+
+    async def report_sessions(
+        self,
+        replica_id: str,
+        address: str,
+        sessions: Sequence[broker_pb2.ReportedSession],
+        omits_disconnected: bool = False,
+        listed_at: datetime | None = None,
+    ) -> broker_pb2.ReportServerSessionsResponse: ...
+
+    async def close(self) -> None: ...
 
 
 class BrokerClient:
