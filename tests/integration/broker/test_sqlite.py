@@ -137,3 +137,16 @@ async def test_the_broker_process_on_sqlite(tmp_path):
             stub = broker_pb2_grpc.BrokerStub(channel)
             answer = await stub.Route(pb.RouteRequest(connection_id="c1", cookie="zed"), timeout=30)
             assert (answer.server_address, answer.reason) == (A, pb.ROUTE_REASON_NEW)
+
+
+async def test_sqlite_pragmas_in_effect(sqlite_service):
+    """WAL, synchronous=NORMAL (no fsync per commit: docs/broker.md says what a power loss costs),
+    foreign keys and a busy timeout, read back from the engine's own connection."""
+    _, engine, _ = sqlite_service
+    async with engine.connect() as conn:
+        values = {
+            name: (await conn.exec_driver_sql(f"PRAGMA {name}")).scalar()
+            for name in ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")
+        }
+    assert values == {"journal_mode": "wal", "synchronous": 1, "foreign_keys": 1, "busy_timeout": 5000}
+
