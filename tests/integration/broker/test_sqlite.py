@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import timedelta
 
 import grpc
@@ -150,3 +151,28 @@ async def test_sqlite_pragmas_in_effect(sqlite_service):
         }
     assert values == {"journal_mode": "wal", "synchronous": 1, "foreign_keys": 1, "busy_timeout": 5000}
 
+
+async def test_heartbeat_listing_thousands_of_connections_on_sqlite(sqlite_service):
+    """`up` holding 5,000 idle connections lists all their ids in each heartbeat. SQLite builds older
+    than 3.32 (and builds configured lower) allow 999 bound parameters per statement: the list is
+    one parameter, whatever its length."""
+    service, engine, clock = sqlite_service
+    async with engine.connect() as conn:
+        driver = (await conn.get_raw_connection()).driver_connection
+        await driver._execute(driver._conn.setlimit, sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+    await seed(engine, server(A), server(B))
+    kept = await service.route(d.RouteRequest("c1", proxy_id="p", cookie="alice"))
+    lost = await service.route(d.RouteRequest("c2", proxy_id="p", cookie="bob"))
+    await service.connection_opened(kept.session_id, "c1", "p")
+    await service.connection_opened(lost.session_id, "c2", "p")
+    clock.advance(6)
+    listed = ["c1", *(f"idle-{i}" for i in range(4999))]  # c2's close report was lost
+    await service.proxy_heartbeat("p", len(listed), listed)
+    states = {s.user: s.state for s in await service.lookup_user_sessions("alice")}
+    states |= {s.user: s.state for s in await service.lookup_user_sessions("bob")}
+    assert states == {"alice": d.SessionState.ACTIVE, "bob": d.SessionState.DISCONNECTED}
+    # Listed again (the close was never reported: the connection is open after all): active again.
+    await service.proxy_heartbeat("p", len(listed) + 1, [*listed, "c2"])
+    [bob] = await service.lookup_user_sessions("bob")
+    assert bob.state is d.SessionState.ACTIVE
+    await assert_live_counters_exact(engine)
