@@ -7,10 +7,13 @@ from datetime import timedelta
 
 import grpc
 import pytest
+from sqlalchemy import event
 
+from rdbroker_broker import accounts
 from rdbroker_broker import domain as d
 from rdbroker_broker.db import migrate
 from rdbroker_broker.db.engine import make_engine
+from rdbroker_broker.db.repositories import SessionRepository
 from rdbroker_broker.errors import NoCapacity
 from rdbroker_broker.probing import ProbeService
 from rdbroker_broker.service import BrokerService
@@ -176,3 +179,27 @@ async def test_heartbeat_listing_thousands_of_connections_on_sqlite(sqlite_servi
     [bob] = await service.lookup_user_sessions("bob")
     assert bob.state is d.SessionState.ACTIVE
     await assert_live_counters_exact(engine)
+
+
+async def test_account_probes_use_the_live_indexes_on_sqlite(sqlite_service):
+    """A new placement's account probes (`live_in_ranges`) search the partial live-session indexes
+    by range, not every live session by state: SQLite's plan, read back."""
+    _, engine, _ = sqlite_service
+    plans: list[str] = []
+
+    def explain(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        if "user_key >=" in statement or "account_name >=" in statement:
+            cursor.execute(f"EXPLAIN QUERY PLAN {statement}", parameters)
+            plans.extend(row[3] for row in cursor.fetchall())
+
+    event.listen(engine.sync_engine, "before_cursor_execute", explain)
+    try:
+        async with engine.connect() as conn:
+            for user in ("CORP\\alice", "alice", "alice@corp.example"):
+                probes = accounts.probes(accounts.resolve(user))
+                assert probes is not None
+                await SessionRepository(conn).live_in_ranges("default", probes)
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", explain)
+    assert plans
+    assert all("uq_sessions_live_user" in p or "ix_sessions_live_account" in p for p in plans), plans
