@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import timedelta
 
 import grpc
 import pytest
+from sqlalchemy import event
 
+from rdbroker_broker import accounts
 from rdbroker_broker import domain as d
 from rdbroker_broker.db import migrate
 from rdbroker_broker.db.engine import make_engine
+from rdbroker_broker.db.repositories import SessionRepository
 from rdbroker_broker.errors import NoCapacity
 from rdbroker_broker.probing import ProbeService
 from rdbroker_broker.service import BrokerService
@@ -137,3 +141,65 @@ async def test_the_broker_process_on_sqlite(tmp_path):
             stub = broker_pb2_grpc.BrokerStub(channel)
             answer = await stub.Route(pb.RouteRequest(connection_id="c1", cookie="zed"), timeout=30)
             assert (answer.server_address, answer.reason) == (A, pb.ROUTE_REASON_NEW)
+
+
+async def test_sqlite_pragmas_in_effect(sqlite_service):
+    """WAL, synchronous=NORMAL (no fsync per commit: docs/broker.md says what a power loss costs),
+    foreign keys and a busy timeout, read back from the engine's own connection."""
+    _, engine, _ = sqlite_service
+    async with engine.connect() as conn:
+        values = {
+            name: (await conn.exec_driver_sql(f"PRAGMA {name}")).scalar()
+            for name in ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")
+        }
+    assert values == {"journal_mode": "wal", "synchronous": 1, "foreign_keys": 1, "busy_timeout": 5000}
+
+
+async def test_heartbeat_listing_thousands_of_connections_on_sqlite(sqlite_service):
+    """`up` holding 5,000 idle connections lists all their ids in each heartbeat. SQLite builds older
+    than 3.32 (and builds configured lower) allow 999 bound parameters per statement: the list is
+    one parameter, whatever its length."""
+    service, engine, clock = sqlite_service
+    async with engine.connect() as conn:
+        driver = (await conn.get_raw_connection()).driver_connection
+        await driver._execute(driver._conn.setlimit, sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+    await seed(engine, server(A), server(B))
+    kept = await service.route(d.RouteRequest("c1", proxy_id="p", cookie="alice"))
+    lost = await service.route(d.RouteRequest("c2", proxy_id="p", cookie="bob"))
+    await service.connection_opened(kept.session_id, "c1", "p")
+    await service.connection_opened(lost.session_id, "c2", "p")
+    clock.advance(6)
+    listed = ["c1", *(f"idle-{i}" for i in range(4999))]  # c2's close report was lost
+    await service.proxy_heartbeat("p", len(listed), listed)
+    states = {s.user: s.state for s in await service.lookup_user_sessions("alice")}
+    states |= {s.user: s.state for s in await service.lookup_user_sessions("bob")}
+    assert states == {"alice": d.SessionState.ACTIVE, "bob": d.SessionState.DISCONNECTED}
+    # Listed again (the close was never reported: the connection is open after all): active again.
+    await service.proxy_heartbeat("p", len(listed) + 1, [*listed, "c2"])
+    [bob] = await service.lookup_user_sessions("bob")
+    assert bob.state is d.SessionState.ACTIVE
+    await assert_live_counters_exact(engine)
+
+
+async def test_account_probes_use_the_live_indexes_on_sqlite(sqlite_service):
+    """A new placement's account probes (`live_in_ranges`) search the partial live-session indexes
+    by range, not every live session by state: SQLite's plan, read back."""
+    _, engine, _ = sqlite_service
+    plans: list[str] = []
+
+    def explain(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        if "user_key >=" in statement or "account_name >=" in statement:
+            cursor.execute(f"EXPLAIN QUERY PLAN {statement}", parameters)
+            plans.extend(row[3] for row in cursor.fetchall())
+
+    event.listen(engine.sync_engine, "before_cursor_execute", explain)
+    try:
+        async with engine.connect() as conn:
+            for user in ("CORP\\alice", "alice", "alice@corp.example"):
+                probes = accounts.probes(accounts.resolve(user))
+                assert probes is not None
+                await SessionRepository(conn).live_in_ranges("default", probes)
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", explain)
+    assert plans
+    assert all("uq_sessions_live_user" in p or "ix_sessions_live_account" in p for p in plans), plans

@@ -90,6 +90,15 @@ def _postgres_engine(dsn: str, pool_size: int, options: str, pool_timeout_s: flo
     )
 
 
+# WAL with synchronous=NORMAL: a commit appends to the write-ahead log without an fsync (the WAL is
+# synced at each checkpoint), so a Route's commit waits for no disk flush (reconnects one at a time:
+# p50 2.0 -> 1.8 ms). The file stays consistent after a crash; a power loss (or OS crash) may lose the
+# transactions committed since the last checkpoint (docs/broker.md).
+# busy_timeout: a statement meeting another process's lock on the file waits for it (up to 5 s)
+# instead of failing at once.
+SQLITE_PRAGMAS = ("foreign_keys=ON", "journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=5000")
+
+
 def _sqlite_engine(url: str) -> AsyncEngine:
     # One connection: SQLite has one writer anyway, and sharing one connection serialises the
     # read-then-write transactions (so no "database is locked" upgrades). One process per file.
@@ -98,9 +107,8 @@ def _sqlite_engine(url: str) -> AsyncEngine:
     @event.listens_for(engine.sync_engine, "connect")
     def _pragmas(dbapi_conn: Any, _record: Any) -> None:
         cursor = dbapi_conn.cursor()
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA busy_timeout=5000")
+        for pragma in SQLITE_PRAGMAS:
+            cursor.execute(f"PRAGMA {pragma}")
         cursor.close()
 
     return engine

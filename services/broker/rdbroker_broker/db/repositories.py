@@ -4,6 +4,7 @@ caller's transaction, return domain objects, and never commit (the use case owns
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -435,7 +436,10 @@ class SessionRepository:
             for lo, hi in ranges:
                 query = select(sessions).where(
                     sessions.c.pool == pool,
-                    sessions.c.state.in_(LIVE),
+                    # Spelt as the partial indexes' condition: SQLite uses a partial index only when
+                    # the query's terms imply its WHERE, and `state IN (?, ?, ?)` does not (it then
+                    # walked every live session by the state index, for each new placement).
+                    text(LIVE_STATES_SQL),
                     _byte_order(self.conn, column, ">=", lo),
                     _byte_order(self.conn, column, "<", hi),
                 )
@@ -763,10 +767,18 @@ class SessionRepository:
 
 
 def _listed(conn: AsyncConnection, ids: Sequence[str]) -> Any:
-    """`connection_id` among `ids` (one array parameter on PostgreSQL, as `_not_listed`)."""
+    """`connection_id` among `ids` (one parameter whatever the list's length, as `_not_listed`)."""
     if conn.dialect.name == "postgresql":
         return sessions.c.connection_id == func.any(bindparam("open_ids", list(ids), type_=ARRAY(String)))
-    return sessions.c.connection_id.in_(list(ids))
+    return sessions.c.connection_id.in_(_json_values(ids))
+
+
+def _json_values(ids: Sequence[str]) -> Any:
+    """`SELECT value FROM json_each(?)` on SQLite: the list as one JSON parameter. A list of bound
+    parameters fails with "too many SQL variables" past 999 on SQLite builds older than 3.32 (and on
+    builds configured lower), and a proxy holding 5,000 connections lists them all."""
+    each = func.json_each(bindparam("open_ids", json.dumps(list(ids)), type_=String)).table_valued("value")
+    return select(each.c.value)
 
 
 def _fitting(user: str, rules: accounts.Rules) -> accounts.Account:
@@ -791,10 +803,10 @@ def _byte_order(conn: AsyncConnection, column: Any, op: str, value: str) -> Any:
 
 def _not_listed(conn: AsyncConnection, ids: Sequence[str]) -> Any:
     """`connection_id` not among `ids`: one array parameter on PostgreSQL (a list of bound parameters
-    would hit the 65535-parameter limit on a busy proxy)."""
+    would hit the 65535-parameter limit on a busy proxy), one JSON parameter on SQLite."""
     if conn.dialect.name == "postgresql":
         return sessions.c.connection_id != func.all(bindparam("open_ids", list(ids), type_=ARRAY(String)))
-    return sessions.c.connection_id.not_in(list(ids))
+    return sessions.c.connection_id.not_in(_json_values(ids))
 
 
 class ConnectionRepository:
