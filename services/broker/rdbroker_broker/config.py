@@ -8,7 +8,7 @@ from rdbroker_broker.domain import MAX_USER_CHARS
 from rdbroker_common.rpc_authz import ADMIN, DEFAULT_TRUST_DOMAIN, HEALTH, PROXY, check_trust_domain
 from rdbroker_common.settings import ServiceSettings, is_loopback, split_host_port
 
-DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///rdbroker.db"
+DEFAULT_DATABASE_URL = "sqlite:///rdbroker.db"
 
 
 class BrokerSettings(ServiceSettings):
