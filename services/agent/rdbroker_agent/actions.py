@@ -112,7 +112,7 @@ class WindowsActions:
             mine = [e for e in mine if e.state == "active"]
             if not mine:
                 why = "nobody would see the message" if action == "message" else "nothing to do"
-                raise ActionError(409, f"cannot {action}: {user}'s session is disconnected ({why})")
+                raise ActionError(409, f"cannot {action}: {names[0]}'s session is disconnected ({why})")
         for entry in mine:
             await self._one(action, entry, text)
         ids = tuple(e.session_id for e in mine)
