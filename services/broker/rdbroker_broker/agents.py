@@ -41,7 +41,7 @@ def action_url(sessions_url: str, action: str, server: str) -> str:
     if not sessions_url:
         raise Conflict(
             f"server {server} has no sessions_url, so no agent to act through: set it to its "
-            f"rdbroker-agent's session list (e.g. `rdbroker servers update {server} --sessions-url "
+            f"rdbroker-agent's session list (e.g. `rdbroker servers set {server} --sessions-url "
             "http://<server>:8088/sessions` or sessions_url in the farm file)"
         )
     url = httpx.URL(sessions_url)

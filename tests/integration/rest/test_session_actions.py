@@ -165,7 +165,7 @@ async def test_errors_before_the_agent(client, engine, pg_database_url, caplog):
     assert no_agent.status_code == 409
     detail = no_agent.json()["detail"]
     assert detail.startswith(f"server {A} has no sessions_url, so no agent to act through: set it")
-    assert f"rdbroker servers update {A} --sessions-url http://<server>:8088/sessions" in detail
+    assert f"rdbroker servers set {A} --sessions-url http://<server>:8088/sessions" in detail
     [line] = audit_lines(caplog)
     assert fields(line) == ("session.disconnect", session_id, *ADMIN_FROM_TEST, "conflict")
 
