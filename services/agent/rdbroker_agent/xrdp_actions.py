@@ -28,10 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import itertools
 import logging
 import os
 import shutil
+import subprocess
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -100,10 +103,20 @@ def vnc_peers(server: psutil.Process) -> set[tuple[str, int]]:
     connections = server.net_connections("tcp")
     listening = {c.laddr.port for c in connections if c.status == psutil.CONN_LISTEN}
     return {
-        (c.raddr.ip, c.raddr.port)
+        (_address(c.raddr.ip), c.raddr.port)
         for c in connections
         if c.status == psutil.CONN_ESTABLISHED and c.laddr.port in listening and c.raddr
     }
+
+
+def _address(ip: str) -> str:
+    """One spelling per address: xrdp's IPv6 socket sees 127.0.0.1 as ::ffff:127.0.0.1."""
+    with contextlib.suppress(ValueError):
+        parsed = ipaddress.ip_address(ip.split("%", 1)[0])
+        if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
+            return str(parsed.ipv4_mapped)
+        return str(parsed)
+    return ip
 
 
 def xrdp_serving(peers: set[tuple[str, int]], processes: Iterable[psutil.Process]) -> list[psutil.Process]:
@@ -113,7 +126,7 @@ def xrdp_serving(peers: set[tuple[str, int]], processes: Iterable[psutil.Process
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             if proc.info["name"] != "xrdp":
                 continue
-            if any((c.laddr.ip, c.laddr.port) in peers for c in proc.net_connections("tcp")):
+            if any((_address(c.laddr.ip), c.laddr.port) in peers for c in proc.net_connections("tcp")):
                 found.append(proc)
     return found
 
@@ -150,7 +163,8 @@ class XrdpActions:
         self.timeout_s = timeout_s
         self.processes = processes
         self.xmessage = xmessage
-        self._shown: set[asyncio.Task[None]] = set()  # messages on screen, reaped when they close
+        # Messages on screen (display, runuser's process): reaped once closed, ended by a logoff.
+        self._shown: list[tuple[int, subprocess.Popen[bytes]]] = []
 
     async def act(self, action: Action, user: str, text: str) -> Done:
         desktops = await asyncio.to_thread(lambda: find_desktops(self.processes()))
@@ -187,6 +201,11 @@ class XrdpActions:
             procs.setdefault(proc.pid, proc)
         procs[server_pid] = desktop.server
         _stop(list(procs.values()), self.timeout_s / 2)
+        for display, shown in self._shown:
+            if display == desktop.display and shown.poll() is None:
+                shown.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    shown.wait(self.timeout_s / 2)
         try:
             desktop.session.wait(self.timeout_s)
         except psutil.NoSuchProcess:
@@ -234,32 +253,38 @@ class XrdpActions:
         env = [f"DISPLAY={desktop.name}"] + ([f"XAUTHORITY={auth}"] if auth else [])
         argv = ["runuser", "-u", desktop.user, "--", "env", *env, program]
         argv += ["-center", "-timeout", str(MESSAGE_SHOWN_S), "-file", "-"]
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
-                start_new_session=True,
-            )
-        except OSError as exc:
-            raise ActionError(503, f"cannot message: cannot run {argv[0]!r}: {exc.strerror or exc}") from exc
-        shown = asyncio.get_running_loop().create_task(self._shown_until_closed(proc, text))
-        done, _ = await asyncio.wait({shown}, timeout=MESSAGE_START_S)
-        if done:
-            shown.result()  # raises why it did not show
-            return
-        self._shown.add(shown)
-        shown.add_done_callback(self._closed)
+        proc = await asyncio.to_thread(self._show, argv, text)
+        self._shown = [(display, shown) for display, shown in self._shown if shown.poll() is None]
+        if proc.returncode is None:
+            self._shown.append((desktop.display, proc))
 
-    def _closed(self, shown: asyncio.Task[None]) -> None:
-        self._shown.discard(shown)
-        if not shown.cancelled() and shown.exception() is not None:
-            log.warning("%s", shown.exception())
-
-    @staticmethod
-    async def _shown_until_closed(proc: asyncio.subprocess.Process, text: str) -> None:
-        _, err = await proc.communicate((text + "\n").encode())
-        if proc.returncode != 0:
-            detail = err[:200].decode("utf-8", errors="replace").strip()
-            raise ActionError(503, f"cannot message: xmessage exited with {proc.returncode}: {detail}")
+    def _show(self, argv: list[str], text: str) -> subprocess.Popen[bytes]:
+        """Start xmessage; ActionError when it exits with an error within MESSAGE_START_S. Not an asyncio
+        child: a message left on screen needs nothing of the agent's loop until it closes."""
+        with tempfile.TemporaryFile() as errors:
+            try:
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.DEVNULL,
+                    stderr=errors,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                raise ActionError(
+                    503, f"cannot message: cannot run {argv[0]!r}: {exc.strerror or exc}"
+                ) from exc
+            assert proc.stdin is not None
+            with contextlib.suppress(OSError):  # it failed at once: its exit code says why
+                proc.stdin.write((text + "\n").encode())
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):  # still showing
+                proc.wait(MESSAGE_START_S)
+            if proc.returncode not in (None, 0):
+                errors.seek(0)
+                detail = errors.read(200).decode("utf-8", errors="replace").strip()
+                raise ActionError(
+                    503, f"cannot message: {self.xmessage} exited with {proc.returncode}: {detail}"
+                )
+        return proc
