@@ -27,6 +27,7 @@ from tests.integration.rest.conftest import ADMIN, READ, SERVERS, place, setting
 from tests.support.audit import audit_lines, audit_rows, fields
 from tests.support.postgres import free_port
 from tests.unit.agent.fakes import FakeSources
+from tests.unit.common.test_tls import Authority
 
 A, B, _ = SERVERS
 AGENT_TOKEN = "agent-token-for-broker-tests"
@@ -260,3 +261,44 @@ async def test_a_session_without_a_user_name(client, agent, engine, pg_database_
     answer = await client.post(f"/v1/sessions/{nameless.session_id}/logoff")
     assert answer.status_code == 409
     assert "has no user name (its client sent none)" in answer.json()["detail"]
+
+
+async def test_an_https_agent_that_requires_the_brokers_client_certificate(
+    engine, pg_database_url, sources, tmp_path
+):
+    # The broker's agent_tls_* settings, as the health replicas': trust the agent's CA, present a certificate.
+    ca = Authority(tmp_path, "rdbroker")
+    served = ca.issue("agent", server=True)
+    config = parse_config(
+        {
+            "counters": [{"kind": "cpu"}],
+            "tls_cert": str(served.cert),
+            "tls_key": str(served.key),
+            "tls_ca": str(ca.ca_path),
+        }
+    )
+    client_cert = ca.issue("broker", server=False)
+    async with AgentServer(config, sources, actions=WindowsActions(sources.run, 5.0)) as agent:
+        url = f"https://127.0.0.1:{agent.port}/sessions"
+        session_id = await alice_on_a(engine, pg_database_url, url)
+        trusting = {"agent_tls_ca": str(ca.ca_path)}
+        async with broker(engine, pg_database_url, **trusting) as http:
+            refused = await http.post(f"/v1/sessions/{session_id}/disconnect")
+        assert refused.status_code == 502
+        assert refused.json()["detail"].startswith(f"the agent at {url}/disconnect is unreachable: ")
+        certified = trusting | {
+            "agent_tls_cert": str(client_cert.cert),
+            "agent_tls_key": str(client_cert.key),
+        }
+        async with broker(engine, pg_database_url, **certified) as http:
+            done = await http.post(f"/v1/sessions/{session_id}/disconnect")
+        assert done.status_code == 200, done.text
+    assert sources.runs == [("quser",), ("tsdiscon", "2")]
+
+
+def test_unusable_agent_settings_stop_the_rest_app(engine, pg_database_url, tmp_path):
+    service = BrokerService(
+        Store(engine), settings_for(pg_database_url, agent_token_file=str(tmp_path / "missing"))
+    )
+    with pytest.raises(ValueError, match="missing"):
+        create_app(service)
