@@ -184,7 +184,11 @@ async def serve(
         health = add_standard_services(grpc_server, [SERVICE_NAME], reflection=settings.grpc_reflection)
         sock = _http_socket(settings.http_listen)
         http_port = int(sock.getsockname()[1])
-        rest = create_app(service, schema_revision=revision)
+        try:
+            rest = create_app(service, schema_revision=revision)
+        except ValueError as exc:  # the agents' token or TLS files (session actions)
+            sock.close()
+            raise StartupError(str(exc)) from exc
         config = uvicorn.Config(
             rest,  # FastAPI traces each request itself once a tracer provider is set
             log_config=None,

@@ -86,6 +86,22 @@ class BrokerSettings(ServiceSettings):
     )
     grpc_reflection: bool = Field(default=False, description="serve gRPC server reflection (for grpcurl)")
 
+    # Session actions (`POST /v1/sessions/{id}/logoff|disconnect|message`) go to the session's server's
+    # agent with the token and TLS settings the health replicas use for it (docs/api.md): its token from
+    # the environment only (a command line shows in `ps`) or a file re-read on change; HTTPS agents:
+    # trust this CA (empty: the system's), present this certificate and key to an agent that asks.
+    agent_token: SecretStr = Field(
+        default=SecretStr(""), description="the agents' bearer token (environment only)"
+    )
+    agent_token_file: str = Field(
+        default="", description="a file holding the agents' token, re-read when it changes"
+    )
+    agent_tls_ca: str = ""
+    agent_tls_cert: str = ""
+    agent_tls_key: str = ""
+    # How long an agent gets to carry out an action (a logoff waits for the session's processes to end).
+    agent_action_timeout_s: float = Field(default=20.0, gt=0, le=300)
+
     # Prometheus /metrics (host:port); empty = off. The sessions-by-state gauge is recounted this often.
     metrics_listen: str = ""
     sessions_metric_interval_s: float = Field(default=5.0, gt=0, le=3600)
@@ -100,6 +116,12 @@ class BrokerSettings(ServiceSettings):
     def _host_port(cls, value: str) -> str:
         split_host_port(value)
         return value
+
+    @model_validator(mode="after")
+    def _check_agent_tls(self) -> BrokerSettings:
+        if bool(self.agent_tls_cert.strip()) != bool(self.agent_tls_key.strip()):
+            raise ValueError("agent_tls_cert and agent_tls_key go together")
+        return self
 
     @property
     def database_url_text(self) -> str:

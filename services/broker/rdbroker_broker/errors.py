@@ -8,7 +8,9 @@ BrokerError
 ├── Unavailable        the database, or the server holding the user's session, cannot be reached
 │   ├── DatabaseUnavailable  the database did not answer (the sweep counts these: see BrokerService)
 │   └── Overloaded     the call could not be given a database connection in time (admission.py)
-└── Conflict           the request contradicts the directory (e.g. a second live session)
+├── Conflict           the request contradicts the directory (e.g. a second live session)
+└── AgentFailed        a server's agent refused or could not carry out a session action, or was unreachable
+    └── AgentTimeout   it did not answer in time
 """
 
 from __future__ import annotations
@@ -47,4 +49,12 @@ class Overloaded(Unavailable):
 
 
 class Conflict(BrokerError):
+    pass
+
+
+class AgentFailed(BrokerError):
+    pass
+
+
+class AgentTimeout(AgentFailed):
     pass

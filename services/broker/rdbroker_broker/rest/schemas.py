@@ -11,6 +11,8 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from rdbroker_broker import domain as d
 from rdbroker_broker import pool_settings as ps
+from rdbroker_broker.session_actions import MAX_TEXT as MAX_MESSAGE
+from rdbroker_broker.session_actions import ActionResult
 from rdbroker_common.settings import join_host_port, split_host_port
 
 SessionStateName = Literal["pending", "active", "disconnected", "ended"]
@@ -94,6 +96,37 @@ class SessionOut(BaseModel):
             expires_at=s.expires_at,
             end_reason=s.end_reason,
             confirmed=s.confirmed,
+        )
+
+
+class MessageIn(BaseModel):
+    """A message for the user's session."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(
+        min_length=1, max_length=MAX_MESSAGE, pattern=PRINTABLE, examples=["The server restarts at 18:00."]
+    )
+
+
+class SessionActionOut(BaseModel):
+    """What the session's server's agent did, and the session as the directory holds it afterwards."""
+
+    action: Literal["logoff", "disconnect", "message"]
+    server_address: str
+    server_user: str = Field(description="the user as the server knows them")
+    server_sessions: list[str] = Field(description="the server's ids of the sessions acted on")
+    detail: str = Field(description="the agent's account of what it did")
+    session: SessionOut
+
+    @classmethod
+    def of(cls, done: ActionResult) -> SessionActionOut:
+        return cls(
+            action=done.action,
+            server_address=done.server,
+            server_user=done.agent.user,
+            server_sessions=list(done.agent.sessions),
+            detail=done.agent.detail,
+            session=SessionOut.of(done.session),
         )
 
 
