@@ -15,6 +15,7 @@ import contextlib
 import os
 import statistics
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -69,8 +70,9 @@ class Logon:
     sesman: str  # what that server's sesman logged for it
 
     def kill(self) -> float:
-        """SIGKILL the client (no RDP goodbye, its TCP connection closes); answers the time of the kill."""
-        killed = time.time()
+        """SIGKILL the client (no RDP goodbye, its TCP connection closes); answers the monotonic time of
+        the kill."""
+        killed = time.monotonic()
         with contextlib.suppress(ProcessLookupError):
             self.process.kill()
         self.process.wait(timeout=10)
@@ -131,8 +133,8 @@ class RealFarm(Farm):
             "    default: true",
             "    disconnect_timeout: 1h",
             f"    confirm_timeout: {CONFIRM_TIMEOUT_S}s",
-            f"    probe: {{interval: {s.probe_interval_ms}ms, timeout: {s.probe_timeout_ms}ms, rise: {s.rise},"
-            f" fall: {s.fall}, sessions_interval: {int(SESSIONS_INTERVAL_S * 1000)}ms}}",
+            f"    probe: {{interval: {s.probe_interval_ms}ms, timeout: {s.probe_timeout_ms}ms,"
+            f" rise: {s.rise}, fall: {s.fall}, sessions_interval: {int(SESSIONS_INTERVAL_S * 1000)}ms}}",
             "servers:",
         ]
         for address, agent in zip(self.hosts, self.agents, strict=True):
@@ -230,7 +232,13 @@ class RealFarm(Farm):
     def failed_logon(self, address: str, name: str, hold_s: float) -> None:
         """xfreerdp with a wrong password, killed after `hold_s` (xrdp shows its login failure meanwhile)."""
         client = subprocess.Popen(
-            ["xfreerdp", f"/v:{address}", f"/u:{self.users[name].name}", "/p:not-the-password", "/cert:ignore"],
+            [
+                "xfreerdp",
+                f"/v:{address}",
+                f"/u:{self.users[name].name}",
+                "/p:not-the-password",
+                "/cert:ignore",
+            ],
             env={**os.environ, "DISPLAY": self.display_name},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -281,6 +289,46 @@ class RealFarm(Farm):
         return "http://" + self.harness.supervisor.services["broker0"].address("http")
 
 
+class Trace:
+    """Polls (the directory's state of a user's session, the user's state in an agent's list) every 50 ms
+    in a thread, keeping each change: `with Trace(farm, "alice", server) as trace: ...; trace.seen`."""
+
+    def __init__(self, farm: RealFarm, name: str, server: xs.XrdpServer) -> None:
+        self.farm, self.name, self.server = farm, name, server
+        self.seen: list[tuple[float, str, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        while not self._stop.is_set():
+            live = self.farm.live_session(self.name)
+            directory = live["state"] if live else "none"
+            agent = self.farm.agent_sessions(self.server).get(self.farm.users[self.name].name, "none")
+            if not self.seen or self.seen[-1][1:] != (directory, agent):
+                self.seen.append((round(time.monotonic() - started, 2), directory, agent))
+            time.sleep(0.05)
+
+    def __enter__(self) -> Trace:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def directory_states(self) -> set[str]:
+        return {directory for _, directory, _ in self.seen}
+
+
+def wait_session(farm: RealFarm, name: str, timeout_s: float = 5) -> dict[str, Any]:
+    """The user's live session, once the directory has one."""
+    wait_for(lambda: farm.live_session(name), f"{name}'s live session", timeout_s)
+    session = farm.live_session(name)
+    assert session is not None
+    return session
+
+
 def wait_for(check: Callable[[], object], what: str, timeout_s: float) -> float:
     """Poll `check` every 20 ms until it is truthy (bounded); answers the seconds it took."""
     started = time.monotonic()
@@ -291,7 +339,9 @@ def wait_for(check: Callable[[], object], what: str, timeout_s: float) -> float:
 
 
 def median_ms(values: list[float]) -> str:
-    return f"{statistics.median(values) * 1000:.0f} ms (n={len(values)}, {min(values) * 1000:.0f}-{max(values) * 1000:.0f})"
+    """`median ms (n=N, min-max)`."""
+    low, high = min(values) * 1000, max(values) * 1000
+    return f"{statistics.median(values) * 1000:.0f} ms (n={len(values)}, {low:.0f}-{high:.0f})"
 
 
 def user_processes(name: str) -> list[psutil.Process]:

@@ -3,12 +3,13 @@
 xrdp 0.9 reads sesman's port from /etc/xrdp/sesman.ini whatever `--config` says, so each server runs
 xrdp and sesman in a private mount namespace (`unshare --mount`) where its own directory is bind-mounted
 over /etc/xrdp and /run/xrdp: servers on one host, and the host's own xrdp, never see each other's
-configuration, pid files or sockets. The namespace is a PID namespace too, with its own /proc, so an agent
-run in it (`XrdpServer.inside()`) sees that server's desktops only, as on a machine of its own. xrdp listens on 127.0.0.1 and a free port (`autorun=Xvnc`, so a
-client that sends a user and password logs on without xrdp's login dialog); sesman listens on 127.0.0.1
-and another free port. A logon's desktop is an Xvnc display whose session script only waits (no window
-manager is needed, and the session lives until it is killed or logged off); it first appends its display
-to ~/rdbroker-desktops, so a test can tell a reconnected desktop from a new one.
+configuration, pid files or sockets. The namespace is a PID namespace too, with its own /proc, so an
+agent run in it (`XrdpServer.inside()`) sees that server's desktops only, as on a machine of its own.
+xrdp listens on 127.0.0.1 and a free port (`autorun=Xvnc`, so a client that sends a user and password
+logs on without xrdp's login dialog); sesman listens on 127.0.0.1 and another free port. A logon's
+desktop is an Xvnc display whose session script only waits (no window manager is needed, and the session
+lives until it is killed or logged off); it first appends its display to ~/rdbroker-desktops, so a test
+can tell a reconnected desktop from a new one.
 
 Users are made with `useradd -m` and `chpasswd` (the stock PAM set-up accepts them) and removed with
 their processes and home. Everything here needs root; `missing_tools()` says what is not installed.
@@ -157,8 +158,11 @@ class XrdpServer:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"a desktop did not come up within {timeout_s} s")
             time.sleep(0.1)
-        stop_pids(user_pids(user))
-        while text().count(SESSION_TERMINATED) < text().count(SESSION_CREATED):
+        pids = user_pids(user)
+        desktops = sum(1 for p in map(_process, pids) if p is not None and p.name() in ("Xvnc", "Xorg"))
+        ended = text().count(SESSION_TERMINATED) + desktops  # other users' desktops stay
+        stop_pids(pids)
+        while text().count(SESSION_TERMINATED) < ended:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"sesman did not end the desktops within {timeout_s} s")
             time.sleep(0.1)
