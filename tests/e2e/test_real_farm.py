@@ -150,6 +150,7 @@ def test_4_logoff_ends_the_desktop_and_the_next_logon_gets_a_fresh_one(
     farm: rf.RealFarm, state: dict[str, Any]
 ) -> None:
     x, alice, session_id = state["x"], farm.users["alice"].name, state["session_id"]
+    sesman = rf.LogWatch(x.sesman_log)
     asked = time.monotonic()
     answer = httpx.post(f"{farm.broker_http}/v1/sessions/{session_id}/logoff", timeout=30)
     if answer.status_code in (404, 405):
@@ -157,7 +158,7 @@ def test_4_logoff_ends_the_desktop_and_the_next_logon_gets_a_fresh_one(
         if not any(path.endswith("/logoff") for path in paths):
             pytest.skip(f"POST /v1/sessions/{{id}}/logoff is not on this branch ({answer.status_code})")
     assert answer.status_code < 300, answer.text
-    rf.wait_for(lambda: xs.SESSION_TERMINATED in x.sesman_text(), "sesman ended the desktop", 20)
+    rf.wait_for(lambda: xs.SESSION_TERMINATED in sesman.text(), "sesman ended the desktop", 20)
     rf.wait_for(lambda: alice not in farm.agent_sessions(x), "the agent stops listing alice", INTERVAL)
     gone = time.monotonic()
     rf.wait_for(

@@ -216,7 +216,7 @@ class XrdpServer:
             start_new_session=True,
         )
         deadline = time.monotonic() + timeout_s
-        while not self._namespace_ready():
+        while not self._namespace_ready(self.holder):
             if self.holder.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError("the server's namespace (unshare --pid --mount) did not come up")
@@ -235,19 +235,19 @@ class XrdpServer:
         while not (f"listening to port {self.port}" in self.xrdp_text() and listening(self.sesman_port)):
             for proc, program in zip(self.processes, ("xrdp-sesman", "xrdp"), strict=True):
                 if proc.poll() is not None:
-                    out = (self.root / f"{program}.out").read_text(errors="replace")
+                    output = (self.root / f"{program}.out").read_text(errors="replace")
                     self.stop()
-                    raise RuntimeError(f"{program} exited with {proc.returncode}: {out}")
+                    raise RuntimeError(f"{program} exited with {proc.returncode}: {output}")
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"xrdp/sesman did not start listening within {timeout_s} s")
             time.sleep(0.1)
         return self
 
-    def _namespace_ready(self) -> bool:
+    def _namespace_ready(self, holder: subprocess.Popen[bytes]) -> bool:
         """The holder's child (pid 1 inside) has made the bind mounts and sleeps."""
         with contextlib.suppress(psutil.NoSuchProcess):
-            for child in psutil.Process(self.holder.pid).children():
+            for child in psutil.Process(holder.pid).children():
                 if child.name() == "sleep":
                     self.namespace_pid = child.pid
                     return True
