@@ -41,6 +41,7 @@ PACKAGES = {
     "xfreerdp": "freerdp2-x11",
     "rdesktop": "rdesktop",
     "xvfb-run": "xvfb",
+    "Xvfb": "xvfb",
     "nmap": "nmap",
     "unshare": "util-linux",
     "nsenter": "util-linux",
