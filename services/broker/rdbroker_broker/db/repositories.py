@@ -813,6 +813,21 @@ class ConnectionRepository:
     def __init__(self, conn: AsyncConnection) -> None:
         self.conn = conn
 
+    async def logging_on(self, session_id: str, since: datetime) -> bool:
+        """Whether the session's current proxy connection is open and opened at or after `since`."""
+        query = (
+            select(connections.c.connection_id)
+            .join(sessions, sessions.c.connection_id == connections.c.connection_id)
+            .where(
+                sessions.c.id == session_id,
+                connections.c.session_id == session_id,
+                connections.c.closed_at.is_(None),
+                connections.c.opened_at >= since,
+            )
+            .limit(1)
+        )
+        return (await self.conn.execute(query)).first() is not None
+
     async def answers(self, connection_id: str) -> dict[int, d.RouteDecision]:
         """Every answer already given for this connection, by attempt."""
         return {
