@@ -963,6 +963,8 @@ class BrokerService:
                         raise embedded_sql.NotHere
                     if outcome is report_sql.Outcome.UNKNOWN_SESSION:
                         results[index] = NotFound(f"unknown session {event.session_id!r}")
+                    elif outcome is report_sql.Outcome.NEWER_SESSION:
+                        results[index] = _newer_session(event.session_id)
                     abandoned += outcome is report_sql.Outcome.ABANDONED
         except (embedded_sql.NotHere, Retryable) as exc:
             log.debug("connection reports: batch undone, applied as the use cases (%r)", exc)
@@ -1043,7 +1045,7 @@ class BrokerService:
                 async with r.conn.begin_nested():
                     await r.sessions.open(session_id, connection_id, proxy_id, now)
             except IntegrityError as exc:
-                raise Conflict(f"session {session_id} has ended and its user has a newer session") from exc
+                raise _newer_session(session_id) from exc
         else:
             await r.sessions.open(session_id, connection_id, proxy_id, now)
         await r.connections.opened(connection_id, now)
@@ -1281,6 +1283,10 @@ def pool_rules(pool: d.Pool) -> accounts.Rules:
 
 
 _NO_ACCOUNTS: tuple[tuple[str, str], accounts.Rules] = (("", ""), accounts.NO_RULES)
+
+
+def _newer_session(session_id: str) -> Conflict:
+    return Conflict(f"session {session_id} has ended and its user has a newer session")
 
 
 def _unknown_pool(pool: str) -> NotFound:

@@ -24,7 +24,7 @@ from rdbroker_broker.db import embedded_sql, migrate
 from rdbroker_broker.db.engine import make_engine
 from rdbroker_broker.db.inline_sqlite import Checkpointer, InlineConnection
 from rdbroker_broker.db.tables import connections, servers, sessions
-from rdbroker_broker.errors import NoCapacity, NotFound
+from rdbroker_broker.errors import Conflict, NoCapacity, NotFound
 from rdbroker_broker.service import BrokerService, Closed, Opened
 from rdbroker_broker.store import Store
 from tests.integration.broker.conftest import Clock, assert_live_counters_exact, seed, server, settings_for
@@ -225,7 +225,7 @@ async def test_route_and_reports_match_the_transactional_path_over_generated_far
 
 async def test_reports_apply_as_the_use_case_does_on_sqlite(sqlite):
     service, engine, clock = sqlite
-    await reports_match_the_use_case(engine, service, clock)
+    await reports_match_the_use_case(engine, service, clock, reaches_the_use_case=False)
 
 
 # --- the hot path answers the common cases, and hands over the rest ----------------------------
@@ -289,25 +289,71 @@ async def test_what_the_hot_path_cannot_answer_goes_to_the_transactional_path(sq
     await assert_live_counters_exact(engine)
 
 
-async def test_a_batch_with_an_event_for_the_use_case_is_undone_and_applied_by_it(sqlite):
-    """Reviving an ended session is the use case's: the hot path's transaction is undone (nothing of
-    it remains) and the batch applies in order, each event answered as the use case answers it."""
-    service, engine, _clock = sqlite
+async def test_an_ended_session_is_revived_unless_its_user_has_a_newer_one(sqlite, monkeypatch):
+    """An open for a session that ended meanwhile revives it in the hot path, unless its user has
+    a newer live session: that event is refused as the use case refuses it, writing nothing, and the
+    rest of the batch applies."""
+    service, engine, _ = sqlite
     await seed(engine, server(A))
     alice = await service.route(d.RouteRequest("c1", proxy_id="p", cookie="alice"))
     bob = await service.route(d.RouteRequest("c2", proxy_id="p", cookie="bob"))
     await service.end_session(alice.session_id)
+    await service.end_session(bob.session_id)
+    newer = await service.route(d.RouteRequest("c3", proxy_id="p", cookie="bob"))
+    monkeypatch.setattr(service, "_reports_in_one", None)  # the hot path alone must answer
     errors = await service.report_connections(
-        [Opened(bob.session_id, "c2", "p"), Opened(alice.session_id, "c1", "p"), Opened("nosuch", "c9", "p")]
+        [Opened(alice.session_id, "c1", "p"), Opened(bob.session_id, "c2", "p"), Opened("nosuch", "c9", "p")]
     )
     assert errors[0] is None
-    assert errors[1] is None
+    assert isinstance(errors[1], Conflict)
+    assert "newer session" in str(errors[1])
     assert isinstance(errors[2], NotFound)
-    states = {
-        s.user: s.state
-        for s in [*await service.lookup_user_sessions("alice"), *await service.lookup_user_sessions("bob")]
-    }
-    assert states == {"alice": d.SessionState.ACTIVE, "bob": d.SessionState.ACTIVE}
+    states = {s.session_id: s.state for s in await service.lookup_user_sessions("alice")}
+    states |= {s.session_id: s.state for s in await service.lookup_user_sessions("bob")}
+    assert states[alice.session_id] is d.SessionState.ACTIVE
+    assert states[newer.session_id] is d.SessionState.PENDING
+    assert bob.session_id not in states or states[bob.session_id] is d.SessionState.ENDED
+    async with engine.connect() as conn:
+        opened_at = (
+            await conn.execute(select(connections.c.opened_at).where(connections.c.connection_id == "c2"))
+        ).scalar()
+    assert opened_at is None  # the refused event wrote nothing
+    await assert_live_counters_exact(engine)
+
+
+async def test_a_batch_with_an_event_for_the_use_case_is_undone_and_applied_by_it(sqlite, monkeypatch):
+    """A close for a session whose pool is not found by its stored name is the use case's (it
+    resolves the pool case-insensitively, or takes the defaults): the hot path's transaction is
+    undone, nothing of it remains, and the batch applies as the use cases."""
+    service, engine, clock = sqlite
+    await seed(engine, server(A))
+    kim = await service.route(d.RouteRequest("c1", proxy_id="p", cookie="kim"))
+    lee = await service.route(d.RouteRequest("c2", proxy_id="p", cookie="lee"))
+    await service.report_connections([Opened(kim.session_id, "c1", "p"), Opened(lee.session_id, "c2", "p")])
+    async with engine.begin() as conn:
+        await conn.execute(update(sessions).where(sessions.c.id == kim.session_id).values(pool="DEFAULT"))
+    undone: list[bool] = []
+    real = service._reports_embedded
+
+    async def watched(*args: Any) -> bool:
+        undone.append(not await real(*args))
+        return not undone[-1]
+
+    monkeypatch.setattr(service, "_reports_embedded", watched)
+    errors = await service.report_connections(
+        [Closed(lee.session_id, "c2", 10, 6308, 30, ""), Closed(kim.session_id, "c1", 10, 6308, 30, "")]
+    )
+    assert errors == [None, None]
+    assert undone == [True]
+    for session_id in (kim.session_id, lee.session_id):
+        async with engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(sessions.c.state, sessions.c.expires_at).where(sessions.c.id == session_id)
+                )
+            ).one()
+        assert row.state == "disconnected"
+        assert row.expires_at == clock.now + timedelta(seconds=3600)
     await assert_live_counters_exact(engine)
 
 

@@ -272,15 +272,24 @@ WHERE id = ? AND state = 'active'
 def opened(
     conn: sqlite3.Connection, session_id: str, connection_id: str, proxy_id: str, now: datetime
 ) -> Outcome:
-    """The session becomes active on this connection, as `service._opened_work` makes it; an ended
-    session (which may need reviving) is the use case's."""
+    """The session becomes active on this connection, as `service._opened_work` makes it: an ended
+    session (expired while the proxy connected) is revived, unless its user has a newer live one
+    (the live-user index refuses it: NEWER_SESSION, and nothing of the event is written)."""
     row = conn.execute(_SESSION_STATE, (session_id,)).fetchone()
     if row is None:
         return Outcome.UNKNOWN_SESSION
-    if row[0] == d.SessionState.ENDED.value:
-        return Outcome.USE_CASE
     at = stamp(now)
-    conn.execute(OPEN_SESSION, (connection_id, proxy_id, at, at, session_id))
+    if row[0] == d.SessionState.ENDED.value:
+        conn.execute("SAVEPOINT revive")
+        try:
+            conn.execute(OPEN_SESSION, (connection_id, proxy_id, at, at, session_id))
+        except sqlite3.IntegrityError:
+            conn.execute("ROLLBACK TO revive")
+            return Outcome.NEWER_SESSION
+        finally:
+            conn.execute("RELEASE revive")
+    else:
+        conn.execute(OPEN_SESSION, (connection_id, proxy_id, at, at, session_id))
     conn.execute(CONNECTION_OPENED, (at, connection_id))
     return Outcome.APPLIED
 
