@@ -71,6 +71,7 @@ class Store:
         pool: Any = engine.pool
         self.gate = Gate(pool.size(), max_waiting=max_waiting, wait_s=pool.timeout(), on_refused=on_refused)
         self.database = database or DatabaseState()
+        self._inline: sqlite3.Connection | None = None  # the SQLite pool's one connection
 
     @contextmanager
     def _watched(self) -> Iterator[None]:
@@ -118,21 +119,30 @@ class Store:
     async def sqlite_transaction(self) -> AsyncIterator[sqlite3.Connection]:
         """The SQLite store's one connection, as sqlite3 sees it, in a transaction: committed on
         exit, rolled back on an exception (the embedded hot path, `db.embedded_sql`). The gate makes
-        it this call's alone: no other transaction of this process runs until it ends."""
+        it this call's alone: no other transaction of this process runs until it ends. The body
+        must not await: the connection is used outside the engine's pool (checking it out and in
+        costs more than the statements), so only the gate keeps others off it."""
         async with self.gate.slot():
             with self._watched():
-                async with self.engine.connect() as conn:
-                    pooled = await conn.get_raw_connection()
-                    driver = pooled.driver_connection
-                    assert isinstance(driver, inline_sqlite.InlineConnection)
-                    db = driver.sqlite
-                    with _mapped_sqlite_errors():
+                db = self._inline or await self._inline_connection()
+                with _mapped_sqlite_errors():
+                    try:
                         try:
                             yield db
                         except BaseException:
                             db.rollback()
                             raise
                         db.commit()
+                    except sqlite3.ProgrammingError:  # closed by the pool (invalidated, disposed)
+                        self._inline = None
+                        raise
+
+    async def _inline_connection(self) -> sqlite3.Connection:
+        async with self.engine.connect() as conn:
+            driver = (await conn.get_raw_connection()).driver_connection
+        assert isinstance(driver, inline_sqlite.InlineConnection)
+        self._inline = driver.sqlite
+        return driver.sqlite
 
     @asynccontextmanager
     async def raw_autocommit(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
@@ -260,6 +270,8 @@ def _mapped_sqlite_errors() -> Iterator[None]:
         yield
     except sqlite3.IntegrityError as exc:
         raise Retryable(str(exc)) from exc
+    except sqlite3.ProgrammingError as exc:  # a closed connection: the caller takes another path
+        raise Retryable(str(exc), connectivity=True) from exc
     except sqlite3.OperationalError as exc:  # locked past busy_timeout, disk full, I/O error
         raise DatabaseUnavailable(f"the database file cannot be used: {exc}") from exc
 

@@ -435,3 +435,18 @@ def test_the_checkpoint_thread_keeps_the_log_short_under_steady_writes(tmp_path)
     assert wal.stat().st_size == 0
     assert writer.execute("SELECT count(*) FROM t").fetchone() == (3000,)
     writer.close()
+
+
+async def test_the_hot_path_finds_a_new_connection_after_the_pool_closed_its_own(sqlite):
+    """The hot path keeps the pool's one connection at hand; when the pool closes it (disposed,
+    invalidated) the call goes the transactional way and the next takes the pool's new one."""
+    service, engine, _ = sqlite
+    await seed(engine, server(A))
+    first = await service.route(d.RouteRequest("c1", proxy_id="p", cookie="alice"))
+    await engine.dispose()
+    again = await service.route(d.RouteRequest("c2", proxy_id="p", cookie="alice"))
+    assert (again.reason, again.session_id) == (d.RouteReason.RECONNECT, first.session_id)
+    third = await service.route(d.RouteRequest("c3", proxy_id="p", cookie="bob"))
+    assert third.reason is d.RouteReason.NEW
+    assert await service.report_connections([Opened(third.session_id, "c3", "p")]) == [None]
+    await assert_live_counters_exact(engine)

@@ -88,7 +88,7 @@ async def test_session_lists_confirm_follow_and_end_on_sqlite(sqlite_service):
     await service.connection_opened(mine.session_id, "c1", "p")
     claim = await service.route(d.RouteRequest("c2", proxy_id="p", cookie="never"))
     await service.connection_opened(claim.session_id, "c2", "p")
-    clock.advance(1)
+    clock.advance(d.Pool("").logon_lag_s + 1)  # past the logon: a list then says disconnected
     listed_at = clock.now
     await probes.report_sessions("r1", A, [d.ReportedSession("ann", d.SessionState.DISCONNECTED)])
     [ann] = await service.lookup_user_sessions("CORP\\ann")
