@@ -43,7 +43,7 @@ def test_servers_list_is_a_table(api, capsys):
         "default", "10.0.0.11:3389", "enabled", "up", "on", "35", "1", "1", "100", "0",
     ]  # fmt: skip
     assert lines[2].split() == [
-        "default", "10.0.0.12:3389", "enabled", "down", "on", "-", "0", "0", "100", "0",
+        "default", "10.0.0.12:3389", "enabled", "down", "off", "-", "0", "0", "100", "0",
     ]  # fmt: skip
     # A stale result reads unknown, with the time of the last result (UTC).
     assert lines[3].split() == [
