@@ -10,17 +10,23 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 import uvicorn
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from rdbroker_broker import domain as d
+from rdbroker_broker.db.tables import servers
 from rdbroker_common import power
 
 SECRET = "test-power-hook-secret-0123456789"
+POOL = d.Pool("default", True, 3600.0)
 
 
 @dataclass
@@ -85,3 +91,23 @@ async def receiver(**kw: Any) -> AsyncIterator[Receiver]:
         server.should_exit = True
         await asyncio.wait_for(task, 10)
         sock.close()
+
+
+async def set_health(engine: AsyncEngine, address: str, health: str, at: datetime) -> None:
+    """What a health replica's report leaves on the row: the result, its time, fresh for an hour."""
+    async with engine.begin() as conn:
+        await conn.execute(
+            update(servers)
+            .where(servers.c.address == address)
+            .values(health=health, probed_at=at, health_changed_at=at, fresh_until=at + timedelta(hours=1))
+        )
+
+
+async def state(engine: AsyncEngine, address: str) -> tuple[str, str]:
+    async with engine.connect() as conn:
+        row = (
+            await conn.execute(
+                select(servers.c.power, servers.c.admin_state).where(servers.c.address == address)
+            )
+        ).one()
+    return row.power, row.admin_state

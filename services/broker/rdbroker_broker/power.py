@@ -21,6 +21,7 @@ import random
 from dataclasses import dataclass
 from datetime import timedelta
 
+from rdbroker_broker import audit, callers
 from rdbroker_broker import domain as d
 from rdbroker_broker import power_rules as rules
 from rdbroker_broker.config import BrokerSettings
@@ -32,6 +33,9 @@ from rdbroker_broker.store import Repos
 from rdbroker_common.settings import split_host_port
 
 log = logging.getLogger(__name__)
+
+# The audit trail's actor of the loop's own changes (a drain, a start or stop called).
+POWER_CALLER = callers.Caller("broker:power")
 
 
 class PowerConfigError(Exception):
@@ -78,6 +82,7 @@ class PowerService:
         self.hooks = hooks
         self._in_flight: set[str] = set()  # addresses whose hook this broker is calling now
         self._refusal_logged = False
+        self._entries: list[d.AuditEntry] = []  # audit lines to write once their transaction commits
 
     async def check(self) -> None:
         """Refuse to run when pools declare hooks and there is no secret to sign them with."""
@@ -108,9 +113,13 @@ class PowerService:
                 return await self._decide(r, pool)
 
             actions += await self.broker.run_tx(decide)
+            for item in self._entries:
+                audit.write_log(item)
+            self._entries.clear()
         return actions
 
     async def _decide(self, r: Repos, pool: str) -> list[PowerAction]:
+        self._entries.clear()  # a transaction run again decides again
         repo = PowerRepository(r.conn)
         power = await repo.lock(pool)
         if power is None:
@@ -145,16 +154,19 @@ class PowerService:
             deadline = now + timedelta(seconds=power.stop_timeout_s)
             if await repo.claim_stop(stop.address, now, deadline):
                 actions.append(PowerAction(Verb.STOP, pool, stop.address, power.stop_url))
-        for action in actions:
-            log.info(
-                "pool %s: %s %s (free capacity %d, minimum %d)",
-                pool,
-                action.verb.value,
+        free = rules.free_capacity(items, now)
+        entries = [
+            audit.entry(
+                f"server.power_{action.verb.value}",
                 action.address,
-                rules.free_capacity(items, now),
-                power.min_free_sessions,
-                extra={"server": action.address, "pool": pool},
+                audit.OK,
+                _claimed(action, free, power),
+                POWER_CALLER,
             )
+            for action in actions
+        ]
+        await r.audit.add(entries, now)
+        self._entries.extend(entries)
         return actions
 
     async def act(self, action: PowerAction) -> bool:
@@ -169,11 +181,17 @@ class PowerService:
                 extra={"server": action.address, "pool": action.pool},
             )  # fmt: skip
             state = d.PowerState.STARTING if action.verb is Verb.START else d.PowerState.STOPPING
+            failed = audit.entry(
+                f"server.power_{action.verb.value}", action.address, audit.ERROR, str(exc), POWER_CALLER
+            )
 
             async def give_up(r: Repos) -> bool:
-                return await PowerRepository(r.conn).give_up(action.address, state, self.broker.now())
+                now = self.broker.now()
+                await r.audit.add([failed], now)
+                return await PowerRepository(r.conn).give_up(action.address, state, now)
 
             await self.broker.run_tx(give_up)
+            audit.write_log(failed)
             return False
         finally:
             self._in_flight.discard(action.address)
@@ -224,6 +242,18 @@ class PowerService:
             log.warning("power hook %s %s: %s", action.verb.value, action.address, exc)
         except Exception:
             log.exception("power hook %s %s failed", action.verb.value, action.address)
+
+
+def _claimed(action: PowerAction, free: int, power: rules.PoolPower) -> str:
+    if action.verb is Verb.START:
+        return (
+            f"power off -> starting: pool {action.pool} has {free} free sessions, fewer than "
+            f"{power.min_free_sessions} (start hook called)"
+        )
+    return (
+        f"power on -> stopping, admin_state enabled -> draining: idle for {power.idle_for_s:g} s beyond "
+        f"keep_running {power.keep_running} (stop hook called)"
+    )
 
 
 def _no_secret(pools: list[str]) -> str:

@@ -14,10 +14,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from rdbroker_broker import domain as d
 from rdbroker_broker.app import StartupError
+from rdbroker_broker.db import migrate
 from rdbroker_broker.db.engine import make_engine
 from rdbroker_broker.db.power_repository import PowerRepository
-from rdbroker_broker.db.tables import servers
-from rdbroker_broker.errors import NoCapacity
+from rdbroker_broker.db.tables import audit, servers
+from rdbroker_broker.errors import CapacityStarting, NoCapacity
 from rdbroker_broker.farm import Farm, apply_farm
 from rdbroker_broker.power import PowerService, Verb
 from rdbroker_broker.power_hooks import HookClient
@@ -31,41 +32,21 @@ from rdbroker_proto.v1 import broker_pb2 as pb
 from rdbroker_proxy.errors import BrokerUnavailable, RouteRefused
 from rdbroker_proxy.routing import BrokerClient
 from tests.integration.broker.conftest import (
+    Clock,
     running_broker,
     server,
     settings_for,
     until_a_statement_waits_on_a_lock,
 )
-from tests.support.power_hooks import SECRET, receiver
+from tests.support.power_hooks import POOL, SECRET, receiver, set_health, state
 
 A, B, C = "10.0.0.1:3389", "10.0.0.2:3389", "10.0.0.3:3389"
-POOL = d.Pool("default", True, 3600.0)
 
 
 async def seed_power(engine: AsyncEngine, power: PoolPower | None, *members: d.Server) -> None:
     farm = Farm(pools=[POOL], servers=list(members), power={power.pool: power} if power else {})
     plan = await apply_farm(engine, farm)
     assert not plan.refusals
-
-
-async def set_health(engine: AsyncEngine, address: str, health: str, at: datetime) -> None:
-    """What a health replica's report leaves on the row: the result, its time, fresh for an hour."""
-    async with engine.begin() as conn:
-        await conn.execute(
-            update(servers)
-            .where(servers.c.address == address)
-            .values(health=health, probed_at=at, health_changed_at=at, fresh_until=at + timedelta(hours=1))
-        )
-
-
-async def state(engine: AsyncEngine, address: str) -> tuple[str, str]:
-    async with engine.connect() as conn:
-        row = (
-            await conn.execute(
-                select(servers.c.power, servers.c.admin_state).where(servers.c.address == address)
-            )
-        ).one()
-    return row.power, row.admin_state
 
 
 def powered(service: BrokerService, **kw) -> PowerService:
@@ -99,6 +80,15 @@ async def test_low_capacity_starts_a_stopped_server_through_the_signed_hook(engi
             }
         ]
         assert await state(engine, B) == ("starting", "enabled")
+        async with engine.connect() as conn:
+            trail = (
+                await conn.execute(
+                    select(audit.c.action, audit.c.actor, audit.c.target, audit.c.outcome).where(
+                        audit.c.action.like("server.power%")
+                    )
+                )
+            ).all()
+        assert [tuple(row) for row in trail] == [("server.power_start", "broker:power", B, "ok")]
 
         # B being started covers the shortfall: no second call.
         assert await loop.run_once() == []
@@ -122,6 +112,20 @@ async def test_a_hook_that_refuses_the_signature_puts_the_server_back(engine, se
         assert got.refused == ["bad signature"]  # 401: a refusal, not retried
         assert got.calls == []
         assert await state(engine, A) == ("off", "enabled")
+        async with engine.connect() as conn:
+            outcomes = (
+                (
+                    await conn.execute(
+                        select(audit.c.outcome)
+                        .where(audit.c.target == A)
+                        .where(audit.c.action == "server.power_start")
+                        .order_by(audit.c.id)
+                    )
+                )
+                .scalars()
+                .all()
+            )
+        assert outcomes == ["ok", "error"]
 
 
 async def test_a_hook_answering_503_is_retried_with_the_same_delivery(engine, service, clock):
@@ -384,3 +388,26 @@ async def test_the_broker_refuses_to_start_with_hooks_and_no_secret(engine, pg_d
     with pytest.raises(StartupError, match="RDBROKER_POWER_HOOK_SECRET"):
         async with running_broker(settings_for(pg_database_url)):
             pass
+
+
+async def test_the_same_on_the_embedded_sqlite_store(tmp_path):
+    url = f"sqlite+aiosqlite:///{tmp_path / 'rdbroker.db'}"
+    sqlite = make_engine(url)
+    try:
+        await migrate.upgrade(sqlite)
+        clock = Clock()
+        service = BrokerService(Store(sqlite), settings_for(url), clock)
+        async with receiver() as got:
+            power = PoolPower("default", start_url=got.url("start"), min_free_sessions=1, start_wait_s=20)
+            await seed_power(sqlite, power, server(A, max_sessions=1))
+            await set_health(sqlite, A, "down", clock.now)
+            assert [a.verb for a in await powered(service).run_once()] == [Verb.START]
+            assert got.calls[0]["server"] == A
+        assert await state(sqlite, A) == ("starting", "enabled")
+        with pytest.raises(CapacityStarting):
+            await service.route(d.RouteRequest(connection_id="c1", proxy_id="p", cookie="alice"))
+        await set_health(sqlite, A, "up", clock.now)
+        placed = await service.route(d.RouteRequest(connection_id="c1", proxy_id="p", cookie="alice"))
+        assert placed.server_address == A
+    finally:
+        await sqlite.dispose()
