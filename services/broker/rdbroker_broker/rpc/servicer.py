@@ -58,7 +58,10 @@ def guarded(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
             # Overload: the gate warns once a while; the database away: its state, once per change.
             if code is grpc.StatusCode.UNAVAILABLE and not isinstance(exc, _QUIET):
                 log.warning("%s: %s", method.__name__, exc)
-            await context.abort(code, str(exc), trailing_metadata=_hold(exc))
+            hold = _hold(exc)
+            if hold:
+                await context.abort(code, str(exc), trailing_metadata=hold)
+            await context.abort(code, str(exc))
         except Exception:
             log.exception("%s failed", method.__name__)
             await context.abort(grpc.StatusCode.INTERNAL, "internal error in the broker (see its log)")
