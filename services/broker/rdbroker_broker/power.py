@@ -21,7 +21,7 @@ import random
 from dataclasses import dataclass
 from datetime import timedelta
 
-from rdbroker_broker import audit, callers
+from rdbroker_broker import audit, callers, metrics
 from rdbroker_broker import domain as d
 from rdbroker_broker import power_rules as rules
 from rdbroker_broker.config import BrokerSettings
@@ -176,6 +176,7 @@ class PowerService:
         try:
             await self.hooks.call(action.url, action.payload())
         except HookFailed as exc:
+            metrics.record_power_hook(action.verb.value, ok=False)
             log.warning(
                 "power hook %s %s failed: %s", action.verb.value, action.address, exc,
                 extra={"server": action.address, "pool": action.pool},
@@ -195,6 +196,7 @@ class PowerService:
             return False
         finally:
             self._in_flight.discard(action.address)
+        metrics.record_power_hook(action.verb.value, ok=True)
         return True
 
     async def run_once(self) -> list[PowerAction]:
