@@ -411,3 +411,25 @@ async def test_the_same_on_the_embedded_sqlite_store(tmp_path):
         assert placed.server_address == A
     finally:
         await sqlite.dispose()
+
+
+async def test_apply_sets_changes_and_removes_a_pools_hooks(engine):
+    power = PoolPower("default", start_url="https://hooks.example/start?code=k", min_free_sessions=2)
+    members = [server(A, max_sessions=2)]
+    first = await apply_farm(engine, Farm(pools=[POOL], servers=members, power={"default": power}))
+    assert (
+        "set the power hooks of pool default (start https://hooks.example/start below 2 free sessions, "
+        "users wait 20s)" in first.changes
+    )
+    again = await apply_farm(engine, Farm(pools=[POOL], servers=members, power={"default": power}))
+    assert again.changes == []
+    wider = PoolPower("default", start_url="https://hooks.example/start", min_free_sessions=4)
+    changed = await apply_farm(engine, Farm(pools=[POOL], servers=members, power={"default": wider}))
+    assert [line for line in changed.changes if "power" in line] == [
+        "update the power hooks of pool default (start https://hooks.example/start below 4 free sessions, "
+        "users wait 20s)"
+    ]
+    gone = await apply_farm(engine, Farm(pools=[POOL], servers=members))
+    assert gone.changes == ["remove the power hooks of pool default"]
+    async with engine.connect() as conn:
+        assert await PowerRepository(conn).all() == []
