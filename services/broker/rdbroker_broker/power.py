@@ -260,7 +260,7 @@ def _claimed(action: PowerAction, free: int, power: rules.PoolPower) -> str:
 
 def _no_secret(pools: list[str]) -> str:
     return (
-        f"pools {', '.join(pools)} declare power hooks but RDBROKER_POWER_HOOK_SECRET is not set: "
+        f"power hooks are declared (pools {', '.join(pools)}) but RDBROKER_POWER_HOOK_SECRET is not set: "
         "set it (the hooks' receivers check the signature made with it) or remove `power:` from the "
         "farm file"
     )
