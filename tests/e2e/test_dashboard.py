@@ -303,6 +303,7 @@ def test_pool_settings_stale_results_and_confirmed_sessions(
         expect(stale_row.locator("td.sessions")).to_have_text("2")
         expect(stale_row.locator("td.held")).to_have_text("2")
         expect(page.locator(f'tr[data-address="{fresh}"] td.health')).to_have_text("up")
+        expect(page.locator(f'tr[data-address="{fresh}"] td.power')).to_have_text("on")
         expect(page.locator(f'tr[data-address="{fresh}"] td.held')).to_have_text("0")
 
         for user, confirmed in (("ana", "yes"), ("ben", "claim")):

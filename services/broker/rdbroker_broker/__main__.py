@@ -33,6 +33,7 @@ ENV_ONLY = (
     "grpc_health_token",
     "grpc_admin_token",
     "agent_token",
+    "power_hook_secret",
 )
 
 

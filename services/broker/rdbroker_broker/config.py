@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from rdbroker_broker.domain import MAX_USER_CHARS
+from rdbroker_common.power import MIN_SECRET_CHARS
 from rdbroker_common.rpc_authz import ADMIN, DEFAULT_TRUST_DOMAIN, HEALTH, PROXY, check_trust_domain
 from rdbroker_common.settings import ServiceSettings, is_loopback, split_host_port
 
@@ -102,6 +103,14 @@ class BrokerSettings(ServiceSettings):
     # How long an agent gets to carry out an action (a logoff waits for the session's processes to end).
     agent_action_timeout_s: float = Field(default=20.0, gt=0, le=300)
 
+    # Capacity on demand (docs/power.md): the key that signs every power hook call (environment only;
+    # pools with `power:` hooks need it), how often each replica's power loop looks, and the bounds
+    # of one hook call: each attempt's timeout, and how long failed attempts are retried.
+    power_hook_secret: SecretStr = SecretStr("")
+    power_interval_s: float = Field(default=5.0, gt=0, le=3600)
+    power_hook_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    power_hook_retry_s: float = Field(default=60.0, ge=0, le=3600)
+
     # Prometheus /metrics (host:port); empty = off. The sessions-by-state gauge is recounted this often.
     metrics_listen: str = ""
     sessions_metric_interval_s: float = Field(default=5.0, gt=0, le=3600)
@@ -110,6 +119,13 @@ class BrokerSettings(ServiceSettings):
     @classmethod
     def _trust_domain(cls, value: str) -> str:
         return check_trust_domain(value)
+
+    @field_validator("power_hook_secret")
+    @classmethod
+    def _power_secret(cls, value: SecretStr) -> SecretStr:
+        if value.get_secret_value() and len(value.get_secret_value()) < MIN_SECRET_CHARS:
+            raise ValueError(f"the power hook secret must be at least {MIN_SECRET_CHARS} characters")
+        return value
 
     @field_validator("grpc_listen", "http_listen")
     @classmethod

@@ -25,10 +25,12 @@ from rdbroker_broker import domain as d
 from rdbroker_broker.config import BrokerSettings
 from rdbroker_broker.db import embedded_sql, report_sql, routing_sql
 from rdbroker_broker.db.audit_repository import AuditFilter as AuditFilter  # for the REST routes
+from rdbroker_broker.db.power_repository import PowerRepository
 from rdbroker_broker.db.repositories import new_session_id, session_from_row
 from rdbroker_broker.db.tables import connections, proxies, sessions
 from rdbroker_broker.errors import (
     BrokerError,
+    CapacityStarting,
     Conflict,
     DatabaseUnavailable,
     InvalidInput,
@@ -749,6 +751,13 @@ class BrokerService:
         ranked = [s.address for s in d.rank_for_new_session(candidates, exclude)]
         chosen = await self._lock_server(r, ranked, now) if ranked else None
         if chosen is None:
+            # A server starting (or about to be) for this pool: the proxy holds the user (power.py).
+            wait_s = await PowerRepository(r.conn).start_wait(pool.name)
+            if wait_s:
+                raise CapacityStarting(
+                    f"no server in pool {pool.name!r} can take a new session yet: one is starting",
+                    wait_s,
+                )
             raise NoCapacity(
                 f"no server in pool {pool.name!r} can take a new session ({_summary(candidates, now)})"
             )

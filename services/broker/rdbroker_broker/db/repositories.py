@@ -63,7 +63,7 @@ SERVER_COLUMNS = [
     for name in (
         "address", "pool", "weight", "max_sessions", "admin_state", "health", "agent_state", "load",
         "placements_since_report", "live_sessions", "held_sessions", "agent_url", "sessions_url",
-        "health_detail", "agent_detail", "health_changed_at", "probed_at", "fresh_until",
+        "health_detail", "agent_detail", "health_changed_at", "probed_at", "fresh_until", "power",
     )
 ]  # fmt: skip
 SESSION_COLUMNS = [
@@ -175,6 +175,7 @@ def server_from_row(row: Row[Any]) -> d.Server:
         health_changed_at=m["health_changed_at"],
         probed_at=m["probed_at"],
         fresh_until=m["fresh_until"],
+        power=d.PowerState(m["power"]),
     )
 
 

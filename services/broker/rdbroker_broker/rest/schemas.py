@@ -18,6 +18,7 @@ from rdbroker_common.settings import join_host_port, split_host_port
 SessionStateName = Literal["pending", "active", "disconnected", "ended"]
 AdminStateName = Literal["enabled", "draining", "maintenance"]
 HealthName = Literal["unknown", "up", "down"]
+PowerName = Literal["on", "starting", "stopping", "off"]
 AgentStateName = Literal["none", "up", "drain", "maint", "down"]
 
 # No control characters in any text we store or look up (PostgreSQL refuses NUL, logs hate the rest).
@@ -169,6 +170,11 @@ class ServerOut(BaseModel):
     agent_url: str
     sessions_url: str
     routable: bool = Field(description="it would take a new session now")
+    power: PowerName = Field(
+        "on",
+        description="capacity on demand (docs/power.md): `off` when no probe reaches it, `starting` "
+        "while its pool's start hook works, `stopping` once drained and its stop hook called",
+    )
 
     @classmethod
     def of(cls, server: d.Server, now: datetime) -> ServerOut:
@@ -194,6 +200,7 @@ class ServerOut(BaseModel):
             agent_url=s.agent_url,
             sessions_url=s.sessions_url,
             routable=d.takes_new_sessions(s),
+            power=s.power.value,
         )
 
 

@@ -181,6 +181,7 @@ function serverRow(server) {
   if (server.stale && server.probed_at) health.title = `no health result since ${formatTime(server.probed_at)}`;
   else if (server.health_detail) health.title = server.health_detail;
   row.append(health);
+  row.append(text("td", server.power || "on", "power"));
   row.append(text("td", server.load >= 0 ? `${server.load}` : "–", "load"));
   row.append(text("td", `${server.live_sessions}`, "sessions"));
   row.append(text("td", `${server.held_sessions ?? "–"}`, "held"));
