@@ -1,7 +1,7 @@
 """The broker process: gRPC (grpc.aio) and REST (uvicorn) in one event loop, one shutdown order.
 
 SIGTERM (or `stop`) -> grpc.health NOT_SERVING and `/readyz` 503 -> listeners stop, in-flight calls get
-`shutdown_grace_s` -> the sweeper stops -> the engine is disposed.
+`shutdown_grace_s` -> the sweeper and the drainer stop -> the engine is disposed.
 
 Readiness is the process's: both listeners up, the schema at head when it was checked at start. The
 database's state (`database_state.py`) is reported, not made a reason to leave the Service.
@@ -27,6 +27,7 @@ from rdbroker_broker.database_state import DatabaseState
 from rdbroker_broker.db import migrate
 from rdbroker_broker.db.engine import is_sqlite, make_engine
 from rdbroker_broker.db.tracing import trace_statements
+from rdbroker_broker.drains import Drainer
 from rdbroker_broker.errors import BrokerError, DatabaseUnavailable
 from rdbroker_broker.probing import ProbeService
 from rdbroker_broker.rest.app import create_app, set_stopping
@@ -205,6 +206,8 @@ async def serve(
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(http_server.serve(sockets=[sock]))
             tasks.create_task(_sweep_forever(service, stop))
+            # Drains until empty (drains.py): every replica looks; one at a time advances each drain.
+            tasks.create_task(Drainer(service, rest.state.agents).run_forever(stop))
             tasks.create_task(session_counts.refresh_forever(stop))
             tasks.create_task(_watch_database(store, settings.db_check_interval_s, stop))
             metrics.publish_sessions(session_counts)
