@@ -120,7 +120,7 @@ async def start_drain(
             updated_at=now,
             next_at=now,
             sessions_left=server.live_sessions,
-            detail=f"{server.live_sessions} sessions on the server",
+            detail=f"{_sessions(server.live_sessions)} on the server",
         )
         await drains.start(drain)
         before = f"admin_state {server.admin_state.value} -> draining, "
@@ -147,7 +147,7 @@ async def cancel_drain(service: BrokerService, address: str) -> d.Drain:
             raise Conflict(f"no drain of {address} is under way")
         drain = await drains.get(address)
         assert drain is not None
-        await change.record(r, f"at {drain.step.value} with {drain.sessions_left} sessions left")
+        await change.record(r, f"at {drain.step.value} with {_sessions(drain.sessions_left)} left")
         return drain
 
     return await audited(service, "server.drain_cancel", address, work)
@@ -172,6 +172,10 @@ async def all_drains(service: BrokerService) -> dict[str, d.Drain]:
         return await DrainRepository(r.conn).all()
 
     return await service.run_tx(work)
+
+
+def _sessions(n: int) -> str:
+    return f"{n} session" if n == 1 else f"{n} sessions"
 
 
 def _logoff_due(drain: d.Drain, session: d.Session) -> datetime | None:
@@ -321,7 +325,7 @@ class Drainer:
             dues = [due for s in disconnected if (due := _logoff_due(drain, s)) is not None]
             step = d.DrainStep.MESSAGING if drain.notify_text and untold else d.DrainStep.WAITING
             pending = len(live) - len(active) - len(disconnected)
-            detail = f"{len(live)} sessions left: {len(active)} active, {len(disconnected)} disconnected"
+            detail = f"{_sessions(len(live))} left: {len(active)} active, {len(disconnected)} disconnected"
             if pending:
                 detail += f", {pending} pending"
             held = await drains.update_held(
