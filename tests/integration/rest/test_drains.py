@@ -5,6 +5,8 @@ is seen (messaged, waiting, the logoff of a disconnected session once due, maint
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -21,6 +23,7 @@ from rdbroker_agent.errors import SourceError
 from rdbroker_agent.server import AgentServer
 from rdbroker_broker import callers
 from rdbroker_broker.agents import AgentCaller
+from rdbroker_broker.db.drain_repository import DrainRepository
 from rdbroker_broker.drains import Drainer
 from rdbroker_broker.rest.app import create_app
 from rdbroker_broker.service import BrokerService
@@ -304,3 +307,31 @@ async def test_bad_drain_requests_are_refused_and_audited(client, caplog, addres
     assert (await client.get(f"/v1/servers/{A}")).json()["admin_state"] == "enabled"
     missing = await client.get(f"/v1/servers/{address}/drain")
     assert missing.status_code == 404
+
+
+async def test_one_replica_at_a_time_advances_a_drain(client, service, engine, clock, agent, sources):
+    await users_on_a(service, client, agent)
+    await client.post(f"/v1/servers/{A}/drain", json={"notify": TEXT})
+    one, other = (
+        Drainer(service, AgentCaller.from_settings(service.settings), owner=o) for o in ("r1", "r2")
+    )
+
+    async def claim(drainer: Drainer) -> bool:
+        return await service.run_tx(functools.partial(drainer._claim, A))
+
+    # Two replicas claim at once: one wins; the lease keeps the other out until it runs out.
+    won = await asyncio.gather(claim(one), claim(other))
+    assert sorted(won) == [False, True]
+    winner, loser = (one, other) if won[0] else (other, one)
+    assert await loser.advance_due() == []
+    clock.advance(service.settings.drain_lease_s + 1)
+    [drain] = await loser.advance_due()  # the winner died holding it: the other carries on
+    assert drain.messaged == 1
+    assert sources.runs.count(("msg", "2", TEXT)) == 1
+
+    # The dead owner's late writes change nothing: the lease is no longer its.
+    async def late(r):
+        return await DrainRepository(r.conn).count(A, winner.owner, "messaged")
+
+    assert await service.run_tx(late) is False
+    assert (await drain_of(client))["messaged"] == 1
