@@ -165,6 +165,15 @@ async def get_drain(service: BrokerService, address: str) -> d.Drain:
     return await service.run_tx(work)
 
 
+async def drain_of(service: BrokerService, address: str) -> d.Drain | None:
+    """The server's latest drain, None if it never had one."""
+
+    async def work(r: Repos) -> d.Drain | None:
+        return await DrainRepository(r.conn).get(address)
+
+    return await service.run_tx(work)
+
+
 async def all_drains(service: BrokerService) -> dict[str, d.Drain]:
     """Each server's latest drain, by address."""
 
@@ -260,8 +269,8 @@ class Drainer:
     ) -> session_actions.Action | None:
         messaged_at, retry_at = mark
         now = self.service.now()
-        if retry_at is not None and retry_at > now:
-            return None
+        if not session.user or (retry_at is not None and retry_at > now):
+            return None  # a session with no user name cannot be found on its server by its agent
         if session.state is d.SessionState.ACTIVE and drain.notify_text and messaged_at is None:
             return "message"
         due = _logoff_due(drain, session)
@@ -321,13 +330,15 @@ class Drainer:
             marks = await drains.marks(address)
             active = [s for s in live if s.state is d.SessionState.ACTIVE]
             disconnected = [s for s in live if s.state is d.SessionState.DISCONNECTED]
-            untold = [s for s in active if marks.get(s.session_id, (None, None))[0] is None]
-            dues = [due for s in disconnected if (due := _logoff_due(drain, s)) is not None]
+            untold = [s for s in active if s.user and marks.get(s.session_id, (None, None))[0] is None]
+            dues = [due for s in disconnected if s.user and (due := _logoff_due(drain, s)) is not None]
             step = d.DrainStep.MESSAGING if drain.notify_text and untold else d.DrainStep.WAITING
             pending = len(live) - len(active) - len(disconnected)
             detail = f"{_sessions(len(live))} left: {len(active)} active, {len(disconnected)} disconnected"
             if pending:
                 detail += f", {pending} pending"
+            if nameless := sum(1 for s in live if not s.user):
+                detail += f" ({nameless} with no user name: no agent can find them; they end by themselves)"
             held = await drains.update_held(
                 address,
                 self.owner,

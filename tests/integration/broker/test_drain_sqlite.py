@@ -26,16 +26,19 @@ async def test_a_drain_on_sqlite_waits_for_the_session_and_ends_in_maintenance(t
         service = BrokerService(Store(engine), settings_for(url), clock)
         with callers.use_caller(callers.Caller("test")):
             placed = await service.route(d.RouteRequest("c1", proxy_id="p", cookie="alice"))
+            nameless = await service.route(d.RouteRequest("c2", proxy_id="p"))  # the client sent no name
             drain = await start_drain(service, A, None, None, "maintenance")
-        assert (drain.step, drain.sessions_left) == (d.DrainStep.STARTING, 1)
+        assert (drain.step, drain.sessions_left) == (d.DrainStep.STARTING, 2)
         one, other = (Drainer(service, AgentCaller(None, None, 5.0), owner=o) for o in ("r1", "r2"))
         [waiting] = await one.advance_due()
-        assert (waiting.step, waiting.detail) == (
-            d.DrainStep.WAITING,
-            "1 session left: 0 active, 0 disconnected, 1 pending",
+        assert waiting.step is d.DrainStep.WAITING
+        assert waiting.detail == (
+            "2 sessions left: 0 active, 0 disconnected, 2 pending "
+            "(1 with no user name: no agent can find them; they end by themselves)"
         )
         clock.advance(5)
         await service.end_session(placed.session_id, "logged_off")
+        await service.end_session(nameless.session_id, "expired")
         [done] = await other.advance_due()
         assert (done.step, done.sessions_left) == (d.DrainStep.DONE, 0)
         assert (await get_server(service, A)).admin_state is d.AdminState.MAINTENANCE

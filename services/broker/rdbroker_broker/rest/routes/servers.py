@@ -42,7 +42,7 @@ def _service(request: Request) -> use_cases.BrokerService:
 
 
 async def _out(request: Request, server: d.Server) -> ServerOut:
-    drain = (await drains.all_drains(_service(request))).get(server.address)
+    drain = await drains.drain_of(_service(request), server.address)
     return ServerOut.of(server, _service(request).now(), drain)
 
 
