@@ -217,6 +217,19 @@ class DrainOut(BaseModel):
         )
 
 
+class SessionStatesOut(BaseModel):
+    """A server's live sessions by state."""
+
+    pending: int = 0
+    active: int = 0
+    disconnected: int = 0
+
+    @classmethod
+    def of(cls, counts: dict[str, int] | None) -> SessionStatesOut:
+        counts = counts or {}
+        return cls(**{state.value: counts.get(state.value, 0) for state in d.LIVE_STATES})
+
+
 class ServerOut(BaseModel):
     address: str
     pool: str
@@ -250,9 +263,19 @@ class ServerOut(BaseModel):
         "while its pool's start hook works, `stopping` once drained and its stop hook called",
     )
     drain: DrainOut | None = Field(default=None, description="its latest drain until empty, if any")
+    session_states: SessionStatesOut = Field(
+        default_factory=SessionStatesOut,
+        description="its live sessions by state (counted now; `live_sessions` is the directory's counter)",
+    )
 
     @classmethod
-    def of(cls, server: d.Server, now: datetime, drain: d.Drain | None = None) -> ServerOut:
+    def of(
+        cls,
+        server: d.Server,
+        now: datetime,
+        drain: d.Drain | None = None,
+        states: dict[str, int] | None = None,
+    ) -> ServerOut:
         """The server as routing sees it at `now`: a stale result reads as no result."""
         s = d.as_seen_at(server, now)
         return cls(
@@ -277,11 +300,30 @@ class ServerOut(BaseModel):
             routable=d.takes_new_sessions(s),
             power=s.power.value,
             drain=DrainOut.of(drain) if drain is not None else None,
+            session_states=SessionStatesOut.of(states),
         )
 
 
 class ServersOut(BaseModel):
     servers: list[ServerOut]
+
+
+class HistoryMinuteOut(BaseModel):
+    at: datetime = Field(description="the minute's start (UTC)")
+    logons: int = Field(description="first Route answers in the minute: the sum of the four below")
+    new: int = Field(description="placed anew by policy")
+    reconnect: int = Field(description="sent back to the user's live session")
+    token: int = Field(description="sent where a routing token said")
+    no_identity: int = Field(description="placed with no user name (no cookie, no token)")
+
+
+class HistoryOut(BaseModel):
+    hours: int
+    since: datetime = Field(description="the first minute's start")
+    until: datetime = Field(description="the end of the current minute")
+    minutes: list[HistoryMinuteOut] = Field(
+        description="oldest first; a minute without any answer is left out"
+    )
 
 
 def _check(field: str) -> Any:

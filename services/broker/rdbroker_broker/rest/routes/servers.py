@@ -9,7 +9,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, Path, Query, Request, Response
 
 from rdbroker_broker import domain as d
-from rdbroker_broker import drains
+from rdbroker_broker import drains, history
 from rdbroker_broker import service as use_cases
 from rdbroker_broker.rest import audited, auth
 from rdbroker_broker.rest.schemas import (
@@ -43,18 +43,22 @@ def _service(request: Request) -> use_cases.BrokerService:
 
 async def _out(request: Request, server: d.Server) -> ServerOut:
     drain = await drains.drain_of(_service(request), server.address)
-    return ServerOut.of(server, _service(request).now(), drain)
+    states = await history.session_states(_service(request), [server.address])
+    return ServerOut.of(server, _service(request).now(), drain, states.get(server.address))
 
 
 @router.get("/servers", dependencies=[auth.Read], summary="List servers")
 async def list_servers(
     request: Request, pool: Annotated[str, Query(max_length=128, pattern=PRINTABLE)] = ""
 ) -> ServersOut:
-    """Servers with their health, load, live sessions and state, by pool then address."""
+    """Servers with their health, load, live sessions (by state) and state, by pool then address."""
     servers = await _service(request).list_servers(pool)
     found = await drains.all_drains(_service(request))
+    states = await history.session_states(_service(request))
     now = _service(request).now()
-    return ServersOut(servers=[ServerOut.of(s, now, found.get(s.address)) for s in servers])
+    return ServersOut(
+        servers=[ServerOut.of(s, now, found.get(s.address), states.get(s.address)) for s in servers]
+    )
 
 
 @router.get("/servers/{address}", dependencies=[auth.Read], summary="One server")

@@ -1,0 +1,63 @@
+"""Queries for the dashboard's history and session counts (history.py), inside the caller's transaction.
+
+Logons come from `connections` (every Route answer, kept `retention_s`): one range read on its
+`created_at` index, counted per minute in the database, so the answer is at most one row per minute
+and reason however many connections the hours held.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import BigInteger, Integer, cast, func, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from rdbroker_broker import domain as d
+from rdbroker_broker.db.tables import connections, sessions
+
+LIVE = [s.value for s in d.LIVE_STATES]
+
+
+def _minute(conn: AsyncConnection) -> Any:
+    """The minute since the epoch of a connection's created_at, as an integer."""
+    if conn.dialect.name == "postgresql":
+        return cast(func.floor(func.extract("epoch", connections.c.created_at) / 60), BigInteger)
+    # SQLite stores UTC as text ("2026-12-07 13:52:01.123456"); %s reads it as UTC.
+    return cast(func.strftime("%s", connections.c.created_at), Integer) / 60
+
+
+class HistoryRepository:
+    def __init__(self, conn: AsyncConnection) -> None:
+        self.conn = conn
+
+    async def answers_per_minute(self, since: datetime, until: datetime) -> list[tuple[int, str, int]]:
+        """(minute since the epoch, reason, count) of the first answers (attempt 0: a client's new
+        connection, not a proxy's retry after a failure) given in [since, until)."""
+        minute = _minute(self.conn).label("minute")
+        query = (
+            select(minute, connections.c.reason, func.count().label("n"))
+            .where(
+                connections.c.created_at >= since,
+                connections.c.created_at < until,
+                connections.c.attempt == 0,
+            )
+            .group_by(minute, connections.c.reason)
+            .order_by(minute)
+        )
+        return [(int(m), str(reason), int(n)) for m, reason, n in await self.conn.execute(query)]
+
+    async def live_states(self, addresses: Sequence[str] = ()) -> dict[str, dict[str, int]]:
+        """Live sessions per server and state (`{address: {state: count}}`), all servers or these."""
+        query = (
+            select(sessions.c.server_address, sessions.c.state, func.count())
+            .where(sessions.c.state.in_(LIVE))
+            .group_by(sessions.c.server_address, sessions.c.state)
+        )
+        if addresses:
+            query = query.where(sessions.c.server_address.in_(list(addresses)))
+        counts: dict[str, dict[str, int]] = {}
+        for address, state, n in await self.conn.execute(query):
+            counts.setdefault(address, {})[state] = int(n)
+        return counts
