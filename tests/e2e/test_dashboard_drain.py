@@ -1,5 +1,6 @@
 """The dashboard's drain cell in headless Chromium (under the broker's CSP, nothing leaving loopback): a
-drain until empty shows its step and counts while it runs, and how it ended once the server is empty."""
+drain until empty shows its step, counts and a progress bar while it runs, and how it ended once the
+server is empty."""
 
 from __future__ import annotations
 
@@ -52,6 +53,9 @@ def test_the_server_table_shows_a_drain_until_empty(
         # ben's pending claim is neither messaged nor logged off: the drain waits for it.
         expect(cell).to_have_text("waiting · 1 left · 0 messaged · 0 logged off", timeout=WAIT_MS)
         expect(cell).to_have_class(re.compile(r"\bdrain-running\b"))
+        # Its progress bar: none of its one session gone yet.
+        expect(cell.locator("progress.drain-progress")).to_have_attribute("max", "1")
+        expect(cell.locator("progress.drain-progress")).to_have_attribute("value", "0")
         expect(cell).to_have_attribute(
             "title", re.compile(r"^1 session left: 0 active, 0 disconnected, 1 pending\n")
         )
