@@ -50,6 +50,16 @@ def seed(db: psycopg.Connection, now: datetime) -> None:
     # retry (attempt 1), which is no logon.
     answers = [(f"c{n}", 0, "new", 10) for n in range(3)] + [("c3", 0, "reconnect", 10)]
     answers += [("c4", 0, "new", 70), ("c5", 0, "new", 70), ("c5", 1, "new", 70)]
+    # Refusals as the brokers' sweeps write them: 2 (no capacity) in the minute of the logons, 1 (unknown
+    # pool) ten minutes later.
+    ten_ago = (now - timedelta(minutes=10)).replace(second=0, microsecond=0)
+    for minute, reason, count in (
+        (ten_ago, "resource_exhausted", 2),
+        (ten_ago + timedelta(minutes=10), "not_found", 1),
+    ):
+        db.execute(
+            "INSERT INTO route_refusals (minute, reason, count) VALUES (%s, %s, %s)", (minute, reason, count)
+        )
     for connection_id, attempt, reason, ago in answers:
         db.execute(
             "INSERT INTO connections (connection_id, attempt, session_id, proxy_id, server_address, reason, "
@@ -100,15 +110,22 @@ def test_bars_history_and_a_servers_sessions(
         expect(page.locator('#tiles li[data-tile="disconnected"] .tile-value')).to_have_text("1")
         expect(page.locator('#tiles li[data-tile="pending"] .tile-value')).to_have_text("1")
 
-        # Logons per minute: 6 first answers in two minutes of the last 3 hours, 4 of them this hour.
+        # Logons per minute: 6 first answers in two minutes of the last 3 hours, 4 of them this hour;
+        # refusals below the line, 3 in two minutes.
         chart = page.locator("#history-chart")
         expect(chart).to_have_attribute("data-logons", "6")
-        expect(chart.locator("g.minute")).to_have_count(2)
-        recent = chart.locator("g.minute").last
+        expect(chart).to_have_attribute("data-refused", "3")
+        expect(chart.locator("g.minute")).to_have_count(3)
+        recent = chart.locator("g.minute").nth(1)
         expect(recent).to_have_attribute("data-logons", "4")
+        expect(recent).to_have_attribute("data-refused", "2")
         expect(recent.locator("rect.seg-new")).to_have_count(1)
         expect(recent.locator("rect.seg-reconnect")).to_have_count(1)
+        expect(recent.locator("rect.seg-refused")).to_have_count(1)
+        expect(chart.locator("g.minute").last.locator("rect")).to_have_count(1)
         expect(page.locator('#tiles li[data-tile="logons"] .tile-value')).to_have_text("4")
+        expect(page.locator('#tiles li[data-tile="refused"] .tile-value')).to_have_text("3")
+        expect(page.locator('#tiles li[data-tile="refused"]')).to_have_class("alarm")
         page.select_option("#history-hours", "1")
         expect(chart).to_have_attribute("data-logons", "4")
 

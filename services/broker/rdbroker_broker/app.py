@@ -22,7 +22,7 @@ import grpc
 import uvicorn
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from rdbroker_broker import metrics
+from rdbroker_broker import metrics, refusals
 from rdbroker_broker.config import BrokerSettings
 from rdbroker_broker.database_state import DatabaseState
 from rdbroker_broker.db import migrate
@@ -125,6 +125,7 @@ async def _sweep_forever(service: BrokerService, stop: asyncio.Event) -> None:
     while not stop.is_set():
         try:
             await service.sweep()
+            await refusals.flush(service)
         except DatabaseUnavailable:
             pass  # the database state logs each change, not each failed sweep
         except BrokerError as exc:

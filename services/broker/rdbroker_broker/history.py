@@ -2,6 +2,7 @@
 
 Logons per minute come from the directory's own record of Route answers (`connections`), so every
 replica answers the same and the history survives restarts; it reaches back `retention_s` at most.
+Refusals come from `route_refusals`, which each replica adds its counts to at its sweep (refusals.py).
 """
 
 from __future__ import annotations
@@ -24,10 +25,15 @@ REASONS = tuple(r.value for r in d.RouteReason)
 class Minute:
     at: datetime  # the minute's start (UTC)
     answers: dict[str, int] = field(default_factory=dict)  # by RouteReason value
+    refusals: dict[str, int] = field(default_factory=dict)  # by gRPC status name, lower case
 
     @property
     def logons(self) -> int:
         return sum(self.answers.values())
+
+    @property
+    def refused(self) -> int:
+        return sum(self.refusals.values())
 
 
 @dataclass(frozen=True)
@@ -49,17 +55,23 @@ async def logon_history(service: BrokerService, hours: int) -> History:
     until = datetime.fromtimestamp((_epoch_minute(now) + 1) * 60, UTC)
     since = until - timedelta(hours=hours)
 
-    async def work(r: Repos) -> list[tuple[int, str, int]]:
-        return await HistoryRepository(r.conn).answers_per_minute(since, until)
+    async def work(r: Repos) -> tuple[list[tuple[int, str, int]], list[tuple[datetime, str, int]]]:
+        repository = HistoryRepository(r.conn)
+        return await repository.answers_per_minute(since, until), await repository.refusals(since, until)
 
-    by_minute: dict[int, dict[str, int]] = {}
-    for minute, reason, count in await service.run_tx(work):
-        by_minute.setdefault(minute, {})[reason] = count
-    minutes = [
-        Minute(datetime.fromtimestamp(minute * 60, UTC), answers)
-        for minute, answers in sorted(by_minute.items())
-    ]
-    return History(since, until, minutes)
+    answers, refused = await service.run_tx(work)
+    by_minute: dict[int, Minute] = {}
+
+    def minute_of(number: int) -> Minute:
+        if number not in by_minute:
+            by_minute[number] = Minute(datetime.fromtimestamp(number * 60, UTC))
+        return by_minute[number]
+
+    for number, reason, count in answers:
+        minute_of(number).answers[reason] = count
+    for moment, reason, count in refused:
+        minute_of(_epoch_minute(moment)).refusals[reason] = count
+    return History(since, until, [by_minute[n] for n in sorted(by_minute)])
 
 
 async def session_states(service: BrokerService, addresses: Sequence[str] = ()) -> dict[str, dict[str, int]]:

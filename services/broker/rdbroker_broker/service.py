@@ -25,6 +25,7 @@ from rdbroker_broker import domain as d
 from rdbroker_broker.config import BrokerSettings
 from rdbroker_broker.db import embedded_sql, report_sql, routing_sql
 from rdbroker_broker.db.audit_repository import AuditFilter as AuditFilter  # for the REST routes
+from rdbroker_broker.db.history_repository import purge_refusals
 from rdbroker_broker.db.power_repository import PowerRepository
 from rdbroker_broker.db.repositories import new_session_id, session_from_row
 from rdbroker_broker.db.tables import connections, proxies, sessions
@@ -1230,6 +1231,7 @@ class BrokerService:
 
         async def proxies(r: Repos) -> None:
             await r.proxies.purge(before)
+            await purge_refusals(r.conn, before)  # a row per minute and reason: few
 
         await self.run_tx(proxies)
         return purged

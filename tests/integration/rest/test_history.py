@@ -1,5 +1,6 @@
-"""`GET /v1/history` (logons per minute from the directory's record of Route answers) and the servers'
-`session_states`, on PostgreSQL and on the embedded SQLite."""
+"""`GET /v1/history` (logons per minute from the directory's record of Route answers, refusals as the
+brokers write them at their sweep) and the servers' `session_states`, on PostgreSQL and on the embedded
+SQLite."""
 
 from __future__ import annotations
 
@@ -10,12 +11,17 @@ import httpx
 import pytest
 
 from rdbroker_broker import domain as d
+from rdbroker_broker import refusals
 from rdbroker_broker.db import migrate
 from rdbroker_broker.db.engine import make_engine
+from rdbroker_broker.errors import BrokerError, DatabaseUnavailable
 from rdbroker_broker.farm import Farm, apply_farm
+from rdbroker_broker.probing import ProbeService
 from rdbroker_broker.rest.app import create_app
+from rdbroker_broker.rpc.servicer import BrokerServicer
 from rdbroker_broker.service import BrokerService
 from rdbroker_broker.store import Store
+from rdbroker_proto.v1 import broker_pb2 as pb
 from tests.integration.rest.conftest import ADMIN, READ, SERVERS, settings_for
 
 
@@ -137,3 +143,61 @@ async def test_servers_show_live_sessions_by_state(farm):
     assert servers[SERVERS[0]]["session_states"] == {"pending": 2, "active": 0, "disconnected": 0}
     assert servers[SERVERS[1]]["session_states"] == {"pending": 0, "active": 0, "disconnected": 0}
     assert one["session_states"] == servers[SERVERS[0]]["session_states"]
+
+
+async def _refused(servicer: BrokerServicer, user: str, connection_id: str, pool: str = "") -> str:
+    request = pb.RouteRequest(connection_id=connection_id, proxy_id="p1", cookie=user, pool=pool)
+    with pytest.raises(BrokerError) as refused:
+        await servicer.route(request)
+    return type(refused.value).__name__
+
+
+async def test_refusals_are_written_per_minute_at_the_sweep(farm):
+    service, clock = farm
+    servicer = BrokerServicer(service, ProbeService(service))
+    await _route(service, "alice", "c1")
+    assert await _refused(servicer, "bob", "c2", pool="nowhere") == "NotFound"
+    async with await _client(service) as http:
+        http.headers["Authorization"] = f"Bearer {ADMIN}"
+        for server in SERVERS[:2]:
+            assert (await http.post(f"/v1/servers/{server}/maintenance")).status_code == 200
+        assert await _refused(servicer, "carol", "c3") == "NoCapacity"
+        assert await _refused(servicer, "dave", "c4") == "NoCapacity"
+        # Counted in memory: nothing in the history until the broker's sweep writes it.
+        before = (await http.get("/v1/history", params={"hours": 1})).json()["minutes"]
+        assert [(m["logons"], m["refused"]) for m in before] == [(1, 0)]
+        assert await refusals.flush(service) == 3
+        assert await refusals.flush(service) == 0
+        clock.now = START + timedelta(minutes=1)
+        assert await _refused(servicer, "erin", "c5") == "NoCapacity"
+        assert await refusals.flush(service) == 1
+        # A second replica's counts for the same minute add up.
+        clock.now = START + timedelta(minutes=1, seconds=10)
+        other = BrokerService(service.store, service.settings, clock=clock)
+        await _refused(BrokerServicer(other, ProbeService(other)), "fay", "c6")
+        assert await refusals.flush(other) == 1
+        minutes = (await http.get("/v1/history", params={"hours": 1})).json()["minutes"]
+    assert [(m["at"], m["logons"], m["refused"], m["refusals"]) for m in minutes] == [
+        ("2026-12-07T09:00:00Z", 1, 3, {"not_found": 1, "resource_exhausted": 2}),
+        ("2026-12-07T09:01:00Z", 0, 2, {"resource_exhausted": 2}),
+    ]
+
+
+async def test_refusals_not_written_are_kept_for_the_next_sweep(farm):
+    service, _ = farm
+    servicer = BrokerServicer(service, ProbeService(service))
+    await _refused(servicer, "bob", "c1", pool="nowhere")
+    real = service.run_tx
+
+    async def down(work):
+        raise DatabaseUnavailable("the database is away")
+
+    service.run_tx = down  # type: ignore[method-assign]
+    with pytest.raises(DatabaseUnavailable):
+        await refusals.flush(service)
+    service.run_tx = real  # type: ignore[method-assign]
+    assert sum(refusals.pending(service).values()) == 1
+    assert await refusals.flush(service) == 1
+    async with await _client(service) as http:
+        minutes = (await http.get("/v1/history", params={"hours": 1})).json()["minutes"]
+    assert [(m["refused"], m["refusals"]) for m in minutes] == [(1, {"not_found": 1})]

@@ -11,11 +11,11 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Integer, cast, func, select
+from sqlalchemy import BigInteger, Integer, cast, delete, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from rdbroker_broker import domain as d
-from rdbroker_broker.db.tables import connections, sessions
+from rdbroker_broker.db.tables import connections, route_refusals, sessions
 
 LIVE = [s.value for s in d.LIVE_STATES]
 
@@ -48,6 +48,16 @@ class HistoryRepository:
         )
         return [(int(m), str(reason), int(n)) for m, reason, n in await self.conn.execute(query)]
 
+    async def refusals(self, since: datetime, until: datetime) -> list[tuple[datetime, str, int]]:
+        """(minute, reason, count) of the refused Routes the replicas have written (refusals.py)."""
+        t = route_refusals
+        query = (
+            select(t.c.minute, t.c.reason, t.c.count)
+            .where(t.c.minute >= since, t.c.minute < until)
+            .order_by(t.c.minute)
+        )
+        return [(m, str(reason), int(n)) for m, reason, n in await self.conn.execute(query)]
+
     async def live_states(self, addresses: Sequence[str] = ()) -> dict[str, dict[str, int]]:
         """Live sessions per server and state (`{address: {state: count}}`), all servers or these."""
         query = (
@@ -61,3 +71,8 @@ class HistoryRepository:
         for address, state, n in await self.conn.execute(query):
             counts.setdefault(address, {})[state] = int(n)
         return counts
+
+
+async def purge_refusals(conn: AsyncConnection, before: datetime) -> int:
+    result = await conn.execute(delete(route_refusals).where(route_refusals.c.minute < before))
+    return int(result.rowcount)

@@ -337,3 +337,14 @@ drain_sessions = Table(
     Column("retry_at", UtcDateTime, nullable=True),
     Column("failures", Integer, nullable=False, server_default="0"),
 )
+
+# Refused Route calls per minute and reason (migration 0012, refusals.py): each replica counts its own
+# in memory and adds them here at its sweep, so the dashboard's history shows refusals beside the logons
+# of `connections` without a write per refused call.
+route_refusals = Table(
+    "route_refusals",
+    metadata,
+    Column("minute", UtcDateTime, primary_key=True),  # the minute's start
+    Column("reason", String(32), primary_key=True),  # the gRPC status: resource_exhausted, not_found, ...
+    Column("count", Integer, nullable=False),
+)

@@ -315,6 +315,11 @@ class HistoryMinuteOut(BaseModel):
     reconnect: int = Field(description="sent back to the user's live session")
     token: int = Field(description="sent where a routing token said")
     no_identity: int = Field(description="placed with no user name (no cookie, no token)")
+    refused: int = Field(description="Route calls refused (written by each broker at its sweep)")
+    refusals: dict[str, int] = Field(
+        description="the refused calls by gRPC status, lower case: resource_exhausted (no server can "
+        "take the user), not_found, invalid_argument, unavailable, ..."
+    )
 
 
 class HistoryOut(BaseModel):
@@ -322,7 +327,7 @@ class HistoryOut(BaseModel):
     since: datetime = Field(description="the first minute's start")
     until: datetime = Field(description="the end of the current minute")
     minutes: list[HistoryMinuteOut] = Field(
-        description="oldest first; a minute without any answer is left out"
+        description="oldest first; a minute without any answer or refusal is left out"
     )
 
 

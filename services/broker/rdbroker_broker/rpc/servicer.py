@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from rdbroker_broker import audit, metrics
+from rdbroker_broker import audit, metrics, refusals
 from rdbroker_broker import domain as d
 from rdbroker_broker.admission import beyond_queue_bound, call_deadline, run_to_completion
 from rdbroker_broker.callers import Caller
@@ -137,6 +137,7 @@ class BrokerServicer(pb_grpc.BrokerServicer):
             return convert.route_response(decision)
         except BrokerError as exc:
             outcome = status_for(exc).name
+            refusals.count(self.service, exc, outcome)
             raise
         finally:
             metrics.record_route(reason, outcome, time.perf_counter() - started)

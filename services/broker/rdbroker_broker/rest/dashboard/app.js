@@ -684,7 +684,8 @@ const HISTORY_EVERY_MS = 30000; // the chart moves a minute at a time
 const HIST_W = 720;
 const HIST_H = 150;
 const HIST_TOP = 14;
-const HIST_BOTTOM = 132;
+const HIST_BOTTOM = 106; // logons stand on this line; refusals hang below it, down to REFUSED_BOTTOM
+const REFUSED_BOTTOM = 132;
 let historyReadAt = 0;
 
 async function refreshHistory(force) {
@@ -708,25 +709,30 @@ function renderHistory(answer) {
   const slots = Math.max(1, Math.round((until - since) / 60000));
   const slot = HIST_W / slots;
   const peak = Math.max(1, ...answer.minutes.map((m) => m.logons));
+  const refusedPeak = Math.max(1, ...answer.minutes.map((m) => m.refused || 0));
   const height = HIST_BOTTOM - HIST_TOP;
   const parts = [svg("line", { class: "axis", x1: 0, y1: HIST_BOTTOM, x2: HIST_W, y2: HIST_BOTTOM })];
   parts.push(svg("line", { class: "grid", x1: 0, y1: HIST_TOP, x2: HIST_W, y2: HIST_TOP }));
+  parts.push(svg("line", { class: "grid", x1: 0, y1: REFUSED_BOTTOM, x2: HIST_W, y2: REFUSED_BOTTOM }));
   parts.push(svgText(`${peak} a minute`, { x: 2, y: HIST_TOP - 3, class: "scale" }));
+  parts.push(svgText(`${refusedPeak} refused`, { x: 2, y: REFUSED_BOTTOM - 2, class: "scale refused-scale" }));
   // An hour mark (or every 10 minutes on the one-hour view), in the page's time zone.
   const step = slots <= 60 ? 10 : slots <= 360 ? 60 : 180;
   for (let minute = Math.ceil(since / 60000 / step) * step; minute * 60000 < until; minute += step) {
     const x = ((minute * 60000 - since) / 60000) * slot;
-    parts.push(svg("line", { class: "tick", x1: x, y1: HIST_BOTTOM, x2: x, y2: HIST_BOTTOM + 4 }));
+    parts.push(svg("line", { class: "tick", x1: x, y1: REFUSED_BOTTOM, x2: x, y2: REFUSED_BOTTOM + 4 }));
     const moment = new Date(minute * 60000);
     parts.push(svgText(`${pad(moment.getHours())}:${pad(moment.getMinutes())}`, { x, y: HIST_H - 2, class: "tick-label" }));
   }
   let total = 0;
+  let refusedTotal = 0;
   for (const minute of answer.minutes) {
     const at = new Date(minute.at).getTime();
     const x = ((at - since) / 60000) * slot;
     const group = svg("g", { class: "minute" });
     group.dataset.at = minute.at;
     group.dataset.logons = `${minute.logons}`;
+    group.dataset.refused = `${minute.refused || 0}`;
     let y = HIST_BOTTOM;
     for (const [kind, count] of [["new", minute.new], ["reconnect", minute.reconnect], ["other", minute.token + minute.no_identity]]) {
       if (!count) continue;
@@ -734,20 +740,30 @@ function renderHistory(answer) {
       y -= size;
       group.append(svg("rect", { class: `seg seg-${kind}`, x, y, width: Math.max(slot - 0.5, 0.8), height: size }));
     }
+    if (minute.refused) {
+      const size = (minute.refused / refusedPeak) * (REFUSED_BOTTOM - HIST_BOTTOM - 2);
+      group.append(svg("rect", { class: "seg seg-refused", x, y: HIST_BOTTOM + 1, width: Math.max(slot - 0.5, 0.8), height: size }));
+    }
     const title = svg("title");
     const moment = new Date(at);
-    title.textContent = `${pad(moment.getHours())}:${pad(moment.getMinutes())}: ${minute.logons} logon${minute.logons === 1 ? "" : "s"} (${minute.new} new, ${minute.reconnect} reconnect, ${minute.token} by token, ${minute.no_identity} without a name)`;
+    const refusedBy = Object.entries(minute.refusals || {}).map(([why, n]) => `${n} ${why}`).join(", ");
+    title.textContent = `${pad(moment.getHours())}:${pad(moment.getMinutes())}: ${minute.logons} logon${minute.logons === 1 ? "" : "s"} (${minute.new} new, ${minute.reconnect} reconnect, ${minute.token} by token, ${minute.no_identity} without a name)${minute.refused ? `; ${minute.refused} refused (${refusedBy})` : ""}`;
     group.append(title);
     parts.push(group);
     total += minute.logons;
+    refusedTotal += minute.refused || 0;
   }
   chart.replaceChildren(...parts);
   chart.dataset.logons = `${total}`;
+  chart.dataset.refused = `${refusedTotal}`;
   chart.dataset.minutes = `${answer.minutes.length}`;
   const hourAgo = until - 3600000;
   const lastHour = answer.minutes.filter((m) => new Date(m.at).getTime() >= hourAgo).reduce((n, m) => n + m.logons, 0);
   setTile("logons", lastHour);
-  if (!answer.minutes.length) $("#history-message").textContent = "No logons in this time.";
+  const refusedLastHour = answer.minutes.filter((m) => new Date(m.at).getTime() >= hourAgo).reduce((n, m) => n + (m.refused || 0), 0);
+  setTile("refused", refusedLastHour);
+  document.querySelector('#tiles li[data-tile="refused"]').classList.toggle("alarm", refusedLastHour > 0);
+  if (!answer.minutes.length) $("#history-message").textContent = "No logons or refusals in this time.";
 }
 
 // --- route explain (GET /v1/route/explain, where the broker has it) -------------------------------------
