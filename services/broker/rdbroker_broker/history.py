@@ -68,7 +68,8 @@ async def logon_history(service: BrokerService, hours: int) -> History:
         return by_minute[number]
 
     for number, reason, count in answers:
-        minute_of(number).answers[reason] = count
+        counts = minute_of(number).answers
+        counts[reason] = counts.get(reason, 0) + count
     for moment, reason, count in refused:
         minute_of(_epoch_minute(moment)).refusals[reason] = count
     return History(since, until, [by_minute[n] for n in sorted(by_minute)])

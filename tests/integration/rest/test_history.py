@@ -14,6 +14,7 @@ from rdbroker_broker import domain as d
 from rdbroker_broker import refusals
 from rdbroker_broker.db import migrate
 from rdbroker_broker.db.engine import make_engine
+from rdbroker_broker.db.history_repository import HistoryRepository
 from rdbroker_broker.errors import BrokerError, DatabaseUnavailable
 from rdbroker_broker.farm import Farm, apply_farm
 from rdbroker_broker.probing import ProbeService
@@ -94,6 +95,8 @@ async def test_logons_per_minute_by_reason(farm):
     await _route(service, "bob", "c2")  # 09:00 new
     clock.now = START + timedelta(seconds=20)
     await _route(service, "alice", "c3")  # 09:00 reconnect (her claim is still live)
+    clock.now = START + timedelta(seconds=29)
+    await _route(service, "bea", "c7")  # 09:00 new, at another second of the minute
     clock.now = START + timedelta(minutes=2)
     await _route(service, "", "c4")  # 09:02 no identity
     # A proxy's retry after a failure (attempt 1) is not another logon.
@@ -105,11 +108,18 @@ async def test_logons_per_minute_by_reason(farm):
         three = (await http.get("/v1/history", params={"hours": 3})).json()
         four = (await http.get("/v1/history", params={"hours": 4})).json()
     assert [(m["at"], m["logons"], m["new"], m["reconnect"], m["no_identity"]) for m in four["minutes"]] == [
-        ("2026-12-07T09:00:00Z", 3, 2, 1, 0),
+        ("2026-12-07T09:00:00Z", 4, 3, 1, 0),
         ("2026-12-07T09:02:00Z", 2, 1, 0, 1),
         ("2026-12-07T12:00:00Z", 1, 1, 0, 0),
     ]
     assert [m["at"] for m in three["minutes"]] == ["2026-12-07T09:02:00Z", "2026-12-07T12:00:00Z"]
+    # Counted per minute in the database: a row per minute and reason, whatever the seconds.
+    rows = await service.run_tx(
+        lambda r: HistoryRepository(r.conn).answers_per_minute(
+            START - timedelta(hours=1), clock.now + timedelta(minutes=1)
+        )
+    )
+    assert len(rows) == len({(minute, reason) for minute, reason, _ in rows}) == 5
     assert all(m["token"] == 0 for m in four["minutes"])
 
 

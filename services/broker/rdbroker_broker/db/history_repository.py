@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Integer, cast, delete, func, select
+from sqlalchemy import BigInteger, Integer, cast, delete, func, literal, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from rdbroker_broker import domain as d
@@ -24,8 +24,9 @@ def _minute(conn: AsyncConnection) -> Any:
     """The minute since the epoch of a connection's created_at, as an integer."""
     if conn.dialect.name == "postgresql":
         return cast(func.floor(func.extract("epoch", connections.c.created_at) / 60), BigInteger)
-    # SQLite stores UTC as text ("2026-12-07 13:52:01.123456"); %s reads it as UTC.
-    return cast(func.strftime("%s", connections.c.created_at), Integer) / 60
+    # SQLite stores UTC as text ("2026-12-07 13:52:01.123456"); %s reads it as UTC. `/` of two integers
+    # is integer division there (SQLAlchemy's own `/` would add 0.0 and make it a float).
+    return cast(func.strftime("%s", connections.c.created_at), Integer).op("/")(literal(60, Integer))
 
 
 class HistoryRepository:
