@@ -61,10 +61,15 @@ class HistoryRepository:
 
     async def live_states(self, addresses: Sequence[str] = ()) -> dict[str, dict[str, int]]:
         """Live sessions per server and state (`{address: {state: count}}`), all servers or these."""
+        address: Any = sessions.c.server_address
+        if self.conn.dialect.name == "sqlite":
+            # Grouping by the bare column, SQLite scans all of (server_address, state), ended sessions
+            # included (35-50 ms with 300,000); as an expression it reads the live ones by state (7-15 ms).
+            address = (address + "").label("server_address")
         query = (
-            select(sessions.c.server_address, sessions.c.state, func.count())
+            select(address, sessions.c.state, func.count())
             .where(sessions.c.state.in_(LIVE))
-            .group_by(sessions.c.server_address, sessions.c.state)
+            .group_by(address, sessions.c.state)
         )
         if addresses:
             query = query.where(sessions.c.server_address.in_(list(addresses)))
