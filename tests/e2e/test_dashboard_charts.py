@@ -184,6 +184,9 @@ def test_explain_is_hidden_without_the_route_and_drawn_from_its_answer(
         page.wait_for_function("() => document.querySelector('#history-chart').dataset.minutes !== undefined")
         assert "/v1/route/explain" in asked
         expect(page.locator("#explain")).to_be_hidden()
+        # No Route yet: an empty chart says so, and a pool without sessions draws no bars.
+        expect(page.locator("#history-message")).to_have_text("No logons or refusals in this time.")
+        expect(page.locator("article.pool[data-pool=Sales] svg.pool-bars")).to_be_hidden()
         page.close()
 
         # A broker with the route: its answers (the contract of docs/api.md) drawn.

@@ -377,6 +377,7 @@ function poolChart(article, members, scale) {
   parts.push(svg("line", { class: "axis", x1: 0, y1: CHART_H, x2: CHART_W, y2: CHART_H, "vector-effect": "non-scaling-stroke" }));
   chart.replaceChildren(...parts);
   const busiest = Math.max(0, ...members.map((s) => { const t = statesOf(s); return t.active + t.disconnected + t.pending; }));
+  article.querySelector("figure.pool-chart").classList.toggle("idle", busiest === 0);
   article.querySelector(".pool-scale").textContent = busiest ? `tallest: ${scale} session${scale === 1 ? "" : "s"}` : "no live sessions";
 }
 
@@ -694,8 +695,8 @@ async function refreshHistory(force) {
   const hours = Number($("#history-hours").value) || 3;
   try {
     const answer = await api("GET", `/v1/history?hours=${hours}`);
-    renderHistory(answer);
     $("#history-message").textContent = "";
+    renderHistory(answer);
   } catch (err) {
     historyReadAt = 0;
     if (err.status !== 401) $("#history-message").textContent = `History: ${err.message}`;
@@ -715,7 +716,9 @@ function renderHistory(answer) {
   parts.push(svg("line", { class: "grid", x1: 0, y1: HIST_TOP, x2: HIST_W, y2: HIST_TOP }));
   parts.push(svg("line", { class: "grid", x1: 0, y1: REFUSED_BOTTOM, x2: HIST_W, y2: REFUSED_BOTTOM }));
   parts.push(svgText(`${peak} a minute`, { x: 2, y: HIST_TOP - 3, class: "scale" }));
-  parts.push(svgText(`${refusedPeak} refused`, { x: 2, y: REFUSED_BOTTOM - 2, class: "scale refused-scale" }));
+  if (answer.minutes.some((m) => m.refused)) {
+    parts.push(svgText(`${refusedPeak} refused`, { x: 2, y: REFUSED_BOTTOM - 2, class: "scale refused-scale" }));
+  }
   // An hour mark (or every 10 minutes on the one-hour view), in the page's time zone.
   const step = slots <= 60 ? 10 : slots <= 360 ? 60 : 180;
   for (let minute = Math.ceil(since / 60000 / step) * step; minute * 60000 < until; minute += step) {
