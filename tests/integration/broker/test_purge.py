@@ -1,5 +1,5 @@
-"""History past `retention_s` is deleted by the sweep: ended sessions, connections and silent proxies,
-never a live session or anything younger; at most once a minute, in bounded transactions."""
+"""History past `retention_s` is deleted by the sweep: ended sessions, connections, refusal counts and silent
+proxies, never a live session or anything younger; at most once a minute, in bounded transactions."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from rdbroker_broker import domain as d
+from rdbroker_broker import refusals
 from rdbroker_broker import service as service_module
 from rdbroker_broker.db.repositories import SessionRepository
-from rdbroker_broker.db.tables import connections, proxies, sessions
+from rdbroker_broker.db.tables import connections, proxies, route_refusals, sessions
+from rdbroker_broker.errors import NotFound
 from rdbroker_broker.service import BrokerService
 from tests.integration.broker.conftest import Clock, seed, server
 
@@ -92,3 +94,19 @@ async def test_a_backlog_is_purged_in_bounded_transactions(
     assert not set(old) & (await ids(engine))[0]
     async with engine.connect() as conn:
         assert (await conn.execute(select(func.count()).select_from(connections))).scalar_one() == 0
+
+
+async def test_refusal_counts_past_retention_are_purged(engine, service, clock: Clock):
+    # route_refusals (refusals.py): a row per minute and status, deleted with the rest of the history.
+    await seed(engine, server(A))
+    refusals.count(service, NotFound("no such pool"), "NOT_FOUND")
+    await refusals.flush(service)
+    clock.advance(service.settings.retention_s + 120)
+    refusals.count(service, NotFound("no such pool"), "NOT_FOUND")
+    await refusals.flush(service)
+    await service.sweep()
+    async with engine.connect() as conn:
+        rows = (await conn.execute(select(route_refusals.c.minute, route_refusals.c.count))).all()
+    assert [(minute.replace(second=0, microsecond=0), n) for minute, n in rows] == [
+        (clock.now.replace(second=0, microsecond=0), 1)
+    ]
