@@ -15,7 +15,7 @@ from rdbroker_broker import refusals
 from rdbroker_broker.db import migrate
 from rdbroker_broker.db.engine import make_engine
 from rdbroker_broker.db.history_repository import HistoryRepository
-from rdbroker_broker.errors import BrokerError, DatabaseUnavailable
+from rdbroker_broker.errors import BrokerError, CapacityStarting, DatabaseUnavailable
 from rdbroker_broker.farm import Farm, apply_farm
 from rdbroker_broker.probing import ProbeService
 from rdbroker_broker.rest.app import create_app
@@ -196,6 +196,9 @@ async def test_refusals_are_written_per_minute_at_the_sweep(farm):
 async def test_refusals_not_written_are_kept_for_the_next_sweep(farm):
     service, _ = farm
     servicer = BrokerServicer(service, ProbeService(service))
+    # A user held while a server starts is no refusal: the proxy asks again.
+    refusals.count(service, CapacityStarting("a server is starting", 20.0), "UNAVAILABLE")
+    assert refusals.pending(service) == {}
     await _refused(servicer, "bob", "c1", pool="nowhere")
     real = service.run_tx
 
