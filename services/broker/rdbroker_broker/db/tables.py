@@ -213,6 +213,15 @@ Index(
     sqlite_where=text(f"{LIVE_STATES_SQL} AND account_name IS NOT NULL"),
 )
 Index("ix_sessions_server_created", sessions.c.server_address, sessions.c.created_at)
+# Ended sessions by when they ended, for the purge (migration 0011).
+ENDED_SQL = "state = 'ended'"
+Index(
+    "ix_sessions_ended_at",
+    sessions.c.state,
+    sessions.c.ended_at,
+    postgresql_where=text(ENDED_SQL),
+    sqlite_where=text(ENDED_SQL),
+)
 # The few sessions a proxy's heartbeat may revive (disconnected for want of news, migration 0007).
 _NEWS_LOST = "state = 'disconnected' AND end_reason IN ('proxy_silent', 'connection_lost')"
 Index(
