@@ -57,6 +57,7 @@ PURGE_MAX_BATCHES = 100  # per purge: a larger backlog goes on at the next one
 # On SQLite a statement holds the event loop (and every proxied connection) for its time, and a
 # deleted session costs ~90 µs (its indexes): batches of ~10 ms, the loop free between them.
 SQLITE_PURGE_BATCH = 100
+SQLITE_EXPIRE_BATCH = 200  # sessions of each state per transaction
 SQLITE_PURGE_MAX_BATCHES = 1000
 MAX_TX_ATTEMPTS = 5
 # How many ranked servers a placement tries to lock before giving up on the pool.
@@ -1254,9 +1255,19 @@ class BrokerService:
         them all along judges meanwhile).
         """
 
+        expired = 0
+        if not self.store.is_postgres:
+            # A statement holds the loop on SQLite: sessions that expire together (a storm's
+            # disconnects, one timeout later) end in small batches, the loop free between them.
+            while (
+                done := await self.run_tx(lambda r: r.sessions.expire(self.now(), SQLITE_EXPIRE_BATCH))
+            ) > 0:
+                expired += done
+                await asyncio.sleep(0)
+
         async def work(r: Repos) -> dict[str, int]:
             now = self.now()
-            expired = await r.sessions.expire(now)
+            ended = expired + (await r.sessions.expire(now) if self.store.is_postgres else 0)
             silent_since = now - timedelta(seconds=self.settings.proxy_silence_s)
             orphaned = 0
             heard = self.heard_since is not None and self.heard_since <= silent_since
@@ -1264,7 +1275,7 @@ class BrokerService:
                 alive = r.proxies.alive_since(silent_since)
                 for pool in await r.pools.list():
                     orphaned += await r.sessions.disconnect_orphans(pool, alive, silent_since, now)
-            return {"expired": expired, "disconnected": orphaned, "judged_silence": int(heard)}
+            return {"expired": ended, "disconnected": orphaned, "judged_silence": int(heard)}
 
         counts = await self.run_tx(work)
         if counts["expired"] or counts["disconnected"]:  # said before a purge that may fail

@@ -649,13 +649,17 @@ class SessionRepository:
         )
         return bool(result.rowcount)
 
-    async def expire(self, now: datetime) -> int:
-        """End pending and disconnected sessions whose time is up."""
+    async def expire(self, now: datetime, limit: int | None = None) -> int:
+        """End pending and disconnected sessions whose time is up (at most `limit` of each state)."""
         total = 0
         for state, reason in (("pending", "pending_expired"), ("disconnected", "disconnect_timeout")):
+            due: Any = and_(sessions.c.state == state, sessions.c.expires_at < now)
+            if limit is not None:
+                some = select(sessions.c.id).where(due).limit(limit).scalar_subquery()
+                due = sessions.c.id.in_(some)
             result = await self.conn.execute(
                 update(sessions)
-                .where(sessions.c.state == state, sessions.c.expires_at < now)
+                .where(due)
                 .values(state="ended", end_reason=reason, ended_at=now, updated_at=now, expires_at=None)
             )
             total += int(result.rowcount)
