@@ -195,8 +195,8 @@ class BrokerService:
         elif in_one and token_address is None:
             decision = await self._route_sqlite(request, user)
         elif request.attempt == 0 and self.store.is_postgres:
-            # Outside a transaction: one read decides most routes. A reconnect then needs only the
-            # idempotent insert of its answer; anything else runs in a transaction with this read.
+            # A routing token: the context is read outside the transaction (no BEGIN/COMMIT round
+            # trips for it), and the transaction decides with this read.
             try:
                 async with self.store.autocommit() as r:
                     context = await self._read_context(r, request.pool, user)
