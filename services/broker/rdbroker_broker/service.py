@@ -652,7 +652,7 @@ class BrokerService:
     ) -> d.RouteDecision:
         # Routing sees each server as of now: a stale health result reads as no result.
         candidates = [d.as_seen_at(s, now) for s in await r.servers.list(pool.name)]
-        ranked = [s.address for s in d.rank_for_new_session(candidates, exclude)]
+        ranked = [s.address for s in d.rank_for_new_session(candidates, exclude, pool.placement)]
         chosen = await self._lock_server(r, ranked, now) if ranked else None
         if chosen is None:
             raise NoCapacity(
