@@ -132,6 +132,10 @@ class ApiClient:
     def end_session(self, session_id: str) -> dict[str, Any]:
         return _object(self.request("DELETE", f"/v1/sessions/{path_part(session_id)}"))
 
+    def explain_route(self, user: str, client: str = "", pool: str = "") -> dict[str, Any]:
+        params = {"user": user} | ({"client": client} if client else {}) | ({"pool": pool} if pool else {})
+        return _object(self.request("GET", "/v1/route/explain", params=params))
+
     def list_audit(self, params: list[tuple[str, str]]) -> dict[str, Any]:
         answer = _object(self.request("GET", "/v1/audit", params=params))
         _items(answer, "items")

@@ -420,6 +420,21 @@ def takes_new_sessions(server: Server) -> bool:
     return not (server.max_sessions > 0 and server.held_sessions >= server.max_sessions)
 
 
+def why_no_new_sessions(server: Server) -> str:
+    """Why `takes_new_sessions` refuses the server ("" when it takes them)."""
+    if takes_new_sessions(server):
+        return ""
+    if server.is_down:
+        return "down"
+    if server.effective_admin_state is not AdminState.ENABLED:
+        return server.effective_admin_state.value
+    if server.weight <= 0:
+        return "weight 0"
+    if server.load >= 100:
+        return "load 100"
+    return f"full: {server.held_sessions} of {server.max_sessions} sessions"
+
+
 def takes_reconnects(server: Server) -> bool:
     """Draining servers still take their own users back; down and maintenance servers do not."""
     return not server.is_down and server.effective_admin_state is not AdminState.MAINTENANCE

@@ -19,10 +19,11 @@ import psycopg
 from sqlalchemy import Column, ColumnElement, String, func, select
 from sqlalchemy.exc import IntegrityError
 
-from rdbroker_broker import accounts, audit, metrics, pool_settings
+from rdbroker_broker import accounts, assignments, audit, metrics, pool_settings
 from rdbroker_broker import domain as d
 from rdbroker_broker.config import BrokerSettings
 from rdbroker_broker.db import report_sql, routing_sql
+from rdbroker_broker.db.assignment_repository import AssignmentRepository
 from rdbroker_broker.db.audit_repository import AuditFilter as AuditFilter  # for the REST routes
 from rdbroker_broker.db.repositories import new_session_id, session_from_row
 from rdbroker_broker.db.tables import connections, proxies, sessions
@@ -127,6 +128,11 @@ class BrokerService:
         # Pools' account settings as last read, by the pool name a Route names ("" = the default):
         # the Route statement needs the canonical key before it reads the pool, and checks them.
         self._pool_accounts: dict[str, tuple[tuple[str, str], accounts.Rules]] = {}
+        # The assignment rules, which pick the pool of a Route that names none.
+        self.assignments = assignments.Cache(
+            lambda: self.run_tx(lambda r: AssignmentRepository(r.conn).rule_set()),
+            settings.assignments_refresh_ms / 1000,
+        )
 
     def _accounts_for(self, pool: str) -> tuple[tuple[str, str], accounts.Rules]:
         return self._pool_accounts.get(pool.casefold(), _NO_ACCOUNTS)
@@ -166,6 +172,8 @@ class BrokerService:
     async def route(self, request: d.RouteRequest) -> d.RouteDecision:
         d.validate_route_request(request)
         user = d.identity_from(request, self.settings.max_cookie_chars)
+        if not request.pool and (assigned := await self.assignments.pool_for(user, request.client_address)):
+            request = replace(request, pool=assigned)
         if len(user) > d.MAX_USER_CHARS // 2:  # only a long name may not fit once qualified
             self._check_qualified(request.pool, user)
         token_address = d.routing_token_address(request.routing_token)
@@ -1085,19 +1093,7 @@ class BrokerService:
         return counts
 
 
-def _no_new_sessions(server: d.Server) -> str:
-    """Why `domain.takes_new_sessions` refuses the server ("" when it takes them)."""
-    if d.takes_new_sessions(server):
-        return ""
-    if server.is_down:
-        return "down"
-    if server.effective_admin_state is not d.AdminState.ENABLED:
-        return server.effective_admin_state.value
-    if server.weight <= 0:
-        return "weight 0"
-    if server.load >= 100:
-        return "load 100"
-    return f"full: {server.held_sessions} of {server.max_sessions} sessions"
+_no_new_sessions = d.why_no_new_sessions
 
 
 def _last_answer(answers: dict[int, d.RouteDecision], attempt: int) -> d.RouteDecision | None:
@@ -1397,6 +1393,7 @@ async def add_server(service: BrokerService, server: d.Server) -> d.Server:
         if await r.servers.get(server.address) is not None:
             raise Conflict(f"a server is already registered at {server.address}")
         pool = await _pool_named(r, server.pool)
+        _check_placement(pool, server)
         now = service.now()
         await r.servers.upsert(replace(server, pool=pool.name), now)
         if server.admin_state is not d.AdminState.ENABLED:
@@ -1422,6 +1419,8 @@ async def update_server(service: BrokerService, address: str, changes: ServerCha
             if (value := getattr(changes, name)) is not None
         }
         now = service.now()
+        if fields.get("max_sessions") == 0:
+            _check_placement(await _pool_named(r, server.pool), replace(server, max_sessions=0))
         if fields:
             await r.servers.upsert(replace(server, **fields), now)
         if changes.admin_state is not None and changes.admin_state is not server.admin_state:
@@ -1434,6 +1433,11 @@ async def update_server(service: BrokerService, address: str, changes: ServerCha
         return updated
 
     return await audited(service, "server.update", address, work)
+
+
+def _check_placement(pool: d.Pool, server: d.Server) -> None:
+    for problem in d.placement_problems(pool.placement, [server]):
+        raise InvalidInput(f"pool {pool.name}: {problem}")
 
 
 async def remove_server(service: BrokerService, address: str, force: bool = False) -> int:
@@ -1508,6 +1512,11 @@ async def update_pool(service: BrokerService, name: str, changes: dict[str, Any]
         pool = await _pool_named(r, name)
         changed = replace(pool, **changes)
         problems = pool_settings.pool_problems(changed, service.settings.probe_interval_ms)
+        if changed.placement is not pool.placement:
+            problems += [
+                ("placement", p)
+                for p in d.placement_problems(changed.placement, await r.servers.list(pool.name))
+            ]
         if problems:
             raise InvalidInput("; ".join(f"{field}: {message}" for field, message in problems))
         if changed != pool:

@@ -22,9 +22,7 @@ depends_on = None
 
 def upgrade() -> None:
     # A plain ADD COLUMN on both databases (a batch would copy `pools`, which `servers` references).
-    op.add_column(
-        "pools", sa.Column("placement", sa.String(16), nullable=False, server_default="breadth")
-    )
+    op.add_column("pools", sa.Column("placement", sa.String(16), nullable=False, server_default="breadth"))
     op.create_table(
         "assignments",
         sa.Column("position", sa.Integer(), autoincrement=False, nullable=False),
