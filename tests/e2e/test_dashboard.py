@@ -246,7 +246,9 @@ def test_pool_settings_stale_results_and_confirmed_sessions(
     answer = httpx.patch(f"{live_broker.url}/v1/pools/default", json=settings, headers=admin)
     assert answer.status_code == 200, answer.text
     # Sales fills its one server first: depth needs its limit.
-    answer = httpx.patch(f"{live_broker.url}/v1/servers/{SERVERS[2]}", json={"max_sessions": 20}, headers=admin)
+    answer = httpx.patch(
+        f"{live_broker.url}/v1/servers/{SERVERS[2]}", json={"max_sessions": 20}, headers=admin
+    )
     assert answer.status_code == 200, answer.text
     answer = httpx.patch(f"{live_broker.url}/v1/pools/Sales", json={"placement": "depth"}, headers=admin)
     assert answer.status_code == 200, answer.text

@@ -172,11 +172,11 @@ def _placed(explained: Explanation, servers: list[d.Server], live: d.Session | N
         return replace(shown, decision=NONE, why=f"{why}: a Route is refused (RESOURCE_EXHAUSTED)")
     best = ranked[0]
     if placement is d.Placement.DEPTH:
-        how = "depth placement, the highest effective load below its limit"
+        how = "depth placement takes the highest effective load below its limit"
     else:
-        how = "breadth placement, the lowest effective load"
+        how = "breadth placement takes the lowest effective load"
     why = (
-        f"new session: {how}, {d.effective_load(best):.4g}, of {len(ranked)} "
+        f"new session: {how} ({d.effective_load(best):.4g} here) among the {len(ranked)} "
         f"server{'' if len(ranked) == 1 else 's'} that take new sessions"
     )
     return replace(shown, decision=NEW, server=best.address, why=why)

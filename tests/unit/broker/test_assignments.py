@@ -162,7 +162,7 @@ def test_bad_rules_are_refused_at_their_line(rules, expected):
 
 
 def test_assignments_must_be_a_list():
-    with pytest.raises(FarmError, match="farm.yaml:1: assignments: expected a list of rules"):
+    with pytest.raises(FarmError, match=r"farm\.yaml:1: assignments: expected a list of rules"):
         load_farm("assignments: {user: x}\n")
 
 

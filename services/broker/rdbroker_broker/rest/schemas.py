@@ -395,7 +395,9 @@ class AssignmentOut(BaseModel):
     rule: int = Field(description="the matching rule's position in `assignments:` (1 = first); 0 for none")
     match: str = Field(description='what the rule matches, like "user CORP\\\\fin-* and network 10.0.0.0/8"')
     rules: int = Field(description="how many assignment rules there are")
-    consulted: bool = Field(description="false: the client named a pool (a tsv:// collection)")
+    consulted: bool = Field(
+        description="false: the client named a pool (its load-balance info, a collection)"
+    )
 
 
 class CandidateOut(BaseModel):
@@ -417,7 +419,7 @@ class ExplainOut(BaseModel):
 
     user: str
     client: str = Field(description='the client IP address as read; "" for none')
-    pool_asked: str = Field(description='the pool the client named (tsv://); "" for none')
+    pool_asked: str = Field(description='the pool the client named (its load-balance info); "" for none')
     assignment: AssignmentOut
     pool: str
     placement: PlacementName

@@ -68,7 +68,12 @@ async def explain_route(
         Query(max_length=64, pattern=PRINTABLE, description="client address: 10.20.1.5, [2001:db8::5]:50123"),
     ] = "",
     pool: Annotated[
-        str, Query(max_length=128, pattern=PRINTABLE, description="the pool the client names (tsv://)")
+        str,
+        Query(
+            max_length=128,
+            pattern=PRINTABLE,
+            description="the pool the client names (its load-balance info, a collection)",
+        ),
     ] = "",
 ) -> ExplainOut:
     """Which assignment rule a connection of `user` from `client` meets (when it names no `pool`),
