@@ -178,8 +178,8 @@ def test_pools_list(api, capsys):
         "LOGON LAG", "TOKENS", "PLACEMENT", "SERVERS", "SESSIONS",
     ]  # fmt: skip
     assert row.split() == [
-        "default", "yes", "8h", "CORP", "corp.example.com", "2KiB", "2m", "default", "30s", "yes", "depth", "3",
-        "1",
+        "default", "yes", "8h", "CORP", "corp.example.com", "2KiB", "2m", "default", "30s", "yes", "depth",
+        "3", "1",
     ]  # fmt: skip
 
 
