@@ -482,3 +482,27 @@ def test_guard_ranges_reach_postgresql_as_they_are(pg_database_url):
             assert row[0] == values
 
         check()
+
+
+async def test_concurrent_placements_in_a_depth_pool_never_exceed_a_limit(engine, pg_database_url, clock):
+    """Depth sends every placement to the same busiest server: under 60 concurrent new users on two
+    replicas each server still takes exactly its 5 (the locked row is re-checked), the rest are refused."""
+    depth = d.Pool("default", True, 3600.0, placement=d.Placement.DEPTH)
+    await seed(engine, *(server(f"10.0.3.{i}:3389", max_sessions=5) for i in range(1, 5)), pools=(depth,))
+    engines = [make_engine(pg_database_url, pool_size=30) for _ in range(2)]
+    replicas = [BrokerService(Store(e), settings_for(pg_database_url), clock) for e in engines]
+    try:
+        results = await asyncio.gather(
+            *(
+                replicas[u % 2].route(d.RouteRequest(connection_id=f"c{u}", cookie=f"user{u}"))
+                for u in range(60)
+            ),
+            return_exceptions=True,
+        )
+    finally:
+        for e in engines:
+            await e.dispose()
+    placed = [r for r in results if isinstance(r, d.RouteDecision)]
+    assert all(isinstance(r, NoCapacity) for r in results if not isinstance(r, d.RouteDecision)), results
+    assert Counter(r.server_address for r in placed) == {f"10.0.3.{i}:3389": 5 for i in range(1, 5)}
+    await assert_live_counters_exact(engine)
