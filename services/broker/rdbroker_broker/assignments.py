@@ -184,17 +184,18 @@ EMPTY = RuleSet()
 
 
 class Cache:
-    """The rules as a broker last read them from the database, read again once they are older than
-    `refresh_s` (0: at every use). Every replica reads the same table, so each picks the same pool
-    once it has read the rules an `apply` wrote; until then, for at most `refresh_s`, the ones
-    before. One read at a time: callers that find the rules old meanwhile wait for it."""
+    """The rules as a broker last read them from the database, read again by the first call that finds
+    them older than `refresh_s` (0: by every call). Every replica reads the same table, so each picks
+    the same pool once it has read the rules an `apply` wrote; until then, for about `refresh_s`, the
+    ones before. While one call reads them the others go on with the last ones (they do not queue
+    behind a read that waits for a database connection); only before the first read do they wait."""
 
     def __init__(self, load: Callable[[], Awaitable[RuleSet]], refresh_s: float) -> None:
         self._load = load
         self._refresh_s = refresh_s
         self._rules = EMPTY
         self._read_at: float | None = None
-        self._lock = asyncio.Lock()
+        self._reading: asyncio.Future[RuleSet | None] | None = None
 
     def _fresh(self) -> bool:
         return self._read_at is not None and time.monotonic() - self._read_at < self._refresh_s
@@ -202,12 +203,21 @@ class Cache:
     async def rules(self) -> RuleSet:
         if self._fresh():
             return self._rules
-        async with self._lock:
-            if not self._fresh():
-                started = time.monotonic()
-                self._rules = await self._load()
-                self._read_at = started
-        return self._rules
+        if self._reading is not None:
+            if self._read_at is not None:
+                return self._rules  # another call is reading them: the last ones meanwhile
+            first = await asyncio.shield(self._reading)
+            return first if first is not None else await self.rules()  # that read failed: try again
+        reading = self._reading = asyncio.get_running_loop().create_future()
+        started = time.monotonic()
+        rules = None
+        try:
+            rules = await self._load()
+            self._rules, self._read_at = rules, started
+        finally:
+            self._reading = None
+            reading.set_result(rules)  # None: failed (or cancelled), whoever waits reads for themselves
+        return rules
 
     async def pool_for(self, user: str, client_address: str) -> str:
         """The pool the rules pick for a connection that names none ("" for the default pool)."""

@@ -52,8 +52,8 @@ class BrokerSettings(ServiceSettings):
     failover_probe_timeout_ms: int = Field(default=1000, ge=50, le=10_000)
 
     # How long a broker goes on using the assignment rules (the farm file's `assignments:`) it last
-    # read before reading them again: an `apply` reaches every replica's Routes within this. 0: read
-    # them at every Route that names no pool (one more statement each).
+    # read before reading them again: an `apply` reaches every replica's Routes within about this. 0:
+    # read them at every Route that names no pool (one more transaction each).
     assignments_refresh_ms: int = Field(default=1000, ge=0, le=3_600_000)
 
     # Input bounds for Route: a user name longer than its database column could never be stored.

@@ -129,10 +129,7 @@ class BrokerService:
         # the Route statement needs the canonical key before it reads the pool, and checks them.
         self._pool_accounts: dict[str, tuple[tuple[str, str], accounts.Rules]] = {}
         # The assignment rules, which pick the pool of a Route that names none.
-        self.assignments = assignments.Cache(
-            lambda: self.run_tx(lambda r: AssignmentRepository(r.conn).rule_set()),
-            settings.assignments_refresh_ms / 1000,
-        )
+        self.assignments = assignments.Cache(self._read_assignments, settings.assignments_refresh_ms / 1000)
 
     def _accounts_for(self, pool: str) -> tuple[tuple[str, str], accounts.Rules]:
         return self._pool_accounts.get(pool.casefold(), _NO_ACCOUNTS)
@@ -144,6 +141,22 @@ class BrokerService:
         if stored != known:
             self._pool_accounts[pool_asked.casefold()] = (stored, pool_rules(pool))
         return stored == known
+
+    async def _read_assignments(self) -> assignments.RuleSet:
+        """The assignment rules, read outside a transaction (reads only), again on a dead pooled
+        connection."""
+
+        async def read() -> assignments.RuleSet:
+            async with self.store.autocommit() as r:
+                return await AssignmentRepository(r.conn).rule_set()
+
+        try:
+            return await read()
+        except Retryable:
+            try:
+                return await read()
+            except Retryable as exc:
+                raise DatabaseUnavailable("the database is unreachable") from exc
 
     async def run_tx(self, work: Callable[[Repos], Awaitable[T]]) -> T:
         """Run `work` in a transaction, again when it loses a race (it then sees the winner's rows)."""

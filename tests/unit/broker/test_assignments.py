@@ -3,6 +3,7 @@ first rule matching a connection's account or client network picking its pool.""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 
 import pytest
@@ -192,3 +193,47 @@ servers:
 def test_a_bad_placement_says_what_is_expected():
     with pytest.raises(FarmError, match=r"farm.yaml:3: pools\[0\].placement: expected breadth .* or depth"):
         load_farm("pools:\n  - name: default\n    placement: deep\n")
+
+
+async def test_the_cache_reads_again_when_old_and_never_queues_behind_a_read():
+    reads: list[asyncio.Event] = []
+    versions = iter([a.RuleSet.of([a.Rule("lab", network="10.0.0.0/8")], []), a.EMPTY])
+
+    async def load() -> a.RuleSet:
+        gate = asyncio.Event()
+        reads.append(gate)
+        await gate.wait()
+        return next(versions)
+
+    cache = a.Cache(load, refresh_s=0)
+    # Before the first read, callers wait for it.
+    first, second = (asyncio.ensure_future(cache.pool_for("bob", "10.1.2.3:1")) for _ in range(2))
+    await asyncio.sleep(0)
+    assert len(reads) == 1
+    reads[0].set()
+    assert (await first, await second) == ("lab", "lab")
+    # Old (refresh 0): the next call reads again; a call meanwhile takes the last rules at once.
+    reading = asyncio.ensure_future(cache.pool_for("bob", "10.1.2.3:1"))
+    await asyncio.sleep(0)
+    assert len(reads) == 2
+    assert await cache.pool_for("bob", "10.1.2.3:1") == "lab"
+    reads[1].set()
+    assert await reading == ""
+
+
+async def test_a_failed_read_fails_its_caller_and_the_next_reads_again():
+    calls = 0
+
+    async def load() -> a.RuleSet:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ConnectionError("database down")
+        return a.EMPTY
+
+    cache = a.Cache(load, refresh_s=60)
+    with pytest.raises(ConnectionError):
+        await cache.rules()
+    assert await cache.pool_for("bob", "") == ""
+    assert await cache.pool_for("bob", "") == ""
+    assert calls == 2  # fresh for a minute now
