@@ -122,7 +122,11 @@ def _run_servers(client: ApiClient, args: argparse.Namespace) -> tuple[Any, str]
 
 
 def _sessions_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="rdbroker sessions", description="find and end users' sessions")
+    parser = Parser(
+        prog="rdbroker sessions",
+        description="find and end users' sessions; log off, disconnect or message them through their "
+        "server's agent",
+    )
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=Parser)
     lookup = verbs.add_parser("lookup", help="where is this user? (their live sessions)")
     lookup.add_argument("user", metavar="USER")
@@ -145,7 +149,24 @@ def _sessions_parser() -> argparse.ArgumentParser:
     end = verbs.add_parser("end", help="end a session: the user is placed anew next time")
     end.add_argument("session_id", metavar="ID")
     _connection_options(end)
+    for verb, help_ in SESSION_ACTIONS.items():
+        action = verbs.add_parser(verb, help=help_)
+        action.add_argument("session_id", metavar="ID")
+        if verb == "message":
+            action.add_argument("--text", required=True, help="one line, at most 500 characters")
+        _connection_options(action)
+        # The broker waits for the agent (RDBROKER_AGENT_ACTION_TIMEOUT_S, 20 s by default).
+        action.set_defaults(timeout=ACTION_TIMEOUT_S)
     return parser
+
+
+# Actions the session's server's agent carries out (docs/api.md).
+SESSION_ACTIONS = {
+    "logoff": "log the user's session off its server (their programs end)",
+    "disconnect": "close the user's connection; the session stays on its server",
+    "message": "show the user a message in their session",
+}
+ACTION_TIMEOUT_S = 30.0
 
 
 def _run_sessions(client: ApiClient, args: argparse.Namespace) -> tuple[Any, str]:
@@ -165,6 +186,11 @@ def _run_sessions(client: ApiClient, args: argparse.Namespace) -> tuple[Any, str
         if isinstance(total, int) and total > args.offset + len(items):
             text += f"{len(items)} of {total} sessions; next page: --offset {args.offset + len(items)}\n"
         return page, text
+    if args.verb in SESSION_ACTIONS:
+        done = client.session_action(args.session_id, args.verb, getattr(args, "text", None))
+        session = done["session"]
+        line = f"{done.get('detail')} on {done.get('server_address')} (as {done.get('server_user')})\n"
+        return done, line + tables.render([session], tables.SESSION_COLUMNS)
     session = client.end_session(args.session_id)
     return session, tables.render([session], tables.SESSION_COLUMNS)
 

@@ -136,6 +136,13 @@ class ApiClient:
         params = {"user": user} | ({"client": client} if client else {}) | ({"pool": pool} if pool else {})
         return _object(self.request("GET", "/v1/route/explain", params=params))
 
+    def session_action(self, session_id: str, action: str, text: str | None = None) -> dict[str, Any]:
+        """`logoff`, `disconnect` or `message` (with `text`) through the session's server's agent."""
+        body = {"text": text} if text is not None else None
+        answer = _object(self.request("POST", f"/v1/sessions/{path_part(session_id)}/{action}", json=body))
+        _object(answer.get("session"))
+        return answer
+
     def list_audit(self, params: list[tuple[str, str]]) -> dict[str, Any]:
         answer = _object(self.request("GET", "/v1/audit", params=params))
         _items(answer, "items")

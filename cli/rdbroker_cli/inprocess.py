@@ -23,6 +23,7 @@ import grpc
 
 from rdbroker_broker import callers
 from rdbroker_broker.rpc.servicer import BrokerServicer, LocalStatus, call_locally
+from rdbroker_common.power import start_wait_s
 from rdbroker_health import metrics as health_metrics
 from rdbroker_health.errors import BrokerRefused
 from rdbroker_health.errors import BrokerUnavailable as HealthUnavailable
@@ -36,6 +37,7 @@ from rdbroker_proxy.routing import (
     RETRYABLE,
     QueuedReports,
     Report,
+    held_until,
 )
 
 log = logging.getLogger(__name__)
@@ -90,11 +92,13 @@ class ProxyBroker(QueuedReports):
         return await call_locally(lambda: work(servicer), PROXY_CALLER, timeout_s)
 
     async def route(self, request: pb.RouteRequest) -> pb.RouteResponse:
-        """As BrokerClient.route with one broker: UNAVAILABLE (overload, the database away) and
-        DEADLINE_EXCEEDED are retried with the same request until the deadline (Route is idempotent
-        on connection_id); any other code refuses the client."""
+        """As BrokerClient.route with one broker: UNAVAILABLE (overload, the database away, a user held
+        for a server being started: then until the pool's `start_wait`) and DEADLINE_EXCEEDED are
+        retried with the same request until the deadline (Route is idempotent on connection_id); any
+        other code refuses the client."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.route_timeout_s
+        started = loop.time()
+        deadline = started + self.route_timeout_s
         pause = RETRY_PAUSE_S
         last: LocalStatus | None = None
         while (remaining := deadline - loop.time()) > 0:
@@ -106,6 +110,7 @@ class ProxyBroker(QueuedReports):
                 if exc.code not in RETRYABLE:
                     raise RouteRefused(exc.code, exc.details) from exc
                 last = exc
+                deadline = held_until(deadline, started, start_wait_s(exc.trailing))
             if deadline - loop.time() <= pause:
                 break
             await asyncio.sleep(pause)

@@ -87,6 +87,7 @@ SERVER_COLUMNS: list[Column] = [
     ("ADDRESS", field("address")),
     ("STATE", state),
     ("HEALTH", health),
+    ("POWER", field("power", "on")),
     ("LOAD", load),
     ("SESSIONS", field("live_sessions", "0")),
     ("HELD", field("held_sessions", "0")),

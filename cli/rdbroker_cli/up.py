@@ -99,7 +99,7 @@ def build_parser(demo: bool) -> argparse.ArgumentParser:
     parser.add_argument(
         "--database-url",
         metavar="URL",
-        help="postgresql://... or sqlite+aiosqlite:///FILE (env RDBROKER_DATABASE_URL; sqlite+aiosqlite:///rdbroker.db"
+        help="postgresql://... or sqlite:///FILE (env RDBROKER_DATABASE_URL; sqlite:///rdbroker.db"
         + ("; demo: a temporary file)" if demo else ")"),
     )
     parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="default INFO")
@@ -343,7 +343,7 @@ def demo_main(argv: Sequence[str]) -> int:
     handle = _start_logging(config)
     with tempfile.TemporaryDirectory(prefix="rdbroker-demo-") as scratch:
         if config.database_url is None:
-            config = replace(config, database_url=f"sqlite+aiosqlite:///{Path(scratch) / 'demo.db'}")
+            config = replace(config, database_url=f"sqlite:///{Path(scratch) / 'demo.db'}")
 
         async def main() -> None:
             stop = lifecycle.stop_event_on_signals()

@@ -2,7 +2,7 @@
 servers, asks for a token, drains a server with the admin token and shows the new state; on an open API
 (no tokens, as the demo runs) it drains without asking for one. Against a broker on PostgreSQL it shows
 the pools' settings, a stale health result as unknown with its time, held sessions and whether the
-server's agent confirmed a user's session.
+server's agent confirmed a user's session, and logs a user off through the server's agent after asking.
 
 Every page runs under the broker's Content-Security-Policy with no request leaving loopback (`watched`: a
 request to another host is recorded and aborted, a CSP violation is recorded from the page's
@@ -32,6 +32,8 @@ from playwright.sync_api import Browser, BrowserContext, ConsoleMessage, Page, R
 from tests.e2e.test_demo import demo_process
 from tests.integration.rest import conftest as rest
 from tests.integration.rest.conftest import SERVERS, LiveBroker
+from tests.support.agent_thread import QUSER_ALICE, windows_agent
+from tests.unit.agent.fakes import FakeSources
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -310,6 +312,7 @@ def test_pool_settings_stale_results_and_confirmed_sessions(
         expect(stale_row.locator("td.sessions")).to_have_text("2")
         expect(stale_row.locator("td.held")).to_have_text("2")
         expect(page.locator(f'tr[data-address="{fresh}"] td.health')).to_have_text("up")
+        expect(page.locator(f'tr[data-address="{fresh}"] td.power')).to_have_text("on")
         expect(page.locator(f'tr[data-address="{fresh}"] td.held')).to_have_text("0")
 
         for user, confirmed in (("ana", "yes"), ("ben", "claim")):
@@ -318,6 +321,73 @@ def test_pool_settings_stale_results_and_confirmed_sessions(
             row = page.locator(f"#search-results tr[data-session=s-{user}]")
             expect(row.locator("td.confirmed")).to_have_text(confirmed)
         page.screenshot(path=str(tmp_path / "dashboard-settings.png"), full_page=True)
+    assert errors == []
+    watch.assert_clean()
+
+
+def test_log_a_user_off_from_the_dashboard(live_broker: LiveBroker, pg_database_url, browser, tmp_path):
+    # alice's session on a server whose agent (Windows commands, faked) answers on 127.0.0.1.
+    sources = FakeSources(outputs={("quser",): QUSER_ALICE, ("msg", "5", "Saving in 5 minutes"): "",
+                                   ("logoff", "5"): ""})  # fmt: skip
+    admin = {"Authorization": f"Bearer {rest.ADMIN}"}
+    with windows_agent(sources) as agent, watched(browser) as (context, watch):
+        sessions_url = f"http://127.0.0.1:{agent.port}/sessions"
+        server_url = f"{live_broker.url}/v1/servers/{SERVERS[0]}"
+        answer = httpx.patch(server_url, json={"sessions_url": sessions_url}, headers=admin)
+        assert answer.status_code == 200, answer.text
+        with psycopg.connect(pg_database_url, autocommit=True) as db:
+            db.execute(
+                'INSERT INTO sessions (id, pool, "user", user_key, server_address, state, learnt_from, '
+                "client_address, created_at, updated_at, expires_at, end_reason, confirmed) VALUES "
+                "('s-alice', 'default', 'alice', 'alice', %s, 'active', 'route', '', now(), now(), NULL, '', "
+                "true)",
+                (SERVERS[0],),
+            )
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.set_default_timeout(20_000)
+        page.goto(live_broker.url + "/")
+        enter_token(page, rest.READ, "needs a read or admin token")
+        page.fill("#search-user", "alice")
+        page.click("#search-form button[type=submit]")
+        row = page.locator("#search-results tr[data-session=s-alice]")
+        expect(row.locator("td.state")).to_have_text("active")
+
+        # Each action asks first: cancelled, nothing is sent.
+        dialog = page.locator("#action-dialog")
+        row.locator('button[data-action="logoff"]').click()
+        expect(dialog).to_be_visible()
+        expect(page.locator("#action-question")).to_have_text(
+            f"Log alice off {SERVERS[0]}? Their programs end; unsaved work is lost."
+        )
+        page.click("#action-cancel")
+        expect(dialog).to_be_hidden()
+
+        # A message: its text in the dialog; the read token is refused and the page asks for the admin's.
+        row.locator('button[data-action="message"]').click()
+        expect(page.locator("#action-text")).to_be_visible()
+        page.fill("#action-text", "Saving in 5 minutes")
+        page.click("#action-ok")
+        enter_token(page, rest.ADMIN, "needs the admin token")
+        expect(page.locator("#search-message")).to_have_text(
+            f"Message alice: sent a message to session 5 on {SERVERS[0]}."
+        )
+
+        row.locator('button[data-action="logoff"]').click()
+        expect(page.locator("#action-text")).to_be_hidden()
+        page.click("#action-ok")
+        expect(page.locator("#search-message")).to_have_text(
+            f"Log off alice: logged off session 5 on {SERVERS[0]}."
+        )
+        # Ended in the directory at once: an ended session has no buttons (shown with include ended).
+        page.check("#search-ended")
+        page.click("#search-form button[type=submit]")
+        expect(row.locator("td.state")).to_have_text("ended")
+        expect(row.locator("button")).to_have_count(0)
+        page.screenshot(path=str(tmp_path / "dashboard-session-actions.png"), full_page=True)
+        page.close()
+    assert sources.runs == [("quser",), ("msg", "5", "Saving in 5 minutes"), ("quser",), ("logoff", "5")]
     assert errors == []
     watch.assert_clean()
 

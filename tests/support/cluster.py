@@ -260,15 +260,16 @@ class Supervisor:
         tcp_ready: Sequence[str] = (),
         timeout_s: float = 60.0,
         env: dict[str, str] | None = None,
+        prefix: Sequence[str] = (),
     ) -> Service:
-        """Run `python ARGS...`; ready when `grpc_ready` (a port name) answers SERVING and every
-        `tcp_ready` port accepts connections."""
+        """Run `python ARGS...` (after `prefix`, e.g. an nsenter into a server's namespaces); ready when
+        `grpc_ready` (a port name) answers SERVING and every `tcp_ready` port accepts connections."""
         if name in self.services and self.services[name].alive():
             raise HarnessError(f"{name} is already running")
         log = self.root / f"{name}.log"
         with open(log, "ab") as out:
             popen = subprocess.Popen(
-                [sys.executable, *args],
+                [*prefix, sys.executable, *args],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -1,12 +1,15 @@
 """A real terminal server on loopback: Debian's xrdp + xrdp-sesman with Xvnc sessions, and local users.
 
 xrdp 0.9 reads sesman's port from /etc/xrdp/sesman.ini whatever `--config` says, so each server runs
-xrdp and sesman in private mount namespaces (`unshare --mount`) where its own directory is bind-mounted
+xrdp and sesman in a private mount namespace (`unshare --mount`) where its own directory is bind-mounted
 over /etc/xrdp and /run/xrdp: servers on one host, and the host's own xrdp, never see each other's
-configuration, pid files or sockets. xrdp listens on 127.0.0.1 and a free port (`autorun=Xvnc`, so a
-client that sends a user and password logs on without xrdp's login dialog); sesman listens on 127.0.0.1
-and another free port. A logon's desktop is an Xvnc display whose session script only waits (no window
-manager is needed, and the session lives until it is killed or logged off).
+configuration, pid files or sockets. The namespace is a PID namespace too, with its own /proc, so an
+agent run in it (`XrdpServer.inside()`) sees that server's desktops only, as on a machine of its own.
+xrdp listens on 127.0.0.1 and a free port (`autorun=Xvnc`, so a client that sends a user and password
+logs on without xrdp's login dialog); sesman listens on 127.0.0.1 and another free port. A logon's
+desktop is an Xvnc display whose session script only waits (no window manager is needed, and the session
+lives until it is killed or logged off); it first appends its display to ~/rdbroker-desktops, so a test
+can tell a reconnected desktop from a new one.
 
 Users are made with `useradd -m` and `chpasswd` (the stock PAM set-up accepts them) and removed with
 their processes and home. Everything here needs root; `missing_tools()` says what is not installed.
@@ -38,16 +41,19 @@ PACKAGES = {
     "xfreerdp": "freerdp2-x11",
     "rdesktop": "rdesktop",
     "xvfb-run": "xvfb",
+    "Xvfb": "xvfb",
     "nmap": "nmap",
     "unshare": "util-linux",
+    "nsenter": "util-linux",
     "useradd": "passwd",
 }
 # sesman logs these (xrdp 0.9.21) when a desktop is made and when it goes away.
 SESSION_CREATED = "++ created session"
 SESSION_UP = "Session in progress on display"
 SESSION_TERMINATED = "++ terminated session"
-# The session script: hold the display open until the session is ended.
-STARTWM = "#!/bin/sh\nexec sleep 86400\n"
+# The session script: note the display, hold it open until the session is ended.
+DESKTOPS_FILE = "rdbroker-desktops"
+STARTWM = f'#!/bin/sh\necho "$DISPLAY" >> "$HOME/{DESKTOPS_FILE}"\nexec sleep 86400\n'
 
 
 def missing_tools(tools: tuple[str, ...] = tuple(PACKAGES)) -> list[str]:
@@ -109,6 +115,8 @@ class XrdpServer:
     port: int = field(default_factory=free_port)
     sesman_port: int = field(default_factory=free_port)
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    holder: subprocess.Popen[bytes] | None = None  # unshare: the namespaces' pid 1 is its child
+    namespace_pid: int = 0
 
     @property
     def address(self) -> str:
@@ -151,8 +159,11 @@ class XrdpServer:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"a desktop did not come up within {timeout_s} s")
             time.sleep(0.1)
-        stop_pids(user_pids(user))
-        while text().count(SESSION_TERMINATED) < text().count(SESSION_CREATED):
+        pids = user_pids(user)
+        desktops = sum(1 for p in map(_process, pids) if p is not None and p.name() in ("Xvnc", "Xorg"))
+        ended = text().count(SESSION_TERMINATED) + desktops  # other users' desktops stay
+        stop_pids(pids)
+        while text().count(SESSION_TERMINATED) < ended:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"sesman did not end the desktops within {timeout_s} s")
             time.sleep(0.1)
@@ -181,44 +192,95 @@ class XrdpServer:
         (etc / "startwm.sh").chmod(0o755)
 
     def start(self, timeout_s: float = 20.0) -> XrdpServer:
+        """xrdp and sesman in one private PID and mount namespace, as on a machine of their own: an agent
+        started there with `inside()` sees this server's processes only (its own /proc)."""
         self.configure()
         etc, run = self.root / "etc", self.root / "run"
         # /run is a tmpfs: after a reboot the package's /run/xrdp is gone until its service starts once.
         mounts = f"mkdir -p /run/xrdp && mount --bind {etc} /etc/xrdp && mount --bind {run} /run/xrdp"
+        self.holder = subprocess.Popen(
+            [
+                "unshare",
+                "--pid",
+                "--fork",
+                "--mount-proc",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                f"{mounts} && exec sleep 86400",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout_s
+        while not self._namespace_ready(self.holder):
+            if self.holder.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("the server's namespace (unshare --pid --mount) did not come up")
+            time.sleep(0.05)
         for program in ("xrdp-sesman", "xrdp"):
             with open(self.root / f"{program}.out", "ab") as out:
                 self.processes.append(
                     subprocess.Popen(
-                        [
-                            "unshare",
-                            "--mount",
-                            "--propagation",
-                            "private",
-                            "sh",
-                            "-c",
-                            f"{mounts} && exec {program} --nodaemon",
-                        ],
+                        [*self.inside(), program, "--nodaemon"],
                         stdin=subprocess.DEVNULL,
                         stdout=out,
                         stderr=subprocess.STDOUT,
                         start_new_session=True,
                     )
                 )
-        deadline = time.monotonic() + timeout_s
         while not (f"listening to port {self.port}" in self.xrdp_text() and listening(self.sesman_port)):
             for proc, program in zip(self.processes, ("xrdp-sesman", "xrdp"), strict=True):
                 if proc.poll() is not None:
-                    out = (self.root / f"{program}.out").read_text(errors="replace")
+                    output = (self.root / f"{program}.out").read_text(errors="replace")
                     self.stop()
-                    raise RuntimeError(f"{program} exited with {proc.returncode}: {out}")
+                    raise RuntimeError(f"{program} exited with {proc.returncode}: {output}")
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"xrdp/sesman did not start listening within {timeout_s} s")
             time.sleep(0.1)
         return self
 
+    def _namespace_ready(self, holder: subprocess.Popen[bytes]) -> bool:
+        """The holder's child (pid 1 inside) has made the bind mounts and sleeps."""
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for child in psutil.Process(holder.pid).children():
+                if child.name() == "sleep":
+                    self.namespace_pid = child.pid
+                    return True
+        return False
+
+    def inside(self) -> list[str]:
+        """The command prefix that runs a program in this server's namespaces (nsenter)."""
+        return ["nsenter", "-t", str(self.namespace_pid), "--pid", "--mount", f"--wd={self.root}", "--"]
+
+    def pids(self, name: str) -> list[int]:
+        """Host pids of this server's processes called `name` (xrdp, xrdp-sesman, Xvnc...)."""
+        found = []
+        for proc in self.processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        if p.name() == name:
+                            found.append(p.pid)
+        return found
+
+    def kill_xrdp(self) -> None:
+        """SIGKILL xrdp (the listener and its per-connection children): the RDP service is gone,
+        sesman and its desktops stay."""
+        pids = self.pids("xrdp")
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        psutil.wait_procs([p for p in map(_process, pids) if p is not None], timeout=5)
+
     def stop(self) -> None:
-        """Stop xrdp, sesman and every process they started (the session waiters, Xvnc, chansrv)."""
+        """Stop xrdp, sesman and every process they started (the session waiters, Xvnc, chansrv), then
+        the namespace (its pid 1 takes anything left with it)."""
         pids: list[int] = []
         for proc in self.processes:
             with contextlib.suppress(psutil.NoSuchProcess):
@@ -229,6 +291,18 @@ class XrdpServer:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
         self.processes = []
+        if self.holder is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.holder.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.holder.wait(timeout=5)
+            self.holder = None
+
+
+def _process(pid: int) -> psutil.Process | None:
+    with contextlib.suppress(psutil.NoSuchProcess):
+        return psutil.Process(pid)
+    return None
 
 
 def listening(port: int) -> bool:

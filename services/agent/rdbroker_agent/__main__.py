@@ -1,6 +1,7 @@
 """`rdbroker-agent` / `python -m rdbroker_agent`: the load agent on a terminal server.
 
     RDBROKER_AGENT_TOKEN=... rdbroker-agent --config agent.toml
+    rdbroker-agent wake-on-lan aa:bb:cc:dd:ee:ff [--broadcast 10.0.0.255]   (docs/power.md)
 
 Flags win over `RDBROKER_AGENT_CONFIG`, `RDBROKER_AGENT_LISTEN`, `RDBROKER_AGENT_LOAD_CACHE_S`,
 `RDBROKER_AGENT_MAX_CONNECTIONS`, `RDBROKER_AGENT_ALLOW_UNAUTHENTICATED`, `RDBROKER_LOG_LEVEL` and
@@ -22,6 +23,7 @@ from rdbroker_common import lifecycle, logs
 from rdbroker_common.flags import settings_errors
 from rdbroker_common.settings import ServiceSettings, join_host_port, split_host_port
 
+from . import wake
 from .auth import ALLOW_FLAG, AgentAuth, ListenRefused, default_listen, is_loopback
 from .config import load_config
 from .errors import ConfigError
@@ -57,7 +59,8 @@ class AgentSettings(ServiceSettings):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rdbroker-agent",
-        description="Serve this terminal server's load (GET /load) and sessions (GET /sessions).",
+        description="Serve this terminal server's load (GET /load) and sessions (GET /sessions). "
+        "`rdbroker-agent wake-on-lan MAC` sends a Wake-on-LAN magic packet instead.",
     )
     parser.add_argument(
         "--config", dest="agent_config", help="TOML config (env RDBROKER_AGENT_CONFIG; agent.toml)"
@@ -97,7 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["wake-on-lan"]:
+        return wake.main(argv[1:])
+    args = build_parser().parse_args(argv)
     overrides = {name: value for name, value in vars(args).items() if value is not None}
     try:
         settings = AgentSettings(**overrides)

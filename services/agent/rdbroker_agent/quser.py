@@ -23,6 +23,7 @@ import json
 import logging
 import subprocess
 import sys
+from dataclasses import dataclass
 
 from .sources import Session, SessionState
 
@@ -31,8 +32,16 @@ log = logging.getLogger(__name__)
 _STATES: dict[str, SessionState] = {"active": "active", "disc": "disconnected"}
 
 
-def parse_quser(text: str) -> list[Session]:
-    sessions: list[Session] = []
+@dataclass(frozen=True, slots=True)
+class QuserEntry:
+    user: str
+    session_id: str  # quser's ID column: what `logoff`, `tsdiscon` and `msg` take
+    state: SessionState
+
+
+def quser_entries(text: str) -> list[QuserEntry]:
+    """Each user session quser printed, with its ID (states other than Active and Disc left out)."""
+    entries: list[QuserEntry] = []
     for line in text.splitlines()[1:]:  # the first line is the header
         fields = line[1:].split()  # column 0 is ' ' or '>' (the current session)
         if len(fields) < 3:
@@ -45,8 +54,17 @@ def parse_quser(text: str) -> list[Session]:
         if state is None:
             log.info("skipped quser session of %s in state %r", fields[0], rest[1])
             continue
-        sessions.append(Session(fields[0], state))
-    return sessions
+        entries.append(QuserEntry(fields[0], rest[0], state))
+    return entries
+
+
+def parse_quser(text: str) -> list[Session]:
+    return [Session(e.user, e.state) for e in quser_entries(text)]
+
+
+def nobody_logged_on(output: str) -> bool:
+    """quser's answer (exit 1) when no user session exists."""
+    return "no user exists" in output.lower()
 
 
 def main() -> int:
@@ -55,7 +73,7 @@ def main() -> int:
     except (OSError, subprocess.TimeoutExpired) as exc:
         sys.stderr.write(f"cannot run quser: {exc}\n")
         return 1
-    if result.returncode != 0 and "no user exists" not in (result.stdout + result.stderr).lower():
+    if result.returncode != 0 and not nobody_logged_on(result.stdout + result.stderr):
         sys.stderr.write(f"quser exited with {result.returncode}: {result.stderr.strip()}\n")
         return 1
     sessions = parse_quser(result.stdout) if result.returncode == 0 else []

@@ -1,5 +1,6 @@
-"""The agent's HTTP endpoint, Starlette on uvicorn: `GET /load` (text), `GET /sessions` (JSON) and
-`GET /healthz` (`ok`, the only path that needs no authentication; auth.py says who may ask).
+"""The agent's HTTP endpoint, Starlette on uvicorn: `GET /load` (text), `GET /sessions` (JSON),
+`POST /sessions/logoff|disconnect|message` (JSON in and out, actions.py) and `GET /healthz` (`ok`, the
+only path that needs no authentication; auth.py says who may ask).
 
 Bounds, for a port anyone on the network may reach:
 - a request head of at most MAX_HEAD bytes: a longer one gets 431 and a close; one that is not
@@ -10,6 +11,7 @@ Bounds, for a port anyone on the network may reach:
 - at most `max_connections` connections are served: a request on one more gets `503 Service
   Unavailable` and a close (uvicorn's `limit_concurrency`). Connections are accepted before they are
   counted, so one over the cap stays open until it sends its request or its head deadline passes;
+- an action's body is at most MAX_BODY bytes of JSON (413 beyond);
 - `GET /load` is computed once for requests that arrive together and reused for `load_cache_s`
   (SharedResult); the drain flag is read on every request, never cached.
 """
@@ -38,6 +40,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from rdbroker_common.bearer import Tokens
 from rdbroker_common.https import TlsContext
 
+from .actions import ACTIONS, Action, ActionError, SessionActions, actions_for, check_request
 from .auth import AgentAuth, check_listen
 from .config import AgentConfig
 from .errors import ConfigError, SourceError
@@ -48,6 +51,7 @@ from .sources import Sources
 log = logging.getLogger(__name__)
 
 MAX_HEAD = 8192  # bytes of request line + headers
+MAX_BODY = 4096  # bytes of an action's JSON body
 KEEP_ALIVE_S = 5  # an idle connection is closed this long after its last answer (pollers come every few s)
 SHUTDOWN_GRACE_S = 2  # requests in flight at stop get this long
 REFUSALS_LOG_INTERVAL_S = 60.0  # refused requests are logged at most this often, with their count
@@ -68,8 +72,10 @@ class AgentServer:
         max_connections: int = 64,
         auth: AgentAuth | None = None,
         allow_unauthenticated: bool = False,
+        actions: SessionActions | None = None,
     ):
-        """`auth` defaults to the config's (its token_file, tls_ca; no environment token).
+        """`auth` defaults to the config's (its token_file, tls_ca; no environment token); `actions` to
+        what this host offers (actions.actions_for).
         ListenRefused when nothing authenticates requests and `host` is not loopback (unless
         `allow_unauthenticated`); ConfigError when the token or TLS files cannot be used."""
         if max_connections < 1:
@@ -84,6 +90,7 @@ class AgentServer:
         check_listen(host, self.auth, allow_unauthenticated)
         self.tls = _server_tls(config)
         self.load = SharedResult(lambda: measure_load(self.config, self.sources), load_cache_s)
+        self.actions = actions if actions is not None else actions_for(config, sources.run)
         self.refusals = _Refusals()
         self.app = self._app()
         self._uvicorn: _Uvicorn | None = None
@@ -155,6 +162,10 @@ class AgentServer:
         routes = [
             Route("/load", _guarded(self._load), methods=["GET"]),
             Route("/sessions", _guarded(self._sessions), methods=["GET"]),
+            *(
+                Route(f"/sessions/{action}", _guarded(self._action(action)), methods=["POST"])
+                for action in ACTIONS
+            ),
             Route("/healthz", _healthz, methods=["GET"]),
         ]
         return Starlette(
@@ -183,6 +194,44 @@ class AgentServer:
         }
         body = json.dumps(answer, ensure_ascii=False)
         return Response(body, 200, headers=NO_STORE, media_type="application/json")
+
+    def _action(self, action: Action) -> Callable[[Request], Awaitable[Response]]:
+        async def act(request: Request) -> Response:
+            try:
+                body = await _json_body(request)
+                user, text = check_request(action, body.get("user"), body.get("text"))
+                done = await self.actions.act(action, user, text)
+            except ActionError as exc:
+                log.warning("%s", exc, extra={"action": action})
+                return _text(exc.status, str(exc))
+            log.info("%s: %s (%s)", action, done.detail, done.user, extra={"action": action})
+            answer = {
+                "action": action,
+                "user": done.user,
+                "sessions": list(done.sessions),
+                "detail": done.detail,
+            }
+            return Response(
+                json.dumps(answer, ensure_ascii=False), 200, headers=NO_STORE, media_type="application/json"
+            )
+
+        return act
+
+
+async def _json_body(request: Request) -> dict[str, object]:
+    """The request's JSON object (at most MAX_BODY bytes), or ActionError(400 or 413)."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise ActionError(413, f"the body is longer than {MAX_BODY} bytes")
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise ActionError(400, 'the body must be JSON: {"user": ..., "text": ...}') from None
+    if not isinstance(data, dict):
+        raise ActionError(400, 'the body must be a JSON object: {"user": ..., "text": ...}')
+    return data
 
 
 class _RequireAuth:
@@ -387,11 +436,13 @@ async def _healthz(request: Request) -> Response:
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:
-    return _text(404, "not found: try /load, /sessions or /healthz")
+    return _text(404, "not found: try /load, /sessions, /sessions/logoff|disconnect|message or /healthz")
 
 
 async def _not_allowed(request: Request, exc: Exception) -> Response:
-    # Every route is GET (Starlette adds HEAD); its own Allow lists them in set order.
+    # Reads are GET (Starlette adds HEAD; its own Allow lists them in set order), actions POST.
+    if request.url.path.startswith("/sessions/"):
+        return _text(405, "only POST", {"Allow": "POST"})
     return _text(405, "only GET (or HEAD)", {"Allow": "GET, HEAD"})
 
 

@@ -26,7 +26,15 @@ log = logging.getLogger("rdbroker_broker")
 
 
 # Tokens are read from the environment only: a command line shows in `ps` to every user of the host.
-ENV_ONLY = ("api_read_token", "api_admin_token", "grpc_proxy_token", "grpc_health_token", "grpc_admin_token")
+ENV_ONLY = (
+    "api_read_token",
+    "api_admin_token",
+    "grpc_proxy_token",
+    "grpc_health_token",
+    "grpc_admin_token",
+    "agent_token",
+    "power_hook_secret",
+)
 
 
 def _common_flags(parser: argparse.ArgumentParser) -> None:

@@ -1,7 +1,8 @@
 """The broker process: gRPC (grpc.aio) and REST (uvicorn) in one event loop, one shutdown order.
 
 SIGTERM (or `stop`) -> grpc.health NOT_SERVING and `/readyz` 503 -> listeners stop, in-flight calls get
-`shutdown_grace_s` -> the sweeper stops -> the engine is disposed.
+`shutdown_grace_s` -> the sweeper and the power loop stop (hook calls in flight are cancelled) -> the
+engine is disposed.
 
 Readiness is the process's: both listeners up, the schema at head when it was checked at start. The
 database's state (`database_state.py`) is reported, not made a reason to leave the Service.
@@ -28,6 +29,7 @@ from rdbroker_broker.db import migrate
 from rdbroker_broker.db.engine import is_sqlite, make_engine
 from rdbroker_broker.db.tracing import trace_statements
 from rdbroker_broker.errors import BrokerError, DatabaseUnavailable
+from rdbroker_broker.power import PowerConfigError, PowerService, hooks_for
 from rdbroker_broker.probing import ProbeService
 from rdbroker_broker.rest.app import create_app, set_stopping
 from rdbroker_broker.rpc import authz
@@ -177,6 +179,11 @@ async def serve(
             engine, max_waiting=settings.db_max_waiting, on_refused=metrics.record_refused, database=database
         )
         service = BrokerService(store, settings)
+        power = PowerService(service, hooks_for(settings))
+        try:
+            await power.check()
+        except PowerConfigError as exc:
+            raise StartupError(str(exc)) from exc
         servicer = BrokerServicer(service, ProbeService(service))
         if local is not None:
             local(servicer)
@@ -184,7 +191,11 @@ async def serve(
         health = add_standard_services(grpc_server, [SERVICE_NAME], reflection=settings.grpc_reflection)
         sock = _http_socket(settings.http_listen)
         http_port = int(sock.getsockname()[1])
-        rest = create_app(service, schema_revision=revision)
+        try:
+            rest = create_app(service, schema_revision=revision)
+        except ValueError as exc:  # the agents' token or TLS files (session actions)
+            sock.close()
+            raise StartupError(str(exc)) from exc
         config = uvicorn.Config(
             rest,  # FastAPI traces each request itself once a tracer provider is set
             log_config=None,
@@ -201,6 +212,7 @@ async def serve(
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(http_server.serve(sockets=[sock]))
             tasks.create_task(_sweep_forever(service, stop))
+            tasks.create_task(power.run(settings.power_interval_s, stop))
             tasks.create_task(session_counts.refresh_forever(stop))
             tasks.create_task(_watch_database(store, settings.db_check_interval_s, stop))
             metrics.publish_sessions(session_counts)

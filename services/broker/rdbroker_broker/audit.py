@@ -28,6 +28,7 @@ INVALID = "invalid"  # refused input: 400 or 422 on REST, INVALID_ARGUMENT on gR
 DENIED = "denied"
 REFUSED = "refused"  # `rdbroker apply` refused the plan (nothing of it was applied)
 UNAVAILABLE = "unavailable"  # the database (or the broker) could not make it now
+AGENT_FAILED = "agent_failed"  # the server's agent refused, could not, or did not answer
 ERROR = "error"  # an unexpected failure; the broker's log has the traceback
 
 # The audit table's column sizes (db/tables.py): a longer value is cut, never refused.
@@ -40,6 +41,7 @@ _OUTCOMES: tuple[tuple[type[Exception], str], ...] = (
     (errors.PermissionDenied, DENIED),
     (errors.Unavailable, UNAVAILABLE),
     (errors.NoCapacity, UNAVAILABLE),
+    (errors.AgentFailed, AGENT_FAILED),
 )
 _BARE = re.compile(r"[^\s\"'=\\\x00-\x1f\x7f]+")
 

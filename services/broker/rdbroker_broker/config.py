@@ -5,10 +5,11 @@ from __future__ import annotations
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from rdbroker_broker.domain import MAX_USER_CHARS
+from rdbroker_common.power import MIN_SECRET_CHARS
 from rdbroker_common.rpc_authz import ADMIN, DEFAULT_TRUST_DOMAIN, HEALTH, PROXY, check_trust_domain
 from rdbroker_common.settings import ServiceSettings, is_loopback, split_host_port
 
-DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///rdbroker.db"
+DEFAULT_DATABASE_URL = "sqlite:///rdbroker.db"
 
 
 class BrokerSettings(ServiceSettings):
@@ -91,6 +92,30 @@ class BrokerSettings(ServiceSettings):
     )
     grpc_reflection: bool = Field(default=False, description="serve gRPC server reflection (for grpcurl)")
 
+    # Session actions (`POST /v1/sessions/{id}/logoff|disconnect|message`) go to the session's server's
+    # agent with the token and TLS settings the health replicas use for it (docs/api.md): its token from
+    # the environment only (a command line shows in `ps`) or a file re-read on change; HTTPS agents:
+    # trust this CA (empty: the system's), present this certificate and key to an agent that asks.
+    agent_token: SecretStr = Field(
+        default=SecretStr(""), description="the agents' bearer token (environment only)"
+    )
+    agent_token_file: str = Field(
+        default="", description="a file holding the agents' token, re-read when it changes"
+    )
+    agent_tls_ca: str = ""
+    agent_tls_cert: str = ""
+    agent_tls_key: str = ""
+    # How long an agent gets to carry out an action (a logoff waits for the session's processes to end).
+    agent_action_timeout_s: float = Field(default=20.0, gt=0, le=300)
+
+    # Capacity on demand (docs/power.md): the key that signs every power hook call (environment only;
+    # pools with `power:` hooks need it), how often each replica's power loop looks, and the bounds
+    # of one hook call: each attempt's timeout, and how long failed attempts are retried.
+    power_hook_secret: SecretStr = SecretStr("")
+    power_interval_s: float = Field(default=5.0, gt=0, le=3600)
+    power_hook_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    power_hook_retry_s: float = Field(default=60.0, ge=0, le=3600)
+
     # Prometheus /metrics (host:port); empty = off. The sessions-by-state gauge is recounted this often.
     metrics_listen: str = ""
     sessions_metric_interval_s: float = Field(default=5.0, gt=0, le=3600)
@@ -100,11 +125,24 @@ class BrokerSettings(ServiceSettings):
     def _trust_domain(cls, value: str) -> str:
         return check_trust_domain(value)
 
+    @field_validator("power_hook_secret")
+    @classmethod
+    def _power_secret(cls, value: SecretStr) -> SecretStr:
+        if value.get_secret_value() and len(value.get_secret_value()) < MIN_SECRET_CHARS:
+            raise ValueError(f"the power hook secret must be at least {MIN_SECRET_CHARS} characters")
+        return value
+
     @field_validator("grpc_listen", "http_listen")
     @classmethod
     def _host_port(cls, value: str) -> str:
         split_host_port(value)
         return value
+
+    @model_validator(mode="after")
+    def _check_agent_tls(self) -> BrokerSettings:
+        if bool(self.agent_tls_cert.strip()) != bool(self.agent_tls_key.strip()):
+            raise ValueError("agent_tls_cert and agent_tls_key go together")
+        return self
 
     @property
     def database_url_text(self) -> str:

@@ -49,6 +49,15 @@ class AgentState(enum.StrEnum):
     DOWN = "down"
 
 
+class PowerState(enum.StrEnum):
+    """Capacity on demand (power.py): a server that no probe reaches counts as `off`."""
+
+    ON = "on"
+    STARTING = "starting"  # its pool's start hook was called; `on` once its probe answers
+    STOPPING = "stopping"  # drained and its pool's stop hook called; `off` once no probe reaches it
+    OFF = "off"
+
+
 class SessionState(enum.StrEnum):
     PENDING = "pending"
     ACTIVE = "active"
@@ -121,6 +130,7 @@ class Server:
     health_changed_at: datetime | None = None
     probed_at: datetime | None = None  # the last health result
     fresh_until: datetime | None = None  # when that result stops counting
+    power: PowerState = PowerState.ON
 
     @property
     def effective_admin_state(self) -> AdminState:

@@ -7,8 +7,11 @@ BrokerError
 ├── InvalidInput       malformed request fields, farm file errors
 ├── Unavailable        the database, or the server holding the user's session, cannot be reached
 │   ├── DatabaseUnavailable  the database did not answer (the sweep counts these: see BrokerService)
-│   └── Overloaded     the call could not be given a database connection in time (admission.py)
-└── Conflict           the request contradicts the directory (e.g. a second live session)
+│   ├── Overloaded     the call could not be given a database connection in time (admission.py)
+│   └── CapacityStarting  no server takes a new user now, but one is starting: retry for `wait_s`
+├── Conflict           the request contradicts the directory (e.g. a second live session)
+└── AgentFailed        a server's agent refused or could not carry out a session action, or was unreachable
+    └── AgentTimeout   it did not answer in time
 """
 
 from __future__ import annotations
@@ -46,5 +49,21 @@ class Overloaded(Unavailable):
     pass
 
 
+class CapacityStarting(Unavailable):
+    """The proxy holds the user and retries for up to `wait_s` (the pool's `start_wait`)."""
+
+    def __init__(self, message: str, wait_s: float) -> None:
+        super().__init__(message)
+        self.wait_s = wait_s
+
+
 class Conflict(BrokerError):
+    pass
+
+
+class AgentFailed(BrokerError):
+    pass
+
+
+class AgentTimeout(AgentFailed):
     pass

@@ -20,7 +20,7 @@ import yaml
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from rdbroker_broker import accounts, audit, callers
+from rdbroker_broker import accounts, audit, callers, power_config
 from rdbroker_broker import assignments as a
 from rdbroker_broker import domain as d
 from rdbroker_broker import pool_settings as ps
@@ -28,9 +28,11 @@ from rdbroker_broker.db import migrate
 from rdbroker_broker.db.assignment_repository import AssignmentRepository
 from rdbroker_broker.db.audit_repository import AuditRepository
 from rdbroker_broker.db.engine import is_sqlite
+from rdbroker_broker.db.power_repository import PowerRepository
 from rdbroker_broker.db.repositories import LIVE, PoolRepository, ServerRepository, SessionRepository
 from rdbroker_broker.db.tables import sessions
 from rdbroker_broker.errors import Unavailable
+from rdbroker_broker.power_rules import PoolPower
 from rdbroker_common.settings import join_host_port, split_host_port
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,7 @@ _POOL_KEYS = {
     "logon_lag",
     "honor_routing_tokens",
     "placement",
+    "power",
 }
 _PROBE_KEYS = {"interval", "timeout", "rise", "fall", "sessions_interval"}
 # The same bounds as the broker's RDBROKER_PROBE_* settings (config.py).
@@ -70,6 +73,7 @@ class Farm:
     pools: list[d.Pool] = field(default_factory=list)
     servers: list[d.Server] = field(default_factory=list)
     assignments: list[a.Rule] = field(default_factory=list)
+    power: dict[str, PoolPower] = field(default_factory=dict)  # by pool name: its `power:` hooks
 
 
 class _Reader:
@@ -212,6 +216,10 @@ def _read_pools(reader: _Reader, node: yaml.Node | None, farm: Farm, default_int
         probe = _read_probe(reader, fields.get("probe"), f"{where}.probe")
         pool = d.Pool(name, is_default, timeout, *probe[:4], sessions_interval_ms=probe[4])
         pool = _read_claim_settings(reader, fields, where, pool)
+        if "power" in fields:
+            power = power_config.read_power(reader, fields["power"], f"{where}.power", name)
+            if power is not None:
+                farm.power[name] = power
         # Rules across settings only once each setting is right (a bad domain is one problem, not two).
         problems = ps.pool_problems(pool, default_interval_ms) if len(reader.problems) == before else []
         for key, message in problems:
@@ -352,6 +360,7 @@ def _read_servers(reader: _Reader, node: yaml.Node | None, farm: Farm) -> None:
     pools = {p.name.casefold(): p.name for p in farm.pools}
     default = next((p.name for p in farm.pools if p.is_default), "")
     depth = {p.name for p in farm.pools if p.placement is d.Placement.DEPTH}
+    limited = {name for name, power in farm.power.items() if power_config.needs_limits(power)}
     seen: set[str] = set()
     for i, item in enumerate(node.value):
         where = f"servers[{i}]"
@@ -394,6 +403,13 @@ def _read_servers(reader: _Reader, node: yaml.Node | None, farm: Farm) -> None:
                 f"{where}.max_sessions",
                 f"pool {server.pool} places by depth, which fills each server up to its max_sessions: "
                 "set one on this server",
+            )
+        if server.max_sessions == 0 and pool in limited:
+            reader.problem(
+                fields.get("max_sessions", item),
+                f"{where}.max_sessions",
+                f"pool {pool!r} has a power start hook: every server needs max_sessions "
+                "(free capacity is counted in sessions)",
             )
         farm.servers.append(server)
 
@@ -516,6 +532,7 @@ async def _apply(
                     change("pool.rekey", pool.name, rekeyed)
                 if kept:
                     plan.changes.append(kept)
+        await _apply_power(PowerRepository(conn), farm, change)
         for server in farm.servers:
             old_server = old_servers.get(server.address)
             if old_server is None or _declared(old_server) != _declared(server):
@@ -646,6 +663,42 @@ async def rekey_pool(live: SessionRepository, pool: d.Pool, now: datetime) -> tu
     done = f"re-key {rekeyed} live sessions of pool {pool.name}" if rekeyed else ""
     kept = f"keep the key of {len(skipped)} live sessions of pool {pool.name} (taken)" if skipped else ""
     return done, kept
+
+
+async def _apply_power(repo: PowerRepository, farm: Farm, change: Any) -> None:
+    """Each pool of the file gets exactly its `power:` hooks (none when it declares none)."""
+    old = {p.pool: p for p in await repo.all()}
+    for pool in farm.pools:
+        new, before = farm.power.get(pool.name), old.get(pool.name)
+        if new == before:
+            continue
+        if new is None:
+            await repo.delete(pool.name)
+            change("pool.power", pool.name, f"remove the power hooks of pool {pool.name}")
+            continue
+        await repo.put(new)
+        verb = "update" if before else "set"
+        change("pool.power", pool.name, f"{verb} the power hooks of pool {pool.name} ({show_power(new)})")
+
+
+def show_power(power: PoolPower) -> str:
+    """The hooks as a plan line shows them: no URL query (it may hold a key, e.g. Azure's `?code=`)."""
+    parts = []
+    if power.start_url:
+        parts.append(
+            f"start {_bare(power.start_url)} below {power.min_free_sessions} free sessions, "
+            f"users wait {ps.format_ms(round(power.start_wait_s * 1000))}"
+        )
+    if power.stop_url:
+        parts.append(
+            f"stop {_bare(power.stop_url)} after {ps.format_ms(round(power.idle_for_s * 1000))} idle, "
+            f"keeping {power.keep_running}"
+        )
+    return "; ".join(parts)
+
+
+def _bare(url: str) -> str:
+    return url.split("?", 1)[0].split("#", 1)[0]
 
 
 def _declared(server: d.Server) -> tuple[str, int, int, str, str]:

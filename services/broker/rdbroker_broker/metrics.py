@@ -58,6 +58,11 @@ claims_abandoned = _meter.create_counter(
     description="Claims ended at once because their connection carried fewer than junk_bytes from the server",
 )
 
+power_hooks = _meter.create_counter(
+    "rdbroker_power_hooks",
+    description="Power hook calls, action=start|stop, outcome=ok|failed (docs/power.md)",
+)
+
 _route_counts: dict[tuple[str, str], int] = {}
 _refused_counts: dict[str, int] = {}
 _AMBIGUOUS_LABELS: Mapping[str, Mapping[str, str]] = {w: {"where": w} for w in ("reconcile", "route")}
@@ -67,6 +72,11 @@ def record_truncated_ambiguous(where: str, count: int = 1) -> None:
     """Truncated cookies left ambiguous, at session-list reconciliation or at Route."""
     if count:
         truncated_cookie_ambiguous.add(count, _AMBIGUOUS_LABELS[where])
+
+
+def record_power_hook(action: str, ok: bool) -> None:
+    """A power hook call that was taken (`ok`) or not (`failed`, retries spent or refused)."""
+    power_hooks.add(1, {"action": action, "outcome": "ok" if ok else "failed"})
 
 
 def record_reconcile_ended(reason: str, count: int) -> None:

@@ -6,8 +6,10 @@ taken at `listed_at`, and every live directory session on the server (proxy-made
   docs/accounts.md): Windows' quser and xrdp report "alice" for the cookie "CORP\\alice";
 - a listed user's session is confirmed (it then holds capacity while disconnected) and takes the listed
   state (disconnected: the pool's disconnect timeout; active: no expiry), unless it changed after
-  `listed_at` (a proxy event the list could not show, e.g. a reconnect) or the list omits disconnected
-  sessions (psutil: its "active" cannot be told from disconnected, so a disconnected session stays so);
+  `listed_at` (a proxy event the list could not show, e.g. a reconnect), or the list omits disconnected
+  sessions (psutil: its "active" cannot be told from disconnected, so a disconnected session stays so),
+  or it calls disconnected a session whose proxy connection is open and opened less than the pool's
+  `logon_lag_s` before `listed_at` (the server attaches the desktop only after TLS and the logon);
 - a session the list lacks is ended `logged_off`, except: a claim (unconfirmed) whose connection is
   open (a logon in progress); a session that changed after `listed_at`; a disconnected session when
   the list omits disconnected sessions (absence proves nothing); a claim whose connection closed less
@@ -218,7 +220,7 @@ class ProbeService:
                 if not session.confirmed:
                     await r.sessions.confirm(session.session_id)
                 await self._follow_agent(
-                    r, session, listed.state, listed_at, now, keep_for, omits_disconnected
+                    r, session, listed.state, listed_at, now, keep_for, omits_disconnected, pool
                 )
                 if label and label != session.user:
                     new_key = accounts.key_of(label, rules)
@@ -265,12 +267,20 @@ class ProbeService:
         now: datetime,
         keep_for: timedelta,
         omits_disconnected: bool,
+        pool: d.Pool,
     ) -> None:
         """Every session on the server takes the state its agent listed, proxy-made ones included."""
         if session.state is state or session.updated_at > listed_at:
             return  # nothing to do, or a proxy event newer than the list (a reconnect, a close) wins
         if omits_disconnected and session.state is d.SessionState.DISCONNECTED:
             return  # this list's "active" cannot be told from disconnected
+        if state is d.SessionState.DISCONNECTED and await r.connections.logging_on(
+            session.session_id, listed_at - timedelta(seconds=pool.logon_lag_s)
+        ):
+            # The proxy opened the user's connection moments before the list: the server attaches
+            # the desktop only once TLS and the logon are done (about a second on xrdp), so until
+            # then it lists the session disconnected. Past the pool's logon lag the server's word wins.
+            return
         expires_at = now + keep_for if state is d.SessionState.DISCONNECTED else None
         await r.sessions.set_state_from_agent(session.session_id, session.state, state, listed_at, expires_at)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -22,13 +23,15 @@ from sqlalchemy.exc import IntegrityError
 from rdbroker_broker import accounts, assignments, audit, metrics, pool_settings
 from rdbroker_broker import domain as d
 from rdbroker_broker.config import BrokerSettings
-from rdbroker_broker.db import report_sql, routing_sql
+from rdbroker_broker.db import embedded_sql, report_sql, routing_sql
 from rdbroker_broker.db.assignment_repository import AssignmentRepository
 from rdbroker_broker.db.audit_repository import AuditFilter as AuditFilter  # for the REST routes
+from rdbroker_broker.db.power_repository import PowerRepository
 from rdbroker_broker.db.repositories import new_session_id, session_from_row
 from rdbroker_broker.db.tables import connections, proxies, sessions
 from rdbroker_broker.errors import (
     BrokerError,
+    CapacityStarting,
     Conflict,
     DatabaseUnavailable,
     InvalidInput,
@@ -158,14 +161,18 @@ class BrokerService:
             except Retryable as exc:
                 raise DatabaseUnavailable("the database is unreachable") from exc
 
+    def _heard(self) -> None:
+        """A transaction committed (any path): the span of uninterrupted database calls goes on."""
+        if self.heard_since is None:
+            self.heard_since = self.now()
+
     async def run_tx(self, work: Callable[[Repos], Awaitable[T]]) -> T:
         """Run `work` in a transaction, again when it loses a race (it then sees the winner's rows)."""
         for attempt in range(MAX_TX_ATTEMPTS):
             try:
                 async with self.store.transaction() as r:
                     result = await work(r)
-                if self.heard_since is None:
-                    self.heard_since = self.now()
+                self._heard()
                 return result
             except Retryable as exc:
                 if exc.connectivity and attempt >= 1:
@@ -196,16 +203,19 @@ class BrokerService:
         if request.attempt > 0 and request.failed_server_address:
             # Before the transaction: a probe may take its whole timeout, and holds no connection.
             probe = await self._probe_failed_server(request)
+        # On SQLite the whole Route is one transaction on the store's one connection (the gate
+        # makes it this call's alone): its first try reads the context in it, as below.
+        in_one = request.attempt == 0 and not self.store.is_postgres
         if request.attempt == 0 and token_address is None and self.store.is_postgres:
             decision = await self._route_postgres(request, user)
-        elif request.attempt == 0:
+        elif in_one and token_address is None:
+            decision = await self._route_sqlite(request, user)
+        elif request.attempt == 0 and self.store.is_postgres:
             # Outside a transaction: one read decides most routes. A reconnect then needs only the
             # idempotent insert of its answer; anything else runs in a transaction with this read.
             try:
                 async with self.store.autocommit() as r:
                     context = await self._read_context(r, request.pool, user)
-                    if token_address is None:
-                        decision = await self._fast_reconnect(r, request, context)
             except Retryable:
                 context = None  # a dead pooled connection: the transactional path retries
         if decision is not None:
@@ -218,6 +228,15 @@ class BrokerService:
             tries += 1
             token.outcome = token.why = ""  # a transaction run again decides again
             ctx = context if tries == 1 else None
+            if tries == 1 and in_one:
+                ctx = await self._read_context(r, request.pool, user)
+            if ctx is not None and token_address is None:
+                # With the context just read (a first try at attempt 0), be optimistic: a repeated
+                # (connection_id, attempt) loses on the connections primary key when its answer
+                # is stored, and the next try (without a context) looks the first answer up.
+                fast = await self._fast_reconnect(r, request, ctx)
+                if fast is not None:
+                    return fast
             return await self._route(r, request, user, token_address, ctx, probe, token)
 
         try:
@@ -332,6 +351,84 @@ class BrokerService:
         except Retryable as exc:
             log.debug("route fast path lost a race or its connection (%s): the transactional path", exc)
             return None
+
+    async def _route_sqlite(self, request: d.RouteRequest, user: str) -> d.RouteDecision | None:
+        """The common Route on SQLite in plain sqlite3 calls (`embedded_sql`), decided by the domain
+        as the transactional path decides: a reconnect to the user's live session, or a new
+        placement when the account has none. None leaves the call to the transactional path, with
+        nothing written (anything unusual, or an answer stored for this connection before)."""
+        try:
+            async with self.store.sqlite_transaction() as conn:
+                decision = self._route_embedded(conn, request, user)
+            self._heard()
+            return decision
+        except embedded_sql.NotHere:
+            return None
+        except Retryable as exc:
+            log.debug("route fast path lost a race (%s): the transactional path", exc)
+            return None
+
+    def _route_embedded(
+        self, conn: sqlite3.Connection, request: d.RouteRequest, user: str
+    ) -> d.RouteDecision:
+        now = self.now()
+        _, rules = self._accounts_for(request.pool)
+        account = accounts.resolve(user, rules) if user else None
+        if account is not None and len(account.key) > d.MAX_USER_CHARS:
+            raise embedded_sql.NotHere  # the transactional path says why
+        found = embedded_sql.route_context(conn, request.pool, account.key if account else "")
+        if found is None:
+            raise _unknown_pool(request.pool)
+        pool, live, server = found.pool, found.live, found.server
+        if not self._remember_accounts(request.pool, pool):
+            raise embedded_sql.NotHere  # the key was made with settings since changed
+        if live is not None:
+            seen = d.as_seen_at(server, now) if server is not None else None
+            if seen is None or not live.is_live_at(now) or not d.takes_reconnects(seen):
+                raise embedded_sql.NotHere  # the session ends, and the user is placed anew
+            decision = d.RouteDecision(
+                seen.address, live.session_id, d.RouteReason.RECONNECT, live.user, pool.name
+            )
+            return self._store_answer(conn, request, decision, now)
+        if account is not None:
+            probes = accounts.probes(account, rules)
+            if probes is None or (probes and embedded_sql.any_live_in_ranges(conn, pool.name, probes)):
+                raise embedded_sql.NotHere  # another spelling of the account may have a session
+        ranked = d.rank_for_new_session(
+            [d.as_seen_at(s, now) for s in embedded_sql.servers_in_pool(conn, pool.name)],
+            placement=pool.placement,
+        )
+        if not ranked:
+            raise embedded_sql.NotHere  # the transactional path says why no server takes it
+        reason = d.RouteReason.NEW if user else d.RouteReason.NO_IDENTITY
+        decision = d.RouteDecision(ranked[0].address, new_session_id(), reason, user, pool.name)
+        answered = self._store_answer(conn, request, decision, now)
+        if answered is decision:
+            embedded_sql.insert_pending(
+                conn,
+                session_id=decision.session_id,
+                pool=pool.name,
+                user=user,
+                account=account,
+                server_address=decision.server_address,
+                request=request,
+                now=now,
+                expires_at=now + timedelta(seconds=self.settings.pending_timeout_s),
+            )
+        return answered
+
+    @staticmethod
+    def _store_answer(
+        conn: sqlite3.Connection, request: d.RouteRequest, decision: d.RouteDecision, now: datetime
+    ) -> d.RouteDecision:
+        """`decision`, stored; or the answer this (connection_id, attempt) was given before (a
+        retried call), with nothing written."""
+        if embedded_sql.record_answer(conn, request, decision, now):
+            return decision
+        earlier = embedded_sql.stored_answer(conn, request)
+        if earlier is None:
+            raise embedded_sql.NotHere
+        return earlier
 
     async def _fast_reconnect_postgres(
         self,
@@ -676,6 +773,13 @@ class BrokerService:
         ranked = [s.address for s in d.rank_for_new_session(candidates, exclude, pool.placement)]
         chosen = await self._lock_server(r, ranked, now) if ranked else None
         if chosen is None:
+            # A server starting (or about to be) for this pool: the proxy holds the user (power.py).
+            wait_s = await PowerRepository(r.conn).start_wait(pool.name)
+            if wait_s:
+                raise CapacityStarting(
+                    f"no server in pool {pool.name!r} can take a new session yet: one is starting",
+                    wait_s,
+                )
             raise NoCapacity(
                 f"no server in pool {pool.name!r} can take a new session ({_summary(candidates, now)})"
             )
@@ -760,10 +864,16 @@ class BrokerService:
         On PostgreSQL the common events are one statement each (`report_sql`), the whole batch sent
         at once in one transaction. When a statement does not settle its event, that transaction is
         undone and the batch goes one event at a time: such an event runs as the transactional use
-        case, in its place in the order, and the rest go on.
+        case, in its place in the order, and the rest go on. On SQLite the batch runs as the use
+        cases in one transaction (`_reports_in_one`).
         """
         results: list[Exception | None] = [None] * len(events)
         if self.store.is_postgres and await self._reports_pipelined(events, results):
+            return results
+        if not self.store.is_postgres and (
+            await self._reports_embedded(events, results)
+            or (len(events) > 1 and await self._reports_in_one(events, results))
+        ):
             return results
         index = 0
         while index < len(events):
@@ -865,82 +975,153 @@ class BrokerService:
         metrics.record_abandoned(abandoned)  # counted once committed
         return index
 
+    async def _reports_embedded(
+        self, events: Sequence[ConnectionEvent], results: list[Exception | None]
+    ) -> bool:
+        """SQLite: the whole batch in plain sqlite3 calls (`embedded_sql`) in one transaction. False
+        when an event needs the use case: that transaction is undone and nothing of it remains."""
+        abandoned = 0
+        try:
+            async with self.store.sqlite_transaction() as conn:
+                for index, event in enumerate(events):
+                    try:
+                        _validate_event(event)
+                    except BrokerError as exc:
+                        results[index] = exc
+                        continue
+                    outcome = self._embedded_report(conn, event)
+                    if outcome is report_sql.Outcome.USE_CASE:
+                        raise embedded_sql.NotHere
+                    if outcome is report_sql.Outcome.UNKNOWN_SESSION:
+                        results[index] = NotFound(f"unknown session {event.session_id!r}")
+                    elif outcome is report_sql.Outcome.NEWER_SESSION:
+                        results[index] = _newer_session(event.session_id)
+                    abandoned += outcome is report_sql.Outcome.ABANDONED
+        except (embedded_sql.NotHere, Retryable) as exc:
+            log.debug("connection reports: batch undone, applied as the use cases (%r)", exc)
+            results[:] = [None] * len(events)
+            return False
+        self._heard()
+        metrics.record_abandoned(abandoned)  # counted once committed
+        return True
+
+    def _embedded_report(self, conn: sqlite3.Connection, event: ConnectionEvent) -> report_sql.Outcome:
+        now = self.now()
+        if isinstance(event, Opened):
+            return embedded_sql.opened(conn, event.session_id, event.connection_id, event.proxy_id, now)
+        return embedded_sql.closed(
+            conn,
+            event.session_id,
+            event.connection_id,
+            bytes_from_client=event.bytes_from_client,
+            bytes_from_server=event.bytes_from_server,
+            duration_ms=event.duration_ms,
+            end_reason=event.end_reason,
+            now=now,
+            disconnect_for=lambda seconds: now + timedelta(seconds=seconds),
+        )
+
+    async def _reports_in_one(
+        self, events: Sequence[ConnectionEvent], results: list[Exception | None]
+    ) -> bool:
+        """SQLite: the whole batch as the use cases, in order, in one transaction (one commit for the
+        lot). An event refused (a `BrokerError`) has written nothing (the use cases refuse before
+        they write, or inside a savepoint), so the rest go on. False when an event failed otherwise:
+        that transaction is undone, nothing of it remains, and the batch goes one event at a time."""
+
+        async def work(r: Repos) -> int:
+            results[:] = [None] * len(events)  # a transaction run again answers again
+            abandoned = 0
+            for index, event in enumerate(events):
+                try:
+                    _validate_event(event)
+                    if isinstance(event, Opened):
+                        await self._opened_work(r, event)
+                    else:
+                        abandoned += await self._closed_work(r, event)
+                except Unavailable:
+                    raise
+                except BrokerError as exc:
+                    results[index] = exc
+            return abandoned
+
+        try:
+            abandoned = await self.run_tx(work)
+        except Unavailable:
+            raise
+        except Exception as exc:  # a bug in one event: the one-by-one path isolates it
+            log.debug("connection reports: batch undone, applied one by one (%r)", exc)
+            results[:] = [None] * len(events)
+            return False
+        metrics.record_abandoned(abandoned)
+        return True
+
     async def _report_use_case(self, event: ConnectionEvent) -> None:
         if isinstance(event, Opened):
-            await self._opened_tx(event)
-        else:
-            await self._closed_tx(event)
-
-    async def _opened_tx(self, event: Opened) -> None:
-        session_id, connection_id, proxy_id = event.session_id, event.connection_id, event.proxy_id
-
-        async def work(r: Repos) -> None:
-            now = self.now()
-            row = await r.sessions.field(session_id, "state")
-            if row is None:
-                raise NotFound(f"unknown session {session_id!r}")
-            if row.state == d.SessionState.ENDED:
-                # Ended meanwhile (expired while the proxy connected): revive it unless the user
-                # already has a newer live session.
-                try:
-                    async with r.conn.begin_nested():
-                        await r.sessions.open(session_id, connection_id, proxy_id, now)
-                except IntegrityError as exc:
-                    raise Conflict(
-                        f"session {session_id} has ended and its user has a newer session"
-                    ) from exc
-            else:
-                await r.sessions.open(session_id, connection_id, proxy_id, now)
-            await r.connections.opened(connection_id, now)
-
-        await self.run_tx(work)
-
-    async def _closed_tx(self, event: Closed) -> None:
-        session_id, connection_id = event.session_id, event.connection_id
-
-        async def work(r: Repos) -> bool:
-            now = self.now()
-            row = await r.sessions.field(
-                session_id,
-                "state",
-                "pool",
-                "connection_id",
-                "origin_connection_id",
-                "learnt_from",
-                "confirmed",
-            )
-            if row is None:
-                raise NotFound(f"unknown session {session_id!r}")
-            await r.connections.closed(
-                connection_id,
-                bytes_from_client=event.bytes_from_client,
-                bytes_from_server=event.bytes_from_server,
-                duration_ms=event.duration_ms,
-                end_reason=event.end_reason,
-                now=now,
-            )
-            if row.state == d.SessionState.PENDING and row.origin_connection_id == connection_id:
-                # Never reached the server: nothing to keep for the user.
-                await r.sessions.end(session_id, event.end_reason or "closed_before_open", now)
-            elif row.state == d.SessionState.ACTIVE and row.connection_id == connection_id:
-                pool = await r.pools.resolve(row.pool) or d.Pool("")
-                junk = d.is_junk_claim(
-                    pool,
-                    learnt_from=row.learnt_from,
-                    confirmed=bool(row.confirmed),
-                    origin_connection_id=row.origin_connection_id,
-                    connection_id=connection_id,
-                    bytes_from_server=event.bytes_from_server,
-                )
-                if junk:
-                    return await r.sessions.end(session_id, "abandoned", now)
-                await r.sessions.disconnect(
-                    session_id, now, now + timedelta(seconds=pool.disconnect_timeout_s)
-                )
-            return False
-
-        if await self.run_tx(work):
+            await self.run_tx(lambda r: self._opened_work(r, event))
+        elif await self.run_tx(lambda r: self._closed_work(r, event)):
             metrics.record_abandoned()
+
+    async def _opened_work(self, r: Repos, event: Opened) -> None:
+        """Apply an open. A refusal writes nothing (`_reports_in_one` relies on it)."""
+        session_id, connection_id, proxy_id = event.session_id, event.connection_id, event.proxy_id
+        now = self.now()
+        row = await r.sessions.field(session_id, "state")
+        if row is None:
+            raise NotFound(f"unknown session {session_id!r}")
+        if row.state == d.SessionState.ENDED:
+            # Ended meanwhile (expired while the proxy connected): revive it unless the user
+            # already has a newer live session.
+            try:
+                async with r.conn.begin_nested():
+                    await r.sessions.open(session_id, connection_id, proxy_id, now)
+            except IntegrityError as exc:
+                raise _newer_session(session_id) from exc
+        else:
+            await r.sessions.open(session_id, connection_id, proxy_id, now)
+        await r.connections.opened(connection_id, now)
+
+    async def _closed_work(self, r: Repos, event: Closed) -> bool:
+        """Apply a close; True when it ended the session as abandoned (a probe that held nothing). A
+        refusal writes nothing (`_reports_in_one` relies on it)."""
+        session_id, connection_id = event.session_id, event.connection_id
+        now = self.now()
+        row = await r.sessions.field(
+            session_id,
+            "state",
+            "pool",
+            "connection_id",
+            "origin_connection_id",
+            "learnt_from",
+            "confirmed",
+        )
+        if row is None:
+            raise NotFound(f"unknown session {session_id!r}")
+        await r.connections.closed(
+            connection_id,
+            bytes_from_client=event.bytes_from_client,
+            bytes_from_server=event.bytes_from_server,
+            duration_ms=event.duration_ms,
+            end_reason=event.end_reason,
+            now=now,
+        )
+        if row.state == d.SessionState.PENDING and row.origin_connection_id == connection_id:
+            # Never reached the server: nothing to keep for the user.
+            await r.sessions.end(session_id, event.end_reason or "closed_before_open", now)
+        elif row.state == d.SessionState.ACTIVE and row.connection_id == connection_id:
+            pool = await r.pools.resolve(row.pool) or d.Pool("")
+            junk = d.is_junk_claim(
+                pool,
+                learnt_from=row.learnt_from,
+                confirmed=bool(row.confirmed),
+                origin_connection_id=row.origin_connection_id,
+                connection_id=connection_id,
+                bytes_from_server=event.bytes_from_server,
+            )
+            if junk:
+                return await r.sessions.end(session_id, "abandoned", now)
+            await r.sessions.disconnect(session_id, now, now + timedelta(seconds=pool.disconnect_timeout_s))
+        return False
 
     async def proxy_heartbeat(
         self, proxy_id: str, active_connections: int, connection_ids: Sequence[str] | None = None
@@ -1121,6 +1302,10 @@ def pool_rules(pool: d.Pool) -> accounts.Rules:
 
 
 _NO_ACCOUNTS: tuple[tuple[str, str], accounts.Rules] = (("", ""), accounts.NO_RULES)
+
+
+def _newer_session(session_id: str) -> Conflict:
+    return Conflict(f"session {session_id} has ended and its user has a newer session")
 
 
 def _unknown_pool(pool: str) -> NotFound:

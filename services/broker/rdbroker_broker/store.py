@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from sqlalchemy.util import greenlet_spawn
 
 from rdbroker_broker.admission import Gate
 from rdbroker_broker.database_state import DatabaseState
+from rdbroker_broker.db import inline_sqlite
 from rdbroker_broker.db.audit_repository import AuditRepository
 from rdbroker_broker.db.health_repositories import LeaseRepository, ProxyRepository
 from rdbroker_broker.db.repositories import (
@@ -69,6 +71,7 @@ class Store:
         pool: Any = engine.pool
         self.gate = Gate(pool.size(), max_waiting=max_waiting, wait_s=pool.timeout(), on_refused=on_refused)
         self.database = database or DatabaseState()
+        self._inline: sqlite3.Connection | None = None  # the SQLite pool's one connection
 
     @contextmanager
     def _watched(self) -> Iterator[None]:
@@ -97,11 +100,49 @@ class Store:
     @asynccontextmanager
     async def autocommit(self) -> AsyncIterator[Repos]:
         """Each statement commits on its own: no BEGIN/COMMIT round trips, for reads and for a
-        single idempotent write (the Route reconnect fast path)."""
+        single idempotent write (the Route reconnect fast path).
+
+        On SQLite this is a transaction: its one connection is this call's alone (the gate), a read
+        starts none there, and switching the connection's isolation level runs a PRAGMA that makes
+        SQLite prepare every cached statement again (~60 µs each, on every statement of the next
+        transactions)."""
+        if not self.is_postgres:
+            async with self.transaction() as r:
+                yield r
+            return
         async with self.gate.slot():
             with self._watched():
                 async with self.engine.connect() as conn:
                     yield _repos(await conn.execution_options(isolation_level="AUTOCOMMIT"))
+
+    @asynccontextmanager
+    async def sqlite_transaction(self) -> AsyncIterator[sqlite3.Connection]:
+        """The SQLite store's one connection, as sqlite3 sees it, in a transaction: committed on
+        exit, rolled back on an exception (the embedded hot path, `db.embedded_sql`). The gate makes
+        it this call's alone: no other transaction of this process runs until it ends. The body
+        must not await: the connection is used outside the engine's pool (checking it out and in
+        costs more than the statements), so only the gate keeps others off it."""
+        async with self.gate.slot():
+            with self._watched():
+                db = self._inline or await self._inline_connection()
+                with _mapped_sqlite_errors():
+                    try:
+                        try:
+                            yield db
+                        except BaseException:
+                            db.rollback()
+                            raise
+                        db.commit()
+                    except sqlite3.ProgrammingError:  # closed by the pool (invalidated, disposed)
+                        self._inline = None
+                        raise
+
+    async def _inline_connection(self) -> sqlite3.Connection:
+        async with self.engine.connect() as conn:
+            driver = (await conn.get_raw_connection()).driver_connection
+        assert isinstance(driver, inline_sqlite.InlineConnection)
+        self._inline = driver.sqlite
+        return driver.sqlite
 
     @asynccontextmanager
     async def raw_autocommit(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
@@ -221,6 +262,18 @@ def _mapped_psycopg_errors() -> Iterator[None]:
         raise
     except OSError as exc:
         raise DatabaseUnavailable("the database is unreachable") from exc
+
+
+@contextmanager
+def _mapped_sqlite_errors() -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.IntegrityError as exc:
+        raise Retryable(str(exc)) from exc
+    except sqlite3.ProgrammingError as exc:  # a closed connection: the caller takes another path
+        raise Retryable(str(exc), connectivity=True) from exc
+    except sqlite3.OperationalError as exc:  # locked past busy_timeout, disk full, I/O error
+        raise DatabaseUnavailable(f"the database file cannot be used: {exc}") from exc
 
 
 def _is_connectivity(exc: DBAPIError) -> bool:

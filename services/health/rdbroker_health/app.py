@@ -12,16 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 from collections.abc import Callable
-from pathlib import Path
 
 import grpc
-import httpx
 from grpc_health.v1 import health
 from grpc_health.v1 import health_pb2_grpc as std_health_pb2_grpc
 
-from rdbroker_common import rpc_authz, telemetry, tls
+from rdbroker_common import agent_http, rpc_authz, telemetry, tls
+from rdbroker_common.agent_http import agent_client
 from rdbroker_common.bearer import TokenError, Tokens
 from rdbroker_common.broker_token import BrokerToken
 from rdbroker_common.https import TlsContext
@@ -136,43 +134,24 @@ def _probe_server(listen: str, status: health.aio.HealthServicer) -> grpc.aio.Se
     return server
 
 
-def agent_client(context: ssl.SSLContext | None = None) -> httpx.AsyncClient:
-    """The HTTP client for agents: no proxy from the environment (agents sit next to the servers), no
-    redirects (the token must not follow one), and no pool limit, since each held server has at most
-    one request in flight. `context`: for HTTPS agents (else the system's CAs)."""
-    return httpx.AsyncClient(
-        follow_redirects=False,
-        trust_env=False,
-        verify=context if context is not None else True,
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
-    )
-
-
 def agent_tokens(settings: HealthSettings) -> Tokens | None:
     """The token sent to agents, from RDBROKER_AGENT_TOKEN or --agent-token-file; ConfigError if unusable."""
     try:
-        return Tokens.configured(
-            settings.agent_token.get_secret_value(),
-            settings.agent_token_file,
-            names=("RDBROKER_AGENT_TOKEN", "--agent-token-file"),
+        return agent_http.agent_tokens(
+            settings.agent_token.get_secret_value(), settings.agent_token_file, "--agent-token-file"
         )
     except TokenError as exc:
         raise ConfigError(str(exc)) from exc
 
 
 def agent_tls(settings: HealthSettings) -> TlsContext | None:
-    """HTTPS to agents: trust --agent-tls-ca (else the system's CAs), present --agent-tls-cert/key to an
-    agent that asks for a client certificate. None when none is set; ValueError if they do not load."""
-    ca, cert, key = (
-        Path(v.strip()) if v.strip() else None
-        for v in (settings.agent_tls_ca, settings.agent_tls_cert, settings.agent_tls_key)
+    """HTTPS to agents (agent_http.agent_tls) from --agent-tls-ca/--agent-tls-cert/--agent-tls-key."""
+    return agent_http.agent_tls(
+        settings.agent_tls_ca,
+        settings.agent_tls_cert,
+        settings.agent_tls_key,
+        "--agent-tls-ca/--agent-tls-cert/--agent-tls-key",
     )
-    if ca is None and cert is None:
-        return None
-    try:
-        return TlsContext.client(ca, cert, key)
-    except ValueError as exc:
-        raise ValueError(f"--agent-tls-ca/--agent-tls-cert/--agent-tls-key: {exc}") from exc
 
 
 async def _follow_renewals(files: TlsContext | None, stop: asyncio.Event) -> None:

@@ -37,6 +37,7 @@ from google.protobuf.message import Message
 
 from rdbroker_common import telemetry, tls
 from rdbroker_common.broker_token import BrokerToken
+from rdbroker_common.power import start_wait_s
 from rdbroker_common.settings import Renewal, channel_options
 from rdbroker_proto.v1 import broker_pb2 as pb
 from rdbroker_proto.v1.broker_pb2_grpc import BrokerStub
@@ -79,6 +80,11 @@ _SINGLE = {"opened": "ConnectionOpened", "closed": "ConnectionClosed"}
 
 ReportKind = Literal["opened", "closed"]
 Report = tuple[ReportKind, pb.ConnectionOpenedRequest | pb.ConnectionClosedRequest]
+
+
+def held_until(deadline: float, started: float, start_wait_s: float) -> float:
+    """The Route deadline once a broker asked to hold the user `start_wait_s` (0: unchanged)."""
+    return max(deadline, started + start_wait_s) if start_wait_s > 0 else deadline
 
 
 def _auth(metadata: grpc.aio.Metadata, token: BrokerToken) -> grpc.aio.Metadata:
@@ -362,10 +368,14 @@ class BrokerClient(QueuedReports):
         """Ask the brokers where this connection goes. Raises RouteRefused or BrokerUnavailable.
 
         A retry carries the same request (same connection_id and attempt), so a broker that
-        answered an earlier try returns the same session rather than creating a second one.
+        answered an earlier try returns the same session rather than creating a second one. A broker
+        that holds the user for a server being started (UNAVAILABLE with `rdbroker-start-wait-ms`)
+        moves the deadline to that long after the call began: the client, its first packet read,
+        just waits.
         """
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.route_timeout_s
+        started = loop.time()
+        deadline = started + self.route_timeout_s
         last: grpc.aio.AioRpcError | None = None
         # Every broker in turn, round after round with a growing pause, until the deadline: a
         # restarting broker (or every channel in reconnect backoff) is waited for, not given up on.
@@ -382,6 +392,7 @@ class BrokerClient(QueuedReports):
                     if exc.code() not in RETRYABLE:
                         raise RouteRefused(exc.code(), exc.details() or "") from exc
                     last = exc
+                    deadline = held_until(deadline, started, start_wait_s(exc.trailing_metadata()))
                     log.debug(
                         "broker %s failed Route: %s",
                         self.addresses[index],

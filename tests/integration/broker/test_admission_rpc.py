@@ -32,9 +32,14 @@ async def test_an_overloaded_broker_refuses_in_time_and_finishes_what_it_started
     pg_database_url: str, engine: AsyncEngine, caplog: pytest.LogCaptureFixture
 ) -> None:
     await seed(engine, server("10.0.0.1:3389"))
-    # No sweep and no idle ping: either would take the one connection or the one queue place.
+    # No sweep, no idle ping, no power loop: each would take the one connection or the one queue place.
     settings = settings_for(
-        pg_database_url, db_pool_size=1, db_max_waiting=1, sweep_interval_s=3600, db_check_interval_s=3600
+        pg_database_url,
+        db_pool_size=1,
+        db_max_waiting=1,
+        sweep_interval_s=3600,
+        db_check_interval_s=3600,
+        power_interval_s=3600,
     )
     caplog.set_level(logging.WARNING)
     refused_before = dict(metrics._refused_counts)

@@ -167,7 +167,7 @@ async def test_an_active_confirmed_session_the_server_no_longer_lists_is_ended(f
 
 async def test_proxy_made_sessions_follow_the_agents_state(farm, probes, service, engine, clock):
     mine = await opened(service, "c1", "erin")
-    clock.advance(1)
+    clock.advance(POOL.logon_lag_s + 1)  # past the logon: see the next test
     await report(probes, [("erin", DISCONNECTED)])  # the server says the user is not attached
     now = await session_of(service, mine.session_id)
     assert (now.state, now.confirmed) == (DISCONNECTED, True)
@@ -179,6 +179,31 @@ async def test_proxy_made_sessions_follow_the_agents_state(farm, probes, service
     now = await session_of(service, mine.session_id)
     assert (now.state, now.expires_at) == (ACTIVE, None)
     await assert_live_counters_exact(engine)
+
+
+async def test_a_connection_still_logging_on_is_not_called_disconnected(farm, probes, service, clock):
+    """The server attaches a desktop only once TLS and the logon are done (about a second on xrdp):
+    a list taken meanwhile calls the session disconnected while the proxy splices its connection.
+    Within the pool's logon lag of that connection's opening the session stays active; then the
+    server's word wins. A session whose connection is closed follows the list at once."""
+    mine = await opened(service, "c1", "hank")
+    clock.advance(1)
+    await report(probes, [("hank", DISCONNECTED)])
+    now = await session_of(service, mine.session_id)
+    assert (now.state, now.confirmed) == (ACTIVE, True)
+    clock.advance(POOL.logon_lag_s)
+    await report(probes, [("hank", DISCONNECTED)])  # still not attached: the server is right
+    assert (await session_of(service, mine.session_id)).state is DISCONNECTED
+
+    other = await opened(service, "c2", "ivy")
+    clock.advance(1)
+    await report(probes, [("hank", DISCONNECTED), ("ivy", ACTIVE)])
+    await service.connection_closed(other.session_id, "c2", bytes_from_server=LOGON_BYTES)
+    clock.advance(1)
+    await report(probes, [("hank", DISCONNECTED), ("ivy", ACTIVE)])  # attached without a proxy
+    clock.advance(1)
+    await report(probes, [("hank", DISCONNECTED), ("ivy", DISCONNECTED)])
+    assert (await session_of(service, other.session_id)).state is DISCONNECTED
 
 
 async def test_a_reconnect_opened_after_the_list_was_taken_is_not_flipped(farm, probes, service, clock):
@@ -202,8 +227,8 @@ async def test_a_reconnect_opened_after_the_list_was_taken_is_not_flipped(farm, 
     # Nor does a list from before the reconnect that lacks the user end it.
     assert (await report(probes, [], listed_at=listed_at)).ended == 0
     assert (await session_of(service, first.session_id)).state is ACTIVE
-    # A list taken after the reconnect decides.
-    clock.advance(1)
+    # A list taken after the reconnect decides, once past the logon (the previous test).
+    clock.advance(POOL.logon_lag_s + 1)
     await report(probes, [("frank", DISCONNECTED)])
     assert (await session_of(service, first.session_id)).state is DISCONNECTED
 
@@ -333,7 +358,7 @@ async def test_the_agents_state_is_not_undone_by_proxy_heartbeats(farm, probes, 
     assert (await session_of(service, mine.session_id)).state is ACTIVE
 
     theirs = await opened(service, "c2", "bob")
-    clock.advance(1)
+    clock.advance(POOL.logon_lag_s + 1)  # past the logon
     await report(probes, [("alice", ACTIVE), ("bob", DISCONNECTED)])
     assert (await session_of(service, theirs.session_id)).state is DISCONNECTED
     clock.advance(1)

@@ -88,7 +88,7 @@ async def test_session_lists_confirm_follow_and_end_on_sqlite(sqlite_service):
     await service.connection_opened(mine.session_id, "c1", "p")
     claim = await service.route(d.RouteRequest("c2", proxy_id="p", cookie="never"))
     await service.connection_opened(claim.session_id, "c2", "p")
-    clock.advance(1)
+    clock.advance(d.Pool("").logon_lag_s + 1)  # past the logon: a list then says disconnected
     listed_at = clock.now
     await probes.report_sessions("r1", A, [d.ReportedSession("ann", d.SessionState.DISCONNECTED)])
     [ann] = await service.lookup_user_sessions("CORP\\ann")
@@ -145,14 +145,21 @@ async def test_the_broker_process_on_sqlite(tmp_path):
 
 async def test_sqlite_pragmas_in_effect(sqlite_service):
     """WAL, synchronous=NORMAL (no fsync per commit: docs/broker.md says what a power loss costs),
-    foreign keys and a busy timeout, read back from the engine's own connection."""
+    foreign keys, a busy timeout, and no checkpoint by the connection itself (they run on a thread
+    of their own: the statements run on the event loop's), read back from the engine's connection."""
     _, engine, _ = sqlite_service
     async with engine.connect() as conn:
         values = {
             name: (await conn.exec_driver_sql(f"PRAGMA {name}")).scalar()
-            for name in ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")
+            for name in ("journal_mode", "synchronous", "foreign_keys", "busy_timeout", "wal_autocheckpoint")
         }
-    assert values == {"journal_mode": "wal", "synchronous": 1, "foreign_keys": 1, "busy_timeout": 5000}
+    assert values == {
+        "journal_mode": "wal",
+        "synchronous": 1,
+        "foreign_keys": 1,
+        "busy_timeout": 1000,
+        "wal_autocheckpoint": 0,
+    }
 
 
 async def test_heartbeat_listing_thousands_of_connections_on_sqlite(sqlite_service):
@@ -162,7 +169,7 @@ async def test_heartbeat_listing_thousands_of_connections_on_sqlite(sqlite_servi
     service, engine, clock = sqlite_service
     async with engine.connect() as conn:
         driver = (await conn.get_raw_connection()).driver_connection
-        await driver._execute(driver._conn.setlimit, sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+        driver.sqlite.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
     await seed(engine, server(A), server(B))
     kept = await service.route(d.RouteRequest("c1", proxy_id="p", cookie="alice"))
     lost = await service.route(d.RouteRequest("c2", proxy_id="p", cookie="bob"))

@@ -24,11 +24,13 @@ def test_operator_session(live_broker: LiveBroker, capsys, monkeypatch):
     code, out, err = run(capsys, "servers", "list")
     assert (code, err) == (0, "")
     rows = [line.split() for line in out.splitlines()]
-    assert rows[0] == ["POOL", "ADDRESS", "STATE", "HEALTH", "LOAD", "SESSIONS", "HELD", "WEIGHT", "MAX"]
+    assert rows[0] == [
+        "POOL", "ADDRESS", "STATE", "HEALTH", "POWER", "LOAD", "SESSIONS", "HELD", "WEIGHT", "MAX",
+    ]  # fmt: skip
     assert rows[1:] == [
-        ["Sales", SERVERS[2], "enabled", "unknown", "-", "0", "0", "100", "0"],
-        ["default", SERVERS[0], "enabled", "unknown", "-", "0", "0", "100", "0"],
-        ["default", SERVERS[1], "enabled", "unknown", "-", "0", "0", "100", "0"],
+        ["Sales", SERVERS[2], "enabled", "unknown", "on", "-", "0", "0", "100", "0"],
+        ["default", SERVERS[0], "enabled", "unknown", "on", "-", "0", "0", "100", "0"],
+        ["default", SERVERS[1], "enabled", "unknown", "on", "-", "0", "0", "100", "0"],
     ]
 
     code, _, err = run(capsys, "servers", "drain", SERVERS[0])

@@ -91,7 +91,11 @@ async def test_failed_session_source_is_503() -> None:
 async def test_unknown_path_and_method() -> None:
     async with AgentServer(CONFIG, FakeSources()) as server:
         missing = await get(server, "/")
-        assert (missing.status_code, missing.text) == (404, "not found: try /load, /sessions or /healthz\n")
+        assert missing.status_code == 404
+        assert (
+            missing.text
+            == "not found: try /load, /sessions, /sessions/logoff|disconnect|message or /healthz\n"
+        )
         response = await get(server, "/load", method="POST")
         assert response.status_code == 405
         assert response.headers["allow"] == "GET, HEAD"

@@ -48,3 +48,10 @@ def test_sessions_carry_confirmed() -> None:
     base = d.Session("s1", "alice", "default", "10.0.0.1:3389", d.SessionState.ACTIVE, NOW, NOW)
     assert convert.session(base).confirmed is False
     assert convert.session(d.Session(**{**base.__dict__, "confirmed": True})).confirmed is True
+
+
+def test_a_server_carries_its_power_state() -> None:
+    for state, wire in convert.POWER.items():
+        msg = convert.server(d.Server(address="10.0.0.2:3389", pool="default", power=state), NOW)
+        assert msg.power == wire
+    assert set(convert.POWER.values()) == set(pb.PowerState.values()) - {pb.POWER_STATE_UNSPECIFIED}

@@ -49,6 +49,7 @@ def _server(address: str, pool: str = "default", **extra: Any) -> dict[str, Any]
         "agent_url": "",
         "sessions_url": "",
         "routable": True,
+        "power": "on",
     }
     server.update(extra)
     return server
@@ -74,7 +75,7 @@ def build_app() -> FastAPI:
     app = FastAPI()
     servers = {
         "10.0.0.11:3389": _server("10.0.0.11:3389", load=35, live_sessions=1, held_sessions=1),
-        "10.0.0.12:3389": _server("10.0.0.12:3389", health="down", routable=False),
+        "10.0.0.12:3389": _server("10.0.0.12:3389", health="down", routable=False, power="off"),
         # A stale result: health reads unknown, probed_at says when the last result was.
         "10.0.0.13:3389": _server(
             "10.0.0.13:3389", health="unknown", stale=True, probed_at=STALE_RESULT_AT, live_sessions=2

@@ -37,14 +37,18 @@ def test_servers_list_is_a_table(api, capsys):
     assert (code, err) == (0, "")
     lines = out.splitlines()
     assert lines[0].split() == [
-        "POOL", "ADDRESS", "STATE", "HEALTH", "LOAD", "SESSIONS", "HELD", "WEIGHT", "MAX",
+        "POOL", "ADDRESS", "STATE", "HEALTH", "POWER", "LOAD", "SESSIONS", "HELD", "WEIGHT", "MAX",
     ]  # fmt: skip
-    assert lines[1].split() == ["default", "10.0.0.11:3389", "enabled", "up", "35", "1", "1", "100", "0"]
-    assert lines[2].split() == ["default", "10.0.0.12:3389", "enabled", "down", "-", "0", "0", "100", "0"]
+    assert lines[1].split() == [
+        "default", "10.0.0.11:3389", "enabled", "up", "on", "35", "1", "1", "100", "0",
+    ]  # fmt: skip
+    assert lines[2].split() == [
+        "default", "10.0.0.12:3389", "enabled", "down", "off", "-", "0", "0", "100", "0",
+    ]  # fmt: skip
     # A stale result reads unknown, with the time of the last result (UTC).
     assert lines[3].split() == [
-        "default", "10.0.0.13:3389", "enabled", "unknown", "(last", "result", "00:00:05)", "-", "2", "0",
-        "100", "0",
+        "default", "10.0.0.13:3389", "enabled", "unknown", "(last", "result", "00:00:05)", "on", "-",
+        "2", "0", "100", "0",
     ]  # fmt: skip
     assert lines[0].index("LOAD") == lines[3].index("-  ")  # the columns stay aligned
 

@@ -116,6 +116,32 @@ HEALTH_STATE_UP: HealthState.ValueType  # 2
 HEALTH_STATE_DOWN: HealthState.ValueType  # 3
 Global___HealthState: _TypeAlias = HealthState  # noqa: Y015
 
+class _PowerState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PowerStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PowerState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    POWER_STATE_UNSPECIFIED: _PowerState.ValueType  # 0
+    POWER_STATE_ON: _PowerState.ValueType  # 1
+    POWER_STATE_STARTING: _PowerState.ValueType  # 2
+    """its pool's start hook was called; on once its probe answers"""
+    POWER_STATE_STOPPING: _PowerState.ValueType  # 3
+    """drained and its pool's stop hook called; off once no probe reaches it"""
+    POWER_STATE_OFF: _PowerState.ValueType  # 4
+
+class PowerState(_PowerState, metaclass=_PowerStateEnumTypeWrapper):
+    """Capacity on demand (docs/power.md): a server no probe reaches counts as off."""
+
+POWER_STATE_UNSPECIFIED: PowerState.ValueType  # 0
+POWER_STATE_ON: PowerState.ValueType  # 1
+POWER_STATE_STARTING: PowerState.ValueType  # 2
+"""its pool's start hook was called; on once its probe answers"""
+POWER_STATE_STOPPING: PowerState.ValueType  # 3
+"""drained and its pool's stop hook called; off once no probe reaches it"""
+POWER_STATE_OFF: PowerState.ValueType  # 4
+Global___PowerState: _TypeAlias = PowerState  # noqa: Y015
+
 class _AgentState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -572,6 +598,7 @@ class Server(_message.Message):
     PROBED_AT_FIELD_NUMBER: _builtins.int
     STALE_FIELD_NUMBER: _builtins.int
     AGENT_DETAIL_FIELD_NUMBER: _builtins.int
+    POWER_FIELD_NUMBER: _builtins.int
     address: _builtins.str
     pool: _builtins.str
     weight: _builtins.int
@@ -594,6 +621,7 @@ class Server(_message.Message):
     """The last agent probe's outcome: its answer ("load=35 state=up") or why it failed ("connect
     failed: ...", "agent refused our token (401): ...").
     """
+    power: Global___PowerState.ValueType
     @_builtins.property
     def health_changed_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -619,10 +647,11 @@ class Server(_message.Message):
         probed_at: _timestamp_pb2.Timestamp | None = ...,
         stale: _builtins.bool = ...,
         agent_detail: _builtins.str = ...,
+        power: Global___PowerState.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["health_changed_at", b"health_changed_at", "probed_at", b"probed_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "admin_state", b"admin_state", "agent_detail", b"agent_detail", "agent_url", b"agent_url", "health", b"health", "health_changed_at", b"health_changed_at", "health_detail", b"health_detail", "held_sessions", b"held_sessions", "live_sessions", b"live_sessions", "load", b"load", "max_sessions", b"max_sessions", "pool", b"pool", "probed_at", b"probed_at", "sessions_url", b"sessions_url", "stale", b"stale", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "admin_state", b"admin_state", "agent_detail", b"agent_detail", "agent_url", b"agent_url", "health", b"health", "health_changed_at", b"health_changed_at", "health_detail", b"health_detail", "held_sessions", b"held_sessions", "live_sessions", b"live_sessions", "load", b"load", "max_sessions", b"max_sessions", "pool", b"pool", "power", b"power", "probed_at", b"probed_at", "sessions_url", b"sessions_url", "stale", b"stale", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg
-from sqlalchemy import event
+from sqlalchemy import event, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from rdbroker_broker.db import inline_sqlite
 from rdbroker_broker.errors import InvalidInput
 from rdbroker_common.redact import hide_url_secrets, redact
 
@@ -66,9 +67,7 @@ def make_engine(
             if value
         )
         return _postgres_engine(libpq_dsn(url), pool_size, options, pool_timeout_s)
-    raise InvalidInput(
-        f"unsupported database URL {redact(url)!r}: use postgresql://... or sqlite+aiosqlite:///file.db"
-    )
+    raise InvalidInput(f"unsupported database URL {redact(url)!r}: use postgresql://... or sqlite:///file.db")
 
 
 def _postgres_engine(dsn: str, pool_size: int, options: str, pool_timeout_s: float) -> AsyncEngine:
@@ -91,18 +90,35 @@ def _postgres_engine(dsn: str, pool_size: int, options: str, pool_timeout_s: flo
 
 
 # WAL with synchronous=NORMAL: a commit appends to the write-ahead log without an fsync (the WAL is
-# synced at each checkpoint), so a Route's commit waits for no disk flush (reconnects one at a time:
-# p50 2.0 -> 1.8 ms). The file stays consistent after a crash; a power loss (or OS crash) may lose the
-# transactions committed since the last checkpoint (docs/broker.md).
-# busy_timeout: a statement meeting another process's lock on the file waits for it (up to 5 s)
-# instead of failing at once.
-SQLITE_PRAGMAS = ("foreign_keys=ON", "journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=5000")
+# synced at each checkpoint), so a Route's commit waits for no disk flush. The file stays consistent
+# after a crash; a power loss (or OS crash) may lose the transactions committed since the last
+# checkpoint, about a second's worth (docs/broker.md). wal_autocheckpoint=0: the statements run on the
+# event loop's thread (`inline_sqlite`), so checkpoints run on a thread of their own instead.
+# busy_timeout: a statement meeting another process's lock on the file waits for it (up to 1 s)
+# instead of failing at once; the loop waits with it, so one process per file is the rule.
+SQLITE_PRAGMAS = (
+    "foreign_keys=ON",
+    "journal_mode=WAL",
+    "synchronous=NORMAL",
+    "wal_autocheckpoint=0",
+    "busy_timeout=1000",
+)
+CHECKPOINT_INTERVAL_S = 1.0
 
 
 def _sqlite_engine(url: str) -> AsyncEngine:
     # One connection: SQLite has one writer anyway, and sharing one connection serialises the
     # read-then-write transactions (so no "database is locked" upgrades). One process per file.
-    engine = create_async_engine(url, pool_size=1, max_overflow=0, pool_timeout=30)
+    # Its statements run on the event loop's thread (`inline_sqlite`).
+    engine = create_async_engine(
+        url,
+        pool_size=1,
+        max_overflow=0,
+        pool_timeout=30,
+        async_creator=inline_sqlite.connector(make_url(url)),
+    )
+    path = inline_sqlite.file_of(engine.url)
+    checkpointer = inline_sqlite.Checkpointer(path, CHECKPOINT_INTERVAL_S) if path else None
 
     @event.listens_for(engine.sync_engine, "connect")
     def _pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -110,5 +126,12 @@ def _sqlite_engine(url: str) -> AsyncEngine:
         for pragma in SQLITE_PRAGMAS:
             cursor.execute(f"PRAGMA {pragma}")
         cursor.close()
+        if checkpointer is not None:
+            checkpointer.start()
+
+    @event.listens_for(engine.sync_engine, "engine_disposed")
+    def _disposed(_engine: Any) -> None:
+        if checkpointer is not None:
+            checkpointer.stop_soon()
 
     return engine

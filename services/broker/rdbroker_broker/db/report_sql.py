@@ -24,6 +24,7 @@ class Outcome(Enum):
     ABANDONED = "abandoned"  # applied, and it ended the connection's claim as junk
     UNKNOWN_SESSION = "unknown_session"
     USE_CASE = "use_case"  # not applied here: the transactional use case decides
+    NEWER_SESSION = "newer_session"  # an ended session not revived: its user has a newer one (SQLite)
 
 
 # The session becomes active on this connection (from pending, disconnected, or active on another

@@ -63,7 +63,7 @@ SERVER_COLUMNS = [
     for name in (
         "address", "pool", "weight", "max_sessions", "admin_state", "health", "agent_state", "load",
         "placements_since_report", "live_sessions", "held_sessions", "agent_url", "sessions_url",
-        "health_detail", "agent_detail", "health_changed_at", "probed_at", "fresh_until",
+        "health_detail", "agent_detail", "health_changed_at", "probed_at", "fresh_until", "power",
     )
 ]  # fmt: skip
 SESSION_COLUMNS = [
@@ -176,6 +176,7 @@ def server_from_row(row: Row[Any]) -> d.Server:
         health_changed_at=m["health_changed_at"],
         probed_at=m["probed_at"],
         fresh_until=m["fresh_until"],
+        power=d.PowerState(m["power"]),
     )
 
 
@@ -816,6 +817,21 @@ def _not_listed(conn: AsyncConnection, ids: Sequence[str]) -> Any:
 class ConnectionRepository:
     def __init__(self, conn: AsyncConnection) -> None:
         self.conn = conn
+
+    async def logging_on(self, session_id: str, since: datetime) -> bool:
+        """Whether the session's current proxy connection is open and opened at or after `since`."""
+        query = (
+            select(connections.c.connection_id)
+            .join(sessions, sessions.c.connection_id == connections.c.connection_id)
+            .where(
+                sessions.c.id == session_id,
+                connections.c.session_id == session_id,
+                connections.c.closed_at.is_(None),
+                connections.c.opened_at >= since,
+            )
+            .limit(1)
+        )
+        return (await self.conn.execute(query)).first() is not None
 
     async def answers(self, connection_id: str) -> dict[int, d.RouteDecision]:
         """Every answer already given for this connection, by attempt."""

@@ -92,7 +92,7 @@ pools = Table(
     Column("logon_lag_s", Float, nullable=False, server_default="30"),
     # False: a routing token (`Cookie: msts=`) is ignored and the connection placed by policy (0008).
     Column("honor_routing_tokens", Boolean, nullable=False, server_default=text("true")),
-    # How a new user is placed: `breadth` (least effective load) or `depth` (fill first) (0009).
+    # How a new user is placed: `breadth` (least effective load) or `depth` (fill first) (0011).
     Column("placement", String(16), nullable=False, server_default="breadth"),
 )
 Index(
@@ -131,6 +131,34 @@ servers = Table(
     Column("sessions_url", String(1024), nullable=False, default=""),
     Column("created_at", UtcDateTime, nullable=False),
     Column("updated_at", UtcDateTime, nullable=False),
+    # Capacity on demand (migration 0010, power.py): on | starting | stopping | off; when it changed;
+    # when a start or stop under way is given up; whether the power loop drained the server (starting
+    # it undoes only that drain); since when it has held no live session.
+    Column("power", String(16), nullable=False, server_default="on"),
+    Column("power_changed_at", UtcDateTime, nullable=True),
+    Column("power_deadline", UtcDateTime, nullable=True),
+    Column("power_drained", Boolean, nullable=False, server_default=false()),
+    Column("idle_since", UtcDateTime, nullable=True),
+)
+
+# A pool's power hooks (migration 0010): the farm file's `power:`; no row = no hooks.
+pool_power = Table(
+    "pool_power",
+    metadata,
+    Column(
+        "pool",
+        String(128),
+        ForeignKey("pools.name", ondelete="CASCADE", onupdate="CASCADE"),
+        primary_key=True,
+    ),
+    Column("start_url", String(1024), nullable=False, server_default=""),
+    Column("min_free_sessions", Integer, nullable=False, server_default="0"),
+    Column("start_timeout_s", Float, nullable=False, server_default="600"),
+    Column("start_wait_s", Float, nullable=False, server_default="20"),
+    Column("stop_url", String(1024), nullable=False, server_default=""),
+    Column("idle_for_s", Float, nullable=False, server_default="0"),
+    Column("keep_running", Integer, nullable=False, server_default="0"),
+    Column("stop_timeout_s", Float, nullable=False, server_default="600"),
 )
 
 sessions = Table(
@@ -261,7 +289,7 @@ audit = Table(
     Column("detail", String(1024), nullable=False, server_default=""),
 )
 
-# The farm file's `assignments:` (migration 0009): ordered rules picking the pool of a connection that
+# The farm file's `assignments:` (migration 0011): ordered rules picking the pool of a connection that
 # names none, by a glob on the account key and/or the client's network; "" matches anything.
 assignments = Table(
     "assignments",

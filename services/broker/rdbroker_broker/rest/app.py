@@ -17,6 +17,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
+from rdbroker_broker.agents import AgentCaller
 from rdbroker_broker.rest import problems
 from rdbroker_broker.rest.guard import RequestGuard
 from rdbroker_broker.rest.headers import SecurityHeaders
@@ -57,8 +58,12 @@ class BrokerApp(FastAPI):
         return SecurityHeaders(super().build_middleware_stack())
 
 
-def create_app(service: BrokerService, *, schema_revision: str | None = None) -> FastAPI:
-    """`schema_revision`: what the broker found at start (shown by `/v1/status`)."""
+def create_app(
+    service: BrokerService, *, schema_revision: str | None = None, agents: AgentCaller | None = None
+) -> FastAPI:
+    """`schema_revision`: what the broker found at start (shown by `/v1/status`); `agents`: how session
+    actions reach the servers' agents (default: the settings' agent token and TLS; ValueError if they
+    cannot be used)."""
     app = BrokerApp(
         title="rdbroker",
         version="1",
@@ -75,6 +80,7 @@ def create_app(service: BrokerService, *, schema_revision: str | None = None) ->
     app.state.service = service
     app.state.settings = service.settings
     app.state.schema_revision = schema_revision
+    app.state.agents = agents if agents is not None else AgentCaller.from_settings(service.settings)
     app.state.stopping = False
     problems.install(app)
     # Outermost: a refused browser request reaches no route (see rest/guard.py).

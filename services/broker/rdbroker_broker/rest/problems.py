@@ -30,6 +30,8 @@ BROKER_ERRORS: dict[type[errors.BrokerError], tuple[int, str]] = {
     errors.PermissionDenied: (403, "Forbidden"),
     errors.NoCapacity: (503, "No capacity"),
     errors.Unavailable: (503, "Unavailable"),
+    errors.AgentFailed: (502, "Agent failed"),
+    errors.AgentTimeout: (504, "Agent timeout"),
 }
 
 TITLES = {
@@ -44,7 +46,9 @@ TITLES = {
     415: "Unsupported media type",
     422: "Invalid request",
     500: "Internal error",
+    502: "Bad gateway",
     503: "Unavailable",
+    504: "Gateway timeout",
 }
 
 

@@ -11,11 +11,14 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from rdbroker_broker import domain as d
 from rdbroker_broker import pool_settings as ps
+from rdbroker_broker.session_actions import MAX_TEXT as MAX_MESSAGE
+from rdbroker_broker.session_actions import ActionResult
 from rdbroker_common.settings import join_host_port, split_host_port
 
 SessionStateName = Literal["pending", "active", "disconnected", "ended"]
 AdminStateName = Literal["enabled", "draining", "maintenance"]
 HealthName = Literal["unknown", "up", "down"]
+PowerName = Literal["on", "starting", "stopping", "off"]
 AgentStateName = Literal["none", "up", "drain", "maint", "down"]
 PlacementName = Literal["breadth", "depth"]
 
@@ -98,6 +101,37 @@ class SessionOut(BaseModel):
         )
 
 
+class MessageIn(BaseModel):
+    """A message for the user's session."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(
+        min_length=1, max_length=MAX_MESSAGE, pattern=PRINTABLE, examples=["The server restarts at 18:00."]
+    )
+
+
+class SessionActionOut(BaseModel):
+    """What the session's server's agent did, and the session as the directory holds it afterwards."""
+
+    action: Literal["logoff", "disconnect", "message"]
+    server_address: str
+    server_user: str = Field(description="the user as the server knows them")
+    server_sessions: list[str] = Field(description="the server's ids of the sessions acted on")
+    detail: str = Field(description="the agent's account of what it did")
+    session: SessionOut
+
+    @classmethod
+    def of(cls, done: ActionResult) -> SessionActionOut:
+        return cls(
+            action=done.action,
+            server_address=done.server,
+            server_user=done.agent.user,
+            server_sessions=list(done.agent.sessions),
+            detail=done.agent.detail,
+            session=SessionOut.of(done.session),
+        )
+
+
 class UserSessionsOut(BaseModel):
     user: str
     sessions: list[SessionOut]
@@ -137,6 +171,11 @@ class ServerOut(BaseModel):
     agent_url: str
     sessions_url: str
     routable: bool = Field(description="it would take a new session now")
+    power: PowerName = Field(
+        "on",
+        description="capacity on demand (docs/power.md): `off` when no probe reaches it, `starting` "
+        "while its pool's start hook works, `stopping` once drained and its stop hook called",
+    )
 
     @classmethod
     def of(cls, server: d.Server, now: datetime) -> ServerOut:
@@ -162,6 +201,7 @@ class ServerOut(BaseModel):
             agent_url=s.agent_url,
             sessions_url=s.sessions_url,
             routable=d.takes_new_sessions(s),
+            power=s.power.value,
         )
 
 

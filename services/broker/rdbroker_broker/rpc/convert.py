@@ -35,6 +35,12 @@ HEALTH = {
     d.Health.DOWN: pb.HEALTH_STATE_DOWN,
 }
 HEALTH_IN = {v: k for k, v in HEALTH.items()}
+POWER = {
+    d.PowerState.ON: pb.POWER_STATE_ON,
+    d.PowerState.STARTING: pb.POWER_STATE_STARTING,
+    d.PowerState.STOPPING: pb.POWER_STATE_STOPPING,
+    d.PowerState.OFF: pb.POWER_STATE_OFF,
+}
 AGENT_IN = {
     pb.AGENT_STATE_UNSPECIFIED: d.AgentState.NONE,
     pb.AGENT_STATE_UP: d.AgentState.UP,
@@ -113,6 +119,7 @@ def server(found: d.Server, now: datetime) -> pb.Server:
         held_sessions=s.held_sessions,
         probed_at=timestamp(s.probed_at),
         stale=d.result_is_stale(found, now),
+        power=POWER[s.power],
     )
 
 

@@ -16,11 +16,18 @@ from rdbroker_broker import domain as d
 from rdbroker_broker.admission import beyond_queue_bound, call_deadline, run_to_completion
 from rdbroker_broker.callers import Caller
 from rdbroker_broker.callers import current as current_caller
-from rdbroker_broker.errors import BrokerError, DatabaseUnavailable, InvalidInput, Overloaded
+from rdbroker_broker.errors import (
+    BrokerError,
+    CapacityStarting,
+    DatabaseUnavailable,
+    InvalidInput,
+    Overloaded,
+)
 from rdbroker_broker.probing import ProbeService
 from rdbroker_broker.rpc import convert
 from rdbroker_broker.rpc.status import status_for
 from rdbroker_broker.service import BrokerService, Closed, ConnectionEvent, Opened
+from rdbroker_common.power import START_WAIT_METADATA
 from rdbroker_proto.v1 import broker_pb2 as pb
 from rdbroker_proto.v1 import broker_pb2_grpc as pb_grpc
 
@@ -49,8 +56,11 @@ def guarded(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
         except BrokerError as exc:
             code = status_for(exc)
             # Overload: the gate warns once a while; the database away: its state, once per change.
-            if code is grpc.StatusCode.UNAVAILABLE and not isinstance(exc, Overloaded | DatabaseUnavailable):
+            if code is grpc.StatusCode.UNAVAILABLE and not isinstance(exc, _QUIET):
                 log.warning("%s: %s", method.__name__, exc)
+            hold = _hold(exc)
+            if hold:
+                await context.abort(code, str(exc), trailing_metadata=hold)
             await context.abort(code, str(exc))
         except Exception:
             log.exception("%s failed", method.__name__)
@@ -59,13 +69,28 @@ def guarded(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
     return wrapper
 
 
-class LocalStatus(Exception):
-    """An in-process call's failure as a gRPC client would have seen it: the status code, its details."""
+# UNAVAILABLE answers not worth a warning each: logged elsewhere, or a user held for a start.
+_QUIET = (Overloaded, DatabaseUnavailable, CapacityStarting)
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+
+def _hold(exc: BrokerError) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata that holds a user in the proxy while a server starts (power.py)."""
+    if isinstance(exc, CapacityStarting):
+        return ((START_WAIT_METADATA, str(round(exc.wait_s * 1000))),)
+    return ()
+
+
+class LocalStatus(Exception):
+    """An in-process call's failure as a gRPC client would have seen it: the status code, its details,
+    its trailing metadata."""
+
+    def __init__(
+        self, code: grpc.StatusCode, details: str, trailing: tuple[tuple[str, str], ...] = ()
+    ) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+        self.trailing = trailing
 
 
 async def call_locally(work: Callable[[], Awaitable[Resp]], caller: Caller, timeout_s: float | None) -> Resp:
@@ -82,9 +107,9 @@ async def call_locally(work: Callable[[], Awaitable[Resp]], caller: Caller, time
         raise LocalStatus(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
     except BrokerError as exc:
         code = status_for(exc)
-        if code is grpc.StatusCode.UNAVAILABLE and not isinstance(exc, Overloaded | DatabaseUnavailable):
+        if code is grpc.StatusCode.UNAVAILABLE and not isinstance(exc, _QUIET):
             log.warning("in-process call: %s", exc)
-        raise LocalStatus(code, str(exc)) from exc
+        raise LocalStatus(code, str(exc), _hold(exc)) from exc
     except Exception as exc:
         log.exception("in-process call failed")
         raise LocalStatus(grpc.StatusCode.INTERNAL, "internal error in the broker (see its log)") from exc

@@ -13,6 +13,8 @@ STATUS: dict[type[errors.BrokerError], grpc.StatusCode] = {
     errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.Conflict: grpc.StatusCode.ABORTED,
+    errors.AgentFailed: grpc.StatusCode.UNAVAILABLE,
+    errors.AgentTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
 

@@ -1,5 +1,6 @@
-// The rdbroker dashboard: servers of each pool, a user search, drain/maintenance/enable buttons, and
-// operators' recent changes (the audit trail, admin token only).
+// The rdbroker dashboard: servers of each pool, a user search with log off/disconnect/message buttons
+// per session (through the server's agent, each after a confirmation), drain/maintenance/enable
+// buttons, and operators' recent changes (the audit trail, admin token only).
 // Plain DOM, no build step. Every value from the API goes in through textContent, never as HTML.
 "use strict";
 
@@ -8,6 +9,13 @@ const ACTIONS = [
   ["drain", "Drain", "draining"],
   ["maintenance", "Maintenance", "maintenance"],
   ["enable", "Enable", "enabled"],
+];
+
+// [action, button label, confirmation question]; {user} and {server} are filled in.
+const SESSION_ACTIONS = [
+  ["logoff", "Log off", "Log {user} off {server}? Their programs end; unsaved work is lost."],
+  ["disconnect", "Disconnect", "Disconnect {user} from {server}? The session stays there for them to come back to."],
+  ["message", "Message…", "Show {user} a message in their session on {server}:"],
 ];
 
 const $ = (selector) => document.querySelector(selector);
@@ -30,12 +38,17 @@ function setToken(value) {
   else sessionStorage.removeItem(TOKEN_KEY);
 }
 
-async function api(method, path) {
+async function api(method, path, payload) {
   const headers = { Accept: "application/json" };
   if (token()) headers.Authorization = `Bearer ${token()}`;
+  const options = { method, headers, cache: "no-store" };
+  if (payload !== undefined) {
+    headers["Content-Type"] = "application/json";
+    options.body = JSON.stringify(payload);
+  }
   let response;
   try {
-    response = await fetch(path, { method, headers, cache: "no-store" });
+    response = await fetch(path, options);
   } catch (err) {
     throw new ApiError(0, `cannot reach the broker (${err.message})`);
   }
@@ -169,6 +182,7 @@ function serverRow(server) {
   if (server.stale && server.probed_at) health.title = `no health result since ${formatTime(server.probed_at)}`;
   else if (server.health_detail) health.title = server.health_detail;
   row.append(health);
+  row.append(text("td", server.power || "on", "power"));
   row.append(text("td", server.load >= 0 ? `${server.load}` : "–", "load"));
   row.append(text("td", `${server.live_sessions}`, "sessions"));
   row.append(text("td", `${server.held_sessions ?? "–"}`, "held"));
@@ -268,6 +282,10 @@ async function changeState(address, action, label) {
 
 async function search(event) {
   event.preventDefault();
+  await lookUp();
+}
+
+async function lookUp() {
   const user = $("#search-user").value.trim();
   if (!user) return;
   const query = $("#search-ended").checked ? "?include_ended=true" : "";
@@ -287,6 +305,7 @@ async function search(event) {
         text("td", formatTime(session.created_at)),
         text("td", formatTime(session.expires_at)),
         text("td", session.id, "id"),
+        sessionButtons(session),
       );
       return row;
     });
@@ -297,6 +316,79 @@ async function search(event) {
     table.hidden = true;
     message.textContent = err.message;
   }
+}
+
+// --- session actions (through the session's server's agent) ---------------------------------------
+
+function sessionButtons(session) {
+  const cell = document.createElement("td");
+  cell.className = "actions";
+  if (session.state === "ended") return cell;
+  for (const [action, label, question] of SESSION_ACTIONS) {
+    const button = text("button", label);
+    button.type = "button";
+    button.dataset.action = action;
+    const asked = question.replace("{user}", session.user || "this user").replace("{server}", session.server_address);
+    button.addEventListener("click", () => sessionAction(session, action, label, asked));
+    cell.append(button);
+  }
+  return cell;
+}
+
+// Resolves to null (cancelled), or to the message's text ("" for the other actions).
+function confirmAction(title, question, wantsText) {
+  const dialog = $("#action-dialog");
+  $("#action-title").textContent = title;
+  $("#action-question").textContent = question;
+  $("#action-text-field").hidden = !wantsText;
+  $("#action-text").required = wantsText;
+  $("#action-text").value = "";
+  return new Promise((resolve) => {
+    const done = (value) => {
+      dialog.removeEventListener("close", onClose);
+      $("#action-cancel").removeEventListener("click", onCancel);
+      resolve(value);
+    };
+    const onClose = () => done(dialog.returnValue === "ok" ? $("#action-text").value.trim() : null);
+    const onCancel = () => {
+      dialog.close("cancel");
+    };
+    dialog.addEventListener("close", onClose);
+    $("#action-cancel").addEventListener("click", onCancel);
+    dialog.returnValue = "";
+    dialog.showModal();
+    (wantsText ? $("#action-text") : $("#action-ok")).focus();
+  });
+}
+
+async function sessionAction(session, action, label, question) {
+  const name = label.replace("…", "");
+  const text = await confirmAction(`${name} ${session.user || session.id}`, question, action === "message");
+  if (text === null) return;
+  const body = action === "message" ? { text } : undefined;
+  const path = `/v1/sessions/${encodeURIComponent(session.id)}/${action}`;
+  let asked = false;
+  let outcome;
+  for (;;) {
+    try {
+      const answer = await api("POST", path, body);
+      outcome = `${name} ${session.user}: ${answer.detail} on ${answer.server_address}.`;
+      break;
+    } catch (err) {
+      if ((err.status === 401 || err.status === 403) && !asked) {
+        asked = true;
+        const value = await askToken("Admin token", `${name} ${session.user} needs the admin token (${err.message}).`);
+        if (!value) return;
+        setToken(value);
+        continue;
+      }
+      outcome = `${name} ${session.user}: ${err.message}`;
+      break;
+    }
+  }
+  await lookUp();
+  $("#search-message").textContent = outcome;
+  await Promise.all([refresh(), refreshAudit()]);
 }
 
 // --- audit trail -----------------------------------------------------------------------------------

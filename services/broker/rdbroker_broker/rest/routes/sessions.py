@@ -1,18 +1,30 @@
-"""Sessions: where is a user, the session list, ending a session."""
+"""Sessions: where is a user, the session list, ending a session, and actions on a user's session
+through its server's agent (logoff, disconnect, message: session_actions.py)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Request
 
 from rdbroker_broker import domain as d
 from rdbroker_broker import service as use_cases
+from rdbroker_broker import session_actions
+from rdbroker_broker.agents import AgentCaller
 from rdbroker_broker.rest import audited, auth
-from rdbroker_broker.rest.schemas import PRINTABLE, SessionOut, SessionPageOut, UserSessionsOut
+from rdbroker_broker.rest.schemas import (
+    PRINTABLE,
+    MessageIn,
+    Problem,
+    SessionActionOut,
+    SessionOut,
+    SessionPageOut,
+    UserSessionsOut,
+)
 
 router = APIRouter(prefix="/v1", tags=["sessions"])
 
+SessionId = Annotated[str, Path(min_length=1, max_length=64, pattern=PRINTABLE)]
 StateFilter = Literal["pending", "active", "disconnected", "ended", "live"]
 PoolQuery = Annotated[str, Query(max_length=128, pattern=PRINTABLE, description="pool name")]
 MAX_PAGE = 500
@@ -69,3 +81,54 @@ async def end_session(
     logged off the terminal server. Ending an ended session answers it unchanged."""
     session = await request.app.state.service.end_session(session_id, "operator")
     return SessionOut.of(session)
+
+
+# The agent's answers, beside the errors every route documents.
+AGENT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    502: {"model": Problem, "description": "the server's agent refused, could not, or was unreachable"},
+    504: {"model": Problem, "description": "the server's agent did not answer in time"},
+}
+
+
+async def _act(
+    request: Request, session_id: str, action: session_actions.Action, text: str = ""
+) -> SessionActionOut:
+    agents: AgentCaller = request.app.state.agents
+    done = await session_actions.act_on_session(request.app.state.service, agents, session_id, action, text)
+    return SessionActionOut.of(done)
+
+
+@router.post(
+    "/sessions/{session_id}/logoff",
+    dependencies=[auth.Admin, audited.action("session.logoff")],
+    summary="Log the user's session off its server",
+    responses=AGENT_RESPONSES,
+)
+async def logoff_session(request: Request, session_id: SessionId) -> SessionActionOut:
+    """The session's server's agent logs the user's session off (their programs end); the directory
+    then ends the session `logged_off`. 409 when the session is not live or its server has no
+    `sessions_url` (no agent to ask); 502/504 with the agent's reason when it cannot."""
+    return await _act(request, session_id, "logoff")
+
+
+@router.post(
+    "/sessions/{session_id}/disconnect",
+    dependencies=[auth.Admin, audited.action("session.disconnect")],
+    summary="Disconnect the user's session (it stays on its server)",
+    responses=AGENT_RESPONSES,
+)
+async def disconnect_session(request: Request, session_id: SessionId) -> SessionActionOut:
+    """The agent closes the user's connection; the session stays on the server for the user to come
+    back to (the directory learns `disconnected` from the proxy and the agent's next list)."""
+    return await _act(request, session_id, "disconnect")
+
+
+@router.post(
+    "/sessions/{session_id}/message",
+    dependencies=[auth.Admin, audited.action("session.message")],
+    summary="Show the user a message in their session",
+    responses=AGENT_RESPONSES,
+)
+async def message_session(request: Request, session_id: SessionId, body: MessageIn) -> SessionActionOut:
+    """The agent shows `text` in the user's session (Windows `msg`, xmessage on xrdp)."""
+    return await _act(request, session_id, "message", body.text)
