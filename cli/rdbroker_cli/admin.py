@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from rdbroker_cli import tables
+from rdbroker_cli import drain, tables
 from rdbroker_cli.client import DEFAULT_URL, ApiClient, ApiError
 
 SESSION_STATES = ("pending", "active", "disconnected", "ended", "live")
@@ -63,12 +63,14 @@ def _servers_parser() -> argparse.ArgumentParser:
     listing.add_argument("--pool", default="", help="only this pool")
     _connection_options(listing)
     for verb, help_ in (
-        ("drain", "take no new sessions; its users still reconnect"),
+        ("drain", "take no new sessions; its users still reconnect (until empty with --notify, ...)"),
         ("maintenance", "route nothing to it"),
         ("enable", "route to it again"),
     ):
         sub = verbs.add_parser(verb, help=help_)
         sub.add_argument("address", metavar="ADDRESS", help="host:port as registered")
+        if verb == "drain":
+            drain.add_options(sub, _duration(allow_zero=True))
         _connection_options(sub)
     add = verbs.add_parser("add", help="register a server")
     add.add_argument("address", metavar="ADDRESS")
@@ -102,6 +104,8 @@ def _run_servers(client: ApiClient, args: argparse.Namespace) -> tuple[Any, str]
     if args.verb == "list":
         servers = client.list_servers(args.pool)
         return {"servers": servers}, tables.render(servers, tables.SERVER_COLUMNS)
+    if args.verb == "drain" and (drain.until_empty(args) or args.watch or args.cancel):
+        return drain.run(client, args)
     if args.verb in ("drain", "maintenance", "enable"):
         server = client.server_action(args.address, args.verb)
         return server, tables.render([server], tables.SERVER_COLUMNS)

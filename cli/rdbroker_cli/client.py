@@ -96,6 +96,16 @@ class ApiClient:
     def server_action(self, address: str, action: str) -> dict[str, Any]:
         return _object(self.request("POST", f"/v1/servers/{path_part(address)}/{action}"))
 
+    def start_drain(self, address: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A drain until empty; the server with its `drain`."""
+        return _object(self.request("POST", f"/v1/servers/{path_part(address)}/drain", json=body))
+
+    def get_drain(self, address: str) -> dict[str, Any]:
+        return _object(self.request("GET", f"/v1/servers/{path_part(address)}/drain"))
+
+    def cancel_drain(self, address: str) -> dict[str, Any]:
+        return _object(self.request("DELETE", f"/v1/servers/{path_part(address)}/drain"))
+
     def add_server(self, body: dict[str, Any]) -> dict[str, Any]:
         return _object(self.request("POST", "/v1/servers", json=body))
 

@@ -76,10 +76,15 @@ def confirmed(row: Mapping[str, Any]) -> str:
 
 
 def state(row: Mapping[str, Any]) -> str:
-    """The operator's state, and the agent's tightening of it when they differ."""
+    """The operator's state, and the agent's tightening of it when they differ; a drain until empty
+    under way with its sessions left."""
     admin = str(row.get("admin_state") or "")
     effective = str(row.get("effective_admin_state") or admin)
-    return admin if effective == admin else f"{admin} ({effective} by agent)"
+    shown = admin if effective == admin else f"{admin} ({effective} by agent)"
+    drain = row.get("drain")
+    if isinstance(drain, Mapping) and drain.get("running"):
+        shown += f" (until empty: {drain.get('sessions_left', '?')} left)"
+    return shown
 
 
 SERVER_COLUMNS: list[Column] = [

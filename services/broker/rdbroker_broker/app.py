@@ -1,8 +1,8 @@
 """The broker process: gRPC (grpc.aio) and REST (uvicorn) in one event loop, one shutdown order.
 
 SIGTERM (or `stop`) -> grpc.health NOT_SERVING and `/readyz` 503 -> listeners stop, in-flight calls get
-`shutdown_grace_s` -> the sweeper and the power loop stop (hook calls in flight are cancelled) -> the
-engine is disposed.
+`shutdown_grace_s` -> the sweeper, the drainer and the power loop stop (hook calls in flight are
+cancelled) -> the engine is disposed.
 
 Readiness is the process's: both listeners up, the schema at head when it was checked at start. The
 database's state (`database_state.py`) is reported, not made a reason to leave the Service.
@@ -28,6 +28,7 @@ from rdbroker_broker.database_state import DatabaseState
 from rdbroker_broker.db import migrate
 from rdbroker_broker.db.engine import is_sqlite, make_engine
 from rdbroker_broker.db.tracing import trace_statements
+from rdbroker_broker.drains import Drainer
 from rdbroker_broker.errors import BrokerError, DatabaseUnavailable
 from rdbroker_broker.power import PowerConfigError, PowerService, hooks_for
 from rdbroker_broker.probing import ProbeService
@@ -213,6 +214,8 @@ async def serve(
             tasks.create_task(http_server.serve(sockets=[sock]))
             tasks.create_task(_sweep_forever(service, stop))
             tasks.create_task(power.run(settings.power_interval_s, stop))
+            # Drains until empty (drains.py): every replica looks; one at a time advances each drain.
+            tasks.create_task(Drainer(service, rest.state.agents).run_forever(stop))
             tasks.create_task(session_counts.refresh_forever(stop))
             tasks.create_task(_watch_database(store, settings.db_check_interval_s, stop))
             metrics.publish_sessions(session_counts)

@@ -107,6 +107,12 @@ class BrokerSettings(ServiceSettings):
     agent_tls_key: str = ""
     # How long an agent gets to carry out an action (a logoff waits for the session's processes to end).
     agent_action_timeout_s: float = Field(default=20.0, gt=0, le=300)
+    # Drains until empty (drains.py): how often a replica looks for drains to advance; how long one
+    # replica holds a drain it advances (renewed after each agent call: more than an action's timeout);
+    # how long a session waits before a failed message or logoff is tried again.
+    drain_interval_s: float = Field(default=5.0, gt=0, le=3600)
+    drain_lease_s: float = Field(default=60.0, gt=0, le=3600)
+    drain_retry_s: float = Field(default=30.0, gt=0, le=86400)
 
     # Capacity on demand (docs/power.md): the key that signs every power hook call (environment only;
     # pools with `power:` hooks need it), how often each replica's power loop looks, and the bounds

@@ -489,3 +489,46 @@ def placement_problems(placement: Placement, servers: Iterable[Server]) -> list[
         f"depth placement fills each server up to its max_sessions, and {shown} "
         f"{'has' if len(unlimited) == 1 else 'have'} none: set max_sessions on every server of the pool"
     ]
+
+
+class DrainStep(enum.StrEnum):
+    """Where a drain until empty is (drains.py)."""
+
+    STARTING = "starting"  # asked for; no pass yet
+    MESSAGING = "messaging"  # active sessions wait for their message (a failed one is tried again)
+    WAITING = "waiting"  # every user told; waiting for the sessions to end
+    DONE = "done"  # no sessions left: the server is in its `then_state`
+    CANCELLED = "cancelled"  # an operator cancelled it, or changed the server's state
+
+
+DRAIN_RUNNING = (DrainStep.STARTING, DrainStep.MESSAGING, DrainStep.WAITING)
+
+
+@dataclass(frozen=True)
+class Drain:
+    """A server's drain until empty and its progress so far."""
+
+    server_address: str
+    step: DrainStep
+    then_state: AdminState  # MAINTENANCE or DRAINING, once the server holds no sessions
+    notify_text: str  # "" = no message
+    logoff_after_s: float | None  # None = disconnected sessions are left to expire
+    started_at: datetime
+    started_by: str
+    started_from: str = ""
+    updated_at: datetime | None = None
+    finished_at: datetime | None = None
+    next_at: datetime | None = None
+    sessions_left: int = 0
+    active: int = 0
+    disconnected: int = 0
+    messaged: int = 0
+    logged_off: int = 0
+    errors: int = 0
+    last_error: str = ""
+    next_logoff_at: datetime | None = None
+    detail: str = ""
+
+    @property
+    def running(self) -> bool:
+        return self.step in DRAIN_RUNNING

@@ -300,3 +300,54 @@ assignments = Table(
     Column("pool", String(128), ForeignKey("pools.name", onupdate="CASCADE"), nullable=False),
     Column("updated_at", UtcDateTime, nullable=False),
 )
+
+# A server's latest drain (migration 0011; drains.py): what was asked, its progress, and the lease of
+# the replica advancing it. Removing the server removes its drain.
+drains = Table(
+    "drains",
+    metadata,
+    Column(
+        "server_address",
+        String(255),
+        ForeignKey("servers.address", ondelete="CASCADE", onupdate="CASCADE"),
+        primary_key=True,
+    ),
+    Column("step", String(16), nullable=False),  # starting | messaging | waiting | done | cancelled
+    Column("then_state", String(16), nullable=False),  # maintenance | draining
+    Column("notify_text", String(500), nullable=False, server_default=""),
+    Column("logoff_after_s", Float, nullable=True),  # NULL: disconnected sessions are not logged off
+    Column("started_at", UtcDateTime, nullable=False),
+    Column("started_by", String(255), nullable=False),
+    Column("started_from", String(255), nullable=False, server_default=""),
+    Column("updated_at", UtcDateTime, nullable=False),
+    Column("finished_at", UtcDateTime, nullable=True),
+    Column("next_at", UtcDateTime, nullable=False),  # the next pass is due then
+    Column("owner", String(128), nullable=True),  # the replica advancing it, until lease_until
+    Column("lease_until", UtcDateTime, nullable=True),
+    Column("sessions_left", Integer, nullable=False, server_default="0"),
+    Column("active", Integer, nullable=False, server_default="0"),
+    Column("disconnected", Integer, nullable=False, server_default="0"),
+    Column("messaged", Integer, nullable=False, server_default="0"),
+    Column("logged_off", Integer, nullable=False, server_default="0"),
+    Column("errors", Integer, nullable=False, server_default="0"),
+    Column("last_error", String(1024), nullable=False, server_default=""),
+    Column("next_logoff_at", UtcDateTime, nullable=True),
+    Column("detail", String(1024), nullable=False, server_default=""),
+)
+Index("ix_drains_step_next_at", drains.c.step, drains.c.next_at)
+
+# What a drain did to each session: messaged once; a failed action is tried again at retry_at.
+drain_sessions = Table(
+    "drain_sessions",
+    metadata,
+    Column(
+        "server_address",
+        String(255),
+        ForeignKey("drains.server_address", ondelete="CASCADE", onupdate="CASCADE"),
+        primary_key=True,
+    ),
+    Column("session_id", String(32), primary_key=True),
+    Column("messaged_at", UtcDateTime, nullable=True),
+    Column("retry_at", UtcDateTime, nullable=True),
+    Column("failures", Integer, nullable=False, server_default="0"),
+)

@@ -167,6 +167,28 @@ function formatTime(value) {
   return Number.isNaN(moment.getTime()) ? String(value) : moment.toLocaleString();
 }
 
+// A drain until empty (`rdbroker servers drain ... --notify ...`): its step and counts while it runs;
+// how it ended while the server is still out of rotation.
+function drainCell(server) {
+  const drain = server.drain;
+  const cell = text("td", "–", "drain");
+  if (!drain || (!drain.running && server.admin_state === "enabled")) return cell;
+  const counts = [`${drain.messaged} messaged`, `${drain.logged_off} logged off`];
+  if (drain.errors) counts.push(`${drain.errors} error${drain.errors === 1 ? "" : "s"}`);
+  const title = [drain.detail, `started ${formatTime(drain.started_at)} by ${drain.started_by}`];
+  if (drain.running) {
+    cell.textContent = `${drain.step} · ${drain.sessions_left} left · ${counts.join(" · ")}`;
+    if (drain.next_logoff_at) title.push(`next logoff ${formatTime(drain.next_logoff_at)}`);
+    cell.classList.add(drain.errors ? "drain-errors" : "drain-running");
+  } else {
+    cell.textContent = drain.step === "done" ? `drained → ${drain.then}` : "cancelled";
+    title.push(`ended ${formatTime(drain.finished_at)}`, counts.join(", "));
+  }
+  if (drain.last_error) title.push(`last error: ${drain.last_error}`);
+  cell.title = title.join("\n");
+  return cell;
+}
+
 function serverRow(server) {
   const row = document.createElement("tr");
   row.dataset.address = server.address;
@@ -176,6 +198,7 @@ function serverRow(server) {
   const effective = server.effective_admin_state || server.admin_state;
   const stateText = effective === server.admin_state ? server.admin_state : `${server.admin_state} (${effective} by agent)`;
   row.append(text("td", stateText, "state"));
+  row.append(drainCell(server));
   // A stale result counts for nothing: health reads unknown; say when the last result was.
   const healthText = server.stale && server.probed_at ? `${server.health} (last result ${clockTime(server.probed_at)})` : server.health;
   const health = text("td", healthText, "health");

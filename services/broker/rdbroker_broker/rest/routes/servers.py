@@ -1,4 +1,5 @@
-"""Servers: health, load and sessions; register, change, remove; drain, maintenance, enable."""
+"""Servers: health, load and sessions; register, change, remove; drain (until empty), maintenance,
+enable."""
 
 from __future__ import annotations
 
@@ -8,9 +9,18 @@ from urllib.parse import quote
 from fastapi import APIRouter, Path, Query, Request, Response
 
 from rdbroker_broker import domain as d
+from rdbroker_broker import drains
 from rdbroker_broker import service as use_cases
 from rdbroker_broker.rest import audited, auth
-from rdbroker_broker.rest.schemas import PRINTABLE, ServerIn, ServerOut, ServerPatch, ServersOut
+from rdbroker_broker.rest.schemas import (
+    PRINTABLE,
+    DrainIn,
+    DrainOut,
+    ServerIn,
+    ServerOut,
+    ServerPatch,
+    ServersOut,
+)
 
 router = APIRouter(prefix="/v1", tags=["servers"])
 
@@ -31,8 +41,9 @@ def _service(request: Request) -> use_cases.BrokerService:
     return service
 
 
-def _out(request: Request, server: d.Server) -> ServerOut:
-    return ServerOut.of(server, _service(request).now())
+async def _out(request: Request, server: d.Server) -> ServerOut:
+    drain = await drains.drain_of(_service(request), server.address)
+    return ServerOut.of(server, _service(request).now(), drain)
 
 
 @router.get("/servers", dependencies=[auth.Read], summary="List servers")
@@ -41,13 +52,14 @@ async def list_servers(
 ) -> ServersOut:
     """Servers with their health, load, live sessions and state, by pool then address."""
     servers = await _service(request).list_servers(pool)
+    found = await drains.all_drains(_service(request))
     now = _service(request).now()
-    return ServersOut(servers=[ServerOut.of(s, now) for s in servers])
+    return ServersOut(servers=[ServerOut.of(s, now, found.get(s.address)) for s in servers])
 
 
 @router.get("/servers/{address}", dependencies=[auth.Read], summary="One server")
 async def get_server(request: Request, address: AddressPath) -> ServerOut:
-    return _out(request, await use_cases.get_server(_service(request), address))
+    return await _out(request, await use_cases.get_server(_service(request), address))
 
 
 @router.post(
@@ -68,7 +80,7 @@ async def add_server(request: Request, response: Response, body: ServerIn) -> Se
     )
     added = await use_cases.add_server(_service(request), server)
     response.headers["Location"] = f"/v1/servers/{quote(added.address, safe=':[]')}"
-    return _out(request, added)
+    return await _out(request, added)
 
 
 @router.patch(
@@ -84,7 +96,7 @@ async def update_server(request: Request, address: AddressPath, body: ServerPatc
         sessions_url=body.sessions_url,
         admin_state=d.AdminState(body.admin_state) if body.admin_state else None,
     )
-    return _out(request, await use_cases.update_server(_service(request), address, changes))
+    return await _out(request, await use_cases.update_server(_service(request), address, changes))
 
 
 @router.delete(
@@ -105,17 +117,41 @@ async def remove_server(
 
 
 async def _set_state(request: Request, address: str, state: d.AdminState) -> ServerOut:
-    return _out(request, await _service(request).set_server_state(address, state))
+    return await _out(request, await _service(request).set_server_state(address, state))
 
 
 @router.post(
     "/servers/{address}/drain",
     dependencies=[auth.Admin, audited.action("server.drain")],
-    summary="Drain a server",
+    summary="Drain a server (until empty, with a body)",
 )
-async def drain(request: Request, address: AddressPath) -> ServerOut:
-    """No new sessions; its users still reconnect to it."""
-    return await _set_state(request, address, d.AdminState.DRAINING)
+async def drain(request: Request, address: AddressPath, body: DrainIn | None = None) -> ServerOut:
+    """No new sessions; its users still reconnect to it. With a body, a drain until empty: the broker
+    messages the users, logs off sessions disconnected for `logoff_disconnected_after_s`, and moves
+    the server to `then` once it holds no sessions; its progress is the answer's `drain` (and
+    `GET .../drain`). 409 while a drain of the server is under way."""
+    if body is None:
+        return await _set_state(request, address, d.AdminState.DRAINING)
+    service = _service(request)
+    await drains.start_drain(service, address, body.notify, body.logoff_disconnected_after_s, body.then)
+    return await _out(request, await use_cases.get_server(service, address))
+
+
+@router.get("/servers/{address}/drain", dependencies=[auth.Read], summary="A server's drain until empty")
+async def get_drain(request: Request, address: AddressPath) -> DrainOut:
+    """Its latest drain until empty and its progress; 404 when it has had none."""
+    return DrainOut.of(await drains.get_drain(_service(request), address))
+
+
+@router.delete(
+    "/servers/{address}/drain",
+    dependencies=[auth.Admin, audited.action("server.drain_cancel")],
+    summary="Cancel a server's drain until empty",
+)
+async def cancel_drain(request: Request, address: AddressPath) -> DrainOut:
+    """The drain stops where it is; the server stays draining (`enable` takes it back). 409 when no
+    drain of it is under way."""
+    return DrainOut.of(await drains.cancel_drain(_service(request), address))
 
 
 @router.post(

@@ -6,7 +6,7 @@
   stop under way, whether the power loop drained the server (so starting it again undoes only its own
   drain), and since when the server has held no live session (the stop rule's idle time).
 
-Revision ID: 0010
+Revision ID: 0009
 Revises: 0008
 Create Date: 2026-12-07 13:00:00
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0010"
+revision = "0009"
 down_revision = "0008"
 branch_labels = None
 depends_on = None
