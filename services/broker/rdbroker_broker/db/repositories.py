@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from rdbroker_broker import accounts
 from rdbroker_broker import domain as d
-from rdbroker_broker.db.tables import LIVE_STATES_SQL, connections, pools, servers, sessions
+from rdbroker_broker.db.tables import ENDED_SQL, LIVE_STATES_SQL, connections, pools, servers, sessions
 from rdbroker_broker.errors import InvalidInput
 
 LIVE = [s.value for s in d.LIVE_STATES]
@@ -763,7 +763,8 @@ class SessionRepository:
         """Delete at most `limit` sessions ended before `before` (a bounded transaction)."""
         some = (
             select(sessions.c.id)
-            .where(sessions.c.state == "ended", sessions.c.ended_at < before)
+            # Spelt as the partial index's condition (SQLite uses it only then): ix_sessions_ended_at.
+            .where(text(ENDED_SQL), sessions.c.ended_at < before)
             .limit(limit)
             .scalar_subquery()
         )

@@ -92,7 +92,7 @@ pools = Table(
     Column("logon_lag_s", Float, nullable=False, server_default="30"),
     # False: a routing token (`Cookie: msts=`) is ignored and the connection placed by policy (0008).
     Column("honor_routing_tokens", Boolean, nullable=False, server_default=text("true")),
-    # How a new user is placed: `breadth` (least effective load) or `depth` (fill first) (0011).
+    # How a new user is placed: `breadth` (least effective load) or `depth` (fill first) (0012).
     Column("placement", String(16), nullable=False, server_default="breadth"),
 )
 Index(
@@ -215,6 +215,15 @@ Index(
     sqlite_where=text(f"{LIVE_STATES_SQL} AND account_name IS NOT NULL"),
 )
 Index("ix_sessions_server_created", sessions.c.server_address, sessions.c.created_at)
+# Ended sessions by when they ended, for the purge (migration 0011).
+ENDED_SQL = "state = 'ended'"
+Index(
+    "ix_sessions_ended_at",
+    sessions.c.state,
+    sessions.c.ended_at,
+    postgresql_where=text(ENDED_SQL),
+    sqlite_where=text(ENDED_SQL),
+)
 # The few sessions a proxy's heartbeat may revive (disconnected for want of news, migration 0007).
 _NEWS_LOST = "state = 'disconnected' AND end_reason IN ('proxy_silent', 'connection_lost')"
 Index(
@@ -289,7 +298,7 @@ audit = Table(
     Column("detail", String(1024), nullable=False, server_default=""),
 )
 
-# The farm file's `assignments:` (migration 0011): ordered rules picking the pool of a connection that
+# The farm file's `assignments:` (migration 0012): ordered rules picking the pool of a connection that
 # names none, by a glob on the account key and/or the client's network; "" matches anything.
 assignments = Table(
     "assignments",

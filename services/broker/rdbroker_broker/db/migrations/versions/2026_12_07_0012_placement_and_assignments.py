@@ -4,8 +4,8 @@
 - assignments: the farm file's ordered `assignments:` rules, which pick a pool by account (a glob on
   the account key) and/or client network (CIDR) for a connection that names none.
 
-Revision ID: 0011
-Revises: 0010
+Revision ID: 0012
+Revises: 0011
 Create Date: 2026-12-07 13:30:00
 """
 
@@ -14,8 +14,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0011"
-down_revision = "0010"
+revision = "0012"
+down_revision = "0011"
 branch_labels = None
 depends_on = None
 
