@@ -20,10 +20,11 @@ import psycopg
 from sqlalchemy import Column, ColumnElement, String, func, select
 from sqlalchemy.exc import IntegrityError
 
-from rdbroker_broker import accounts, audit, metrics, pool_settings
+from rdbroker_broker import accounts, assignments, audit, metrics, pool_settings
 from rdbroker_broker import domain as d
 from rdbroker_broker.config import BrokerSettings
 from rdbroker_broker.db import embedded_sql, report_sql, routing_sql
+from rdbroker_broker.db.assignment_repository import AssignmentRepository
 from rdbroker_broker.db.audit_repository import AuditFilter as AuditFilter  # for the REST routes
 from rdbroker_broker.db.power_repository import PowerRepository
 from rdbroker_broker.db.repositories import new_session_id, session_from_row
@@ -135,6 +136,8 @@ class BrokerService:
         # Pools' account settings as last read, by the pool name a Route names ("" = the default):
         # the Route statement needs the canonical key before it reads the pool, and checks them.
         self._pool_accounts: dict[str, tuple[tuple[str, str], accounts.Rules]] = {}
+        # The assignment rules, which pick the pool of a Route that names none.
+        self.assignments = assignments.Cache(self._read_assignments, settings.assignments_refresh_ms / 1000)
 
     def _accounts_for(self, pool: str) -> tuple[tuple[str, str], accounts.Rules]:
         return self._pool_accounts.get(pool.casefold(), _NO_ACCOUNTS)
@@ -146,6 +149,22 @@ class BrokerService:
         if stored != known:
             self._pool_accounts[pool_asked.casefold()] = (stored, pool_rules(pool))
         return stored == known
+
+    async def _read_assignments(self) -> assignments.RuleSet:
+        """The assignment rules, read outside a transaction (reads only), again on a dead pooled
+        connection."""
+
+        async def read() -> assignments.RuleSet:
+            async with self.store.autocommit() as r:
+                return await AssignmentRepository(r.conn).rule_set()
+
+        try:
+            return await read()
+        except Retryable:
+            try:
+                return await read()
+            except Retryable as exc:
+                raise DatabaseUnavailable("the database is unreachable") from exc
 
     def _heard(self) -> None:
         """A transaction committed (any path): the span of uninterrupted database calls goes on."""
@@ -178,6 +197,8 @@ class BrokerService:
     async def route(self, request: d.RouteRequest) -> d.RouteDecision:
         d.validate_route_request(request)
         user = d.identity_from(request, self.settings.max_cookie_chars)
+        if not request.pool and (assigned := await self.assignments.pool_for(user, request.client_address)):
+            request = replace(request, pool=assigned)
         if len(user) > d.MAX_USER_CHARS // 2:  # only a long name may not fit once qualified
             self._check_qualified(request.pool, user)
         token_address = d.routing_token_address(request.routing_token)
@@ -379,7 +400,8 @@ class BrokerService:
             if probes is None or (probes and embedded_sql.any_live_in_ranges(conn, pool.name, probes)):
                 raise embedded_sql.NotHere  # another spelling of the account may have a session
         ranked = d.rank_for_new_session(
-            [d.as_seen_at(s, now) for s in embedded_sql.servers_in_pool(conn, pool.name)]
+            [d.as_seen_at(s, now) for s in embedded_sql.servers_in_pool(conn, pool.name)],
+            placement=pool.placement,
         )
         if not ranked:
             raise embedded_sql.NotHere  # the transactional path says why no server takes it
@@ -753,7 +775,7 @@ class BrokerService:
     ) -> d.RouteDecision:
         # Routing sees each server as of now: a stale health result reads as no result.
         candidates = [d.as_seen_at(s, now) for s in await r.servers.list(pool.name)]
-        ranked = [s.address for s in d.rank_for_new_session(candidates, exclude)]
+        ranked = [s.address for s in d.rank_for_new_session(candidates, exclude, pool.placement)]
         chosen = await self._lock_server(r, ranked, now) if ranked else None
         if chosen is None:
             # A server starting (or about to be) for this pool: the proxy holds the user (power.py).
@@ -1286,19 +1308,7 @@ class BrokerService:
         return counts
 
 
-def _no_new_sessions(server: d.Server) -> str:
-    """Why `domain.takes_new_sessions` refuses the server ("" when it takes them)."""
-    if d.takes_new_sessions(server):
-        return ""
-    if server.is_down:
-        return "down"
-    if server.effective_admin_state is not d.AdminState.ENABLED:
-        return server.effective_admin_state.value
-    if server.weight <= 0:
-        return "weight 0"
-    if server.load >= 100:
-        return "load 100"
-    return f"full: {server.held_sessions} of {server.max_sessions} sessions"
+_no_new_sessions = d.why_no_new_sessions
 
 
 def _last_answer(answers: dict[int, d.RouteDecision], attempt: int) -> d.RouteDecision | None:
@@ -1602,6 +1612,7 @@ async def add_server(service: BrokerService, server: d.Server) -> d.Server:
         if await r.servers.get(server.address) is not None:
             raise Conflict(f"a server is already registered at {server.address}")
         pool = await _pool_named(r, server.pool)
+        _check_placement(pool, server)
         now = service.now()
         await r.servers.upsert(replace(server, pool=pool.name), now)
         if server.admin_state is not d.AdminState.ENABLED:
@@ -1627,6 +1638,8 @@ async def update_server(service: BrokerService, address: str, changes: ServerCha
             if (value := getattr(changes, name)) is not None
         }
         now = service.now()
+        if fields.get("max_sessions") == 0:
+            _check_placement(await _pool_named(r, server.pool), replace(server, max_sessions=0))
         if fields:
             await r.servers.upsert(replace(server, **fields), now)
         if changes.admin_state is not None and changes.admin_state is not server.admin_state:
@@ -1639,6 +1652,11 @@ async def update_server(service: BrokerService, address: str, changes: ServerCha
         return updated
 
     return await audited(service, "server.update", address, work)
+
+
+def _check_placement(pool: d.Pool, server: d.Server) -> None:
+    for problem in d.placement_problems(pool.placement, [server]):
+        raise InvalidInput(f"pool {pool.name}: {problem}")
 
 
 async def remove_server(service: BrokerService, address: str, force: bool = False) -> int:
@@ -1713,6 +1731,11 @@ async def update_pool(service: BrokerService, name: str, changes: dict[str, Any]
         pool = await _pool_named(r, name)
         changed = replace(pool, **changes)
         problems = pool_settings.pool_problems(changed, service.settings.probe_interval_ms)
+        if changed.placement is not pool.placement:
+            problems += [
+                ("placement", p)
+                for p in d.placement_problems(changed.placement, await r.servers.list(pool.name))
+            ]
         if problems:
             raise InvalidInput("; ".join(f"{field}: {message}" for field, message in problems))
         if changed != pool:

@@ -80,6 +80,7 @@ _ROUTE_CONTEXT_COLUMNS = [
     pools.c.domain,
     pools.c.upn_suffixes,
     pools.c.honor_routing_tokens,
+    pools.c.placement,
     *[c.label(f"s_{c.name}") for c in SESSION_COLUMNS],
     *[c.label(f"v_{c.name}") for c in SERVER_COLUMNS],
 ]
@@ -214,6 +215,7 @@ def pool_from_row(row: Row[Any]) -> d.Pool:
         stale_after_ms=m["stale_after_ms"],
         logon_lag_s=m["logon_lag_s"],
         honor_routing_tokens=m["honor_routing_tokens"],
+        placement=d.Placement(m["placement"]),
     )
 
 
@@ -252,6 +254,7 @@ class PoolRepository:
             "stale_after_ms": pool.stale_after_ms,
             "logon_lag_s": pool.logon_lag_s,
             "honor_routing_tokens": pool.honor_routing_tokens,
+            "placement": pool.placement.value,
             "updated_at": now,
         }
         stmt = upsert(self.conn, pools).values(**values, created_at=now)
@@ -419,6 +422,7 @@ class SessionRepository:
             domain=m["domain"],
             upn_suffixes=suffixes,
             honor_routing_tokens=m["honor_routing_tokens"],
+            placement=d.Placement(m["placement"]),
         )
         if m["s_id"] is None:
             return found, None, None

@@ -92,6 +92,8 @@ pools = Table(
     Column("logon_lag_s", Float, nullable=False, server_default="30"),
     # False: a routing token (`Cookie: msts=`) is ignored and the connection placed by policy (0008).
     Column("honor_routing_tokens", Boolean, nullable=False, server_default=text("true")),
+    # How a new user is placed: `breadth` (least effective load) or `depth` (fill first) (0012).
+    Column("placement", String(16), nullable=False, server_default="breadth"),
 )
 Index(
     "uq_pools_one_default",
@@ -294,6 +296,18 @@ audit = Table(
     Column("target", String(255), nullable=False, server_default=""),
     Column("outcome", String(32), nullable=False),
     Column("detail", String(1024), nullable=False, server_default=""),
+)
+
+# The farm file's `assignments:` (migration 0012): ordered rules picking the pool of a connection that
+# names none, by a glob on the account key and/or the client's network; "" matches anything.
+assignments = Table(
+    "assignments",
+    metadata,
+    Column("position", Integer, primary_key=True, autoincrement=False),
+    Column("user_glob", String(256), nullable=False, server_default=""),
+    Column("network", String(64), nullable=False, server_default=""),
+    Column("pool", String(128), ForeignKey("pools.name", onupdate="CASCADE"), nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
 )
 
 # A server's latest drain (migration 0011; drains.py): what was asked, its progress, and the lease of

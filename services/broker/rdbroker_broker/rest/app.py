@@ -21,7 +21,7 @@ from rdbroker_broker.agents import AgentCaller
 from rdbroker_broker.rest import problems
 from rdbroker_broker.rest.guard import RequestGuard
 from rdbroker_broker.rest.headers import SecurityHeaders
-from rdbroker_broker.rest.routes import audit, pools, servers, sessions, status
+from rdbroker_broker.rest.routes import audit, pools, route, servers, sessions, status
 from rdbroker_broker.rest.schemas import Problem
 from rdbroker_broker.service import BrokerService
 
@@ -85,7 +85,7 @@ def create_app(
     problems.install(app)
     # Outermost: a refused browser request reaches no route (see rest/guard.py).
     app.add_middleware(RequestGuard, open_api=not service.settings.api_tokens_configured)
-    for router in (sessions.router, servers.router, pools.router, audit.router, status.router):
+    for router in (sessions.router, servers.router, pools.router, route.router, audit.router, status.router):
         app.include_router(router)
     _probes(app)
     _dashboard(app)
