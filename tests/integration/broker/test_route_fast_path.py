@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 
 from rdbroker_broker import domain as d
+from rdbroker_broker import service as service_module
 from rdbroker_broker.db import routing_sql
 from rdbroker_broker.db.engine import make_engine
 from rdbroker_broker.db.repositories import ServerRepository, new_session_id
@@ -277,6 +278,40 @@ async def test_a_repeated_placement_gets_its_first_answer(engine, service):
         assert await cur.fetchone() == (1,)
         cur = await conn.execute("SELECT placements_since_report FROM servers ORDER BY address")
         assert sorted(r[0] for r in await cur.fetchall()) == [0, 1]
+    await assert_live_counters_exact(engine)
+
+
+async def test_a_statement_that_found_every_server_locked_runs_again(engine, service, monkeypatch):
+    """Under a logon storm every eligible server may be locked by other placements at the
+    statement's snapshot (SKIP LOCKED): it places nobody and writes nothing. It runs again (the
+    locks last a statement) before the transactional path; when nothing is free the transactional
+    path still says why."""
+    await seed(engine, server(A, max_sessions=1))
+    real = routing_sql.route_context
+    calls: list[bool] = []
+
+    async def all_locked_once(conn, request, key, now, placement=None, pool_accounts=("", "")):
+        found = await real(conn, request, key, now, None if not calls else placement, pool_accounts)
+        calls.append(placement is not None)
+        return found
+
+    monkeypatch.setattr(routing_sql, "route_context", all_locked_once)
+    taken: list[str] = []
+    real_route = service._route
+
+    async def counted(r, request, *args):
+        taken.append(request.connection_id)
+        return await real_route(r, request, *args)
+
+    monkeypatch.setattr(service, "_route", counted)
+    first = await service.route(d.RouteRequest(connection_id="c1", cookie="alice"))
+    assert first.reason is d.RouteReason.NEW
+    assert (calls, taken) == ([True, True], [])
+    calls.clear()
+    with pytest.raises(NoCapacity):  # the one server is full: every try places nobody
+        await service.route(d.RouteRequest(connection_id="c2", cookie="bob"))
+    assert len(calls) == 1 + service_module.LOCKED_RETRIES
+    assert taken == ["c2"]
     await assert_live_counters_exact(engine)
 
 
