@@ -1,6 +1,7 @@
 """Real `xfreerdp` logons to xrdp + sesman: direct, through HAProxy and through `rdbroker up` (issue #13).
 
     sudo .venv/bin/python bench/logon_bench.py [--logons 8] [--ways direct,haproxy,rdbroker] [--pause-s 1]
+        [--hops]
 
 Needs root and Debian's xrdp, tigervnc-standalone-server, freerdp2-x11, xvfb and haproxy
 (scripts/install_system_deps.sh; `apt-get install -y haproxy`; without HAProxy its column is left out).
@@ -19,6 +20,8 @@ the desktop's first screen goes out), read from xrdp's log every 5 ms (its own t
 seconds). The same polling times xrdp's earlier steps of each logon: the accepted connection, the
 Connection Request read (xrdp logs the security protocol it selects, then sends its Confirm), TLS up,
 and sesman's answer to the logon. Nothing is pinned; the load average is printed before and after.
+With --hops, a loopback capture (bench/lo_capture.py) during each relayed logon times how long the relay
+takes to pass each TCP segment on, each way, and the server's Connection Confirm alone.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(REPO))  # tests.support is this repository's own code
 
-from proxy_bench import Processes, start_haproxy, start_up  # noqa: E402 - bench/ is the script's dir
+import lo_capture  # noqa: E402 - bench/ is the script's directory
+from proxy_bench import Processes, start_haproxy, start_up  # noqa: E402
 
 from tests.support import xrdp_server as xs  # noqa: E402 - after the path set-up
 
@@ -96,6 +100,8 @@ class Logon:
     seconds: float  # client start -> xrdp's `connected ok`; NaN when it failed
     steps: dict[str, float] = field(default_factory=dict)  # step -> seconds after client start
     error: str = ""
+    # --hops: the relay's delay passing on each segment, "to_server" and "to_client" (seconds)
+    hops: dict[str, list[float]] = field(default_factory=dict)
 
 
 def logon(
@@ -106,9 +112,13 @@ def logon(
     way: str,
     kind: str,
     timeout_s: float,
+    hops: bool = False,
 ) -> Logon:
-    """One full xfreerdp logon to `address`, killed once xrdp logs its desktop connected."""
+    """One full xfreerdp logon to `address`, killed once xrdp logs its desktop connected. With `hops`
+    (and `address` a relay's), the loopback capture times the relay's passing on of each segment."""
     xrdp, sesman = LogTail(server.xrdp_log), LogTail(server.sesman_log)
+    relay_port = int(address.rsplit(":", 1)[1])
+    capture = lo_capture.Capture({relay_port, server.port}) if hops and address != server.address else None
     started = time.monotonic()
     client = subprocess.Popen(
         [
@@ -146,11 +156,13 @@ def logon(
         with contextlib.suppress(ProcessLookupError):
             os.killpg(client.pid, signal.SIGKILL)
         client.wait(timeout=10)
+        segments = capture.close() if capture is not None else []
     steps = logon_steps(seen)
     if not error and SESMAN_KIND[kind] not in "\n".join(sesman.lines()):
         error = f"sesman did not log {SESMAN_KIND[kind]!r}"
     seconds = steps.get("desktop", float("nan")) if not error else float("nan")
-    return Logon(way, kind, seconds, steps, error)
+    delays = lo_capture.relayed(segments, relay_port, server.port) if segments else {}
+    return Logon(way, kind, seconds, steps, error, delays)
 
 
 def logon_steps(seen: Sequence[tuple[float, str]]) -> dict[str, float]:
@@ -204,6 +216,12 @@ def seconds(value: float) -> str:
     return "-" if value != value else f"{value:.2f} s"
 
 
+def micros(values: Sequence[float]) -> str:
+    if not values:
+        return "-"
+    return f"{median(values) * 1e6:,.0f} / {p90(values) * 1e6:,.0f} µs (n={len(values)})"
+
+
 def table(logons: Sequence[Logon], ways: Sequence[str]) -> str:
     """Markdown: per way, median and p90 of each kind, the median's difference to direct's, the steps'
     medians and the failures."""
@@ -235,6 +253,18 @@ def table(logons: Sequence[Logon], ways: Sequence[str]) -> str:
             got = [lo.steps[step] for kind in KINDS for lo in ok(way, kind) if step in lo.steps]
             cells[way] = seconds(median(got))
         rows.append((f"{STEP_LABELS[step]}, median after client start (both kinds)", cells))
+    for direction, label in (("to_server", "client to server"), ("to_client", "server to client")):
+        pooled = {w: [d for lo in logons if lo.way == w for d in lo.hops.get(direction, [])] for w in ways}
+        if any(pooled.values()):
+            cells = {w: micros(pooled[w]) for w in ways}
+            rows.append((f"relay delay per segment, {label}: median / p90 (--hops)", cells))
+    confirms = {
+        w: [lo.hops["to_client"][0] for lo in logons if lo.way == w and lo.hops.get("to_client")]
+        for w in ways
+    }
+    if any(confirms.values()):
+        cells = {w: "-" if not confirms[w] else f"{median(confirms[w]) * 1e6:,.0f} µs" for w in ways}
+        rows.append(("relay delay of the Connection Confirm, median (--hops)", cells))
     cells = {}
     for way in ways:
         failed = [lo for lo in logons if lo.way == way and lo.error]
@@ -260,6 +290,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--pause-s", type=float, default=1.0, help="after each client is killed")
     parser.add_argument("--timeout-s", type=float, default=40.0, help="for one logon's desktop")
+    parser.add_argument(
+        "--hops",
+        action="store_true",
+        help="capture loopback (AF_PACKET) during each relayed logon: how long the relay takes to pass"
+        " each TCP segment on (costs this script CPU while it runs)",
+    )
     args = parser.parse_args(argv)
     ways = [w.strip() for w in args.ways.split(",") if w.strip()]
     unknown = [w for w in ways if w not in ALL_WAYS]
@@ -315,10 +351,18 @@ def main() -> int:
                 for kind in KINDS:
                     if kind == "fresh":
                         server.end_desktops(user.name)
-                    got = logon(server, addresses[way], user, display_name, way, kind, args.timeout_s)
+                    got = logon(
+                        server, addresses[way], user, display_name, way, kind, args.timeout_s, args.hops
+                    )
                     logons.append(got)
                     steps = " ".join(f"{s} {t:.2f}" for s, t in got.steps.items())
-                    say(f"round {r + 1} {way:8s} {kind:9s} {seconds(got.seconds):>7s}  [{steps}] {got.error}")
+                    relay = " ".join(
+                        f"{d} {lo_capture.median(v) * 1e6:.0f}us" for d, v in got.hops.items() if v
+                    )
+                    say(
+                        f"round {r + 1} {way:8s} {kind:9s} {seconds(got.seconds):>7s}  [{steps}]"
+                        f" {relay} {got.error}"
+                    )
                     time.sleep(args.pause_s)  # xrdp sees the client gone and sesman the session disconnected
     finally:
         procs.stop_all()
