@@ -8,6 +8,7 @@ Each segment's time is the kernel's (SO_TIMESTAMPNS, wall clock), not when this 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import socket
 import statistics
 import struct
@@ -20,6 +21,7 @@ ETH_P_ALL = 0x0003
 ETH_HEADER = 14
 SYN, ACK = 0x02, 0x10
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,8 @@ class Capture:
         self._sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
         self._sock.bind(("lo", 0))
         self._sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        # Every loopback packet of the machine arrives here: room for bursts while this thread waits.
+        self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 16 << 20)  # root: past rmem_max
         self._sock.settimeout(0.1)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -116,15 +120,31 @@ def connections(segments: Sequence[Segment], port: int) -> list[int]:
     return [s.src for s in segments if s.dst == port and s.flags & SYN and not s.flags & ACK]
 
 
+def busiest(segments: Sequence[Segment], port: int) -> int | None:
+    """The client port of the connection to `port` that carried the most bytes (a health probe's
+    connection carries a few), None when none opened."""
+    ports = connections(segments, port)
+    if not ports:
+        return None
+    return max(ports, key=lambda p: sum(s.length for s in segments if p in (s.src, s.dst)))
+
+
+def waits(segments: Sequence[Segment], client: int, port: int, low_s: float = 0.05) -> list[float]:
+    """The pauses of `low_s` or more in which the client had its answer and sent nothing: each gap
+    before a client's data segment that follows data from the other side."""
+    data = [s for s in segments if s.length and {s.src, s.dst} == {client, port}]
+    return [
+        b.at - a.at
+        for a, b in itertools.pairwise(data)
+        if a.src == port and b.src == client and b.at - a.at >= low_s
+    ]
+
+
 def relayed(segments: Sequence[Segment], relay_port: int, server_port: int) -> dict[str, list[float]]:
-    """A relay's delays for one client connection to `relay_port` relayed to `server_port`: the relay's
-    server-side connection is the one that carried the most bytes (health probes carry a few)."""
-    clients = connections(segments, relay_port)
-    legs = connections(segments, server_port)
-    if not clients or not legs:
+    """A relay's delays for the busiest client connection to `relay_port`, relayed to `server_port`."""
+    client, leg = busiest(segments, relay_port), busiest(segments, server_port)
+    if client is None or leg is None:
         return {}
-    client = clients[0]
-    leg = max(legs, key=lambda p: sum(s.length for s in segments if p in (s.src, s.dst)))
     to_server = relay_delays(stream(segments, client, relay_port), stream(segments, leg, server_port))
     to_client = relay_delays(stream(segments, server_port, leg), stream(segments, relay_port, client))
     return {"to_server": to_server, "to_client": to_client}

@@ -40,12 +40,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
+
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(REPO))  # tests.support is this repository's own code
 
 import lo_capture  # noqa: E402 - bench/ is the script's directory
-from proxy_bench import Processes, start_haproxy, start_up  # noqa: E402
+from proxy_bench import PY, UP_ENV, Processes, free_port, start_haproxy, start_up, wait_port  # noqa: E402
 
 from tests.support import xrdp_server as xs  # noqa: E402 - after the path set-up
 
@@ -100,7 +102,8 @@ class Logon:
     seconds: float  # client start -> xrdp's `connected ok`; NaN when it failed
     steps: dict[str, float] = field(default_factory=dict)  # step -> seconds after client start
     error: str = ""
-    # --hops: the relay's delay passing on each segment, "to_server" and "to_client" (seconds)
+    # --hops: the relay's delay passing on each segment, "to_server" and "to_client", and the client's
+    # pauses with its answer in hand, "waits" (seconds)
     hops: dict[str, list[float]] = field(default_factory=dict)
 
 
@@ -118,7 +121,7 @@ def logon(
     (and `address` a relay's), the loopback capture times the relay's passing on of each segment."""
     xrdp, sesman = LogTail(server.xrdp_log), LogTail(server.sesman_log)
     relay_port = int(address.rsplit(":", 1)[1])
-    capture = lo_capture.Capture({relay_port, server.port}) if hops and address != server.address else None
+    capture = lo_capture.Capture({relay_port, server.port}) if hops else None
     started = time.monotonic()
     client = subprocess.Popen(
         [
@@ -161,7 +164,12 @@ def logon(
     if not error and SESMAN_KIND[kind] not in "\n".join(sesman.lines()):
         error = f"sesman did not log {SESMAN_KIND[kind]!r}"
     seconds = steps.get("desktop", float("nan")) if not error else float("nan")
-    delays = lo_capture.relayed(segments, relay_port, server.port) if segments else {}
+    delays: dict[str, list[float]] = {}
+    if segments and relay_port != server.port:
+        delays = lo_capture.relayed(segments, relay_port, server.port)
+    client_port = lo_capture.busiest(segments, relay_port)
+    if client_port is not None:
+        delays["waits"] = lo_capture.waits(segments, client_port, relay_port)
     return Logon(way, kind, seconds, steps, error, delays)
 
 
@@ -197,6 +205,33 @@ def start_display() -> tuple[subprocess.Popen[bytes], str]:
     os.close(write)
     with os.fdopen(read) as f:
         return display, ":" + f.readline().strip()
+
+
+def start_up_probing(
+    procs: Processes, workdir: Path, server_port: int, interval_ms: int, timeout_s: float = 90.0
+) -> int:
+    """`rdbroker up` on SQLite with a farm file whose pool probes the server every `interval_ms`;
+    returns its RDP port once its health replica has marked the server up."""
+    farm = workdir / "farm.yaml"
+    probe = f"{{interval: {interval_ms}ms, timeout: 2000ms, rise: 1, fall: 3}}"
+    farm.write_text(
+        f"pools:\n  - name: default\n    default: true\n    probe: {probe}\n"
+        f"servers:\n  - address: 127.0.0.1:{server_port}\n    pool: default\n    weight: 100\n"
+    )
+    port, http = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RDBROKER_")} | UP_ENV
+    args = [PY, "-m", "rdbroker_cli", "up", "--listen", f"127.0.0.1:{port}", "-f", str(farm)]
+    args += ["--http-listen", f"127.0.0.1:{http}", "--grpc-listen", f"127.0.0.1:{free_port()}"]
+    args += ["--database-url", f"sqlite+aiosqlite:///{workdir / 'up.db'}", "--log-level", "WARNING"]
+    child = procs.start(args, env=env)
+    wait_port(port, timeout_s, child=child)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        answer = httpx.get(f"http://127.0.0.1:{http}/v1/servers", timeout=5).json()
+        if [s["health"] for s in answer["servers"]] == ["up"]:
+            return port
+        time.sleep(0.25)
+    raise SystemExit(f"`up` did not mark the server up in {timeout_s} s")
 
 
 # -- the table ----------------------------------------------------------------------------------------
@@ -253,6 +288,13 @@ def table(logons: Sequence[Logon], ways: Sequence[str]) -> str:
             got = [lo.steps[step] for kind in KINDS for lo in ok(way, kind) if step in lo.steps]
             cells[way] = seconds(median(got))
         rows.append((f"{STEP_LABELS[step]}, median after client start (both kinds)", cells))
+    waits = {w: [lo.hops["waits"] for lo in logons if lo.way == w and "waits" in lo.hops] for w in ways}
+    if any(waits.values()):
+        cells = {}
+        for w in ways:
+            counts, total = [len(x) for x in waits[w]], [sum(x) for x in waits[w]]
+            cells[w] = "-" if not counts else f"{median(counts):.1f} ({median(total):.2f} s)"
+        rows.append(("client pauses of 50 ms+ with its answer in hand, median per logon (their time)", cells))
     for direction, label in (("to_server", "client to server"), ("to_client", "server to client")):
         pooled = {w: [d for lo in logons if lo.way == w for d in lo.hops.get(direction, [])] for w in ways}
         if any(pooled.values()):
@@ -290,6 +332,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--pause-s", type=float, default=1.0, help="after each client is killed")
     parser.add_argument("--timeout-s", type=float, default=40.0, help="for one logon's desktop")
+    parser.add_argument(
+        "--probe-interval-ms",
+        type=int,
+        default=0,
+        help="`up`'s health probes of xrdp this often, from a farm file (default: `--server`, every"
+        " 2,000 ms; each probe is a connection xrdp forks a process for)",
+    )
     parser.add_argument(
         "--hops",
         action="store_true",
@@ -342,7 +391,10 @@ def main() -> int:
             _, port = start_haproxy(procs, [server.port], workdir)
             addresses["haproxy"] = f"127.0.0.1:{port}"
         if "rdbroker" in ways:
-            _, port = start_up(procs, f"sqlite+aiosqlite:///{workdir / 'up.db'}", [server.port])
+            if args.probe_interval_ms:
+                port = start_up_probing(procs, workdir, server.port, args.probe_interval_ms)
+            else:
+                _, port = start_up(procs, f"sqlite+aiosqlite:///{workdir / 'up.db'}", [server.port])
             addresses["rdbroker"] = f"127.0.0.1:{port}"
         say(f"xrdp at {server.address}; " + "; ".join(f"{w} via {a}" for w, a in addresses.items()))
         for r in range(args.logons):
@@ -357,7 +409,9 @@ def main() -> int:
                     logons.append(got)
                     steps = " ".join(f"{s} {t:.2f}" for s, t in got.steps.items())
                     relay = " ".join(
-                        f"{d} {lo_capture.median(v) * 1e6:.0f}us" for d, v in got.hops.items() if v
+                        f"{d} {len(v)}" if d == "waits" else f"{d} {lo_capture.median(v) * 1e6:.0f}us"
+                        for d, v in got.hops.items()
+                        if v
                     )
                     say(
                         f"round {r + 1} {way:8s} {kind:9s} {seconds(got.seconds):>7s}  [{steps}]"
