@@ -69,8 +69,8 @@ class Capture:
 def stamp(ancillary: list[tuple[int, int, bytes]]) -> float:
     for level, kind, data in ancillary:
         if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= 16:
-            sec, nsec = struct.unpack("qq", data[:16])
-            return sec + nsec / 1e9
+            sec, nsec = struct.unpack("qq", data[:16])  # struct timespec
+            return float(sec + nsec / 1e9)
     return time.time()
 
 
