@@ -12,6 +12,8 @@ a local user with a password, one Xvfb display for the client, and two ways in b
                 configuration of bench/proxy_bench.py)
     rdbroker    `rdbroker up --server <xrdp>` on its embedded SQLite store, measured once its health
                 replica has marked the server up
+    proxy       (not by default) `python -m rdbroker_proxy` against the in-process fake broker
+                (bench/proxy_load.py fakebroker): the same splice in a process of its own
 Each round takes the ways in a rotating order; for each way it ends the user's desktop, logs on afresh
 (sesman creates a session), kills the client, then logs on again (sesman reconnects the session) and
 kills the client. A logon is a full xfreerdp password logon (not +auth-only), timed from the client's
@@ -47,12 +49,28 @@ REPO = BENCH.parent
 sys.path.insert(0, str(REPO))  # tests.support is this repository's own code
 
 import lo_capture  # noqa: E402 - bench/ is the script's directory
-from proxy_bench import PY, UP_ENV, Processes, free_port, start_haproxy, start_up, wait_port  # noqa: E402
+from proxy_bench import (  # noqa: E402
+    LOAD,
+    PY,
+    UP_ENV,
+    Processes,
+    free_port,
+    start_haproxy,
+    start_proxy,
+    start_up,
+    wait_port,
+)
 
 from tests.support import xrdp_server as xs  # noqa: E402 - after the path set-up
 
-ALL_WAYS = ("direct", "haproxy", "rdbroker")
-HEADINGS = {"direct": "direct", "haproxy": "HAProxy", "rdbroker": "`rdbroker up` (embedded SQLite)"}
+ALL_WAYS = ("direct", "haproxy", "rdbroker", "proxy")
+DEFAULT_WAYS = ("direct", "haproxy", "rdbroker")
+HEADINGS = {
+    "direct": "direct",
+    "haproxy": "HAProxy",
+    "rdbroker": "`rdbroker up` (embedded SQLite)",
+    "proxy": "proxy + fake broker",
+}
 KINDS = ("fresh", "reconnect")
 # xrdp's log lines for the steps of one logon, in order (each one's first appearance is timed).
 ACCEPTED = "connection received from"
@@ -328,7 +346,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--logons", type=int, default=8, help="logons of each kind per way (rounds)")
     parser.add_argument(
-        "--ways", default=",".join(ALL_WAYS), help="columns, comma-separated, of: " + ", ".join(ALL_WAYS)
+        "--ways",
+        default=",".join(DEFAULT_WAYS),
+        help="columns, comma-separated, of: " + ", ".join(ALL_WAYS),
     )
     parser.add_argument("--pause-s", type=float, default=1.0, help="after each client is killed")
     parser.add_argument("--timeout-s", type=float, default=40.0, help="for one logon's desktop")
@@ -396,6 +416,12 @@ def main() -> int:
             else:
                 _, port = start_up(procs, f"sqlite+aiosqlite:///{workdir / 'up.db'}", [server.port])
             addresses["rdbroker"] = f"127.0.0.1:{port}"
+        if "proxy" in ways:
+            broker = free_port()
+            fake = procs.start([*LOAD, "fakebroker", "--port", str(broker), "--servers", server.address])
+            wait_port(broker, child=fake)
+            _, port = start_proxy(procs, f"127.0.0.1:{broker}")
+            addresses["proxy"] = f"127.0.0.1:{port}"
         say(f"xrdp at {server.address}; " + "; ".join(f"{w} via {a}" for w, a in addresses.items()))
         for r in range(args.logons):
             order = ways[r % len(ways) :] + ways[: r % len(ways)]
