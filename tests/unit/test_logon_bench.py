@@ -38,6 +38,7 @@ def test_defaults_are_the_issues_eight_logons_three_ways(bench: ModuleType) -> N
     assert args.logons == 8
     assert args.ways == ["direct", "haproxy", "rdbroker"]
     assert bench.parse_args(["--logons", "3", "--ways", "rdbroker, direct"]).ways == ["rdbroker", "direct"]
+    assert bench.parse_args(["--ways", "haproxy,proxy"]).ways == ["haproxy", "proxy"]  # not by default
 
 
 @pytest.mark.parametrize("argv", [["--ways", "direct,nginx"], ["--ways", ","], ["--logons", "0"]])
