@@ -27,6 +27,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "servers": ("rdbroker_cli.admin", "servers_main", "list, drain, enable... servers (REST API)"),
     "sessions": ("rdbroker_cli.admin", "sessions_main", "look up, list and end sessions (REST API)"),
     "pools": ("rdbroker_cli.admin", "pools_main", "list, show and change pools' settings (REST API)"),
+    "route": (
+        "rdbroker_cli.route",
+        "route_main",
+        "explain which pool and server a user would get (REST API)",
+    ),
     "audit": ("rdbroker_cli.admin", "audit_main", "who changed what: the audit trail (REST API, admin)"),
 }
 

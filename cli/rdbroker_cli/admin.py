@@ -246,6 +246,12 @@ def _pools_parser() -> argparse.ArgumentParser:
         default=None,
         help="follow clients' routing tokens where policy allows (--no-...: ignore them, place by policy)",
     )
+    change.add_argument(
+        "--placement",
+        choices=("breadth", "depth"),
+        default=None,
+        help="breadth: the least loaded server; depth: fill the busiest up to its max_sessions first",
+    )
     change.add_argument("--probe-rise", type=_positive, default=None, help="1..100, 0 = default")
     change.add_argument("--probe-fall", type=_positive, default=None, help="1..100, 0 = default")
     _connection_options(change)
@@ -302,6 +308,7 @@ _POOL_FLAGS: dict[str, tuple[str, float]] = {
     "probe_rise": ("probe_rise", 1),
     "probe_fall": ("probe_fall", 1),
     "honor_routing_tokens": ("honor_routing_tokens", 1),
+    "placement": ("placement", 1),
 }
 APPLY_NOTE = "note: the next `rdbroker apply` of a farm file sets the pool's settings from the file again\n"
 

@@ -142,6 +142,10 @@ class ApiClient:
     def end_session(self, session_id: str) -> dict[str, Any]:
         return _object(self.request("DELETE", f"/v1/sessions/{path_part(session_id)}"))
 
+    def explain_route(self, user: str, client: str = "", pool: str = "") -> dict[str, Any]:
+        params = {"user": user} | ({"client": client} if client else {}) | ({"pool": pool} if pool else {})
+        return _object(self.request("GET", "/v1/route/explain", params=params))
+
     def session_action(self, session_id: str, action: str, text: str | None = None) -> dict[str, Any]:
         """`logoff`, `disconnect` or `message` (with `text`) through the session's server's agent."""
         body = {"text": text} if text is not None else None

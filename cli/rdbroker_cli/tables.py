@@ -179,6 +179,7 @@ POOL_COLUMNS: list[Column] = [
     ("STALE AFTER", milliseconds("stale_after_ms")),
     ("LOGON LAG", seconds("logon_lag_s")),
     ("TOKENS", lambda row: _yes_no(row.get("honor_routing_tokens"))),
+    ("PLACEMENT", field("placement", "breadth")),
     ("SERVERS", field("servers", "0")),
     ("SESSIONS", field("live_sessions", "0")),
 ]
@@ -195,6 +196,7 @@ POOL_SETTINGS: list[Column] = [
     ("stale_after", milliseconds("stale_after_ms", "default (three probe intervals plus the probe lease)")),
     ("logon_lag", seconds("logon_lag_s")),
     ("honor_routing_tokens", lambda row: _yes_no(row.get("honor_routing_tokens"))),
+    ("placement", field("placement", "breadth")),
     ("probe.interval", milliseconds("probe_interval_ms", "default (RDBROKER_PROBE_INTERVAL_MS)")),
     ("probe.timeout", milliseconds("probe_timeout_ms", "default (RDBROKER_PROBE_TIMEOUT_MS)")),
     ("probe.rise", count("probe_rise")),

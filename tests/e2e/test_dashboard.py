@@ -247,6 +247,13 @@ def test_pool_settings_stale_results_and_confirmed_sessions(
                 "sessions_interval_ms": 5000, "honor_routing_tokens": False}  # fmt: skip
     answer = httpx.patch(f"{live_broker.url}/v1/pools/default", json=settings, headers=admin)
     assert answer.status_code == 200, answer.text
+    # Sales fills its one server first: depth needs its limit.
+    answer = httpx.patch(
+        f"{live_broker.url}/v1/servers/{SERVERS[2]}", json={"max_sessions": 20}, headers=admin
+    )
+    assert answer.status_code == 200, answer.text
+    answer = httpx.patch(f"{live_broker.url}/v1/pools/Sales", json={"placement": "depth"}, headers=admin)
+    assert answer.status_code == 200, answer.text
     stale, fresh = SERVERS[0], SERVERS[1]
     probed = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=3)
     with psycopg.connect(pg_database_url, autocommit=True) as db:
@@ -295,6 +302,8 @@ def test_pool_settings_stale_results_and_confirmed_sessions(
         sales = page.locator("article.pool[data-pool=Sales]")
         expect(sales.locator("li[data-setting=domain]")).to_have_text("Domain none")
         expect(sales.locator("li[data-setting=honor_routing_tokens]")).to_have_text("Routing tokens honoured")
+        expect(sales.locator("li[data-setting=placement]")).to_have_text("Placement depth")
+        expect(pool.locator("li[data-setting=placement]")).to_have_text("Placement breadth")
 
         stale_row = page.locator(f'tr[data-address="{stale}"]')
         expect(stale_row.locator("td.health")).to_have_text(f"unknown (last result {probed:%H:%M:%S})")

@@ -13,10 +13,8 @@ They need root and Debian's xrdp, tigervnc-standalone-server, freerdp2-x11, xvfb
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -56,20 +54,6 @@ def after_test_1(state: dict[str, Any]) -> xs.XrdpServer:
         pytest.skip("runs after test_1 on the same farm (run the module, not this test alone)")
     server: xs.XrdpServer = state["x"]
     return server
-
-
-def sesman_display(sesman_text: str) -> str:
-    """The display of the desktop sesman made or reconnected, from what it logged for one logon."""
-    found = re.findall(r"display :?(\d+)", sesman_text)
-    assert found, f"sesman logged no display:\n{sesman_text}"
-    return str(found[-1])
-
-
-def displays_written(farm: rf.RealFarm, name: str) -> list[str]:
-    """The display numbers the user's session scripts wrote: one per desktop made, none per reconnect."""
-    path = Path(f"/home/{farm.users[name].name}") / xs.DESKTOPS_FILE
-    lines = path.read_text().split() if path.exists() else []
-    return [line.removeprefix(":").split(".")[0] for line in lines]  # `:10.0` -> `10`
 
 
 def until_disconnected(farm: rf.RealFarm, name: str) -> None:
@@ -113,14 +97,14 @@ def test_1_a_killed_client_shows_disconnected_as_the_agent_reports_it(
         agent_s,
         directory_s,
     )
-    state.update(x=x, display=sesman_display(logon.sesman), session_id=session["id"])
+    state.update(x=x, display=rf.sesman_display(logon.sesman), session_id=session["id"])
 
 
 def test_2_a_logon_through_the_other_proxy_reconnects_to_the_same_display(
     farm: rf.RealFarm, state: dict[str, Any]
 ) -> None:
     x = after_test_1(state)
-    written = displays_written(farm, "alice")
+    written = rf.displays_written(farm, "alice")
     with rf.Trace(farm, "alice", x) as trace:
         logon = farm.logon(farm.proxies[1], "alice")
         time.sleep(INTERVAL + 0.5)
@@ -132,8 +116,8 @@ def test_2_a_logon_through_the_other_proxy_reconnects_to_the_same_display(
     assert logon.server is x
     assert rf.SESSION_RECONNECTED in logon.sesman, logon.sesman
     assert xs.SESSION_CREATED not in logon.sesman
-    assert sesman_display(logon.sesman) == state["display"]  # `++ reconnected session ... display :N`
-    assert displays_written(farm, "alice") == written == [state["display"]]  # no second session script
+    assert rf.sesman_display(logon.sesman) == state["display"]  # `++ reconnected session ... display :N`
+    assert rf.displays_written(farm, "alice") == written == [state["display"]]  # no second session script
     row = farm.live_session("alice")
     assert row is not None
     assert (row["id"], row["state"]) == (state["session_id"], "active"), row

@@ -5,14 +5,15 @@ mount namespace of its own, with the real rdbroker-agent run inside that namespa
 each agent sees its own server's desktops only, as on two machines. In front: a broker on PostgreSQL, two
 health replicas and two proxies (`farm.Farm`'s), the servers registered with equal weights, their agents'
 `/load` and `/sessions`, and fast probes. Local users with passwords are made by the farm and removed at
-the end. Clients are xfreerdp processes on one Xvfb display, each killed with SIGKILL when the test is done
-with it (a user's client crashing or a pulled cable, as far as the server can tell).
+the end. Clients are xfreerdp or rdesktop processes on one Xvfb display, each killed with SIGKILL when the
+test is done with it (a user's client crashing or a pulled cable, as far as the server can tell).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import statistics
 import subprocess
 import threading
@@ -41,6 +42,8 @@ PROBE = FarmSettings(hosts=0, brokers=1, health=2, proxies=2, probe_interval_ms=
 AGENT_CONFIG = '[[counters]]\nkind = "sessions"\nfull_scale = 10\n\n[sessions]\nsource = "xrdp"\n'
 # sesman logs this when a client goes back to its desktop.
 SESSION_RECONNECTED = "++ reconnected session"
+# Every client asks for the same size and depth: sesman reconnects a client only to a desktop of its own.
+SIZE, BPP = "1024x768", "24"
 
 
 class LogWatch:
@@ -189,29 +192,34 @@ class RealFarm(Farm):
         (other,) = [s for s in self.servers if s is not server]
         return other
 
-    def logon(self, address: str, name: str, password: str | None = None, timeout_s: float = 40) -> Logon:
-        """xfreerdp with the user's password to `address` (a proxy or a server), held until a server's
-        xrdp logs its desktop connected (`xs.DESKTOP_REACHED`). The client stays connected: kill it."""
+    def logon(
+        self,
+        address: str,
+        name: str,
+        password: str | None = None,
+        timeout_s: float = 40,
+        client_program: str = "xfreerdp",
+    ) -> Logon:
+        """`client_program` (xfreerdp or rdesktop) with the user's password to `address` (a proxy or a
+        server), held until a server's xrdp logs its desktop connected (`xs.DESKTOP_REACHED`). The client
+        stays connected: kill it."""
         user = self.users[name]
         xrdp = [LogWatch(s.xrdp_log) for s in self.servers]
         sesman = [LogWatch(s.sesman_log) for s in self.servers]
+        command, answer = self.client_command(client_program, address, user.name, password or user.password)
         started = time.monotonic()
         client = subprocess.Popen(
-            [
-                "xfreerdp",
-                f"/v:{address}",
-                f"/u:{user.name}",
-                f"/p:{password or user.password}",
-                "/cert:ignore",
-                "/size:1024x768",
-                "/bpp:24",
-            ],
-            env={**os.environ, "DISPLAY": self.display_name},
-            stdin=subprocess.DEVNULL,
+            command,
+            env={**os.environ, "DISPLAY": self.display_name, "HOME": str(self.client_home())},
+            stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
+        assert client.stdin is not None
+        with contextlib.suppress(BrokenPipeError):
+            client.stdin.write(answer)
+        client.stdin.close()
         self.clients.append(client)
         while True:
             reached = [i for i, w in enumerate(xrdp) if xs.DESKTOP_REACHED in w.text()]
@@ -228,6 +236,31 @@ class RealFarm(Farm):
             time.sleep(0.02)
         (i,) = reached
         return Logon(self.servers[i], seconds, client, sesman[i].text())
+
+    def client_command(self, program: str, address: str, user: str, password: str) -> tuple[list[str], bytes]:
+        """The command line of a full logon by `program`, and what goes to its standard input."""
+        if program == "xfreerdp":
+            return [
+                "xfreerdp",
+                f"/v:{address}",
+                f"/u:{user}",
+                f"/p:{password}",
+                "/cert:ignore",
+                f"/size:{SIZE}",
+                f"/bpp:{BPP}",
+            ], b""
+        if program == "rdesktop":
+            # `-p -`: the password from standard input (one line); then rdesktop asks whether to trust
+            # xrdp's self-signed certificate, the first time it sees it (its store is in HOME): yes.
+            command = ["rdesktop", "-u", user, "-p", "-", "-g", SIZE, "-a", BPP, address]
+            return command, f"{password}\nyes\n".encode()
+        raise ValueError(f"no such client: {program!r} (xfreerdp or rdesktop)")
+
+    def client_home(self) -> Path:
+        """The clients' HOME: rdesktop keeps the certificates it was told to trust there, not in root's."""
+        home = self.harness.root / "client-home"
+        home.mkdir(exist_ok=True)
+        return home
 
     def failed_logon(self, address: str, name: str, hold_s: float) -> None:
         """xfreerdp with a wrong password, killed after `hold_s` (xrdp shows its login failure meanwhile)."""
@@ -319,6 +352,20 @@ class Trace:
 
     def directory_states(self) -> set[str]:
         return {directory for _, directory, _ in self.seen}
+
+
+def sesman_display(sesman_text: str) -> str:
+    """The display of the desktop sesman made or reconnected, from what it logged for one logon."""
+    found = re.findall(r"display :?(\d+)", sesman_text)
+    assert found, f"sesman logged no display:\n{sesman_text}"
+    return str(found[-1])
+
+
+def displays_written(farm: RealFarm, name: str) -> list[str]:
+    """The display numbers the user's session scripts wrote: one per desktop made, none per reconnect."""
+    path = Path(f"/home/{farm.users[name].name}") / xs.DESKTOPS_FILE
+    lines = path.read_text().split() if path.exists() else []
+    return [line.removeprefix(":").split(".")[0] for line in lines]  # `:10.0` -> `10`
 
 
 def wait_session(farm: RealFarm, name: str, timeout_s: float = 5) -> dict[str, Any]:

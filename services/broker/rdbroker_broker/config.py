@@ -52,6 +52,11 @@ class BrokerSettings(ServiceSettings):
     # handshake) within this before it moves the session: short, as the user's client is waiting.
     failover_probe_timeout_ms: int = Field(default=1000, ge=50, le=10_000)
 
+    # How long a broker goes on using the assignment rules (the farm file's `assignments:`) it last
+    # read before reading them again: an `apply` reaches every replica's Routes within about this. 0:
+    # read them at every Route that names no pool (one more transaction each).
+    assignments_refresh_ms: int = Field(default=1000, ge=0, le=3_600_000)
+
     # Input bounds for Route: a user name longer than its database column could never be stored.
     max_cookie_chars: int = Field(default=MAX_USER_CHARS, ge=9, le=MAX_USER_CHARS)
     db_pool_size: int = Field(default=10, ge=1, le=200)

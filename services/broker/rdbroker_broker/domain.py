@@ -68,6 +68,13 @@ class SessionState(enum.StrEnum):
 LIVE_STATES = (SessionState.PENDING, SessionState.ACTIVE, SessionState.DISCONNECTED)
 
 
+class Placement(enum.StrEnum):
+    """How a pool places a user who has no session (docs/broker.md, "Placement")."""
+
+    BREADTH = "breadth"  # the least loaded server by weight: spread users out
+    DEPTH = "depth"  # the busiest server below its limit: fill it before opening the next
+
+
 class RouteReason(enum.StrEnum):
     TOKEN = "token"
     RECONNECT = "reconnect"
@@ -97,6 +104,7 @@ class Pool:
     logon_lag_s: float = 30.0  # how long a placement takes to show in the agent's load figure
     # False: a connection's `Cookie: msts=` routing token is ignored, the connection placed by policy.
     honor_routing_tokens: bool = True
+    placement: Placement = Placement.BREADTH
 
 
 @dataclass(frozen=True)
@@ -422,21 +430,65 @@ def takes_new_sessions(server: Server) -> bool:
     return not (server.max_sessions > 0 and server.held_sessions >= server.max_sessions)
 
 
+def why_no_new_sessions(server: Server) -> str:
+    """Why `takes_new_sessions` refuses the server ("" when it takes them)."""
+    if takes_new_sessions(server):
+        return ""
+    if server.is_down:
+        return "down"
+    if server.effective_admin_state is not AdminState.ENABLED:
+        return server.effective_admin_state.value
+    if server.weight <= 0:
+        return "weight 0"
+    if server.load >= 100:
+        return "load 100"
+    return f"full: {server.held_sessions} of {server.max_sessions} sessions"
+
+
 def takes_reconnects(server: Server) -> bool:
     """Draining servers still take their own users back; down and maintenance servers do not."""
     return not server.is_down and server.effective_admin_state is not AdminState.MAINTENANCE
 
 
-def rank_for_new_session(servers: Iterable[Server], exclude: Sequence[str] = ()) -> list[Server]:
-    """Servers that can take a new session, best first (lowest effective load, then fewest sessions
-    holding capacity)."""
+def rank_key(server: Server, placement: Placement = Placement.BREADTH) -> tuple[float, int, str]:
+    """The order `rank_for_new_session` sorts by, lowest first: effective load, then sessions holding
+    capacity, each lowest first for breadth (spread users out) and highest first for depth (fill the
+    busiest server up to its limit before the next: idle servers stay idle). Effective load counts
+    placements no load report shows yet in both, so a logon storm neither piles onto the server that
+    looked idle nor overshoots a full one. The address last, so every replica and the SQL copy agree."""
+    if placement is Placement.DEPTH:
+        return (-effective_load(server), -server.held_sessions, server.address)
+    return (effective_load(server), server.held_sessions, server.address)
+
+
+def rank_for_new_session(
+    servers: Iterable[Server], exclude: Sequence[str] = (), placement: Placement = Placement.BREADTH
+) -> list[Server]:
+    """Servers that can take a new session, best first by the pool's placement (`rank_key`)."""
     eligible = [s for s in servers if takes_new_sessions(s) and s.address not in exclude]
-    return sorted(eligible, key=lambda s: (effective_load(s), s.held_sessions, s.address))
+    return sorted(eligible, key=lambda s: rank_key(s, placement))
 
 
-def choose_server(servers: Iterable[Server], exclude: Sequence[str] = ()) -> Server | None:
-    ranked = rank_for_new_session(servers, exclude)
+def choose_server(
+    servers: Iterable[Server], exclude: Sequence[str] = (), placement: Placement = Placement.BREADTH
+) -> Server | None:
+    ranked = rank_for_new_session(servers, exclude, placement)
     return ranked[0] if ranked else None
+
+
+def placement_problems(placement: Placement, servers: Iterable[Server]) -> list[str]:
+    """Why a pool with this placement cannot hold these servers ([] when it can): depth fills each
+    server up to its limit, so every server needs one (`max_sessions`)."""
+    if placement is not Placement.DEPTH:
+        return []
+    unlimited = sorted(s.address for s in servers if s.max_sessions <= 0)
+    if not unlimited:
+        return []
+    shown = ", ".join(unlimited[:5]) + (f" and {len(unlimited) - 5} more" if len(unlimited) > 5 else "")
+    return [
+        f"depth placement fills each server up to its max_sessions, and {shown} "
+        f"{'has' if len(unlimited) == 1 else 'have'} none: set max_sessions on every server of the pool"
+    ]
 
 
 class DrainStep(enum.StrEnum):

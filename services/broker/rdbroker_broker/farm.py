@@ -21,9 +21,11 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from rdbroker_broker import accounts, audit, callers, power_config
+from rdbroker_broker import assignments as a
 from rdbroker_broker import domain as d
 from rdbroker_broker import pool_settings as ps
 from rdbroker_broker.db import migrate
+from rdbroker_broker.db.assignment_repository import AssignmentRepository
 from rdbroker_broker.db.audit_repository import AuditRepository
 from rdbroker_broker.db.engine import is_sqlite
 from rdbroker_broker.db.power_repository import PowerRepository
@@ -50,6 +52,7 @@ _POOL_KEYS = {
     "stale_after",
     "logon_lag",
     "honor_routing_tokens",
+    "placement",
     "power",
 }
 _PROBE_KEYS = {"interval", "timeout", "rise", "fall", "sessions_interval"}
@@ -57,6 +60,8 @@ _PROBE_KEYS = {"interval", "timeout", "rise", "fall", "sessions_interval"}
 PROBE_MS_RANGE = (100, 3_600_000)
 PROBE_COUNT_MAX = 100
 _SERVER_KEYS = {"address", "pool", "weight", "max_sessions", "agent_url", "sessions_url"}
+_ASSIGNMENT_KEYS = {"match", "pool"}
+_MATCH_KEYS = {"user", "network"}
 
 
 class FarmError(Exception):
@@ -67,6 +72,7 @@ class FarmError(Exception):
 class Farm:
     pools: list[d.Pool] = field(default_factory=list)
     servers: list[d.Server] = field(default_factory=list)
+    assignments: list[a.Rule] = field(default_factory=list)
     power: dict[str, PoolPower] = field(default_factory=dict)  # by pool name: its `power:` hooks
 
 
@@ -150,12 +156,13 @@ def load_farm(text: str, source: str = "farm.yaml", *, default_probe_interval_ms
         raise FarmError(f"{source}{line}: not valid YAML: {getattr(exc, 'problem', exc)}") from exc
     if root is None:
         raise FarmError(f"{source}: the file is empty (expected `pools:` and `servers:`)")
-    top = reader.mapping(root, "farm", {"pools", "servers"})
+    top = reader.mapping(root, "farm", {"pools", "servers", "assignments"})
     if top is None:
         raise FarmError("\n".join(reader.problems))
     farm = Farm()
     _read_pools(reader, top.get("pools"), farm, default_probe_interval_ms)
     _read_servers(reader, top.get("servers"), farm)
+    _read_assignments(reader, top.get("assignments"), farm)
     if reader.problems:
         raise FarmError("\n".join(reader.problems))
     return farm
@@ -280,6 +287,7 @@ def _read_claim_settings(reader: _Reader, fields: dict[str, yaml.Node], where: s
     check("domain", domain)
     check("upn_suffixes", upn_suffixes)
     check("honor_routing_tokens", lambda value: {"honor_routing_tokens": ps.check_flag(value)})
+    check("placement", lambda value: {"placement": ps.check_placement(value)})
     check("junk_bytes", junk_bytes)
     for name, key in _FARM_KEY.items():
         check(key, duration(name))
@@ -351,6 +359,7 @@ def _read_servers(reader: _Reader, node: yaml.Node | None, farm: Farm) -> None:
         return
     pools = {p.name.casefold(): p.name for p in farm.pools}
     default = next((p.name for p in farm.pools if p.is_default), "")
+    depth = {p.name for p in farm.pools if p.placement is d.Placement.DEPTH}
     limited = {name for name, power in farm.power.items() if power_config.needs_limits(power)}
     seen: set[str] = set()
     for i, item in enumerate(node.value):
@@ -380,23 +389,73 @@ def _read_servers(reader: _Reader, node: yaml.Node | None, farm: Farm) -> None:
             if url and not url.startswith(("http://", "https://")):
                 reader.problem(fields[key], f"{where}.{key}", "expected an http:// or https:// URL")
             urls[key] = url
-        farm.servers.append(
-            d.Server(
-                address=address,
-                pool=pool,
-                weight=reader.integer(fields, "weight", where, 100, 1_000_000),
-                max_sessions=reader.integer(fields, "max_sessions", where, 0, 1_000_000),
-                agent_url=urls["agent_url"],
-                sessions_url=urls["sessions_url"],
-            )
+        server = d.Server(
+            address=address,
+            pool=pool,
+            weight=reader.integer(fields, "weight", where, 100, 1_000_000),
+            max_sessions=reader.integer(fields, "max_sessions", where, 0, 1_000_000),
+            agent_url=urls["agent_url"],
+            sessions_url=urls["sessions_url"],
         )
-        if pool in limited and farm.servers[-1].max_sessions == 0:
+        if server.max_sessions <= 0 and server.pool in depth:
+            reader.problem(
+                fields.get("max_sessions", item),
+                f"{where}.max_sessions",
+                f"pool {server.pool} places by depth, which fills each server up to its max_sessions: "
+                "set one on this server",
+            )
+        if server.max_sessions == 0 and pool in limited:
             reader.problem(
                 fields.get("max_sessions", item),
                 f"{where}.max_sessions",
                 f"pool {pool!r} has a power start hook: every server needs max_sessions "
                 "(free capacity is counted in sessions)",
             )
+        farm.servers.append(server)
+
+
+def _read_assignments(reader: _Reader, node: yaml.Node | None, farm: Farm) -> None:
+    """`assignments: [{match: {user: 'CORP\\fin-*', network: 10.20.0.0/16}, pool: finance}, ...]`:
+    each rule names a declared pool and matches on something."""
+    if node is None:
+        return
+    if not isinstance(node, yaml.SequenceNode):
+        reader.problem(node, "assignments", "expected a list of rules (`- match: {user: ...}` and `pool:`)")
+        return
+    if len(node.value) > a.MAX_RULES:
+        reader.problem(node, "assignments", f"at most {a.MAX_RULES} rules")
+        return
+    pools = {p.name.casefold(): p.name for p in farm.pools}
+    for i, item in enumerate(node.value):
+        where = f"assignments[{i}]"
+        fields = reader.mapping(item, where, _ASSIGNMENT_KEYS)
+        if fields is None:
+            continue
+        pool = reader.text(fields, "pool", where, required=True)
+        if pool and pool.casefold() not in pools:
+            reader.problem(fields["pool"], f"{where}.pool", f"unknown pool {pool!r} (declare it under pools)")
+        match_node = fields.get("match")
+        if match_node is None:
+            reader.problems.append(f"{reader.source}: {where}.match: required (`user:` and/or `network:`)")
+            continue
+        match = reader.mapping(match_node, f"{where}.match", _MATCH_KEYS)
+        if match is None:
+            continue
+        if not match:
+            reader.problem(
+                match_node,
+                f"{where}.match",
+                "matches nothing: give `user:` (an account glob) and/or `network:`",
+            )
+            continue
+        rule = {}
+        for key, check in (("user", a.check_user_glob), ("network", a.check_network)):
+            if key in match:
+                try:
+                    rule[key] = check(reader.value(match[key]))
+                except a.RuleError as exc:
+                    reader.problem(match[key], f"{where}.match.{key}", str(exc))
+        farm.assignments.append(a.Rule(pool=pools.get(pool.casefold(), pool), **rule))
 
 
 def apply_caller() -> callers.Caller:
@@ -481,11 +540,20 @@ async def _apply(
                 verb, action = ("update", "server.update") if old_server else ("create", "server.add")
                 change(action, server.address, f"{verb} server {server.address} ({server.pool})")
         declared = {s.address for s in farm.servers}
+        depth = {p.name for p in farm.pools if p.placement is d.Placement.DEPTH}
         for address, old_server in sorted(old_servers.items()):
             if address in declared:
                 continue
             if not prune:
                 plan.changes.append(f"keep server {address}: not in the file (--prune deletes it)")
+                if old_server.pool in depth and old_server.max_sessions <= 0:
+                    refusal(
+                        "pool.update",
+                        old_server.pool,
+                        f"pool {old_server.pool} places by depth, which fills each server up to its "
+                        f"max_sessions, and server {address} (kept: not in the file) has none: declare it "
+                        "with max_sessions, or delete it with --prune",
+                    )
             elif old_server.live_sessions and not force:
                 refusal(
                     "server.remove",
@@ -502,6 +570,10 @@ async def _apply(
                     )
                 await servers.delete(address)
                 change("server.remove", address, f"delete server {address}")
+        rules = AssignmentRepository(conn)
+        if await rules.list() != farm.assignments:
+            await rules.replace(farm.assignments, now)
+            change("assignments.update", "assignments", assignments_line(farm.assignments))
         if prune:
             used = {s.pool for s in farm.servers}
             for name in sorted(set(old_pools) - {p.name for p in farm.pools}):
@@ -533,7 +605,17 @@ _SHOWN: list[tuple[str, str]] = [
     ("stale_after_ms", "stale_after"),
     ("logon_lag_s", "logon_lag"),
     ("honor_routing_tokens", "honor_routing_tokens"),
+    ("placement", "placement"),
 ]
+
+
+def assignments_line(rules: list[a.Rule]) -> str:
+    """The plan's line for new assignment rules: `set 2 assignment rules: 1. user CORP\\fin-* ->
+    finance, 2. network 10.20.0.0/16 -> lab`."""
+    if not rules:
+        return "clear the assignment rules (every connection that names no pool goes to the default pool)"
+    shown = ", ".join(f"{i}. {rule.describe()} -> {rule.pool}" for i, rule in enumerate(rules, start=1))
+    return f"set {len(rules)} assignment rule{'' if len(rules) == 1 else 's'}: {shown}"
 
 
 def show_setting(field_name: str, value: Any) -> str:

@@ -71,7 +71,9 @@ BOUNDS: dict[str, Bound] = {
 }
 PROBE_COUNT_MAX = 100
 # What `PATCH /v1/pools/{name}` may change: every setting but the name and which pool is the default.
-PATCHABLE = frozenset(BOUNDS) | {"probe_rise", "probe_fall", "domain", "upn_suffixes", "honor_routing_tokens"}
+PATCHABLE = frozenset(BOUNDS) | {
+    "probe_rise", "probe_fall", "domain", "upn_suffixes", "honor_routing_tokens", "placement",
+}  # fmt: skip
 
 
 def check_number(field: str, value: Any) -> float:
@@ -90,6 +92,17 @@ def check_flag(value: Any) -> bool:
     if not isinstance(value, bool):
         raise SettingError("expected true or false")
     return value
+
+
+def check_placement(value: Any) -> d.Placement:
+    """`breadth` (the least loaded server by weight) or `depth` (fill the busiest server first)."""
+    try:
+        return d.Placement(value)
+    except ValueError:
+        raise SettingError(
+            "expected breadth (spread users over the least loaded servers) or depth (fill the busiest "
+            "server up to its max_sessions before the next)"
+        ) from None
 
 
 def check_domain(value: Any) -> str:

@@ -20,10 +20,11 @@ import psycopg
 from sqlalchemy import Column, ColumnElement, String, func, select
 from sqlalchemy.exc import IntegrityError
 
-from rdbroker_broker import accounts, audit, metrics, pool_settings
+from rdbroker_broker import accounts, assignments, audit, metrics, pool_settings
 from rdbroker_broker import domain as d
 from rdbroker_broker.config import BrokerSettings
 from rdbroker_broker.db import embedded_sql, report_sql, routing_sql
+from rdbroker_broker.db.assignment_repository import AssignmentRepository
 from rdbroker_broker.db.audit_repository import AuditFilter as AuditFilter  # for the REST routes
 from rdbroker_broker.db.history_repository import purge_refusals
 from rdbroker_broker.db.power_repository import PowerRepository
@@ -55,9 +56,18 @@ T = TypeVar("T")
 PURGE_EVERY_S = 60.0
 PURGE_BATCH = 10_000  # rows of each table per transaction
 PURGE_MAX_BATCHES = 100  # per purge: a larger backlog goes on at the next one
+# On SQLite a statement holds the event loop (and every proxied connection) for its time, and a
+# deleted session costs ~90 µs (its indexes): batches of ~10 ms, the loop free between them.
+SQLITE_PURGE_BATCH = 100
+SQLITE_EXPIRE_BATCH = 200  # sessions of each state per transaction
+SQLITE_PURGE_MAX_BATCHES = 1000
 MAX_TX_ATTEMPTS = 5
 # How many ranked servers a placement tries to lock before giving up on the pool.
 MAX_LOCK_TRIES = 16
+# How often the Route statement on PostgreSQL runs again when it placed nobody: under a logon storm
+# every eligible server was locked by other placements at its snapshot for ~1 in 3 new users (64
+# concurrent, 4 servers), each then costing the transactional path several times the statement.
+LOCKED_RETRIES = 2
 MAX_HEARTBEAT_CONNECTIONS = 30_000  # under SQLite's bound-parameter limit too
 # A server that answered a failover probe this recently is not probed again (the proxy retries a
 # Route that was answered Unavailable, up to its deadline).
@@ -131,6 +141,8 @@ class BrokerService:
         # Pools' account settings as last read, by the pool name a Route names ("" = the default):
         # the Route statement needs the canonical key before it reads the pool, and checks them.
         self._pool_accounts: dict[str, tuple[tuple[str, str], accounts.Rules]] = {}
+        # The assignment rules, which pick the pool of a Route that names none.
+        self.assignments = assignments.Cache(self._read_assignments, settings.assignments_refresh_ms / 1000)
 
     def _accounts_for(self, pool: str) -> tuple[tuple[str, str], accounts.Rules]:
         return self._pool_accounts.get(pool.casefold(), _NO_ACCOUNTS)
@@ -142,6 +154,22 @@ class BrokerService:
         if stored != known:
             self._pool_accounts[pool_asked.casefold()] = (stored, pool_rules(pool))
         return stored == known
+
+    async def _read_assignments(self) -> assignments.RuleSet:
+        """The assignment rules, read outside a transaction (reads only), again on a dead pooled
+        connection."""
+
+        async def read() -> assignments.RuleSet:
+            async with self.store.autocommit() as r:
+                return await AssignmentRepository(r.conn).rule_set()
+
+        try:
+            return await read()
+        except Retryable:
+            try:
+                return await read()
+            except Retryable as exc:
+                raise DatabaseUnavailable("the database is unreachable") from exc
 
     def _heard(self) -> None:
         """A transaction committed (any path): the span of uninterrupted database calls goes on."""
@@ -174,6 +202,8 @@ class BrokerService:
     async def route(self, request: d.RouteRequest) -> d.RouteDecision:
         d.validate_route_request(request)
         user = d.identity_from(request, self.settings.max_cookie_chars)
+        if not request.pool and (assigned := await self.assignments.pool_for(user, request.client_address)):
+            request = replace(request, pool=assigned)
         if len(user) > d.MAX_USER_CHARS // 2:  # only a long name may not fit once qualified
             self._check_qualified(request.pool, user)
         token_address = d.routing_token_address(request.routing_token)
@@ -191,8 +221,8 @@ class BrokerService:
         elif in_one and token_address is None:
             decision = await self._route_sqlite(request, user)
         elif request.attempt == 0 and self.store.is_postgres:
-            # Outside a transaction: one read decides most routes. A reconnect then needs only the
-            # idempotent insert of its answer; anything else runs in a transaction with this read.
+            # A routing token: the context is read outside the transaction (no BEGIN/COMMIT round
+            # trips for it), and the transaction decides with this read.
             try:
                 async with self.store.autocommit() as r:
                     context = await self._read_context(r, request.pool, user)
@@ -308,26 +338,33 @@ class BrokerService:
                 if guard is not None:
                     name = account.name if account else ""
                     placement = routing_sql.NewSession(new_session_id(), user, expires_at, name, guard)
-                try:
-                    found = await routing_sql.route_context(conn, request, key, now, placement, stored)
-                except psycopg.errors.UniqueViolation as exc:
-                    if not routing_sql.repeats_an_answer(exc):
-                        raise
-                    # A retried call whose session is no longer live: placing it again met the
-                    # stored answer, and nothing of the statement remains. That answer is the reply.
-                    return await routing_sql.stored_answer(conn, request)
-                if found is None:
-                    raise _unknown_pool(request.pool)
-                if not self._remember_accounts(request.pool, found.pool):
-                    return None  # the statement stored nothing: the transactional path, with them
-                if found.live is not None:
-                    return await self._fast_reconnect_postgres(conn, request, found, found.live, now)
-                if found.placed is None or placement is None:
-                    # Nothing free, or the user placed by another replica meanwhile: the
-                    # transactional path decides and says why.
-                    return None
-                reason = d.RouteReason.NEW if user else d.RouteReason.NO_IDENTITY
-                return d.RouteDecision(found.placed, placement.session_id, reason, user, found.pool.name)
+                for _ in range(1 + LOCKED_RETRIES):
+                    try:
+                        found = await routing_sql.route_context(conn, request, key, now, placement, stored)
+                    except psycopg.errors.UniqueViolation as exc:
+                        if not routing_sql.repeats_an_answer(exc):
+                            raise
+                        # A retried call whose session is no longer live: placing it again met the
+                        # stored answer, and nothing of the statement remains. That answer is the reply.
+                        return await routing_sql.stored_answer(conn, request)
+                    if found is None:
+                        raise _unknown_pool(request.pool)
+                    if not self._remember_accounts(request.pool, found.pool):
+                        return None  # the statement stored nothing: the transactional path, with them
+                    if found.live is not None:  # (placed by another replica meanwhile, too)
+                        return await self._fast_reconnect_postgres(conn, request, found, found.live, now)
+                    if placement is None:
+                        return None
+                    if found.placed is not None:
+                        reason = d.RouteReason.NEW if user else d.RouteReason.NO_IDENTITY
+                        return d.RouteDecision(
+                            found.placed, placement.session_id, reason, user, found.pool.name
+                        )
+                    # Nothing free, or every eligible server locked by other placements under way
+                    # (SKIP LOCKED) for this one's snapshot: the statement wrote nothing. Those
+                    # finish within a statement's time, so it runs again; the transactional path
+                    # then decides and says why nothing takes the user.
+                return None
         except Retryable as exc:
             log.debug("route fast path lost a race or its connection (%s): the transactional path", exc)
             return None
@@ -375,7 +412,8 @@ class BrokerService:
             if probes is None or (probes and embedded_sql.any_live_in_ranges(conn, pool.name, probes)):
                 raise embedded_sql.NotHere  # another spelling of the account may have a session
         ranked = d.rank_for_new_session(
-            [d.as_seen_at(s, now) for s in embedded_sql.servers_in_pool(conn, pool.name)]
+            [d.as_seen_at(s, now) for s in embedded_sql.servers_in_pool(conn, pool.name)],
+            placement=pool.placement,
         )
         if not ranked:
             raise embedded_sql.NotHere  # the transactional path says why no server takes it
@@ -749,7 +787,7 @@ class BrokerService:
     ) -> d.RouteDecision:
         # Routing sees each server as of now: a stale health result reads as no result.
         candidates = [d.as_seen_at(s, now) for s in await r.servers.list(pool.name)]
-        ranked = [s.address for s in d.rank_for_new_session(candidates, exclude)]
+        ranked = [s.address for s in d.rank_for_new_session(candidates, exclude, pool.placement)]
         chosen = await self._lock_server(r, ranked, now) if ranked else None
         if chosen is None:
             # A server starting (or about to be) for this pool: the proxy holds the user (power.py).
@@ -1216,18 +1254,24 @@ class BrokerService:
         self._purged_at = now
         before = now - timedelta(seconds=self.settings.retention_s)
         audit_before = now - timedelta(seconds=self.settings.audit_retention_s)
+        size, batches = (
+            (PURGE_BATCH, PURGE_MAX_BATCHES)
+            if self.store.is_postgres
+            else (SQLITE_PURGE_BATCH, SQLITE_PURGE_MAX_BATCHES)
+        )
         purged = 0
-        for _ in range(PURGE_MAX_BATCHES):
+        for _ in range(batches):
 
             async def batch(r: Repos) -> int:
-                n = await r.sessions.purge_ended(before, PURGE_BATCH)
-                n += await r.audit.purge(audit_before, PURGE_BATCH)
-                return n + await r.connections.purge(before, PURGE_BATCH)
+                n = await r.sessions.purge_ended(before, size)
+                n += await r.audit.purge(audit_before, size)
+                return n + await r.connections.purge(before, size)
 
             done = await self.run_tx(batch)
             purged += done
             if done == 0:
                 break
+            await asyncio.sleep(0)  # the loop's other work between batches
 
         async def proxies(r: Repos) -> None:
             await r.proxies.purge(before)
@@ -1246,9 +1290,19 @@ class BrokerService:
         them all along judges meanwhile).
         """
 
+        expired = 0
+        if not self.store.is_postgres:
+            # A statement holds the loop on SQLite: sessions that expire together (a storm's
+            # disconnects, one timeout later) end in small batches, the loop free between them.
+            while (
+                done := await self.run_tx(lambda r: r.sessions.expire(self.now(), SQLITE_EXPIRE_BATCH))
+            ) > 0:
+                expired += done
+                await asyncio.sleep(0)
+
         async def work(r: Repos) -> dict[str, int]:
             now = self.now()
-            expired = await r.sessions.expire(now)
+            ended = expired + (await r.sessions.expire(now) if self.store.is_postgres else 0)
             silent_since = now - timedelta(seconds=self.settings.proxy_silence_s)
             orphaned = 0
             heard = self.heard_since is not None and self.heard_since <= silent_since
@@ -1256,7 +1310,7 @@ class BrokerService:
                 alive = r.proxies.alive_since(silent_since)
                 for pool in await r.pools.list():
                     orphaned += await r.sessions.disconnect_orphans(pool, alive, silent_since, now)
-            return {"expired": expired, "disconnected": orphaned, "judged_silence": int(heard)}
+            return {"expired": ended, "disconnected": orphaned, "judged_silence": int(heard)}
 
         counts = await self.run_tx(work)
         if counts["expired"] or counts["disconnected"]:  # said before a purge that may fail
@@ -1267,19 +1321,7 @@ class BrokerService:
         return counts
 
 
-def _no_new_sessions(server: d.Server) -> str:
-    """Why `domain.takes_new_sessions` refuses the server ("" when it takes them)."""
-    if d.takes_new_sessions(server):
-        return ""
-    if server.is_down:
-        return "down"
-    if server.effective_admin_state is not d.AdminState.ENABLED:
-        return server.effective_admin_state.value
-    if server.weight <= 0:
-        return "weight 0"
-    if server.load >= 100:
-        return "load 100"
-    return f"full: {server.held_sessions} of {server.max_sessions} sessions"
+_no_new_sessions = d.why_no_new_sessions
 
 
 def _last_answer(answers: dict[int, d.RouteDecision], attempt: int) -> d.RouteDecision | None:
@@ -1583,6 +1625,7 @@ async def add_server(service: BrokerService, server: d.Server) -> d.Server:
         if await r.servers.get(server.address) is not None:
             raise Conflict(f"a server is already registered at {server.address}")
         pool = await _pool_named(r, server.pool)
+        _check_placement(pool, server)
         now = service.now()
         await r.servers.upsert(replace(server, pool=pool.name), now)
         if server.admin_state is not d.AdminState.ENABLED:
@@ -1608,6 +1651,8 @@ async def update_server(service: BrokerService, address: str, changes: ServerCha
             if (value := getattr(changes, name)) is not None
         }
         now = service.now()
+        if fields.get("max_sessions") == 0:
+            _check_placement(await _pool_named(r, server.pool), replace(server, max_sessions=0))
         if fields:
             await r.servers.upsert(replace(server, **fields), now)
         if changes.admin_state is not None and changes.admin_state is not server.admin_state:
@@ -1620,6 +1665,11 @@ async def update_server(service: BrokerService, address: str, changes: ServerCha
         return updated
 
     return await audited(service, "server.update", address, work)
+
+
+def _check_placement(pool: d.Pool, server: d.Server) -> None:
+    for problem in d.placement_problems(pool.placement, [server]):
+        raise InvalidInput(f"pool {pool.name}: {problem}")
 
 
 async def remove_server(service: BrokerService, address: str, force: bool = False) -> int:
@@ -1694,6 +1744,11 @@ async def update_pool(service: BrokerService, name: str, changes: dict[str, Any]
         pool = await _pool_named(r, name)
         changed = replace(pool, **changes)
         problems = pool_settings.pool_problems(changed, service.settings.probe_interval_ms)
+        if changed.placement is not pool.placement:
+            problems += [
+                ("placement", p)
+                for p in d.placement_problems(changed.placement, await r.servers.list(pool.name))
+            ]
         if problems:
             raise InvalidInput("; ".join(f"{field}: {message}" for field, message in problems))
         if changed != pool:

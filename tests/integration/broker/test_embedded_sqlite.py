@@ -450,3 +450,33 @@ async def test_the_hot_path_finds_a_new_connection_after_the_pool_closed_its_own
     assert third.reason is d.RouteReason.NEW
     assert await service.report_connections([Opened(third.session_id, "c3", "p")]) == [None]
     await assert_live_counters_exact(engine)
+
+
+async def test_sessions_that_expire_together_end_in_small_batches(sqlite, monkeypatch):
+    """On SQLite a statement holds the event loop: the sweep ends expired sessions a batch at a time
+    (every one of them, and it counts them all)."""
+    from rdbroker_broker import service as service_module
+
+    service, engine, clock = sqlite
+    await seed(engine, server(A), server(B))
+    for n in range(5):
+        await service.route(d.RouteRequest(f"c{n}", proxy_id="p", cookie=f"user{n}"))
+    monkeypatch.setattr(service_module, "SQLITE_EXPIRE_BATCH", 2)
+    batches: list[int] = []
+    real = service.run_tx
+
+    async def counted(work: Any) -> Any:
+        result = await real(work)
+        if isinstance(result, int):
+            batches.append(result)
+        return result
+
+    monkeypatch.setattr(service, "run_tx", counted)
+    clock.advance(service.settings.pending_timeout_s + 1)
+    counts = await service.sweep()
+    assert counts["expired"] == 5
+    assert batches[:3] == [2, 2, 1]
+    assert not [
+        s for n in range(5) for s in await service.lookup_user_sessions(f"user{n}") if s.is_live_at(clock.now)
+    ]
+    await assert_live_counters_exact(engine)

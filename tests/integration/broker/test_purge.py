@@ -96,6 +96,64 @@ async def test_a_backlog_is_purged_in_bounded_transactions(
         assert (await conn.execute(select(func.count()).select_from(connections))).scalar_one() == 0
 
 
+async def test_finding_what_to_purge_reads_only_the_ended_sessions_due(tmp_path, engine):
+    """The purge's search uses the partial index of ended sessions by end time on both stores, not
+    every ended session (on SQLite a statement holds the event loop for its time)."""
+    import sqlite3
+
+    from rdbroker_broker.db import migrate
+    from rdbroker_broker.db.engine import make_engine
+
+    lite = make_engine(f"sqlite:///{tmp_path / 'purge.db'}")
+    await migrate.upgrade(lite)
+    await lite.dispose()
+    query = "SELECT id FROM sessions WHERE state = 'ended' AND ended_at < '2026-01-01' LIMIT 100"
+    conn = sqlite3.connect(tmp_path / "purge.db")
+    plan = " ".join(row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {query}"))
+    conn.close()
+    assert "ix_sessions_ended_at" in plan
+    async with engine.connect() as pg:
+        await pg.exec_driver_sql("SET enable_seqscan = off")  # an empty table: ask which index it can use
+        rows = (await pg.exec_driver_sql(f"EXPLAIN {query}")).all()
+    assert "ix_sessions_ended_at" in " ".join(r[0] for r in rows)
+
+
+async def test_on_sqlite_the_purge_goes_in_small_batches(tmp_path, monkeypatch):
+    """On SQLite a statement holds the event loop: a backlog is deleted in batches of
+    SQLITE_PURGE_BATCH rows of each table, the loop free between them."""
+    from rdbroker_broker.db import migrate
+    from rdbroker_broker.db.engine import make_engine
+    from rdbroker_broker.store import Store
+    from tests.integration.broker.conftest import settings_for
+
+    url = f"sqlite:///{tmp_path / 'batches.db'}"
+    lite = make_engine(url)
+    await migrate.upgrade(lite)
+    clock = Clock()
+    service = BrokerService(Store(lite), settings_for(url), clock)
+    try:
+        await seed(lite, server(A))
+        for n in range(7):
+            await ended(service, f"user{n}")
+        monkeypatch.setattr(service_module, "SQLITE_PURGE_BATCH", 3)
+        limits: list[int] = []
+        purge_ended = SessionRepository.purge_ended
+
+        async def recorded(self: SessionRepository, before: Any, limit: int) -> int:
+            limits.append(limit)
+            return await purge_ended(self, before, limit)
+
+        monkeypatch.setattr(SessionRepository, "purge_ended", recorded)
+        clock.advance(service.settings.retention_s + 1)
+        assert await service._purge_due(clock.now) >= 7
+        assert set(limits) == {3}
+        assert len(limits) >= 3
+        async with lite.connect() as conn:
+            assert (await conn.execute(select(func.count()).select_from(sessions))).scalar() == 0
+    finally:
+        await lite.dispose()
+
+
 async def test_refusal_counts_past_retention_are_purged(engine, service, clock: Clock):
     # route_refusals (refusals.py): a row per minute and status, deleted with the rest of the history.
     await seed(engine, server(A))

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 
 from rdbroker_broker import domain as d
+from rdbroker_broker import service as service_module
 from rdbroker_broker.db import routing_sql
 from rdbroker_broker.db.engine import make_engine
 from rdbroker_broker.db.repositories import ServerRepository, new_session_id
@@ -125,13 +126,14 @@ def _context(
 
 
 async def test_sql_rules_and_placement_equal_the_domain_rules(engine, pg_database_url):
-    """Over generated farms: `eligible_sql` is `domain.takes_new_sessions`; ordering by
-    `rank_key_sql` is `domain.rank_for_new_session`, so the placing statement places a new user
-    (with or without identity) where `domain.choose_server` would, and nowhere when it finds none;
-    the context statements store a reconnect answer exactly when `Session.is_live_at` and
-    `domain.takes_reconnects` say so, and never place a user who has a live session. Every rule
-    applies to the servers as seen at the statement's time (`domain.as_seen_at`: a stale health
-    result reads as none), among servers never probed, stale and fresh."""
+    """Over generated farms, in a breadth pool and in a depth pool: `eligible_sql` is
+    `domain.takes_new_sessions`; ordering by `rank_key_sql` is `domain.rank_for_new_session` for the
+    pool's placement, so the placing statement places a new user (with or without identity) where
+    `domain.choose_server` would, and nowhere when it finds none; the context statements store a
+    reconnect answer exactly when `Session.is_live_at` and `domain.takes_reconnects` say so, and never
+    place a user who has a live session. Every rule applies to the servers as seen at the statement's
+    time (`domain.as_seen_at`: a stale health result reads as none), among servers never probed, stale
+    and fresh."""
     await seed(engine, server(A))
     checked = 0
 
@@ -152,19 +154,27 @@ async def test_sql_rules_and_placement_equal_the_domain_rules(engine, pg_databas
             assert {r[0] for r in conn.execute(eligible, at)} == {
                 s.address for s in table if d.takes_new_sessions(s)
             }
+            ranking = f"servers c, {routing_sql.rank_values_sql('c')}"
             loads: dict[str, float] = dict(
-                conn.execute(f"SELECT address, {routing_sql.effective_load_sql('c')} FROM servers c", at)
+                conn.execute(f"SELECT address, {routing_sql.effective_load_sql('c')} FROM {ranking}", at)
             )
             assert loads == {s.address: d.effective_load(s) for s in table}  # equal floats, to the bit
-            ranked_sql = [
-                r[0] for r in conn.execute(f"{eligible} ORDER BY {routing_sql.rank_key_sql('c')}", at)
-            ]
-            ranked = [s.address for s in d.rank_for_new_session(table)]
-            assert ranked_sql == ranked
-            # The one-statement placement takes the domain's choice (nothing locked here).
-            best = ranked[0] if ranked else None
-            assert _context(conn, "nobody", "c-none", place=True)[-2:] == (False, best)
-            assert _context(conn, None, "c-anon", place=True)[-2:] == (False, best)
+            for placement in d.Placement:
+                conn.execute("UPDATE pools SET placement = %s", (placement.value,))
+                ranked_sql = [
+                    r[0]
+                    for r in conn.execute(
+                        f"SELECT address FROM {ranking} WHERE {routing_sql.eligible_sql('c')}"
+                        f" ORDER BY {routing_sql.rank_key_sql('c')}",
+                        at,
+                    )
+                ]
+                ranked = [s.address for s in d.rank_for_new_session(table, placement=placement)]
+                assert ranked_sql == ranked, placement
+                # The one-statement placement takes the domain's choice (nothing locked here).
+                best = ranked[0] if ranked else None
+                assert _context(conn, "nobody", "c-none", place=True)[-2:] == (False, best)
+                assert _context(conn, None, "c-anon", place=True)[-2:] == (False, best)
             by_address = {s.address: s for s in table}
             for i, (state, expiry) in enumerate(sessions[: len(rows)]):
                 expires = EXPIRIES[expiry]
@@ -268,6 +278,40 @@ async def test_a_repeated_placement_gets_its_first_answer(engine, service):
         assert await cur.fetchone() == (1,)
         cur = await conn.execute("SELECT placements_since_report FROM servers ORDER BY address")
         assert sorted(r[0] for r in await cur.fetchall()) == [0, 1]
+    await assert_live_counters_exact(engine)
+
+
+async def test_a_statement_that_found_every_server_locked_runs_again(engine, service, monkeypatch):
+    """Under a logon storm every eligible server may be locked by other placements at the
+    statement's snapshot (SKIP LOCKED): it places nobody and writes nothing. It runs again (the
+    locks last a statement) before the transactional path; when nothing is free the transactional
+    path still says why."""
+    await seed(engine, server(A, max_sessions=1))
+    real = routing_sql.route_context
+    calls: list[bool] = []
+
+    async def all_locked_once(conn, request, key, now, placement=None, pool_accounts=("", "")):
+        found = await real(conn, request, key, now, None if not calls else placement, pool_accounts)
+        calls.append(placement is not None)
+        return found
+
+    monkeypatch.setattr(routing_sql, "route_context", all_locked_once)
+    taken: list[str] = []
+    real_route = service._route
+
+    async def counted(r, request, *args):
+        taken.append(request.connection_id)
+        return await real_route(r, request, *args)
+
+    monkeypatch.setattr(service, "_route", counted)
+    first = await service.route(d.RouteRequest(connection_id="c1", cookie="alice"))
+    assert first.reason is d.RouteReason.NEW
+    assert (calls, taken) == ([True, True], [])
+    calls.clear()
+    with pytest.raises(NoCapacity):  # the one server is full: every try places nobody
+        await service.route(d.RouteRequest(connection_id="c2", cookie="bob"))
+    assert len(calls) == 1 + service_module.LOCKED_RETRIES
+    assert taken == ["c2"]
     await assert_live_counters_exact(engine)
 
 
@@ -473,3 +517,27 @@ def test_guard_ranges_reach_postgresql_as_they_are(pg_database_url):
             assert row[0] == values
 
         check()
+
+
+async def test_concurrent_placements_in_a_depth_pool_never_exceed_a_limit(engine, pg_database_url, clock):
+    """Depth sends every placement to the same busiest server: under 60 concurrent new users on two
+    replicas each server still takes exactly its 5 (the locked row is re-checked), the rest are refused."""
+    depth = d.Pool("default", True, 3600.0, placement=d.Placement.DEPTH)
+    await seed(engine, *(server(f"10.0.3.{i}:3389", max_sessions=5) for i in range(1, 5)), pools=(depth,))
+    engines = [make_engine(pg_database_url, pool_size=30) for _ in range(2)]
+    replicas = [BrokerService(Store(e), settings_for(pg_database_url), clock) for e in engines]
+    try:
+        results = await asyncio.gather(
+            *(
+                replicas[u % 2].route(d.RouteRequest(connection_id=f"c{u}", cookie=f"user{u}"))
+                for u in range(60)
+            ),
+            return_exceptions=True,
+        )
+    finally:
+        for e in engines:
+            await e.dispose()
+    placed = [r for r in results if isinstance(r, d.RouteDecision)]
+    assert all(isinstance(r, NoCapacity) for r in results if not isinstance(r, d.RouteDecision)), results
+    assert Counter(r.server_address for r in placed) == {f"10.0.3.{i}:3389": 5 for i in range(1, 5)}
+    await assert_live_counters_exact(engine)

@@ -260,6 +260,7 @@ DEFAULT_SETTINGS = {
     "probe_rise": 0,
     "probe_fall": 0,
     "sessions_interval_ms": 0,
+    "placement": "breadth",
 }
 
 

@@ -64,8 +64,8 @@ def test_operator_session(live_broker: LiveBroker, capsys, monkeypatch):
     code, out, _ = run(capsys, "pools", "list")
     assert code == 0
     assert [line.split() for line in out.splitlines()[1:]] == [
-        ["Sales", "8h", "-", "-", "2KiB", "2m", "default", "30s", "yes", "1", "0"],
-        ["default", "yes", "8h", "-", "-", "2KiB", "2m", "default", "30s", "yes", "2", "0"],
+        ["Sales", "8h", "-", "-", "2KiB", "2m", "default", "30s", "yes", "breadth", "1", "0"],
+        ["default", "yes", "8h", "-", "-", "2KiB", "2m", "default", "30s", "yes", "breadth", "2", "0"],
     ]
     code, out, err = run(
         capsys, "pools", "set", "sales", "--domain", "CORP", "--upn-suffix", "Corp.Example.com",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from rdbroker_broker import accounts
@@ -257,3 +259,103 @@ def test_a_claim_closed_by_its_own_connection_with_fewer_than_junk_bytes_is_junk
 )
 def test_what_is_not_junk(pool, change):
     assert not d.is_junk_claim(pool, **(JUNK | change))
+
+
+# --- placement modes -------------------------------------------------------------------------------
+
+BREADTH, DEPTH = d.Placement.BREADTH, d.Placement.DEPTH
+
+
+def _fill_one_by_one(servers: dict[str, d.Server], placement: d.Placement, users: int) -> list[str]:
+    """Place `users` new users one after the other, each counted on its server as the database's
+    trigger counts it (a session holding capacity, a placement since the last report)."""
+    chosen = []
+    for _ in range(users):
+        top = d.choose_server(servers.values(), placement=placement)
+        if top is None:
+            chosen.append("-")
+            continue
+        chosen.append(top.address)
+        servers[top.address] = replace(
+            top, held_sessions=top.held_sessions + 1, placements_since_report=top.placements_since_report + 1
+        )
+    return chosen
+
+
+def test_depth_fills_one_server_to_its_limit_before_opening_the_next():
+    farm = {name: srv(name, max_sessions=3) for name in "abc"}
+    assert _fill_one_by_one(dict(farm), DEPTH, 10) == list("aaabbbccc-")
+    assert _fill_one_by_one(dict(farm), BREADTH, 10) == list("abcabcabc-")
+
+
+def test_depth_fills_with_load_reports_counting_placements_since_them():
+    # Agent loads: each placement adds 100/max_sessions until the next report shows it.
+    farm = {name: srv(name, load=10, max_sessions=4) for name in "ab"}
+    assert _fill_one_by_one(dict(farm), DEPTH, 9) == list("aaaabbbb-")
+    assert _fill_one_by_one(dict(farm), BREADTH, 4) == list("abab")
+
+
+def test_depth_takes_the_fullest_server_by_its_own_limit():
+    half = srv("a", max_sessions=10, held_sessions=5)  # 50
+    most = srv("b", max_sessions=4, held_sessions=3)  # 75
+    empty = srv("c", max_sessions=2)
+    assert d.choose_server([half, most, empty], placement=DEPTH) == most
+    assert d.choose_server([half, most, empty], placement=BREADTH) == empty
+
+
+def test_weight_divides_the_load_in_both_modes():
+    # Weight is relative capacity: a heavier server at the same load is less busy, in either mode.
+    heavy = srv("a", load=60, max_sessions=10, weight=200)  # 0.3
+    light = srv("b", load=40, max_sessions=10)  # 0.4
+    assert d.choose_server([heavy, light], placement=DEPTH) == light
+    assert d.choose_server([heavy, light], placement=BREADTH) == heavy
+
+
+def test_depth_opens_idle_servers_in_address_order_and_fills_each_to_its_limit():
+    farm = {
+        "a": srv("a", max_sessions=2, weight=50),
+        "b": srv("b", max_sessions=2, weight=200),
+        "c": srv("c", max_sessions=2, weight=100),
+        "d": srv("d", max_sessions=2, weight=0),  # weight 0 takes no new sessions, in either mode
+    }
+    assert _fill_one_by_one(dict(farm), DEPTH, 7) == list("aabbcc-")
+    # Breadth by weight: b (weight 200) takes two users for a's one.
+    assert _fill_one_by_one(dict(farm), BREADTH, 7) == list("abcbca-")
+    assert d.choose_server([farm["d"]], placement=DEPTH) is None
+
+
+def test_equal_loads_go_by_sessions_holding_capacity_then_address():
+    # Equal load figures: depth takes the server holding more sessions, breadth the one holding fewer.
+    a = srv("a", load=20, max_sessions=10, held_sessions=1)
+    b = srv("b", load=20, max_sessions=10, held_sessions=2)
+    assert d.choose_server([a, b], placement=DEPTH) == b
+    assert d.choose_server([a, b], placement=BREADTH) == a
+    assert d.choose_server([a, replace(b, held_sessions=1)], placement=DEPTH) == a
+
+
+@pytest.mark.parametrize(
+    "unavailable",
+    [
+        srv("full", max_sessions=3, held_sessions=3),
+        srv("full", max_sessions=3, held_sessions=2, load=100),
+        srv("full", max_sessions=3, held_sessions=2, admin_state=d.AdminState.DRAINING),
+        srv("full", max_sessions=3, held_sessions=2, health=d.Health.DOWN),
+        srv("full", max_sessions=3, held_sessions=2, agent_state=d.AgentState.DRAIN),
+    ],
+)
+def test_depth_passes_over_servers_that_take_no_new_sessions(unavailable):
+    open_ = srv("open", max_sessions=3, held_sessions=1)
+    idle = srv("idle", max_sessions=3)
+    assert d.choose_server([unavailable, idle, open_], placement=DEPTH) == open_
+    assert [s.address for s in d.rank_for_new_session([unavailable, idle, open_], ["open"], DEPTH)] == [
+        "idle"
+    ]
+
+
+def test_depth_needs_a_limit_on_every_server():
+    limited = [srv("a", max_sessions=5), srv("b", max_sessions=1)]
+    assert d.placement_problems(DEPTH, limited) == []
+    assert d.placement_problems(BREADTH, [srv("a")]) == []
+    (problem,) = d.placement_problems(DEPTH, [*limited, srv("c"), srv("b2")])
+    assert "b2, c have none" in problem
+    assert "max_sessions" in problem

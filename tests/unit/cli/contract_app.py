@@ -98,6 +98,7 @@ def build_app() -> FastAPI:
             "probe_rise": 0,
             "probe_fall": 3,
             "sessions_interval_ms": 5000,
+            "placement": "depth",
         }
     }
     sessions = {

@@ -179,10 +179,11 @@ def test_pools_list(api, capsys):
     assert header.split("  ")[0:1] == ["NAME"]
     assert [h.strip() for h in header.split("  ") if h.strip()] == [
         "NAME", "DEFAULT", "DISCONNECT TIMEOUT", "DOMAIN", "UPN SUFFIXES", "JUNK", "CONFIRM", "STALE AFTER",
-        "LOGON LAG", "TOKENS", "SERVERS", "SESSIONS",
+        "LOGON LAG", "TOKENS", "PLACEMENT", "SERVERS", "SESSIONS",
     ]  # fmt: skip
     assert row.split() == [
-        "default", "yes", "8h", "CORP", "corp.example.com", "2KiB", "2m", "default", "30s", "yes", "3", "1",
+        "default", "yes", "8h", "CORP", "corp.example.com", "2KiB", "2m", "default", "30s", "yes", "depth",
+        "3", "1",
     ]  # fmt: skip
 
 
@@ -202,6 +203,7 @@ def test_pools_show_prints_every_setting(api, capsys):
         "stale_after": "default (three probe intervals plus the probe lease)",
         "logon_lag": "30s",
         "honor_routing_tokens": "yes",
+        "placement": "depth",
         "probe.interval": "2s",
         "probe.timeout": "default (RDBROKER_PROBE_TIMEOUT_MS)",
         "probe.rise": "default",
@@ -221,8 +223,8 @@ def test_pools_set_sends_each_setting_in_the_apis_units(api, capsys):
         "pools", "set", "default", "--domain", "EU", "--upn-suffix", "eu.example.com", "--upn-suffix",
         "example.eu", "--junk-bytes", "4KiB", "--confirm-timeout", "5m", "--stale-after", "30s",
         "--logon-lag", "0", "--sessions-interval", "1500ms", "--disconnect-timeout", "1h30m",
-        "--probe-interval", "default", "--probe-fall", "0", "--no-honor-routing-tokens", "--json",
-        "--url", url, *ADMIN,
+        "--probe-interval", "default", "--probe-fall", "0", "--no-honor-routing-tokens", "--placement",
+        "breadth", "--json", "--url", url, *ADMIN,
     )  # fmt: skip
     assert code == 0, err
     assert (
@@ -232,12 +234,12 @@ def test_pools_set_sends_each_setting_in_the_apis_units(api, capsys):
     assert {k: pool[k] for k in (
         "domain", "upn_suffixes", "junk_bytes", "confirm_timeout_s", "stale_after_ms", "logon_lag_s",
         "sessions_interval_ms", "disconnect_timeout_s", "probe_interval_ms", "probe_fall",
-        "honor_routing_tokens",
+        "honor_routing_tokens", "placement",
     )} == {
         "domain": "EU", "upn_suffixes": ["eu.example.com", "example.eu"], "junk_bytes": 4096,
         "confirm_timeout_s": 300.0, "stale_after_ms": 30_000, "logon_lag_s": 0.0,
         "sessions_interval_ms": 1500, "disconnect_timeout_s": 5400.0, "probe_interval_ms": 0, "probe_fall": 0,
-        "honor_routing_tokens": False,
+        "honor_routing_tokens": False, "placement": "breadth",
     }  # fmt: skip
     assert ("PATCH", "/v1/pools/default", "") in app.state.calls
     code, out, _ = run(

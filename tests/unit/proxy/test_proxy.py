@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -442,6 +443,23 @@ async def test_heartbeats_carry_the_open_connections(farm: Farm) -> None:
     last = farm.directory.heartbeats[-1]
     assert last.proxy_id == "test-proxy"
     assert list(last.connection_ids) == []
+
+
+async def test_both_sockets_of_a_spliced_connection_send_small_packets_at_once(farm: Farm) -> None:
+    """TCP_NODELAY on the client's and the server's socket: an RDP connection sequence is many small
+    request/answer packets, and a client such as FreeRDP 2 only polls for the answer every 100 ms
+    when it is not there at once (docs/performance.md, Real logons), so Nagle's wait is never wanted."""
+    async with running_proxy([farm.broker.address]) as proxy:
+        reader, writer, _ = await handshake(proxy.port, CR)
+        (connection,) = proxy.context.connections
+        assert connection.splice is not None
+        assert connection.splice.server is not None
+        for transport in (connection.transport, connection.splice.server):
+            assert transport is not None
+            sock = transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        assert await echo_roundtrip(reader, writer, b"x") == b"x"
+        await close(writer)
 
 
 async def test_an_idle_connection_is_closed_after_the_idle_timeout(farm: Farm) -> None:

@@ -61,7 +61,7 @@ _SESSION_FIELDS = (
 # index's, which SQLite needs to use a partial index) and that session's server.
 _CONTEXT = f"""
 SELECT p.name, p.is_default, p.disconnect_timeout_s, p.domain, p.upn_suffixes, p.honor_routing_tokens,
-       {", ".join(f"s.{name}" for name in _SESSION_FIELDS)}, {_SERVER_COLUMNS}
+       p.placement, {", ".join(f"s.{name}" for name in _SESSION_FIELDS)}, {_SERVER_COLUMNS}
 FROM pools p
 LEFT JOIN sessions s ON s.pool = p.name AND s.user_key = :key AND s.state IN {LIVE} AND s.user_key IS NOT NULL
 LEFT JOIN servers v ON v.address = s.server_address
@@ -129,7 +129,7 @@ def route_context(conn: sqlite3.Connection, pool: str, key: str) -> Context | No
     row = conn.execute(query, {"key": key or None, "pool_key": pool.casefold()}).fetchone()
     if row is None:
         return None
-    name, is_default, timeout_s, domain, suffixes, honor = row[:6]
+    name, is_default, timeout_s, domain, suffixes, honor, placement = row[:7]
     found = d.Pool(
         name,
         bool(is_default),
@@ -137,8 +137,9 @@ def route_context(conn: sqlite3.Connection, pool: str, key: str) -> Context | No
         domain=domain,
         upn_suffixes=tuple(x for x in suffixes.split(",") if x),
         honor_routing_tokens=bool(honor),
+        placement=d.Placement(placement),
     )
-    session_at, server_at = 6, 6 + len(_SESSION_FIELDS)
+    session_at, server_at = 7, 7 + len(_SESSION_FIELDS)
     if row[session_at] is None:
         return Context(found, None, None)
     sid, user, address, state, created, updated, disconnected, expires, end_reason, confirmed = row[

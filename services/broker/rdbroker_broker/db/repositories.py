@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from rdbroker_broker import accounts
 from rdbroker_broker import domain as d
-from rdbroker_broker.db.tables import LIVE_STATES_SQL, connections, pools, servers, sessions
+from rdbroker_broker.db.tables import ENDED_SQL, LIVE_STATES_SQL, connections, pools, servers, sessions
 from rdbroker_broker.errors import InvalidInput
 
 LIVE = [s.value for s in d.LIVE_STATES]
@@ -80,6 +80,7 @@ _ROUTE_CONTEXT_COLUMNS = [
     pools.c.domain,
     pools.c.upn_suffixes,
     pools.c.honor_routing_tokens,
+    pools.c.placement,
     *[c.label(f"s_{c.name}") for c in SESSION_COLUMNS],
     *[c.label(f"v_{c.name}") for c in SERVER_COLUMNS],
 ]
@@ -214,6 +215,7 @@ def pool_from_row(row: Row[Any]) -> d.Pool:
         stale_after_ms=m["stale_after_ms"],
         logon_lag_s=m["logon_lag_s"],
         honor_routing_tokens=m["honor_routing_tokens"],
+        placement=d.Placement(m["placement"]),
     )
 
 
@@ -252,6 +254,7 @@ class PoolRepository:
             "stale_after_ms": pool.stale_after_ms,
             "logon_lag_s": pool.logon_lag_s,
             "honor_routing_tokens": pool.honor_routing_tokens,
+            "placement": pool.placement.value,
             "updated_at": now,
         }
         stmt = upsert(self.conn, pools).values(**values, created_at=now)
@@ -419,6 +422,7 @@ class SessionRepository:
             domain=m["domain"],
             upn_suffixes=suffixes,
             honor_routing_tokens=m["honor_routing_tokens"],
+            placement=d.Placement(m["placement"]),
         )
         if m["s_id"] is None:
             return found, None, None
@@ -649,13 +653,17 @@ class SessionRepository:
         )
         return bool(result.rowcount)
 
-    async def expire(self, now: datetime) -> int:
-        """End pending and disconnected sessions whose time is up."""
+    async def expire(self, now: datetime, limit: int | None = None) -> int:
+        """End pending and disconnected sessions whose time is up (at most `limit` of each state)."""
         total = 0
         for state, reason in (("pending", "pending_expired"), ("disconnected", "disconnect_timeout")):
+            due: Any = and_(sessions.c.state == state, sessions.c.expires_at < now)
+            if limit is not None:
+                some = select(sessions.c.id).where(due).limit(limit).scalar_subquery()
+                due = sessions.c.id.in_(some)
             result = await self.conn.execute(
                 update(sessions)
-                .where(sessions.c.state == state, sessions.c.expires_at < now)
+                .where(due)
                 .values(state="ended", end_reason=reason, ended_at=now, updated_at=now, expires_at=None)
             )
             total += int(result.rowcount)
@@ -759,7 +767,8 @@ class SessionRepository:
         """Delete at most `limit` sessions ended before `before` (a bounded transaction)."""
         some = (
             select(sessions.c.id)
-            .where(sessions.c.state == "ended", sessions.c.ended_at < before)
+            # Spelt as the partial index's condition (SQLite uses it only then): ix_sessions_ended_at.
+            .where(text(ENDED_SQL), sessions.c.ended_at < before)
             .limit(limit)
             .scalar_subquery()
         )

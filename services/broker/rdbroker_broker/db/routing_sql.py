@@ -7,7 +7,8 @@ reconnect answer or, when there is no live session, places the user: both in tha
 
 Who decides what: the rules live in `domain`; SQL restates three of them, each proven equal to the
 domain by `tests/integration/broker/test_route_fast_path.py` over generated farms: eligibility
-(`eligible_sql`, re-checked under the server's row lock), the ranking order (`rank_key_sql`) and
+(`eligible_sql`, re-checked under the server's row lock), the ranking order of the pool's placement
+mode (`rank_key_sql`) and
 reconnect acceptance (`reconnects_sql` + expiry), each on the server as `domain.as_seen_at` the
 statement's `now` sees it (`stale_sql`: a stale health result counts as none). A new placement is
 decided by SQL alone (the best eligible server nobody else holds); a reconnect stored by SQL is
@@ -51,21 +52,32 @@ def eligible_sql(t: str) -> str:
     )
 
 
+def rank_values_sql(t: str) -> str:
+    """A LATERAL item with what the ranking reads of the `servers` row `t` more than once: `u`, one
+    session's share of the load (`domain.session_unit`), and from the server's pool `s`, the order of
+    its placement mode: 1 for breadth (lowest first), -1 for depth (highest first). The expressions
+    below read them as `k.u` and `k.s`. (A join: a statement locking rows must say `OF t`.)"""
+    unit = f"COALESCE(100 / NULLIF(GREATEST({t}.max_sessions, 0), 0)::float8, 1)"
+    order = "CASE placement WHEN 'depth' THEN -1 ELSE 1 END"
+    return f"LATERAL (SELECT {unit} u, {order} s FROM pools WHERE name = {t}.pool) k"
+
+
 def effective_load_sql(t: str) -> str:
-    """`domain.effective_load` on `domain.as_seen_at` of the `servers` row `t`, with the same float
-    operations in the same order (PostgreSQL's float8 is Python's float, so the values are equal to
-    the bit)."""
-    unit = f"(CASE WHEN {t}.max_sessions > 0 THEN 100.0::float8 / {t}.max_sessions ELSE 1.0::float8 END)"
+    """`domain.effective_load` on `domain.as_seen_at` of the `servers` row `t` (with `rank_values_sql`
+    as `k`), with the same float operations in the same order (PostgreSQL's float8 is Python's float,
+    so the values are equal to the bit)."""
     return (
-        f"(CASE WHEN {t}.load < 0 OR {stale_sql(t)} THEN {t}.held_sessions * {unit}"
-        f" ELSE {t}.load + {t}.placements_since_report * {unit} END) / GREATEST({t}.weight, 1)"
+        f"(CASE WHEN {t}.load < 0 OR {stale_sql(t)} THEN {t}.held_sessions * k.u"
+        f" ELSE {t}.load + {t}.placements_since_report * k.u END) / GREATEST({t}.weight, 1)"
     )
 
 
 def rank_key_sql(t: str) -> str:
-    """`domain.rank_for_new_session`'s sort key on the `servers` row `t`: effective load, sessions
-    holding capacity, then the address in code-point order (COLLATE "C", as Python compares strings)."""
-    return f'{effective_load_sql(t)}, {t}.held_sessions, {t}.address COLLATE "C"'
+    """`domain.rank_key` on the `servers` row `t` (with `rank_values_sql` as `k`): effective load,
+    then sessions holding capacity, lowest first for breadth and highest first for depth (negated, as
+    the domain negates them: to the bit), then the address in code-point order (COLLATE "C", as
+    Python compares strings)."""
+    return f'{effective_load_sql(t)} * k.s, {t}.held_sessions * k.s, {t}.address COLLATE "C"'
 
 
 # What the domain's rules read of a server (ranking, reconnects), in this order.
@@ -130,12 +142,12 @@ SELECT ctx.*, EXISTS (SELECT FROM answered), {{placed}} FROM ctx
 # nothing of it remains.
 _PLACEMENT = f"""
 , chosen AS (
-    SELECT c.address, c.pool FROM servers c
+    SELECT c.address, c.pool FROM servers c, {rank_values_sql("c")}
     WHERE c.pool = (SELECT pool_name FROM ctx WHERE s_id IS NULL AND rules_ok{{prefix_guard}})
       AND {eligible_sql("c")}
     ORDER BY {rank_key_sql("c")}
     LIMIT 1
-    FOR UPDATE SKIP LOCKED
+    FOR UPDATE OF c SKIP LOCKED
 ), placed AS (
     INSERT INTO sessions (id, pool, "user", user_key, account_name, server_address, state, learnt_from,
                           origin_connection_id, proxy_id, client_address, created_at, updated_at,

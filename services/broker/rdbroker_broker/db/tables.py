@@ -92,6 +92,8 @@ pools = Table(
     Column("logon_lag_s", Float, nullable=False, server_default="30"),
     # False: a routing token (`Cookie: msts=`) is ignored and the connection placed by policy (0008).
     Column("honor_routing_tokens", Boolean, nullable=False, server_default=text("true")),
+    # How a new user is placed: `breadth` (least effective load) or `depth` (fill first) (0012).
+    Column("placement", String(16), nullable=False, server_default="breadth"),
 )
 Index(
     "uq_pools_one_default",
@@ -213,6 +215,15 @@ Index(
     sqlite_where=text(f"{LIVE_STATES_SQL} AND account_name IS NOT NULL"),
 )
 Index("ix_sessions_server_created", sessions.c.server_address, sessions.c.created_at)
+# Ended sessions by when they ended, for the purge (migration 0011).
+ENDED_SQL = "state = 'ended'"
+Index(
+    "ix_sessions_ended_at",
+    sessions.c.state,
+    sessions.c.ended_at,
+    postgresql_where=text(ENDED_SQL),
+    sqlite_where=text(ENDED_SQL),
+)
 # The few sessions a proxy's heartbeat may revive (disconnected for want of news, migration 0007).
 _NEWS_LOST = "state = 'disconnected' AND end_reason IN ('proxy_silent', 'connection_lost')"
 Index(
@@ -287,6 +298,18 @@ audit = Table(
     Column("detail", String(1024), nullable=False, server_default=""),
 )
 
+# The farm file's `assignments:` (migration 0012): ordered rules picking the pool of a connection that
+# names none, by a glob on the account key and/or the client's network; "" matches anything.
+assignments = Table(
+    "assignments",
+    metadata,
+    Column("position", Integer, primary_key=True, autoincrement=False),
+    Column("user_glob", String(256), nullable=False, server_default=""),
+    Column("network", String(64), nullable=False, server_default=""),
+    Column("pool", String(128), ForeignKey("pools.name", onupdate="CASCADE"), nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+)
+
 # A server's latest drain (migration 0011; drains.py): what was asked, its progress, and the lease of
 # the replica advancing it. Removing the server removes its drain.
 drains = Table(
@@ -338,7 +361,7 @@ drain_sessions = Table(
     Column("failures", Integer, nullable=False, server_default="0"),
 )
 
-# Refused Route calls per minute and reason (migration 0012, refusals.py): each replica counts its own
+# Refused Route calls per minute and reason (migration 0013, refusals.py): each replica counts its own
 # in memory and adds them here at its sweep, so the dashboard's history shows refusals beside the logons
 # of `connections` without a write per refused call.
 route_refusals = Table(

@@ -21,7 +21,7 @@ from rdbroker_broker.agents import AgentCaller
 from rdbroker_broker.rest import problems
 from rdbroker_broker.rest.guard import RequestGuard
 from rdbroker_broker.rest.headers import SecurityHeaders
-from rdbroker_broker.rest.routes import audit, history, pools, servers, sessions, status
+from rdbroker_broker.rest.routes import audit, history, pools, route, servers, sessions, status
 from rdbroker_broker.rest.schemas import Problem
 from rdbroker_broker.service import BrokerService
 
@@ -89,6 +89,7 @@ def create_app(
         sessions.router,
         servers.router,
         pools.router,
+        route.router,
         history.router,
         audit.router,
         status.router,

@@ -21,6 +21,7 @@ AdminStateName = Literal["enabled", "draining", "maintenance"]
 HealthName = Literal["unknown", "up", "down"]
 PowerName = Literal["on", "starting", "stopping", "off"]
 AgentStateName = Literal["none", "up", "drain", "maint", "down"]
+PlacementName = Literal["breadth", "depth"]
 
 # No control characters in any text we store or look up (PostgreSQL refuses NUL, logs hate the rest).
 PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
@@ -392,6 +393,9 @@ class PoolOut(BaseModel):
     probe_rise: int = Field(description="0 = the broker's RDBROKER_PROBE_RISE")
     probe_fall: int = Field(description="0 = the broker's RDBROKER_PROBE_FALL")
     sessions_interval_ms: int = Field(description="how often agents' session lists are read; 0 = default")
+    placement: PlacementName = Field(
+        description="breadth: the least loaded server by weight; depth: the busiest below its max_sessions"
+    )
 
     @classmethod
     def of(cls, pool: d.Pool, servers: int, live_sessions: int) -> PoolOut:
@@ -413,6 +417,7 @@ class PoolOut(BaseModel):
             probe_rise=pool.probe_rise,
             probe_fall=pool.probe_fall,
             sessions_interval_ms=pool.sessions_interval_ms,
+            placement=pool.placement.value,
         )
 
 
@@ -435,12 +440,18 @@ class PoolPatch(BaseModel):
     probe_rise: ProbeCount | None = None
     probe_fall: ProbeCount | None = None
     sessions_interval_ms: SessionsIntervalMs | None = None
+    placement: PlacementName | None = Field(
+        default=None,
+        description="depth needs a max_sessions on every server of the pool (400 otherwise)",
+    )
 
     def changes(self) -> dict[str, object]:
         """The fields given, as domain.Pool values (a null leaves a setting as it is)."""
         fields: dict[str, object] = self.model_dump(exclude_none=True)
         if "upn_suffixes" in fields:
             fields["upn_suffixes"] = tuple(self.upn_suffixes or ())
+        if self.placement is not None:
+            fields["placement"] = d.Placement(self.placement)
         return fields
 
 
@@ -541,3 +552,48 @@ class StatusOut(BaseModel):
     schema_revision: str | None = Field(description="the schema revision found at start (at head)")
     ready: bool = Field(description="what /readyz answers: false only while shutting down")
     database: DatabaseStatusOut
+
+
+class AssignmentOut(BaseModel):
+    rule: int = Field(description="the matching rule's position in `assignments:` (1 = first); 0 for none")
+    match: str = Field(description='what the rule matches, like "user CORP\\\\fin-* and network 10.0.0.0/8"')
+    rules: int = Field(description="how many assignment rules there are")
+    consulted: bool = Field(
+        description="false: the client named a pool (its load-balance info, a collection)"
+    )
+
+
+class CandidateOut(BaseModel):
+    address: str
+    effective_load: float = Field(description="load (or sessions against the limit) by weight, as ranked")
+    load: int = Field(description="0..100 as last reported, -1 if never (or stale)")
+    held_sessions: int
+    max_sessions: int = Field(description="0 = no limit")
+    weight: int
+
+
+class UnavailableOut(BaseModel):
+    address: str
+    why: str = Field(description="down, draining, maintenance, weight 0, load 100 or full")
+
+
+class ExplainOut(BaseModel):
+    """What a Route of this user would meet now; nothing was placed or written."""
+
+    user: str
+    client: str = Field(description='the client IP address as read; "" for none')
+    pool_asked: str = Field(description='the pool the client named (its load-balance info); "" for none')
+    assignment: AssignmentOut
+    pool: str
+    placement: PlacementName
+    account_key: str = Field(description="the user's account key in the pool (docs/accounts.md)")
+    decision: Literal["reconnect", "new", "none"] = Field(
+        description="reconnect to a live session, a new session, or none (no server can take one)"
+    )
+    server: str = Field(description='where a Route would send the user now; "" for nowhere')
+    why: str
+    notes: list[str] = Field(description="what else a Route would do or meet on the way")
+    session: SessionOut | None = Field(description="the user's live session in the pool")
+    candidates: list[CandidateOut] = Field(description="servers taking new sessions, best first (top 5)")
+    eligible: int = Field(description="how many servers of the pool take new sessions")
+    unavailable: list[UnavailableOut]

@@ -147,6 +147,7 @@ function clockTime(value) {
 
 // [setting, label, how to show it]; 0 means the broker's default where the setting allows it.
 const POOL_SETTINGS = [
+  ["placement", "Placement", (p) => p.placement || "breadth"],
   ["domain", "Domain", (p) => p.domain || "none"],
   ["upn_suffixes", "UPN suffixes", (p) => (p.upn_suffixes && p.upn_suffixes.length ? p.upn_suffixes.join(", ") : "none")],
   ["junk_bytes", "Junk under", (p) => formatBytes(p.junk_bytes)],

@@ -40,5 +40,6 @@ async def get_pool(request: Request, name: PoolPath) -> PoolOut:
 async def update_pool(request: Request, name: PoolPath, body: PoolPatch) -> PoolOut:
     """Any subset of the settings, within the farm file's bounds (422 otherwise); 400 when the result
     breaks a rule across settings (UPN suffixes without a domain, `stale_after_ms` not longer than
-    the probe interval). The next `rdbroker apply` of a farm file sets every setting from the file."""
+    the probe interval, `depth` placement with a server that has no `max_sessions`). The next
+    `rdbroker apply` of a farm file sets every setting from the file."""
     return _out(await use_cases.update_pool(request.app.state.service, name, body.changes()))
