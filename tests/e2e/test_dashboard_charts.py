@@ -1,8 +1,9 @@
 """The dashboard's pictures in headless Chromium, under the broker's CSP with nothing leaving loopback:
 each pool's sessions per server by state as stacked bars, logons per minute from `GET /v1/history`, a
 server's sessions on a click of its row (with the session actions, here a log off through the server's
-agent), the route explain view (hidden while the broker has no `GET /v1/route/explain`; drawn from an
-answer of that contract), and a 200-server farm read with one request per table refresh."""
+agent), the route explain view (the broker's own answers; hidden when a broker answers 404 for
+`GET /v1/route/explain`; a rule, notes and unavailable servers drawn from an answer of that contract),
+and a 200-server farm read with one request per table refresh."""
 
 from __future__ import annotations
 
@@ -166,27 +167,58 @@ def test_bars_history_and_a_servers_sessions(
     watch.assert_clean()
 
 
-def test_explain_is_hidden_without_the_route_and_drawn_from_its_answer(
+def test_explain_from_the_broker_hidden_on_404_and_drawn_from_its_answer(
     live_broker: LiveBroker, browser: Browser, tmp_path
 ) -> None:
-    # This broker has no GET /v1/route/explain (another branch adds it): the view stays hidden.
-    assert httpx.get(f"{live_broker.url}/v1/route/explain", headers=ADMIN).status_code == 404
     with watched(browser) as (context, watch):
         page = context.new_page()
         errors: list[str] = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
         page.set_default_timeout(20_000)
+        page.goto(live_broker.url + "/")
+        enter_token(page, rest.READ, "needs a read or admin token")
+        # No Route yet: an empty chart says so, and a pool without sessions draws no bars.
+        expect(page.locator("#history-message")).to_have_text("No logons or refusals in this time.")
+        expect(page.locator("article.pool[data-pool=Sales] svg.pool-bars")).to_be_hidden()
+
+        # The broker's own explain: no assignment rules, the default pool, a new session on either server.
+        expect(page.locator("#explain")).to_be_visible()
+        page.fill("#explain-user", "alice")
+        page.click("#explain-form button[type=submit]")
+        facts = page.locator("#explain-result dl.explain-facts")
+        expect(facts.locator("[data-fact=rule] dd")).to_have_text(
+            "no rule matched (0 rules): the default pool"
+        )
+        expect(facts.locator("[data-fact=pool] dd")).to_have_text("default (breadth)")
+        expect(facts.locator("[data-fact=decision] dd")).to_have_text("a new session")
+        expect(facts.locator("[data-fact=server] dd")).to_have_text(
+            re.compile("|".join(map(re.escape, SERVERS[:2])))
+        )
+        expect(page.locator("#explain-result .explain-candidates tbody tr")).to_have_count(2)
+        page.fill("#explain-client", "not-an-address")
+        page.click("#explain-form button[type=submit]")
+        expect(page.locator("#explain-message")).to_contain_text("400")
+        expect(page.locator("#explain-result")).to_be_hidden()
+        page.close()
+
+        # A broker without the route (404 to the page's question): the view stays hidden.
+        page = context.new_page()
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.set_default_timeout(20_000)
         asked: list[str] = []
-        page.on("request", lambda r: asked.append(urlsplit(r.url).path))
+
+        def missing(route: Route) -> None:
+            asked.append(route.request.url)
+            problem = {"title": "Not found", "status": 404, "detail": "no such resource: /v1/route/explain"}
+            route.fulfill(status=404, content_type="application/problem+json", body=json.dumps(problem))
+
+        page.route(re.compile(r".*/v1/route/explain(\?.*)?$"), missing)
         page.goto(live_broker.url + "/")
         enter_token(page, rest.READ, "needs a read or admin token")
         expect(page.locator(f'tr.server[data-address="{SERVERS[0]}"]')).to_be_visible()
         page.wait_for_function("() => document.querySelector('#history-chart').dataset.minutes !== undefined")
-        assert "/v1/route/explain" in asked
+        assert asked == [f"{live_broker.url}/v1/route/explain"]
         expect(page.locator("#explain")).to_be_hidden()
-        # No Route yet: an empty chart says so, and a pool without sessions draws no bars.
-        expect(page.locator("#history-message")).to_have_text("No logons or refusals in this time.")
-        expect(page.locator("article.pool[data-pool=Sales] svg.pool-bars")).to_be_hidden()
         page.close()
 
         # A broker with the route: its answers (the contract of docs/api.md) drawn.
