@@ -756,15 +756,7 @@ class BrokerService:
         qualified name: `accounts`), when exactly one live session may be it; relabelled to the
         most complete name of the two, so that the next Route finds it by its key."""
         rules = pool_rules(pool)
-        account = accounts.resolve(user, rules)
-        probes = accounts.probes(account, rules)
-        if not probes:
-            return None
-        found = [
-            s
-            for s in await r.sessions.live_in_ranges(pool.name, probes)
-            if s.user and accounts.compatible(account, accounts.resolve(s.user, rules), rules)
-        ]
+        found = await account_candidates(r, pool, user)
         if len(found) > 1:
             metrics.record_truncated_ambiguous("route")
             log.warning("%r may be %d accounts' live sessions: joining none", user, len(found))
@@ -1522,6 +1514,21 @@ async def _pool_named(r: Repos, name: str) -> d.Pool:
             f"unknown pool {name!r}" if name else "there is no default pool: apply a farm file first"
         )
     return found
+
+
+async def account_candidates(r: Repos, pool: d.Pool, user: str) -> list[d.Session]:
+    """The live sessions in the pool another spelling of `user`'s account may be stored under (a
+    cut, a bare or a qualified name: `accounts`); more than one means none can be told apart."""
+    rules = pool_rules(pool)
+    account = accounts.resolve(user, rules)
+    probes = accounts.probes(account, rules)
+    if not probes:
+        return []
+    return [
+        s
+        for s in await r.sessions.live_in_ranges(pool.name, probes)
+        if s.user and accounts.compatible(account, accounts.resolve(s.user, rules), rules)
+    ]
 
 
 def lookup_keys(user: str, rules: accounts.Rules = accounts.NO_RULES) -> list[str]:

@@ -26,6 +26,7 @@ from typing import Any
 
 from rdbroker_broker import accounts
 from rdbroker_broker import domain as d
+from rdbroker_broker.db import routing_sql
 from rdbroker_broker.db.report_sql import Outcome
 
 LIVE = "('pending', 'active', 'disconnected')"
@@ -48,11 +49,7 @@ def parse(value: str | None) -> datetime | None:
 
 # --- Route -------------------------------------------------------------------------------------
 
-_SERVER_FIELDS = (
-    "address", "pool", "weight", "max_sessions", "admin_state", "health", "agent_state", "load",
-    "placements_since_report", "live_sessions", "held_sessions", "fresh_until",
-)  # fmt: skip
-_SERVER_COLUMNS = ", ".join(f"v.{name}" for name in _SERVER_FIELDS)
+_SERVER_COLUMNS = ", ".join(f"v.{name}" for name in routing_sql.RANK_FIELDS)  # as `server_of` reads them
 _SESSION_FIELDS = (
     "id", "user", "server_address", "state", "created_at", "updated_at", "disconnected_at", "expires_at",
     "end_reason", "confirmed",
@@ -105,21 +102,7 @@ class Context:
 
 
 def _server(values: Any) -> d.Server:
-    address, pool, weight, max_sessions, admin, health, agent, load, placements, live, held, fresh = values
-    return d.Server(
-        address=address,
-        pool=pool,
-        weight=weight,
-        max_sessions=max_sessions,
-        admin_state=d.AdminState(admin),
-        health=d.Health(health),
-        agent_state=d.AgentState(agent),
-        load=load,
-        placements_since_report=placements,
-        live_sessions=live,
-        held_sessions=held,
-        fresh_until=parse(fresh),
-    )
+    return routing_sql.server_of(values, parse)
 
 
 def route_context(conn: sqlite3.Connection, pool: str, key: str) -> Context | None:

@@ -23,6 +23,7 @@ left to the transactional path in `service`, which handles every case.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -81,7 +82,7 @@ def rank_key_sql(t: str) -> str:
 
 
 # What the domain's rules read of a server (ranking, reconnects), in this order.
-_RANK_FIELDS = (
+RANK_FIELDS = (
     "address", "pool", "weight", "max_sessions", "admin_state", "health", "agent_state", "load",
     "placements_since_report", "live_sessions", "held_sessions", "fresh_until",
 )  # fmt: skip
@@ -112,7 +113,7 @@ _CONTEXT = f"""
 WITH ctx AS (
     SELECT p.name AS pool_name, p.is_default, p.disconnect_timeout_s, p.domain, p.upn_suffixes,
            {", ".join(f's."{name}" AS s_{name}' for name in _SESSION_FIELDS)},
-           {", ".join(f"v.{name} AS v_{name}" for name in _RANK_FIELDS)},
+           {", ".join(f"v.{name} AS v_{name}" for name in RANK_FIELDS)},
            (s.expires_at IS NULL OR s.expires_at > %(now)s) AND {reconnects_sql("v")} AS reconnects,
            p.domain = %(domain)s AND p.upn_suffixes = %(upn_suffixes)s AS rules_ok
     FROM pools p
@@ -332,7 +333,7 @@ async def route_context(
     found = d.Pool(row[0], row[1], row[2], domain=row[3], upn_suffixes=suffixes)
     session_at = 5
     server_at = session_at + len(_SESSION_FIELDS)
-    answered_at = server_at + len(_RANK_FIELDS) + 2  # after `reconnects` and `rules_ok`
+    answered_at = server_at + len(RANK_FIELDS) + 2  # after `reconnects` and `rules_ok`
     answered, placed = bool(row[answered_at]), row[answered_at + 1]
     if row[session_at] is None:
         return Context(found, None, None, answered, placed)
@@ -358,7 +359,8 @@ async def forget_answer(conn: psycopg.AsyncConnection[Any], request: d.RouteRequ
     )
 
 
-def _server(values: Any) -> d.Server:
+def server_of(values: Any, when: Callable[[Any], datetime | None] = lambda t: t) -> d.Server:
+    """A server from its `RANK_FIELDS` in that order; `when` reads the store's time (fresh_until)."""
     address, pool, weight, max_sessions, admin, health, agent, load, placements, live, held, fresh_until = (
         values
     )
@@ -374,8 +376,12 @@ def _server(values: Any) -> d.Server:
         placements_since_report=placements,
         live_sessions=live,
         held_sessions=held,
-        fresh_until=fresh_until.astimezone(UTC) if fresh_until is not None else None,
+        fresh_until=when(fresh_until),
     )
+
+
+def _server(values: Any) -> d.Server:
+    return server_of(values, lambda t: t.astimezone(UTC) if t is not None else None)
 
 
 def repeats_an_answer(exc: psycopg.errors.UniqueViolation) -> bool:
