@@ -57,6 +57,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LOAD = [sys.executable, str(ROOT / "bench" / "proxy_load.py")]
 PY = sys.executable
 LOGS: dict[int, Path] = {}  # pid of a child -> the file holding its stderr
+SETTLE_S = 2.0  # between the concurrent setups and the one client alone
 ALL_TARGETS = ("direct", "haproxy", "up", "up-pg", "proxy", "proxy+db")
 HEADINGS = {
     "direct": "direct",
@@ -602,6 +603,9 @@ def main() -> None:
                     fig.cpu.append((cpu_seconds(pid) - cpu) / res["count"] * 1e6)
                 for part, seconds in behind_seconds(name).items():
                     fig.behind.setdefault(part, []).append((seconds - behind[part]) / res["count"] * 1e6)
+                # One client alone on an idle process: what the storm left (reports, a checkpoint)
+                # is given time to finish first, as for every target.
+                time.sleep(SETTLE_S)
                 alone = run_load(
                     ["setups", "--port", str(port), "--count", str(args.alone), "--concurrency", "1"]
                 )
