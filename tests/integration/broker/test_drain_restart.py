@@ -66,7 +66,7 @@ async def until(check: Callable[[], Awaitable[bool]], what: str, seconds: float 
     raise AssertionError(f"not within {seconds:g} s: {what}")
 
 
-async def test_a_killed_broker_s_drain_is_carried_on_by_the_next(pg_database_url, engine, service):
+async def test_a_killed_broker_s_drain_is_carried_on_by_the_next(pg_database_url, engine, service, clock):
     sources = HeldSources(outputs={("quser",): QUSER, ("msg", "2", TEXT): "", BOB_MESSAGE: ""})
     config = parse_config({"counters": [{"kind": "cpu"}]})
     auth = AgentAuth(tokens=Tokens(fixed=TOKEN))
@@ -81,6 +81,7 @@ async def test_a_killed_broker_s_drain_is_carried_on_by_the_next(pg_database_url
                 assert decision.server_address == A
                 await service.connection_opened(decision.session_id, f"c{n}", "p")
                 ids[user] = decision.session_id
+                clock.advance(1)  # a drain takes sessions oldest first: alice, then bob
 
         async with running_broker(pg_database_url, env=ENV) as first, httpx.AsyncClient() as http:
             base = f"http://127.0.0.1:{first.http_port}/v1/servers/{A}/drain"
