@@ -3,34 +3,20 @@ measured here, and no xrdp runs)."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import struct
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from tests.support.bench_script import loaded
 
 
 @pytest.fixture(scope="module")
 def bench() -> Iterator[ModuleType]:
-    name = "logon_bench_under_test"
-    sys.path.insert(0, str(BENCH))  # the script imports its neighbour proxy_bench
-    try:
-        spec = importlib.util.spec_from_file_location(name, BENCH / "logon_bench.py")
-        assert spec is not None
-        assert spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # its dataclasses look their module up there
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    yield module
-    del sys.modules[name]
+    yield from loaded("logon_bench.py")
 
 
 def test_defaults_are_the_issues_eight_logons_three_ways(bench: ModuleType) -> None:
@@ -123,15 +109,7 @@ def test_table_without_direct_has_no_differences(bench: ModuleType) -> None:
 
 @pytest.fixture(scope="module")
 def capture() -> Iterator[ModuleType]:
-    name = "lo_capture_under_test"
-    spec = importlib.util.spec_from_file_location(name, BENCH / "lo_capture.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[name]
+    yield from loaded("lo_capture.py")
 
 
 def frame(src: int, dst: int, seq: int, flags: int, payload: bytes = b"", protocol: int = 6) -> bytes:

@@ -2,32 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from tests.support.bench_script import loaded
 
 
 @pytest.fixture(scope="module")
 def bench() -> Iterator[ModuleType]:
-    name = "proxy_bench_under_test"
-    sys.path.insert(0, str(BENCH))  # the script imports its neighbour route_bench
-    try:
-        spec = importlib.util.spec_from_file_location(name, BENCH / "proxy_bench.py")
-        assert spec is not None
-        assert spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # its dataclasses look their module up there
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    yield module
-    del sys.modules[name]
+    yield from loaded("proxy_bench.py")
 
 
 def test_defaults_are_the_issues_layout(bench: ModuleType) -> None:
