@@ -9,10 +9,11 @@ Trace context crosses gRPC in the request metadata (W3C `traceparent`), through 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -145,22 +146,34 @@ def context_metadata() -> grpc.aio.Metadata:
     """The current trace context as gRPC metadata (W3C `traceparent`, through the configured propagator).
 
     A Metadata object, not a tuple: grpc.aio converts a tuple after a slow `typing.Sequence` check."""
+    return grpc.aio.Metadata(*context_carrier().items())
+
+
+def context_carrier() -> dict[str, str]:
+    """The current trace context as a dict (`traceparent`, `tracestate`), for a message field."""
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
-    return grpc.aio.Metadata(*carrier.items())
+    return carrier
 
 
 async def traced_unary(method: str, call: Callable[[grpc.aio.Metadata], Awaitable[T]]) -> T:
     """Run `call(metadata)`, a unary gRPC call, as the client interceptor would: in a client span when
     spans are recorded, its context in the metadata. For hot paths: grpc.aio's interceptor machinery
     costs about 100 us of CPU per call even when it does nothing."""
+    return await traced_call(method, lambda carrier: call(grpc.aio.Metadata(*carrier.items())))
+
+
+async def traced_call(method: str, call: Callable[[dict[str, str]], Awaitable[T]]) -> T:
+    """Run `call(carrier)` in a client span when spans are recorded, the span's context in `carrier`: for a
+    call that carries its trace context itself (a Route call inside a RouteStream message). A failure
+    that is a gRPC status (AioRpcError) is the span's status."""
     if not recording():
-        return await call(context_metadata())
+        return await call(context_carrier())
     with _grpc_tracer.start_as_current_span(
         method, kind=SpanKind.CLIENT, record_exception=False, set_status_on_exception=False
     ) as span:
         try:
-            result = await call(context_metadata())
+            result = await call(context_carrier())
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             span.set_attribute("rpc.grpc.status_code", code.value[0])
@@ -168,6 +181,21 @@ async def traced_unary(method: str, call: Callable[[grpc.aio.Metadata], Awaitabl
             raise
         span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.OK.value[0])
         return result
+
+
+@contextlib.contextmanager
+def server_span(method: str, carrier: Mapping[str, str]) -> Iterator[None]:
+    """Continue the caller's trace from `carrier` in a server span (when spans are recorded), as the
+    server interceptor does for a unary call: for calls carried inside a stream's messages."""
+    token = otel_context.attach(propagate.extract(carrier))
+    try:
+        if not recording():  # the caller's context stays current, for the log lines' trace id
+            yield
+            return
+        with _grpc_tracer.start_as_current_span(method, kind=SpanKind.SERVER):
+            yield
+    finally:
+        otel_context.detach(token)
 
 
 def _start_prometheus(listen: str, readers: list[MetricReader]) -> int:

@@ -55,6 +55,9 @@ class ProxySettings(ServiceSettings):
     )
     route_timeout_s: float = Field(default=5.0, gt=0, le=120, description="Route deadline, retries included")
     route_attempt_timeout_s: float = Field(default=2.0, gt=0, le=120, description="one Route call")
+    route_stream: bool = Field(
+        default=True, description="Route calls batched on RouteStream (off: one unary call each)"
+    )
     connect_timeout_s: float = Field(default=5.0, gt=0, le=120, description="server connect timeout")
     idle_timeout_s: float = Field(default=0.0, ge=0, description="idle close (0 = off)")
     max_connections: int = Field(default=10000, ge=1, description="clients at once (more: closed)")

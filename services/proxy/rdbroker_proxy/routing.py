@@ -43,6 +43,7 @@ from rdbroker_proto.v1 import broker_pb2 as pb
 from rdbroker_proto.v1.broker_pb2_grpc import BrokerStub
 from rdbroker_proxy import metrics
 from rdbroker_proxy.errors import BrokerUnavailable, RouteRefused
+from rdbroker_proxy.route_stream import RouteStream, StreamUnsupported
 
 if TYPE_CHECKING:
     from rdbroker_proto.v1.broker_pb2_grpc import BrokerAsyncStub
@@ -62,6 +63,7 @@ BATCH_RETRY_S = 60.0  # a broker that answered UNIMPLEMENTED is asked again afte
 RETRY_PAUSE_S = 0.05
 MAX_BACKOFF_S = 5.0
 MAX_ROUTE_PAUSE_S = 0.5  # between Route rounds over every broker
+DNS_STREAMS = 4  # RouteStream calls kept per `dns:///` target, so several brokers share its calls
 HEARTBEAT_RETRY_S = 0.5  # the first pause after a failed heartbeat (then doubling up to the interval)
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
@@ -285,6 +287,7 @@ class BrokerClient(QueuedReports):
         proxy_id: str,
         route_timeout_s: float = 5.0,
         route_attempt_timeout_s: float = 2.0,
+        route_stream: bool = True,
         report_timeout_s: float = 2.0,
         report_buffer: int = 10000,
         report_linger_s: float = REPORT_LINGER_S,
@@ -316,6 +319,14 @@ class BrokerClient(QueuedReports):
         self._retiring: set[asyncio.Task[None]] = set()
         self._turn = {"route": 0, "report": 0}  # separate rotations: reports do not skew Route's
         self._no_batch: dict[int, float] = {}  # broker index -> when it answered UNIMPLEMENTED
+        self.route_stream = route_stream
+        # RouteStream calls per broker index: one for a broker address, several for a `dns:///` target
+        # (its channel balances streams over the addresses, not calls).
+        self._streams: list[list[RouteStream | None]] = [
+            [None] * (DNS_STREAMS if a.startswith("dns:") else 1) for a in self.addresses
+        ]
+        self._stream_turn = [0] * len(self.addresses)
+        self._no_stream: dict[int, float] = {}  # broker index -> when RouteStream answered UNIMPLEMENTED
 
     # -- choosing a broker ---------------------------------------------------------------------
 
@@ -342,6 +353,8 @@ class BrokerClient(QueuedReports):
         self._channels = [_channel(a, self._credentials) for a in self.addresses]
         self._stubs = [BrokerStub(channel) for channel in self._channels]
         log.info("TLS files changed: new broker channels")
+        for index in range(len(self._channels)):
+            self._retire_streams(index)
         self._retire(old)
 
     def _renew_failing(self) -> None:
@@ -355,6 +368,7 @@ class BrokerClient(QueuedReports):
                 )
                 self._channels[index] = _channel(self.addresses[index], self._credentials)
                 self._stubs[index] = BrokerStub(self._channels[index])
+                self._retire_streams(index)
                 self._retire([channel])
 
     def _retire(self, channels: list[grpc.aio.Channel]) -> None:
@@ -387,7 +401,7 @@ class BrokerClient(QueuedReports):
                     break
                 timeout = min(remaining, self.route_attempt_timeout_s)
                 try:
-                    return await self._route_once(self._stubs[index], request, timeout, self._token)
+                    return await self._route_at(index, request, timeout)
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() not in RETRYABLE:
                         raise RouteRefused(exc.code(), exc.details() or "") from exc
@@ -407,6 +421,43 @@ class BrokerClient(QueuedReports):
         detail = f"{last.code().name}: {last.details()}" if last is not None else "deadline reached"
         metrics.broker_unreachable.add(1, metrics.UNREACHABLE_ROUTE)
         raise BrokerUnavailable(f"no broker answered Route: {detail}")
+
+    async def _route_at(self, index: int, request: pb.RouteRequest, timeout_s: float) -> pb.RouteResponse:
+        """One Route try at one broker: on its RouteStream, else (off, or an older broker) unary."""
+        if self.route_stream:
+            marked = self._no_stream.get(index)
+            if marked is None or time.monotonic() - marked >= BATCH_RETRY_S:
+                stream = self._stream(index)
+                try:
+                    return await telemetry.traced_call(
+                        ROUTE, lambda trace: stream.ask(request, timeout_s, trace)
+                    )
+                except StreamUnsupported:
+                    if index not in self._no_stream:
+                        log.info("broker %s has no RouteStream: unary Route with it", self.addresses[index])
+                    self._no_stream[index] = time.monotonic()
+        return await self._route_once(self._stubs[index], request, timeout_s, self._token)
+
+    def _stream(self, index: int) -> RouteStream:
+        """The next usable RouteStream to broker `index` (a new one when it ended or grew old)."""
+        slots = self._streams[index]
+        turn = self._stream_turn[index] = (self._stream_turn[index] + 1) % len(slots)
+        stream = slots[turn]
+        if stream is None or not stream.usable:
+            if stream is not None:
+                stream.retire()
+            stub, token = self._stubs[index], self._token
+            stream = slots[turn] = RouteStream(
+                lambda: stub.RouteStream(metadata=_auth(grpc.aio.Metadata(), token))
+            )
+        return stream
+
+    def _retire_streams(self, index: int) -> None:
+        slots = self._streams[index]
+        for turn, stream in enumerate(slots):
+            if stream is not None:
+                stream.retire()
+                slots[turn] = None
 
     @staticmethod
     def _route_once(
@@ -525,6 +576,10 @@ class BrokerClient(QueuedReports):
         raise BrokerUnavailable(f"{last.code().name}: {last.details()}")
 
     async def close(self) -> None:
+        for slots in self._streams:
+            for stream in slots:
+                if stream is not None:
+                    stream.close()
         for task in list(self._retiring):
             task.cancel()  # closes the replaced channels now
         await asyncio.gather(*self._retiring, return_exceptions=True)

@@ -51,6 +51,7 @@ def grpc_broker(settings: ProxySettings) -> BrokerClient:
         proxy_id=settings.proxy_id,
         route_timeout_s=settings.route_timeout_s,
         route_attempt_timeout_s=settings.route_attempt_timeout_s,
+        route_stream=settings.route_stream,
         report_timeout_s=settings.report_timeout_s,
         report_buffer=settings.report_buffer,
         heartbeat_interval_s=settings.heartbeat_interval_s,

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from rdbroker_broker.rpc import route_stream
 from rdbroker_proto.v1 import broker_pb2 as pb
 from rdbroker_proto.v1 import broker_pb2_grpc
 from rdbroker_rdp import decode_routing_token
@@ -38,6 +39,7 @@ class Directory:
     error: tuple[grpc.StatusCode, str] | None = None  # answer every Route with this error
     opened_error: tuple[grpc.StatusCode, str] | None = None  # answer ConnectionOpened with this error
     batch_reports: bool = True  # False: ReportConnections answers UNIMPLEMENTED, as an older broker
+    stream_routes: bool = True  # False: RouteStream answers UNIMPLEMENTED, as an older broker
     report_calls: Counter[str] = field(default_factory=Counter)  # RPC name -> calls carrying reports
     _ids: itertools.count[int] = field(default_factory=itertools.count)
 
@@ -93,21 +95,40 @@ class FakeBroker(broker_pb2_grpc.BrokerServicer):
     def __init__(self, directory: Directory) -> None:
         self.directory = directory
         self.route_calls = 0
+        self.streams_opened = 0
         self.hang_routes = False
         self.route_delay_s = 0.0
 
     async def Route(
         self, request: pb.RouteRequest, context: grpc.aio.ServicerContext[pb.RouteRequest, pb.RouteResponse]
     ) -> pb.RouteResponse:
+        answer = await self._route(request)
+        if isinstance(answer, tuple):
+            await context.abort(answer[0], answer[1])
+        assert isinstance(answer, pb.RouteResponse)
+        return answer
+
+    async def RouteStream(self, request_iterator, context):
+        """The broker's own stream serving (rpc/route_stream.py) over this replica's Route."""
+        self.streams_opened += 1
+        if not self.directory.stream_routes:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+        async for answers in route_stream.serve(request_iterator, self._stream_answer):
+            yield answers
+
+    async def _stream_answer(self, call: pb.RouteCall) -> pb.RouteAnswer:
+        answer = await self._route(call.request)
+        if isinstance(answer, tuple):
+            return route_stream.refusal(call, *answer)
+        return pb.RouteAnswer(call_id=call.call_id, response=answer)
+
+    async def _route(self, request: pb.RouteRequest) -> pb.RouteResponse | tuple[grpc.StatusCode, str]:
         self.route_calls += 1
         if self.route_delay_s:
             await asyncio.sleep(self.route_delay_s)
         answer = self.directory.route(request)
         if self.hang_routes:
             await asyncio.sleep(3600)  # committed, but the answer never leaves: the proxy must retry
-        if isinstance(answer, tuple):
-            await context.abort(answer[0], answer[1])
-        assert isinstance(answer, pb.RouteResponse)
         return answer
 
     async def ConnectionOpened(self, request, context):

@@ -39,6 +39,11 @@ class BrokerStub:
                 request_serializer=rdbroker__proto_dot_v1_dot_broker__pb2.RouteRequest.SerializeToString,
                 response_deserializer=rdbroker__proto_dot_v1_dot_broker__pb2.RouteResponse.FromString,
                 _registered_method=True)
+        self.RouteStream = channel.stream_stream(
+                '/rdbroker.v1.Broker/RouteStream',
+                request_serializer=rdbroker__proto_dot_v1_dot_broker__pb2.RouteCalls.SerializeToString,
+                response_deserializer=rdbroker__proto_dot_v1_dot_broker__pb2.RouteAnswers.FromString,
+                _registered_method=True)
         self.ConnectionOpened = channel.unary_unary(
                 '/rdbroker.v1.Broker/ConnectionOpened',
                 request_serializer=rdbroker__proto_dot_v1_dot_broker__pb2.ConnectionOpenedRequest.SerializeToString,
@@ -101,6 +106,17 @@ class BrokerServicer:
 
     def Route(self, request, context):
         """Where should this client connection go? Idempotent on (connection_id, attempt).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RouteStream(self, request_iterator, context):
+        """Route calls in batches over one long-lived stream: each call is Route's use case with its own
+        deadline; answers come back by call_id as they are ready, several per message. A call's failure
+        is its answer's code (what Route would have ended with); the stream itself ends only when the
+        proxy stops writing or the broker goes away, and then every unanswered call may be asked again
+        elsewhere (Route is idempotent on connection_id and attempt).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -189,6 +205,11 @@ def add_BrokerServicer_to_server(servicer, server):
                     request_deserializer=rdbroker__proto_dot_v1_dot_broker__pb2.RouteRequest.FromString,
                     response_serializer=rdbroker__proto_dot_v1_dot_broker__pb2.RouteResponse.SerializeToString,
             ),
+            'RouteStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.RouteStream,
+                    request_deserializer=rdbroker__proto_dot_v1_dot_broker__pb2.RouteCalls.FromString,
+                    response_serializer=rdbroker__proto_dot_v1_dot_broker__pb2.RouteAnswers.SerializeToString,
+            ),
             'ConnectionOpened': grpc.unary_unary_rpc_method_handler(
                     servicer.ConnectionOpened,
                     request_deserializer=rdbroker__proto_dot_v1_dot_broker__pb2.ConnectionOpenedRequest.FromString,
@@ -272,6 +293,33 @@ class Broker:
             '/rdbroker.v1.Broker/Route',
             rdbroker__proto_dot_v1_dot_broker__pb2.RouteRequest.SerializeToString,
             rdbroker__proto_dot_v1_dot_broker__pb2.RouteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RouteStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/rdbroker.v1.Broker/RouteStream',
+            rdbroker__proto_dot_v1_dot_broker__pb2.RouteCalls.SerializeToString,
+            rdbroker__proto_dot_v1_dot_broker__pb2.RouteAnswers.FromString,
             options,
             channel_credentials,
             insecure,

@@ -35,6 +35,13 @@ class BrokerStub:
     def __new__(cls, channel: _aio.Channel) -> BrokerAsyncStub: ...
     Route: _grpc.UnaryUnaryMultiCallable[_broker_pb2.RouteRequest, _broker_pb2.RouteResponse]
     """Where should this client connection go? Idempotent on (connection_id, attempt)."""
+    RouteStream: _grpc.StreamStreamMultiCallable[_broker_pb2.RouteCalls, _broker_pb2.RouteAnswers]
+    """Route calls in batches over one long-lived stream: each call is Route's use case with its own
+    deadline; answers come back by call_id as they are ready, several per message. A call's failure
+    is its answer's code (what Route would have ended with); the stream itself ends only when the
+    proxy stops writing or the broker goes away, and then every unanswered call may be asked again
+    elsewhere (Route is idempotent on connection_id and attempt).
+    """
     ConnectionOpened: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ConnectionOpenedRequest, _broker_pb2.ConnectionOpenedResponse]
     """The proxy has connected to the server and replayed the first packet."""
     ConnectionClosed: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ConnectionClosedRequest, _broker_pb2.ConnectionClosedResponse]
@@ -62,6 +69,13 @@ class BrokerAsyncStub(BrokerStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Route: _aio.UnaryUnaryMultiCallable[_broker_pb2.RouteRequest, _broker_pb2.RouteResponse]  # type: ignore[assignment]
     """Where should this client connection go? Idempotent on (connection_id, attempt)."""
+    RouteStream: _aio.StreamStreamMultiCallable[_broker_pb2.RouteCalls, _broker_pb2.RouteAnswers]  # type: ignore[assignment]
+    """Route calls in batches over one long-lived stream: each call is Route's use case with its own
+    deadline; answers come back by call_id as they are ready, several per message. A call's failure
+    is its answer's code (what Route would have ended with); the stream itself ends only when the
+    proxy stops writing or the broker goes away, and then every unanswered call may be asked again
+    elsewhere (Route is idempotent on connection_id and attempt).
+    """
     ConnectionOpened: _aio.UnaryUnaryMultiCallable[_broker_pb2.ConnectionOpenedRequest, _broker_pb2.ConnectionOpenedResponse]  # type: ignore[assignment]
     """The proxy has connected to the server and replayed the first packet."""
     ConnectionClosed: _aio.UnaryUnaryMultiCallable[_broker_pb2.ConnectionClosedRequest, _broker_pb2.ConnectionClosedResponse]  # type: ignore[assignment]
@@ -92,6 +106,19 @@ class BrokerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_broker_pb2.RouteResponse, _abc.Awaitable[_broker_pb2.RouteResponse]]:
         """Where should this client connection go? Idempotent on (connection_id, attempt)."""
+
+    @_abc_1.abstractmethod
+    def RouteStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_broker_pb2.RouteCalls],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_broker_pb2.RouteAnswers], _abc.AsyncIterator[_broker_pb2.RouteAnswers]]:
+        """Route calls in batches over one long-lived stream: each call is Route's use case with its own
+        deadline; answers come back by call_id as they are ready, several per message. A call's failure
+        is its answer's code (what Route would have ended with); the stream itself ends only when the
+        proxy stops writing or the broker goes away, and then every unanswered call may be asked again
+        elsewhere (Route is idempotent on connection_id and attempt).
+        """
 
     @_abc_1.abstractmethod
     def ConnectionOpened(

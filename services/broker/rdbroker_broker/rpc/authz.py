@@ -18,7 +18,14 @@ from rdbroker_proto.v1 import broker_pb2
 SERVICE = broker_pb2.DESCRIPTOR.services_by_name["Broker"].full_name
 
 _ROLES = {
-    callers.PROXY: ("Route", "ConnectionOpened", "ConnectionClosed", "ReportConnections", "ProxyHeartbeat"),
+    callers.PROXY: (
+        "Route",
+        "RouteStream",
+        "ConnectionOpened",
+        "ConnectionClosed",
+        "ReportConnections",
+        "ProxyHeartbeat",
+    ),
     callers.HEALTH: ("ClaimProbeTargets", "ReportProbeResults", "ReportServerSessions"),
     callers.ADMIN: ("LookupUserSessions", "ListServers", "SetServerState", "EndSession"),
 }

@@ -6,7 +6,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -24,10 +24,11 @@ from rdbroker_broker.errors import (
     Overloaded,
 )
 from rdbroker_broker.probing import ProbeService
-from rdbroker_broker.rpc import convert
+from rdbroker_broker.rpc import convert, route_stream
 from rdbroker_broker.rpc.status import status_for
 from rdbroker_broker.service import BrokerService, Closed, ConnectionEvent, Opened
-from rdbroker_common.power import START_WAIT_METADATA
+from rdbroker_common import telemetry
+from rdbroker_common.power import START_WAIT_METADATA, start_wait_s
 from rdbroker_proto.v1 import broker_pb2 as pb
 from rdbroker_proto.v1 import broker_pb2_grpc as pb_grpc
 
@@ -38,6 +39,7 @@ Resp = TypeVar("Resp")
 Context = grpc.aio.ServicerContext[Any, Any]
 Handler = Callable[[Any, Req, Context], Awaitable[Resp]]
 
+ROUTE_SPAN = "rdbroker.v1.Broker/Route"  # a streamed call's span is named as the unary call's
 MAX_REPORT_EVENTS = 1000  # per ReportConnections call: bounds one call's work and message size
 
 
@@ -126,6 +128,26 @@ class BrokerServicer(pb_grpc.BrokerServicer):
     @guarded
     async def Route(self, request: pb.RouteRequest, context: Context) -> pb.RouteResponse:
         return await self.route(request)
+
+    async def RouteStream(
+        self, request_iterator: AsyncIterator[pb.RouteCalls], context: Context
+    ) -> AsyncIterator[pb.RouteAnswers]:
+        # Not `guarded`: the stream is not one call to run to completion; each call inside it is.
+        async for answers in route_stream.serve(request_iterator, self._stream_answer):
+            yield answers
+
+    async def _stream_answer(self, call: pb.RouteCall) -> pb.RouteAnswer:
+        """One Route call of a stream, as the unary Route would have ended: its answer or its status."""
+        timeout_s = call.timeout_ms / 1000 if call.timeout_ms else None
+        with telemetry.server_span(ROUTE_SPAN, call.trace_context):
+            try:
+                work = functools.partial(self.route, call.request)
+                response = await call_locally(work, current_caller.get(), timeout_s)
+            except LocalStatus as status:
+                answer = route_stream.refusal(call, status.code, status.details)
+                answer.start_wait_ms = round(start_wait_s(status.trailing) * 1000)
+                return answer
+        return pb.RouteAnswer(call_id=call.call_id, response=response)
 
     async def route(self, request: pb.RouteRequest) -> pb.RouteResponse:
         """Route's work, for gRPC and for in-process callers (`call_locally`); raises BrokerError."""

@@ -1,0 +1,95 @@
+"""The broker's RouteStream serving (rpc/route_stream.serve): every call answered once by call_id,
+answers ready together sent together, bad input answered per call, and the stream ends when the proxy
+stops writing."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from rdbroker_broker.rpc import route_stream
+from rdbroker_proto.v1 import broker_pb2 as pb
+
+
+def calls(*ids: int) -> pb.RouteCalls:
+    return pb.RouteCalls(
+        calls=[pb.RouteCall(call_id=i, request=pb.RouteRequest(cookie=f"u{i}")) for i in ids]
+    )
+
+
+async def feed(*messages: pb.RouteCalls, hold: asyncio.Event | None = None) -> AsyncIterator[pb.RouteCalls]:
+    for message in messages:
+        yield message
+    if hold is not None:
+        await hold.wait()  # the proxy keeps the stream open
+
+
+async def collect(stream: AsyncIterator[pb.RouteAnswers]) -> list[pb.RouteAnswers]:
+    return [message async for message in stream]
+
+
+async def echo(call: pb.RouteCall) -> pb.RouteAnswer:
+    return pb.RouteAnswer(call_id=call.call_id, response=pb.RouteResponse(user=call.request.cookie))
+
+
+async def test_every_call_is_answered_once_and_the_stream_ends_after_the_last() -> None:
+    messages = await collect(route_stream.serve(feed(calls(1, 2, 3), calls(4)), echo))
+    answers = [a for m in messages for a in m.answers]
+    assert sorted(a.call_id for a in answers) == [1, 2, 3, 4]
+    assert all(a.response.user == f"u{a.call_id}" for a in answers)
+    assert len(messages) < 4  # answers ready together leave together
+
+
+async def test_calls_beyond_the_message_bound_are_invalid_argument(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(route_stream, "MAX_CALLS_PER_MESSAGE", 3)
+    messages = await collect(route_stream.serve(feed(calls(1, 2, 3, 4, 5)), echo))
+    answers = {a.call_id: a for m in messages for a in m.answers}
+    assert sorted(answers) == [1, 2, 3, 4, 5]
+    assert [answers[i].code for i in (1, 2, 3)] == [0, 0, 0]
+    for i in (4, 5):
+        assert answers[i].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert not answers[i].HasField("response")
+
+
+async def test_calls_beyond_the_in_flight_bound_are_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(route_stream, "MAX_IN_FLIGHT", 2)
+    release = asyncio.Event()
+
+    async def slow(call: pb.RouteCall) -> pb.RouteAnswer:
+        await release.wait()
+        return await echo(call)
+
+    stream = route_stream.serve(feed(calls(1, 2, 3)), slow)
+    first = await anext(stream)  # the refusal does not wait for the slow calls
+    assert [(a.call_id, a.code) for a in first.answers] == [(3, grpc.StatusCode.UNAVAILABLE.value[0])]
+    release.set()
+    rest = [a for m in await collect(stream) for a in m.answers]
+    assert sorted((a.call_id, a.code) for a in rest) == [(1, 0), (2, 0)]
+
+
+async def test_a_failing_call_is_internal_and_the_others_go_on() -> None:
+    async def flaky(call: pb.RouteCall) -> pb.RouteAnswer:
+        if call.call_id == 2:
+            raise RuntimeError("bug")
+        return await echo(call)
+
+    answers = {
+        a.call_id: a
+        for m in await collect(route_stream.serve(feed(calls(1, 2, 3)), flaky))
+        for a in m.answers
+    }
+    assert answers[2].code == grpc.StatusCode.INTERNAL.value[0]
+    assert "internal error" in answers[2].details
+    assert answers[1].code == answers[3].code == 0
+
+
+async def test_an_answer_leaves_while_the_proxy_keeps_the_stream_open() -> None:
+    hold = asyncio.Event()
+    stream = route_stream.serve(feed(calls(7), hold=hold), echo)
+    message = await asyncio.wait_for(anext(stream), 5)
+    assert [a.call_id for a in message.answers] == [7]
+    hold.set()
+    assert await collect(stream) == []
