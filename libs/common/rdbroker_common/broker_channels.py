@@ -96,9 +96,6 @@ class BrokerChannels(Generic[S]):
         # Replaced channels by the task that closes them after the grace.
         self._retiring: dict[asyncio.Task[None], list[grpc.aio.Channel]] = {}
 
-    def __len__(self) -> int:
-        return len(self.targets)
-
     def order(self, kind: str = "") -> list[int]:
         """Every index once, for one call of `kind`: rotated, the ones known to be failing last."""
         self._follow_tls()
