@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import grpc
 import pytest
 
 from rdbroker_health.errors import BrokerRefused, BrokerUnavailable
@@ -22,7 +23,7 @@ async def test_calls_fail_over_and_stick_to_the_broker_that_answered() -> None:
         try:
             targets = await client.claim("r1", 1000)
             assert [t.address for t in targets] == ["10.0.0.1:3389"]
-            assert client.addresses[client._current] == address
+            assert client.addresses[client.channels.order()[0]] == address
             await client.claim("r1", 1000)
             assert broker.claims == 2
         finally:
@@ -57,17 +58,17 @@ async def test_a_failing_dns_channel_is_replaced_by_one_that_resolves_again() ->
     now = [100.0]
     port = free_port()
     client = BrokerClient([f"dns:///127.0.0.1:{port}"], timeout_s=0.5)
-    client._renewal = Renewal(5.0, lambda: now[0])
+    client.channels.renewal = Renewal(5.0, lambda: now[0])
     try:
-        first = client._channels[0]
+        first = client.channels.channel(0)
         for _ in range(2):  # the first finds the channel idle, the second failing
             with pytest.raises(BrokerUnavailable):
                 await client.claim("r1", 1000)
-        assert client._channels[0] is first
+        assert client.channels.channel(0) is first
         now[0] += 5.0
         with pytest.raises(BrokerUnavailable):
             await client.claim("r1", 1000)
-        assert client._channels[0] is not first
+        assert client.channels.channel(0) is not first
         broker = FakeBroker()  # type: ignore[abstract]
         broker.add("10.0.0.1:3389")
         async with serving(broker, port=port):
@@ -81,3 +82,45 @@ async def test_a_failing_dns_channel_is_replaced_by_one_that_resolves_again() ->
             assert broker.claims == 1
     finally:
         await client.close()
+
+
+class Answering(FakeBroker):
+    """Answers every claim with `code`, counting them."""
+
+    def __init__(self, code: grpc.StatusCode) -> None:
+        super().__init__()
+        self.code = code
+
+    async def ClaimProbeTargets(self, request, context):
+        self.claims += 1
+        await context.abort(self.code, "as told")
+
+
+@pytest.mark.parametrize(
+    ("code", "retried"),
+    [
+        (grpc.StatusCode.UNAVAILABLE, True),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, True),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, False),
+        (grpc.StatusCode.PERMISSION_DENIED, False),
+        (grpc.StatusCode.INTERNAL, False),
+    ],
+)
+async def test_only_unavailability_is_retried_and_each_broker_once_per_call(
+    code: grpc.StatusCode, retried: bool
+) -> None:
+    brokers = [Answering(code) for _ in range(3)]  # type: ignore[abstract]
+    async with contextlib.AsyncExitStack() as stack:
+        addresses = [await stack.enter_async_context(serving(b)) for b in brokers]
+        client = BrokerClient(addresses, timeout_s=2.0)
+        try:
+            for calls in (1, 2):
+                with pytest.raises(
+                    BrokerUnavailable if retried else BrokerRefused,
+                    match=code.name if not retried else "no broker answered",
+                ):
+                    await client.claim("r1", 1000)
+                claims = [b.claims for b in brokers]
+                assert claims == ([calls] * 3 if retried else [calls, 0, 0])
+        finally:
+            await client.close()
