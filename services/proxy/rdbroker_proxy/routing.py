@@ -1,24 +1,24 @@
 """The broker client: Route with failover across brokers, and reports that never block the data path.
 
-Brokers are stateless replicas over one database, so any of them answers any call. We keep one
-channel per address and rotate over them, preferring channels that are not in TRANSIENT_FAILURE, so
-a dead broker costs one failed call and not one per connection. Route is retried on another broker
+Brokers are stateless replicas over one database, so any of them answers any call. The channels
+(`rdbroker_common.broker_channels`: one per address, rotated, failing ones last, renewed certificates
+and failing `dns:///` names followed) make a dead broker cost one failed call, not one per connection.
+Route goes on a RouteStream per broker (`route_stream.py`: the calls waiting at one moment share a
+message) or, with a broker without it, as a unary call; either way it is retried on another broker
 with the same connection_id (the broker is idempotent on it), within one overall deadline.
 
 Opened/Closed reports go into a bounded queue drained by one background task: the data path only
 appends. A broker that is briefly away delays reports; it does not lose them unless the queue
 overflows, and what overflows is counted and logged. Each drain sends up to REPORT_BATCH reports in
-one ReportConnections call (one gRPC call instead of one per report, which is most of the proxy's
-CPU per connection); a broker without that RPC gets the single ConnectionOpened/Closed calls.
+one ReportConnections call (one gRPC call instead of one per report); a broker without that RPC gets
+the single ConnectionOpened/Closed calls.
 
 With `token`, each call carries `authorization: Bearer <token>` (the broker's proxy role); a token file is
 looked at at most every few seconds, never per call.
 
-With `client_tls`, renewed certificate files are noticed on a call at most every few seconds: new channels
-take the next calls and the replaced ones close after a grace period (`rdbroker_common.tls`).
-
-Trace context goes into each call's metadata through `telemetry.traced_unary`, not a channel
-interceptor: grpc.aio's interceptor path costs about 100 us of CPU per call, spans or not.
+Trace context goes into each call's metadata (or a streamed call's message) through
+`telemetry.traced_unary`/`traced_call`, not a channel interceptor: grpc.aio's interceptor path costs
+about 100 us of CPU per call, spans or not.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ import grpc
 from google.protobuf.message import Message
 
 from rdbroker_common import telemetry, tls
+from rdbroker_common.broker_channels import BrokerChannels
 from rdbroker_common.broker_token import BrokerToken
 from rdbroker_common.power import start_wait_s
-from rdbroker_common.settings import Renewal, channel_options
 from rdbroker_proto.v1 import broker_pb2 as pb
 from rdbroker_proto.v1.broker_pb2_grpc import BrokerStub
 from rdbroker_proxy import metrics
@@ -87,21 +87,6 @@ Report = tuple[ReportKind, pb.ConnectionOpenedRequest | pb.ConnectionClosedReque
 def held_until(deadline: float, started: float, start_wait_s: float) -> float:
     """The Route deadline once a broker asked to hold the user `start_wait_s` (0: unchanged)."""
     return max(deadline, started + start_wait_s) if start_wait_s > 0 else deadline
-
-
-def _auth(metadata: grpc.aio.Metadata, token: BrokerToken) -> grpc.aio.Metadata:
-    """The call's trace context plus the bearer token, if one is configured."""
-    for key, value in token.metadata():
-        metadata.add(key, value)
-    return metadata
-
-
-def _channel(target: str, credentials: grpc.ChannelCredentials | None) -> grpc.aio.Channel:
-    # A `dns:///` target is one channel balanced round-robin over every address the name resolves to.
-    options = [*CHANNEL_OPTIONS, *channel_options(target)]
-    if credentials is not None:
-        return grpc.aio.secure_channel(target, credentials, options=options)
-    return grpc.aio.insecure_channel(target, options=options)
 
 
 class Broker(Protocol):
@@ -308,73 +293,25 @@ class BrokerClient(QueuedReports):
         self.route_timeout_s = route_timeout_s
         self.route_attempt_timeout_s = route_attempt_timeout_s
         self.report_timeout_s = report_timeout_s
-        self._tls = client_tls
-        self._token = token or BrokerToken()
-        if client_tls is not None:
-            credentials = client_tls.credentials
-        self._credentials = credentials
-        self._renewal = Renewal()
-        self._channels = [_channel(a, credentials) for a in self.addresses]
-        self._stubs: list[BrokerAsyncStub] = [BrokerStub(channel) for channel in self._channels]
-        self._retiring: set[asyncio.Task[None]] = set()
-        self._turn = {"route": 0, "report": 0}  # separate rotations: reports do not skew Route's
+        # Rotation per call kind (reports do not skew Route's), failing channels last, TLS renewals
+        # and failing dns:/// channels followed.
+        self.channels: BrokerChannels[BrokerAsyncStub] = BrokerChannels(
+            self.addresses,
+            BrokerStub,
+            options=CHANNEL_OPTIONS,
+            credentials=credentials,
+            client_tls=client_tls,
+            token=token,
+        )
         self._no_batch: dict[int, float] = {}  # broker index -> when it answered UNIMPLEMENTED
         self.route_stream = route_stream
-        # RouteStream calls per broker index: one for a broker address, several for a `dns:///` target
-        # (its channel balances streams over the addresses, not calls).
-        self._streams: list[list[RouteStream | None]] = [
+        # RouteStream calls per broker index, each with the channel it runs on: one for a broker
+        # address, several for a `dns:///` target (its channel balances streams, not calls).
+        self._streams: list[list[tuple[RouteStream, grpc.aio.Channel] | None]] = [
             [None] * (DNS_STREAMS if a.startswith("dns:") else 1) for a in self.addresses
         ]
         self._stream_turn = [0] * len(self.addresses)
         self._no_stream: dict[int, float] = {}  # broker index -> when RouteStream answered UNIMPLEMENTED
-
-    # -- choosing a broker ---------------------------------------------------------------------
-
-    def _order(self, kind: Literal["route", "report"]) -> list[int]:
-        """Every broker once, rotated for balance, the ones known to be failing last."""
-        self._follow_tls()
-        self._renew_failing()
-        n = len(self._stubs)
-        start = self._turn[kind]
-        self._turn[kind] = (start + 1) % n
-        rotated = [(start + i) % n for i in range(n)]
-        if n == 1:
-            return rotated
-        failing = grpc.ChannelConnectivity.TRANSIENT_FAILURE
-        healthy = [i for i in rotated if self._channels[i].get_state() != failing]
-        return healthy + [i for i in rotated if i not in healthy]
-
-    def _follow_tls(self) -> None:
-        """New channels when the certificate files changed; calls in flight finish on the old ones."""
-        if self._tls is None or not self._tls.changed():
-            return
-        old = self._channels
-        self._credentials = self._tls.credentials
-        self._channels = [_channel(a, self._credentials) for a in self.addresses]
-        self._stubs = [BrokerStub(channel) for channel in self._channels]
-        log.info("TLS files changed: new broker channels")
-        for index in range(len(self._channels)):
-            self._retire_streams(index)
-        self._retire(old)
-
-    def _renew_failing(self) -> None:
-        """A `dns:///` channel failing for a few seconds is replaced: the new one resolves the name at
-        once (brokers back after an outage), where the old one waits out its resolver's backoff."""
-        failing = grpc.ChannelConnectivity.TRANSIENT_FAILURE
-        for index, channel in enumerate(self._channels):
-            if self._renewal.due(index, self.addresses[index], channel.get_state() == failing):
-                log.info(
-                    "broker channel to %s failing: a new one resolves the name again", self.addresses[index]
-                )
-                self._channels[index] = _channel(self.addresses[index], self._credentials)
-                self._stubs[index] = BrokerStub(self._channels[index])
-                self._retire_streams(index)
-                self._retire([channel])
-
-    def _retire(self, channels: list[grpc.aio.Channel]) -> None:
-        task = tls.retire_channels(channels)
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
 
     # -- Route ---------------------------------------------------------------------------------
 
@@ -395,7 +332,7 @@ class BrokerClient(QueuedReports):
         # restarting broker (or every channel in reconnect backoff) is waited for, not given up on.
         pause = RETRY_PAUSE_S
         while deadline - loop.time() > 0:
-            for index in self._order("route"):
+            for index in self.channels.order("route"):
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
@@ -436,40 +373,30 @@ class BrokerClient(QueuedReports):
                     if index not in self._no_stream:
                         log.info("broker %s has no RouteStream: unary Route with it", self.addresses[index])
                     self._no_stream[index] = time.monotonic()
-        return await self._route_once(self._stubs[index], request, timeout_s, self._token)
+        stub, metadata = self.channels.stub(index), self.channels.metadata
+        return await telemetry.traced_unary(
+            ROUTE, lambda trace: stub.Route(request, timeout=timeout_s, metadata=metadata(trace))
+        )
 
     def _stream(self, index: int) -> RouteStream:
-        """The next usable RouteStream to broker `index` (a new one when it ended or grew old)."""
+        """The next usable RouteStream to broker `index`: a new one when it ended, grew old, or its
+        channel was replaced (renewed certificates, a failing `dns:///` name resolved again)."""
         slots = self._streams[index]
         turn = self._stream_turn[index] = (self._stream_turn[index] + 1) % len(slots)
-        stream = slots[turn]
-        if stream is None or not stream.usable:
-            if stream is not None:
-                stream.retire()
-            stub, token = self._stubs[index], self._token
-            stream = slots[turn] = RouteStream(
-                lambda: stub.RouteStream(metadata=_auth(grpc.aio.Metadata(), token))
-            )
+        channel = self.channels.channel(index)
+        held = slots[turn]
+        if held is not None and held[0].usable and held[1] is channel:
+            return held[0]
+        if held is not None:
+            held[0].retire()
+        stub, metadata = self.channels.stub(index), self.channels.metadata
+        stream = RouteStream(lambda: stub.RouteStream(metadata=metadata()))
+        slots[turn] = (stream, channel)
         return stream
-
-    def _retire_streams(self, index: int) -> None:
-        slots = self._streams[index]
-        for turn, stream in enumerate(slots):
-            if stream is not None:
-                stream.retire()
-                slots[turn] = None
-
-    @staticmethod
-    def _route_once(
-        stub: BrokerAsyncStub, request: pb.RouteRequest, timeout: float, token: BrokerToken
-    ) -> Awaitable[pb.RouteResponse]:
-        return telemetry.traced_unary(
-            ROUTE, lambda metadata: stub.Route(request, timeout=timeout, metadata=_auth(metadata, token))
-        )
 
     async def _send_batch(self, batch: list[Report]) -> list[Report]:
         """Send a batch; answers what could not be sent, in order."""
-        index = self._order("report")[0]
+        index = self.channels.order("report")[0]
         marked = self._no_batch.get(index)
         if marked is None or time.monotonic() - marked >= BATCH_RETRY_S:
             unsent = await self._report_connections(index, batch)
@@ -486,12 +413,12 @@ class BrokerClient(QueuedReports):
             for _, r in batch
         ]
         request = pb.ReportConnectionsRequest(proxy_id=self.proxy_id, events=events)
-        stub = self._stubs[index]
+        stub = self.channels.stub(index)
         try:
             answer = await telemetry.traced_unary(
                 REPORT_CONNECTIONS,
                 lambda metadata: stub.ReportConnections(
-                    request, timeout=self.report_timeout_s, metadata=_auth(metadata, self._token)
+                    request, timeout=self.report_timeout_s, metadata=self.channels.metadata(metadata)
                 ),
             )
         except grpc.aio.AioRpcError as exc:
@@ -525,8 +452,8 @@ class BrokerClient(QueuedReports):
 
     async def _send_in_order(self, reports: list[Report]) -> list[Report]:
         for i, (kind, request) in enumerate(reports):
-            index = self._order("report")[0]
-            stub = self._stubs[index]
+            index = self.channels.order("report")[0]
+            stub = self.channels.stub(index)
             try:
                 await telemetry.traced_unary(f"{SERVICE}/{_SINGLE[kind]}", self._single(stub, request))
             except grpc.aio.AioRpcError as exc:
@@ -541,14 +468,12 @@ class BrokerClient(QueuedReports):
     def _single(
         self, stub: BrokerAsyncStub, request: pb.ConnectionOpenedRequest | pb.ConnectionClosedRequest
     ) -> Callable[[grpc.aio.Metadata], Awaitable[Message]]:
-        timeout, token = self.report_timeout_s, self._token
+        timeout, with_token = self.report_timeout_s, self.channels.metadata
         if isinstance(request, pb.ConnectionOpenedRequest):
             return lambda metadata: stub.ConnectionOpened(
-                request, timeout=timeout, metadata=_auth(metadata, token)
+                request, timeout=timeout, metadata=with_token(metadata)
             )
-        return lambda metadata: stub.ConnectionClosed(
-            request, timeout=timeout, metadata=_auth(metadata, token)
-        )
+        return lambda metadata: stub.ConnectionClosed(request, timeout=timeout, metadata=with_token(metadata))
 
     # -- heartbeats ----------------------------------------------------------------------------
 
@@ -561,15 +486,15 @@ class BrokerClient(QueuedReports):
         return lambda stub: telemetry.traced_unary(
             HEARTBEAT,
             lambda metadata: stub.ProxyHeartbeat(
-                request, timeout=self.report_timeout_s, metadata=_auth(metadata, self._token)
+                request, timeout=self.report_timeout_s, metadata=self.channels.metadata(metadata)
             ),
         )
 
     async def _call_any(self, call: Callable[[BrokerAsyncStub], Awaitable[M]]) -> M:
         last: grpc.aio.AioRpcError | None = None
-        for index in self._order("report"):
+        for index in self.channels.order("report"):
             try:
-                return await call(self._stubs[index])
+                return await call(self.channels.stub(index))
             except grpc.aio.AioRpcError as exc:
                 last = exc
         assert last is not None
@@ -577,11 +502,7 @@ class BrokerClient(QueuedReports):
 
     async def close(self) -> None:
         for slots in self._streams:
-            for stream in slots:
-                if stream is not None:
-                    stream.close()
-        for task in list(self._retiring):
-            task.cancel()  # closes the replaced channels now
-        await asyncio.gather(*self._retiring, return_exceptions=True)
-        for channel in self._channels:
-            await channel.close()
+            for held in slots:
+                if held is not None:
+                    held[0].close()
+        await self.channels.close()

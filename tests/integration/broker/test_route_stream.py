@@ -36,7 +36,7 @@ async def test_the_stream_and_unary_route_give_one_answer_per_connection(
         try:
             requests = [request(f"user{n}") for n in range(40)]
             answers = await asyncio.gather(*(streamed.route(r) for r in requests))
-            stream = next(s for s in streamed._streams[0] if s is not None)
+            stream = next(held[0] for held in streamed._streams[0] if held is not None)
             assert stream.calls_written == 40
             assert stream.messages_written < 40
             assert not streamed._no_stream

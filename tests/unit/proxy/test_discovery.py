@@ -84,22 +84,22 @@ async def test_a_broker_restarted_on_its_address_is_used_again(scheme: str) -> N
 async def test_a_failing_dns_channel_is_replaced_by_one_that_resolves_again(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="rdbroker_proxy")
+    caplog.set_level(logging.INFO, logger="rdbroker_common.broker_channels")
     port = free_port()
     target = f"dns:///127.0.0.1:{port}"
     clock = Clock()
     client = BrokerClient([target], proxy_id="p", route_timeout_s=1.0, route_attempt_timeout_s=0.5)
-    client._renewal = Renewal(5.0, clock)
+    client.channels.renewal = Renewal(5.0, clock)
     try:
-        first = client._channels[0]
+        first = client.channels.channel(0)
         with pytest.raises(BrokerUnavailable):  # nobody listens: the channel fails
             await client.route(request("c1"))
         assert first.get_state() is grpc.ChannelConnectivity.TRANSIENT_FAILURE
-        assert client._channels[0] is first  # not failing for the interval yet
+        assert client.channels.channel(0) is first  # not failing for the interval yet
         clock.now += 5.0
         with pytest.raises(BrokerUnavailable):
             await client.route(request("c2"))
-        assert client._channels[0] is not first
+        assert client.channels.channel(0) is not first
         assert f"broker channel to {target} failing: a new one resolves the name again" in caplog.text
         directory = Directory({"": [SERVER]})
         async with fake_broker(directory, port=port):

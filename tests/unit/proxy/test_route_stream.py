@@ -24,7 +24,7 @@ def request(user: str, pool: str = "") -> pb.RouteRequest:
 
 
 def streams_of(client: BrokerClient, index: int = 0) -> list[route_stream.RouteStream]:
-    return [s for s in client._streams[index] if s is not None]
+    return [held[0] for held in client._streams[index] if held is not None]
 
 
 async def test_calls_in_flight_share_messages_and_get_their_own_answers() -> None:

@@ -59,7 +59,8 @@ async def test_the_next_route_uses_the_renewed_credentials(
                 with pytest.raises(BrokerUnavailable):
                     await client.route(request)
                 assert broker.route_calls == 0
-        assert len(client._retiring) == (1 if follow else 0)  # the old channel, closing after its grace
+        # the old channel, closing after its grace
+        assert len(client.channels._retiring) == (1 if follow else 0)
     finally:
         await client.close()
-    assert not client._retiring
+    assert not client.channels._retiring
