@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/route_bench.py [--users 4000] [--concurrency 32] [--servers 20]
                                           [--rate ROUTES_PER_S] [--history N] [--own-cluster]
+                                          [--stream]
                                           [--server-url postgresql://postgres@127.0.0.1:5432]
 
 Creates a throwaway database, migrates it, declares a farm, starts `python -m rdbroker_broker`, then
@@ -29,7 +30,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -43,6 +44,8 @@ from rdbroker_broker.db.engine import make_engine
 from rdbroker_broker.farm import Farm, apply_farm
 from rdbroker_proto.v1 import broker_pb2 as pb
 from rdbroker_proto.v1 import broker_pb2_grpc
+from rdbroker_proxy.errors import BrokerUnavailable, RouteRefused
+from rdbroker_proxy.routing import BrokerClient
 
 
 def free_port() -> int:
@@ -149,9 +152,25 @@ async def broker(url: str, pool_size: int) -> AsyncIterator[tuple[int, psutil.Pr
         log.close()
 
 
-async def phase(
-    stub: broker_pb2_grpc.BrokerAsyncStub, users: int, concurrency: int, tag: str
-) -> tuple[float, list[float]]:
+# One Route call with a deadline: the unary stub's, or the proxy's client (RouteStream) with --stream.
+RouteCall = Callable[[pb.RouteRequest, float], Awaitable[object]]
+
+
+def unary(stub: broker_pb2_grpc.BrokerAsyncStub) -> RouteCall:
+    return lambda request, timeout_s: stub.Route(request, timeout=timeout_s)
+
+
+def streamed(client: BrokerClient) -> RouteCall:
+    """The proxy's own broker client: Route calls batched on its RouteStream."""
+
+    async def call(request: pb.RouteRequest, timeout_s: float) -> object:
+        client.route_timeout_s = client.route_attempt_timeout_s = timeout_s
+        return await client.route(request)
+
+    return call
+
+
+async def phase(stub: RouteCall, users: int, concurrency: int, tag: str) -> tuple[float, list[float]]:
     latencies: list[float] = []
     queue: asyncio.Queue[int] = asyncio.Queue()
     for u in range(users):
@@ -165,7 +184,7 @@ async def phase(
                 return
             request = pb.RouteRequest(connection_id=f"{tag}-{u}", proxy_id="bench", cookie=f"CORP\\user{u}")
             start = time.perf_counter()
-            await stub.Route(request, timeout=30)
+            await stub(request, 30)
             latencies.append(time.perf_counter() - start)
 
     start = time.perf_counter()
@@ -176,7 +195,7 @@ async def phase(
 
 
 async def paced(
-    stub: broker_pb2_grpc.BrokerAsyncStub,
+    stub: RouteCall,
     users: int,
     rate: float,
     tag: str,
@@ -190,9 +209,12 @@ async def paced(
     async def call(u: int, due: float) -> None:
         request = pb.RouteRequest(connection_id=f"{tag}-{u}", proxy_id="bench", cookie=f"CORP\\user{u}")
         try:
-            await stub.Route(request, timeout=timeout_s)
+            await stub(request, timeout_s)
         except grpc.aio.AioRpcError as exc:
             failed[exc.code().name] += 1
+            return
+        except (RouteRefused, BrokerUnavailable) as exc:
+            failed[type(exc).__name__] += 1
             return
         latencies.append(time.perf_counter() - due)
 
@@ -227,7 +249,7 @@ async def measured(
     name: str,
     process: psutil.Process,
     database: str,
-    stub: broker_pb2_grpc.BrokerAsyncStub,
+    stub: RouteCall,
     users: int,
     concurrency: int,
     tag: str,
@@ -294,6 +316,11 @@ async def main() -> None:
         help="a throwaway PostgreSQL cluster with stock settings (autovacuum on, fsync on) instead of "
         "--server-url, whose server may be tuned for tests",
     )
+    parser.add_argument(
+        "--stream",
+        action="store_true",
+        help="route with the proxy's broker client (calls batched on RouteStream) instead of unary Route",
+    )
     args = parser.parse_args()
     with contextlib.ExitStack() as stack:
         server_url = args.server_url.rstrip("/")
@@ -323,14 +350,17 @@ async def run(args: argparse.Namespace, server_url: str) -> None:
         async with (
             broker(url, pool_size) as (port, process),
             grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel,
+            contextlib.AsyncExitStack() as stack,
         ):
-            stub = broker_pb2_grpc.BrokerStub(channel)
+            client = BrokerClient([f"127.0.0.1:{port}"], proxy_id="bench")
+            stack.push_async_callback(client.close)
+            stub = streamed(client) if args.stream else unary(broker_pb2_grpc.BrokerStub(channel))
             await phase(stub, 200, args.concurrency, "warm")  # warm-up: connections, prepared statements
             load = (
                 f"{args.rate:.0f} calls/s open loop"
                 if args.rate > 0
                 else f"{args.concurrency} concurrent clients"
-            )
+            ) + (", on the proxy's RouteStream" if args.stream else ", unary Route")
             sys.stdout.write(
                 f"broker on PostgreSQL, {args.servers} servers, {load}, "
                 f"database pool {pool_size}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}\n"

@@ -28,17 +28,9 @@ from rdbroker_health import metrics as health_metrics
 from rdbroker_health.errors import BrokerRefused
 from rdbroker_health.errors import BrokerUnavailable as HealthUnavailable
 from rdbroker_proto.v1 import broker_pb2 as pb
-from rdbroker_proxy import metrics as proxy_metrics
 from rdbroker_proxy.errors import BrokerUnavailable, RouteRefused
-from rdbroker_proxy.routing import (
-    MAX_ROUTE_PAUSE_S,
-    REPORT_LINGER_S,
-    RETRY_PAUSE_S,
-    RETRYABLE,
-    QueuedReports,
-    Report,
-    held_until,
-)
+from rdbroker_proxy.reports import REPORT_LINGER_S, QueuedReports, Report
+from rdbroker_proxy.routing import RETRYABLE, Unanswered, route_in_rounds
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +89,11 @@ class ProxyBroker(QueuedReports):
         retried with the same request until the deadline (Route is idempotent on connection_id); any
         other code refuses the client."""
         loop = asyncio.get_running_loop()
-        started = loop.time()
-        deadline = started + self.route_timeout_s
-        pause = RETRY_PAUSE_S
-        last: LocalStatus | None = None
-        while (remaining := deadline - loop.time()) > 0:
+
+        async def once(deadline: float) -> pb.RouteResponse:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise Unanswered("deadline reached")
             try:
                 return await self._call(
                     lambda s: s.route(request), min(remaining, self.route_attempt_timeout_s)
@@ -109,15 +101,9 @@ class ProxyBroker(QueuedReports):
             except LocalStatus as exc:
                 if exc.code not in RETRYABLE:
                     raise RouteRefused(exc.code, exc.details) from exc
-                last = exc
-                deadline = held_until(deadline, started, start_wait_s(exc.trailing))
-            if deadline - loop.time() <= pause:
-                break
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, MAX_ROUTE_PAUSE_S)
-        detail = f"{last.code.name}: {last.details}" if last is not None else "deadline reached"
-        proxy_metrics.broker_unreachable.add(1, proxy_metrics.UNREACHABLE_ROUTE)
-        raise BrokerUnavailable(f"no broker answered Route: {detail}")
+                raise Unanswered(f"{exc.code.name}: {exc.details}", start_wait_s(exc.trailing)) from exc
+
+        return await route_in_rounds(once, self.route_timeout_s)
 
     async def _send_batch(self, batch: list[Report]) -> list[Report]:
         events = [

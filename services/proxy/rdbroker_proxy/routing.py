@@ -7,11 +7,8 @@ Route goes on a RouteStream per broker (`route_stream.py`: the calls waiting at 
 message) or, with a broker without it, as a unary call; either way it is retried on another broker
 with the same connection_id (the broker is idempotent on it), within one overall deadline.
 
-Opened/Closed reports go into a bounded queue drained by one background task: the data path only
-appends. A broker that is briefly away delays reports; it does not lose them unless the queue
-overflows, and what overflows is counted and logged. Each drain sends up to REPORT_BATCH reports in
-one ReportConnections call (one gRPC call instead of one per report); a broker without that RPC gets
-the single ConnectionOpened/Closed calls.
+Opened/Closed reports go through the queue of `reports.py`, up to REPORT_BATCH in one
+ReportConnections call; a broker without that RPC gets the single ConnectionOpened/Closed calls.
 
 With `token`, each call carries `authorization: Bearer <token>` (the broker's proxy role); a token file is
 looked at at most every few seconds, never per call.
@@ -24,16 +21,14 @@ about 100 us of CPU per call, spans or not.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from abc import ABC, abstractmethod
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import Message
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
 from rdbroker_common import telemetry, tls
 from rdbroker_common.broker_channels import BrokerChannels
@@ -43,6 +38,7 @@ from rdbroker_proto.v1 import broker_pb2 as pb
 from rdbroker_proto.v1.broker_pb2_grpc import BrokerStub
 from rdbroker_proxy import metrics
 from rdbroker_proxy.errors import BrokerUnavailable, RouteRefused
+from rdbroker_proxy.reports import REPORT_LINGER_S, RETRY_PAUSE_S, QueuedReports, Report
 from rdbroker_proxy.route_stream import RouteStream, StreamUnsupported
 
 if TYPE_CHECKING:
@@ -54,17 +50,9 @@ M = TypeVar("M", bound=Message)
 
 # A broker that failed with one of these may be down or cut off: another broker may answer.
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
-# A report the broker answered with any other code (NOT_FOUND, ABORTED, INVALID_ARGUMENT, ...) would
-# be refused again: it is dropped and counted, so one bad report cannot stall the queue behind it.
-REPORT_BATCH = 64  # reports per ReportConnections call (the broker takes up to 1000)
-# A short batch waits this long to fill up: without it a busy proxy sent a call per 3-5 reports.
-REPORT_LINGER_S = 0.02
 BATCH_RETRY_S = 60.0  # a broker that answered UNIMPLEMENTED is asked again after this (it may be upgraded)
-RETRY_PAUSE_S = 0.05
-MAX_BACKOFF_S = 5.0
 MAX_ROUTE_PAUSE_S = 0.5  # between Route rounds over every broker
 DNS_STREAMS = 4  # RouteStream calls kept per `dns:///` target, so several brokers share its calls
-HEARTBEAT_RETRY_S = 0.5  # the first pause after a failed heartbeat (then doubling up to the interval)
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
@@ -80,13 +68,53 @@ HEARTBEAT = f"{SERVICE}/ProxyHeartbeat"
 
 _SINGLE = {"opened": "ConnectionOpened", "closed": "ConnectionClosed"}
 
-ReportKind = Literal["opened", "closed"]
-Report = tuple[ReportKind, pb.ConnectionOpenedRequest | pb.ConnectionClosedRequest]
-
 
 def held_until(deadline: float, started: float, start_wait_s: float) -> float:
     """The Route deadline once a broker asked to hold the user `start_wait_s` (0: unchanged)."""
     return max(deadline, started + start_wait_s) if start_wait_s > 0 else deadline
+
+
+class Unanswered(Exception):
+    """A round of Route tries that no broker answered, each failing with a retryable code."""
+
+    def __init__(self, detail: str, start_wait_s: float = 0.0) -> None:
+        super().__init__(detail)
+        self.start_wait_s = start_wait_s  # a broker asked to hold the user this long (0: none)
+
+
+async def route_in_rounds(
+    round_: Callable[[float], Awaitable[pb.RouteResponse]], timeout_s: float
+) -> pb.RouteResponse:
+    """`round_(deadline)` (every broker in turn) round after round until one answers, with tenacity:
+    a pause of RETRY_PAUSE_S doubling up to MAX_ROUTE_PAUSE_S between rounds, none begun that the
+    deadline would cut, so a restarting broker (or every channel in reconnect backoff) is waited for,
+    not given up on. A round that met a hold (a server being started) moves the deadline to that long
+    after the start. RouteRefused passes through; a deadline reached raises BrokerUnavailable."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    deadline = started + timeout_s
+
+    def out_of_time(state: RetryCallState) -> bool:
+        nonlocal deadline
+        failure = state.outcome.exception() if state.outcome is not None else None
+        if isinstance(failure, Unanswered):
+            deadline = held_until(deadline, started, failure.start_wait_s)
+        return deadline - loop.time() <= state.upcoming_sleep
+
+    retrying = AsyncRetrying(
+        retry=retry_if_exception_type(Unanswered),
+        wait=wait_exponential(multiplier=RETRY_PAUSE_S, min=RETRY_PAUSE_S, max=MAX_ROUTE_PAUSE_S),
+        stop=out_of_time,
+        reraise=True,
+    )
+    try:
+        async for attempt in retrying:
+            with attempt:
+                return await round_(deadline)
+    except Unanswered as exc:
+        metrics.broker_unreachable.add(1, metrics.UNREACHABLE_ROUTE)
+        raise BrokerUnavailable(f"no broker answered Route: {exc}") from exc
+    raise AssertionError("tenacity ended without an outcome")  # reraise=True: never reached
 
 
 class Broker(Protocol):
@@ -116,150 +144,6 @@ class Broker(Protocol):
     async def run_heartbeats(self, connection_ids: Callable[[], Sequence[str]]) -> None: ...
 
     async def close(self) -> None: ...
-
-
-class QueuedReports(ABC):
-    """The report queue and the heartbeat loop, whatever carries the calls: a subclass sends a batch
-    (`_send_batch`) and a heartbeat (`_heartbeat`)."""
-
-    def __init__(
-        self,
-        proxy_id: str,
-        *,
-        report_buffer: int = 10000,
-        report_linger_s: float = REPORT_LINGER_S,
-        heartbeat_interval_s: float = 5.0,
-    ) -> None:
-        self.proxy_id = proxy_id
-        self.report_buffer = report_buffer
-        self.report_linger_s = report_linger_s
-        self.heartbeat_interval_s = heartbeat_interval_s
-        self._reports: deque[Report] = deque()
-        self._wakeup = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self.dropped_reports = 0  # past the buffer bound
-        self.rejected_reports = 0  # refused by a broker
-        self.sent_reports = 0
-        self._last_drop_log = 0.0
-
-    @abstractmethod
-    async def _send_batch(self, batch: list[Report]) -> list[Report]:
-        """Send a batch; answers what could not be sent, in order."""
-
-    @abstractmethod
-    async def _heartbeat(self, request: pb.ProxyHeartbeatRequest) -> pb.ProxyHeartbeatResponse:
-        """One heartbeat; raises BrokerUnavailable."""
-
-    # -- reports -------------------------------------------------------------------------------
-
-    def report_opened(self, request: pb.ConnectionOpenedRequest) -> None:
-        self._enqueue(("opened", request))
-
-    def report_closed(self, request: pb.ConnectionClosedRequest) -> None:
-        self._enqueue(("closed", request))
-
-    @property
-    def pending_reports(self) -> int:
-        return len(self._reports)
-
-    def _enqueue(self, report: Report) -> None:
-        if len(self._reports) >= self.report_buffer:
-            self._reports.popleft()  # the oldest goes first: newer reports describe the present
-            self.dropped_reports += 1
-            metrics.report_drops.add(1, metrics.DROP_BUFFER_FULL)
-            now = time.monotonic()
-            if now - self._last_drop_log >= 10.0:
-                self._last_drop_log = now
-                log.warning(
-                    "report buffer full: dropping the oldest reports",
-                    extra={"dropped_reports": self.dropped_reports, "report_buffer": self.report_buffer},
-                )
-        self._reports.append(report)
-        self._idle.clear()
-        self._wakeup.set()
-
-    async def run_reports(self) -> None:
-        """Drain the report queue forever (cancel to stop; `flush()` first to send what is left)."""
-        backoff = RETRY_PAUSE_S
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while self._reports:
-                if len(self._reports) < REPORT_BATCH and self.report_linger_s > 0:
-                    await asyncio.sleep(self.report_linger_s)
-                batch = [self._reports.popleft() for _ in range(min(REPORT_BATCH, len(self._reports)))]
-                unsent = await self._send_batch(batch)
-                if unsent:
-                    self._reports.extendleft(reversed(unsent))
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, MAX_BACKOFF_S)
-                else:
-                    backoff = RETRY_PAUSE_S
-            self._idle.set()
-
-    async def flush(self, timeout_s: float) -> bool:
-        """Wait until every queued report is sent (True) or the timeout passes (False)."""
-        if not self._reports and self._idle.is_set():
-            return True
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_s):
-                await self._idle.wait()
-                return True
-        return False
-
-    def _rejected(
-        self, kind: ReportKind, report: pb.ConnectionOpenedRequest | pb.ConnectionClosedRequest, reason: str
-    ) -> None:
-        self.rejected_reports += 1
-        metrics.report_drops.add(1, metrics.DROP_REJECTED)
-        log.warning(
-            "broker rejected a %s report: %s", kind, reason, extra={"connection_id": report.connection_id}
-        )
-
-    def _answered(self, batch: list[Report], answer: pb.ReportConnectionsResponse) -> None:
-        """Count a batch the broker took, logging each event it refused."""
-        reasons = list(answer.rejected_reasons)
-        refused: set[int] = set()
-        for n, position in enumerate(answer.rejected):
-            if position < len(batch) and position not in refused:  # a broker's answer is input too
-                refused.add(position)
-                self._rejected(*batch[position], reasons[n] if n < len(reasons) else "refused")
-        self.sent_reports += len(batch) - len(refused)
-
-    # -- heartbeats ----------------------------------------------------------------------------
-
-    async def run_heartbeats(self, connection_ids: Callable[[], Sequence[str]]) -> None:
-        """Heartbeat now and then every interval the broker asks for (cancel to stop).
-
-        A missed heartbeat is not queued: the next one carries the current state. After a failure
-        the next try comes sooner (HEARTBEAT_RETRY_S, doubling up to the interval), so a broker or
-        database that comes back hears this proxy within a second or so, long before it could judge
-        it silent.
-        """
-        interval = self.heartbeat_interval_s
-        retry = HEARTBEAT_RETRY_S
-        failing = False
-        while True:
-            ids = list(connection_ids())
-            request = pb.ProxyHeartbeatRequest(
-                proxy_id=self.proxy_id, active_connections=len(ids), connection_ids=ids
-            )
-            try:
-                answer = await self._heartbeat(request)
-                if answer.heartbeat_interval_ms:
-                    interval = min(max(answer.heartbeat_interval_ms / 1000, 0.1), 300.0)
-            except BrokerUnavailable as exc:
-                metrics.broker_unreachable.add(1, metrics.UNREACHABLE_HEARTBEAT)
-                log.log(logging.DEBUG if failing else logging.WARNING, "heartbeat failed: %s", exc)
-                failing = True
-                await asyncio.sleep(min(retry, interval))
-                retry = min(retry * 2, interval)
-                continue
-            if failing:
-                log.info("heartbeats work again")
-                failing, retry = False, HEARTBEAT_RETRY_S
-            await asyncio.sleep(interval)
 
 
 class BrokerClient(QueuedReports):
@@ -325,39 +209,31 @@ class BrokerClient(QueuedReports):
         just waits.
         """
         loop = asyncio.get_running_loop()
-        started = loop.time()
-        deadline = started + self.route_timeout_s
-        last: grpc.aio.AioRpcError | None = None
-        # Every broker in turn, round after round with a growing pause, until the deadline: a
-        # restarting broker (or every channel in reconnect backoff) is waited for, not given up on.
-        pause = RETRY_PAUSE_S
-        while deadline - loop.time() > 0:
+
+        async def every_broker(deadline: float) -> pb.RouteResponse:
+            last: grpc.aio.AioRpcError | None = None
+            hold = 0.0
             for index in self.channels.order("route"):
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
-                timeout = min(remaining, self.route_attempt_timeout_s)
                 try:
-                    return await self._route_at(index, request, timeout)
+                    return await self._route_at(index, request, min(remaining, self.route_attempt_timeout_s))
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() not in RETRYABLE:
                         raise RouteRefused(exc.code(), exc.details() or "") from exc
                     last = exc
-                    deadline = held_until(deadline, started, start_wait_s(exc.trailing_metadata()))
+                    hold = max(hold, start_wait_s(exc.trailing_metadata()))
                     log.debug(
                         "broker %s failed Route: %s",
                         self.addresses[index],
                         exc.code().name,
                         extra={"connection_id": request.connection_id},
                     )
-            remaining = deadline - loop.time()
-            if remaining <= pause:
-                break
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, MAX_ROUTE_PAUSE_S)
-        detail = f"{last.code().name}: {last.details()}" if last is not None else "deadline reached"
-        metrics.broker_unreachable.add(1, metrics.UNREACHABLE_ROUTE)
-        raise BrokerUnavailable(f"no broker answered Route: {detail}")
+            detail = f"{last.code().name}: {last.details()}" if last is not None else "deadline reached"
+            raise Unanswered(detail, hold)
+
+        return await route_in_rounds(every_broker, self.route_timeout_s)
 
     async def _route_at(self, index: int, request: pb.RouteRequest, timeout_s: float) -> pb.RouteResponse:
         """One Route try at one broker: on its RouteStream, else (off, or an older broker) unary."""

@@ -22,7 +22,8 @@ from rdbroker_health.errors import BrokerRefused
 from rdbroker_health.rpc.broker_client import BrokerClient as HealthClient
 from rdbroker_proto.v1 import broker_pb2 as pb
 from rdbroker_proxy.errors import BrokerUnavailable, RouteRefused
-from rdbroker_proxy.routing import BrokerClient, QueuedReports
+from rdbroker_proxy.reports import QueuedReports
+from rdbroker_proxy.routing import BrokerClient
 from rdbroker_rdp import encode_routing_token
 from tests.integration.broker.conftest import seed, server, settings_for, until_a_statement_waits_on_a_lock
 

@@ -11,7 +11,8 @@ import pytest
 
 from rdbroker_proto.v1 import broker_pb2 as pb
 from rdbroker_proxy.errors import BrokerUnavailable, RouteRefused
-from rdbroker_proxy.routing import REPORT_BATCH, BrokerClient
+from rdbroker_proxy.reports import REPORT_BATCH
+from rdbroker_proxy.routing import BrokerClient
 from tests.support.postgres import free_port
 from tests.unit.proxy.fake_broker import Directory, fake_broker
 from tests.unit.proxy.support import wait_until

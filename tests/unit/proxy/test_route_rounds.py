@@ -1,0 +1,73 @@
+"""route_in_rounds (tenacity): Route rounds over the brokers until one answers, a refusal at once, the
+deadline honoured, and a hold (a server being started) moving the deadline."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from rdbroker_proto.v1 import broker_pb2 as pb
+from rdbroker_proxy.errors import BrokerUnavailable, RouteRefused
+from rdbroker_proxy.routing import Unanswered, route_in_rounds
+
+ANSWER = pb.RouteResponse(server_address="10.0.0.1:3389", session_id="s1")
+
+
+async def test_rounds_go_on_until_one_answers() -> None:
+    deadlines: list[float] = []
+
+    async def round_(deadline: float) -> pb.RouteResponse:
+        deadlines.append(deadline)
+        if len(deadlines) < 3:
+            raise Unanswered("UNAVAILABLE: restarting")
+        return ANSWER
+
+    assert await route_in_rounds(round_, 5.0) == ANSWER
+    assert len(deadlines) == 3
+    assert len(set(deadlines)) == 1  # no hold: the same deadline each round
+
+
+async def test_a_refusal_ends_the_rounds_at_once() -> None:
+    rounds = 0
+
+    async def round_(deadline: float) -> pb.RouteResponse:
+        nonlocal rounds
+        rounds += 1
+        raise RouteRefused(grpc.StatusCode.NOT_FOUND, "no pool")
+
+    with pytest.raises(RouteRefused):
+        await route_in_rounds(round_, 5.0)
+    assert rounds == 1
+
+
+async def test_no_round_begins_past_the_deadline() -> None:
+    loop = asyncio.get_running_loop()
+    starts: list[float] = []
+
+    async def round_(deadline: float) -> pb.RouteResponse:
+        starts.append(loop.time())
+        raise Unanswered("DEADLINE_EXCEEDED: slow")
+
+    began = loop.time()
+    with pytest.raises(BrokerUnavailable, match="no broker answered Route: DEADLINE_EXCEEDED: slow"):
+        await route_in_rounds(round_, 0.3)
+    assert len(starts) >= 2  # paused and tried again
+    assert all(start < began + 0.3 for start in starts)
+
+
+async def test_a_hold_moves_the_deadline() -> None:
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    deadlines: list[float] = []
+
+    async def round_(deadline: float) -> pb.RouteResponse:
+        deadlines.append(deadline)
+        if loop.time() - began < 0.4:  # the server starts after the first deadline (0.2 s)
+            raise Unanswered("UNAVAILABLE: starting", start_wait_s=1.0)
+        return ANSWER
+
+    assert await route_in_rounds(round_, 0.2) == ANSWER
+    assert deadlines[0] == pytest.approx(began + 0.2, abs=0.05)
+    assert deadlines[-1] == pytest.approx(began + 1.0, abs=0.05)
