@@ -39,7 +39,9 @@ def add_settings_flags(
         env = f"{prefix}{name}".upper()
         default = "" if info.default_factory is not None else f", default {_shown(info.default)}"
         help_ = f"{info.description + ' ' if info.description else ''}[{env}{default}]"
-        if info.annotation is bool:
+        if info.annotation is bool and info.default is True:  # on by default: `--no-<name>` turns it off
+            parser.add_argument(flag(name), dest=name, action=argparse.BooleanOptionalAction, help=help_)
+        elif info.annotation is bool:
             parser.add_argument(flag(name), dest=name, action="store_const", const=True, help=help_)
         else:
             parser.add_argument(flag(name), dest=name, metavar="VALUE", help=help_)

@@ -15,6 +15,7 @@ class Example(ServiceSettings):
     listen: str = "127.0.0.1:1"
     timeout_s: float = Field(default=5.0, gt=0, description="how long to wait")
     migrate: bool = False
+    stream: bool = True
     admin_token: SecretStr = SecretStr("")
 
 
@@ -30,6 +31,16 @@ def test_defaults_then_environment_then_flags(monkeypatch: pytest.MonkeyPatch) -
     assert (from_env.timeout_s, from_env.listen) == (7.0, "127.0.0.1:2")
     from_flags = parse(["--timeout-s", "9", "--migrate"])
     assert (from_flags.timeout_s, from_flags.listen, from_flags.migrate) == (9.0, "127.0.0.1:2", True)
+
+
+def test_a_setting_on_by_default_is_turned_off_by_its_no_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert parse([]).stream is True
+    assert parse(["--no-stream"]).stream is False
+    monkeypatch.setenv("RDBROKER_STREAM", "false")
+    assert parse([]).stream is False
+    assert parse(["--stream"]).stream is True  # the flag wins over the environment
+    with pytest.raises(SystemExit):
+        parse(["--no-migrate"])  # off by default: no such flag
 
 
 def test_a_bad_value_is_a_validation_error_naming_the_field() -> None:
