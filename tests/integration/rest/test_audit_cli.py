@@ -48,7 +48,8 @@ def test_the_cli_changes_and_lists_the_trail(live_broker: LiveBroker, capsys, mo
     code, _, err = run(capsys, "audit", "--token", READ)
     assert (code, err) == (
         1,
-        "rdbroker: 403 Admin token required: this change needs the admin token; the read token only reads\n",
+        "rdbroker: 403 Admin token required: this read needs the admin token; "
+        "the read token reads the directory only\n",
     )
 
     log = live_broker.log.read_text()

@@ -36,7 +36,8 @@ def test_operator_session(live_broker: LiveBroker, capsys, monkeypatch):
     code, _, err = run(capsys, "servers", "drain", SERVERS[0])
     assert (code, err) == (
         1,
-        "rdbroker: 403 Admin token required: this change needs the admin token; the read token only reads\n",
+        "rdbroker: 403 Admin token required: this change needs the admin token; "
+        "the read token reads the directory only\n",
     )
     code, out, _ = run(capsys, "servers", "drain", SERVERS[0], "--token", ADMIN, "--json")
     assert (code, json.loads(out)["admin_state"]) == (0, "draining")

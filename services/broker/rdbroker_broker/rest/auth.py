@@ -54,8 +54,12 @@ def _check(request: Request, credentials: HTTPAuthorizationCredentials | None, a
         if not admin:
             _authenticated(request, READ_TOKEN, READ_ROLE)
             return
+        # Some reads are the admin's too (the audit trail): say which kind of request was refused.
+        what = "this read" if request.method in ("GET", "HEAD") else "this change"
         raise ApiError(
-            403, "Admin token required", "this change needs the admin token; the read token only reads"
+            403,
+            "Admin token required",
+            f"{what} needs the admin token; the read token reads the directory only",
         )
     detail = "send `Authorization: Bearer <token>`" if not given else "the token is not valid here"
     raise ApiError(401, "Authentication required", detail, {"WWW-Authenticate": "Bearer"})
