@@ -240,6 +240,7 @@ async def serve(
             set_stopping(rest)
             await health.enter_graceful_shutdown()
             http_server.should_exit = True
+            servicer.stopping.set()  # RouteStreams end once their calls are answered
             await grpc_server.stop(settings.shutdown_grace_s)
         sock.close()
     finally:

@@ -93,3 +93,27 @@ async def test_an_answer_leaves_while_the_proxy_keeps_the_stream_open() -> None:
     assert [a.call_id for a in message.answers] == [7]
     hold.set()
     assert await collect(stream) == []
+
+
+async def test_a_stopping_broker_answers_what_it_read_and_ends_the_stream() -> None:
+    hold, stopping, release = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    started: list[int] = []
+    both_started = asyncio.Event()
+
+    async def slow(call: pb.RouteCall) -> pb.RouteAnswer:
+        started.append(call.call_id)
+        if len(started) == 2:
+            both_started.set()
+        await release.wait()
+        return await echo(call)
+
+    # The proxy keeps writing (`hold`): without `stopping` this stream would stay open.
+    stream = route_stream.serve(feed(calls(1, 2), hold=hold), slow, stopping)
+    first = asyncio.ensure_future(anext(stream))
+    await asyncio.wait_for(both_started.wait(), 5)  # the calls are read and in flight
+    stopping.set()
+    release.set()
+    message = await asyncio.wait_for(first, 5)
+    rest = await asyncio.wait_for(collect(stream), 5)  # ends although the proxy never stopped writing
+    assert sorted(a.call_id for m in [message, *rest] for a in m.answers) == [1, 2]
+    assert not hold.is_set()

@@ -35,8 +35,12 @@ def refusal(call: pb.RouteCall, code: grpc.StatusCode, details: str) -> pb.Route
     return pb.RouteAnswer(call_id=call.call_id, code=code.value[0], details=details)
 
 
-async def serve(calls: AsyncIterable[pb.RouteCalls], answer: Answer) -> AsyncIterator[pb.RouteAnswers]:
-    """The answers to every call read from `calls`, until the proxy stops writing and all are answered."""
+async def serve(
+    calls: AsyncIterable[pb.RouteCalls], answer: Answer, stopping: asyncio.Event | None = None
+) -> AsyncIterator[pb.RouteAnswers]:
+    """The answers to every call read from `calls`, until the proxy stops writing (or `stopping` is set:
+    this broker shuts down) and all calls read are answered. Calls the proxy wrote after that fail
+    with the stream (UNAVAILABLE) and go to another broker, rather than keep this one in its grace."""
     ready: list[pb.RouteAnswer] = []
     woken = asyncio.Event()
     in_flight = 0
@@ -76,6 +80,9 @@ async def serve(calls: AsyncIterable[pb.RouteCalls], answer: Answer) -> AsyncIte
             woken.set()
 
     reader = asyncio.ensure_future(read())
+    watch = asyncio.ensure_future(stopping.wait()) if stopping is not None else None
+    if watch is not None:
+        watch.add_done_callback(lambda _: reader.cancel())
     try:
         while reading or in_flight or ready:
             await woken.wait()
@@ -86,6 +93,9 @@ async def serve(calls: AsyncIterable[pb.RouteCalls], answer: Answer) -> AsyncIte
                 batch = ready[:]
                 ready.clear()
                 yield pb.RouteAnswers(answers=batch)
-        await reader  # its failure (the stream broken under it) is the call's
+        if not reader.cancelled():
+            await reader  # its failure (the stream broken under it) is the call's
     finally:
         reader.cancel()
+        if watch is not None:
+            watch.cancel()

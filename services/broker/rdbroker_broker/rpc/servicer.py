@@ -124,6 +124,7 @@ class BrokerServicer(pb_grpc.BrokerServicer):
     def __init__(self, service: BrokerService, probes: ProbeService) -> None:
         self.service = service
         self.probes = probes
+        self.stopping = asyncio.Event()  # set when the broker shuts down: RouteStreams end
 
     @guarded
     async def Route(self, request: pb.RouteRequest, context: Context) -> pb.RouteResponse:
@@ -133,7 +134,7 @@ class BrokerServicer(pb_grpc.BrokerServicer):
         self, request_iterator: AsyncIterator[pb.RouteCalls], context: Context
     ) -> AsyncIterator[pb.RouteAnswers]:
         # Not `guarded`: the stream is not one call to run to completion; each call inside it is.
-        async for answers in route_stream.serve(request_iterator, self._stream_answer):
+        async for answers in route_stream.serve(request_iterator, self._stream_answer, self.stopping):
             yield answers
 
     async def _stream_answer(self, call: pb.RouteCall) -> pb.RouteAnswer:
