@@ -11,6 +11,15 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TypeVar
 
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    RetryError,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_none,
+)
+
 from rdbroker_broker.config import BrokerSettings
 from rdbroker_broker.errors import Conflict, DatabaseUnavailable
 from rdbroker_broker.store import Repos, Retryable, Store
@@ -29,6 +38,15 @@ MAX_TX_ATTEMPTS = 5
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+async def _at_once(_seconds: float) -> None:
+    """No pause between runs, not even a yield to the loop: the race's winner has committed."""
+
+
+def _log_race(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    log.debug("transaction lost a race, retrying (%s): %s", state.attempt_number, exc)
 
 
 class Core:
@@ -55,21 +73,35 @@ class Core:
 
     async def run_tx(self, work: Callable[[Repos], Awaitable[T]]) -> T:
         """Run `work` in a transaction, again when it loses a race (it then sees the winner's rows)."""
-        for attempt in range(MAX_TX_ATTEMPTS):
-            try:
-                async with self.store.transaction() as r:
-                    result = await work(r)
-                self.heard()
-                return result
-            except Retryable as exc:
-                if exc.connectivity and attempt >= 1:
-                    self.heard_since = None
-                    unavailable = DatabaseUnavailable("the database is unreachable")
-                    unavailable.__cause__ = exc
-                    self.store.database.failed(unavailable)
-                    raise unavailable from exc
-                log.debug("transaction lost a race, retrying (%s): %s", attempt + 1, exc)
-            except DatabaseUnavailable:
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(MAX_TX_ATTEMPTS),
+            wait=wait_none(),
+            sleep=_at_once,
+            retry=retry_if_exception_type(Retryable),
+            before_sleep=_log_race,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    result = await self._tx_once(work, attempt.retry_state.attempt_number)
+        except RetryError:
+            raise Conflict("too many concurrent changes to the same rows; retry the call") from None
+        return result
+
+    async def _tx_once(self, work: Callable[[Repos], Awaitable[T]], attempt: int) -> T:
+        try:
+            async with self.store.transaction() as r:
+                result = await work(r)
+        except Retryable as exc:
+            if exc.connectivity and attempt > 1:
                 self.heard_since = None
-                raise
-        raise Conflict("too many concurrent changes to the same rows; retry the call")
+                unavailable = DatabaseUnavailable("the database is unreachable")
+                unavailable.__cause__ = exc
+                self.store.database.failed(unavailable)
+                raise unavailable from exc
+            raise
+        except DatabaseUnavailable:
+            self.heard_since = None
+            raise
+        self.heard()
+        return result
