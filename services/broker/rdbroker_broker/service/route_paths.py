@@ -3,7 +3,8 @@ cases (a reconnect to the user's live session, a new placement), decides as the 
 would and stores the answer. Anything unusual is left to that path (None) with nothing written.
 
 One implementation per store behind `FastRoute`; the tests hold each one's answers equal to the
-transactional path's (tests/integration/broker/test_route_fast_path.py, test_embedded_sqlite.py).
+transactional path's (tests/integration/broker/test_fast_route_equivalence.py, test_route_fast_path.py,
+test_embedded_sqlite.py).
 """
 
 from __future__ import annotations
