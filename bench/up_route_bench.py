@@ -143,7 +143,7 @@ GROUPS = {
     "sqlalchemy": ("sqlalchemy/",),
     "aiosqlite + sqlite3": ("aiosqlite", "sqlite3"),
     "psycopg": ("psycopg",),
-    "broker use case": ("rdbroker_broker/service.py",),
+    "broker use case": ("rdbroker_broker/service/",),
     "proxy connection": ("rdbroker_proxy/connection.py",),
     "telemetry": ("opentelemetry",),
     "idle": ("select (", "epoll", "_run_once"),

@@ -37,7 +37,8 @@ from rdbroker_broker import domain as d
 from rdbroker_broker.agents import AgentCaller
 from rdbroker_broker.db.drain_repository import DrainRepository
 from rdbroker_broker.errors import BrokerError, Conflict, DatabaseUnavailable, InvalidInput, NotFound
-from rdbroker_broker.service import BrokerService, Change, audited
+from rdbroker_broker.service import BrokerService
+from rdbroker_broker.service.changes import Change, audited
 from rdbroker_broker.store import Repos
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,9 @@ from rdbroker_broker import assignments as a
 from rdbroker_broker import domain as d
 from rdbroker_broker.db.assignment_repository import AssignmentRepository
 from rdbroker_broker.errors import InvalidInput, NotFound
-from rdbroker_broker.service import BrokerService, account_candidates, pool_rules
+from rdbroker_broker.service import BrokerService
+from rdbroker_broker.service.common import pool_rules
+from rdbroker_broker.service.placement import account_candidates
 from rdbroker_broker.store import Repos
 
 TOP_CANDIDATES = 5
@@ -140,7 +142,7 @@ async def _explain(r: Repos, user: str, ip: a.IpAddress | None, asked: str, now:
 
 async def _account_match(r: Repos, pool: d.Pool, user: str, notes: list[str]) -> d.Session | None:
     """The live session another spelling of the account is stored under, as a Route finds it
-    (`BrokerService._account_match`), without relabelling it."""
+    (`service.placement.account_match`), without relabelling it."""
     found = await account_candidates(r, pool, user)
     if len(found) > 1:
         notes.append(f"{user!r} may be any of {len(found)} accounts' live sessions: a Route joins none")

@@ -23,7 +23,8 @@ from rdbroker_broker import audit
 from rdbroker_broker import domain as d
 from rdbroker_broker.agents import AgentAnswer, AgentCaller, action_url
 from rdbroker_broker.errors import Conflict, InvalidInput, NotFound
-from rdbroker_broker.service import BrokerService, Change, audited
+from rdbroker_broker.service import BrokerService
+from rdbroker_broker.service.changes import Change, audited
 from rdbroker_broker.store import Repos
 
 Action = Literal["logoff", "disconnect", "message"]

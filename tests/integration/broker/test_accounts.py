@@ -17,7 +17,7 @@ from rdbroker_broker.db.engine import make_engine
 from rdbroker_broker.db.tables import sessions
 from rdbroker_broker.errors import InvalidInput
 from rdbroker_broker.farm import apply_farm
-from rdbroker_broker.service import BrokerService, find_user_sessions
+from rdbroker_broker.service import BrokerService
 from rdbroker_broker.store import Store
 from tests.integration.broker.conftest import (
     Clock,
@@ -116,7 +116,7 @@ async def joins(service, engine, first: str, then: str) -> None:
     assert len(await live_rows(engine)) == 1
     # Found again by either spelling, on the lookups of both APIs.
     for name in (first, then):
-        (found,) = await find_user_sessions(service, name)
+        (found,) = await service.find_user_sessions(name)
         assert found.session_id == placed.session_id, name
         (found,) = await service.lookup_user_sessions(name)
         assert found.session_id == placed.session_id, name
@@ -334,9 +334,9 @@ async def test_lookup_in_a_named_pool_uses_that_pools_settings(service, engine):
     lab = d.Pool("lab", False, 3600.0)
     await seed(engine, server(A), server(B, pool="lab"), pools=(CORP, lab))
     placed = await route(service, "c1", "bob")
-    (found,) = await find_user_sessions(service, "bob@corp.example.com", pool="default")
+    (found,) = await service.find_user_sessions("bob@corp.example.com", pool="default")
     assert found.session_id == placed.session_id
-    assert await find_user_sessions(service, "bob@corp.example.com", pool="lab") == []
+    assert await service.find_user_sessions("bob@corp.example.com", pool="lab") == []
     assert await service.lookup_user_sessions("CORP\\bob", pool="lab") == []
 
 

@@ -9,7 +9,7 @@ from rdbroker_broker.agents import AgentCaller
 from rdbroker_broker.db import migrate
 from rdbroker_broker.db.engine import make_engine
 from rdbroker_broker.drains import Drainer, get_drain, start_drain
-from rdbroker_broker.service import BrokerService, get_server
+from rdbroker_broker.service import BrokerService
 from rdbroker_broker.store import Store
 from tests.integration.broker.conftest import Clock, seed, server, settings_for
 
@@ -41,7 +41,7 @@ async def test_a_drain_on_sqlite_waits_for_the_session_and_ends_in_maintenance(t
         await service.end_session(nameless.session_id, "expired")
         [done] = await other.advance_due()
         assert (done.step, done.sessions_left) == (d.DrainStep.DONE, 0)
-        assert (await get_server(service, A)).admin_state is d.AdminState.MAINTENANCE
+        assert (await service.get_server(A)).admin_state is d.AdminState.MAINTENANCE
         assert (await get_drain(service, A)).finished_at == clock.now
     finally:
         await engine.dispose()

@@ -59,19 +59,19 @@ def transactional_only(service: BrokerService, monkeypatch: pytest.MonkeyPatch) 
     async def undone(*args: Any, **kwargs: Any) -> bool:
         return False
 
-    monkeypatch.setattr(service, "_route_sqlite", not_here)
-    monkeypatch.setattr(service, "_reports_embedded", undone)
+    monkeypatch.setattr(service.routing.fast, "route", not_here)
+    monkeypatch.setattr(service.reports, "_reports_embedded", undone)
 
 
 def count_transactional_routes(service: BrokerService, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     taken: list[str] = []
-    real = service._route
+    real = service.routing._route
 
     async def counted(r: Any, request: d.RouteRequest, *args: Any) -> d.RouteDecision:
         taken.append(request.connection_id)
         return await real(r, request, *args)
 
-    monkeypatch.setattr(service, "_route", counted)
+    monkeypatch.setattr(service.routing, "_route", counted)
     return taken
 
 
@@ -300,7 +300,7 @@ async def test_an_ended_session_is_revived_unless_its_user_has_a_newer_one(sqlit
     await service.end_session(alice.session_id)
     await service.end_session(bob.session_id)
     newer = await service.route(d.RouteRequest("c3", proxy_id="p", cookie="bob"))
-    monkeypatch.setattr(service, "_reports_in_one", None)  # the hot path alone must answer
+    monkeypatch.setattr(service.reports, "_reports_in_one", None)  # the hot path alone must answer
     errors = await service.report_connections(
         [Opened(alice.session_id, "c1", "p"), Opened(bob.session_id, "c2", "p"), Opened("nosuch", "c9", "p")]
     )
@@ -333,13 +333,13 @@ async def test_a_batch_with_an_event_for_the_use_case_is_undone_and_applied_by_i
     async with engine.begin() as conn:
         await conn.execute(update(sessions).where(sessions.c.id == kim.session_id).values(pool="DEFAULT"))
     undone: list[bool] = []
-    real = service._reports_embedded
+    real = service.reports._reports_embedded
 
     async def watched(*args: Any) -> bool:
         undone.append(not await real(*args))
         return not undone[-1]
 
-    monkeypatch.setattr(service, "_reports_embedded", watched)
+    monkeypatch.setattr(service.reports, "_reports_embedded", watched)
     errors = await service.report_connections(
         [Closed(lee.session_id, "c2", 10, 6308, 30, ""), Closed(kim.session_id, "c1", 10, 6308, 30, "")]
     )
@@ -455,13 +455,13 @@ async def test_the_hot_path_finds_a_new_connection_after_the_pool_closed_its_own
 async def test_sessions_that_expire_together_end_in_small_batches(sqlite, monkeypatch):
     """On SQLite a statement holds the event loop: the sweep ends expired sessions a batch at a time
     (every one of them, and it counts them all)."""
-    from rdbroker_broker import service as service_module
+    from rdbroker_broker.service import sweeping
 
     service, engine, clock = sqlite
     await seed(engine, server(A), server(B))
     for n in range(5):
         await service.route(d.RouteRequest(f"c{n}", proxy_id="p", cookie=f"user{n}"))
-    monkeypatch.setattr(service_module, "SQLITE_EXPIRE_BATCH", 2)
+    monkeypatch.setattr(sweeping, "SQLITE_EXPIRE_BATCH", 2)
     batches: list[int] = []
     real = service.run_tx
 

@@ -12,12 +12,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from rdbroker_broker import assignments as a
 from rdbroker_broker import domain as d
-from rdbroker_broker import service as use_cases
 from rdbroker_broker.db import migrate
 from rdbroker_broker.db.engine import make_engine
 from rdbroker_broker.errors import InvalidInput, NoCapacity
 from rdbroker_broker.farm import Farm, apply_farm
 from rdbroker_broker.service import BrokerService
+from rdbroker_broker.service.servers import ServerChanges
 from rdbroker_broker.store import Store
 from tests.integration.broker.conftest import Clock, assert_live_counters_exact, settings_for
 
@@ -172,25 +172,23 @@ async def test_depth_is_refused_while_a_server_of_the_pool_has_no_limit(broker):
         InvalidInput,
         match=r"placement: depth placement fills .* 10\.0\.0\.1:3389, 10\.0\.0\.2:3389 have none",
     ):
-        await use_cases.update_pool(service, "default", {"placement": d.Placement.DEPTH})
+        await service.update_pool("default", {"placement": d.Placement.DEPTH})
     with pytest.raises(InvalidInput, match=r"pool finance: depth placement .* 10\.0\.1\.9:3389 has none"):
-        await use_cases.add_server(service, d.Server("10.0.1.9:3389", "finance"))
+        await service.add_server(d.Server("10.0.1.9:3389", "finance"))
     with pytest.raises(InvalidInput, match="pool finance: depth placement"):
-        await use_cases.update_server(service, FINANCE[0], use_cases.ServerChanges(max_sessions=0))
+        await service.update_server(FINANCE[0], ServerChanges(max_sessions=0))
     # With limits everywhere, the pool may change to depth and back.
     for address in DEFAULT:
-        await use_cases.update_server(service, address, use_cases.ServerChanges(max_sessions=5))
-    summary = await use_cases.update_pool(service, "default", {"placement": d.Placement.DEPTH})
+        await service.update_server(address, ServerChanges(max_sessions=5))
+    summary = await service.update_pool("default", {"placement": d.Placement.DEPTH})
     assert summary.pool.placement is d.Placement.DEPTH
-    assert (
-        await use_cases.add_server(service, d.Server("10.0.1.9:3389", "finance", max_sessions=3))
-    ).max_sessions == 3
+    assert (await service.add_server(d.Server("10.0.1.9:3389", "finance", max_sessions=3))).max_sessions == 3
     # `apply` refuses a depth pool that keeps a server (not in the file) without a limit, and keeps nothing.
     farm = the_farm()
     kept = d.Server("10.0.1.8:3389", "finance")
-    await use_cases.add_server(service, replace(kept, max_sessions=1))
-    await use_cases.update_pool(service, "finance", {"placement": d.Placement.BREADTH})
-    await use_cases.update_server(service, kept.address, use_cases.ServerChanges(max_sessions=0))
+    await service.add_server(replace(kept, max_sessions=1))
+    await service.update_pool("finance", {"placement": d.Placement.BREADTH})
+    await service.update_server(kept.address, ServerChanges(max_sessions=0))
     plan = await apply_farm(broker.engine, farm)
     assert plan.refusals == [
         "pool finance places by depth, which fills each server up to its max_sessions, and server "

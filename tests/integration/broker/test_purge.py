@@ -11,11 +11,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from rdbroker_broker import domain as d
 from rdbroker_broker import refusals
-from rdbroker_broker import service as service_module
 from rdbroker_broker.db.repositories import SessionRepository
 from rdbroker_broker.db.tables import connections, proxies, route_refusals, sessions
 from rdbroker_broker.errors import NotFound
-from rdbroker_broker.service import BrokerService
+from rdbroker_broker.service import BrokerService, sweeping
 from tests.integration.broker.conftest import Clock, seed, server
 
 A = "10.0.0.1:3389"
@@ -86,7 +85,7 @@ async def test_a_backlog_is_purged_in_bounded_transactions(
         limits.append(limit)
         return await purge_ended(self, before, limit)
 
-    monkeypatch.setattr(service_module, "PURGE_BATCH", 2)
+    monkeypatch.setattr(sweeping, "PURGE_BATCH", 2)
     monkeypatch.setattr(SessionRepository, "purge_ended", recorded)
 
     assert (await service.sweep())["purged"] == 10  # five sessions, five connections
@@ -135,7 +134,7 @@ async def test_on_sqlite_the_purge_goes_in_small_batches(tmp_path, monkeypatch):
         await seed(lite, server(A))
         for n in range(7):
             await ended(service, f"user{n}")
-        monkeypatch.setattr(service_module, "SQLITE_PURGE_BATCH", 3)
+        monkeypatch.setattr(sweeping, "SQLITE_PURGE_BATCH", 3)
         limits: list[int] = []
         purge_ended = SessionRepository.purge_ended
 
@@ -145,7 +144,7 @@ async def test_on_sqlite_the_purge_goes_in_small_batches(tmp_path, monkeypatch):
 
         monkeypatch.setattr(SessionRepository, "purge_ended", recorded)
         clock.advance(service.settings.retention_s + 1)
-        assert await service._purge_due(clock.now) >= 7
+        assert await service.sweeping._purge_due(clock.now) >= 7
         assert set(limits) == {3}
         assert len(limits) >= 3
         async with lite.connect() as conn:

@@ -127,7 +127,7 @@ class World:
             errors = []
             for event in events:
                 try:
-                    await self.service._report_use_case(event)
+                    await self.service.reports._report_use_case(event)
                     errors.append(None)
                 except Exception as exc:
                     errors.append(exc)
@@ -195,7 +195,7 @@ async def reports_match_the_use_case(
     await seed(engine, server(A))  # one server: both worlds place alike
     rng = random.Random(20261127)
     fell_back = 0
-    real_use_case = service._report_use_case
+    real_use_case = service.reports._report_use_case
     seen: set[tuple[str, bool, str]] = set()  # (end_reason, confirmed, state) after any step
 
     async def counted(event: ConnectionEvent) -> None:
@@ -212,9 +212,9 @@ async def reports_match_the_use_case(
                 clock.advance(4000)
                 await service.sweep()
                 continue
-            service._report_use_case = counted  # type: ignore[method-assign]
+            service.reports._report_use_case = counted  # type: ignore[method-assign]
             await (fast.report(group) if group[0][0] in REPORTS else fast.step(group[0]))
-            service._report_use_case = real_use_case  # type: ignore[method-assign]
+            service.reports._report_use_case = real_use_case  # type: ignore[method-assign]
             await (slow.report(group) if group[0][0] in REPORTS else slow.step(group[0]))
             seen.update(await states(engine, fast.prefix))
         assert fast.outcomes == slow.outcomes, steps
@@ -235,7 +235,7 @@ async def test_the_common_events_never_reach_the_use_case(engine, service, monke
     async def refuse(event: ConnectionEvent) -> None:
         raise AssertionError(f"the use case ran for {event}")
 
-    monkeypatch.setattr(service, "_report_use_case", refuse)
+    monkeypatch.setattr(service.reports, "_report_use_case", refuse)
     events: list[ConnectionEvent] = [
         Opened(sid, "c1", "p1"),
         Closed(sid, "c1", 1, 6308, 3, "client_closed"),
@@ -267,7 +267,7 @@ async def test_junk_ends_only_the_claim_its_own_connection_made(engine, service,
                 assert await service.report_connections(events) == [None] * len(events)
             else:
                 for event in events:
-                    await service._report_use_case(event)
+                    await service.reports._report_use_case(event)
 
         claim, confirmed, back = [await route(service, f"{fast}{n}", f"{fast}user{n}") for n in range(3)]
         async with service.store.raw_autocommit() as conn:
@@ -357,13 +357,13 @@ async def test_a_failed_batch_transaction_leaves_nothing_and_the_events_apply_on
     monkeypatch.setattr(report_sql, "run_all", deadlock_after)
     monkeypatch.setattr(report_sql, "run", deadlock_on_second)
     fell_back: list[ConnectionEvent] = []
-    real_use_case = service._report_use_case
+    real_use_case = service.reports._report_use_case
 
     async def counted(event: ConnectionEvent) -> None:
         fell_back.append(event)
         await real_use_case(event)
 
-    monkeypatch.setattr(service, "_report_use_case", counted)
+    monkeypatch.setattr(service.reports, "_report_use_case", counted)
     events: list[ConnectionEvent] = [
         Opened(first, "c1", "p1"),
         Closed(first, "c1", 1, 6308, 3, "client_closed"),
@@ -401,13 +401,13 @@ async def test_a_batch_is_one_round_trip(engine, service, monkeypatch):
 def undone(service: BrokerService) -> list[int]:
     """One entry per batch undone and applied one event at a time (its pipelined transaction failed)."""
     seen: list[int] = []
-    real = service._reports_fast
+    real = service.reports._reports_fast
 
     async def counted(*args: Any) -> int:
         seen.append(1)
         return await real(*args)
 
-    service._reports_fast = counted  # type: ignore[method-assign]
+    service.reports._reports_fast = counted  # type: ignore[method-assign]
     return seen
 
 

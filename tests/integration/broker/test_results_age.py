@@ -34,7 +34,7 @@ def routes(request: pytest.FixtureRequest, service: BrokerService, monkeypatch: 
         async def no_fast_path(*args: object) -> None:
             return None
 
-        monkeypatch.setattr(service, "_route_postgres", no_fast_path)
+        monkeypatch.setattr(service.routing.fast, "route", no_fast_path)
     return service
 
 

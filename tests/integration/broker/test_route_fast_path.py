@@ -14,13 +14,12 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 
 from rdbroker_broker import domain as d
-from rdbroker_broker import service as service_module
 from rdbroker_broker.db import routing_sql
 from rdbroker_broker.db.engine import make_engine
 from rdbroker_broker.db.repositories import ServerRepository, new_session_id
 from rdbroker_broker.db.tables import sessions
 from rdbroker_broker.errors import NoCapacity
-from rdbroker_broker.service import BrokerService
+from rdbroker_broker.service import BrokerService, route_paths
 from rdbroker_broker.store import Store
 from tests.integration.broker.conftest import assert_live_counters_exact, seed, server, settings_for
 
@@ -297,20 +296,20 @@ async def test_a_statement_that_found_every_server_locked_runs_again(engine, ser
 
     monkeypatch.setattr(routing_sql, "route_context", all_locked_once)
     taken: list[str] = []
-    real_route = service._route
+    real_route = service.routing._route
 
     async def counted(r, request, *args):
         taken.append(request.connection_id)
         return await real_route(r, request, *args)
 
-    monkeypatch.setattr(service, "_route", counted)
+    monkeypatch.setattr(service.routing, "_route", counted)
     first = await service.route(d.RouteRequest(connection_id="c1", cookie="alice"))
     assert first.reason is d.RouteReason.NEW
     assert (calls, taken) == ([True, True], [])
     calls.clear()
     with pytest.raises(NoCapacity):  # the one server is full: every try places nobody
         await service.route(d.RouteRequest(connection_id="c2", cookie="bob"))
-    assert len(calls) == 1 + service_module.LOCKED_RETRIES
+    assert len(calls) == 1 + route_paths.LOCKED_RETRIES
     assert taken == ["c2"]
     await assert_live_counters_exact(engine)
 

@@ -37,7 +37,7 @@ class Calls:
 
     def __init__(self, service: BrokerService, monkeypatch: pytest.MonkeyPatch) -> None:
         self.tx = self.fast = 0
-        run_tx, route_postgres = service.run_tx, service._route_postgres
+        run_tx, route_postgres = service.run_tx, service.routing.fast.route
 
         async def counted_tx(work: Any) -> Any:
             self.tx += 1
@@ -48,7 +48,7 @@ class Calls:
             return await route_postgres(*args)
 
         monkeypatch.setattr(service, "run_tx", counted_tx)
-        monkeypatch.setattr(service, "_route_postgres", counted_fast)
+        monkeypatch.setattr(service.routing.fast, "route", counted_fast)
 
 
 async def _end(how: str, service: BrokerService, clock: Clock, session_id: str) -> None:

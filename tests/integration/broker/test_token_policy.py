@@ -25,7 +25,7 @@ from rdbroker_broker.db.tables import sessions
 from rdbroker_broker.errors import InvalidInput, PermissionDenied
 from rdbroker_broker.farm import apply_farm, load_farm
 from rdbroker_broker.probing import ProbeService
-from rdbroker_broker.service import BrokerService, update_pool
+from rdbroker_broker.service import BrokerService
 from rdbroker_broker.store import Store
 from rdbroker_rdp import encode_routing_token
 from tests.integration.broker.conftest import Clock, farm, server, settings_for
@@ -296,16 +296,16 @@ async def test_a_pool_that_ignores_tokens_by_its_farm_file_places_by_policy(rout
 async def test_a_pool_changed_to_ignore_tokens_places_by_policy(routing: Farm, counted) -> None:
     # PATCH /v1/pools/{name} runs this use case (the REST tests send the HTTP request).
     await routing.seed(server(T), server(B))
-    changed = await update_pool(routing.service, "DEFAULT", {"honor_routing_tokens": False})
+    changed = await routing.service.update_pool("DEFAULT", {"honor_routing_tokens": False})
     assert changed.pool.honor_routing_tokens is False
     honoured = {p.name: p.honor_routing_tokens for p in await routing.service.list_pools()}
     assert honoured == {"default": False, "Sales": True}
     assert (await routing.route("pat", TO_T)).server_address == B
-    await update_pool(routing.service, "default", {"honor_routing_tokens": True})
+    await routing.service.update_pool("default", {"honor_routing_tokens": True})
     assert (await routing.route("quinn", TO_T)).server_address == T
     assert counted() == {"ignored_disabled": 1, "honoured": 1}
     with pytest.raises(InvalidInput, match="not a pool setting: honour_routing_tokens"):
-        await update_pool(routing.service, "default", {"honour_routing_tokens": False})
+        await routing.service.update_pool("default", {"honour_routing_tokens": False})
 
 
 async def test_a_token_target_pool_that_ignores_tokens_takes_no_reconnect_by_token(
@@ -313,7 +313,7 @@ async def test_a_token_target_pool_that_ignores_tokens_takes_no_reconnect_by_tok
 ) -> None:
     await routing.seed(server(T), server(B), server(S, pool="Sales"), pools=(DEFAULT, SALES))
     hal = await routing.route("hal", pool="Sales")
-    await update_pool(routing.service, "Sales", {"honor_routing_tokens": False})
+    await routing.service.update_pool("Sales", {"honor_routing_tokens": False})
     placed = await routing.route("hal", TO_S)  # from the default pool: Sales ignores tokens
     assert (placed.reason, placed.pool) == (d.RouteReason.NEW, "default")
     assert placed.session_id != hal.session_id

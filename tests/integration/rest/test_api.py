@@ -11,7 +11,6 @@ import pytest
 from sqlalchemy import update
 
 from rdbroker_broker import domain as d
-from rdbroker_broker import service as use_cases
 from rdbroker_broker.db.engine import make_engine
 from rdbroker_broker.db.tables import servers
 from rdbroker_broker.rest.app import create_app
@@ -526,7 +525,7 @@ async def test_a_bug_is_a_bare_500_problem(service, monkeypatch, caplog):
     async def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(use_cases, "pool_summaries", broken)
+    monkeypatch.setattr(service, "pool_summaries", broken)
     transport = httpx.ASGITransport(app=create_app(service), raise_app_exceptions=False)
     headers = {"Authorization": f"Bearer {ADMIN}"}
     async with httpx.AsyncClient(transport=transport, base_url="http://broker", headers=headers) as client:

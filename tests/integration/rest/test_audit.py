@@ -13,8 +13,8 @@ from pydantic import SecretStr
 
 from rdbroker_broker import callers
 from rdbroker_broker import domain as d
-from rdbroker_broker import service as use_cases
 from rdbroker_broker.db import migrate
+from rdbroker_broker.db.audit_repository import AuditFilter
 from rdbroker_broker.db.engine import make_engine
 from rdbroker_broker.farm import Farm, apply_caller, apply_farm
 from rdbroker_broker.rest.app import create_app
@@ -324,7 +324,7 @@ async def test_the_trail_on_sqlite(tmp_path, caplog):
             ("server.drain", "not_found"),
             ("server.add", "ok"),
         ]
-        rows = await use_cases.audit_trail(service, use_cases.AuditFilter(target=NEW), 10)
+        rows = await service.audit_trail(AuditFilter(target=NEW), 10)
         assert [(row.action, row.actor) for row in rows] == [("server.add", "token:admin")]
     finally:
         await engine.dispose()

@@ -16,7 +16,6 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 import pytest
 
-from rdbroker_broker import service as use_cases
 from rdbroker_broker.rest.app import API_DOCS, DASHBOARD, create_app
 from rdbroker_broker.service import BrokerService
 from tests.integration.rest.conftest import ADMIN, READ, SERVERS, settings_for
@@ -256,7 +255,7 @@ async def test_a_bugs_500_carries_the_headers(service, monkeypatch):
     async def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(use_cases, "pool_summaries", broken)
+    monkeypatch.setattr(service, "pool_summaries", broken)
     transport = httpx.ASGITransport(app=create_app(service), raise_app_exceptions=False)
     headers = {"Authorization": f"Bearer {ADMIN}"}
     async with httpx.AsyncClient(transport=transport, base_url=BASE, headers=headers) as client:

@@ -7,9 +7,9 @@ from pydantic import ValidationError
 from sqlalchemy import String
 
 from rdbroker_broker import domain as d
-from rdbroker_broker import service
 from rdbroker_broker.config import BrokerSettings
 from rdbroker_broker.db.tables import connections, proxies, servers, sessions
+from rdbroker_broker.service import common
 
 
 def chars(column) -> int:
@@ -29,8 +29,8 @@ def test_domain_limits_equal_their_columns():
 
 
 def test_report_limits_come_from_the_columns():
-    assert service.CONNECTION_ID_CHARS == chars(connections.c.connection_id) == 128
-    assert service.PROXY_ID_CHARS == chars(proxies.c.proxy_id) == 128
+    assert common.CONNECTION_ID_CHARS == chars(connections.c.connection_id) == 128
+    assert common.PROXY_ID_CHARS == chars(proxies.c.proxy_id) == 128
 
 
 def test_max_cookie_chars_is_capped_at_the_user_column():

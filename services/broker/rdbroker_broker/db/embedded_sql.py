@@ -256,7 +256,7 @@ WHERE id = ? AND state = 'active'
 def opened(
     conn: sqlite3.Connection, session_id: str, connection_id: str, proxy_id: str, now: datetime
 ) -> Outcome:
-    """The session becomes active on this connection, as `service._opened_work` makes it: an ended
+    """The session becomes active on this connection, as `Reports._opened_work` makes it: an ended
     session (expired while the proxy connected) is revived, unless its user has a newer live one
     (the live-user index refuses it: NEWER_SESSION, and nothing of the event is written)."""
     row = conn.execute(_SESSION_STATE, (session_id,)).fetchone()
@@ -290,7 +290,7 @@ def closed(
     now: datetime,
     disconnect_for: Any,
 ) -> Outcome:
-    """The close as `service._closed_work` applies it; a session whose pool cannot be found by name
+    """The close as `Reports._closed_work` applies it; a session whose pool cannot be found by name
     is the use case's (it falls back to the defaults). `disconnect_for(seconds)` is the expiry of a
     session disconnected now, for its pool's timeout."""
     row = conn.execute(_CLOSING, (session_id,)).fetchone()

@@ -1,6 +1,6 @@
 """Which change a route makes, for the audit line of a request refused before its use case ran.
 
-The use cases write the audit line of every change they are asked for (service.py, `audited`); a
+The use cases write the audit line of every change they are asked for (`service.changes.audited`); a
 request FastAPI refuses as invalid (422) never reaches them, so the error handler writes that line, by
 the action the route declares with `action(...)`.
 """

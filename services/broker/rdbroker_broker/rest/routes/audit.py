@@ -6,9 +6,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
-from rdbroker_broker import service as use_cases
+from rdbroker_broker.db.audit_repository import AuditFilter
 from rdbroker_broker.rest import auth
 from rdbroker_broker.rest.schemas import PRINTABLE, AuditEntryOut, AuditPageOut
+from rdbroker_broker.service import BrokerService
 
 router = APIRouter(prefix="/v1", tags=["audit"])
 
@@ -29,7 +30,8 @@ async def audit_trail(
 ) -> AuditPageOut:
     """Changes operators made (REST, CLI, gRPC admin calls, `rdbroker apply`), newest first, a page at a
     time; filters match exactly. Refused and failed attempts are in the broker's log only."""
-    filters = use_cases.AuditFilter(action=action, target=target, actor=actor)
-    found = await use_cases.audit_trail(request.app.state.service, filters, limit + 1, before)
+    filters = AuditFilter(action=action, target=target, actor=actor)
+    service: BrokerService = request.app.state.service
+    found = await service.audit_trail(filters, limit + 1, before)
     items = [AuditEntryOut.of(entry) for entry in found[:limit]]
     return AuditPageOut(items=items, next_before=items[-1].id if len(found) > limit else None)

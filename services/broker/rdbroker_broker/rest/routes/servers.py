@@ -10,7 +10,6 @@ from fastapi import APIRouter, Path, Query, Request, Response
 
 from rdbroker_broker import domain as d
 from rdbroker_broker import drains, history
-from rdbroker_broker import service as use_cases
 from rdbroker_broker.rest import audited, auth
 from rdbroker_broker.rest.schemas import (
     PRINTABLE,
@@ -21,6 +20,8 @@ from rdbroker_broker.rest.schemas import (
     ServerPatch,
     ServersOut,
 )
+from rdbroker_broker.service import BrokerService
+from rdbroker_broker.service.servers import ServerChanges
 
 router = APIRouter(prefix="/v1", tags=["servers"])
 
@@ -36,8 +37,8 @@ AddressPath = Annotated[
 ]
 
 
-def _service(request: Request) -> use_cases.BrokerService:
-    service: use_cases.BrokerService = request.app.state.service
+def _service(request: Request) -> BrokerService:
+    service: BrokerService = request.app.state.service
     return service
 
 
@@ -63,7 +64,7 @@ async def list_servers(
 
 @router.get("/servers/{address}", dependencies=[auth.Read], summary="One server")
 async def get_server(request: Request, address: AddressPath) -> ServerOut:
-    return await _out(request, await use_cases.get_server(_service(request), address))
+    return await _out(request, await _service(request).get_server(address))
 
 
 @router.post(
@@ -82,7 +83,7 @@ async def add_server(request: Request, response: Response, body: ServerIn) -> Se
         sessions_url=body.sessions_url,
         admin_state=d.AdminState(body.admin_state),
     )
-    added = await use_cases.add_server(_service(request), server)
+    added = await _service(request).add_server(server)
     response.headers["Location"] = f"/v1/servers/{quote(added.address, safe=':[]')}"
     return await _out(request, added)
 
@@ -93,14 +94,14 @@ async def add_server(request: Request, response: Response, body: ServerIn) -> Se
     summary="Change a server",
 )
 async def update_server(request: Request, address: AddressPath, body: ServerPatch) -> ServerOut:
-    changes = use_cases.ServerChanges(
+    changes = ServerChanges(
         weight=body.weight,
         max_sessions=body.max_sessions,
         agent_url=body.agent_url,
         sessions_url=body.sessions_url,
         admin_state=d.AdminState(body.admin_state) if body.admin_state else None,
     )
-    return await _out(request, await use_cases.update_server(_service(request), address, changes))
+    return await _out(request, await _service(request).update_server(address, changes))
 
 
 @router.delete(
@@ -116,7 +117,7 @@ async def remove_server(
     force: Annotated[bool, Query(description="also end its live sessions")] = False,
 ) -> Response:
     """Refused (409) while the server holds live sessions, unless force=true."""
-    await use_cases.remove_server(_service(request), address, force)
+    await _service(request).remove_server(address, force)
     return Response(status_code=204)
 
 
@@ -138,7 +139,7 @@ async def drain(request: Request, address: AddressPath, body: DrainIn | None = N
         return await _set_state(request, address, d.AdminState.DRAINING)
     service = _service(request)
     await drains.start_drain(service, address, body.notify, body.logoff_disconnected_after_s, body.then)
-    return await _out(request, await use_cases.get_server(service, address))
+    return await _out(request, await service.get_server(address))
 
 
 @router.get("/servers/{address}/drain", dependencies=[auth.Read], summary="A server's drain until empty")

@@ -8,7 +8,6 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Path, Query, Request
 
 from rdbroker_broker import domain as d
-from rdbroker_broker import service as use_cases
 from rdbroker_broker import session_actions
 from rdbroker_broker.agents import AgentCaller
 from rdbroker_broker.rest import audited, auth
@@ -21,8 +20,16 @@ from rdbroker_broker.rest.schemas import (
     SessionPageOut,
     UserSessionsOut,
 )
+from rdbroker_broker.service import BrokerService
+from rdbroker_broker.service.sessions import SessionFilter
 
 router = APIRouter(prefix="/v1", tags=["sessions"])
+
+
+def _service(request: Request) -> BrokerService:
+    service: BrokerService = request.app.state.service
+    return service
+
 
 SessionId = Annotated[str, Path(min_length=1, max_length=64, pattern=PRINTABLE)]
 StateFilter = Literal["pending", "active", "disconnected", "ended", "live"]
@@ -47,7 +54,7 @@ async def user_sessions(
 ) -> UserSessionsOut:
     """The user's live sessions (their server), newest first, found by any spelling of the account
     (`DOMAIN\\user`, bare, UPN, mstsc's 9-character cuts; docs/accounts.md). An unknown user has none."""
-    found = await use_cases.find_user_sessions(request.app.state.service, user, pool, include_ended)
+    found = await _service(request).find_user_sessions(user, pool, include_ended)
     return UserSessionsOut(user=user, sessions=[SessionOut.of(s) for s in found])
 
 
@@ -62,8 +69,8 @@ async def list_sessions(
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> SessionPageOut:
     """Sessions matching every filter, oldest first, a page at a time."""
-    filters = use_cases.SessionFilter(pool=pool, server=server, user=user, states=_states(state or ["live"]))
-    page = await use_cases.list_sessions(request.app.state.service, filters, limit, offset)
+    filters = SessionFilter(pool=pool, server=server, user=user, states=_states(state or ["live"]))
+    page = await _service(request).list_sessions(filters, limit, offset)
     return SessionPageOut(
         items=[SessionOut.of(s) for s in page.items], total=page.total, limit=limit, offset=offset
     )
