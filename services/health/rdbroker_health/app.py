@@ -29,7 +29,7 @@ from rdbroker_health.errors import ConfigError
 from rdbroker_health.probes import rdp
 from rdbroker_health.rpc.broker_client import Broker, BrokerClient
 from rdbroker_health.rpc.servicer import SERVICE_NAME, HealthServicer
-from rdbroker_health.scheduler import RdpProbe, Scheduler
+from rdbroker_health.scheduler import Scheduler
 from rdbroker_proto.v1 import health_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ async def run(
     settings: HealthSettings,
     stop: asyncio.Event,
     *,
-    probe_rdp: RdpProbe = rdp.probe_rdp,
+    probe_rdp: rdp.RdpProbe = rdp.probe_rdp,
     on_listening: Callable[[int], None] | None = None,
     broker: Callable[[], Broker] | None = None,
 ) -> None:
