@@ -62,11 +62,11 @@ def wait_port(port: int, child: subprocess.Popen[bytes], timeout_s: float = 60.0
 
 def run_up(in_process: bool, database_url: str, listen: str, servers: list[str]) -> None:
     """The child: `up.serve` as `rdbroker up` runs it, on uvloop, until SIGTERM."""
-    from rdbroker_cli import farm, up
+    from rdbroker_cli import components, farm, up
     from rdbroker_common import lifecycle, logs
 
     logs.configure("WARNING", "text")
-    config = up.UpConfig(
+    config = components.UpConfig(
         listen=listen,
         http_listen="127.0.0.1:0",
         grpc_listen="127.0.0.1:0",

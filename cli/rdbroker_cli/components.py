@@ -1,6 +1,7 @@
 """The services as `up` runs them in one process: their settings and their in-process serve functions.
 
-This is the only module of the CLI that knows the services' internals; `up.py` composes what is here.
+This is the only module of the CLI that knows the services' internals; `up.py` composes what is here
+(and imports it: nothing here imports `up`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
@@ -25,12 +27,29 @@ from rdbroker_rdp.fakeserver import FakeRdpServer
 
 if TYPE_CHECKING:
     from rdbroker_cli.inprocess import HealthBroker, LocalBroker, ProxyBroker
-    from rdbroker_cli.up import UpConfig
 
 log = logging.getLogger(__name__)
 
 # Nothing probes the proxy's and health replica's own grpc.health.v1 ports inside `up`: any free port.
 ANY_LOOPBACK_PORT = "127.0.0.1:0"
+
+
+@dataclass(frozen=True)
+class UpConfig:
+    """What the command line asked for. None means: the service's own setting (flag > env > default)."""
+
+    listen: str | None = None
+    http_listen: str | None = None
+    grpc_listen: str | None = None
+    database_url: str | None = None
+    servers: tuple[str, ...] = ()
+    farm_file: Path | None = None
+    log_level: str | None = None
+    log_format: str = "text"
+    replace_farm: bool = False  # remove servers the database holds that the farm does not name
+    # The proxy and the health replica call the broker in-process; False: over its gRPC port as separate
+    # processes would (no flag: benchmarks and tests compare the two).
+    in_process: bool = True
 
 
 class ComponentError(Exception):

@@ -30,6 +30,7 @@ from pydantic import ValidationError
 from rdbroker_cli import components
 from rdbroker_cli import farm as farms
 from rdbroker_cli.admin import Parser
+from rdbroker_cli.components import UpConfig
 from rdbroker_common import lifecycle, logs, telemetry
 from rdbroker_common.redact import redact
 from rdbroker_common.settings import join_host_port, split_host_port
@@ -41,24 +42,6 @@ DEMO_SERVERS = 3
 
 class UpError(Exception):
     """`up` cannot start or a service failed; the message is one line for the operator."""
-
-
-@dataclass(frozen=True)
-class UpConfig:
-    """What the command line asked for. None means: the service's own setting (flag > env > default)."""
-
-    listen: str | None = None
-    http_listen: str | None = None
-    grpc_listen: str | None = None
-    database_url: str | None = None
-    servers: tuple[str, ...] = ()
-    farm_file: Path | None = None
-    log_level: str | None = None
-    log_format: str = "text"
-    replace_farm: bool = False  # remove servers the database holds that the farm does not name
-    # The proxy and the health replica call the broker in-process; False: over its gRPC port as separate
-    # processes would (no flag: benchmarks and tests compare the two).
-    in_process: bool = True
 
 
 @dataclass

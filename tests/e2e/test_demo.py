@@ -21,15 +21,15 @@ from typing import Any
 import httpx
 import pytest
 
-from rdbroker_cli import demo_connect, farm, up
+from rdbroker_cli import components, demo_connect, farm, up
 from rdbroker_rdp.fakeserver import FakeRdpServer
 
 REPO = Path(__file__).resolve().parents[2]
 LOOPBACK_ANY = "127.0.0.1:0"
 
 
-def loopback_config(database_url: str, **extra: str) -> up.UpConfig:
-    return up.UpConfig(
+def loopback_config(database_url: str, **extra: str) -> components.UpConfig:
+    return components.UpConfig(
         listen=extra.get("listen", LOOPBACK_ANY),
         http_listen=LOOPBACK_ANY,
         grpc_listen=LOOPBACK_ANY,

@@ -6,10 +6,10 @@ case-insensitively, either as given or, when nothing matches so, by its bare acc
 (`CORP\\alice` and `alice@corp.example` both match `alice`, as quser prints it). Every session of the
 user is acted on.
 
-Which host this is decides how:
+Which host this is decides how (host_actions.py picks):
 - Windows (`sys.platform == "win32"`): `quser` lists the sessions with their ids, then `logoff <id>`,
   `tsdiscon <id>` or `msg <id> <text>`, each an argv (no shell) under `command_timeout_s`;
-- a Linux xrdp host (`[sessions] source = "xrdp"`): xrdp_actions.py;
+- a Linux xrdp host (`[sessions] source = "xrdp"`): xrdp_actions.py, built on this module;
 - anything else: each action answers 501, saying why.
 
 Errors carry the HTTP status the agent answers, and say which action failed and why.
@@ -17,12 +17,10 @@ Errors carry the HTTP status the agent answers, and say which action failed and 
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from .config import AgentConfig
 from .errors import AgentError, SourceError
 from .quser import QuserEntry, nobody_logged_on, quser_entries
 
@@ -137,17 +135,3 @@ class WindowsActions:
             await self.run(commands[action], self.timeout_s)
         except SourceError as exc:
             raise ActionError(503, f"cannot {action} session {entry.session_id}: {exc}") from exc
-
-
-def actions_for(config: AgentConfig, run: Run, platform: str = sys.platform) -> SessionActions:
-    """The actions this host offers, by its platform and session source."""
-    if platform == "win32":
-        return WindowsActions(run, config.command_timeout_s)
-    if config.sessions.kind == "xrdp":
-        from .xrdp_actions import XrdpActions
-
-        return XrdpActions(config.command_timeout_s)
-    return NoActions(
-        f"this agent acts on sessions on Windows or with [sessions] source = 'xrdp', and this host "
-        f"is {platform} with source {config.sessions.kind!r}"
-    )

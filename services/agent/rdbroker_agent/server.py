@@ -40,10 +40,11 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from rdbroker_common.bearer import Tokens
 from rdbroker_common.https import TlsContext
 
-from .actions import ACTIONS, Action, ActionError, SessionActions, actions_for, check_request
+from .actions import ACTIONS, Action, ActionError, SessionActions, check_request
 from .auth import AgentAuth, check_listen
 from .config import AgentConfig
 from .errors import ConfigError, SourceError
+from .host_actions import actions_for
 from .load import DRAIN, is_drained, measure_load, omits_disconnected, read_sessions
 from .shared import SharedResult
 from .sources import Sources
@@ -75,7 +76,7 @@ class AgentServer:
         actions: SessionActions | None = None,
     ):
         """`auth` defaults to the config's (its token_file, tls_ca; no environment token); `actions` to
-        what this host offers (actions.actions_for).
+        what this host offers (host_actions.actions_for).
         ListenRefused when nothing authenticates requests and `host` is not loopback (unless
         `allow_unauthenticated`); ConfigError when the token or TLS files cannot be used."""
         if max_connections < 1:

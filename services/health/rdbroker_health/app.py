@@ -4,7 +4,8 @@ ProbeServer is an admin call (docs/security.md): an admin certificate under mutu
 bearer token. Neither configured, the server may only listen on loopback unless `insecure_grpc`.
 
 Shutdown (SIGTERM sets `stop`): readiness goes NOT_SERVING, the probe loops stop and the last results
-are sent, the gRPC server gets `shutdown_grace_s` for calls in flight, then clients are closed.
+are sent, the gRPC server and the probe port get `shutdown_grace_s` for calls in flight, then clients
+are closed.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from rdbroker_health.errors import ConfigError
 from rdbroker_health.probes import rdp
 from rdbroker_health.rpc.broker_client import Broker, BrokerClient
 from rdbroker_health.rpc.servicer import SERVICE_NAME, HealthServicer
-from rdbroker_health.scheduler import RdpProbe, Scheduler
+from rdbroker_health.scheduler import Scheduler
 from rdbroker_proto.v1 import health_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ async def run(
     settings: HealthSettings,
     stop: asyncio.Event,
     *,
-    probe_rdp: RdpProbe = rdp.probe_rdp,
+    probe_rdp: rdp.RdpProbe = rdp.probe_rdp,
     on_listening: Callable[[int], None] | None = None,
     broker: Callable[[], Broker] | None = None,
 ) -> None:
@@ -113,9 +114,12 @@ async def run(
             await standard_health.enter_graceful_shutdown()
     finally:
         await standard_health.enter_graceful_shutdown()
+        # The probe port gets the same grace, at the same time: a Watch open on it gets NOT_SERVING
+        # before its stream ends (stopping it at once could cancel the stream first).
+        stopping = [server.stop(settings.shutdown_grace_s)]
         if probe_server is not None:
-            await probe_server.stop(None)
-        await server.stop(settings.shutdown_grace_s)
+            stopping.append(probe_server.stop(settings.shutdown_grace_s))
+        await asyncio.gather(*stopping)
         await client.close()
         await http.aclose()
         log.info("health replica %s stopped", replica_id)

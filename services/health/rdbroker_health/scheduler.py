@@ -13,10 +13,8 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import httpx
 from opentelemetry import trace
@@ -28,14 +26,13 @@ from rdbroker_health.errors import BrokerError
 from rdbroker_health.hysteresis import Health, Hysteresis
 from rdbroker_health.probes import http as http_probe
 from rdbroker_health.probes import rdp
+from rdbroker_health.probes.rdp import RdpProbe
 from rdbroker_health.rpc import convert
 from rdbroker_health.rpc.broker_client import Broker
 from rdbroker_proto.v1 import broker_pb2
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer("rdbroker.health")
-
-RdpProbe = Callable[[str, float], Coroutine[Any, Any, rdp.ProbeResult]]
 
 
 @dataclass

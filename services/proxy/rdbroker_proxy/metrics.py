@@ -3,23 +3,47 @@
 Nothing here runs per byte: active connections and bytes proxied are read when metrics are collected,
 from the live connections' own counters plus the totals of the connections that have ended. Those
 callbacks run on the exporter's thread; they only copy the set of connections (one step under the
-GIL) and read integers.
+GIL) and read integers. They see a proxy through the protocols below, so this module imports nothing of
+the proxy's (every other module may count here).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Collection, Iterable
+from typing import Protocol
 
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
-if TYPE_CHECKING:
-    from rdbroker_proxy.connection import ProxyContext
+
+class SpliceCounts(Protocol):
+    @property
+    def from_client(self) -> int: ...
+    @property
+    def from_server(self) -> int: ...
+
+
+class ConnectionCounts(Protocol):
+    @property
+    def splice(self) -> SpliceCounts | None: ...
+
+
+class ProxyCounts(Protocol):
+    """What the callbacks read of one proxy (`connection.ProxyContext`)."""
+
+    @property
+    def connections(self) -> Collection[ConnectionCounts]: ...
+    @property
+    def ended_from_client(self) -> int: ...
+    @property
+    def ended_from_server(self) -> int: ...
+    @property
+    def refused_over_client_limit(self) -> int: ...
+
 
 _meter = metrics.get_meter("rdbroker_proxy")
-_contexts: list[ProxyContext] = []
+_contexts: list[ProxyCounts] = []
 
 broker_unreachable = _meter.create_counter(
     "rdbroker_broker_unreachable", description="Broker calls for which no broker address answered"
@@ -36,11 +60,11 @@ FROM_CLIENT = {"direction": "from_client"}
 FROM_SERVER = {"direction": "from_server"}
 
 
-def publish(context: ProxyContext) -> None:
+def publish(context: ProxyCounts) -> None:
     _contexts.append(context)
 
 
-def withdraw(context: ProxyContext) -> None:
+def withdraw(context: ProxyCounts) -> None:
     with contextlib.suppress(ValueError):
         _contexts.remove(context)
 

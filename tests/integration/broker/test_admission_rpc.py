@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 import psycopg
@@ -14,6 +16,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from rdbroker_broker import metrics
+from rdbroker_broker.admission import Gate
 from rdbroker_proto.v1 import broker_pb2 as pb
 from tests.integration.broker.conftest import (
     running_broker,
@@ -28,9 +31,28 @@ def route(connection_id: str, user: str) -> pb.RouteRequest:
     return pb.RouteRequest(connection_id=connection_id, proxy_id="p1", cookie=user)
 
 
+async def until(condition: Callable[[], bool], what: str) -> None:
+    for _ in range(200):  # bounded: 10 s
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not within 10 s: {what}")
+
+
 async def test_an_overloaded_broker_refuses_in_time_and_finishes_what_it_started(
-    pg_database_url: str, engine: AsyncEngine, caplog: pytest.LogCaptureFixture
+    pg_database_url: str,
+    engine: AsyncEngine,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    gates: list[Gate] = []  # the broker's admission gate, to see a call waiting in its queue
+    made = Gate.__init__
+
+    def recorded(gate: Gate, *args: Any, **kwargs: Any) -> None:
+        made(gate, *args, **kwargs)
+        gates.append(gate)
+
+    monkeypatch.setattr(Gate, "__init__", recorded)
     await seed(engine, server("10.0.0.1:3389"))
     # No sweep, idle ping, power loop or drainer: each would take the one connection or the one queue
     # place.
@@ -71,7 +93,7 @@ async def test_an_overloaded_broker_refuses_in_time_and_finishes_what_it_started
 
             # carol waits (the queue holds one); dave finds the queue full and is refused at once.
             carol = asyncio.ensure_future(stub.Route(route("c-carol", "carol"), timeout=10))
-            await asyncio.sleep(0.2)
+            await until(lambda: any(gate.waiting == 1 for gate in gates), "carol waits in the queue")
             with pytest.raises(grpc.aio.AioRpcError) as full:
                 await stub.Route(route("c-dave", "dave"), timeout=10)
             assert full.value.code() is grpc.StatusCode.UNAVAILABLE

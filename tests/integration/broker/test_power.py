@@ -33,6 +33,7 @@ from rdbroker_proxy.errors import BrokerUnavailable, RouteRefused
 from rdbroker_proxy.routing import BrokerClient
 from tests.integration.broker.conftest import (
     Clock,
+    lock_waiters,
     running_broker,
     server,
     settings_for,
@@ -175,11 +176,17 @@ async def test_two_brokers_deciding_at_the_same_moment_start_one_server(engine, 
             async with engine.connect() as blocker:
                 await blocker.begin()
                 await blocker.execute(select(servers.c.address).with_for_update())
-                ticks = asyncio.gather(*(powered(b).run_once() for b in brokers))
+                ticks = [asyncio.ensure_future(powered(b).run_once()) for b in brokers]
                 await until_a_statement_waits_on_a_lock(pg_database_url)
-                await asyncio.sleep(0.3)  # the other tick arrives too (and waits, or passes the pool)
+                # The other tick arrives too: it waits on the rows as well, or passes the pool and ends.
+                for _ in range(200):  # bounded: 10 s
+                    if any(t.done() for t in ticks) or await lock_waiters(pg_database_url) >= 2:
+                        break
+                    await asyncio.sleep(0.05)
+                else:
+                    raise AssertionError("the other tick neither waits on the rows nor passed the pool")
                 await blocker.commit()
-            await asyncio.wait_for(ticks, 30)
+            await asyncio.wait_for(asyncio.gather(*ticks), 30)
             assert [call["server"] for call in got.calls] == [A]
     finally:
         await other.dispose()
@@ -207,7 +214,7 @@ async def test_one_claim_wins_a_race_for_one_server(engine, pg_database_url, clo
         await second.begin()
         assert await PowerRepository(first).claim_start(A, clock.now, deadline)
         racing = asyncio.ensure_future(PowerRepository(second).claim_start(A, clock.now, deadline))
-        await asyncio.sleep(0.2)  # it waits on the row lock
+        await until_a_statement_waits_on_a_lock(pg_database_url)  # on the row the first one claimed
         assert not racing.done()
         await first.commit()
         assert await racing is False  # re-checked after the winner committed: no longer off

@@ -175,29 +175,23 @@ async def test_probe_port_is_plaintext_health_only_while_the_grpc_port_needs_a_c
 
 
 async def test_probe_port_reports_not_serving_on_shutdown() -> None:
+    """A Watch open on the probe port when shutdown starts gets NOT_SERVING before the port stops: the
+    port stops with the grace, which the watcher ends early by closing once it has seen NOT_SERVING."""
     broker = FakeBroker()  # type: ignore[abstract]
     probe_port = free_port()
     stop = asyncio.Event()
+    listening = asyncio.Event()
     async with serving(broker) as address:
-        settings = fast_settings(address, probe_listen=f"127.0.0.1:{probe_port}", shutdown_grace_s=1.0)
-        entered = asyncio.Event()
-        seen: list[int] = []
-
-        async def watch() -> None:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{probe_port}") as channel:
-                stream = std_grpc.HealthStub(channel).Watch(std_pb2.HealthCheckRequest(service=""))
-                async for answer in stream:
-                    seen.append(int(answer.status))
-                    if answer.status == std_pb2.HealthCheckResponse.SERVING:
-                        entered.set()
-                    if answer.status == std_pb2.HealthCheckResponse.NOT_SERVING:
-                        return
-
-        task = asyncio.get_running_loop().create_task(app.run(settings, stop))
-        await asyncio.sleep(0.3)
-        watcher = asyncio.get_running_loop().create_task(watch())
-        await asyncio.wait_for(entered.wait(), 10)
-        stop.set()
-        await asyncio.wait_for(watcher, 10)
+        settings = fast_settings(address, probe_listen=f"127.0.0.1:{probe_port}", shutdown_grace_s=30.0)
+        task = asyncio.get_running_loop().create_task(
+            app.run(settings, stop, on_listening=lambda _port: listening.set())
+        )
+        await asyncio.wait_for(listening.wait(), 10)  # both ports listen and say SERVING
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{probe_port}") as channel:
+            stream = std_grpc.HealthStub(channel).Watch(std_pb2.HealthCheckRequest(service=""))
+            first = await asyncio.wait_for(stream.read(), 10)
+            stop.set()
+            second = await asyncio.wait_for(stream.read(), 10)
         await asyncio.wait_for(task, 30)
-    assert seen[-1] == std_pb2.HealthCheckResponse.NOT_SERVING
+    assert first == std_pb2.HealthCheckResponse(status=std_pb2.HealthCheckResponse.SERVING)
+    assert second == std_pb2.HealthCheckResponse(status=std_pb2.HealthCheckResponse.NOT_SERVING)

@@ -6,10 +6,11 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from rdbroker_agent.actions import MAX_TEXT, NoActions, WindowsActions, actions_for, matching
+from rdbroker_agent.actions import MAX_TEXT, NoActions, WindowsActions, matching
 from rdbroker_agent.auth import AgentAuth
 from rdbroker_agent.config import parse_config
 from rdbroker_agent.errors import SourceError
+from rdbroker_agent.host_actions import actions_for
 from rdbroker_agent.server import MAX_BODY, AgentServer
 from rdbroker_agent.xrdp_actions import XrdpActions, auth_file, display_of
 from rdbroker_common.bearer import Tokens

@@ -6,7 +6,7 @@ import io
 
 import pytest
 
-from rdbroker_cli import farm, up
+from rdbroker_cli import components, farm, up
 from rdbroker_cli.__main__ import main as rdbroker
 
 
@@ -168,12 +168,10 @@ async def _servers_in(database: str) -> list[str]:
 def test_up_on_a_database_holding_other_servers_needs_replace_farm(capsys, monkeypatch, tmp_path):
     import asyncio
 
-    from rdbroker_cli import components
-
     monkeypatch.setattr(up, "_start_logging", lambda config: _NoTelemetry())
     database = f"sqlite+aiosqlite:///{tmp_path / 'shared.db'}"
     existing = farm.from_servers(["10.0.0.1:3389", "10.0.0.2:3389"])
-    settings = components.broker_settings(up.UpConfig(database_url=database))
+    settings = components.broker_settings(components.UpConfig(database_url=database))
     asyncio.run(components.apply_farm(settings, existing, "--server"))
 
     # The command line names only one of them: refused before anything starts, nothing deleted.
@@ -200,11 +198,9 @@ def test_replace_farm_is_a_flag_of_up():
 
 
 def test_up_gives_each_component_its_own_random_grpc_token(monkeypatch):
-    from rdbroker_cli import components
-
     for role in ("PROXY", "HEALTH", "ADMIN"):
         monkeypatch.delenv(f"RDBROKER_GRPC_{role}_TOKEN", raising=False)
-    config = up.UpConfig(database_url="sqlite+aiosqlite:///unused.db")
+    config = components.UpConfig(database_url="sqlite+aiosqlite:///unused.db")
     first, second = components.broker_settings(config), components.broker_settings(config)
     tokens = set(first.grpc_tokens.values())
     assert set(first.grpc_tokens) == {"proxy", "health", "admin"}
@@ -240,7 +236,7 @@ async def test_up_routes_with_its_tokens_and_refuses_callers_without_one(monkeyp
 
     for role in ("PROXY", "HEALTH", "ADMIN"):
         monkeypatch.delenv(f"RDBROKER_GRPC_{role}_TOKEN", raising=False)
-    config = up.UpConfig(
+    config = components.UpConfig(
         listen="127.0.0.1:0",
         http_listen="127.0.0.1:0",
         grpc_listen="127.0.0.1:0",

@@ -12,9 +12,9 @@ import httpx
 
 from rdbroker_common.bearer import Tokens
 from rdbroker_health.config import HealthSettings
-from rdbroker_health.probes.rdp import ProbeResult
+from rdbroker_health.probes.rdp import ProbeResult, RdpProbe
 from rdbroker_health.rpc.broker_client import BrokerClient
-from rdbroker_health.scheduler import RdpProbe, Scheduler
+from rdbroker_health.scheduler import Scheduler
 
 
 async def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0, step_s: float = 0.02) -> None:

@@ -22,6 +22,7 @@ from tests.support.postgres import free_port
 from tests.unit.proxy.fake_broker import Directory, RunningBroker, fake_broker
 from tests.unit.proxy.support import (
     CR,
+    STEP_TIMEOUT_S,
     close,
     closed_by_peer,
     handshake,
@@ -255,26 +256,22 @@ async def test_a_client_that_closes_mid_packet_is_forgotten(farm: Farm) -> None:
 
 
 async def test_silent_clients_do_not_hold_up_others(farm: Farm) -> None:
-    silent_deadline_s = 5.0
+    # Had the proxy waited on the silent ones, the others would wait out this deadline (the test's
+    # timeout comes long before it).
+    silent_deadline_s = 300.0  # the largest allowed
     async with running_proxy(
         [farm.broker.address], first_packet_timeout_s=silent_deadline_s, max_routing_per_client=0
     ) as proxy:
-        loop = asyncio.get_running_loop()
         silent = [await open_client(proxy.port) for _ in range(200)]
         await wait_until(lambda: len(proxy.context.connections) == 200)
 
-        async def normal(i: int) -> float:
-            started = loop.time()
+        async def normal(i: int) -> None:
             _, writer, _ = await handshake(proxy.port, build_connection_request(cookie=f"user{i}"))
-            took = loop.time() - started
             await close(writer)
-            return took
 
-        # Had the proxy waited on the silent ones, each would take their whole deadline.
-        async with asyncio.TaskGroup() as tg:
-            normals = [tg.create_task(normal(i)) for i in range(5)]
-        took = [t.result() for t in normals]
-        assert max(took) < silent_deadline_s / 2, f"handshakes took {took} s"
+        async with asyncio.timeout(STEP_TIMEOUT_S), asyncio.TaskGroup() as tg:
+            for i in range(5):
+                tg.create_task(normal(i))
         # All five went through while every silent client was still waiting for its deadline.
         assert len(farm.directory.routes) == 5
         assert len(proxy.context.connections) >= 200

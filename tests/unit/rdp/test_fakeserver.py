@@ -173,7 +173,11 @@ async def test_stop_closes_open_connections() -> None:
     async with client(server) as (reader, writer):
         writer.write(CR_SSL[:5])
         await writer.drain()
-        await asyncio.sleep(0.05)
+        for _ in range(500):  # bounded: the server holds the connection, reading the rest
+            if server.accepted:
+                break
+            await asyncio.sleep(0.01)
+        assert server.accepted == 1
         await asyncio.wait_for(server.stop(), STEP)
         assert await asyncio.wait_for(reader.read(), STEP) == b""
     await server.stop()  # idempotent

@@ -19,8 +19,8 @@ from rdbroker_common.settings import split_host_port
 from rdbroker_health.config import HealthSettings
 from rdbroker_health.probes import http as http_probe
 from rdbroker_health.probes.http import AgentResult
+from rdbroker_health.probes.rdp import RdpProbe
 from rdbroker_health.rpc import convert
-from rdbroker_health.scheduler import RdpProbe
 from rdbroker_proto.v1 import health_pb2, health_pb2_grpc
 
 log = logging.getLogger(__name__)
