@@ -65,10 +65,13 @@ class StormSettings:
     step_timeout_s: float = 5.0  # connect, Confirm, WHO answer: each bounded
     max_attempts_per_user: int = 400
     seed: int = 7
+    # Digits of the user number, zero-padded (0: as is). Names of one length are never a prefix of
+    # another, which a possible mstsc cut (user1 of user10) otherwise makes every placement check.
+    name_digits: int = 0
 
 
-def user_name(n: int) -> str:
-    return f"user{n}"
+def user_name(n: int, digits: int = 0) -> str:
+    return f"user{n:0{digits}d}" if digits else f"user{n}"
 
 
 @dataclass
@@ -80,7 +83,7 @@ class LoginStorm:
 
     @property
     def users(self) -> list[str]:
-        return [user_name(n) for n in range(self.settings.users)]
+        return [user_name(n, self.settings.name_digits) for n in range(self.settings.users)]
 
     def stop(self) -> None:
         self._stop.set()

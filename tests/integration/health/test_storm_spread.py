@@ -1,13 +1,13 @@
 """A logon storm spreads evenly although the servers' agents keep reporting the same load.
 
-200 users log on through the real proxy (a process) to 4 terminal-server stand-ins (processes that say
-which server they are), one user every 20 ms, each holding its connection until the storm is over. Each
-server's agent answers its own constant load (20, 22, 24, 26) whatever happens (the users' logons never
-show in it within the storm), and a health replica reads them every 210-490 ms. Each load report
-recounts the placements it cannot show yet (made after its sample time less the pool's logon lag, 30 s):
-a report never makes a server that just took users look idle again, so each server ends with 50 +- 10
-users (ideally 53, 51, 49, 47: equal load plus placements). Were a report to forget the placements
-before it, the storm would land on whichever server reported last with the lowest figure.
+200 users (user000 to user199) log on through the real proxy (a process) to 4 terminal-server stand-ins
+(processes that say which server they are), one user every 20 ms, each holding its connection until the
+storm is over. Each server's agent answers its own constant load (20, 22, 24, 26) whatever happens (the
+users' logons never show in it within the storm), and a health replica reads them every 210-490 ms. Each
+load report recounts the placements it cannot show yet (made after its sample time less the pool's logon
+lag, 30 s): a report never makes a server that just took users look idle again, so each server ends with
+50 +- 10 users (ideally 53, 51, 49, 47: equal load plus placements). Were a report to forget the
+placements before it, the storm would land on whichever server reported last with the lowest figure.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ async def test_a_logon_storm_spreads_within_20_percent_of_even(pg_database_url: 
             )
             paths = [f"/host{i}/load" for i in range(HOSTS)]
             read_before = [agent.served[path] for path in paths]
-            run = storm.LoginStorm([f"127.0.0.1:{rdp_port}"], storm.StormSettings(users=USERS))
+            run = storm.LoginStorm([f"127.0.0.1:{rdp_port}"], storm.StormSettings(users=USERS, name_digits=3))
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(run.logon_paced(EVERY_S, HOLD_S))
                 await asyncio.sleep(USERS * EVERY_S)  # while users log on...
