@@ -12,6 +12,7 @@ Targets (columns), the setups and bulk runs interleaved in a rotating order each
     up-pg       `rdbroker up --database-url postgresql://...` on a throwaway database
     proxy       `python -m rdbroker_proxy` with the in-process fake broker (a separate process)
     proxy+db    the same proxy against a real broker process on PostgreSQL
+    proxy+db-unary  the same, with one unary Route call per connection (--no-route-stream)
 Every client is a real X.224 Connection Request with a cookie, through to --backends fake terminal
 servers (bench/proxy_load.py backend; they answer the health replica's RDP probe, and `up` is measured
 only once its health replica has marked every one of them up).
@@ -58,7 +59,8 @@ LOAD = [sys.executable, str(ROOT / "bench" / "proxy_load.py")]
 PY = sys.executable
 LOGS: dict[int, Path] = {}  # pid of a child -> the file holding its stderr
 SETTLE_S = 2.0  # between the concurrent setups and the one client alone
-ALL_TARGETS = ("direct", "haproxy", "up", "up-pg", "proxy", "proxy+db")
+ALL_TARGETS = ("direct", "haproxy", "up", "up-pg", "proxy", "proxy+db", "proxy+db-unary")
+DEFAULT_TARGETS = ALL_TARGETS[:-1]  # proxy+db-unary on request: RouteStream against unary Route
 HEADINGS = {
     "direct": "direct",
     "haproxy": "HAProxy",
@@ -66,6 +68,7 @@ HEADINGS = {
     "up-pg": "`up --database-url postgresql://…`",
     "proxy": "proxy + fake broker",
     "proxy+db": "proxy + broker + PostgreSQL",
+    "proxy+db-unary": "the same, unary Route",
 }
 QUICK = {
     "rounds": 1,
@@ -146,7 +149,7 @@ class Processes:
             self.stop(child)
 
 
-def start_proxy(procs: Processes, broker: str) -> tuple[subprocess.Popen[bytes], int]:
+def start_proxy(procs: Processes, broker: str, *extra: str) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     child = procs.start(
         [
@@ -165,6 +168,7 @@ def start_proxy(procs: Processes, broker: str) -> tuple[subprocess.Popen[bytes],
             "30",
             "--max-routing-per-client",
             "0",  # every client of the bench is 127.0.0.1
+            *extra,
         ],
         under_test=True,
     )
@@ -469,7 +473,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backends", type=int, default=4, help="fake terminal servers")
     parser.add_argument(
         "--targets",
-        default=",".join(ALL_TARGETS),
+        default=",".join(DEFAULT_TARGETS),
         help="columns, comma-separated, of: " + ", ".join(ALL_TARGETS),
     )
     parser.add_argument("--no-pin", action="store_true", help="let the scheduler place every process")
@@ -495,7 +499,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(
             f"--targets: unknown {', '.join(unknown) or '(none)'}; choose from {', '.join(ALL_TARGETS)}"
         )
-    args.targets = [t for t in targets if not (args.no_real_broker and t == "proxy+db")]
+    args.targets = [t for t in targets if not (args.no_real_broker and t.startswith("proxy+db"))]
     return args
 
 
@@ -551,7 +555,7 @@ def main() -> None:
 
         database_of: dict[int, str] = {}  # pid of an `up` on PostgreSQL -> its database's name
         real_broker = ("", 0, "")  # address, pid, database name
-        if "proxy+db" in targets:
+        if "proxy+db" in targets or "proxy+db-unary" in targets:
             url = stack.enter_context(database(args.server_url))
             address, broker_pid = start_real_broker(procs, url, backends, workdir)
             real_broker = (address, broker_pid, url.rsplit("/", 1)[1])
@@ -562,6 +566,7 @@ def main() -> None:
             "up-pg": fresh_up_pg,
             "proxy": lambda: start_proxy(procs, f"127.0.0.1:{fake_port}"),
             "proxy+db": lambda: start_proxy(procs, real_broker[0]),
+            "proxy+db-unary": lambda: start_proxy(procs, real_broker[0], "--no-route-stream"),
         }
         running: dict[str, tuple[int, int | None]] = {}  # name -> (port, pid under test; None: direct)
         for name in targets:
@@ -576,7 +581,7 @@ def main() -> None:
             pid = running[name][1]
             if name == "proxy" and fake_broker is not None:
                 return {"fake broker": cpu_seconds(fake_broker.pid)}
-            if name == "proxy+db":
+            if name in ("proxy+db", "proxy+db-unary"):
                 return {
                     "broker": cpu_seconds(real_broker[1]),
                     "PostgreSQL": backends_cpu_seconds(real_broker[2]),
