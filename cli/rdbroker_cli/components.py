@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import SecretStr
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from rdbroker_broker.config import BrokerSettings
@@ -118,6 +120,33 @@ def proxy_settings(config: UpConfig, broker: BrokerSettings) -> ProxySettings:
         log_format=config.log_format,
         **overrides,
     )
+
+
+LOG_HASH_KEY_SUFFIX = ".loghash-key"
+
+
+def log_hash_key_beside(proxy: ProxySettings, broker: BrokerSettings) -> ProxySettings:
+    """On an SQLite file, the proxy's log hash key is kept beside the database (made at the first start,
+    readable by its owner only), so one user's hashes match across restarts with nothing to set up. A key
+    the environment or a key file gives wins; on PostgreSQL nothing changes (the proxy's warning at start
+    says what to set). Call it once the database exists: its directory is then known to be writable."""
+    if proxy.log_identity != "hash" or proxy.log_hash_key.get_secret_value() or proxy.log_hash_key_file:
+        return proxy
+    url = make_url(broker.database_url_text)
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return proxy
+    path = Path(f"{url.database}{LOG_HASH_KEY_SUFFIX}")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass  # kept from an earlier start
+    except OSError as exc:
+        log.warning("cannot keep a log hash key beside the database (%s): a random one per start", exc)
+        return proxy
+    else:
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_hex(32) + "\n")
+    return proxy.model_copy(update={"log_hash_key_file": str(path)})
 
 
 def health_settings(config: UpConfig, broker: BrokerSettings) -> HealthSettings:

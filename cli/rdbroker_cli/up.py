@@ -188,6 +188,7 @@ async def serve(
         raise UpError(str(exc)) from exc
     for line in refusals:
         log.warning("farm: kept %s", line)
+    proxy_settings = components.log_hash_key_beside(proxy_settings, broker_settings)
 
     failures: list[str] = []
     broker, proxy = components.BrokerPorts(), components.ProxyPorts()

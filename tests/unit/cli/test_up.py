@@ -269,3 +269,32 @@ async def test_up_routes_with_its_tokens_and_refuses_callers_without_one(monkeyp
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
+
+
+def test_up_on_sqlite_keeps_its_log_hash_key_beside_the_database(monkeypatch, tmp_path):
+    monkeypatch.delenv("RDBROKER_LOG_HASH_KEY", raising=False)
+    monkeypatch.delenv("RDBROKER_LOG_HASH_KEY_FILE", raising=False)
+    database = tmp_path / "rdbroker.db"
+    config = components.UpConfig(database_url=f"sqlite:///{database}")
+    broker = components.broker_settings(config)
+    proxy = components.log_hash_key_beside(components.proxy_settings(config, broker), broker)
+    key_file = tmp_path / "rdbroker.db.loghash-key"
+    assert proxy.log_hash_key_file == str(key_file)
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    key = key_file.read_text()
+    assert len(key.strip()) == 64
+    assert not proxy.log_hasher().ephemeral  # no warning at start, the same hashes after a restart
+    again = components.log_hash_key_beside(components.proxy_settings(config, broker), broker)
+    assert (again.log_hash_key_file, key_file.read_text()) == (str(key_file), key)
+
+    # A key the environment gives wins; PostgreSQL keeps no file.
+    monkeypatch.setenv("RDBROKER_LOG_HASH_KEY", "an-operator-key-of-the-deployment")
+    given = components.log_hash_key_beside(components.proxy_settings(config, broker), broker)
+    assert given.log_hash_key_file == ""
+    monkeypatch.delenv("RDBROKER_LOG_HASH_KEY")
+    pg = components.UpConfig(database_url="postgresql://postgres@127.0.0.1:5432/x")
+    pg_broker = components.broker_settings(pg)
+    assert (
+        components.log_hash_key_beside(components.proxy_settings(pg, pg_broker), pg_broker).log_hash_key_file
+        == ""
+    )
