@@ -158,6 +158,12 @@ class RouteStream:
         """The stream is over: every unanswered call fails with what the stream ended with."""
         if self.failed is None:
             self.failed = _stream_failure(error)
+            log.debug(
+                "route stream over: %d calls in %d messages (%s)",
+                self.calls_written,
+                self.messages_written,
+                self.failed,
+            )
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(self.failed)
