@@ -31,7 +31,7 @@ START_WAIT_S = (1.0, MAX_START_WAIT_S)
 
 
 class Reader(Protocol):
-    """What of the farm file's reader this needs (farm._Reader)."""
+    """What of the farm file's reader this needs (farm.reader.Reader)."""
 
     def problem(self, node: yaml.Node, where: str, message: str) -> None: ...
 
