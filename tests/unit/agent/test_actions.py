@@ -11,7 +11,8 @@ from rdbroker_agent.auth import AgentAuth
 from rdbroker_agent.config import parse_config
 from rdbroker_agent.errors import SourceError
 from rdbroker_agent.host_actions import actions_for
-from rdbroker_agent.server import MAX_BODY, AgentServer
+from rdbroker_agent.routes import MAX_BODY
+from rdbroker_agent.server import AgentServer
 from rdbroker_agent.xrdp_actions import XrdpActions, auth_file, display_of
 from rdbroker_common.bearer import Tokens
 from tests.unit.agent.fakes import FakeSources

@@ -12,7 +12,8 @@ import pytest
 
 from rdbroker_agent.config import parse_config
 from rdbroker_agent.errors import SourceError
-from rdbroker_agent.server import MAX_HEAD, AgentServer
+from rdbroker_agent.protocol import MAX_HEAD
+from rdbroker_agent.server import AgentServer
 from rdbroker_agent.sources import Session, SystemSources
 from tests.unit.agent.fakes import FakeSources
 
