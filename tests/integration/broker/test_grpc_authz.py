@@ -37,10 +37,21 @@ TOKENS = {"proxy": "proxy-token-1", "health": "health-token-2", "admin": "admin-
 TIMEOUT_S = 10.0
 REASONS = (rpc_authz.NO_CREDENTIALS, rpc_authz.BAD_TOKEN, rpc_authz.WRONG_ROLE)
 
+
+async def _all_answers(call: Any) -> None:
+    async for _ in call:  # a stream refused by authorization raises its status here
+        pass
+
+
+ONE_CALL = pb.RouteCalls(
+    calls=[pb.RouteCall(call_id=1, request=pb.RouteRequest(connection_id="c2", proxy_id="p1", cookie="bob"))]
+)
+
 # One harmless request per RPC: whether it succeeds does not matter, only whether authorization let
 # it through to the servicer.
 REQUESTS: dict[str, Callable[[broker_pb2_grpc.BrokerStub], Any]] = {
     "Route": lambda s: s.Route(pb.RouteRequest(connection_id="c1", proxy_id="p1", cookie="alice")),
+    "RouteStream": lambda s: _all_answers(s.RouteStream(iter([ONE_CALL]))),
     "ConnectionOpened": lambda s: s.ConnectionOpened(
         pb.ConnectionOpenedRequest(session_id="s1", connection_id="c1", proxy_id="p1")
     ),
@@ -63,7 +74,14 @@ REQUESTS: dict[str, Callable[[broker_pb2_grpc.BrokerStub], Any]] = {
         pb.ReportServerSessionsRequest(replica_id="h1", address=A)
     ),
 }
-PROXY_RPCS = {"Route", "ConnectionOpened", "ConnectionClosed", "ReportConnections", "ProxyHeartbeat"}
+PROXY_RPCS = {
+    "Route",
+    "RouteStream",
+    "ConnectionOpened",
+    "ConnectionClosed",
+    "ReportConnections",
+    "ProxyHeartbeat",
+}
 HEALTH_RPCS = {"ClaimProbeTargets", "ReportProbeResults", "ReportServerSessions"}
 ADMIN_RPCS = {"LookupUserSessions", "ListServers", "SetServerState", "EndSession"}
 
