@@ -268,14 +268,8 @@ class _ServerTracing(grpc.aio.ServerInterceptor):
         }
 
         async def behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            token = otel_context.attach(propagate.extract(carrier))
-            try:
-                if not recording():  # the caller's context stays current, for the log lines' trace id
-                    return await inner(request, context)  # type: ignore[arg-type]
-                with _grpc_tracer.start_as_current_span(method, kind=SpanKind.SERVER):
-                    return await inner(request, context)  # type: ignore[arg-type]
-            finally:
-                otel_context.detach(token)
+            with server_span(method, carrier):
+                return await inner(request, context)  # type: ignore[arg-type]
 
         return grpc.unary_unary_rpc_method_handler(
             behavior,
