@@ -19,7 +19,7 @@ from rdbroker_broker.db.engine import make_engine
 from rdbroker_broker.db.repositories import ServerRepository, new_session_id
 from rdbroker_broker.db.tables import sessions
 from rdbroker_broker.errors import NoCapacity
-from rdbroker_broker.service import BrokerService, route_paths
+from rdbroker_broker.service import BrokerService
 from rdbroker_broker.store import Store
 from tests.integration.broker.conftest import assert_live_counters_exact, seed, server, settings_for
 
@@ -92,9 +92,15 @@ def _address(i: int) -> str:
 
 
 def _context(
-    conn: psycopg.Connection, user_key: str | None, connection_id: str, *, place: bool = False
+    conn: psycopg.Connection,
+    user_key: str | None,
+    connection_id: str,
+    *,
+    place: bool = False,
+    wait: bool = False,
 ) -> tuple[object, ...]:
-    """The context statement's row; with `place`, the placing one, rolled back (the farm stays)."""
+    """The context statement's row; with `place`, the placing one (with `wait`, its variant that
+    queues for a locked server), rolled back (the farm stays)."""
     params: dict[str, object] = {
         "user_key": user_key,
         "now": NOW,
@@ -119,7 +125,8 @@ def _context(
         "reason": "new" if user else "no_identity",
     }
     with conn.transaction(force_rollback=True):
-        row = conn.execute(routing_sql.CONTEXT_PLACE_DEFAULT, params).fetchone()
+        statement = routing_sql.CONTEXT_PLACE_WAIT_DEFAULT if wait else routing_sql.CONTEXT_PLACE_DEFAULT
+        row = conn.execute(statement, params).fetchone()
     assert row is not None
     return tuple(row)
 
@@ -170,10 +177,12 @@ async def test_sql_rules_and_placement_equal_the_domain_rules(engine, pg_databas
                 ]
                 ranked = [s.address for s in d.rank_for_new_session(table, placement=placement)]
                 assert ranked_sql == ranked, placement
-                # The one-statement placement takes the domain's choice (nothing locked here).
+                # The one-statement placement takes the domain's choice (nothing locked here), and
+                # so does its variant that queues for a locked server.
                 best = ranked[0] if ranked else None
-                assert _context(conn, "nobody", "c-none", place=True)[-2:] == (False, best)
-                assert _context(conn, None, "c-anon", place=True)[-2:] == (False, best)
+                for wait in (False, True):
+                    assert _context(conn, "nobody", "c-none", place=True, wait=wait)[-2:] == (False, best)
+                    assert _context(conn, None, "c-anon", place=True, wait=wait)[-2:] == (False, best)
             by_address = {s.address: s for s in table}
             for i, (state, expiry) in enumerate(sessions[: len(rows)]):
                 expires = EXPIRIES[expiry]
@@ -280,21 +289,8 @@ async def test_a_repeated_placement_gets_its_first_answer(engine, service):
     await assert_live_counters_exact(engine)
 
 
-async def test_a_statement_that_found_every_server_locked_runs_again(engine, service, monkeypatch):
-    """Under a logon storm every eligible server may be locked by other placements at the
-    statement's snapshot (SKIP LOCKED): it places nobody and writes nothing. It runs again (the
-    locks last a statement) before the transactional path; when nothing is free the transactional
-    path still says why."""
-    await seed(engine, server(A, max_sessions=1))
-    real = routing_sql.route_context
-    calls: list[bool] = []
-
-    async def all_locked_once(conn, request, key, now, placement=None, pool_accounts=("", "")):
-        found = await real(conn, request, key, now, None if not calls else placement, pool_accounts)
-        calls.append(placement is not None)
-        return found
-
-    monkeypatch.setattr(routing_sql, "route_context", all_locked_once)
+def _transactional_routes(service: BrokerService, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The connection ids the transactional path routes from now on."""
     taken: list[str] = []
     real_route = service.routing._route
 
@@ -303,14 +299,103 @@ async def test_a_statement_that_found_every_server_locked_runs_again(engine, ser
         return await real_route(r, request, *args)
 
     monkeypatch.setattr(service.routing, "_route", counted)
+    return taken
+
+
+async def test_a_statement_that_found_every_server_locked_runs_again_waiting(engine, service, monkeypatch):
+    """Under a logon storm every eligible server may be locked by other placements at the
+    statement's snapshot (SKIP LOCKED): it places nobody and writes nothing. It runs once more,
+    queueing for the best server's lock, before the transactional path; when nothing is free the
+    transactional path still says why."""
+    await seed(engine, server(A, max_sessions=1))
+    real = routing_sql.route_context
+    calls: list[tuple[bool, bool]] = []
+
+    async def all_locked_once(conn, request, key, now, placement=None, pool_accounts=("", ""), wait=False):
+        found = await real(conn, request, key, now, None if not calls else placement, pool_accounts, wait)
+        calls.append((placement is not None, wait))
+        return found
+
+    monkeypatch.setattr(routing_sql, "route_context", all_locked_once)
+    taken = _transactional_routes(service, monkeypatch)
     first = await service.route(d.RouteRequest(connection_id="c1", cookie="alice"))
     assert first.reason is d.RouteReason.NEW
-    assert (calls, taken) == ([True, True], [])
+    assert (calls, taken) == ([(True, False), (True, True)], [])
     calls.clear()
     with pytest.raises(NoCapacity):  # the one server is full: every try places nobody
         await service.route(d.RouteRequest(connection_id="c2", cookie="bob"))
-    assert len(calls) == 1 + route_paths.LOCKED_RETRIES
+    assert calls == [(True, False), (True, True)]
     assert taken == ["c2"]
+    await assert_live_counters_exact(engine)
+
+
+async def _lock_waits(conn: psycopg.AsyncConnection, locker_pid: int) -> int:
+    """How many backends wait for a lock `locker_pid` holds."""
+    cur = await conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))", (locker_pid,)
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def _until_waiting(conn: psycopg.AsyncConnection, locker_pid: int) -> None:
+    for _ in range(500):
+        if await _lock_waits(conn, locker_pid):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("no placement queued for the held server")
+
+
+async def test_a_placement_queues_for_a_held_server_in_one_statement(
+    engine, service, pg_database_url, monkeypatch
+):
+    """Every server held by another transaction (another placement, a proxy's report batch): the
+    placement passes them over, then queues for the best one and is placed there in one statement
+    once it is free, not by the transactional path."""
+    await seed(engine, server(A), server(B))
+    taken = _transactional_routes(service, monkeypatch)
+    async with await psycopg.AsyncConnection.connect(pg_database_url) as locker:
+        await locker.execute("SELECT address FROM servers ORDER BY address FOR UPDATE")
+        async with await psycopg.AsyncConnection.connect(pg_database_url, autocommit=True) as watch:
+            async with asyncio.TaskGroup() as tasks:
+                routed = tasks.create_task(service.route(d.RouteRequest(connection_id="c1", cookie="alice")))
+                await _until_waiting(watch, locker.info.backend_pid)
+                assert not routed.done()
+                await locker.commit()
+            decision = routed.result()
+    assert decision.reason is d.RouteReason.NEW
+    assert decision.server_address == A  # the best at its snapshot: equal loads, address order
+    assert taken == []
+    await assert_live_counters_exact(engine)
+
+
+async def test_a_queued_placement_passes_over_a_server_that_filled_meanwhile(
+    engine, service, pg_database_url, monkeypatch
+):
+    """The server a placement queued for took its last session while the placement waited: its row
+    is re-checked under the lock and the placement goes to the next server, in the same statement;
+    no limit is exceeded."""
+    await seed(engine, server(A, max_sessions=1), server(B))
+    taken = _transactional_routes(service, monkeypatch)
+    async with await psycopg.AsyncConnection.connect(pg_database_url) as locker:
+        await locker.execute("SELECT address FROM servers ORDER BY address FOR UPDATE")
+        async with await psycopg.AsyncConnection.connect(pg_database_url, autocommit=True) as watch:
+            async with asyncio.TaskGroup() as tasks:
+                routed = tasks.create_task(service.route(d.RouteRequest(connection_id="c1", cookie="alice")))
+                await _until_waiting(watch, locker.info.backend_pid)
+                # A session placed on A by the lock's holder: A is full when the lock is granted.
+                await locker.execute(
+                    'INSERT INTO sessions (id, pool, "user", user_key, server_address, state, learnt_from,'
+                    " client_address, created_at, updated_at, end_reason) VALUES"
+                    " ('held', 'default', 'carol', 'carol', %s, 'active', 'route', '', now(), now(), '')",
+                    (A,),
+                )
+                await locker.commit()
+            decision = routed.result()
+    assert decision.reason is d.RouteReason.NEW
+    assert decision.server_address == B
+    assert taken == []
     await assert_live_counters_exact(engine)
 
 
@@ -416,7 +501,7 @@ async def test_the_prefix_guard_reads_the_prefix_index(
             "client_address": "", "session_id": "s1", "user": "FTBCO\\A70", "session_proxy_id": "p",
             "expires_at": NOW, "reason": "new",
         }  # fmt: skip
-        statement = routing_sql._PLACING[(True, True)][0]  # key ranges and user-part ranges
+        statement = routing_sql._PLACING[(True, True, False)][0]  # key ranges and user-part ranges
         plan = "\n".join(row[0] for row in conn.execute("EXPLAIN " + statement, params))
     assert "uq_sessions_live_user on sessions t" in plan, plan
     assert "ix_sessions_live_account on sessions t" in plan, plan

@@ -79,6 +79,8 @@ def test_a_placing_statement_probes_only_the_ranges_a_name_has() -> None:
     # An empty range ('' to '') is no free probe: PostgreSQL walks every live key of the pool.
     for keys in (False, True):
         for names in (False, True):
-            for statement in routing_sql._PLACING[(keys, names)]:
-                assert ("%(kf)s" in statement) is keys
-                assert ("%(nf)s" in statement) is names
+            for wait in (False, True):
+                for statement in routing_sql._PLACING[(keys, names, wait)]:
+                    assert ("%(kf)s" in statement) is keys
+                    assert ("%(nf)s" in statement) is names
+                    assert ("SKIP LOCKED" in statement) is not wait

@@ -11,7 +11,8 @@ domain by `tests/integration/broker/test_route_fast_path.py` over generated farm
 mode (`rank_key_sql`) and
 reconnect acceptance (`reconnects_sql` + expiry), each on the server as `domain.as_seen_at` the
 statement's `now` sees it (`stale_sql`: a stale health result counts as none). A new placement is
-decided by SQL alone (the best eligible server nobody else holds); a reconnect stored by SQL is
+decided by SQL alone (the best eligible server nobody else holds, or, when
+another transaction holds every one, the best once its lock is granted); a reconnect stored by SQL is
 decided again in Python by the domain (`service`), which takes the answer back if they ever disagree.
 The key is the account's canonical key (`accounts`), made with the pool's account settings as the
 caller last read them: the statement checks them (`rules_ok`) and does nothing when they changed. A
@@ -135,8 +136,12 @@ SELECT ctx.*, EXISTS (SELECT FROM answered), {{placed}} FROM ctx
 """
 
 # Without a live session, the same statement places the user (autocommit: one implicit transaction).
-# The best-ranked eligible server nobody else holds is locked; should it have changed since the
-# statement's snapshot, PostgreSQL re-checks the eligibility on its newest row under the lock (the
+# The best-ranked eligible server nobody else holds is locked (SKIP LOCKED: concurrent placements fan
+# out over the next-best servers instead of queueing on one row). When every eligible server was
+# locked at the snapshot, the waiting variant (`wait`) queues for the best one instead, as the
+# transactional path's `lock_server` does; a row that no longer takes the user once its lock is
+# granted is passed over for the next in rank order. Either way, should the row have changed since
+# the statement's snapshot, PostgreSQL re-checks the eligibility on its newest row under the lock (the
 # session counters only change under that lock, by trigger), so a limit is never exceeded. The
 # session insert loses quietly to another replica's placement of the same user (the unique index); the
 # answer insert has no ON CONFLICT, so a repeated (connection_id, attempt) fails the statement and
@@ -148,7 +153,7 @@ _PLACEMENT = f"""
       AND {eligible_sql("c")}
     ORDER BY {rank_key_sql("c")}
     LIMIT 1
-    FOR UPDATE OF c SKIP LOCKED
+    FOR UPDATE OF c{{skip_locked}}
 ), placed AS (
     INSERT INTO sessions (id, pool, "user", user_key, account_name, server_address, state, learnt_from,
                           origin_connection_id, proxy_id, client_address, created_at, updated_at,
@@ -203,24 +208,31 @@ def compact(sql: str) -> str:
 
 CONTEXT_DEFAULT = compact(_CONTEXT.format(pool_filter=_DEFAULT, placement="", placed="NULL"))
 CONTEXT_NAMED = compact(_CONTEXT.format(pool_filter=_NAMED, placement="", placed="NULL"))
-# (key ranges, name ranges) -> the placing statement for the default pool and for a named one.
+# (key ranges, name ranges, wait) -> the placing statement for the default pool and for a named one.
 _PLACING = {
-    (keys, names): tuple(
+    (keys, names, wait): tuple(
         compact(
             _CONTEXT.format(
-                pool_filter=f, placement=_PLACEMENT.format(prefix_guard=_guard(keys, names)), placed=_PLACED
+                pool_filter=f,
+                placement=_PLACEMENT.format(
+                    prefix_guard=_guard(keys, names), skip_locked="" if wait else " SKIP LOCKED"
+                ),
+                placed=_PLACED,
             )
         )
         for f in (_DEFAULT, _NAMED)
     )
     for keys in (False, True)
     for names in (False, True)
+    for wait in (False, True)
 }
 # Named, so that the statement-size test reads every one of them.
-CONTEXT_PLACE_DEFAULT, CONTEXT_PLACE_NAMED = _PLACING[(False, False)]
-CONTEXT_PLACE_NAMES_DEFAULT, CONTEXT_PLACE_NAMES_NAMED = _PLACING[(False, True)]
-CONTEXT_PLACE_KEYS_DEFAULT, CONTEXT_PLACE_KEYS_NAMED = _PLACING[(True, False)]
-CONTEXT_PLACE_GUARDED_DEFAULT, CONTEXT_PLACE_GUARDED_NAMED = _PLACING[(True, True)]
+CONTEXT_PLACE_DEFAULT, CONTEXT_PLACE_NAMED = _PLACING[(False, False, False)]
+CONTEXT_PLACE_NAMES_DEFAULT, CONTEXT_PLACE_NAMES_NAMED = _PLACING[(False, True, False)]
+CONTEXT_PLACE_KEYS_DEFAULT, CONTEXT_PLACE_KEYS_NAMED = _PLACING[(True, False, False)]
+CONTEXT_PLACE_GUARDED_DEFAULT, CONTEXT_PLACE_GUARDED_NAMED = _PLACING[(True, True, False)]
+CONTEXT_PLACE_WAIT_DEFAULT, CONTEXT_PLACE_WAIT_NAMED = _PLACING[(False, False, True)]
+CONTEXT_PLACE_GUARDED_WAIT_DEFAULT, CONTEXT_PLACE_GUARDED_WAIT_NAMED = _PLACING[(True, True, True)]
 
 
 # The ranges a placing statement must find empty: ([key from], [key to], [name from], [name to]).
@@ -294,9 +306,11 @@ async def route_context(
     now: datetime,
     placement: NewSession | None = None,
     pool_accounts: tuple[str, str] = ("", ""),
+    wait: bool = False,
 ) -> Context | None:
     """The pool ("" = the default), the user's live session and its server; the reconnect answer
-    stored when SQL's rules take it; with `placement` and no live session, the user placed. None for
+    stored when SQL's rules take it; with `placement` and no live session, the user placed (with
+    `wait`, queueing for the best server's lock rather than passing over locked servers). None for
     an unknown pool. Nothing is stored when the pool's account settings are not `pool_accounts`."""
     params: dict[str, Any] = {
         "user_key": key or None,
@@ -315,7 +329,7 @@ async def route_context(
         query = CONTEXT_NAMED if request.pool else CONTEXT_DEFAULT
     else:
         key_from, key_to, name_from, name_to = placement.guard
-        default, named = _PLACING[(bool(key_from), bool(name_from))]
+        default, named = _PLACING[(bool(key_from), bool(name_from), wait)]
         query = named if request.pool else default
         params["kf"], params["kt"] = _text_array(key_from), _text_array(key_to)
         params["nf"], params["nt"] = _text_array(name_from), _text_array(name_to)

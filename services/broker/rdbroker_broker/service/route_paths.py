@@ -26,10 +26,13 @@ from rdbroker_broker.store import Retryable
 
 log = logging.getLogger(__name__)
 
-# How often the Route statement on PostgreSQL runs again when it placed nobody: under a logon storm
-# every eligible server was locked by other placements at its snapshot for ~1 in 3 new users (64
-# concurrent, 4 servers), each then costing the transactional path several times the statement.
-LOCKED_RETRIES = 2
+# The placing statement passes over servers other placements hold (SKIP LOCKED). When it found every
+# eligible one held at its snapshot it placed nobody; it then runs once more queueing for the best
+# one's lock, as the transactional path would. Under a logon storm on a small pool (bench/proxy_bench.py:
+# 64 concurrent, 4 servers, each proxy report batch holding its servers for its transaction) 1 in 4
+# placing statements finds every server held; run again without waiting, ~1 in 4 new users still
+# went on to the transactional path, at several times the statement's cost.
+LOCK_TRIES = (False, True)  # (wait for the lock?) of each run of the placing statement
 
 
 class FastRoute(Protocol):
@@ -72,9 +75,11 @@ class PostgresRoute:
                 if guard is not None:
                     name = account.name if account else ""
                     placement = routing_sql.NewSession(new_session_id(), user, expires_at, name, guard)
-                for _ in range(1 + LOCKED_RETRIES):
+                for wait in LOCK_TRIES:
                     try:
-                        found = await routing_sql.route_context(conn, request, key, now, placement, stored)
+                        found = await routing_sql.route_context(
+                            conn, request, key, now, placement, stored, wait=wait
+                        )
                     except psycopg.errors.UniqueViolation as exc:
                         if not routing_sql.repeats_an_answer(exc):
                             raise
@@ -95,9 +100,9 @@ class PostgresRoute:
                             found.placed, placement.session_id, reason, user, found.pool.name
                         )
                     # Nothing free, or every eligible server locked by other placements under way
-                    # (SKIP LOCKED) for this one's snapshot: the statement wrote nothing. Those
-                    # finish within a statement's time, so it runs again; the transactional path
-                    # then decides and says why nothing takes the user.
+                    # (SKIP LOCKED) for this one's snapshot: the statement wrote nothing. It runs
+                    # again waiting for the best server's lock; when that places nobody either,
+                    # nothing takes the user and the transactional path says why.
                 return None
         except Retryable as exc:
             log.debug("route fast path lost a race or its connection (%s): the transactional path", exc)
