@@ -225,7 +225,7 @@ async def test_route_and_reports_match_the_transactional_path_over_generated_far
 
 async def test_reports_apply_as_the_use_case_does_on_sqlite(sqlite):
     service, engine, clock = sqlite
-    await reports_match_the_use_case(engine, service, clock, reaches_the_use_case=False)
+    await reports_match_the_use_case(engine, service, clock)
 
 
 # --- the hot path answers the common cases, and hands over the rest ----------------------------

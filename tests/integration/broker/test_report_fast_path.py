@@ -165,6 +165,14 @@ async def rows(engine: AsyncEngine, prefix: str) -> list[tuple[Any, ...]]:
     return [tuple(_unprefixed(v, prefix) for v in row) for row in found]
 
 
+async def ended_sessions(engine: AsyncEngine, prefix: str) -> set[str]:
+    async with engine.connect() as conn:
+        found = await conn.execute(
+            select(sessions.c.id).where(sessions.c.user == f"{prefix}user", sessions.c.state == "ended")
+        )
+        return set(found.scalars())
+
+
 async def states(engine: AsyncEngine, prefix: str) -> set[tuple[str, bool, str]]:
     async with engine.connect() as conn:
         found = await conn.execute(
@@ -187,14 +195,14 @@ async def test_reports_apply_as_the_use_case_does_over_generated_scripts(engine,
     await reports_match_the_use_case(engine, service, clock)
 
 
-async def reports_match_the_use_case(
-    engine: AsyncEngine, service: BrokerService, clock: Clock, *, reaches_the_use_case: bool = True
-) -> None:
-    """The check above, on the store of `engine` (SQLite's fast path runs it too; it revives ended
-    sessions itself, so it may never reach the use case)."""
+async def reports_match_the_use_case(engine: AsyncEngine, service: BrokerService, clock: Clock) -> None:
+    """The check above, on the store of `engine` (SQLite's fast path runs it too). Neither fast
+    path needs the use case for these events: both revive ended sessions themselves."""
     await seed(engine, server(A))  # one server: both worlds place alike
     rng = random.Random(20261127)
     fell_back = 0
+    revived = 0
+    all_outcomes: list[str] = []
     real_use_case = service.reports._report_use_case
     seen: set[tuple[str, bool, str]] = set()  # (end_reason, confirmed, state) after any step
 
@@ -213,15 +221,21 @@ async def reports_match_the_use_case(
                 await service.sweep()
                 continue
             service.reports._report_use_case = counted  # type: ignore[method-assign]
+            ended = await ended_sessions(engine, fast.prefix)
             await (fast.report(group) if group[0][0] in REPORTS else fast.step(group[0]))
+            revived += len(ended - await ended_sessions(engine, fast.prefix))
             service.reports._report_use_case = real_use_case  # type: ignore[method-assign]
             await (slow.report(group) if group[0][0] in REPORTS else slow.step(group[0]))
             seen.update(await states(engine, fast.prefix))
         assert fast.outcomes == slow.outcomes, steps
+        all_outcomes += fast.outcomes
         assert await rows(engine, fast.prefix) == await rows(engine, slow.prefix), steps
-    # The scripts reach the cases the statement leaves to the use case (a revived ended session),
-    # and a claim ended as junk as well as claims and confirmed sessions disconnected.
-    assert fell_back > 0 or not reaches_the_use_case
+    # The scripts revive ended sessions, and refuse to when the user has a newer one, without the
+    # use case; and they reach a claim ended as junk as well as claims and confirmed sessions
+    # disconnected.
+    assert fell_back == 0
+    assert revived > 0
+    assert any("Conflict" in outcome for outcome in all_outcomes)
     assert ("abandoned", False, "ended") in seen
     assert ("", False, "disconnected") in seen
     assert ("", True, "disconnected") in seen
@@ -329,9 +343,14 @@ async def test_the_statements_find_sessions_by_primary_key_whatever_the_statisti
         }  # fmt: skip
         for statement in (report_sql.OPENED, report_sql.CLOSED):
             plan = "\n".join(row[0] for row in conn.execute("EXPLAIN " + statement, params))
-            scans = re.findall(r"Scan using (\w+) on sessions", plan)
+            scans = re.findall(r"Scan using (\w+) on sessions(?: (\w+))?", plan)
             assert "Seq Scan on sessions" not in plan, plan
-            assert set(scans) == {"pk_sessions"}, plan
+            # The session by its primary key; an open's check for a newer live session of the user
+            # (before a revival) by the live-user index, keyed on the user.
+            assert {index for index, alias in scans if alias != "n"} == {"pk_sessions"}, plan
+            assert {index for index, alias in scans if alias == "n"} <= {"uq_sessions_live_user"}, plan
+            keyed = r"Index Cond: \(+pool\)::text = \(t\.pool\)::text\) AND .*user_key"
+            assert statement != report_sql.OPENED or re.search(keyed, plan), plan
 
 
 async def test_a_failed_batch_transaction_leaves_nothing_and_the_events_apply_one_by_one(
@@ -416,7 +435,8 @@ async def test_two_proxies_batches_on_the_same_sessions_in_opposite_orders_both_
 ):
     # Each batch is one transaction: locking the same sessions in opposite orders would deadlock
     # (PostgreSQL fails one after deadlock_timeout, 1 s, and it is applied one event at a time).
-    # Batches lock in session order instead, so neither is ever undone.
+    # Each batch locks its sessions' servers first, in address order: they take turns instead, and
+    # neither is ever undone.
     await seed(engine, server(A))
     sids = [await route(service, f"c{n}", f"user{n}") for n in range(SESSIONS)]
     forward: list[ConnectionEvent] = [Opened(sid, f"c{n}", "p1") for n, sid in enumerate(sids)]

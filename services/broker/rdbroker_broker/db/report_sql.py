@@ -3,9 +3,8 @@
 A proxy reports every connection twice (opened, closed): at a few thousand connection set-ups per
 second these are most of the broker's database work, and SQLAlchemy's transactional path costs
 several times what PostgreSQL takes to apply them. Each statement here does what the use case in
-`service` does for the common case, and says when it did not apply, so the use case runs instead:
-an ended session being revived (its user may have a newer one: the unique index decides), a row
-changed under us between the read and the write, a session whose pool cannot be found by name.
+`service` does, and says when it did not apply, so the use case runs instead: a session whose pool
+cannot be found by name at its close.
 A test applies the same event sequences both ways and compares the rows.
 """
 
@@ -24,18 +23,25 @@ class Outcome(Enum):
     ABANDONED = "abandoned"  # applied, and it ended the connection's claim as junk
     UNKNOWN_SESSION = "unknown_session"
     USE_CASE = "use_case"  # not applied here: the transactional use case decides
-    NEWER_SESSION = "newer_session"  # an ended session not revived: its user has a newer one (SQLite)
+    NEWER_SESSION = "newer_session"  # an ended session not revived: its user has a newer one
 
 
 # The session becomes active on this connection (from pending, disconnected, or active on another
-# connection); the connection row records when it opened. No write when the session has ended.
+# connection); the connection row records when it opened. An ended session (expired or ended while
+# the proxy connected, a probe's claim abandoned while the user came back to it) is revived, unless
+# its user has a newer live session (NEWER_SESSION, nothing written). One that became live after the
+# statement's snapshot makes the live-user index refuse the revival: the statement fails, and the
+# batch goes one event at a time (the use case tells the event so).
 OPENED = """
 WITH s AS (
-    UPDATE sessions
+    UPDATE sessions t
     SET state = 'active', connection_id = %(connection_id)s, proxy_id = %(proxy_id)s,
         opened_at = COALESCE(opened_at, %(now)s), disconnected_at = NULL, expires_at = NULL,
         ended_at = NULL, end_reason = '', updated_at = %(now)s
-    WHERE id = %(session_id)s AND state <> 'ended'
+    WHERE id = %(session_id)s AND (state <> 'ended' OR NOT EXISTS (
+        SELECT FROM sessions n WHERE n.pool = t.pool AND n.user_key = t.user_key
+          AND n.state IN ('pending', 'active', 'disconnected') AND n.id <> t.id
+    ))
     RETURNING 1
 ), c AS (
     UPDATE connections SET opened_at = %(now)s
@@ -114,7 +120,7 @@ def _opened_outcome(row: tuple[Any, ...]) -> Outcome:
     applied, exists = row
     if applied:
         return Outcome.APPLIED
-    return Outcome.USE_CASE if exists else Outcome.UNKNOWN_SESSION
+    return Outcome.NEWER_SESSION if exists else Outcome.UNKNOWN_SESSION
 
 
 def closed(

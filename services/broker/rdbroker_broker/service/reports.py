@@ -142,11 +142,11 @@ class Reports:
                 results[index] = exc
         if not valid:
             return True
-        # In session order (each session's own events keep theirs): every batch then locks sessions
-        # in the same order, so two proxies' batches never deadlock on them. Events of different
-        # sessions commute here; the one case where they would not (reviving an ended session while
-        # its user has a newer one) needs the use case, which undoes this and keeps the batch's order.
-        valid.sort(key=lambda i: events[i].session_id)
+        # In the proxy's order, as the use cases would apply them: reviving an ended session
+        # depends on whether its user has another live session, which an earlier event of the batch
+        # may have ended. Two proxies' batches over the same session cannot deadlock on it: each
+        # first locks the servers of its sessions in address order (`report_sql.LOCK_SERVERS`), and a
+        # session never changes server, so such batches take their turns on that server's row.
         try:
             async with self.core.store.raw_autocommit() as conn, conn.transaction():
                 outcomes = await report_sql.run_all(conn, [self._statement(events[i]) for i in valid])
@@ -157,8 +157,7 @@ class Reports:
             results[:] = [None] * len(events)
             return False
         for index, outcome in zip(valid, outcomes, strict=True):
-            if outcome is report_sql.Outcome.UNKNOWN_SESSION:
-                results[index] = NotFound(f"unknown session {events[index].session_id!r}")
+            results[index] = _refusal(outcome, events[index])
         metrics.record_abandoned(outcomes.count(report_sql.Outcome.ABANDONED))
         return True
 
@@ -198,8 +197,7 @@ class Reports:
                     outcome = await report_sql.run(conn, self._statement(event))
                     if outcome is report_sql.Outcome.USE_CASE:
                         break  # what came before commits first: the order holds
-                    if outcome is report_sql.Outcome.UNKNOWN_SESSION:
-                        results[index] = NotFound(f"unknown session {event.session_id!r}")
+                    results[index] = _refusal(outcome, event)
                     abandoned += outcome is report_sql.Outcome.ABANDONED
                     index += 1
         except Retryable as exc:
@@ -226,10 +224,7 @@ class Reports:
                     outcome = self._embedded_report(conn, event)
                     if outcome is report_sql.Outcome.USE_CASE:
                         raise embedded_sql.NotHere
-                    if outcome is report_sql.Outcome.UNKNOWN_SESSION:
-                        results[index] = NotFound(f"unknown session {event.session_id!r}")
-                    elif outcome is report_sql.Outcome.NEWER_SESSION:
-                        results[index] = newer_session(event.session_id)
+                    results[index] = _refusal(outcome, event)
                     abandoned += outcome is report_sql.Outcome.ABANDONED
         except (embedded_sql.NotHere, Retryable) as exc:
             log.debug("connection reports: batch undone, applied as the use cases (%r)", exc)
@@ -356,3 +351,12 @@ class Reports:
                 return await r.sessions.end(session_id, "abandoned", now)
             await r.sessions.disconnect(session_id, now, now + timedelta(seconds=pool.disconnect_timeout_s))
         return False
+
+
+def _refusal(outcome: report_sql.Outcome, event: ConnectionEvent) -> Exception | None:
+    """What the use case would have refused the event with, for a statement's outcome."""
+    if outcome is report_sql.Outcome.UNKNOWN_SESSION:
+        return NotFound(f"unknown session {event.session_id!r}")
+    if outcome is report_sql.Outcome.NEWER_SESSION:
+        return newer_session(event.session_id)
+    return None
