@@ -47,6 +47,35 @@ async def test_calls_in_flight_share_messages_and_get_their_own_answers() -> Non
             await client.close()
 
 
+async def test_calls_asked_while_others_are_unanswered_wait_to_share_a_message(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With calls in flight a new call waits up to HOLD_S for company; alone it goes at once."""
+    monkeypatch.setattr(route_stream, "HOLD_S", 0.2)  # wide, so the loop's timing cannot split them
+    directory = Directory({"": SERVERS})
+    async with fake_broker(directory) as broker:
+        client = BrokerClient([broker.address], proxy_id="p1")
+        try:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            await client.route(request("alone"))
+            assert loop.time() - started < 0.15  # nothing in flight: no hold
+            stream = streams_of(client)[0]
+            broker.servicer.route_delay_s = 0.5  # the broker is busy: calls stay in flight
+            first = asyncio.ensure_future(client.route(request("first")))
+            await wait_until(lambda: stream.calls_written == 2)
+            written = stream.messages_written
+            later = [asyncio.ensure_future(client.route(request(f"later{n}"))) for n in range(3)]
+            await asyncio.sleep(0.05)  # the others come one by one, within the hold
+            later += [asyncio.ensure_future(client.route(request(f"later{n}"))) for n in range(3, 6)]
+            answers = await asyncio.gather(first, *later)
+            assert [a.user for a in answers] == ["first", *(f"later{n}" for n in range(6))]
+            assert stream.calls_written == 8
+            assert stream.messages_written == written + 1  # the six rode in one message
+        finally:
+            await client.close()
+
+
 async def test_a_refusal_on_the_stream_is_the_unary_calls_refusal() -> None:
     directory = Directory({"": SERVERS})
     async with fake_broker(directory) as broker:
