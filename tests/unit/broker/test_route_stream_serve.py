@@ -43,6 +43,43 @@ async def test_every_call_is_answered_once_and_the_stream_ends_after_the_last() 
     assert len(messages) < 4  # answers ready together leave together
 
 
+async def test_an_answer_waits_for_the_calls_still_at_work_within_the_hold(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Answers ready a little apart share a message while calls are in flight; the last call in
+    flight is answered at once, and a slow call does not hold the others past HOLD_S."""
+    monkeypatch.setattr(route_stream, "HOLD_S", 0.5)
+    slow = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    async def staggered(call: pb.RouteCall) -> pb.RouteAnswer:
+        if call.call_id == 9:
+            await slow.wait()
+        else:
+            await asyncio.sleep(0.02 * call.call_id)
+        return await echo(call)
+
+    stop = asyncio.Event()
+    stream = route_stream.serve(feed(calls(1, 2, 3), hold=stop), staggered)
+    first = await anext(stream)
+    assert sorted(a.call_id for a in first.answers) == [1, 2, 3]  # 20-60 ms apart, one message
+    started = loop.time()
+    stream2 = route_stream.serve(feed(calls(1, 9), hold=stop), staggered)
+    lone = await anext(stream2)
+    assert [a.call_id for a in lone.answers] == [1]  # call 9 never ends: 1 waited HOLD_S, no more
+    assert loop.time() - started < 2
+    slow.set()
+    last = await anext(stream2)
+    assert [a.call_id for a in last.answers] == [9]
+    started = loop.time()
+    stream3 = route_stream.serve(feed(calls(1), hold=stop), staggered)
+    assert [a.call_id for a in (await anext(stream3)).answers] == [1]
+    assert loop.time() - started < 0.4  # alone: no hold (HOLD_S is 0.5 here)
+    stop.set()
+    for done in (stream, stream2, stream3):
+        assert [m async for m in done] == []
+
+
 async def test_calls_beyond_the_message_bound_are_invalid_argument(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(route_stream, "MAX_CALLS_PER_MESSAGE", 3)
     messages = await collect(route_stream.serve(feed(calls(1, 2, 3, 4, 5)), echo))
