@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import Message
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
 
 from rdbroker_common import telemetry, tls
 from rdbroker_common.broker_channels import BrokerChannels
@@ -86,10 +86,11 @@ async def route_in_rounds(
     round_: Callable[[float], Awaitable[pb.RouteResponse]], timeout_s: float
 ) -> pb.RouteResponse:
     """`round_(deadline)` (every broker in turn) round after round until one answers, with tenacity:
-    a pause of RETRY_PAUSE_S doubling up to MAX_ROUTE_PAUSE_S between rounds, none begun that the
-    deadline would cut, so a restarting broker (or every channel in reconnect backoff) is waited for,
-    not given up on. A round that met a hold (a server being started) moves the deadline to that long
-    after the start. RouteRefused passes through; a deadline reached raises BrokerUnavailable."""
+    between rounds a random pause in a window of 2 x RETRY_PAUSE_S doubling up to MAX_ROUTE_PAUSE_S,
+    none begun that the deadline would cut, so a restarting broker (or every channel in reconnect
+    backoff) is waited for, not given up on. A round that met a hold (a server being started) moves
+    the deadline to that long after the start. RouteRefused passes through; a deadline reached
+    raises BrokerUnavailable."""
     loop = asyncio.get_running_loop()
     started = loop.time()
     deadline = started + timeout_s
@@ -103,7 +104,11 @@ async def route_in_rounds(
 
     retrying = AsyncRetrying(
         retry=retry_if_exception_type(Unanswered),
-        wait=wait_exponential(multiplier=RETRY_PAUSE_S, min=RETRY_PAUSE_S, max=MAX_ROUTE_PAUSE_S),
+        # Full jitter: a storm a busy broker refused comes back spread over the pause, not all at
+        # once to be refused again (in lockstep, an overloaded broker took ~2 users a round).
+        wait=wait_random_exponential(
+            multiplier=2 * RETRY_PAUSE_S, min=RETRY_PAUSE_S / 5, max=MAX_ROUTE_PAUSE_S
+        ),
         stop=out_of_time,
         reraise=True,
     )

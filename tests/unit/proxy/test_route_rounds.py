@@ -4,6 +4,7 @@ deadline honoured, and a hold (a server being started) moving the deadline."""
 from __future__ import annotations
 
 import asyncio
+import random
 
 import grpc
 import pytest
@@ -71,3 +72,30 @@ async def test_a_hold_moves_the_deadline() -> None:
     assert await route_in_rounds(round_, 0.2) == ANSWER
     assert deadlines[0] == pytest.approx(began + 0.2, abs=0.05)
     assert deadlines[-1] == pytest.approx(began + 1.0, abs=0.05)
+
+
+async def test_a_storm_refused_at_once_comes_back_spread_out() -> None:
+    """Clients refused together (a busy broker) do not all try again at the same moment: their
+    pauses are drawn at random within the window (full jitter), so the broker sees them spread."""
+    random.seed(13)  # tenacity draws from `random`: the same pauses every run
+    loop = asyncio.get_running_loop()
+    second: list[float] = []
+
+    async def client() -> pb.RouteResponse:
+        tries = 0
+
+        async def round_(deadline: float) -> pb.RouteResponse:
+            nonlocal tries
+            tries += 1
+            if tries == 1:
+                raise Unanswered("UNAVAILABLE: overloaded")
+            second.append(loop.time())
+            return ANSWER
+
+        return await route_in_rounds(round_, 5.0)
+
+    began = loop.time()
+    answers = await asyncio.gather(*(client() for _ in range(20)))
+    assert answers == [ANSWER] * 20
+    assert min(second) - began < 0.05  # the window starts short
+    assert max(second) - min(second) > 0.03  # and they come back spread over it
