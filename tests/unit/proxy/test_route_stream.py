@@ -50,16 +50,13 @@ async def test_calls_in_flight_share_messages_and_get_their_own_answers() -> Non
 async def test_calls_asked_while_others_are_unanswered_wait_to_share_a_message(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """With calls in flight a new call waits up to HOLD_S for company; alone it goes at once."""
+    """With calls in flight a new call waits up to HOLD_S for company."""
     monkeypatch.setattr(route_stream, "HOLD_S", 0.2)  # wide, so the loop's timing cannot split them
     directory = Directory({"": SERVERS})
     async with fake_broker(directory) as broker:
         client = BrokerClient([broker.address], proxy_id="p1")
         try:
-            loop = asyncio.get_running_loop()
-            started = loop.time()
             await client.route(request("alone"))
-            assert loop.time() - started < 0.15  # nothing in flight: no hold
             stream = streams_of(client)[0]
             broker.servicer.route_delay_s = 0.5  # the broker is busy: calls stay in flight
             first = asyncio.ensure_future(client.route(request("first")))
@@ -72,6 +69,19 @@ async def test_calls_asked_while_others_are_unanswered_wait_to_share_a_message(
             assert [a.user for a in answers] == ["first", *(f"later{n}" for n in range(6))]
             assert stream.calls_written == 8
             assert stream.messages_written == written + 1  # the six rode in one message
+        finally:
+            await client.close()
+
+
+async def test_a_call_with_nothing_in_flight_is_not_held(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(route_stream, "HOLD_S", 3600)  # a hold would outlast the waits below
+    directory = Directory({"": SERVERS})
+    async with fake_broker(directory) as broker:
+        client = BrokerClient([broker.address], proxy_id="p1")
+        try:
+            for n in range(3):  # one after another: each alone on the stream
+                answer = await asyncio.wait_for(client.route(request(f"user{n}")), 20)
+                assert answer.user == f"user{n}"
         finally:
             await client.close()
 
