@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -347,6 +348,26 @@ async def _until_waiting(conn: psycopg.AsyncConnection, locker_pid: int) -> None
     raise AssertionError("no placement queued for the held server")
 
 
+async def _routed_while_every_server_is_held(
+    service: BrokerService,
+    pg_database_url: str,
+    meanwhile: Callable[[psycopg.AsyncConnection], Awaitable[None]] | None = None,
+) -> d.RouteDecision:
+    """Route a new user while another transaction holds every server row; once the placement waits
+    for one, `meanwhile` runs in that transaction, which then commits."""
+    async with await psycopg.AsyncConnection.connect(pg_database_url) as locker:
+        await locker.execute("SELECT address FROM servers ORDER BY address FOR UPDATE")
+        watch = await psycopg.AsyncConnection.connect(pg_database_url, autocommit=True)
+        async with watch, asyncio.TaskGroup() as tasks:
+            routed = tasks.create_task(service.route(d.RouteRequest(connection_id="c1", cookie="alice")))
+            await _until_waiting(watch, locker.info.backend_pid)
+            assert not routed.done()
+            if meanwhile is not None:
+                await meanwhile(locker)
+            await locker.commit()
+    return routed.result()
+
+
 async def test_a_placement_queues_for_a_held_server_in_one_statement(
     engine, service, pg_database_url, monkeypatch
 ):
@@ -355,15 +376,7 @@ async def test_a_placement_queues_for_a_held_server_in_one_statement(
     once it is free, not by the transactional path."""
     await seed(engine, server(A), server(B))
     taken = _transactional_routes(service, monkeypatch)
-    async with await psycopg.AsyncConnection.connect(pg_database_url) as locker:
-        await locker.execute("SELECT address FROM servers ORDER BY address FOR UPDATE")
-        async with await psycopg.AsyncConnection.connect(pg_database_url, autocommit=True) as watch:
-            async with asyncio.TaskGroup() as tasks:
-                routed = tasks.create_task(service.route(d.RouteRequest(connection_id="c1", cookie="alice")))
-                await _until_waiting(watch, locker.info.backend_pid)
-                assert not routed.done()
-                await locker.commit()
-            decision = routed.result()
+    decision = await _routed_while_every_server_is_held(service, pg_database_url)
     assert decision.reason is d.RouteReason.NEW
     assert decision.server_address == A  # the best at its snapshot: equal loads, address order
     assert taken == []
@@ -378,21 +391,17 @@ async def test_a_queued_placement_passes_over_a_server_that_filled_meanwhile(
     no limit is exceeded."""
     await seed(engine, server(A, max_sessions=1), server(B))
     taken = _transactional_routes(service, monkeypatch)
-    async with await psycopg.AsyncConnection.connect(pg_database_url) as locker:
-        await locker.execute("SELECT address FROM servers ORDER BY address FOR UPDATE")
-        async with await psycopg.AsyncConnection.connect(pg_database_url, autocommit=True) as watch:
-            async with asyncio.TaskGroup() as tasks:
-                routed = tasks.create_task(service.route(d.RouteRequest(connection_id="c1", cookie="alice")))
-                await _until_waiting(watch, locker.info.backend_pid)
-                # A session placed on A by the lock's holder: A is full when the lock is granted.
-                await locker.execute(
-                    'INSERT INTO sessions (id, pool, "user", user_key, server_address, state, learnt_from,'
-                    " client_address, created_at, updated_at, end_reason) VALUES"
-                    " ('held', 'default', 'carol', 'carol', %s, 'active', 'route', '', now(), now(), '')",
-                    (A,),
-                )
-                await locker.commit()
-            decision = routed.result()
+
+    async def fill_a(locker: psycopg.AsyncConnection) -> None:
+        # A session placed on A by the lock's holder: A is full when the lock is granted.
+        await locker.execute(
+            'INSERT INTO sessions (id, pool, "user", user_key, server_address, state, learnt_from,'
+            " client_address, created_at, updated_at, end_reason) VALUES"
+            " ('held', 'default', 'carol', 'carol', %s, 'active', 'route', '', now(), now(), '')",
+            (A,),
+        )
+
+    decision = await _routed_while_every_server_is_held(service, pg_database_url, fill_a)
     assert decision.reason is d.RouteReason.NEW
     assert decision.server_address == B
     assert taken == []
