@@ -22,7 +22,7 @@ from rdbroker_broker.db.tables import sessions
 from rdbroker_broker.errors import NoCapacity
 from rdbroker_broker.service import BrokerService
 from rdbroker_broker.store import Store
-from tests.integration.broker.conftest import assert_live_counters_exact, seed, server, settings_for
+from tests.integration.broker.conftest import Clock, assert_live_counters_exact, seed, server, settings_for
 
 A, B = "10.0.0.1:3389", "10.0.0.2:3389"
 NOW = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
@@ -227,23 +227,30 @@ async def test_the_live_server_matches_the_repository(engine, service):
     assert [getattr(found.server, f) for f in fields] == [getattr(expected, f) for f in fields]
 
 
-async def test_concurrent_placements_never_exceed_a_limit(engine, pg_database_url, clock):
-    """Two replicas place 60 new users at once on 4 servers of 5 sessions: exactly 20 are placed,
-    none over a limit (the locked row is re-checked), the rest are refused (RESOURCE_EXHAUSTED)."""
-    await seed(engine, *(server(f"10.0.3.{i}:3389", max_sessions=5) for i in range(1, 5)))
+async def _placed_at_once(
+    pg_database_url: str, clock: Clock, users: list[str]
+) -> list[d.RouteDecision | BaseException]:
+    """Route every user at once, alternately through two broker replicas (each its own pool)."""
     engines = [make_engine(pg_database_url, pool_size=30) for _ in range(2)]
     replicas = [BrokerService(Store(e), settings_for(pg_database_url), clock) for e in engines]
     try:
-        results = await asyncio.gather(
+        return await asyncio.gather(
             *(
-                replicas[u % 2].route(d.RouteRequest(connection_id=f"c{u}", cookie=f"user{u}"))
-                for u in range(60)
+                replicas[u % 2].route(d.RouteRequest(connection_id=f"c{u}", cookie=user))
+                for u, user in enumerate(users)
             ),
             return_exceptions=True,
         )
     finally:
         for e in engines:
             await e.dispose()
+
+
+async def test_concurrent_placements_never_exceed_a_limit(engine, pg_database_url, clock):
+    """Two replicas place 60 new users at once on 4 servers of 5 sessions: exactly 20 are placed,
+    none over a limit (the locked row is re-checked), the rest are refused (RESOURCE_EXHAUSTED)."""
+    await seed(engine, *(server(f"10.0.3.{i}:3389", max_sessions=5) for i in range(1, 5)))
+    results = await _placed_at_once(pg_database_url, clock, [f"user{u}" for u in range(60)])
     placed = [r for r in results if isinstance(r, d.RouteDecision)]
     assert all(isinstance(r, NoCapacity) for r in results if not isinstance(r, d.RouteDecision)), results
     assert len(placed) == 20
@@ -258,19 +265,9 @@ async def test_a_burst_of_placements_spreads_evenly(engine, pg_database_url, clo
     that was best when many of them looked (queued at once: 40/44/56/60; through the transactional
     path: 38/38/39/85)."""
     await seed(engine, *(server(f"10.0.3.{i}:3389") for i in range(1, 5)))
-    engines = [make_engine(pg_database_url, pool_size=30) for _ in range(2)]
-    replicas = [BrokerService(Store(e), settings_for(pg_database_url), clock) for e in engines]
-    try:
-        results = await asyncio.gather(
-            *(
-                replicas[u % 2].route(d.RouteRequest(connection_id=f"c{u}", cookie=f"user{u:05d}"))
-                for u in range(200)
-            )
-        )
-    finally:
-        for e in engines:
-            await e.dispose()
-    spread = Counter(r.server_address for r in results)
+    results = await _placed_at_once(pg_database_url, clock, [f"user{u:05d}" for u in range(200)])
+    assert all(isinstance(r, d.RouteDecision) for r in results), results
+    spread = Counter(r.server_address for r in results if isinstance(r, d.RouteDecision))
     assert all(45 <= n <= 55 for n in spread.values()), spread
     await assert_live_counters_exact(engine)
 
