@@ -55,4 +55,6 @@ async def test_file_descriptors_return_after_1000_connections() -> None:
             await wait_until(lambda: open_fds() <= before, timeout_s=30)
             assert proxy.context.accepted == CONNECTIONS + 1
             assert proxy.context.routing_per_client == {}  # every connection counted out again
-    assert len(directory.routes) == CONNECTIONS // 10 * 9 + 1
+    # Each handshaken connection routed (a Route asked again after a slow attempt, under a loaded
+    # machine, carries the same connection_id: idempotent, one connection); the garbage ones never.
+    assert len({r.connection_id for r in directory.routes}) == CONNECTIONS // 10 * 9 + 1
