@@ -11,7 +11,7 @@ import pytest
 
 from rdbroker_proto.v1 import broker_pb2 as pb
 from rdbroker_proxy.errors import BrokerUnavailable, RouteRefused
-from rdbroker_proxy.routing import Unanswered, route_in_rounds
+from rdbroker_proxy.routing import RETRY_PAUSE_S, Unanswered, route_in_rounds
 
 ANSWER = pb.RouteResponse(server_address="10.0.0.1:3389", session_id="s1")
 
@@ -28,6 +28,22 @@ async def test_rounds_go_on_until_one_answers() -> None:
     assert await route_in_rounds(round_, 5.0) == ANSWER
     assert len(deadlines) == 3
     assert len(set(deadlines)) == 1  # no hold: the same deadline each round
+
+
+async def test_the_round_after_a_first_failure_waits_its_pause() -> None:
+    """The first round runs before tenacity takes over; its failure still earns the pause."""
+    loop = asyncio.get_running_loop()
+    starts: list[float] = []
+
+    async def round_(deadline: float) -> pb.RouteResponse:
+        starts.append(loop.time())
+        if len(starts) == 1:
+            raise Unanswered("UNAVAILABLE: restarting")
+        return ANSWER
+
+    assert await route_in_rounds(round_, 5.0) == ANSWER
+    assert len(starts) == 2
+    assert starts[1] - starts[0] >= RETRY_PAUSE_S / 5  # the least pause full jitter draws
 
 
 async def test_a_refusal_ends_the_rounds_at_once() -> None:
