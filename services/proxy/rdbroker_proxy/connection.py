@@ -18,6 +18,7 @@ from typing import Any, Protocol, cast
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
+from rdbroker_common import telemetry
 from rdbroker_common.settings import split_host_port
 from rdbroker_proto.v1 import broker_pb2 as pb
 from rdbroker_proxy.config import ProxySettings
@@ -246,7 +247,8 @@ class ClientConnection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self.connection_id = str(uuid.uuid4())
-        self.span = _tracer.start_span(
+        self.span = telemetry.start_span(
+            _tracer,
             "rdp.connection",
             kind=trace.SpanKind.SERVER,
             attributes={"client.address": self.client, "rdbroker.connection_id": self.connection_id},

@@ -149,3 +149,33 @@ async def test_the_server_interceptor_continues_the_callers_context_without_a_sp
     # Exporting again: a server span of its own.
     [server_span] = [s for s in exporter.get_finished_spans() if s.kind == trace.SpanKind.SERVER]
     assert seen[1].span_id == server_span.context.span_id
+
+
+def test_start_span_records_through_the_sdk_while_exporting(telemetry) -> None:
+    _, exporter = telemetry
+    exporter.clear()
+    span = tel.start_span(trace.get_tracer("test"), "rdp.connection", kind=trace.SpanKind.SERVER)
+    assert span.is_recording()
+    span.end()
+    [finished] = exporter.get_finished_spans()
+    assert (finished.name, finished.kind) == ("rdp.connection", trace.SpanKind.SERVER)
+
+
+def test_start_span_without_an_exporter_is_an_unsampled_span_of_a_new_or_current_trace(telemetry) -> None:
+    handle, exporter = telemetry
+    exporter.clear()
+    tracer = trace.get_tracer("test")
+    with not_exporting(handle):
+        first, second = tel.start_span(tracer, "a"), tel.start_span(tracer, "b", attributes={"x": 1})
+        with trace.use_span(first):
+            child = tel.start_span(tracer, "c")
+    spans = [first, second, child]
+    assert not any(s.is_recording() for s in spans)
+    contexts = [s.get_span_context() for s in spans]
+    assert all(c.is_valid and not c.trace_flags.sampled for c in contexts)
+    assert contexts[0].trace_id != contexts[1].trace_id  # each root starts its own trace
+    assert contexts[2].trace_id == contexts[0].trace_id  # a child keeps the current one
+    assert len({c.span_id for c in contexts}) == 3
+    for span in spans:
+        span.end()
+    assert exporter.get_finished_spans() == ()
