@@ -409,9 +409,22 @@ async def test_a_batch_is_one_round_trip(engine, service, monkeypatch):
         raise AssertionError("a statement was sent on its own")
 
     monkeypatch.setattr(report_sql, "run", one_at_a_time)
+    real_runs, runs = report_sql._runs, []
+
+    def counted_runs(statements: Any) -> Any:
+        found = real_runs(statements)
+        runs.extend(len(params) for _, params in found)
+        return found
+
+    monkeypatch.setattr(report_sql, "_runs", counted_runs)
     events: list[ConnectionEvent] = [Opened(sid, f"c{n}", "p1") for n, sid in enumerate(sids)]
+    events.insert(10, Opened("no-such-session", "c99", "p1"))  # refused, in the middle of a run
     events += [Closed(sid, f"c{n}", bytes_from_server=6308) for n, sid in enumerate(sids[:10])]
-    assert await service.report_connections(events) == [None] * 30
+    results = await service.report_connections(events)
+    # Each statement's outcome lands on its own event: one run of opens, one of closes.
+    assert runs == [21, 10]
+    assert [n for n, r in enumerate(results) if r is not None] == [10]
+    assert "no-such-session" in str(results[10])
     states = [s.state.value for n in range(20) for s in await service.lookup_user_sessions(f"user{n}")]
     assert states == ["disconnected"] * 10 + ["active"] * 10
 
