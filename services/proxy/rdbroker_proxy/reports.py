@@ -5,7 +5,9 @@ appends. A broker that is briefly away delays reports; it does not lose them unl
 overflows, and what overflows is counted and logged. Each drain sends up to REPORT_BATCH reports in
 one call. A batch that could not be sent goes back to the front and the drain pauses, RETRY_PAUSE_S
 doubling up to MAX_BACKOFF_S: a schedule of the queue, not a retry of one call (the next batch takes
-in the reports queued meanwhile), so it is not tenacity's retry of a call.
+in the reports queued meanwhile), so it is not tenacity's retry of a call. Each pause, and each pause
+between failed heartbeats, is drawn between half its length and its length (`jittered`): the proxies
+of a farm that lost their broker together do not all come back in the same instant.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from abc import ABC, abstractmethod
 from collections import deque
@@ -37,6 +40,11 @@ HEARTBEAT_RETRY_S = 0.5  # the first pause after a failed heartbeat (then doubli
 
 ReportKind = Literal["opened", "closed"]
 Report = tuple[ReportKind, pb.ConnectionOpenedRequest | pb.ConnectionClosedRequest]
+
+
+def jittered(pause_s: float) -> float:
+    """A pause drawn between half `pause_s` and `pause_s` (equal jitter: never a tight loop)."""
+    return random.uniform(pause_s / 2, pause_s)
 
 
 class QueuedReports(ABC):
@@ -113,7 +121,7 @@ class QueuedReports(ABC):
                 unsent = await self._send_batch(batch)
                 if unsent:
                     self._reports.extendleft(reversed(unsent))
-                    await asyncio.sleep(backoff)
+                    await asyncio.sleep(jittered(backoff))
                     backoff = min(backoff * 2, MAX_BACKOFF_S)
                 else:
                     backoff = RETRY_PAUSE_S
@@ -174,7 +182,7 @@ class QueuedReports(ABC):
                 metrics.broker_unreachable.add(1, metrics.UNREACHABLE_HEARTBEAT)
                 log.log(logging.DEBUG if failing else logging.WARNING, "heartbeat failed: %s", exc)
                 failing = True
-                await asyncio.sleep(min(retry, interval))
+                await asyncio.sleep(jittered(min(retry, interval)))
                 retry = min(retry * 2, interval)
                 continue
             if failing:
