@@ -94,8 +94,28 @@ class Store:
         """Commit on exit, roll back on an exception; database trouble becomes `DatabaseUnavailable`."""
         async with self.gate.slot():
             with self._watched():
-                async with self.engine.begin() as conn:
+                async with self._connected() as conn, conn.begin():
                     yield _repos(conn)
+
+    @asynccontextmanager
+    async def _connected(self) -> AsyncIterator[AsyncConnection]:
+        """A pooled connection, closed (returned to the pool) on exit. On SQLite the close runs in
+        this task: SQLAlchemy's own exit runs it in a task of its own, so that a cancellation cannot
+        stop it halfway, which costs a turn of the event loop with the gate held. Under a storm of
+        thousands of connections a turn lasts hundreds of milliseconds; SQLite's gate has one slot,
+        so every Route queued behind each transaction, handed on one per turn, and past their
+        deadlines nearly all failed (2,000 new users at once on `rdbroker up`: 27 placed). The
+        inline driver's close never suspends, so nothing can stop it halfway. PostgreSQL's close
+        waits for the server (the pool's reset): it keeps SQLAlchemy's shielded exit."""
+        if self.is_postgres:
+            async with self.engine.connect() as conn:
+                yield conn
+            return
+        conn = await self.engine.connect()
+        try:
+            yield conn
+        finally:
+            await conn.close()
 
     @asynccontextmanager
     async def autocommit(self) -> AsyncIterator[Repos]:
@@ -138,7 +158,7 @@ class Store:
                         raise
 
     async def _inline_connection(self) -> sqlite3.Connection:
-        async with self.engine.connect() as conn:
+        async with self._connected() as conn:
             driver = (await conn.get_raw_connection()).driver_connection
         assert isinstance(driver, inline_sqlite.InlineConnection)
         self._inline = driver.sqlite

@@ -5,6 +5,7 @@ the transactional path decides, and handing anything unusual over to it with not
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import random
 import sqlite3
@@ -380,6 +381,39 @@ async def test_statements_run_on_the_event_loops_thread_and_are_not_prepared_aga
         driver.sqlite.set_trace_callback(None)
     assert seen
     assert not [s for s in seen if "PRAGMA" in s.upper()]
+
+
+async def test_no_use_of_the_store_lets_the_loop_turn_while_it_holds_the_connection(sqlite):
+    """SQLite's gate has one slot and its statements run in place: a holder that let the event loop
+    turn would keep every Route waiting for a turn of the loop, which lasts hundreds of milliseconds
+    under a storm of thousands of connections (each queued Route handed on one per turn, the rest
+    past their deadlines). SQLAlchemy's own connection exit runs its close in a task of its own:
+    the store closes in place instead. Transactions, reads, Routes and reports alike."""
+    service, engine, _ = sqlite
+    await seed(engine, server(A))
+    store = service.store
+    loop = asyncio.get_running_loop()
+    turned: list[str] = []
+    real_slot = store.gate.slot
+
+    @contextlib.asynccontextmanager
+    async def watched_slot() -> AsyncIterator[None]:
+        async with real_slot():
+            handle = loop.call_soon(turned.append, "a holder let the loop turn")
+            try:
+                yield
+            finally:
+                handle.cancel()
+
+    store.gate.slot = watched_slot  # type: ignore[method-assign]
+    decision = await service.route(d.RouteRequest("c1", proxy_id="p", cookie="alice"))
+    await service.route(d.RouteRequest("c2", proxy_id="p", cookie="bob"))
+    await service.report_connections([Opened(decision.session_id, "c1", "p")])
+    await service.sweep()
+    await service.lookup_user_sessions("alice")
+    async with store.transaction() as r:
+        assert await r.servers.get(A) is not None
+    assert turned == []
 
 
 def test_the_hot_path_reads_the_live_session_indexes(tmp_path):
