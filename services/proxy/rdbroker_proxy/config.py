@@ -67,6 +67,15 @@ class ProxySettings(ServiceSettings):
         le=100000,
         description="one client address's connections not yet spliced (more: closed; 0 = no limit)",
     )
+    max_routing: int = Field(
+        default=128,
+        ge=0,
+        le=100000,
+        description="connections in the routing step at once; more wait their turn in order (0 = no limit)",
+    )
+    route_queue_timeout_s: float = Field(
+        default=30.0, gt=0, le=300, description="how long a connection waits its turn to be routed"
+    )
     backlog: int = Field(default=1024, ge=1, description="listen backlog")
     heartbeat_interval_s: float = Field(default=5.0, gt=0, le=300, description="until the broker names one")
     report_buffer: int = Field(default=10000, ge=1, description="reports held for brokers")

@@ -68,6 +68,12 @@ class ProxyContext:
     _client_limit_logged_at: float = float("-inf")
     _client_limit_unlogged: int = 0
     drained: asyncio.Event | None = None  # set when the last connection ends, once shutdown asks
+    # The routing step's turns (`max_routing`), taken in arrival order. Without them a storm of
+    # thousands of connections shares the loop round-robin: every set-up advances a step per turn of
+    # the loop, all finish together, late, and past their Route deadlines (5,000 new users at once on
+    # `rdbroker up`: 36 placed, where in turns all 5,000 are, in 7 s).
+    route_turns: asyncio.Semaphore | None = None
+    routing_waiting: int = 0  # connections waiting for a turn
     # Bytes of the connections that have ended (the live ones keep their own, in their splice).
     ended_from_client: int = 0
     ended_from_server: int = 0
@@ -281,6 +287,40 @@ class ClientConnection(asyncio.Protocol):
         return route
 
     async def _establish(self, first: FirstPacket) -> None:
+        """Route and connect, in this connection's turn (`ProxyContext.route_turns`)."""
+        turns = self.context.route_turns
+        if turns is None:
+            await self._set_up(first)
+            return
+        if not await self._wait_for_turn(turns):
+            return
+        try:
+            await self._set_up(first)
+        finally:
+            turns.release()
+
+    async def _wait_for_turn(self, turns: asyncio.Semaphore) -> bool:
+        """True once this connection has a turn; False when it waited too long (closed)."""
+        if not turns.locked():
+            await turns.acquire()  # a free turn: taken without waiting
+            return True
+        ctx = self.context
+        ctx.routing_waiting += 1
+        try:
+            async with asyncio.timeout(ctx.settings.route_queue_timeout_s):
+                await turns.acquire()
+            return True
+        except TimeoutError:
+            self._task = None
+            self.finish("route_queue_timeout")
+            return False
+        except asyncio.CancelledError:
+            self.finish("shutdown", abort=True)  # a no-op when the client's departure cancelled us
+            raise
+        finally:
+            ctx.routing_waiting -= 1
+
+    async def _set_up(self, first: FirstPacket) -> None:
         try:
             request = self._route_request(first)
             answer = await self.context.broker.route(request)

@@ -40,6 +40,8 @@ class ProxyCounts(Protocol):
     def ended_from_server(self) -> int: ...
     @property
     def refused_over_client_limit(self) -> int: ...
+    @property
+    def routing_waiting(self) -> int: ...
 
 
 _meter = metrics.get_meter("rdbroker_proxy")
@@ -94,6 +96,17 @@ _meter.create_observable_counter(
     "rdbroker_proxy_over_client_limit",
     callbacks=[_over_client_limit],
     description="Connections closed at accept: their client address was at max_routing_per_client",
+)
+
+
+def _routing_waiting(_options: CallbackOptions) -> Iterable[Observation]:
+    return [Observation(sum(ctx.routing_waiting for ctx in list(_contexts)))]
+
+
+_meter.create_observable_gauge(
+    "rdbroker_proxy_routing_waiting",
+    callbacks=[_routing_waiting],
+    description="Connections waiting their turn to be routed (max_routing are routed at once)",
 )
 _meter.create_observable_gauge(
     "rdbroker_proxy_active_connections",

@@ -107,6 +107,8 @@ class ProxyServer:
             context = self._context = ProxyContext(
                 settings=settings, broker=broker, spawn=_not_serving, log_identity=log_identity
             )
+            if settings.max_routing:
+                context.route_turns = asyncio.Semaphore(settings.max_routing)
             metrics.publish(context)
             host, port = split_host_port(settings.listen)
             # Bound before the TaskGroup, so a port in use is a plain OSError for the caller.

@@ -45,6 +45,10 @@ def test_flags_win_over_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         ("max_routing_per_client", "-1"),
         ("max_routing_per_client", "100001"),
         ("max_routing_per_client", "twenty"),
+        ("max_routing", "-1"),
+        ("max_routing", "100001"),
+        ("route_queue_timeout_s", "0"),
+        ("route_queue_timeout_s", "301"),
         ("log_identity", "plain"),
     ],
 )
