@@ -19,8 +19,12 @@ from fastapi.responses import JSONResponse, Response
 READ_TOKEN = "read-secret"
 ADMIN_TOKEN = "admin-secret"
 STATES = {"drain": "draining", "maintenance": "maintenance", "enable": "enabled"}
-# Today, so the CLI shows the time alone.
-STALE_RESULT_AT = datetime.now(UTC).replace(hour=0, minute=0, second=5).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def stale_result_at() -> str:
+    """Today at 00:00:05 UTC, so the CLI shows the time alone; read when an app is built (a value read
+    once at import was yesterday's for a test run that crossed midnight: the table showed the date)."""
+    return datetime.now(UTC).replace(hour=0, minute=0, second=5).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _problem(status: int, title: str, detail: str) -> JSONResponse:
@@ -78,7 +82,7 @@ def build_app() -> FastAPI:
         "10.0.0.12:3389": _server("10.0.0.12:3389", health="down", routable=False, power="off"),
         # A stale result: health reads unknown, probed_at says when the last result was.
         "10.0.0.13:3389": _server(
-            "10.0.0.13:3389", health="unknown", stale=True, probed_at=STALE_RESULT_AT, live_sessions=2
+            "10.0.0.13:3389", health="unknown", stale=True, probed_at=stale_result_at(), live_sessions=2
         ),
     }
     pools = {
