@@ -104,8 +104,8 @@ class Store:
         stop it halfway, which costs a turn of the event loop with the gate held. Under a storm of
         thousands of connections a turn lasts hundreds of milliseconds; SQLite's gate has one slot,
         so every Route queued behind each transaction, handed on one per turn, and past their
-        deadlines nearly all failed (2,000 new users at once on `rdbroker up`: 27 placed). The
-        inline driver's close never suspends, so nothing can stop it halfway. PostgreSQL's close
+        deadlines nearly all failed (docs/performance.md, "A storm"). The inline driver's close
+        never suspends, so nothing can stop it halfway. PostgreSQL's close
         waits for the server (the pool's reset): it keeps SQLAlchemy's shielded exit."""
         if self.is_postgres:
             async with self.engine.connect() as conn:

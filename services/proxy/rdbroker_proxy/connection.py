@@ -70,8 +70,7 @@ class ProxyContext:
     drained: asyncio.Event | None = None  # set when the last connection ends, once shutdown asks
     # The routing step's turns (`max_routing`), taken in arrival order. Without them a storm of
     # thousands of connections shares the loop round-robin: every set-up advances a step per turn of
-    # the loop, all finish together, late, and past their Route deadlines (5,000 new users at once on
-    # `rdbroker up`: none set up; in turns all 5,000 are, in 9 s).
+    # the loop, all finish together, late, and past their Route deadlines (docs/performance.md, "A storm").
     route_turns: asyncio.Semaphore | None = None
     routing_waiting: int = 0  # connections waiting for a turn
     # Bytes of the connections that have ended (the live ones keep their own, in their splice).
