@@ -182,7 +182,7 @@ async def test_a_database_outage_fails_the_whole_batch(engine, service, probes, 
     ids = [await routed(service, f"c{i}", f"user{i}") for i in range(2)]
     real_run_all = report_sql.run_all
 
-    async def outage_before_commit(conn: Any, statements: Any) -> list[report_sql.Outcome]:
+    async def outage_before_commit(conn: Any, statements: Any) -> list[tuple[report_sql.Outcome, ...]]:
         # The statements ran in the batch's transaction; the database then goes away (what the
         # store raises when it does), and the transaction with it.
         await real_run_all(conn, statements)

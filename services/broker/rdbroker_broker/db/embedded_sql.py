@@ -20,6 +20,7 @@ so these rows and the ORM's read the same.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -278,21 +279,27 @@ def opened(
     return Outcome.APPLIED
 
 
-def closed(
-    conn: sqlite3.Connection,
-    session_id: str,
-    connection_id: str,
-    *,
-    bytes_from_client: int,
-    bytes_from_server: int,
-    duration_ms: int,
-    end_reason: str,
-    now: datetime,
-    disconnect_for: Any,
-) -> Outcome:
+@dataclass(frozen=True, slots=True)
+class Closing:
+    """What a close reports, and `disconnect_for(seconds)`: the expiry of a session disconnected now,
+    for its pool's timeout."""
+
+    bytes_from_client: int
+    bytes_from_server: int
+    duration_ms: int
+    end_reason: str
+    now: datetime
+    disconnect_for: Callable[[int], datetime]
+
+    def connection_row(self, at: str, connection_id: str) -> tuple[Any, ...]:
+        """CONNECTION_CLOSED's parameters."""
+        reported = (self.bytes_from_client, self.bytes_from_server, self.duration_ms, self.end_reason)
+        return (at, *reported, connection_id)
+
+
+def closed(conn: sqlite3.Connection, session_id: str, connection_id: str, closing: Closing) -> Outcome:
     """The close as `Reports._closed_work` applies it; a session whose pool cannot be found by name
-    is the use case's (it falls back to the defaults). `disconnect_for(seconds)` is the expiry of a
-    session disconnected now, for its pool's timeout."""
+    is the use case's (it falls back to the defaults)."""
     row = conn.execute(_CLOSING, (session_id,)).fetchone()
     if row is None:
         return Outcome.UNKNOWN_SESSION
@@ -300,12 +307,10 @@ def closed(
     active_here = state == d.SessionState.ACTIVE.value and current == connection_id
     if active_here and pool_name is None:
         return Outcome.USE_CASE
-    at = stamp(now)
-    conn.execute(
-        CONNECTION_CLOSED, (at, bytes_from_client, bytes_from_server, duration_ms, end_reason, connection_id)
-    )
+    at = stamp(closing.now)
+    conn.execute(CONNECTION_CLOSED, closing.connection_row(at, connection_id))
     if state == d.SessionState.PENDING.value and origin == connection_id:
-        conn.execute(END_SESSION, (end_reason or "closed_before_open", at, at, session_id))
+        conn.execute(END_SESSION, (closing.end_reason or "closed_before_open", at, at, session_id))
     elif active_here:
         junk = d.is_junk_claim(
             d.Pool(pool_name, junk_bytes=junk_bytes),
@@ -313,10 +318,97 @@ def closed(
             confirmed=bool(confirmed),
             origin_connection_id=origin,
             connection_id=connection_id,
-            bytes_from_server=bytes_from_server,
+            bytes_from_server=closing.bytes_from_server,
         )
         if junk:
             conn.execute(END_SESSION, ("abandoned", at, at, session_id))
             return Outcome.ABANDONED
-        conn.execute(DISCONNECT_SESSION, (at, stamp(disconnect_for(timeout_s)), at, session_id))
+        conn.execute(DISCONNECT_SESSION, (at, stamp(closing.disconnect_for(timeout_s)), at, session_id))
     return Outcome.APPLIED
+
+
+# An open and the close of the same connection as one update each of the session and the connection
+# (`opened_closed`); the live-user check stands in for the live-user index, which would refuse the
+# revival only into a live state, while OPENED passes through one.
+_OPENING_AND_CLOSING = """
+SELECT s.state, s.origin_connection_id, s.learnt_from, s.confirmed, p.name, p.disconnect_timeout_s,
+       p.junk_bytes, s.user_key IS NOT NULL AND EXISTS (
+           SELECT 1 FROM sessions n WHERE n.pool = s.pool AND n.user_key = s.user_key
+             AND n.state IN ('pending', 'active', 'disconnected') AND n.user_key IS NOT NULL AND n.id <> s.id
+       )
+FROM sessions s LEFT JOIN pools p ON p.name = s.pool
+WHERE s.id = ?
+"""
+OPEN_AND_CLOSE_SESSION = """
+UPDATE sessions
+SET state = ?, connection_id = ?, proxy_id = ?, opened_at = coalesce(opened_at, ?), disconnected_at = ?,
+    expires_at = ?, ended_at = ?, end_reason = ?, updated_at = ?
+WHERE id = ?
+"""
+CONNECTION_OPENED_CLOSED = """
+UPDATE connections
+SET opened_at = coalesce(opened_at, :at), closed_at = coalesce(closed_at, :at),
+    bytes_from_client = CASE WHEN closed_at IS NULL THEN :bytes_from_client ELSE bytes_from_client END,
+    bytes_from_server = CASE WHEN closed_at IS NULL THEN :bytes_from_server ELSE bytes_from_server END,
+    duration_ms = CASE WHEN closed_at IS NULL THEN :duration_ms ELSE duration_ms END,
+    end_reason = CASE WHEN closed_at IS NULL THEN :end_reason ELSE end_reason END
+WHERE connection_id = :connection_id AND (opened_at IS NULL OR closed_at IS NULL)
+"""
+
+
+def opened_closed(
+    conn: sqlite3.Connection, session_id: str, connection_id: str, proxy_id: str, closing: Closing
+) -> tuple[Outcome, Outcome]:
+    """`opened` and then `closed` of the same connection, as the two leave the rows, in one update
+    of each: once opened the session is active on this connection, so the close ends it as junk or
+    disconnects it. A session whose pool cannot be found by name is the use case's."""
+    row = conn.execute(_OPENING_AND_CLOSING, (session_id,)).fetchone()
+    if row is None:
+        return Outcome.UNKNOWN_SESSION, Outcome.UNKNOWN_SESSION
+    state, origin, learnt_from, confirmed, pool_name, timeout_s, junk_bytes, newer = row
+    if pool_name is None:
+        return Outcome.USE_CASE, Outcome.USE_CASE
+    at = stamp(closing.now)
+    if state == d.SessionState.ENDED.value and newer:  # not revived; the close finds it ended
+        conn.execute(CONNECTION_CLOSED, closing.connection_row(at, connection_id))
+        return Outcome.NEWER_SESSION, Outcome.APPLIED
+    junk = d.is_junk_claim(
+        d.Pool(pool_name, junk_bytes=junk_bytes),
+        learnt_from=learnt_from,
+        confirmed=bool(confirmed),
+        origin_connection_id=origin,
+        connection_id=connection_id,
+        bytes_from_server=closing.bytes_from_server,
+    )
+    if junk:  # (state, disconnected_at, expires_at, ended_at, end_reason)
+        after: tuple[str, str | None, str | None, str | None, str] = ("ended", None, None, at, "abandoned")
+    else:
+        after = ("disconnected", at, stamp(closing.disconnect_for(timeout_s)), None, "")
+    state, disconnected_at, expires_at, ended_at, end_reason = after
+    conn.execute(
+        OPEN_AND_CLOSE_SESSION,
+        (
+            state,
+            connection_id,
+            proxy_id,
+            at,
+            disconnected_at,
+            expires_at,
+            ended_at,
+            end_reason,
+            at,
+            session_id,
+        ),
+    )
+    conn.execute(
+        CONNECTION_OPENED_CLOSED,
+        {
+            "at": at,
+            "bytes_from_client": closing.bytes_from_client,
+            "bytes_from_server": closing.bytes_from_server,
+            "duration_ms": closing.duration_ms,
+            "end_reason": closing.end_reason,
+            "connection_id": connection_id,
+        },
+    )
+    return Outcome.APPLIED, Outcome.ABANDONED if junk else Outcome.APPLIED

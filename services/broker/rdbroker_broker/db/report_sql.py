@@ -62,6 +62,7 @@ SELECT EXISTS (SELECT FROM s), EXISTS (SELECT FROM sessions WHERE id = %(session
 # sessions in that state: at a logon storm's rate that walk costs more than the update.)
 # `domain.is_junk_claim` on the session row: an unconfirmed claim of a route, closed by the connection that
 # made it, that carried fewer than the pool's junk_bytes from the server.
+# (`s`: the CTE with the session's pool settings.)
 JUNK = (
     "learnt_from = 'route' AND NOT confirmed AND origin_connection_id = %(connection_id)s"
     " AND %(bytes_from_server)s < (SELECT junk_bytes FROM s)"
@@ -106,9 +107,54 @@ SELECT EXISTS (SELECT FROM s), (SELECT timeout_s FROM s) IS NOT NULL,
        EXISTS (SELECT FROM abandoned)
 """.replace("{JUNK}", JUNK)
 
+# An open and the close of the same connection, one after the other (a scanner, a health check, a
+# client that gave up: most of a storm's connections), as one statement: what OPENED then CLOSED
+# leave, with one session update and one connection update instead of two of each. Once opened the
+# session is active on this connection, so the close either ends it as junk or disconnects it; an
+# ended session is revived only as OPENED would (the live-user index refuses a revival into a live
+# state, as it refuses OPENED's). A session whose pool is not found by name is left to the use case.
+# `s` here is the pool's settings, as in CLOSED; `o` the session's update.
+OPENED_CLOSED = """
+WITH s AS (
+    SELECT p.disconnect_timeout_s AS timeout_s, p.junk_bytes
+    FROM sessions s LEFT JOIN pools p ON p.name = s.pool
+    WHERE s.id = %(session_id)s
+), o AS (
+    UPDATE sessions t
+    SET state = CASE WHEN ({JUNK}) IS TRUE THEN 'ended' ELSE 'disconnected' END,
+        connection_id = %(connection_id)s, proxy_id = %(proxy_id)s,
+        opened_at = COALESCE(opened_at, %(now)s),
+        disconnected_at = CASE WHEN ({JUNK}) IS TRUE THEN NULL ELSE %(now)s END,
+        expires_at = CASE WHEN ({JUNK}) IS TRUE THEN NULL
+                          ELSE %(now)s + make_interval(secs => (SELECT timeout_s FROM s)) END,
+        ended_at = CASE WHEN ({JUNK}) IS TRUE THEN %(now)s END,
+        end_reason = CASE WHEN ({JUNK}) IS TRUE THEN 'abandoned' ELSE '' END,
+        updated_at = %(now)s
+    WHERE id = %(session_id)s AND (SELECT timeout_s FROM s) IS NOT NULL AND (state <> 'ended' OR NOT EXISTS (
+        SELECT FROM sessions n WHERE n.pool = t.pool AND n.user_key = t.user_key
+          AND n.state IN ('pending', 'active', 'disconnected') AND n.id <> t.id
+    ))
+    RETURNING state = 'ended' AS abandoned
+), c AS (
+    UPDATE connections
+    SET opened_at = CASE WHEN opened_at IS NULL AND EXISTS (SELECT FROM o) THEN %(now)s ELSE opened_at END,
+        closed_at = COALESCE(closed_at, %(now)s),
+        bytes_from_client = CASE WHEN closed_at IS NULL THEN %(bytes_from_client)s ELSE bytes_from_client END,
+        bytes_from_server = CASE WHEN closed_at IS NULL THEN %(bytes_from_server)s ELSE bytes_from_server END,
+        duration_ms = CASE WHEN closed_at IS NULL THEN %(duration_ms)s ELSE duration_ms END,
+        end_reason = CASE WHEN closed_at IS NULL THEN %(end_reason)s ELSE end_reason END
+    WHERE connection_id = %(connection_id)s AND EXISTS (SELECT FROM s)
+      AND (closed_at IS NULL OR opened_at IS NULL AND EXISTS (SELECT FROM o))
+    RETURNING 1
+)
+SELECT EXISTS (SELECT FROM s), (SELECT timeout_s FROM s) IS NOT NULL, EXISTS (SELECT FROM o),
+       COALESCE((SELECT abandoned FROM o), false)
+""".replace("{JUNK}", JUNK)
 
-# A statement, its parameters, and what its one result row means.
-Statement = tuple[str, dict[str, Any], Callable[[tuple[Any, ...]], Outcome]]
+
+# A statement, its parameters, and what its one result row means: the outcome of each event it
+# applies, in their order.
+Statement = tuple[str, dict[str, Any], Callable[[tuple[Any, ...]], tuple[Outcome, ...]]]
 
 
 def opened(session_id: str, connection_id: str, proxy_id: str, now: datetime) -> Statement:
@@ -116,11 +162,11 @@ def opened(session_id: str, connection_id: str, proxy_id: str, now: datetime) ->
     return OPENED, params, _opened_outcome
 
 
-def _opened_outcome(row: tuple[Any, ...]) -> Outcome:
+def _opened_outcome(row: tuple[Any, ...]) -> tuple[Outcome]:
     applied, exists = row
     if applied:
-        return Outcome.APPLIED
-    return Outcome.NEWER_SESSION if exists else Outcome.UNKNOWN_SESSION
+        return (Outcome.APPLIED,)
+    return (Outcome.NEWER_SESSION if exists else Outcome.UNKNOWN_SESSION,)
 
 
 def closed(
@@ -146,18 +192,36 @@ def closed(
     return CLOSED, params, _closed_outcome
 
 
-def _closed_outcome(row: tuple[Any, ...]) -> Outcome:
+def _closed_outcome(row: tuple[Any, ...]) -> tuple[Outcome]:
     exists, pool_found, active_here, abandoned = row
     if not exists:
-        return Outcome.UNKNOWN_SESSION
+        return (Outcome.UNKNOWN_SESSION,)
     # The snapshot saw it active on this connection but its pool is gone by that name: the use
     # case resolves the pool (or its defaults) and disconnects or abandons it.
     if active_here and not pool_found:
-        return Outcome.USE_CASE
-    return Outcome.ABANDONED if abandoned else Outcome.APPLIED
+        return (Outcome.USE_CASE,)
+    return (Outcome.ABANDONED if abandoned else Outcome.APPLIED,)
 
 
-async def run(conn: psycopg.AsyncConnection[Any], statement: Statement) -> Outcome:
+def opened_closed(opened_: Statement, closed_: Statement) -> Statement:
+    """OPENED_CLOSED for an `opened` statement and the `closed` one of the same connection and
+    session: their outcomes, in that order."""
+    return OPENED_CLOSED, {**closed_[1], "proxy_id": opened_[1]["proxy_id"]}, _opened_closed_outcome
+
+
+def _opened_closed_outcome(row: tuple[Any, ...]) -> tuple[Outcome, Outcome]:
+    exists, pool_found, opened_, abandoned = row
+    if not exists:
+        return Outcome.UNKNOWN_SESSION, Outcome.UNKNOWN_SESSION
+    if not pool_found:
+        return Outcome.USE_CASE, Outcome.USE_CASE
+    return (
+        Outcome.APPLIED if opened_ else Outcome.NEWER_SESSION,
+        Outcome.ABANDONED if abandoned else Outcome.APPLIED,
+    )
+
+
+async def run(conn: psycopg.AsyncConnection[Any], statement: Statement) -> tuple[Outcome, ...]:
     sql, params, outcome = statement
     row = await (await conn.execute(sql, params)).fetchone()
     assert row is not None  # a SELECT without FROM: always one row
@@ -180,7 +244,9 @@ async def lock_servers(conn: psycopg.AsyncConnection[Any], session_ids: list[str
     await conn.execute(LOCK_SERVERS, {"ids": session_ids})
 
 
-async def run_all(conn: psycopg.AsyncConnection[Any], statements: list[Statement]) -> list[Outcome]:
+async def run_all(
+    conn: psycopg.AsyncConnection[Any], statements: list[Statement]
+) -> list[tuple[Outcome, ...]]:
     """Every statement sent at once (pipeline mode: one round trip, not one per statement), in
     order, after the servers of their sessions are locked (LOCK_SERVERS); their outcomes in the
     same order. Consecutive statements of one kind go as one `executemany` (each still its own

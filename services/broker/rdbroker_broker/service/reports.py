@@ -147,19 +147,29 @@ class Reports:
         # may have ended. Two proxies' batches over the same session cannot deadlock on it: each
         # first locks the servers of its sessions in address order (`report_sql.LOCK_SERVERS`), and a
         # session never changes server, so such batches take their turns on that server's row.
+        groups = _statement_groups(events, valid)
+        statements = [self._group_statement(events, group) for group in groups]
         try:
             async with self.core.store.raw_autocommit() as conn, conn.transaction():
-                outcomes = await report_sql.run_all(conn, [self._statement(events[i]) for i in valid])
+                found = await report_sql.run_all(conn, statements)
+                outcomes = [outcome for each in found for outcome in each]
                 if report_sql.Outcome.USE_CASE in outcomes:
                     raise _Undo
         except (_Undo, Retryable) as exc:
             log.debug("connection reports: batch undone, applied one by one (%r)", exc)
             results[:] = [None] * len(events)
             return False
-        for index, outcome in zip(valid, outcomes, strict=True):
+        indexes = [index for group in groups for index in group]
+        for index, outcome in zip(indexes, outcomes, strict=True):
             results[index] = _refusal(outcome, events[index])
         metrics.record_abandoned(outcomes.count(report_sql.Outcome.ABANDONED))
         return True
+
+    def _group_statement(self, events: Sequence[ConnectionEvent], group: list[int]) -> report_sql.Statement:
+        if len(group) == 1:
+            return self._statement(events[group[0]])
+        opened, closed = (self._statement(events[index]) for index in group)
+        return report_sql.opened_closed(opened, closed)
 
     def _statement(self, event: ConnectionEvent) -> report_sql.Statement:
         if isinstance(event, Opened):
@@ -194,7 +204,7 @@ class Reports:
                         results[index] = exc
                         index += 1
                         continue
-                    outcome = await report_sql.run(conn, self._statement(event))
+                    (outcome,) = await report_sql.run(conn, self._statement(event))
                     if outcome is report_sql.Outcome.USE_CASE:
                         break  # what came before commits first: the order holds
                     results[index] = _refusal(outcome, event)
@@ -213,19 +223,22 @@ class Reports:
         """SQLite: the whole batch in plain sqlite3 calls (`embedded_sql`) in one transaction. False
         when an event needs the use case: that transaction is undone and nothing of it remains."""
         abandoned = 0
+        valid: list[int] = []
+        for index, event in enumerate(events):
+            try:
+                _validate_event(event)
+                valid.append(index)
+            except BrokerError as exc:
+                results[index] = exc
         try:
             async with self.core.store.sqlite_transaction() as conn:
-                for index, event in enumerate(events):
-                    try:
-                        _validate_event(event)
-                    except BrokerError as exc:
-                        results[index] = exc
-                        continue
-                    outcome = self._embedded_report(conn, event)
-                    if outcome is report_sql.Outcome.USE_CASE:
+                for group in _statement_groups(events, valid):
+                    outcomes = self._embedded_report(conn, [events[index] for index in group])
+                    if report_sql.Outcome.USE_CASE in outcomes:
                         raise embedded_sql.NotHere
-                    results[index] = _refusal(outcome, event)
-                    abandoned += outcome is report_sql.Outcome.ABANDONED
+                    for index, outcome in zip(group, outcomes, strict=True):
+                        results[index] = _refusal(outcome, events[index])
+                        abandoned += outcome is report_sql.Outcome.ABANDONED
         except (embedded_sql.NotHere, Retryable) as exc:
             log.debug("connection reports: batch undone, applied as the use cases (%r)", exc)
             results[:] = [None] * len(events)
@@ -234,21 +247,27 @@ class Reports:
         metrics.record_abandoned(abandoned)  # counted once committed
         return True
 
-    def _embedded_report(self, conn: sqlite3.Connection, event: ConnectionEvent) -> report_sql.Outcome:
+    def _embedded_report(
+        self, conn: sqlite3.Connection, group: list[ConnectionEvent]
+    ) -> tuple[report_sql.Outcome, ...]:
+        """One event, or an Opened and its Closed (`_statement_groups`): their outcomes."""
         now = self.core.now()
+        first, event = group[0], group[-1]
         if isinstance(event, Opened):
-            return embedded_sql.opened(conn, event.session_id, event.connection_id, event.proxy_id, now)
-        return embedded_sql.closed(
-            conn,
-            event.session_id,
-            event.connection_id,
-            bytes_from_client=event.bytes_from_client,
-            bytes_from_server=event.bytes_from_server,
-            duration_ms=event.duration_ms,
-            end_reason=event.end_reason,
-            now=now,
-            disconnect_for=lambda seconds: now + timedelta(seconds=seconds),
+            return (embedded_sql.opened(conn, event.session_id, event.connection_id, event.proxy_id, now),)
+        closing = embedded_sql.Closing(
+            event.bytes_from_client,
+            event.bytes_from_server,
+            event.duration_ms,
+            event.end_reason,
+            now,
+            lambda seconds: now + timedelta(seconds=seconds),
         )
+        if len(group) == 2 and isinstance(first, Opened):
+            return embedded_sql.opened_closed(
+                conn, event.session_id, event.connection_id, first.proxy_id, closing
+            )
+        return (embedded_sql.closed(conn, event.session_id, event.connection_id, closing),)
 
     async def _reports_in_one(
         self, events: Sequence[ConnectionEvent], results: list[Exception | None]
@@ -351,6 +370,43 @@ class Reports:
                 return await r.sessions.end(session_id, "abandoned", now)
             await r.sessions.disconnect(session_id, now, now + timedelta(seconds=pool.disconnect_timeout_s))
         return False
+
+
+def _statement_groups(events: Sequence[ConnectionEvent], valid: list[int]) -> list[list[int]]:
+    """The events at `valid` as the statements that apply them, in order: each alone, except an
+    Opened and the Closed of the same session and connection with no other event of either between
+    them, which apply as one statement (`report_sql.OPENED_CLOSED`) in the Opened's place. The
+    close moves up past events of other sessions and connections only, and their statements do not
+    read this session, but for one: an open of the same user's ended session between them, which
+    revives it when the user has no other live session, now sees this session as its close left it
+    (ended, when it was junk) rather than live. Both are orders the proxy's events could have come
+    in."""
+    groups: list[list[int]] = []
+    by_session: dict[str, int] = {}  # an Opened that may still pair: its session -> its group
+    by_connection: dict[str, int] = {}  # the same, by its connection
+    for index in valid:
+        event = events[index]
+        for key, found, other in (
+            (event.session_id, by_session, by_connection),
+            (event.connection_id, by_connection, by_session),
+        ):
+            group = found.pop(key, None)
+            if group is None:
+                continue
+            opened = events[groups[group][0]]
+            other.pop(opened.connection_id if other is by_connection else opened.session_id, None)
+            if (
+                isinstance(event, Closed)
+                and event.session_id == opened.session_id
+                and event.connection_id == opened.connection_id
+            ):
+                groups[group].append(index)
+                break
+        else:
+            groups.append([index])
+            if isinstance(event, Opened):
+                by_session[event.session_id] = by_connection[event.connection_id] = len(groups) - 1
+    return groups
 
 
 def _refusal(outcome: report_sql.Outcome, event: ConnectionEvent) -> Exception | None:
