@@ -17,17 +17,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from rdbroker_broker import domain as d
-from rdbroker_broker.db import embedded_sql, migrate
+from rdbroker_broker.db import embedded_sql, migrate, routing_sql
 from rdbroker_broker.db.engine import make_engine
 from rdbroker_broker.db.inline_sqlite import Checkpointer, InlineConnection
 from rdbroker_broker.db.tables import connections, servers, sessions
 from rdbroker_broker.errors import Conflict, NoCapacity, NotFound
 from rdbroker_broker.service import BrokerService, Closed, Opened
 from rdbroker_broker.store import Store
+from tests.integration.broker import test_route_fast_path as fast_path
 from tests.integration.broker.conftest import Clock, assert_live_counters_exact, seed, server, settings_for
 from tests.integration.broker.test_report_fast_path import reports_match_the_use_case
 
@@ -222,6 +224,81 @@ async def test_route_and_reports_match_the_transactional_path_over_generated_far
             await fast_engine.dispose()
             await slow_engine.dispose()
     assert fast_routes > 100  # most routes were answered by the hot path
+
+
+def test_the_placement_rules_equal_the_domain_rules_over_generated_farms(tmp_path):
+    """`routing_sql`'s rules spelt for SQLite, over the servers of `test_route_fast_path` (every
+    state, values around each threshold, never probed, stale and fresh): `eligible_sql` is
+    `domain.takes_new_sessions`, the effective loads are the domain's to the bit, ordering by
+    `rank_key_sql` is `domain.rank_for_new_session` in a breadth and in a depth pool, and
+    `best_server` is its first server (none when no server takes new sessions)."""
+
+    async def migrated() -> None:
+        engine = make_engine(f"sqlite:///{tmp_path / 'rules.db'}")
+        await migrate.upgrade(engine)
+        await engine.dispose()
+
+    asyncio.run(migrated())
+    conn = sqlite3.connect(tmp_path / "rules.db", isolation_level=None)
+    conn.execute(
+        "INSERT INTO pools (name, name_key, is_default, disconnect_timeout_s, domain, upn_suffixes,"
+        " honor_routing_tokens, placement, created_at, updated_at)"
+        " SELECT 'default', 'default', 1, 3600, '', '', 1, 'breadth', '2026-01-01', '2026-01-01'"
+        " WHERE NOT EXISTS (SELECT 1 FROM pools WHERE name = 'default')"
+    )
+    now = fast_path.NOW
+    at = {"now": embedded_sql.stamp(now)}
+    checked = 0
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(rows=fast_path.servers_strategy)
+    def check(rows: list[tuple[Any, ...]]) -> None:
+        nonlocal checked
+        conn.execute("DELETE FROM servers")
+        for i, (admin, health, agent, weight, load, max_s, live, placed, held, fresh) in enumerate(rows):
+            fresh_until = fast_path.FRESH_UNTIL[fresh]
+            conn.execute(
+                "INSERT INTO servers (address, pool, weight, max_sessions, admin_state, health,"
+                " health_detail, agent_state, agent_detail, load, placements_since_report, live_sessions,"
+                " held_sessions, fresh_until, agent_url, sessions_url, power, created_at, updated_at)"
+                " VALUES (?, 'default', ?, ?, ?, ?, '', ?, '', ?, ?, ?, ?, ?, '', '', 'on', '2026-01-01',"
+                " '2026-01-01')",
+                (
+                    fast_path._address(i), weight, max_s, admin, health, agent, load, placed, live, held,
+                    None if fresh_until is None else embedded_sql.stamp(fresh_until),
+                ),
+            )  # fmt: skip
+        columns = ", ".join(f"v.{name}" for name in routing_sql.RANK_FIELDS)
+        table = [
+            d.as_seen_at(embedded_sql._server(row), now)
+            for row in conn.execute(f"SELECT {columns} FROM servers v")
+        ]
+        sqlite = routing_sql.SQLITE
+        eligible = f"SELECT address FROM servers v WHERE {routing_sql.eligible_sql('v', sqlite)}"
+        assert {r[0] for r in conn.execute(eligible, at)} == {
+            s.address for s in table if d.takes_new_sessions(s)
+        }
+        loads = dict(
+            conn.execute(f"SELECT address, {routing_sql.effective_load_sql('v', sqlite)} FROM servers v", at)
+        )
+        assert loads == {s.address: d.effective_load(s) for s in table}  # equal floats, to the bit
+        for placement in d.Placement:
+            order = {**at, "order": routing_sql.sqlite_order(placement)}
+            ranked_sql = [
+                r[0]
+                for r in conn.execute(f"{eligible} ORDER BY {routing_sql.rank_key_sql('v', sqlite)}", order)
+            ]
+            ranked = [s.address for s in d.rank_for_new_session(table, placement=placement)]
+            assert ranked_sql == ranked, placement
+            best = embedded_sql.best_server(conn, d.Pool("default", placement=placement), now)
+            assert (best.address if best else None) == (ranked[0] if ranked else None)
+        checked += 1
+
+    try:
+        check()
+    finally:
+        conn.close()
+    assert checked >= 20
 
 
 async def test_reports_apply_as_the_use_case_does_on_sqlite(sqlite):

@@ -6,9 +6,12 @@ therefore written here as plain statements on the store's one connection, inside
 the caller holds (`Store.sqlite_transaction`: the gate makes the connection the caller's alone, so
 nothing changes between a read and the write that follows it).
 
-Who decides what: nothing of the routing policy is restated here. These functions read rows and
-write rows; the decisions are the domain's (`domain.takes_reconnects`, `domain.rank_for_new_session`,
-`domain.is_junk_claim`, on the rows read here), made by the caller. Anything unusual is left to
+Who decides what: these functions read rows and write rows; the decisions are the domain's
+(`domain.takes_reconnects`, `domain.is_junk_claim`, on the rows read here), made by the caller, but
+for one: the best server for a new session is ranked in SQL (`BEST_SERVER`), by `routing_sql`'s
+rules spelt for SQLite (the PostgreSQL path's own, held equal to `domain.rank_for_new_session` by
+tests on both stores), so that a placement in a pool of 200 servers reads one row, not 200; the
+caller checks that one with the domain. Anything unusual is left to
 the transactional use case in `service`, which handles every case: the caller undoes what was written
 and runs it (`NotHere`). The rows written are the use case's own, column for column; tests apply the
 same requests and events both ways and compare the tables.
@@ -67,7 +70,12 @@ WHERE {{where}}
 """
 CONTEXT_DEFAULT = _CONTEXT.format(where="p.is_default = 1")
 CONTEXT_NAMED = _CONTEXT.format(where="p.name_key = :pool_key")
-SERVERS_IN_POOL = f"SELECT {_SERVER_COLUMNS} FROM servers v WHERE v.pool = ? ORDER BY v.address"
+# The best server of the pool for a new session: the rules of `routing_sql`, spelt for SQLite.
+BEST_SERVER = (
+    f"SELECT {_SERVER_COLUMNS} FROM servers v"
+    f" WHERE v.pool = :pool AND {routing_sql.eligible_sql('v', routing_sql.SQLITE)}"
+    f" ORDER BY {routing_sql.rank_key_sql('v', routing_sql.SQLITE)} LIMIT 1"
+)
 # One probe of a partial index per range: is any live session's key (or user part) in [lo, hi)?
 # SQLite's default collation compares UTF-8 bytes, which is code-point order, as `accounts` needs.
 _IN_RANGE = (
@@ -146,8 +154,12 @@ def route_context(conn: sqlite3.Connection, pool: str, key: str) -> Context | No
     return Context(found, session, server)
 
 
-def servers_in_pool(conn: sqlite3.Connection, pool: str) -> list[d.Server]:
-    return [_server(row) for row in conn.execute(SERVERS_IN_POOL, (pool,))]
+def best_server(conn: sqlite3.Connection, pool: d.Pool, now: datetime) -> d.Server | None:
+    """The server `domain.rank_for_new_session` puts first among the pool's servers at `now`, as
+    stored (None when none takes new sessions)."""
+    params = {"pool": pool.name, "now": stamp(now), "order": routing_sql.sqlite_order(pool.placement)}
+    row = conn.execute(BEST_SERVER, params).fetchone()
+    return None if row is None else _server(row)
 
 
 def any_live_in_ranges(conn: sqlite3.Connection, pool: str, probes: accounts.Probes) -> bool:

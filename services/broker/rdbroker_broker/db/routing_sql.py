@@ -37,49 +37,86 @@ from rdbroker_broker import domain as d
 LIVE_SQL = "('pending', 'active', 'disconnected')"
 
 
-def stale_sql(t: str) -> str:
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    """How the rules below are spelt for a store: PostgreSQL's (the default) or SQLite's (the
+    embedded store's placement, `embedded_sql`). One text of each rule, held equal to the domain on
+    both stores by tests."""
+
+    now: str  # the statement's time
+    greatest: str  # the larger of two values
+    code_points: str  # a text column compared in code-point order (as Python compares strings)
+    unit: str  # `domain.session_unit` of the servers row `{t}`
+    order: str  # the pool's order (1 for breadth, -1 for depth)
+
+
+POSTGRESQL = Dialect(
+    now="%(now)s",
+    greatest="GREATEST",
+    code_points='{column} COLLATE "C"',
+    unit="k.u",  # `rank_values_sql`
+    order="k.s",
+)
+# SQLite compares text as UTF-8 bytes (code-point order); its MAX of two values is a scalar; `order`
+# is the pool's, read before the statement (`sqlite_order`).
+SQLITE = Dialect(
+    now=":now",
+    greatest="MAX",
+    code_points="{column}",
+    unit="COALESCE(100.0 / NULLIF(MAX({t}.max_sessions, 0), 0), 1.0)",
+    order=":order",
+)
+
+
+def stale_sql(t: str, dialect: Dialect = POSTGRESQL) -> str:
     """`domain.result_is_stale` on the `servers` row `t` at the statement's `now`. NULL for a server
     never probed (no `fresh_until`): used only where NULL counts as false (WHERE, OR, CASE WHEN)."""
-    return f"{t}.fresh_until <= %(now)s"
+    return f"{t}.fresh_until <= {dialect.now}"
 
 
-def eligible_sql(t: str) -> str:
+def eligible_sql(t: str, dialect: Dialect = POSTGRESQL) -> str:
     """`domain.takes_new_sessions` on `domain.as_seen_at` of the `servers` row `t`: not down, operator
     and agent both enabled, weight > 0, load < 100, under its limit of sessions holding capacity; a
     stale result's health, agent state and load do not count."""
     return (
         f"({t}.health <> 'down' AND {t}.agent_state NOT IN ('down', 'drain', 'maint') AND {t}.load < 100"
-        f" OR {stale_sql(t)}) AND {t}.admin_state = 'enabled' AND {t}.weight > 0"
+        f" OR {stale_sql(t, dialect)}) AND {t}.admin_state = 'enabled' AND {t}.weight > 0"
         f" AND ({t}.max_sessions <= 0 OR {t}.held_sessions < {t}.max_sessions)"
     )
 
 
 def rank_values_sql(t: str) -> str:
-    """A LATERAL item with what the ranking reads of the `servers` row `t` more than once: `u`, one
-    session's share of the load (`domain.session_unit`), and from the server's pool `s`, the order of
-    its placement mode: 1 for breadth (lowest first), -1 for depth (highest first). The expressions
-    below read them as `k.u` and `k.s`. (A join: a statement locking rows must say `OF t`.)"""
+    """PostgreSQL: a LATERAL item with what the ranking reads of the `servers` row `t` more than once:
+    `u`, one session's share of the load (`domain.session_unit`), and from the server's pool `s`, the
+    order of its placement mode: 1 for breadth (lowest first), -1 for depth (highest first). The
+    expressions below read them as `k.u` and `k.s`. (A join: a statement locking rows must say `OF t`.)"""
     unit = f"COALESCE(100 / NULLIF(GREATEST({t}.max_sessions, 0), 0)::float8, 1)"
     order = "CASE placement WHEN 'depth' THEN -1 ELSE 1 END"
     return f"LATERAL (SELECT {unit} u, {order} s FROM pools WHERE name = {t}.pool) k"
 
 
-def effective_load_sql(t: str) -> str:
-    """`domain.effective_load` on `domain.as_seen_at` of the `servers` row `t` (with `rank_values_sql`
-    as `k`), with the same float operations in the same order (PostgreSQL's float8 is Python's float,
-    so the values are equal to the bit)."""
+def effective_load_sql(t: str, dialect: Dialect = POSTGRESQL) -> str:
+    """`domain.effective_load` on `domain.as_seen_at` of the `servers` row `t`, with the same float
+    operations in the same order (PostgreSQL's float8 and SQLite's REAL are Python's float, so the
+    values are equal to the bit)."""
+    unit = dialect.unit.format(t=t)
     return (
-        f"(CASE WHEN {t}.load < 0 OR {stale_sql(t)} THEN {t}.held_sessions * k.u"
-        f" ELSE {t}.load + {t}.placements_since_report * k.u END) / GREATEST({t}.weight, 1)"
+        f"(CASE WHEN {t}.load < 0 OR {stale_sql(t, dialect)} THEN {t}.held_sessions * {unit}"
+        f" ELSE {t}.load + {t}.placements_since_report * {unit} END) / {dialect.greatest}({t}.weight, 1)"
     )
 
 
-def rank_key_sql(t: str) -> str:
-    """`domain.rank_key` on the `servers` row `t` (with `rank_values_sql` as `k`): effective load,
-    then sessions holding capacity, lowest first for breadth and highest first for depth (negated, as
-    the domain negates them: to the bit), then the address in code-point order (COLLATE "C", as
-    Python compares strings)."""
-    return f'{effective_load_sql(t)} * k.s, {t}.held_sessions * k.s, {t}.address COLLATE "C"'
+def rank_key_sql(t: str, dialect: Dialect = POSTGRESQL) -> str:
+    """`domain.rank_key` on the `servers` row `t`: effective load, then sessions holding capacity,
+    lowest first for breadth and highest first for depth (negated, as the domain negates them: to
+    the bit), then the address in code-point order."""
+    order, address = dialect.order, dialect.code_points.format(column=f"{t}.address")
+    return f"{effective_load_sql(t, dialect)} * {order}, {t}.held_sessions * {order}, {address}"
+
+
+def sqlite_order(placement: d.Placement) -> int:
+    """`SQLITE.order` for a pool's placement mode."""
+    return -1 if placement is d.Placement.DEPTH else 1
 
 
 # What the domain's rules read of a server (ranking, reconnects), in this order.

@@ -202,14 +202,13 @@ class SqliteRoute:
             probes = accounts.probes(account, rules)
             if probes is None or (probes and embedded_sql.any_live_in_ranges(conn, pool.name, probes)):
                 raise embedded_sql.NotHere  # another spelling of the account may have a session
-        ranked = d.rank_for_new_session(
-            [d.as_seen_at(s, now) for s in embedded_sql.servers_in_pool(conn, pool.name)],
-            placement=pool.placement,
-        )
-        if not ranked:
+        # SQL ranks the pool's servers (`routing_sql`'s rules, held equal to the domain's by tests);
+        # the domain checks the one it chose.
+        best = embedded_sql.best_server(conn, pool, now)
+        if best is None or not d.takes_new_sessions(d.as_seen_at(best, now)):
             raise embedded_sql.NotHere  # the transactional path says why no server takes it
         reason = d.RouteReason.NEW if user else d.RouteReason.NO_IDENTITY
-        decision = d.RouteDecision(ranked[0].address, new_session_id(), reason, user, pool.name)
+        decision = d.RouteDecision(best.address, new_session_id(), reason, user, pool.name)
         answered = self._store_answer(conn, request, decision, now)
         if answered is decision:
             embedded_sql.insert_pending(
