@@ -112,7 +112,10 @@ SELECT EXISTS (SELECT FROM s), (SELECT timeout_s FROM s) IS NOT NULL,
 # leave, with one session update and one connection update instead of two of each. Once opened the
 # session is active on this connection, so the close either ends it as junk or disconnects it; an
 # ended session is revived only as OPENED would (the live-user index refuses a revival into a live
-# state, as it refuses OPENED's). A session whose pool is not found by name is left to the use case.
+# state, as it refuses OPENED's). An ended session that ends again as junk never becomes live, so the
+# index does not see it: when the user's newer live session committed after this statement's snapshot,
+# the ended session takes this connection's open and close (it stays ended; the pair would otherwise
+# have been refused). A session whose pool is not found by name is left to the use case.
 # `s` here is the pool's settings, as in CLOSED; `o` the session's update.
 OPENED_CLOSED = """
 WITH s AS (
