@@ -510,9 +510,11 @@ def test_the_hot_path_reads_the_live_session_indexes(tmp_path):
             ("context", embedded_sql.CONTEXT_NAMED, {"key": "k", "pool_key": "p"}),
             ("keys", embedded_sql.KEY_IN_RANGE, ("p", "a", "b")),
             ("names", embedded_sql.NAME_IN_RANGE, ("p", "a", "b")),
+            ("newer", embedded_sql._NEWER_LIVE, ("s",)),
         )
     }
     conn.close()
+    assert "uq_sessions_live_user" in plans["newer"], plans["newer"]
     assert "uq_sessions_live_user" in plans["context"]
     assert "uq_sessions_live_user" in plans["keys"]
     assert "ix_sessions_live_account" in plans["names"]

@@ -42,13 +42,16 @@ class NotHere(Exception):
 
 def stamp(value: datetime) -> str:
     """A time as SQLAlchemy's SQLite DateTime stores it (naive UTC, microseconds always written)."""
+    if value.tzinfo is UTC:  # the common case, in half the time: the offset cut off
+        return value.isoformat(sep=" ", timespec="microseconds")[:26]
     if value.tzinfo is not None:
         value = value.astimezone(UTC).replace(tzinfo=None)
     return value.isoformat(sep=" ", timespec="microseconds")
 
 
 def parse(value: str | None) -> datetime | None:
-    return None if value is None else datetime.fromisoformat(value).replace(tzinfo=UTC)
+    """A stored time (`stamp`), aware in UTC."""
+    return None if value is None else datetime.fromisoformat(value + "+00:00")
 
 
 # --- Route -------------------------------------------------------------------------------------
@@ -344,12 +347,13 @@ def closed(conn: sqlite3.Connection, session_id: str, connection_id: str, closin
 # revival only into a live state, while OPENED passes through one.
 _OPENING_AND_CLOSING = """
 SELECT s.state, s.origin_connection_id, s.learnt_from, s.confirmed, p.name, p.disconnect_timeout_s,
-       p.junk_bytes, s.user_key IS NOT NULL AND EXISTS (
-           SELECT 1 FROM sessions n WHERE n.pool = s.pool AND n.user_key = s.user_key
-             AND n.state IN ('pending', 'active', 'disconnected') AND n.user_key IS NOT NULL AND n.id <> s.id
-       )
+       p.junk_bytes
 FROM sessions s LEFT JOIN pools p ON p.name = s.pool
 WHERE s.id = ?
+"""
+_NEWER_LIVE = f"""
+SELECT 1 FROM sessions s JOIN sessions n ON n.pool = s.pool AND n.user_key = s.user_key
+WHERE s.id = ? AND n.state IN {LIVE} AND n.user_key IS NOT NULL AND n.id <> s.id LIMIT 1
 """
 OPEN_AND_CLOSE_SESSION = """
 UPDATE sessions
@@ -377,11 +381,12 @@ def opened_closed(
     row = conn.execute(_OPENING_AND_CLOSING, (session_id,)).fetchone()
     if row is None:
         return Outcome.UNKNOWN_SESSION, Outcome.UNKNOWN_SESSION
-    state, origin, learnt_from, confirmed, pool_name, timeout_s, junk_bytes, newer = row
+    state, origin, learnt_from, confirmed, pool_name, timeout_s, junk_bytes = row
     if pool_name is None:
         return Outcome.USE_CASE, Outcome.USE_CASE
     at = stamp(closing.now)
-    if state == d.SessionState.ENDED.value and newer:  # not revived; the close finds it ended
+    newer = state == d.SessionState.ENDED.value and conn.execute(_NEWER_LIVE, (session_id,)).fetchone()
+    if newer:  # not revived; the close finds it ended
         conn.execute(CONNECTION_CLOSED, closing.connection_row(at, connection_id))
         return Outcome.NEWER_SESSION, Outcome.APPLIED
     junk = d.is_junk_claim(

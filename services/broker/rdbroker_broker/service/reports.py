@@ -386,26 +386,19 @@ def _statement_groups(events: Sequence[ConnectionEvent], valid: list[int]) -> li
     by_connection: dict[str, int] = {}  # the same, by its connection
     for index in valid:
         event = events[index]
-        for key, found, other in (
-            (event.session_id, by_session, by_connection),
-            (event.connection_id, by_connection, by_session),
-        ):
-            group = found.pop(key, None)
-            if group is None:
-                continue
+        group = by_session.pop(event.session_id, None)
+        if group is not None:  # an open of this session waits: this event pairs with it or ends it
             opened = events[groups[group][0]]
-            other.pop(opened.connection_id if other is by_connection else opened.session_id, None)
-            if (
-                isinstance(event, Closed)
-                and event.session_id == opened.session_id
-                and event.connection_id == opened.connection_id
-            ):
+            del by_connection[opened.connection_id]
+            if isinstance(event, Closed) and event.connection_id == opened.connection_id:
                 groups[group].append(index)
-                break
-        else:
-            groups.append([index])
-            if isinstance(event, Opened):
-                by_session[event.session_id] = by_connection[event.connection_id] = len(groups) - 1
+                continue
+        group = by_connection.pop(event.connection_id, None)
+        if group is not None:  # an open of another session on this connection: no longer pairs
+            del by_session[events[groups[group][0]].session_id]
+        groups.append([index])
+        if isinstance(event, Opened):
+            by_session[event.session_id] = by_connection[event.connection_id] = len(groups) - 1
     return groups
 
 
