@@ -81,10 +81,19 @@ QUICK = {
 }
 
 
+_GIVEN_PORTS: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free now and not handed out before in this run: the kernel may offer a port again once
+    its socket closed, before the process it was picked for binds it (with 200 backends, two got one)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _GIVEN_PORTS:
+            _GIVEN_PORTS.add(port)
+            return port
 
 
 def wait_port(port: int, timeout_s: float = 60.0, child: subprocess.Popen[bytes] | None = None) -> None:
