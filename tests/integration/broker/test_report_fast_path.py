@@ -346,7 +346,7 @@ async def test_the_statements_find_sessions_by_primary_key_whatever_the_statisti
             "bytes_from_client": 1, "bytes_from_server": 2, "duration_ms": 3, "end_reason": "",
             "session_end_reason": "closed_before_open",
         }  # fmt: skip
-        for statement in (report_sql.OPENED, report_sql.CLOSED):
+        for statement in (report_sql.OPENED, report_sql.CLOSED, report_sql.OPENED_CLOSED):
             plan = "\n".join(row[0] for row in conn.execute("EXPLAIN " + statement, params))
             scans = re.findall(r"Scan using (\w+) on sessions(?: (\w+))?", plan)
             assert "Seq Scan on sessions" not in plan, plan
@@ -355,7 +355,7 @@ async def test_the_statements_find_sessions_by_primary_key_whatever_the_statisti
             assert {index for index, alias in scans if alias != "n"} == {"pk_sessions"}, plan
             assert {index for index, alias in scans if alias == "n"} <= {"uq_sessions_live_user"}, plan
             keyed = r"Index Cond: \(+pool\)::text = \(t\.pool\)::text\) AND .*user_key"
-            assert statement != report_sql.OPENED or re.search(keyed, plan), plan
+            assert statement == report_sql.CLOSED or re.search(keyed, plan), plan
 
 
 async def test_a_failed_batch_transaction_leaves_nothing_and_the_events_apply_one_by_one(
