@@ -401,11 +401,11 @@ def opened_closed(
         after: tuple[str, str | None, str | None, str | None, str] = ("ended", None, None, at, "abandoned")
     else:
         after = ("disconnected", at, stamp(closing.disconnect_for(timeout_s)), None, "")
-    state, disconnected_at, expires_at, ended_at, end_reason = after
+    new_state, disconnected_at, expires_at, ended_at, end_reason = after
     conn.execute(
         OPEN_AND_CLOSE_SESSION,
         (
-            state,
+            new_state,
             connection_id,
             proxy_id,
             at,

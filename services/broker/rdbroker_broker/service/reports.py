@@ -375,12 +375,12 @@ class Reports:
 def _statement_groups(events: Sequence[ConnectionEvent], valid: list[int]) -> list[list[int]]:
     """The events at `valid` as the statements that apply them, in order: each alone, except an
     Opened and the Closed of the same session and connection with no other event of either between
-    them, which apply as one statement (`report_sql.OPENED_CLOSED`) in the Opened's place. The
-    close moves up past events of other sessions and connections only, and their statements do not
-    read this session, but for one: an open of the same user's ended session between them, which
-    revives it when the user has no other live session, now sees this session as its close left it
-    (ended, when it was junk) rather than live. Both are orders the proxy's events could have come
-    in."""
+    them, which apply as one (`report_sql.OPENED_CLOSED`, `embedded_sql.opened_closed`) in the
+    Opened's place. The close moves up past events of other sessions and connections only, and
+    their statements do not read this session, but for one: an open of the same user's ended
+    session between them, which revives it when the user has no other live session, now sees this
+    session as its close left it (ended, when it was junk) rather than live. Both are orders the
+    proxy's events could have come in."""
     groups: list[list[int]] = []
     by_session: dict[str, int] = {}  # an Opened that may still pair: its session -> its group
     by_connection: dict[str, int] = {}  # the same, by its connection
