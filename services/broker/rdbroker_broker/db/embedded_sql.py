@@ -312,6 +312,26 @@ class Closing:
         return (at, *reported, connection_id)
 
 
+def _junk(
+    pool: str,
+    junk_bytes: int,
+    learnt_from: str,
+    confirmed: Any,
+    origin: str,
+    connection_id: str,
+    closing: Closing,
+) -> bool:
+    """`domain.is_junk_claim` on a session row read here, for the close of `connection_id`."""
+    return d.is_junk_claim(
+        d.Pool(pool, junk_bytes=junk_bytes),
+        learnt_from=learnt_from,
+        confirmed=bool(confirmed),
+        origin_connection_id=origin,
+        connection_id=connection_id,
+        bytes_from_server=closing.bytes_from_server,
+    )
+
+
 def closed(conn: sqlite3.Connection, session_id: str, connection_id: str, closing: Closing) -> Outcome:
     """The close as `Reports._closed_work` applies it; a session whose pool cannot be found by name
     is the use case's (it falls back to the defaults)."""
@@ -327,15 +347,7 @@ def closed(conn: sqlite3.Connection, session_id: str, connection_id: str, closin
     if state == d.SessionState.PENDING.value and origin == connection_id:
         conn.execute(END_SESSION, (closing.end_reason or "closed_before_open", at, at, session_id))
     elif active_here:
-        junk = d.is_junk_claim(
-            d.Pool(pool_name, junk_bytes=junk_bytes),
-            learnt_from=learnt_from,
-            confirmed=bool(confirmed),
-            origin_connection_id=origin,
-            connection_id=connection_id,
-            bytes_from_server=closing.bytes_from_server,
-        )
-        if junk:
+        if _junk(pool_name, junk_bytes, learnt_from, confirmed, origin, connection_id, closing):
             conn.execute(END_SESSION, ("abandoned", at, at, session_id))
             return Outcome.ABANDONED
         conn.execute(DISCONNECT_SESSION, (at, stamp(closing.disconnect_for(timeout_s)), at, session_id))
@@ -389,14 +401,7 @@ def opened_closed(
     if newer:  # not revived; the close finds it ended
         conn.execute(CONNECTION_CLOSED, closing.connection_row(at, connection_id))
         return Outcome.NEWER_SESSION, Outcome.APPLIED
-    junk = d.is_junk_claim(
-        d.Pool(pool_name, junk_bytes=junk_bytes),
-        learnt_from=learnt_from,
-        confirmed=bool(confirmed),
-        origin_connection_id=origin,
-        connection_id=connection_id,
-        bytes_from_server=closing.bytes_from_server,
-    )
+    junk = _junk(pool_name, junk_bytes, learnt_from, confirmed, origin, connection_id, closing)
     if junk:  # (state, disconnected_at, expires_at, ended_at, end_reason)
         after: tuple[str, str | None, str | None, str | None, str] = ("ended", None, None, at, "abandoned")
     else:

@@ -67,11 +67,13 @@ JUNK = (
     "learnt_from = 'route' AND NOT confirmed AND origin_connection_id = %(connection_id)s"
     " AND %(bytes_from_server)s < (SELECT junk_bytes FROM s)"
 )
-CLOSED = """
-WITH s AS (
+# The session's pool settings (none when the session is not found; NULLs when its pool is not).
+POOL_OF_SESSION = """
     SELECT p.disconnect_timeout_s AS timeout_s, p.junk_bytes
     FROM sessions s LEFT JOIN pools p ON p.name = s.pool
-    WHERE s.id = %(session_id)s
+    WHERE s.id = %(session_id)s"""
+CLOSED = f"""
+WITH s AS ({POOL_OF_SESSION}
 ), c AS (
     UPDATE connections
     SET closed_at = %(now)s, bytes_from_client = %(bytes_from_client)s,
@@ -105,7 +107,7 @@ SELECT EXISTS (SELECT FROM s), (SELECT timeout_s FROM s) IS NOT NULL,
        EXISTS (SELECT FROM sessions WHERE id = %(session_id)s AND (state = 'active') IS TRUE
                                           AND connection_id = %(connection_id)s),
        EXISTS (SELECT FROM abandoned)
-""".replace("{JUNK}", JUNK)
+"""
 
 # An open and the close of the same connection, one after the other (a scanner, a health check, a
 # client that gave up: most of a storm's connections), as one statement: what OPENED then CLOSED
@@ -117,11 +119,8 @@ SELECT EXISTS (SELECT FROM s), (SELECT timeout_s FROM s) IS NOT NULL,
 # the ended session takes this connection's open and close (it stays ended; the pair would otherwise
 # have been refused). A session whose pool is not found by name is left to the use case.
 # `s` here is the pool's settings, as in CLOSED; `o` the session's update.
-OPENED_CLOSED = """
-WITH s AS (
-    SELECT p.disconnect_timeout_s AS timeout_s, p.junk_bytes
-    FROM sessions s LEFT JOIN pools p ON p.name = s.pool
-    WHERE s.id = %(session_id)s
+OPENED_CLOSED = f"""
+WITH s AS ({POOL_OF_SESSION}
 ), o AS (
     UPDATE sessions t
     SET state = CASE WHEN ({JUNK}) IS TRUE THEN 'ended' ELSE 'disconnected' END,
@@ -152,7 +151,7 @@ WITH s AS (
 )
 SELECT EXISTS (SELECT FROM s), (SELECT timeout_s FROM s) IS NOT NULL, EXISTS (SELECT FROM o),
        COALESCE((SELECT abandoned FROM o), false)
-""".replace("{JUNK}", JUNK)
+"""
 
 
 # A statement, its parameters, and what its one result row means: the outcome of each event it

@@ -133,13 +133,7 @@ class Reports:
     ) -> bool:
         """The whole batch in one round trip and one transaction; False when it was undone (an event
         needs the use case, or the transaction failed) and nothing of it remains."""
-        valid: list[int] = []
-        for index, event in enumerate(events):
-            try:
-                _validate_event(event)
-                valid.append(index)
-            except BrokerError as exc:
-                results[index] = exc
+        valid = _valid(events, results)
         if not valid:
             return True
         # In the proxy's order, as the use cases would apply them: reviving an ended session
@@ -223,13 +217,7 @@ class Reports:
         """SQLite: the whole batch in plain sqlite3 calls (`embedded_sql`) in one transaction. False
         when an event needs the use case: that transaction is undone and nothing of it remains."""
         abandoned = 0
-        valid: list[int] = []
-        for index, event in enumerate(events):
-            try:
-                _validate_event(event)
-                valid.append(index)
-            except BrokerError as exc:
-                results[index] = exc
+        valid = _valid(events, results)
         try:
             async with self.core.store.sqlite_transaction() as conn:
                 for group in _statement_groups(events, valid):
@@ -370,6 +358,18 @@ class Reports:
                 return await r.sessions.end(session_id, "abandoned", now)
             await r.sessions.disconnect(session_id, now, now + timedelta(seconds=pool.disconnect_timeout_s))
         return False
+
+
+def _valid(events: Sequence[ConnectionEvent], results: list[Exception | None]) -> list[int]:
+    """The indexes of the events that pass validation; each other event's refusal in `results`."""
+    valid: list[int] = []
+    for index, event in enumerate(events):
+        try:
+            _validate_event(event)
+            valid.append(index)
+        except BrokerError as exc:
+            results[index] = exc
+    return valid
 
 
 def _statement_groups(events: Sequence[ConnectionEvent], valid: list[int]) -> list[list[int]]:
